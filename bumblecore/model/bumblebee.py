@@ -1,0 +1,443 @@
+"""Bumblebee: a Qwen2.5-style decoder in one file.
+
+token embedding -> N x [norm -> GQA attention with RoPE -> residual -> norm -> gated MLP -> residual]
+-> final norm -> LM head (tied to the embedding or not).
+
+Parameter names are exactly Hugging Face Qwen2's (`model.layers.0.self_attn.q_proj.weight`, ...),
+so loading and saving HF checkpoints is an identity and peft target-module names match.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from bumblecore.model.config import BumblebeeConfig
+
+ACT_FNS = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+# ---------------------------------------------------------------------------- norms
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 and scale in the input dtype, as Qwen2/Llama do, so bf16 matches them.
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+def make_norm(config: BumblebeeConfig) -> nn.Module:
+    if config.norm_type == "layernorm":
+        return nn.LayerNorm(config.hidden_size, eps=config.rms_norm_eps)
+    return RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+# ---------------------------------------------------------------------------- RoPE
+
+
+def rope_inverse_frequencies(config: BumblebeeConfig, device=None) -> torch.Tensor:
+    """Inverse frequencies of the rotary embedding (fp32), with linear or Llama 3 scaling."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
+    scaling = config.rope_scaling or {}
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif rope_type == "llama3":
+        # Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, the band between interpolated.
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        in_band = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        inv_freq = torch.where(in_band, blended, scaled)
+    return inv_freq
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (batch, seq, heads, head_dim); cos/sin: (batch, seq, head_dim)."""
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    return x * cos + rotate_half(x) * sin
+
+
+# ---------------------------------------------------------------------------- KV cache
+
+
+class KVCache:
+    """Preallocated keys/values, one row per sequence, each row with its own length.
+
+    Layout per layer: (batch, max_len, kv_heads, head_dim). A forward call writes its new tokens
+    at positions `lengths[row] + t` and then advances each row by its number of real tokens, so
+    rows of different lengths decode together without left padding (right-padded prompts are
+    fine: a pad is written past the row's end and overwritten by the row's next token).
+    """
+
+    def __init__(self, config: BumblebeeConfig, batch_size: int, max_len: int, dtype=None, device=None):
+        shape = (batch_size, max_len, config.num_key_value_heads, config.head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.max_len = max_len
+
+    @property
+    def batch_size(self) -> int:
+        return self.lengths.shape[0]
+
+    def reset(self, rows: Optional[torch.Tensor] = None) -> None:
+        """Empty all rows, or only `rows` (a slot freed for a new sequence)."""
+        if rows is None:
+            self.lengths.zero_()
+        else:
+            self.lengths[rows] = 0
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slot_index: tuple, visible: int):
+        """Store k, v (batch, seq, kv_heads, head_dim) and return this layer's first `visible` positions."""
+        self.keys[layer][slot_index] = k
+        self.values[layer][slot_index] = v
+        return self.keys[layer][:, :visible], self.values[layer][:, :visible]
+
+
+# ---------------------------------------------------------------------------- attention
+
+
+@dataclass
+class AttentionMask:
+    """How tokens may attend, computed once per forward and shared by every layer.
+
+    `dense` is a boolean (batch, 1, q_len, k_len) mask (True = may attend), or None for plain
+    causal attention. `cu_seqlens`/`max_seqlen` describe packed documents for varlen kernels.
+    """
+
+    dense: Optional[torch.Tensor] = None
+    cu_seqlens: Optional[torch.Tensor] = None
+    max_seqlen: int = 0
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(batch, kv_heads, seq, dim) -> (batch, kv_heads * n_rep, seq, dim): query head i uses kv head i // n_rep."""
+    if n_rep == 1:
+        return x
+    b, h, s, d = x.shape
+    return x[:, :, None].expand(b, h, n_rep, s, d).reshape(b, h * n_rep, s, d)
+
+
+def eager_attention(q, k, v, mask: AttentionMask, scale: float) -> torch.Tensor:
+    """The readable reference. q: (b, heads, q_len, d); k, v: (b, kv_heads, k_len, d)."""
+    n_rep = q.shape[1] // k.shape[1]
+    k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
+    scores = (q @ k.transpose(-1, -2)) * scale
+    allowed = mask.dense
+    if allowed is None:
+        q_len, k_len = q.shape[2], k.shape[2]
+        allowed = torch.ones(q_len, k_len, dtype=torch.bool, device=q.device).tril(k_len - q_len)
+    scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return probs @ v
+
+
+def sdpa_attention(q, k, v, mask: AttentionMask, scale: float) -> torch.Tensor:
+    if mask.dense is None:
+        # Unmasked causal: lets PyTorch pick its flash / memory-efficient kernel, GQA native.
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    n_rep = q.shape[1] // k.shape[1]
+    return F.scaled_dot_product_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), attn_mask=mask.dense, scale=scale)
+
+
+def _flash_kernels():
+    """(dense, varlen) FlashAttention functions: flash-attn 2 if installed, else flash-attn-4, else None."""
+    try:
+        from flash_attn import flash_attn_func, flash_attn_varlen_func
+
+        return flash_attn_func, flash_attn_varlen_func
+    except ImportError:
+        pass
+    try:
+        from flash_attn.cute import flash_attn_func, flash_attn_varlen_func
+
+        return flash_attn_func, flash_attn_varlen_func
+    except ImportError:
+        return None
+
+
+def flash_available() -> bool:
+    return torch.cuda.is_available() and _flash_kernels() is not None
+
+
+def flash_attention(q, k, v, mask: AttentionMask, scale: float) -> torch.Tensor:
+    """q: (b, q_len, heads, d), k/v: (b, k_len, kv_heads, d) -> (b, q_len, heads, d). GQA is native."""
+    dense_fn, varlen_fn = _flash_kernels()
+    if mask.cu_seqlens is not None:
+        b, s = q.shape[:2]
+        out = varlen_fn(
+            q.reshape(b * s, *q.shape[2:]), k.reshape(b * s, *k.shape[2:]), v.reshape(b * s, *v.shape[2:]),
+            cu_seqlens_q=mask.cu_seqlens, cu_seqlens_k=mask.cu_seqlens,
+            max_seqlen_q=mask.max_seqlen, max_seqlen_k=mask.max_seqlen, softmax_scale=scale, causal=True,
+        )
+        out = out[0] if isinstance(out, tuple) else out  # flash-attn-4 also returns the log-sum-exp
+        return out.reshape(b, s, *out.shape[1:])
+    out = dense_fn(q, k, v, softmax_scale=scale, causal=True)
+    return out[0] if isinstance(out, tuple) else out
+
+
+class Attention(nn.Module):
+    def __init__(self, config: BumblebeeConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.scale = self.head_dim**-0.5
+        self.backend = config.attn_implementation
+        h = config.hidden_size
+        self.q_proj = nn.Linear(h, self.num_heads * self.head_dim, bias=config.attention_bias)
+        self.k_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=config.attention_bias)
+        self.v_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=config.attention_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=False)
+
+    def forward(self, x, cos, sin, mask: AttentionMask, kv_cache: Optional[KVCache] = None, cache_slots=None):
+        b, s, _ = x.shape
+        q = apply_rope(self.q_proj(x).view(b, s, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rope(self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim), cos, sin)
+        v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim)
+        if kv_cache is not None:
+            slot_index, visible = cache_slots
+            k, v = kv_cache.write(self.layer_idx, k, v, slot_index, visible)
+
+        use_flash = self.backend == "flash_attn" and kv_cache is None and mask.dense is None and x.is_cuda
+        if use_flash:
+            out = flash_attention(q, k, v, mask, self.scale)
+        else:
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            attend = eager_attention if self.backend == "eager" else sdpa_attention
+            out = attend(q, k, v, mask, self.scale).transpose(1, 2)
+        return self.o_proj(out.reshape(b, s, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """Gated MLP: down(act(gate(x)) * up(x)); with silu this is SwiGLU."""
+
+    def __init__(self, config: BumblebeeConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.act = ACT_FNS[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: BumblebeeConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = make_norm(config)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = make_norm(config)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, mask, kv_cache=None, cache_slots=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, cache_slots)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# ---------------------------------------------------------------------------- the model
+
+
+class BumblebeeBackbone(nn.Module):
+    """Embedding, decoder layers and final norm (HF's `model.` prefix)."""
+
+    def __init__(self, config: BumblebeeConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = make_norm(config)
+
+
+class Bumblebee(nn.Module):
+    def __init__(self, config: BumblebeeConfig):
+        super().__init__()
+        self.config = config
+        self.model = BumblebeeBackbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.gradient_checkpointing = False
+        self._inv_freq: dict[torch.device, torch.Tensor] = {}
+        self.apply(self._init_weights)
+
+    # -- construction
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            if module.weight.device.type != "meta":
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            if getattr(module, "bias", None) is not None and module.bias.device.type != "meta":
+                nn.init.zeros_(module.bias)
+
+    def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:
+        """Fresh random init (normal(0, initializer_range) weights, zero biases, unit norms)."""
+        std = self.config.initializer_range
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if name.endswith("bias"):
+                    p.zero_()
+                elif "layernorm" in name or name.endswith("norm.weight"):
+                    p.fill_(1.0)
+                else:
+                    p.normal_(0.0, std, generator=generator)
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each decoder layer's activations in backward instead of storing them."""
+        self.gradient_checkpointing = enabled
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, device=None) -> "Bumblebee":
+        from bumblecore.model.hf_io import load_pretrained
+
+        return load_pretrained(path, dtype=dtype, device=device)
+
+    def save_pretrained(self, path, max_shard_size="5GB") -> None:
+        from bumblecore.model.hf_io import save_pretrained
+
+        save_pretrained(self, path, max_shard_size=max_shard_size)
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        seen, total = set(), 0
+        for p in self.parameters():
+            if id(p) in seen or (trainable_only and not p.requires_grad):
+                continue
+            seen.add(id(p))
+            total += p.numel()
+        return total
+
+    # -- forward
+
+    def rope_cos_sin(self, position_ids: torch.Tensor, dtype: torch.dtype):
+        device = position_ids.device
+        if device not in self._inv_freq:
+            self._inv_freq[device] = rope_inverse_frequencies(self.config, device=device)
+        freqs = position_ids[..., None].float() * self._inv_freq[device]
+        angles = torch.cat((freqs, freqs), dim=-1)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        segment_ids: Optional[torch.Tensor] = None,
+        kv_cache: Optional[KVCache] = None,
+    ) -> torch.Tensor:
+        """Final-norm hidden states (batch, seq, hidden). See `forward` for the arguments."""
+        batch, seq = input_ids.shape
+        device = input_ids.device
+        x = self.model.embed_tokens(input_ids)
+        steps = torch.arange(seq, device=device)
+
+        cache_slots = None
+        if kv_cache is not None:
+            if segment_ids is not None:
+                raise ValueError("segment_ids (packed documents) cannot be combined with a KV cache")
+            start = kv_cache.lengths
+            positions = start[:, None] + steps  # absolute position of each new token
+            visible = int(positions.max()) + 1
+            if visible > kv_cache.max_len:
+                raise ValueError(f"KV cache overflow: needs {visible} positions, holds {kv_cache.max_len}")
+            rows = torch.arange(batch, device=device)[:, None].expand(batch, seq)
+            cache_slots = ((rows, positions), visible)
+            key_index = torch.arange(visible, device=device)
+            mask = AttentionMask(dense=(key_index[None, None, :] <= positions[:, :, None])[:, None])
+        else:
+            positions = steps[None].expand(batch, seq)
+            mask = self._build_mask(seq, device, attention_mask, segment_ids)
+        if position_ids is None:
+            position_ids = positions
+
+        cos, sin = self.rope_cos_sin(position_ids, x.dtype)
+        for layer in self.model.layers:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, kv_cache, cache_slots)
+        if kv_cache is not None:
+            kv_cache.lengths += attention_mask.sum(-1).long() if attention_mask is not None else seq
+        return self.model.norm(x)
+
+    def _build_mask(self, seq, device, attention_mask, segment_ids) -> AttentionMask:
+        if attention_mask is None and segment_ids is None:
+            return AttentionMask()
+        if (
+            attention_mask is None
+            and self.config.attn_implementation == "flash_attn"
+            and device.type == "cuda"
+            and flash_available()
+        ):
+            return packed_document_boundaries(segment_ids)
+        allowed = torch.ones(seq, seq, dtype=torch.bool, device=device).tril()[None]
+        if segment_ids is not None:
+            allowed = allowed & (segment_ids[:, :, None] == segment_ids[:, None, :])
+        if attention_mask is not None:
+            allowed = allowed & attention_mask[:, None, :].bool()
+        # A query that may see nothing (a left pad) would give NaN; let it see itself. Its output is never used.
+        allowed = allowed | torch.eye(seq, dtype=torch.bool, device=device)
+        return AttentionMask(dense=allowed[:, None])
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        segment_ids: Optional[torch.Tensor] = None,
+        kv_cache: Optional[KVCache] = None,
+    ) -> torch.Tensor:
+        """Logits (batch, seq, vocab).
+
+        position_ids: (batch, seq) RoPE positions; default 0..seq-1, or each row's cache length onward.
+        attention_mask: (batch, seq) 1 for real tokens, 0 for padding (HF convention). With a KV cache,
+            it marks the right-padding of the new tokens, and each row advances by its count of ones.
+        segment_ids: (batch, seq) document index of each token in packed rows; tokens attend only
+            within their own document.
+        kv_cache: a KVCache; the new tokens are appended to it.
+        """
+        return self.lm_head(self.hidden_states(input_ids, position_ids, attention_mask, segment_ids, kv_cache))
+
+
+def packed_document_boundaries(segment_ids: torch.Tensor) -> AttentionMask:
+    """cu_seqlens over the flattened batch: a new document starts where the segment id changes or a row starts."""
+    batch, seq = segment_ids.shape
+    flat = segment_ids.reshape(-1)
+    starts = torch.ones_like(flat, dtype=torch.bool)
+    starts[1:] = flat[1:] != flat[:-1]
+    starts[::seq] = True
+    start_index = torch.nonzero(starts).flatten()
+    cu_seqlens = torch.cat([start_index, torch.tensor([flat.numel()], device=flat.device)]).to(torch.int32)
+    max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    return AttentionMask(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)

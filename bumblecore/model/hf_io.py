@@ -1,0 +1,298 @@
+"""Hugging Face checkpoint layout: config.json, (sharded) safetensors, generation_config.json.
+
+A model is saved in the HF family that expresses it exactly: `qwen2` (qkv bias, RMSNorm: the
+presets), `llama` (no bias, RMSNorm), else `bumblebee` (e.g. LayerNorm), which only bumblecore loads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from bumblecore.model.bumblebee import Bumblebee
+from bumblecore.model.config import BumblebeeConfig
+
+SUPPORTED_MODEL_TYPES = ("qwen2", "llama", "bumblebee")
+ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM", "bumblebee": "BumblebeeForCausalLM"}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+SAFE_WEIGHTS = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+
+# config.json keys that map 1:1 onto BumblebeeConfig fields.
+_SHARED_KEYS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "rms_norm_eps", "max_position_embeddings", "tie_word_embeddings",
+    "hidden_act", "initializer_range", "bos_token_id", "eos_token_id", "pad_token_id",
+)
+# Keys we write or interpret ourselves; anything else read from config.json is carried in `extra`.
+_HANDLED_KEYS = set(_SHARED_KEYS) | {
+    "model_type", "architectures", "rope_theta", "rope_scaling", "rope_parameters", "attention_bias",
+    "mlp_bias", "norm_type", "attn_implementation", "torch_dtype", "dtype", "use_sliding_window",
+    "sliding_window", "max_window_layers", "layer_types", "transformers_version", "use_cache",
+    "attention_dropout", "pretraining_tp", "_name_or_path",
+}
+
+
+# ---------------------------------------------------------------------------- config.json
+
+
+def config_from_hf_dict(raw: dict, source: str = "config.json") -> BumblebeeConfig:
+    """Translate a transformers 4 or 5 config.json (qwen2, llama or bumblebee) into a BumblebeeConfig."""
+    model_type = raw.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"{source}: model_type {model_type!r} is not a Bumblebee family (supported: {', '.join(SUPPORTED_MODEL_TYPES)}); "
+            "other architectures train through transformers' AutoModelForCausalLM"
+        )
+    if raw.get("use_sliding_window"):
+        raise ValueError(f"{source}: use_sliding_window=true is not supported (sliding-window attention)")
+    if raw.get("mlp_bias"):
+        raise ValueError(f"{source}: mlp_bias=true is not supported")
+    if model_type == "llama" and raw.get("attention_bias"):
+        raise ValueError(f"{source}: Llama attention_bias=true (bias on o_proj too) is not supported")
+
+    fields = {k: raw[k] for k in _SHARED_KEYS if k in raw}
+    # transformers 5 keeps RoPE settings in `rope_parameters`; transformers 4 at top level.
+    rope = dict(raw.get("rope_parameters") or {})
+    theta = rope.pop("rope_theta", raw.get("rope_theta", 10000.0))
+    scaling = raw.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+    if scaling is not None:
+        scaling = {k: v for k, v in scaling.items() if k != "rope_theta"}
+        if scaling.get("rope_type", scaling.get("type")) == "default":
+            scaling = None
+    fields["rope_theta"] = float(theta)
+    fields["rope_scaling"] = scaling
+    fields["attention_bias"] = {"qwen2": True, "llama": False}.get(model_type, raw.get("attention_bias", True))
+    fields["norm_type"] = raw.get("norm_type", "rmsnorm")
+    fields["attn_implementation"] = raw.get("attn_implementation", "sdpa")
+    fields["torch_dtype"] = raw.get("torch_dtype", raw.get("dtype"))
+    if "num_key_value_heads" not in fields or fields["num_key_value_heads"] is None:
+        fields["num_key_value_heads"] = fields["num_attention_heads"]
+    if fields.get("head_dim") is None:
+        fields.pop("head_dim", None)
+    fields["extra"] = {k: v for k, v in raw.items() if k not in _HANDLED_KEYS}
+    try:
+        return BumblebeeConfig(**fields)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{source}: {err}") from err
+
+
+def hf_model_type(config: BumblebeeConfig) -> str:
+    """The HF family that expresses this config exactly."""
+    if config.norm_type != "rmsnorm":
+        return "bumblebee"
+    return "qwen2" if config.attention_bias else "llama"
+
+
+def config_to_hf_dict(config: BumblebeeConfig, dtype: Optional[torch.dtype] = None) -> dict:
+    model_type = hf_model_type(config)
+    out = {"architectures": [ARCHITECTURES[model_type]], "model_type": model_type}
+    out.update({k: getattr(config, k) for k in _SHARED_KEYS})
+    # transformers 4 layout (top-level rope_theta / rope_scaling); transformers 5 reads it too.
+    out["rope_theta"] = config.rope_theta
+    out["rope_scaling"] = config.rope_scaling
+    out["attention_dropout"] = 0.0
+    out["use_cache"] = True
+    if model_type == "qwen2":
+        out.update(use_sliding_window=False, sliding_window=None, max_window_layers=config.num_hidden_layers)
+    elif model_type == "llama":
+        out.update(attention_bias=False, mlp_bias=False, pretraining_tp=1)
+    else:
+        out.update(attention_bias=config.attention_bias, norm_type=config.norm_type)
+    if config.attn_implementation != "sdpa":
+        out["attn_implementation"] = config.attn_implementation
+    dtype_name = _dtype_name(dtype) if dtype is not None else config.torch_dtype
+    if dtype_name:
+        out["torch_dtype"] = dtype_name
+    for key, value in config.extra.items():
+        out.setdefault(key, value)
+    return out
+
+
+def read_config(path: Union[str, Path]) -> BumblebeeConfig:
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face model directory)")
+    try:
+        raw = json.loads(config_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{config_file}: not valid JSON ({err})") from err
+    return config_from_hf_dict(raw, source=str(config_file))
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in DTYPES.items()}[dtype]
+
+
+def resolve_dtype(dtype: Union[str, torch.dtype, None], config: BumblebeeConfig) -> torch.dtype:
+    """A requested dtype, or the checkpoint's ("auto" or None), or fp32 when neither says."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        dtype = config.torch_dtype or "float32"
+    aliases = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
+    name = aliases.get(dtype, dtype)
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use auto, float32, float16 or bfloat16")
+    return DTYPES[name]
+
+
+# ---------------------------------------------------------------------------- weights
+
+
+def _weight_files(path: Path) -> list[Path]:
+    index = path / SAFE_INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError) as err:
+            raise ValueError(f"{index}: not a valid safetensors index ({err})") from err
+        files = [path / name for name in sorted(set(weight_map.values()))]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{index} names shards that do not exist: {', '.join(missing)}")
+        return files
+    if (path / SAFE_WEIGHTS).is_file():
+        return [path / SAFE_WEIGHTS]
+    bins = sorted(path.glob("pytorch_model*.bin"))
+    if bins:
+        return bins
+    raise FileNotFoundError(f"{path}: no model.safetensors, {SAFE_INDEX} or pytorch_model.bin")
+
+
+def _read_weights(file: Path) -> dict[str, torch.Tensor]:
+    if file.suffix == ".bin":
+        return torch.load(file, map_location="cpu", weights_only=True)
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{file}: unreadable safetensors file (truncated or corrupt?): {err}") from err
+
+
+def load_pretrained(path, dtype=None, device=None) -> Bumblebee:
+    """Load a HF-layout directory of a Bumblebee, Qwen2 or Llama model."""
+    path = Path(path)
+    config = read_config(path)
+    target_dtype = resolve_dtype(dtype, config)
+    with torch.device("meta"):
+        model = Bumblebee(config)
+    expected = set(model.state_dict())
+    if config.tie_word_embeddings:
+        expected.discard("lm_head.weight")
+    state: dict[str, torch.Tensor] = {}
+    for file in _weight_files(path):
+        for name, tensor in _read_weights(file).items():
+            if name.endswith("rotary_emb.inv_freq") or (config.tie_word_embeddings and name == "lm_head.weight"):
+                continue  # recomputed / tied: not real parameters
+            if name not in expected:
+                raise ValueError(f"{file}: unexpected tensor {name!r} for a {hf_model_type(config)} model")
+            state[name] = tensor.to(device=device or "cpu", dtype=target_dtype)
+    missing = sorted(expected - set(state))
+    if missing:
+        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise ValueError(f"{path}: checkpoint lacks {len(missing)} tensor(s): {shown}")
+    for name, tensor in state.items():
+        want = model.get_parameter(name).shape
+        if tensor.shape != want:
+            raise ValueError(f"{path}: tensor {name!r} has shape {tuple(tensor.shape)}, config.json implies {tuple(want)}")
+    model.load_state_dict(state, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    config.torch_dtype = _dtype_name(target_dtype)
+    return model
+
+
+def parse_size(size: Union[int, str]) -> int:
+    """'5GB' -> 5e9 bytes, '500MiB' -> 500 * 2**20 (the units transformers uses)."""
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?i?B)?\s*", size, re.IGNORECASE)
+    if not match:
+        raise ValueError(f"cannot read size {size!r}; write e.g. 5GB or 500MiB")
+    number, unit = float(match.group(1)), (match.group(2) or "B").upper()
+    powers = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    return int(number * powers[unit])
+
+
+def _atomic_write_text(file: Path, text: str) -> None:
+    tmp = file.with_name(f".{file.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, file)
+
+
+def save_pretrained(model: Bumblebee, path, max_shard_size: Union[int, str] = "5GB", state_dict=None) -> None:
+    """Write config.json, generation_config.json and safetensors (sharded past `max_shard_size`).
+
+    Each file is written under a temporary name and renamed, so a crash never leaves a half file
+    under a real name; weight files of an earlier save that this one does not reuse are removed.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config = model.config
+    state = state_dict if state_dict is not None else model.state_dict()
+    if config.tie_word_embeddings:
+        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    dtype = next(iter(state.values())).dtype
+
+    limit = parse_size(max_shard_size)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    shard_bytes = 0
+    for name, tensor in state.items():
+        size = tensor.numel() * tensor.element_size()
+        if shards[-1] and shard_bytes + size > limit:
+            shards.append({})
+            shard_bytes = 0
+        shards[-1][name] = tensor
+        shard_bytes += size
+
+    if len(shards) == 1:
+        names = [SAFE_WEIGHTS]
+    else:
+        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for shard, name in zip(shards, names):
+        fd, tmp = tempfile.mkstemp(dir=path, prefix=f".{name}.", suffix=".tmp")
+        os.close(fd)
+        save_file(shard, tmp, metadata={"format": "pt"})
+        os.replace(tmp, path / name)
+    if len(shards) > 1:
+        index = {
+            "metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+            "weight_map": {k: name for shard, name in zip(shards, names) for k in shard},
+        }
+        _atomic_write_text(path / SAFE_INDEX, json.dumps(index, indent=2))
+    elif (path / SAFE_INDEX).exists():
+        (path / SAFE_INDEX).unlink()
+    for stale in path.glob("model-*-of-*.safetensors"):
+        if stale.name not in names:
+            stale.unlink()
+
+    _atomic_write_text(path / "config.json", json.dumps(config_to_hf_dict(config, dtype), indent=2) + "\n")
+    write_generation_config(path, config)
+
+
+def write_generation_config(path, config: BumblebeeConfig, eos_token_ids: Optional[list[int]] = None) -> None:
+    """generation_config.json; keeps an existing file's sampling defaults."""
+    file = Path(path) / "generation_config.json"
+    existing = {}
+    if file.is_file():
+        try:
+            existing = json.loads(file.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            existing = {}
+    eos = eos_token_ids if eos_token_ids is not None else existing.get("eos_token_id", config.eos_token_id)
+    generation = {**existing, "bos_token_id": config.bos_token_id, "eos_token_id": eos, "pad_token_id": config.pad_token_id}
+    generation.setdefault("do_sample", False)
+    generation = {k: v for k, v in generation.items() if v is not None}
+    _atomic_write_text(file, json.dumps(generation, indent=2) + "\n")

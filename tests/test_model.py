@@ -1,0 +1,277 @@
+"""Bumblebee against transformers' Qwen2 / Llama: logits, checkpoints, presets, KV cache."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from bumblecore import Bumblebee, BumblebeeConfig
+from bumblecore.model.bumblebee import KVCache
+from bumblecore.model.config import PRESETS
+
+VOCAB = 96
+TOL = 1e-4
+
+
+def tiny_hf(family="qwen2", tie=False, kv_heads=2, heads=4, **extra):
+    torch.manual_seed(0)
+    common = dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=heads,
+        num_key_value_heads=kv_heads, initializer_range=0.2, tie_word_embeddings=tie, rope_theta=10000.0,
+        max_position_embeddings=256, **extra,
+    )
+    if family == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**common))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    # Norm weights start at 1; perturb them so a norm slip (e.g. a missing weight) shows.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    return model.eval()
+
+
+def ids(batch=2, seq=19, seed=1):
+    return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+CASES = [
+    ("qwen2", False, 2, 4),
+    ("qwen2", True, 2, 4),
+    ("qwen2", False, 1, 4),
+    ("qwen2", True, 4, 4),
+    ("llama", False, 2, 4),
+    ("llama", True, 1, 4),
+    ("llama", False, 4, 4),
+]
+
+
+@pytest.mark.parametrize("family,tie,kv_heads,heads", CASES)
+def test_logits_equal_transformers(tmp_path, family, tie, kv_heads, heads):
+    hf = tiny_hf(family, tie, kv_heads, heads)
+    hf.save_pretrained(tmp_path)
+    ours = Bumblebee.from_pretrained(tmp_path).eval()
+    assert ours.config.attention_bias == (family == "qwen2")
+    x = ids()
+    with torch.no_grad():
+        expected = hf(x).logits
+        for backend in ("sdpa", "eager"):
+            for layer in ours.model.layers:
+                layer.self_attn.backend = backend
+            diff = (ours(x) - expected).abs().max().item()
+            assert diff < TOL, f"{family} {backend}: max abs diff {diff}"
+
+
+def test_padding_mask_matches_transformers(tmp_path):
+    hf = tiny_hf("qwen2")
+    hf.save_pretrained(tmp_path)
+    ours = Bumblebee.from_pretrained(tmp_path).eval()
+    x = ids(3, 12)
+    mask = torch.ones_like(x)
+    mask[1, :4] = 0  # left padding
+    mask[2, :7] = 0
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        expected = hf(x, attention_mask=mask, position_ids=position_ids).logits
+        got = ours(x, attention_mask=mask, position_ids=position_ids)
+    real = mask.bool()
+    assert (got[real] - expected[real]).abs().max().item() < TOL
+
+
+def test_packed_documents_do_not_attend_across(tmp_path):
+    hf = tiny_hf("qwen2")
+    hf.save_pretrained(tmp_path)
+    ours = Bumblebee.from_pretrained(tmp_path).eval()
+    lengths = [5, 9, 4]
+    docs = [ids(1, n, seed=10 + i) for i, n in enumerate(lengths)]
+    packed = torch.cat(docs, dim=1)
+    segment_ids = torch.cat([torch.full((1, n), i) for i, n in enumerate(lengths)], dim=1)
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+    with torch.no_grad():
+        got = ours(packed, position_ids=position_ids, segment_ids=segment_ids)
+        expected = torch.cat([hf(d).logits for d in docs], dim=1)
+    assert (got - expected).abs().max().item() < TOL
+
+
+def test_llama3_rope_scaling_matches_transformers(tmp_path):
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 32}
+    hf = tiny_hf("llama", rope_scaling=scaling)
+    hf.save_pretrained(tmp_path)
+    ours = Bumblebee.from_pretrained(tmp_path).eval()
+    assert ours.config.rope_scaling["rope_type"] == "llama3"
+    x = ids(1, 120)
+    with torch.no_grad():
+        assert (ours(x) - hf(x).logits).abs().max().item() < TOL
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_save_loads_in_transformers_same_logits(tmp_path, family):
+    hf = tiny_hf(family)
+    hf.save_pretrained(tmp_path / "hf")
+    ours = Bumblebee.from_pretrained(tmp_path / "hf").eval()
+    ours.save_pretrained(tmp_path / "ours")
+    raw = json.loads((tmp_path / "ours" / "config.json").read_text())
+    assert raw["model_type"] == family
+    assert raw["architectures"] == [{"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}[family]]
+    assert (tmp_path / "ours" / "generation_config.json").is_file()
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ours").eval()
+    assert type(reloaded) is type(hf)
+    x = ids()
+    with torch.no_grad():
+        assert (reloaded(x).logits - ours(x)).abs().max().item() < TOL
+
+
+def test_sharded_save_loads_everywhere(tmp_path):
+    ours = Bumblebee(BumblebeeConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2)).eval()
+    ours.save_pretrained(tmp_path, max_shard_size="40KB")
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 2 and not (tmp_path / "model.safetensors").exists()
+    assert set(index["weight_map"]) == set(ours.state_dict()) - {"lm_head.weight"}  # tied: saved once
+    x = ids()
+    with torch.no_grad():
+        expected = ours(x)
+        assert (Bumblebee.from_pretrained(tmp_path)(x) - expected).abs().max().item() == 0
+        assert (AutoModelForCausalLM.from_pretrained(tmp_path)(x).logits - expected).abs().max().item() < TOL
+    # Saving again unsharded removes the old shards and index.
+    ours.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    assert not list(tmp_path.glob("model-*-of-*.safetensors")) and not (tmp_path / "model.safetensors.index.json").exists()
+
+
+def test_truncated_safetensors_gives_clear_error(tmp_path):
+    tiny_hf("qwen2").save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ValueError, match="model.safetensors.*truncated or corrupt"):
+        Bumblebee.from_pretrained(tmp_path)
+
+
+def test_other_architecture_refused_with_model_type(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mistral", "hidden_size": 8}))
+    with pytest.raises(ValueError, match="'mistral'"):
+        Bumblebee.from_pretrained(tmp_path)
+
+
+def test_transformers4_and_5_config_layouts_read_alike(tmp_path):
+    from bumblecore.model.hf_io import config_from_hf_dict
+
+    base = {"model_type": "qwen2", "vocab_size": 32, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "num_key_value_heads": 1}
+    v4 = config_from_hf_dict({**base, "rope_theta": 5e5, "rope_scaling": None, "torch_dtype": "bfloat16"})
+    v5 = config_from_hf_dict({**base, "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}, "dtype": "bfloat16"})
+    assert v4.to_dict() == v5.to_dict()
+    assert v4.rope_theta == 5e5 and v4.rope_scaling is None and v4.torch_dtype == "bfloat16"
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_preset_parameter_counts_equal_transformers(preset):
+    cfg = BumblebeeConfig.from_preset(preset)
+    with torch.device("meta"):
+        ours = Bumblebee(cfg)
+        hf = Qwen2ForCausalLM(Qwen2Config(
+            vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+            num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+            num_key_value_heads=cfg.num_key_value_heads, tie_word_embeddings=cfg.tie_word_embeddings))
+    ours_count = ours.num_parameters()
+    assert ours_count == hf.num_parameters() == cfg.num_parameters_estimate
+    if preset == "0.5B":
+        assert ours_count == 494_032_768
+
+
+def test_bf16_forward_on_cpu():
+    model = Bumblebee(BumblebeeConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2)).to(torch.bfloat16)
+    fp32 = Bumblebee(model.config)
+    fp32.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    x = ids()
+    with torch.no_grad():
+        low, ref = model(x), fp32(x)
+    assert low.dtype == torch.bfloat16 and torch.isfinite(low).all()
+    assert (low.float() - ref).abs().max().item() < 0.1
+
+
+def _grads(model, x):
+    model.zero_grad()
+    model(x).float().logsumexp(-1).mean().backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_activation_checkpointing_same_gradients():
+    torch.manual_seed(0)
+    model = Bumblebee(BumblebeeConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                                      num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2)).train()
+    x = ids()
+    plain = _grads(model, x)
+    model.set_gradient_checkpointing(True)
+    recomputed = _grads(model, x)
+    for name in plain:
+        torch.testing.assert_close(recomputed[name], plain[name], rtol=1e-5, atol=1e-6)
+
+
+def test_layernorm_gelu_trains_and_round_trips_as_bumblebee(tmp_path):
+    torch.manual_seed(0)
+    cfg = BumblebeeConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, norm_type="layernorm", hidden_act="gelu",
+                          initializer_range=0.2)
+    model = Bumblebee(cfg)
+    assert isinstance(model.model.norm, torch.nn.LayerNorm)
+    x = ids()
+    loss = torch.nn.functional.cross_entropy(model(x)[:, :-1].reshape(-1, VOCAB), x[:, 1:].reshape(-1))
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    model.save_pretrained(tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    assert raw["model_type"] == "bumblebee" and raw["norm_type"] == "layernorm" and raw["hidden_act"] == "gelu"
+    reloaded = Bumblebee.from_pretrained(tmp_path)
+    assert reloaded.config.norm_type == "layernorm" and reloaded.config.hidden_act == "gelu"
+    with torch.no_grad():
+        assert torch.equal(reloaded(x), model(x))
+
+
+def test_llama_saved_again_is_llama(tmp_path):
+    hf = tiny_hf("llama")
+    hf.save_pretrained(tmp_path / "a")
+    Bumblebee.from_pretrained(tmp_path / "a").save_pretrained(tmp_path / "b")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "b")
+    assert isinstance(again, LlamaForCausalLM)
+    with torch.no_grad():
+        x = ids()
+        assert (again(x).logits - hf(x).logits).abs().max().item() < TOL
+
+
+def test_dtype_is_checkpoints_or_requested(tmp_path):
+    tiny_hf("qwen2").to(torch.bfloat16).save_pretrained(tmp_path)
+    assert next(Bumblebee.from_pretrained(tmp_path).parameters()).dtype == torch.bfloat16
+    assert next(Bumblebee.from_pretrained(tmp_path, dtype="float32").parameters()).dtype == torch.float32
+
+
+def test_kv_cache_decoding_equals_full_forward(tmp_path):
+    """Rows of different prompt lengths, right-padded, then token-by-token decoding: each step's
+    logits equal a no-cache forward over the whole sequence so far."""
+    tiny_hf("qwen2").save_pretrained(tmp_path)
+    model = Bumblebee.from_pretrained(tmp_path).eval()
+    prompts = [ids(1, n, seed=20 + n)[0] for n in (7, 3, 11)]
+    cache = KVCache(model.config, batch_size=3, max_len=32)
+    padded = torch.zeros(3, 11, dtype=torch.long)
+    mask = torch.zeros(3, 11, dtype=torch.long)
+    for row, p in enumerate(prompts):
+        padded[row, : len(p)] = p
+        mask[row, : len(p)] = 1
+    sequences = [p.tolist() for p in prompts]
+    with torch.no_grad():
+        logits = model(padded, attention_mask=mask, kv_cache=cache)
+        last = torch.stack([logits[row, len(p) - 1] for row, p in enumerate(prompts)])
+        for _ in range(5):
+            for row, seq in enumerate(sequences):
+                reference = model(torch.tensor([seq]))[0, -1]
+                assert (last[row] - reference).abs().max().item() < TOL
+            next_tokens = last.argmax(-1)
+            for row, tok in enumerate(next_tokens.tolist()):
+                sequences[row].append(tok)
+            last = model(next_tokens[:, None], kv_cache=cache)[:, -1]
+    assert cache.lengths.tolist() == [len(s) for s in sequences]
