@@ -1,0 +1,202 @@
+"""Tokenizers: load any Hugging Face tokenizer dir; train a byte-level BPE with the ChatML template.
+
+The chat template below is the one contract from training to serving (DESIGN.md §4): ChatML as
+Qwen2.5 renders it, with a default system message and Qwen2.5's tool convention.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator, Union
+
+ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+SPECIAL_TOKENS = [ENDOFTEXT, IM_START, IM_END]
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+
+# ChatML. With tools, their JSON schemas go into the system turn; an assistant turn with
+# tool_calls renders each as a <tool_call> block; consecutive tool results share one user turn
+# of <tool_response> blocks.
+CHAT_TEMPLATE = (
+    "{%- set default_system = '" + DEFAULT_SYSTEM_PROMPT + "' -%}"
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- set system_text = messages[0]['content'] -%}{%- set body = messages[1:] -%}"
+    "{%- else -%}{%- set system_text = default_system -%}{%- set body = messages -%}{%- endif -%}"
+    "{%- if tools -%}"
+    "{{- '<|im_start|>system\\n' + system_text + '\\n\\n# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\\n<tools>' -}}"
+    "{%- for tool in tools -%}{{- '\\n' + (tool | tojson) -}}{%- endfor -%}"
+    "{{- '\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within "
+    "<tool_call></tool_call> XML tags:\\n<tool_call>\\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\\n</tool_call><|im_end|>\\n' -}}"
+    "{%- else -%}"
+    "{{- '<|im_start|>system\\n' + system_text + '<|im_end|>\\n' -}}"
+    "{%- endif -%}"
+    "{%- for message in body -%}"
+    "{%- if message['role'] == 'tool' -%}"
+    "{%- if loop.first or body[loop.index0 - 1]['role'] != 'tool' -%}{{- '<|im_start|>user' -}}{%- endif -%}"
+    "{{- '\\n<tool_response>\\n' + message['content'] + '\\n</tool_response>' -}}"
+    "{%- if loop.last or body[loop.index0 + 1]['role'] != 'tool' -%}{{- '<|im_end|>\\n' -}}{%- endif -%}"
+    "{%- elif message['role'] == 'assistant' and message.get('tool_calls') -%}"
+    "{{- '<|im_start|>assistant' -}}"
+    "{%- if message['content'] -%}{{- '\\n' + message['content'] -}}{%- endif -%}"
+    "{%- for call in message['tool_calls'] -%}"
+    "{%- if call.get('function') -%}{%- set call = call['function'] -%}{%- endif -%}"
+    "{{- '\\n<tool_call>\\n{\"name\": \"' + call['name'] + '\", \"arguments\": ' -}}"
+    "{%- if call['arguments'] is string -%}{{- call['arguments'] -}}{%- else -%}{{- call['arguments'] | tojson -}}{%- endif -%}"
+    "{{- '}\\n</tool_call>' -}}"
+    "{%- endfor -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- else -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
+# Pre-tokenization split in the style of GPT-4 / Qwen2: English contractions, runs of letters (with
+# one leading non-letter), numbers of 1-3 digits, punctuation runs, newlines, other whitespace.
+SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)"
+    r"|[^\r\n\p{L}\p{N}]?\p{L}+"
+    r"|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+"
+    r"|\s+(?!\S)"
+    r"|\s+"
+)
+
+
+def load_tokenizer(path: Union[str, Path]):
+    """Load a Hugging Face tokenizer directory (fast tokenizer); fill in our chat template and pad token if missing."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"tokenizer directory {path} does not exist")
+    if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+        raise ValueError(f"{path} is not a tokenizer directory (no tokenizer.json / tokenizer_config.json)")
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    if not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = CHAT_TEMPLATE
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = ENDOFTEXT if ENDOFTEXT in tokenizer.get_vocab() else tokenizer.eos_token
+    return tokenizer
+
+
+def _strings_in(value) -> Iterator[str]:
+    if isinstance(value, str):
+        if value:
+            yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _strings_in(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings_in(item)
+
+
+def _corpus_files(corpus: list[str]) -> list[Path]:
+    files: list[Path] = []
+    for entry in corpus:
+        path = Path(entry)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".json", ".jsonl") and p.is_file())
+            if not found:
+                raise FileNotFoundError(f"corpus directory {path} holds no .txt, .json or .jsonl files")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"corpus file {path} does not exist")
+    return files
+
+
+def iter_corpus_texts(files: list[Path]) -> Iterator[str]:
+    """Texts of the corpus, one file and one line at a time (a .json array is read whole)."""
+    for file in files:
+        if file.suffix == ".json":
+            try:
+                records = json.loads(file.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{file}: not valid JSON ({err})") from err
+            yield from _strings_in(records)
+            continue
+        with open(file, encoding="utf-8") as handle:
+            for line_number, line in enumerate(handle, 1):
+                if file.suffix == ".jsonl":
+                    if not line.strip():
+                        continue
+                    try:
+                        yield from _strings_in(json.loads(line))
+                    except json.JSONDecodeError as err:
+                        raise ValueError(f"{file} line {line_number}: not valid JSON ({err.msg})") from err
+                else:
+                    yield line
+
+
+def _make_portable(output_dir: Path) -> None:
+    """Name the generic fast-tokenizer class and keep the chat template in tokenizer_config.json too,
+    so transformers 4 (which reads it there) loads the directory as transformers 5 does."""
+    config_file = output_dir / "tokenizer_config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config["chat_template"] = CHAT_TEMPLATE
+    config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def train_tokenizer(
+    corpus: list[str],
+    vocab_size: int = 8192,
+    output_dir: str = "checkpoints/tokenizer",
+    min_frequency: int = 2,
+) -> str:
+    """Train a byte-level BPE tokenizer with the ChatML special tokens and chat template.
+
+    The corpus is streamed: .txt files line by line, .jsonl records one at a time (every string
+    value of a record is text, so pretraining, Alpaca and ShareGPT files all work), .json arrays
+    read whole. The result is a Hugging Face tokenizer directory (loads with AutoTokenizer) whose
+    specials are <|endoftext|>, <|im_start|> and <|im_end|>.
+
+    Args:
+        corpus: text files or directories (.txt, .jsonl, .json).
+        vocab_size: size of the vocabulary, special tokens and the 256 byte symbols included.
+        output_dir: where the tokenizer directory is written.
+        min_frequency: a pair must occur this often to be merged.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    minimum = 256 + len(SPECIAL_TOKENS)
+    if vocab_size < minimum:
+        raise ValueError(f"vocab_size {vocab_size} is too small: the 256 byte symbols and {len(SPECIAL_TOKENS)} special tokens need {minimum}")
+    files = _corpus_files(corpus)
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(iter_corpus_texts(files), trainer=trainer)
+
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        eos_token=IM_END,
+        pad_token=ENDOFTEXT,
+        model_max_length=32768,
+        chat_template=CHAT_TEMPLATE,
+        clean_up_tokenization_spaces=False,
+    )
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    wrapped.save_pretrained(output_dir)
+    _make_portable(Path(output_dir))
+    print(f"trained a byte-level BPE tokenizer: {len(wrapped)} tokens from {len(files)} file(s), saved to {output_dir}")
+    return output_dir

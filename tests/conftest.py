@@ -1,0 +1,35 @@
+"""Shared fixtures: a tiny tokenizer trained on a small corpus that the tests write themselves."""
+
+import itertools
+import json
+
+import pytest
+
+SUBJECTS = ["The bee", "A small model", "The teacher", "My friend", "The engine", "蜜蜂", "小模型", "老师"]
+VERBS = ["reads", "writes", "trains on", "counts", "learns from", "喜欢", "学习", "计算"]
+OBJECTS = ["the data.", "a long story!", "42 tokens?", "the answer: 7", "花园里的花。", "一本书，很好。", "🐝 and 🚀", "numbers 1, 2, 3"]
+
+
+def corpus_lines():
+    for s, v, o in itertools.product(SUBJECTS, VERBS, OBJECTS):
+        yield f"{s} {v} {o}"
+
+
+@pytest.fixture(scope="session")
+def corpus_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    lines = list(corpus_lines())
+    (root / "part1.txt").write_text("\n".join(lines[::2]) + "\n", encoding="utf-8")
+    with open(root / "part2.jsonl", "w", encoding="utf-8") as f:
+        for line in lines[1::2]:
+            f.write(json.dumps({"text": line}, ensure_ascii=False) + "\n")
+    return [root / "part1.txt", root / "part2.jsonl"]
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory, corpus_files):
+    from bumblecore.tokenizer import train_tokenizer
+
+    out = tmp_path_factory.mktemp("tokenizer")
+    train_tokenizer([str(f) for f in corpus_files], vocab_size=512, output_dir=str(out))
+    return out
