@@ -1,0 +1,133 @@
+"""What a run shows and keeps: metrics.jsonl, TensorBoard, logs/train.log, PNG curves at the end.
+
+Only rank 0 writes. Every logged optimiser step is one JSON line in metrics.jsonl, so the whole
+history can be read back (and plotted again) with nothing but `json`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Optional
+
+PLOTTED_METRICS = ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected")
+
+
+class Monitor:
+    def __init__(self, output_dir, use_tensorboard: bool = False, save_train_log: bool = False,
+                 is_rank_zero: bool = True, resume_step: Optional[int] = None):
+        self.output_dir = Path(output_dir)
+        self.enabled = is_rank_zero
+        self.metrics_file = self.output_dir / "metrics.jsonl"
+        self.logger = logging.getLogger("bumblecore.train")
+        self.writer = None
+        self.log_handler = None
+        if not self.enabled:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None:
+            self._truncate_after(resume_step)
+        elif self.metrics_file.exists():
+            self.metrics_file.unlink()  # a fresh run starts a fresh history
+        if save_train_log:
+            (self.output_dir / "logs").mkdir(exist_ok=True)
+            self.log_handler = logging.FileHandler(self.output_dir / "logs" / "train.log", encoding="utf-8")
+            self.log_handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+            self.logger.addHandler(self.log_handler)
+            self.logger.setLevel(logging.INFO)
+        if use_tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(self.output_dir / "runs"))
+
+    def _truncate_after(self, step: int) -> None:
+        """On resume, drop lines the resumed run will write again (steps after the checkpoint)."""
+        if not self.metrics_file.exists():
+            return
+        kept = [line for line in self.metrics_file.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        self.metrics_file.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+    def info(self, message: str) -> None:
+        if self.enabled:
+            self.logger.info(message)
+
+    def log(self, metrics: dict) -> None:
+        """One record: at least step, and whatever the stage measured (loss, lr, grad_norm, tokens, ...)."""
+        if not self.enabled:
+            return
+        record = {k: (round(v, 8) if isinstance(v, float) else v) for k, v in metrics.items()}
+        with open(self.metrics_file, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in metrics.items():
+                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                    self.writer.add_scalar(key if "/" in key else f"train/{key}", value, metrics["step"])
+        self.logger.info(json.dumps(record))
+
+    def close(self, smooth: bool = True) -> None:
+        if not self.enabled:
+            return
+        if self.writer is not None:
+            self.writer.close()
+        if self.log_handler is not None:
+            self.logger.removeHandler(self.log_handler)
+            self.log_handler.close()
+        if self.metrics_file.exists():
+            plot_history(read_history(self.metrics_file), self.output_dir, smooth=smooth)
+
+
+def read_history(metrics_file) -> list[dict]:
+    return [json.loads(line) for line in Path(metrics_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def ema(values: list[float], weight: float = 0.9) -> list[float]:
+    """Exponential moving average with bias correction (TensorBoard-style smoothing)."""
+    out, running = [], 0.0
+    for i, value in enumerate(values, 1):
+        running = weight * running + (1 - weight) * value
+        out.append(running / (1 - weight**i))
+    return out
+
+
+def plot_history(history: list[dict], output_dir, smooth: bool = True) -> list[Path]:
+    """training_loss.png (with eval loss when present) and one PNG per DPO reward metric."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+
+    def series(key):
+        points = [(r["step"], r[key]) for r in history if isinstance(r.get(key), (int, float))]
+        return [p[0] for p in points], [p[1] for p in points]
+
+    def figure(key, title, file_name, eval_key=None):
+        steps, values = series(key)
+        if not steps:
+            return
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        ax.plot(steps, values, alpha=0.35 if smooth and len(values) > 1 else 1.0, label=key)
+        if smooth and len(values) > 1:
+            ax.plot(steps, ema(values), label=f"{key} (smoothed)")
+        if eval_key:
+            eval_steps, eval_values = series(eval_key)
+            if eval_steps:
+                ax.plot(eval_steps, eval_values, "o-", label=eval_key)
+        ax.set_xlabel("step")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        path = Path(output_dir) / file_name
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+
+    figure("loss", "training loss", "training_loss.png", eval_key="eval/loss")
+    for key in PLOTTED_METRICS:
+        figure(key, key, key.replace("/", "_") + ".png", eval_key=f"eval/{key}")
+    return written
