@@ -417,8 +417,10 @@ class Bumblebee(nn.Module):
         attention_mask: Optional[torch.Tensor] = None,
         segment_ids: Optional[torch.Tensor] = None,
         kv_cache: Optional[KVCache] = None,
+        return_hidden_states: bool = False,
     ) -> torch.Tensor:
-        """Logits (batch, seq, vocab).
+        """Logits (batch, seq, vocab), or with return_hidden_states the final-norm hidden states
+        (batch, seq, hidden), for losses that apply `lm_head` in chunks.
 
         position_ids: (batch, seq) RoPE positions; default 0..seq-1, or each row's cache length onward.
         attention_mask: (batch, seq) 1 for real tokens, 0 for padding (HF convention). With a KV cache,
@@ -427,7 +429,8 @@ class Bumblebee(nn.Module):
             within their own document.
         kv_cache: a KVCache; the new tokens are appended to it.
         """
-        return self.lm_head(self.hidden_states(input_ids, position_ids, attention_mask, segment_ids, kv_cache))
+        hidden = self.hidden_states(input_ids, position_ids, attention_mask, segment_ids, kv_cache)
+        return hidden if return_hidden_states else self.lm_head(hidden)
 
 
 def packed_document_boundaries(segment_ids: torch.Tensor) -> AttentionMask:
