@@ -16,6 +16,8 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "init_model": ("bumblecore.model.init:init_model", "write a model dir (config.json + tokenizer, no weights) for pretraining from scratch"),
     "train_tokenizer": ("bumblecore.tokenizer:train_tokenizer", "train a byte-level BPE tokenizer with the ChatML specials and chat template"),
+    "inspect_data": ("bumblecore.data.commands:inspect_data", "validate a dataset and show how samples are tokenized and which tokens are trained"),
+    "prepare_data": ("bumblecore.data.commands:prepare_data", "tokenize a run's datasets into the token cache ahead of training"),
 }
 
 
@@ -49,12 +51,12 @@ def _list_parameters(function) -> set[str]:
     return names
 
 
-def gather_list_values(function, args: list[str]) -> list[str]:
+def gather_list_values(function, args: list[str], more_list_names: set[str] = frozenset()) -> list[str]:
     """Let list options take space-separated values (`--corpus a.txt b.txt`), as users expect,
     by turning them into the JSON list jsonargparse reads (`--corpus ["a.txt","b.txt"]`)."""
     import json
 
-    list_names = _list_parameters(function)
+    list_names = _list_parameters(function) | set(more_list_names)
     out, i = [], 0
     while i < len(args):
         arg = args[i]
@@ -72,6 +74,87 @@ def gather_list_values(function, args: list[str]) -> list[str]:
             out.append(arg)
         i += 1
     return out
+
+
+def takes_train_config(function) -> bool:
+    import inspect
+
+    parameters = list(inspect.signature(function).parameters.values())
+    return bool(parameters) and parameters[0].name == "config" and "TrainConfig" in str(parameters[0].annotation)
+
+
+def _split_config_args(args: list[str]) -> tuple[list[str], list[str], bool]:
+    """Pull `--config F` / `--yaml_config F` (the original's spelling) and `--print_config` out of args."""
+    files, rest, print_config, i = [], [], False, 0
+    while i < len(args):
+        arg = args[i]
+        key = arg.split("=", 1)[0]
+        if key in ("--config", "--yaml_config"):
+            if "=" in arg:
+                files.append(arg.split("=", 1)[1])
+            elif i + 1 < len(args):
+                files.append(args[i + 1])
+                i += 1
+            else:
+                raise ValueError(f"{arg} needs a file")
+        elif arg == "--print_config":
+            print_config = True
+        else:
+            rest.append(arg)
+        i += 1
+    return files, rest, print_config
+
+
+def run_train_config_command(name: str, function, args: list[str]) -> None:
+    """Commands over a run's flat config (train, prepare_data, inspect_data): every key of TrainConfig
+    plus the function's own options; YAML file(s), then the command line; unknown keys are errors
+    that name the nearest valid key."""
+    from jsonargparse import ArgumentParser
+
+    from bumblecore.train.config import ALIASES, FIELDS, TrainConfig, build_config, load_yaml, nearest_key, to_yaml
+
+    files, rest, print_config = _split_config_args(args)
+    parser = ArgumentParser(prog=f"bumblecore {name}", description=(function.__doc__ or "").strip().split("\n")[0],
+                            exit_on_error=True)
+    parser.add_argument("--config", help="flat YAML config file (also --yaml_config); the command line overrides it")
+    parser.add_argument("--print_config", action="store_true", help="print the resolved configuration as YAML and exit")
+    parser.add_class_arguments(TrainConfig, nested_key=None, as_group=False)
+    own = _own_parameters(function)
+    if own:
+        parser.add_function_arguments(function, nested_key=None, skip={"config"}, as_group=False)
+    known = set(FIELDS) | set(own)
+
+    for arg in rest:
+        if arg.startswith("--") and arg not in ("--help", "-h"):
+            key = arg[2:].split("=", 1)[0].rstrip("+")
+            if ALIASES.get(key, key) not in known:
+                raise ValueError(f"unknown option --{key}{nearest_key(key)}")
+    defaults = {}
+    for file in files:
+        for key, value in load_yaml(file).items():
+            key = ALIASES.get(key, key)
+            if key not in known:
+                raise ValueError(f"{file}: unknown key {key!r}{nearest_key(key)}")
+            defaults[key] = value
+    rest = [f"--{ALIASES[a[2:]]}" if a.startswith("--") and a[2:] in ALIASES else a for a in rest]
+    if defaults:
+        parser.set_defaults(**defaults)
+    namespace = parser.parse_args(gather_list_values(function, rest, _list_parameters(TrainConfig)))
+    values = namespace.as_dict()
+    config = build_config({k: values[k] for k in FIELDS if k in values}, source=files[-1] if files else "command line")
+    extras = {k: values[k] for k in own}
+    if print_config:
+        print(to_yaml(config), end="")
+        for key, value in extras.items():
+            print(f"{key}: {value}")
+        return
+    function(config, **extras)
+
+
+def _own_parameters(function) -> list[str]:
+    import inspect
+
+    return list(inspect.signature(function).parameters)[1:]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -92,7 +175,10 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2)
     function = load_command(name)
     try:
-        CLI(function, args=gather_list_values(function, argv[1:]), prog=f"bumblecore {name}", as_positional=False)
+        if takes_train_config(function):
+            run_train_config_command(name, function, argv[1:])
+        else:
+            CLI(function, args=gather_list_values(function, argv[1:]), prog=f"bumblecore {name}", as_positional=False)
     except (ValueError, FileNotFoundError) as err:
         # Bad input is the user's to fix: one clear line, no traceback (BUMBLECORE_DEBUG=1 shows it).
         if os.environ.get("BUMBLECORE_DEBUG"):

@@ -1,0 +1,242 @@
+"""Tokenize a dataset once into memory-mapped files, keyed by a content hash.
+
+Layout of one cache entry `<cache_dir>/<key>/`:
+    ids.bin      uint32, every sample's token ids back to back
+    mask.bin     uint8, 1 where the token is a training target (aligned with ids.bin)
+    offsets.bin  int64, n + 1 sample boundaries into ids.bin
+    meta.json    counts and the summary; written last: an entry without it is never used
+Preference data stores two entries per pair: 2i = prompt + chosen, 2i + 1 = prompt + rejected.
+
+The key hashes the data files' bytes, the tokenizer, the chat template, cutoff_len and the stage,
+so the same inputs reuse the entry at once and any change builds a new one. Building streams:
+records are validated, rendered in Python and tokenized in batches by the Rust tokenizer (which
+uses every core), then appended to the files, so memory does not grow with the corpus. The entry
+is built under a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+
+from bumblecore.data.formats import ReadReport, Sample, data_files, read_samples
+from bumblecore.data.template import end_of_text_id, join_pieces, render_pieces, target_mask
+from bumblecore.tokenizer import CHAT_TEMPLATE
+
+FORMAT_VERSION = 1  # bump when the cache layout or rendering rules change
+BATCH_RECORDS = 256
+
+
+@dataclass
+class CacheSummary:
+    records: int = 0
+    samples: int = 0
+    tokens: int = 0
+    target_tokens: int = 0
+    dropped_no_targets: int = 0
+    truncated: int = 0
+    skipped_bad_records: int = 0
+    skipped_examples: list = field(default_factory=list)
+    seconds: float = 0.0
+    bytes_read: int = 0
+
+    @property
+    def target_share(self) -> float:
+        return self.target_tokens / max(1, self.tokens)
+
+    def describe(self) -> str:
+        rate = self.bytes_read / 1e6 / max(self.seconds, 1e-9)
+        return (f"{self.records} records -> {self.samples} samples, {self.tokens:,} tokens "
+                f"({self.target_share:.1%} trained), {self.dropped_no_targets} dropped (no target left after "
+                f"cutoff_len), {self.truncated} truncated, {self.skipped_bad_records} bad records skipped; "
+                f"{self.seconds:.1f}s ({rate:.2f} MB/s)")
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("BUMBLECORE_CACHE", Path.home() / ".cache" / "bumblecore")) / "tokens"
+
+
+def _hash_file(digest, path: Path) -> None:
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    digest = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    digest.update((backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))).encode())
+    digest.update(repr(sorted(tokenizer.special_tokens_map.items())).encode())
+    return digest.hexdigest()
+
+
+def cache_key(paths, tokenizer, stage: str, cutoff_len: int, skip_bad_records: bool) -> str:
+    digest = hashlib.sha256()
+    digest.update(f"v{FORMAT_VERSION}|{stage}|{cutoff_len}|{skip_bad_records}".encode())
+    digest.update(CHAT_TEMPLATE.encode())
+    digest.update(tokenizer_fingerprint(tokenizer).encode())
+    for file in data_files(paths):
+        digest.update(file.name.encode())
+        _hash_file(digest, file)
+    return digest.hexdigest()[:24]
+
+
+class TokenCache:
+    """Read side of a cache entry: sample i's ids and target mask as numpy views (no copy)."""
+
+    def __init__(self, directory):
+        self.directory = Path(directory)
+        self.meta = json.loads((self.directory / "meta.json").read_text(encoding="utf-8"))
+        self.offsets = np.fromfile(self.directory / "offsets.bin", dtype=np.int64)
+        size = int(self.offsets[-1])
+        self.ids = np.memmap(self.directory / "ids.bin", dtype=np.uint32, mode="r", shape=(size,)) if size else np.zeros(0, np.uint32)
+        self.mask = np.memmap(self.directory / "mask.bin", dtype=np.uint8, mode="r", shape=(size,)) if size else np.zeros(0, np.uint8)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    @property
+    def summary(self) -> CacheSummary:
+        return CacheSummary(**self.meta["summary"])
+
+    def sample(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        start, end = int(self.offsets[index]), int(self.offsets[index + 1])
+        return self.ids[start:end], self.mask[start:end]
+
+
+def _encode_batch(tokenizer, samples: list[Sample], cutoff_len: int, summary: CacheSummary) -> Iterator[tuple[list[int], list[bool]]]:
+    """Entries for a batch of samples (two per preference pair), truncated to cutoff_len; a sample or
+    pair left without any target after truncation is dropped and counted."""
+    if samples[0].kind == "text":
+        texts = [s.text for s in samples]
+        for ids in _batch_ids(tokenizer, texts):
+            yield ids, [True] * len(ids)
+        return
+    rendered: list[list[tuple[str, bool]]] = []
+    for s in samples:
+        c = s.conversation
+        if s.kind == "conversation":
+            rendered.append(render_pieces(c.messages, c.tools))
+        else:
+            for reply in (s.chosen, s.rejected):
+                pieces = render_pieces(c.messages + [reply], c.tools)
+                last = max(i for i, (_, t) in enumerate(pieces) if t)
+                rendered.append([(text, t and i == last) for i, (text, t) in enumerate(pieces)])
+    joined = [join_pieces(pieces) for pieces in rendered]
+    # One batched call: the Rust tokenizer spreads the batch over every core.
+    batch = tokenizer([text for text, _ in joined], add_special_tokens=False, return_offsets_mapping=True)
+    encoded = [(ids, target_mask(offsets, spans))
+               for ids, offsets, (_, spans) in zip(batch["input_ids"], batch["offset_mapping"], joined)]
+    group = 2 if samples[0].kind == "preference" else 1
+    for start in range(0, len(encoded), group):
+        entries = []
+        for ids, mask in encoded[start : start + group]:
+            if len(ids) > cutoff_len:
+                summary.truncated += 1
+                ids, mask = ids[:cutoff_len], mask[:cutoff_len]
+            entries.append((ids, mask))
+        if any(not any(mask) for _, mask in entries):
+            summary.dropped_no_targets += 1
+            continue
+        yield from entries
+
+
+def _batch_ids(tokenizer, texts: list[str]) -> list[list[int]]:
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    eot = end_of_text_id(tokenizer)
+    return [ids + [eot] for ids in encoded]
+
+
+def validate_dataset(paths, stage: str, skip_bad_records: bool) -> ReadReport:
+    """Read every record once (the first bad one raises unless skipping), before anything is written."""
+    report = ReadReport()
+    for _ in read_samples(paths, stage, skip_bad_records, report):
+        pass
+    return report
+
+
+def build_cache(
+    paths,
+    tokenizer,
+    stage: str,
+    cutoff_len: int,
+    cache_dir=None,
+    skip_bad_records: bool = False,
+    progress: bool = True,
+) -> TokenCache:
+    """The cache entry for these inputs: reused when it exists, built (atomically) when not."""
+    root = Path(cache_dir) if cache_dir else default_cache_dir()
+    key = cache_key(paths, tokenizer, stage, cutoff_len, skip_bad_records)
+    final = root / key
+    if (final / "meta.json").is_file():
+        return TokenCache(final)
+
+    report = validate_dataset(paths, stage, skip_bad_records)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".{key}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    summary = CacheSummary(records=report.records, skipped_bad_records=len(report.skipped),
+                           skipped_examples=report.skipped[:10],
+                           bytes_read=sum(f.stat().st_size for f in data_files(paths)))
+    started = time.perf_counter()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=report.records, desc="tokenize", unit="rec", dynamic_ncols=True)
+    try:
+        with open(tmp / "ids.bin", "wb") as ids_file, open(tmp / "mask.bin", "wb") as mask_file, \
+                open(tmp / "offsets.bin", "wb") as offsets_file:
+            offsets_file.write(np.zeros(1, np.int64).tobytes())
+            position = 0
+            batch: list[Sample] = []
+
+            def flush():
+                nonlocal position
+                for ids, mask in _encode_batch(tokenizer, batch, cutoff_len, summary):
+                    ids_file.write(np.asarray(ids, dtype=np.uint32).tobytes())
+                    mask_file.write(np.asarray(mask, dtype=np.uint8).tobytes())
+                    position += len(ids)
+                    offsets_file.write(np.array([position], np.int64).tobytes())
+                    summary.samples += 1
+                    summary.tokens += len(ids)
+                    summary.target_tokens += int(sum(mask))
+                if bar is not None:
+                    bar.update(len(batch))
+                batch.clear()
+
+            for sample in read_samples(paths, stage, skip_bad_records):
+                batch.append(sample)
+                if len(batch) >= BATCH_RECORDS:
+                    flush()
+            if batch:
+                flush()
+        summary.seconds = time.perf_counter() - started
+        meta = {"format_version": FORMAT_VERSION, "stage": stage, "cutoff_len": cutoff_len,
+                "files": [str(f) for f in data_files(paths)], "summary": asdict(summary)}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        if final.exists():  # a concurrent build finished first; its entry is identical
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    return TokenCache(final)
