@@ -72,7 +72,8 @@ def data_files(paths: Union[str, list[str]]) -> list[Path]:
 
 
 def iter_json_records(file: Path) -> Iterator[tuple[str, object]]:
-    """(where, record) for each record of a JSON array or JSONL file, without loading the file whole."""
+    """(where, record) for each record of a JSON array or JSONL file, without loading the file whole.
+    A JSONL line that is not JSON comes as a DataError in place of the record."""
     with open(file, encoding="utf-8") as handle:
         first = ""
         while True:
@@ -88,9 +89,11 @@ def iter_json_records(file: Path) -> Iterator[tuple[str, object]]:
             if not line.strip():
                 continue
             try:
-                yield f"{file} line {number}", json.loads(line)
+                record = json.loads(line)
             except json.JSONDecodeError as err:
-                raise DataError(f"{file} line {number}: not valid JSON ({err.msg} at column {err.colno})") from None
+                # Handed on, not raised: a broken line is one bad record, which skip_bad_records may skip.
+                record = DataError(f"{file} line {number}: not valid JSON ({err.msg} at column {err.colno})")
+            yield f"{file} line {number}", record
 
 
 def _iter_json_array(file: Path, handle, chunk_size: int = 1 << 20) -> Iterator[tuple[str, object]]:
@@ -308,6 +311,8 @@ def read_samples(paths, stage: Optional[str] = None, skip_bad_records: bool = Fa
         fmt = None
         for where, record in iter_json_records(file):
             try:
+                if isinstance(record, DataError):
+                    raise record
                 if fmt is None:
                     fmt = detect_format(record, where)
                     if stage and fmt not in STAGE_FORMATS[stage]:
@@ -315,8 +320,8 @@ def read_samples(paths, stage: Optional[str] = None, skip_bad_records: bool = Fa
                                         f"(expects {' or '.join(STAGE_FORMATS[stage])})")
                 sample = record_to_sample(record, fmt, where)
             except DataError as err:
-                if not skip_bad_records or fmt is None:
-                    raise
+                if not skip_bad_records or (fmt is None and not isinstance(record, DataError)):
+                    raise  # (a first record whose format cannot be told stops the run even when skipping)
                 report.skipped.append(str(err))
                 continue
             report.records += 1
