@@ -163,3 +163,18 @@ def test_preference_pairs_batch_chosen_then_rejected(tmp_path, tok):
 def test_default_cache_dir_honours_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("BUMBLECORE_CACHE", str(tmp_path))
     assert default_cache_dir() == tmp_path / "tokens"
+
+
+def test_group_by_length_reduces_padding(tmp_path, tok):
+    data = sft_file(tmp_path / "d.jsonl", n=64)
+    cache = build_cache(data, tok, "sft", 256, cache_dir=tmp_path / "c", progress=False)
+    units = build_units(cache, "sft", 256, packing=False, seed=0)
+
+    def padding(loader):
+        steps = range(loader.steps_per_epoch)
+        return sum(int(b["input_ids"].numel()) - b["num_tokens"] for s in steps for b in loader.micro_batches(s))
+
+    plain = BatchLoader(units, 4, seed=1)
+    grouped = BatchLoader(units, 4, seed=1, group_by_length=True)
+    assert sorted(i for s in range(grouped.steps_per_epoch) for i in grouped.global_indices(s)) == list(range(64))
+    assert padding(grouped) < padding(plain) / 2

@@ -107,3 +107,18 @@ def test_original_demo_datasets_read_and_render(tok, name, stage):
         else:
             ids, mask = encode_preference(tok, c.messages, sample.chosen, c.tools)
             assert (ids, mask) == oracle(tok, c.messages + [sample.chosen], c.tools, trained_replies={len([m for m in c.messages if m["role"] == "assistant"])})
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/original-demo-data not present")
+def test_inspect_data_on_shared_tool_calls_trains_only_assistant_turns(tokenizer_dir):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "bumblecore", "inspect_data", "--model_name_or_path", str(tokenizer_dir),
+                             "--dataset_path", str(SHARED / "glaive_toolcall_zh_demo.json"), "--num_samples", "1",
+                             "--cutoff_len", "4096"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert '[[<tool_call>\n{"name": "generate_invoice"' in out  # the function call is trained
+    assert "<|im_start|>user\n<tool_response>\n{" in out and "[[<tool_response>" not in out  # the observation is not
+    assert "<|im_start|>assistant\n[[" in out and "[[<|im_start|>" not in out and "validated 300 records" in result.stderr
