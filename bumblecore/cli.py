@@ -14,6 +14,7 @@ import sys
 
 # name -> (module:function, one-line summary shown by `bumblecore --help`)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("bumblecore.train.run:train", "train a model: pretrain, continue_pretrain or sft; full or LoRA (flat YAML keys)"),
     "init_model": ("bumblecore.model.init:init_model", "write a model dir (config.json + tokenizer, no weights) for pretraining from scratch"),
     "train_tokenizer": ("bumblecore.tokenizer:train_tokenizer", "train a byte-level BPE tokenizer with the ChatML specials and chat template"),
     "inspect_data": ("bumblecore.data.commands:inspect_data", "validate a dataset and show how samples are tokenized and which tokens are trained"),

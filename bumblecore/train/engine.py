@@ -182,6 +182,7 @@ class Engine:
                 metric_totals[key] = metric_totals.get(key, 0.0) + float(value)
         count = max(1.0, self._global_sum(count))
         record = {"step": self.step, "eval/loss": self._global_sum(loss_total) / count}
+        record["eval/perplexity"] = math.exp(min(record["eval/loss"], 50.0))
         for key, value in metric_totals.items():
             record[f"eval/{key}"] = self._global_sum(value) / count
         if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):

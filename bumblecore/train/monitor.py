@@ -67,6 +67,11 @@ class Monitor:
                     self.writer.add_scalar(key if "/" in key else f"train/{key}", value, metrics["step"])
         self.logger.info(json.dumps(record))
 
+    def plot(self, smooth: bool = True) -> None:
+        """Write the PNG curves from the history so far (at each save and at the end)."""
+        if self.enabled and self.metrics_file.exists():
+            plot_history(read_history(self.metrics_file), self.output_dir, smooth=smooth)
+
     def close(self, smooth: bool = True) -> None:
         if not self.enabled:
             return
@@ -75,8 +80,7 @@ class Monitor:
         if self.log_handler is not None:
             self.logger.removeHandler(self.log_handler)
             self.log_handler.close()
-        if self.metrics_file.exists():
-            plot_history(read_history(self.metrics_file), self.output_dir, smooth=smooth)
+        self.plot(smooth)
 
 
 def read_history(metrics_file) -> list[dict]:

@@ -105,3 +105,13 @@ def build_fabric(
     else:
         strategy = "auto"
     return Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes, precision=precision, strategy=strategy)
+
+
+def gathered_state_dict(fabric, model) -> dict:
+    """The full model state on rank 0. Under ZeRO-3 the weights are partitioned: every rank must take
+    part in gathering them (DeepSpeed's consolidated 16-bit state dict)."""
+    engine = getattr(model, "_forward_module", None)
+    partitioned = getattr(engine, "zero_optimization_partition_weights", None)
+    if callable(partitioned) and partitioned():
+        return engine._zero3_consolidated_16bit_state_dict()
+    return getattr(model, "module", model).state_dict()
