@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -89,6 +90,12 @@ def build_fabric(
     from lightning.fabric import Fabric
 
     precision = fabric_precision(train_model_precision)
+    if os.environ.get("LT_CLI_USED") == "1":
+        # Started by `fabric run`: the processes exist and the launcher's flags take precedence.
+        accelerator = os.environ.get("LT_ACCELERATOR", accelerator)
+        devices = int(os.environ.get("LT_DEVICES", devices))
+        num_nodes = int(os.environ.get("LT_NUM_NODES", num_nodes))
+        precision = os.environ.get("LT_PRECISION", precision)
     if accelerator == "auto":
         accelerator = "cuda" if torch.cuda.is_available() else "cpu"
     if accelerator == "cpu" and train_model_precision == "fp16":
