@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
+# Bytes of fp32 logits one chunk may hold: 256 MB is ~440 tokens at a 151,936 vocabulary.
+LOGITS_BUDGET_BYTES = 1 << 28
 
 
 def shift_targets(labels: torch.Tensor, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -29,14 +31,14 @@ def _chunk_loss(hidden: torch.Tensor, lm_head: Callable, targets: torch.Tensor) 
 
 
 def chunked_cross_entropy(
-    hidden: torch.Tensor, lm_head: Callable, targets: torch.Tensor, chunk_tokens: int = 4096
+    hidden: torch.Tensor, lm_head: Callable, targets: torch.Tensor, chunk_tokens: int | None = None
 ) -> tuple[torch.Tensor, int]:
     """Sum of next-token cross-entropy over target positions, and their count.
 
     hidden: (..., H) final hidden states; targets: (...) already shifted (see shift_targets), -100 = skip.
     lm_head is called as a module (not its weight) so sharded strategies (ZeRO-3) gather it. Only target
-    positions reach the LM head (an SFT prompt costs nothing there), and each chunk's logits are
-    recomputed in backward instead of stored.
+    positions reach the LM head (an SFT prompt costs nothing there), and each chunk's logits (sized to
+    LOGITS_BUDGET_BYTES unless chunk_tokens is given) are recomputed in backward instead of stored.
     """
     hidden = hidden.reshape(-1, hidden.shape[-1])
     targets = targets.reshape(-1)
@@ -45,6 +47,9 @@ def chunked_cross_entropy(
     count = int(targets.numel())
     if count == 0:
         return hidden.sum() * 0.0, 0  # keeps the graph connected for backward on every rank
+    if chunk_tokens is None:
+        vocab = lm_head.weight.shape[0] if hasattr(lm_head, "weight") and lm_head.weight.ndim == 2 else 32768
+        chunk_tokens = max(64, LOGITS_BUDGET_BYTES // (4 * max(1, vocab)))
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, count, chunk_tokens):
         h, t = hidden[start : start + chunk_tokens], targets[start : start + chunk_tokens]
