@@ -1,0 +1,31 @@
+"""Every YAML under configs/ parses as a train config (--print_config), every DeepSpeed JSON loads."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+TRAIN_YAMLS = sorted(p for p in CONFIGS.rglob("*.yaml") if p.parent.name in ("pretrain", "sft", "dpo"))
+
+
+def test_there_are_configs():
+    assert TRAIN_YAMLS and list((CONFIGS / "deepspeed").glob("ds_z*_config.json"))
+
+
+@pytest.mark.parametrize("path", TRAIN_YAMLS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_train_yaml_parses(path):
+    result = subprocess.run([sys.executable, "-m", "bumblecore", "train", "--config", str(path), "--print_config"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    resolved = yaml.safe_load(result.stdout)
+    for key, value in yaml.safe_load(path.read_text()).items():
+        assert resolved[key] == value, key
+
+
+@pytest.mark.parametrize("path", sorted((CONFIGS / "deepspeed").glob("*.json")), ids=lambda p: p.name)
+def test_deepspeed_json_loads(path):
+    assert "zero_optimization" in json.loads(path.read_text())
