@@ -62,6 +62,7 @@ def pretrained(tmp_path_factory, base_model, data):
 
 # Golden values: a change that moves these numbers changes training. Update only on purpose.
 GOLDEN_PRETRAIN = [6.65660265, 6.63575189, 6.51523905, 6.34822283]
+GOLDEN_SFT = [6.68043795, 6.64322762, 6.42544293, 6.29752215]
 
 
 def test_pretrain_writes_everything_design_lists(pretrained):
@@ -106,6 +107,14 @@ def test_sft_and_continue_pretrain_full_and_lora(tmp_path, pretrained, data, fin
         assert sum(p.numel() for n, p in model.named_parameters() if "lora_" in n) > 0
     else:
         assert (tmp_path / "sft" / "model.safetensors").exists()
+
+
+def test_sft_golden_losses_and_gradient_checkpointing(tmp_path, pretrained, data):
+    base = pretrained[0]
+    plain = losses(run(tmp_path / "plain", base, data / "sft_train.jsonl"))
+    recomputed = losses(run(tmp_path / "gc", base, data / "sft_train.jsonl", enable_gradient_checkpointing=True))
+    assert plain == pytest.approx(GOLDEN_SFT, abs=1e-4)
+    assert recomputed == pytest.approx(plain, rel=1e-5)
 
 
 @pytest.mark.parametrize("finetuning_type", ["full", "lora"])

@@ -153,7 +153,10 @@ class Engine:
         self.tokens_seen += global_tokens
         loss_value = self._global_sum(float(loss_total)) / global_count
         if not math.isfinite(loss_value):
-            raise FloatingPointError(f"loss became {loss_value} at step {self.step}; stopping before the weights are ruined")
+            epoch, batch = divmod(self.step - 1, max(1, self.loader.steps_per_epoch))
+            raise FloatingPointError(
+                f"loss became {loss_value} at step {self.step} (epoch {epoch}, global batch {batch} of the epoch's order); "
+                "stopping before the weights are ruined (try a lower learning_rate, fp32 or bf16 instead of fp16)")
         elapsed = time.perf_counter() - started
         record = {
             "step": self.step,
