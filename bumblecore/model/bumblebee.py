@@ -117,11 +117,14 @@ class KVCache:
         else:
             self.lengths[rows] = 0
 
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slot_index: tuple, visible: int):
-        """Store k, v (batch, seq, kv_heads, head_dim) and return this layer's first `visible` positions."""
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slot_index: tuple, visible: int, rows=None):
+        """Store k, v (batch, seq, kv_heads, head_dim) and return this layer's first `visible` positions
+        of the rows written (all rows, or the cache rows `rows`)."""
         self.keys[layer][slot_index] = k
         self.values[layer][slot_index] = v
-        return self.keys[layer][:, :visible], self.values[layer][:, :visible]
+        if rows is None:
+            return self.keys[layer][:, :visible], self.values[layer][:, :visible]
+        return self.keys[layer][rows, :visible], self.values[layer][rows, :visible]
 
 
 # ---------------------------------------------------------------------------- attention
@@ -227,8 +230,8 @@ class Attention(nn.Module):
         k = apply_rope(self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim), cos, sin)
         v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim)
         if kv_cache is not None:
-            slot_index, visible = cache_slots
-            k, v = kv_cache.write(self.layer_idx, k, v, slot_index, visible)
+            slot_index, visible, rows = cache_slots
+            k, v = kv_cache.write(self.layer_idx, k, v, slot_index, visible, rows)
 
         use_flash = self.backend == "flash_attn" and kv_cache is None and mask.dense is None and x.is_cuda
         if use_flash:
@@ -356,6 +359,7 @@ class Bumblebee(nn.Module):
         attention_mask: Optional[torch.Tensor] = None,
         segment_ids: Optional[torch.Tensor] = None,
         kv_cache: Optional[KVCache] = None,
+        cache_rows: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Final-norm hidden states (batch, seq, hidden). See `forward` for the arguments."""
         batch, seq = input_ids.shape
@@ -367,13 +371,13 @@ class Bumblebee(nn.Module):
         if kv_cache is not None:
             if segment_ids is not None:
                 raise ValueError("segment_ids (packed documents) cannot be combined with a KV cache")
-            start = kv_cache.lengths
+            start = kv_cache.lengths if cache_rows is None else kv_cache.lengths[cache_rows]
             positions = start[:, None] + steps  # absolute position of each new token
             visible = int(positions.max()) + 1
             if visible > kv_cache.max_len:
                 raise ValueError(f"KV cache overflow: needs {visible} positions, holds {kv_cache.max_len}")
-            rows = torch.arange(batch, device=device)[:, None].expand(batch, seq)
-            cache_slots = ((rows, positions), visible)
+            rows = torch.arange(batch, device=device) if cache_rows is None else cache_rows
+            cache_slots = ((rows[:, None].expand(batch, seq), positions), visible, cache_rows)
             key_index = torch.arange(visible, device=device)
             mask = AttentionMask(dense=(key_index[None, None, :] <= positions[:, :, None])[:, None])
         else:
@@ -389,7 +393,11 @@ class Bumblebee(nn.Module):
             else:
                 x = layer(x, cos, sin, mask, kv_cache, cache_slots)
         if kv_cache is not None:
-            kv_cache.lengths += attention_mask.sum(-1).long() if attention_mask is not None else seq
+            added = attention_mask.sum(-1).long() if attention_mask is not None else seq
+            if cache_rows is None:
+                kv_cache.lengths += added
+            else:
+                kv_cache.lengths[cache_rows] += added
         return self.model.norm(x)
 
     def _build_mask(self, seq, device, attention_mask, segment_ids) -> AttentionMask:
@@ -419,6 +427,7 @@ class Bumblebee(nn.Module):
         segment_ids: Optional[torch.Tensor] = None,
         kv_cache: Optional[KVCache] = None,
         return_hidden_states: bool = False,
+        cache_rows: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Logits (batch, seq, vocab), or with return_hidden_states the final-norm hidden states
         (batch, seq, hidden), for losses that apply `lm_head` in chunks.
@@ -429,8 +438,10 @@ class Bumblebee(nn.Module):
         segment_ids: (batch, seq) document index of each token in packed rows; tokens attend only
             within their own document.
         kv_cache: a KVCache; the new tokens are appended to it.
+        cache_rows: (batch,) the cache rows (slots) these inputs continue; default all rows in order.
+            Lets new sequences prefill into free slots while others wait, and decode only active slots.
         """
-        hidden = self.hidden_states(input_ids, position_ids, attention_mask, segment_ids, kv_cache)
+        hidden = self.hidden_states(input_ids, position_ids, attention_mask, segment_ids, kv_cache, cache_rows)
         return hidden if return_hidden_states else self.lm_head(hidden)
 
 

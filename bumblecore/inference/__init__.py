@@ -1,0 +1,1 @@
+"""Inference: batched KV-cache generation, the generate and chat commands."""

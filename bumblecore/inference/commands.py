@@ -1,0 +1,176 @@
+"""`bumblecore generate` and `bumblecore chat`."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+from bumblecore.inference.generate import GenerationEngine, SamplingParams
+from bumblecore.inference.loading import load_for_inference
+
+
+def build_prompt_ids(tokenizer, prompt_or_messages, training_stage: str = "sft", system_prompt: Optional[str] = None) -> list[int]:
+    """Raw text for pretrain models; the chat template (DESIGN.md §4) for sft/dpo models."""
+    from bumblecore.data.template import render_prompt
+
+    if training_stage in ("pretrain", "continue_pretrain"):
+        return tokenizer(prompt_or_messages, add_special_tokens=False)["input_ids"]
+    messages = prompt_or_messages if isinstance(prompt_or_messages, list) else [{"role": "user", "content": prompt_or_messages}]
+    if system_prompt and not (messages and messages[0]["role"] == "system"):
+        messages = [{"role": "system", "content": system_prompt}] + messages
+    return render_prompt(tokenizer, messages)
+
+
+def _read_prompts(path: str) -> list[str]:
+    prompts = []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        if line.lstrip().startswith("{"):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path} line {number}: not valid JSON ({err.msg})") from None
+            if "prompt" not in record:
+                raise ValueError(f'{path} line {number}: missing field "prompt"')
+            prompts.append(record["prompt"])
+        else:
+            prompts.append(line)
+    return prompts
+
+
+def generate(
+    model_path: str,
+    prompt: Optional[str] = None,
+    prompts_file: Optional[str] = None,
+    output_file: Optional[str] = None,
+    training_stage: str = "sft",
+    system_prompt: Optional[str] = None,
+    max_new_tokens: int = 256,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    repetition_penalty: float = 1.0,
+    stop: Optional[list[str]] = None,
+    ignore_eos: bool = False,
+    seed: Optional[int] = None,
+    batch_size: int = 16,
+    dtype: str = "auto",
+    device_map: str = "auto",
+) -> None:
+    """Generate text: only the generated text goes to stdout, the timing to stderr.
+
+    Args:
+        model_path: a model directory (HF layout) or a LoRA adapter directory.
+        prompt: one prompt.
+        prompts_file: many prompts, one a line (or JSONL with a "prompt" field); results as JSONL.
+        output_file: where prompts_file results go (default: stdout).
+        training_stage: pretrain prompts with raw text; sft/dpo through the chat template.
+        system_prompt: system message for sft/dpo prompts (default: the template's).
+        max_new_tokens: most tokens to generate.
+        do_sample: sample (true) or greedy (false).
+        temperature: sampling temperature.
+        top_k: keep the k most likely tokens (0: all).
+        top_p: nucleus sampling mass.
+        repetition_penalty: > 1 discourages tokens already present.
+        stop: stop strings (not included in the output).
+        ignore_eos: keep generating past end-of-sequence tokens.
+        seed: makes sampling reproducible.
+        batch_size: prompts decoded together.
+        dtype: auto (the checkpoint's), float32, float16 or bfloat16.
+        device_map: auto, cpu or cuda:N.
+    """
+    if (prompt is None) == (prompts_file is None):
+        raise ValueError("give exactly one of --prompt or --prompts_file")
+    model, tokenizer, eos = load_for_inference(model_path, dtype, device_map)
+    params = SamplingParams(max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty, stop or [], ignore_eos, seed)
+    prompts = [prompt] if prompt is not None else _read_prompts(prompts_file)
+    ids = [build_prompt_ids(tokenizer, p, training_stage, system_prompt) for p in prompts]
+    engine = GenerationEngine(model, tokenizer, max_batch_size=min(batch_size, len(ids)),
+                              max_len=max(len(i) for i in ids) + max_new_tokens, eos_token_ids=eos)
+    started = time.perf_counter()
+    results = engine.generate(ids, params)
+    seconds = time.perf_counter() - started
+    count = sum(len(r["token_ids"]) for r in results)
+    if prompt is not None:
+        sys.stdout.write(results[0]["text"] + "\n")
+    else:
+        out = open(output_file, "w", encoding="utf-8") if output_file else sys.stdout
+        for p, r in zip(prompts, results):
+            out.write(json.dumps({"prompt": p, "output": r["text"], "finish_reason": r["finish_reason"],
+                                  "num_tokens": len(r["token_ids"])}, ensure_ascii=False) + "\n")
+        if output_file:
+            out.close()
+    sys.stdout.flush()
+    print(f"generated {count} tokens in {seconds:.2f} s ({count / max(seconds, 1e-9):.1f} tokens/s)", file=sys.stderr)
+
+
+def chat(
+    model_path: str,
+    system_prompt: Optional[str] = None,
+    enable_history: bool = False,
+    training_stage: str = "sft",
+    max_new_tokens: int = 512,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    repetition_penalty: float = 1.0,
+    seed: Optional[int] = None,
+    dtype: str = "auto",
+    device_map: str = "auto",
+) -> None:
+    """Terminal chat that streams each reply; /clear resets the history, /exit or end of input quits.
+
+    Args:
+        model_path: a model directory (HF layout) or a LoRA adapter directory.
+        system_prompt: system message (default: the template's).
+        enable_history: keep the conversation across turns.
+        training_stage: pretrain continues raw text; sft/dpo chat through the template.
+        max_new_tokens: most tokens per reply.
+        do_sample: sample (true) or greedy (false).
+        temperature: sampling temperature.
+        top_k: keep the k most likely tokens (0: all).
+        top_p: nucleus sampling mass.
+        repetition_penalty: > 1 discourages tokens already present.
+        seed: makes sampling reproducible.
+        dtype: auto (the checkpoint's), float32, float16 or bfloat16.
+        device_map: auto, cpu or cuda:N.
+    """
+    model, tokenizer, eos = load_for_inference(model_path, dtype, device_map)
+    engine = GenerationEngine(model, tokenizer, max_batch_size=1, eos_token_ids=eos)
+    params = SamplingParams(max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty, [], False, seed)
+    interactive = sys.stdin.isatty()
+    history: list[dict] = []
+    if interactive:
+        print("BumbleCore chat: /clear resets the history, /exit quits.")
+    while True:
+        if interactive:
+            print("\nuser> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        text = line.rstrip("\n")
+        if text.strip() == "/exit":
+            break
+        if text.strip() == "/clear":
+            history = []
+            print("(history cleared)", flush=True)
+            continue
+        if not text.strip():
+            continue
+        messages = history + [{"role": "user", "content": text}]
+        ids = build_prompt_ids(tokenizer, messages if training_stage not in ("pretrain", "continue_pretrain") else text,
+                               training_stage, system_prompt)
+        print("assistant> " if interactive else "", end="", flush=True)
+        reply = ""
+        for delta in engine.stream(ids[-(engine.max_len - 1):], params):
+            reply += delta
+            print(delta, end="", flush=True)
+        print(flush=True)
+        if enable_history:
+            history = messages + [{"role": "assistant", "content": reply}]

@@ -1,0 +1,304 @@
+"""Batched generation over a slot-based KV cache: prefill, then decode every active row together.
+
+A request takes a free slot (a cache row), is prefilled, and decodes with the others until it stops
+(end-of-sequence id, stop string, max_new_tokens or the context's end); its slot is then free for
+the next request, between two decode steps (continuous batching). Sampling filters are computed on
+tensors for the whole batch with each row's own parameters, with the semantics and order of
+transformers' logits processors: repetition penalty (greedy too), then temperature, top-k, top-p.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+
+from bumblecore.model.bumblebee import KVCache
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 256
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    """0 = no top-k filter."""
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+    seed: Optional[int] = None
+    """Seeds this request's own generator: the same seed gives the same text whatever else is batched."""
+
+
+@dataclass
+class Event:
+    request_id: int
+    token_id: Optional[int]
+    text: str
+    finished: bool = False
+    finish_reason: Optional[str] = None
+
+
+# ---------------------------------------------------------------------------- sampling filters
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+    """Tokens already in the row (prompt + generated): negative scores x penalty, positive / penalty."""
+    penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def apply_top_k(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+    """Keep each row's k highest scores (ties at the k-th kept); k = 0 keeps all."""
+    vocab = logits.shape[-1]
+    k = top_k.clamp(min=0, max=vocab)
+    kth = torch.sort(logits, dim=-1, descending=True).values.gather(-1, (k.clamp(min=1) - 1)[:, None])
+    remove = (logits < kth) & (k > 0)[:, None]
+    return logits.masked_fill(remove, float("-inf"))
+
+
+def apply_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Keep the smallest set of highest-probability tokens whose mass exceeds top_p (at least one)."""
+    sorted_logits, sorted_index = torch.sort(logits, dim=-1, descending=False)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    remove_sorted = cumulative <= (1 - top_p)[:, None]
+    remove_sorted[:, -1] = False
+    remove = remove_sorted.scatter(1, sorted_index, remove_sorted)
+    return logits.masked_fill(remove, float("-inf"))
+
+
+def warp_logits(logits, temperature, top_k, top_p) -> torch.Tensor:
+    """The sampling warpers in transformers' order: temperature, top-k, top-p (per-row values)."""
+    return apply_top_p(apply_top_k(logits / temperature[:, None], top_k), top_p)
+
+
+# ---------------------------------------------------------------------------- streaming text
+
+
+class TextStream:
+    """Turns a growing list of token ids into text deltas that never split a UTF-8 character, and
+    holds back text that might be the start of a stop string."""
+
+    def __init__(self, tokenizer, stop: list[str]):
+        self.tokenizer, self.stop = tokenizer, [s for s in stop if s]
+        self.tokens: list[int] = []
+        self.prefix_offset = self.read_offset = 0
+        self.text = ""  # decoded so far
+        self.emitted = 0  # characters of self.text already handed out
+
+    def _decode_new(self) -> None:
+        before = self.tokenizer.decode(self.tokens[self.prefix_offset:self.read_offset], skip_special_tokens=False)
+        after = self.tokenizer.decode(self.tokens[self.prefix_offset:], skip_special_tokens=False)
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.text += after[len(before):]
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.tokens)
+
+    def push(self, token_id: int) -> tuple[str, bool]:
+        """Add a token; return (text to show now, whether a stop string was reached)."""
+        self.tokens.append(token_id)
+        self._decode_new()
+        for stop in self.stop:
+            at = self.text.find(stop, max(0, self.emitted - len(stop)))
+            if at != -1:
+                self.text = self.text[:at]
+                return self._take(len(self.text)), True
+        hold = max((len(s) - 1 for s in self.stop), default=0)
+        return self._take(len(self.text) - hold), False
+
+    def finish(self) -> str:
+        """Everything left, including an incomplete character at the very end (as decode shows it)."""
+        before = self.tokenizer.decode(self.tokens[self.prefix_offset:self.read_offset], skip_special_tokens=False)
+        after = self.tokenizer.decode(self.tokens[self.prefix_offset:], skip_special_tokens=False)
+        if len(after) > len(before):
+            self.text += after[len(before):]
+            self.prefix_offset = self.read_offset = len(self.tokens)
+        return self._take(len(self.text))
+
+    def _take(self, upto: int) -> str:
+        if upto <= self.emitted:
+            return ""
+        out = self.text[self.emitted:upto]
+        self.emitted = upto
+        return out
+
+
+# ---------------------------------------------------------------------------- the engine
+
+
+@dataclass
+class _Request:
+    request_id: int
+    prompt: list[int]
+    params: SamplingParams
+    stream: TextStream
+    generator: Optional[torch.Generator]
+    generated: list[int] = field(default_factory=list)
+
+
+class GenerationEngine:
+    def __init__(self, model, tokenizer, max_batch_size: int = 8, max_len: Optional[int] = None,
+                 eos_token_ids: Optional[list[int]] = None):
+        self.model, self.tokenizer = model.eval(), tokenizer
+        config = model.config
+        self.max_len = min(max_len or config.max_position_embeddings, config.max_position_embeddings)
+        parameter = next(model.parameters())
+        self.device, self.dtype = parameter.device, parameter.dtype
+        self.cache = KVCache(config, max_batch_size, self.max_len, dtype=self.dtype, device=self.device)
+        self.vocab = config.vocab_size
+        self.eos = set(eos_token_ids if eos_token_ids is not None else default_eos_ids(None, tokenizer))
+        self.slots: list[Optional[_Request]] = [None] * max_batch_size
+        self.pending: list[int] = []  # slots added since the last step: prefill them next
+        self.seen = torch.zeros(max_batch_size, self.vocab, dtype=torch.bool, device=self.device)
+        self.next_logits = torch.zeros(max_batch_size, self.vocab, dtype=torch.float32, device=self.device)
+        self._ids = 0
+
+    @property
+    def free_slots(self) -> int:
+        return sum(s is None for s in self.slots)
+
+    @property
+    def active(self) -> bool:
+        return any(s is not None for s in self.slots)
+
+    def add(self, prompt_ids: list[int], params: SamplingParams) -> int:
+        """Queue a request in a free slot; returns its id. It is prefilled at the next step."""
+        if not prompt_ids:
+            raise ValueError("empty prompt")
+        if len(prompt_ids) >= self.max_len:
+            raise ValueError(f"prompt of {len(prompt_ids)} tokens leaves no room in a context of {self.max_len}")
+        slot = next((i for i, s in enumerate(self.slots) if s is None), None)
+        if slot is None:
+            raise RuntimeError("no free slot; wait for a request to finish")
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        self._ids += 1
+        self.slots[slot] = _Request(self._ids, list(prompt_ids), params, TextStream(self.tokenizer, params.stop), generator)
+        self.cache.reset(torch.tensor([slot], device=self.device))
+        self.seen[slot] = False
+        self.seen[slot, torch.tensor(prompt_ids, device=self.device)] = True
+        self.pending.append(slot)
+        return self._ids
+
+    def cancel(self, request_id: int) -> None:
+        for slot, request in enumerate(self.slots):
+            if request is not None and request.request_id == request_id:
+                self.slots[slot] = None
+                if slot in self.pending:
+                    self.pending.remove(slot)
+
+    @torch.inference_mode()
+    def _prefill(self) -> None:
+        slots, self.pending = self.pending, []
+        prompts = [self.slots[s].prompt for s in slots]
+        width = max(len(p) for p in prompts)
+        ids = torch.zeros(len(slots), width, dtype=torch.long)
+        mask = torch.zeros(len(slots), width, dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            ids[row, : len(prompt)] = torch.tensor(prompt)
+            mask[row, : len(prompt)] = 1
+        rows = torch.tensor(slots, device=self.device)
+        logits = self.model(ids.to(self.device), attention_mask=mask.to(self.device), kv_cache=self.cache, cache_rows=rows)
+        last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
+        self.next_logits[rows] = logits[torch.arange(len(slots), device=self.device), last].float()
+
+    @torch.inference_mode()
+    def step(self) -> list[Event]:
+        """Prefill new requests, pick one token for every active row, decode them in one batch."""
+        if self.pending:
+            self._prefill()
+        active = [i for i, s in enumerate(self.slots) if s is not None]
+        if not active:
+            return []
+        rows = torch.tensor(active, device=self.device)
+        chosen = self._choose(rows, [self.slots[i] for i in active])
+        events, continuing = [], []
+        for slot, token in zip(active, chosen.tolist()):
+            request = self.slots[slot]
+            request.generated.append(token)
+            self.seen[slot, token] = True
+            reason = None
+            if token in self.eos and not request.params.ignore_eos:
+                text, reason = request.stream.finish(), "stop"
+            else:
+                text, hit_stop = request.stream.push(token)
+                if hit_stop:
+                    reason = "stop"
+                elif len(request.generated) >= request.params.max_new_tokens or len(request.prompt) + len(request.generated) >= self.max_len:
+                    text, reason = text + request.stream.finish(), "length"
+            events.append(Event(request.request_id, token, text, reason is not None, reason))
+            if reason is None:
+                continuing.append(slot)
+            else:
+                self.slots[slot] = None
+        if continuing:
+            rows = torch.tensor(continuing, device=self.device)
+            tokens = torch.tensor([self.slots[s].generated[-1] for s in continuing], device=self.device)[:, None]
+            logits = self.model(tokens, kv_cache=self.cache, cache_rows=rows)
+            self.next_logits[rows] = logits[:, -1].float()
+        return events
+
+    def _choose(self, rows: torch.Tensor, requests: list[_Request]) -> torch.Tensor:
+        logits = self.next_logits[rows]
+        params = [r.params for r in requests]
+        penalty = torch.tensor([p.repetition_penalty for p in params], device=self.device)
+        if (penalty != 1.0).any():
+            logits = apply_repetition_penalty(logits, self.seen[rows], penalty[:, None])
+        greedy = logits.argmax(dim=-1)
+        sampled_rows = [i for i, p in enumerate(params) if p.do_sample]
+        if not sampled_rows:
+            return greedy
+        index = torch.tensor(sampled_rows, device=self.device)
+        subset = [params[i] for i in sampled_rows]
+        filtered = warp_logits(
+            logits[index], torch.tensor([max(p.temperature, 1e-5) for p in subset], device=self.device),
+            torch.tensor([p.top_k for p in subset], device=self.device),
+            torch.tensor([p.top_p for p in subset], device=self.device))
+        probs = filtered.softmax(dim=-1)
+        for j, i in enumerate(sampled_rows):
+            greedy[i] = torch.multinomial(probs[j], 1, generator=requests[i].generator)[0]
+        return greedy
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[dict]:
+        """Every prompt to completion (continuous batching over the slots); results in prompt order."""
+        results: dict[int, dict] = {}
+        order: list[int] = []
+        queue = list(prompts)
+        while queue or self.active:
+            while queue and self.free_slots:
+                order.append(self.add(queue.pop(0), params))
+            for event in self.step():
+                result = results.setdefault(event.request_id, {"text": "", "token_ids": [], "finish_reason": None})
+                result["text"] += event.text
+                result["token_ids"].append(event.token_id)
+                if event.finished:
+                    result["finish_reason"] = event.finish_reason
+        return [results[i] for i in order]
+
+    def stream(self, prompt: list[int], params: SamplingParams) -> Iterator[str]:
+        """Text deltas of one request as they are generated."""
+        request_id = self.add(prompt, params)
+        while True:
+            for event in self.step():
+                if event.request_id == request_id:
+                    if event.text:
+                        yield event.text
+                    if event.finished:
+                        return
+
+
+def default_eos_ids(model_path, tokenizer) -> list[int]:
+    """generation_config.json's eos_token_id (int or list), else the tokenizer's eos."""
+    if model_path is not None:
+        file = Path(model_path) / "generation_config.json"
+        if file.is_file():
+            eos = json.loads(file.read_text(encoding="utf-8")).get("eos_token_id")
+            if eos is not None:
+                return [eos] if isinstance(eos, int) else list(eos)
+    return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
