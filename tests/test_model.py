@@ -275,3 +275,22 @@ def test_kv_cache_decoding_equals_full_forward(tmp_path):
                 sequences[row].append(tok)
             last = model(next_tokens[:, None], kv_cache=cache)[:, -1]
     assert cache.lengths.tolist() == [len(s) for s in sequences]
+
+
+def test_fused_inference_projections_match_and_go_stale_safely():
+    torch.manual_seed(0)
+    model = Bumblebee(BumblebeeConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2)).eval()
+    x = ids()
+    with torch.no_grad():
+        plain = model(x)
+        model.fuse_projections()
+        torch.testing.assert_close(model(x), plain, rtol=1e-5, atol=1e-5)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    model(x).float().logsumexp(-1).mean().backward()
+    optimizer.step()  # weights change in place: the fused copies must not be used any more
+    with torch.no_grad():
+        updated = model(x)
+        for layer in model.model.layers:
+            layer.self_attn.fused_qkv = layer.mlp.fused_gate_up = None
+        torch.testing.assert_close(updated, model(x))

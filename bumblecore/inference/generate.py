@@ -145,6 +145,8 @@ class GenerationEngine:
     def __init__(self, model, tokenizer, max_batch_size: int = 8, max_len: Optional[int] = None,
                  eos_token_ids: Optional[list[int]] = None):
         self.model, self.tokenizer = model.eval(), tokenizer
+        if hasattr(model, "fuse_projections"):
+            model.fuse_projections()
         config = model.config
         self.max_len = min(max_len or config.max_position_embeddings, config.max_position_embeddings)
         parameter = next(model.parameters())

@@ -170,6 +170,8 @@ def sdpa_attention(q, k, v, mask: AttentionMask, scale: float) -> torch.Tensor:
         # Unmasked causal: lets PyTorch pick its flash / memory-efficient kernel, GQA native.
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
     n_rep = q.shape[1] // k.shape[1]
+    if q.device.type == "cpu":  # the CPU kernel takes grouped heads directly: no copy of the cache per step
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense, scale=scale, enable_gqa=n_rep > 1)
     return F.scaled_dot_product_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), attn_mask=mask.dense, scale=scale)
 
 
@@ -209,6 +211,11 @@ def flash_attention(q, k, v, mask: AttentionMask, scale: float) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
+def _versions(*linears: nn.Linear) -> tuple:
+    """In-place updates (optimiser steps, load_state_dict) bump a tensor's version counter."""
+    return tuple(m.weight._version for m in linears) + tuple(m.bias._version for m in linears if m.bias is not None)
+
+
 class Attention(nn.Module):
     def __init__(self, config: BumblebeeConfig, layer_idx: int):
         super().__init__()
@@ -224,11 +231,20 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=config.attention_bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=False)
 
+    fused_qkv: Optional[tuple] = None  # (weight, bias, versions) set by Bumblebee.fuse_projections, used without grad
+
     def forward(self, x, cos, sin, mask: AttentionMask, kv_cache: Optional[KVCache] = None, cache_slots=None):
         b, s, _ = x.shape
-        q = apply_rope(self.q_proj(x).view(b, s, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rope(self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim), cos, sin)
-        v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim)
+        if self.fused_qkv is not None and not torch.is_grad_enabled() and self.fused_qkv[2] == _versions(self.q_proj, self.k_proj, self.v_proj):
+            # One matmul for q, k and v, and RoPE on q and k together: fewer kernel launches per decode step.
+            qkv = F.linear(x, self.fused_qkv[0], self.fused_qkv[1]).view(b, s, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+            qk = apply_rope(qkv[:, :, : self.num_heads + self.num_kv_heads], cos, sin)
+            q, k = qk[:, :, : self.num_heads], qk[:, :, self.num_heads :]
+            v = qkv[:, :, self.num_heads + self.num_kv_heads :]
+        else:
+            q = apply_rope(self.q_proj(x).view(b, s, self.num_heads, self.head_dim), cos, sin)
+            k = apply_rope(self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim), cos, sin)
+            v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim)
         if kv_cache is not None:
             slot_index, visible, rows = cache_slots
             k, v = kv_cache.write(self.layer_idx, k, v, slot_index, visible, rows)
@@ -253,7 +269,12 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
         self.act = ACT_FNS[config.hidden_act]
 
+    fused_gate_up: Optional[tuple] = None  # (weight, versions) set by Bumblebee.fuse_projections, used without grad
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused_gate_up is not None and not torch.is_grad_enabled() and self.fused_gate_up[1] == _versions(self.gate_proj, self.up_proj):
+            gate, up = F.linear(x, self.fused_gate_up[0]).chunk(2, dim=-1)
+            return self.down_proj(self.act(gate) * up)
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -316,6 +337,19 @@ class Bumblebee(nn.Module):
                     p.fill_(1.0)
                 else:
                     p.normal_(0.0, std, generator=generator)
+
+    @torch.no_grad()
+    def fuse_projections(self) -> "Bumblebee":
+        """For inference: concatenate q/k/v and gate/up weights so each runs as one matmul. Used only
+        when gradients are off and the separate parameters (HF names, the source of truth) have not
+        changed since (their version counters are compared), so training later is always safe."""
+        for layer in self.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            weight = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+            bias = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]) if attn.q_proj.bias is not None else None
+            attn.fused_qkv = (weight, bias, _versions(attn.q_proj, attn.k_proj, attn.v_proj))
+            mlp.fused_gate_up = (torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), _versions(mlp.gate_proj, mlp.up_proj))
+        return self
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each decoder layer's activations in backward instead of storing them."""

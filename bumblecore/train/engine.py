@@ -200,6 +200,10 @@ class Engine:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=settings.total_steps, initial=self.step, desc="train", dynamic_ncols=True)
+        if self.eval_loader is not None and self.step == 0 and settings.eval_steps:
+            evaluation = self.evaluate()  # the starting point, so the curve shows what training changed
+            self.monitor.log(evaluation)
+            history.append(evaluation)
         while self.step < settings.total_steps:
             record = self.train_step()
             if self.step % max(1, settings.logging_steps) == 0 or self.step == settings.total_steps:
