@@ -85,8 +85,9 @@ class TextStream:
     """Turns a growing list of token ids into text deltas that never split a UTF-8 character, and
     holds back text that might be the start of a stop string."""
 
-    def __init__(self, tokenizer, stop: list[str]):
+    def __init__(self, tokenizer, stop: list[str], live: bool = True):
         self.tokenizer, self.stop = tokenizer, [s for s in stop if s]
+        self.live = live or bool(self.stop)  # without a reader or stop strings, decode once at the end
         self.tokens: list[int] = []
         self.prefix_offset = self.read_offset = 0
         self.text = ""  # decoded so far
@@ -102,6 +103,8 @@ class TextStream:
     def push(self, token_id: int) -> tuple[str, bool]:
         """Add a token; return (text to show now, whether a stop string was reached)."""
         self.tokens.append(token_id)
+        if not self.live:
+            return "", False
         self._decode_new()
         for stop in self.stop:
             at = self.text.find(stop, max(0, self.emitted - len(stop)))
@@ -168,8 +171,10 @@ class GenerationEngine:
     def active(self) -> bool:
         return any(s is not None for s in self.slots)
 
-    def add(self, prompt_ids: list[int], params: SamplingParams) -> int:
-        """Queue a request in a free slot; returns its id. It is prefilled at the next step."""
+    def add(self, prompt_ids: list[int], params: SamplingParams, live_text: bool = True) -> int:
+        """Queue a request in a free slot; returns its id. It is prefilled at the next step. With
+        live_text, each event carries the text decoded so far (for streaming); otherwise the text
+        comes whole with the final event."""
         if not prompt_ids:
             raise ValueError("empty prompt")
         if len(prompt_ids) >= self.max_len:
@@ -181,7 +186,7 @@ class GenerationEngine:
         if params.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
         self._ids += 1
-        self.slots[slot] = _Request(self._ids, list(prompt_ids), params, TextStream(self.tokenizer, params.stop), generator)
+        self.slots[slot] = _Request(self._ids, list(prompt_ids), params, TextStream(self.tokenizer, params.stop, live_text), generator)
         self.cache.reset(torch.tensor([slot], device=self.device))
         self.seen[slot] = False
         self.seen[slot, torch.tensor(prompt_ids, device=self.device)] = True
@@ -274,7 +279,7 @@ class GenerationEngine:
         queue = list(prompts)
         while queue or self.active:
             while queue and self.free_slots:
-                order.append(self.add(queue.pop(0), params))
+                order.append(self.add(queue.pop(0), params, live_text=False))
             for event in self.step():
                 result = results.setdefault(event.request_id, {"text": "", "token_ids": [], "finish_reason": None})
                 result["text"] += event.text
