@@ -68,9 +68,11 @@ GOLDEN_SFT = [6.68043795, 6.64322762, 6.42544293, 6.29752215]
 def test_pretrain_writes_everything_design_lists(pretrained):
     out, history = pretrained
     assert losses(history) == pytest.approx(GOLDEN_PRETRAIN, abs=1e-4)
-    record = history[0]
+    record = next(r for r in history if "loss" in r)
     assert {"step", "epoch", "loss", "lr", "grad_norm", "tokens", "tokens_per_sec"} <= set(record)
-    assert any("eval/loss" in r and "eval/perplexity" in r for r in history)
+    evaluations = [r for r in history if "eval/loss" in r]
+    assert [r["step"] for r in evaluations] == [0, 2, 4] and all("eval/perplexity" in r for r in evaluations)
+    assert evaluations[-1]["eval/loss"] < evaluations[0]["eval/loss"]
     for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "training_args.yaml",
                  "training_loss.png", "logs/train.log"):
         assert (out / name).exists(), name
