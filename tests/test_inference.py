@@ -211,3 +211,23 @@ def test_merge_lora_equals_unmerged_and_loads_in_transformers(tmp_path, tok):
     model, _, _ = load_for_inference(str(tmp_path / "adapter"))
     with torch.no_grad():
         assert (model(ids) - expected).abs().max() < 1e-4
+
+
+def test_other_architectures_generate_through_transformers(tmp_path, tok):
+    from transformers import Phi3Config
+
+    from bumblecore.inference.loading import load_for_inference
+
+    torch.manual_seed(0)
+    phi = AutoModelForCausalLM.from_config(Phi3Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=0,
+                                                      max_position_embeddings=128)).eval()
+    phi.save_pretrained(tmp_path)
+    tok.save_pretrained(str(tmp_path))
+    model, tokenizer, _ = load_for_inference(str(tmp_path))
+    prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS[:3]]
+    results = GenerationEngine(model, tokenizer, max_batch_size=2, max_len=96, eos_token_ids=[]).generate(
+        prompts, SamplingParams(max_new_tokens=6))
+    for prompt, result in zip(prompts, results):
+        expected = phi.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
+        assert result["token_ids"] == expected[0, len(prompt):].tolist()

@@ -154,7 +154,10 @@ class GenerationEngine:
         self.max_len = min(max_len or config.max_position_embeddings, config.max_position_embeddings)
         parameter = next(model.parameters())
         self.device, self.dtype = parameter.device, parameter.dtype
-        self.cache = KVCache(config, max_batch_size, self.max_len, dtype=self.dtype, device=self.device)
+        if hasattr(model, "new_cache"):  # a backend that keeps its own state (transformers models)
+            self.cache = model.new_cache(max_batch_size, self.max_len)
+        else:
+            self.cache = KVCache(config, max_batch_size, self.max_len, dtype=self.dtype, device=self.device)
         self.vocab = config.vocab_size
         self.eos = set(eos_token_ids if eos_token_ids is not None else default_eos_ids(None, tokenizer))
         self.slots: list[Optional[_Request]] = [None] * max_batch_size
