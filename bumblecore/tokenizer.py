@@ -95,14 +95,21 @@ def _strings_in(value) -> Iterator[str]:
             yield from _strings_in(item)
 
 
+CORPUS_SUFFIXES = (".txt", ".jsonl", ".json")
+
+
 def _corpus_files(corpus: list[str]) -> list[Path]:
+    if isinstance(corpus, (str, Path)):
+        corpus = [corpus]
+    if not corpus:
+        raise ValueError("corpus is empty: give at least one .txt, .jsonl or .json file or a directory of them")
     files: list[Path] = []
     for entry in corpus:
         path = Path(entry)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".json", ".jsonl") and p.is_file())
+            found = sorted(p for p in path.rglob("*") if p.suffix in CORPUS_SUFFIXES and p.is_file())
             if not found:
-                raise FileNotFoundError(f"corpus directory {path} holds no .txt, .json or .jsonl files")
+                raise FileNotFoundError(f"corpus directory {path} holds no .txt, .jsonl or .json files")
             files.extend(found)
         elif path.is_file():
             files.append(path)
@@ -112,26 +119,43 @@ def _corpus_files(corpus: list[str]) -> list[Path]:
 
 
 def iter_corpus_texts(files: list[Path]) -> Iterator[str]:
-    """Texts of the corpus, one file and one line at a time (a .json array is read whole)."""
+    """Texts of the corpus, read lazily: one line (.txt, other suffixes) or one record (.jsonl) at a
+    time; a .json file is one JSON document and is read whole."""
     for file in files:
-        if file.suffix == ".json":
-            try:
-                records = json.loads(file.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{file}: not valid JSON ({err})") from err
-            yield from _strings_in(records)
-            continue
-        with open(file, encoding="utf-8") as handle:
-            for line_number, line in enumerate(handle, 1):
-                if file.suffix == ".jsonl":
+        try:
+            if file.suffix == ".json":
+                try:
+                    records = json.loads(file.read_text(encoding="utf-8"))
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{file}: not valid JSON ({err})") from err
+                yield from _strings_in(records)
+                continue
+            with open(file, encoding="utf-8") as handle:
+                for line_number, line in enumerate(handle, 1):
+                    if file.suffix != ".jsonl":
+                        yield line
+                        continue
                     if not line.strip():
                         continue
                     try:
-                        yield from _strings_in(json.loads(line))
+                        record = json.loads(line)
                     except json.JSONDecodeError as err:
                         raise ValueError(f"{file} line {line_number}: not valid JSON ({err.msg})") from err
-                else:
-                    yield line
+                    yield from _strings_in(record)
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{file}: not UTF-8 text ({err.reason} at byte {err.start})") from err
+
+
+class _CountingTexts:
+    """Wraps the text stream so that an empty corpus is reported instead of yielding a bytes-only vocabulary."""
+
+    def __init__(self, texts: Iterator[str]):
+        self.texts, self.count = texts, 0
+
+    def __iter__(self) -> Iterator[str]:
+        for text in self.texts:
+            self.count += 1
+            yield text
 
 
 def _make_portable(output_dir: Path) -> None:
@@ -152,16 +176,26 @@ def train_tokenizer(
 ) -> str:
     """Train a byte-level BPE tokenizer with the ChatML special tokens and chat template.
 
-    The corpus is streamed: .txt files line by line, .jsonl records one at a time (every string
-    value of a record is text, so pretraining, Alpaca and ShareGPT files all work), .json arrays
-    read whole. The result is a Hugging Face tokenizer directory (loads with AutoTokenizer) whose
-    specials are <|endoftext|>, <|im_start|> and <|im_end|>.
+    The corpus is streamed, never held in memory whole: .txt files (and any other suffix) line by
+    line; .jsonl files one record at a time, every string value of a record (searched recursively)
+    being text, so pretraining {"text": ...}, Alpaca and ShareGPT files all work. A .json file is a
+    JSON document (usually an array of records) and is read whole, so keep large corpora in .jsonl.
+    A directory stands for every .txt, .jsonl and .json file under it.
+
+    The result is a Hugging Face tokenizer directory (transformers.AutoTokenizer loads it) with
+    special tokens <|endoftext|> (id 0, padding and end of a pretraining document), <|im_start|>
+    (1) and <|im_end|> (2, end of turn: the eos token), no bos or unk token (every byte has a
+    token), and the ChatML chat template of Qwen2.5 that training and serving both use.
 
     Args:
-        corpus: text files or directories (.txt, .jsonl, .json).
-        vocab_size: size of the vocabulary, special tokens and the 256 byte symbols included.
-        output_dir: where the tokenizer directory is written.
-        min_frequency: a pair must occur this often to be merged.
+        corpus: text files or directories of them (.txt, .jsonl, .json); several may be given.
+        vocab_size: size of the vocabulary, the 3 special tokens and 256 byte symbols included
+            (at least 259); a small corpus may stop short of it when no pair occurs min_frequency times.
+        output_dir: where the tokenizer directory is written (created if missing).
+        min_frequency: a pair of symbols must occur at least this often to be merged.
+
+    Returns:
+        output_dir.
     """
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -185,7 +219,11 @@ def train_tokenizer(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(iter_corpus_texts(files), trainer=trainer)
+    texts = _CountingTexts(iter_corpus_texts(files))
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    if texts.count == 0:
+        named = ", ".join(map(str, files[:3])) + (f" and {len(files) - 3} more files" if len(files) > 3 else "")
+        raise ValueError(f"corpus {named} holds no text")
 
     wrapped = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
@@ -198,5 +236,5 @@ def train_tokenizer(
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     wrapped.save_pretrained(output_dir)
     _make_portable(Path(output_dir))
-    print(f"trained a byte-level BPE tokenizer: {len(wrapped)} tokens from {len(files)} file(s), saved to {output_dir}")
+    print(f"trained a byte-level BPE tokenizer: {len(wrapped)} tokens (asked for {vocab_size}) from {len(files)} file(s), saved to {output_dir}")
     return output_dir

@@ -191,8 +191,9 @@ class GenerationEngine:
         self._ids += 1
         self.slots[slot] = _Request(self._ids, list(prompt_ids), params, TextStream(self.tokenizer, params.stop, live_text), generator)
         self.cache.reset(torch.tensor([slot], device=self.device))
-        self.seen[slot] = False
-        self.seen[slot, torch.tensor(prompt_ids, device=self.device)] = True
+        if params.repetition_penalty != 1.0:
+            self.seen[slot] = False
+            self.seen[slot, torch.tensor(prompt_ids, device=self.device)] = True
         self.pending.append(slot)
         return self._ids
 
@@ -232,7 +233,8 @@ class GenerationEngine:
         for slot, token in zip(active, chosen.tolist()):
             request = self.slots[slot]
             request.generated.append(token)
-            self.seen[slot, token] = True
+            if request.params.repetition_penalty != 1.0:  # only penalised rows need the seen-token mask
+                self.seen[slot, token] = True
             reason = None
             if token in self.eos and not request.params.ignore_eos:
                 text, reason = request.stream.finish(), "stop"
@@ -257,8 +259,8 @@ class GenerationEngine:
     def _choose(self, rows: torch.Tensor, requests: list[_Request]) -> torch.Tensor:
         logits = self.next_logits[rows]
         params = [r.params for r in requests]
-        penalty = torch.tensor([p.repetition_penalty for p in params], device=self.device)
-        if (penalty != 1.0).any():
+        if any(p.repetition_penalty != 1.0 for p in params):
+            penalty = torch.tensor([p.repetition_penalty for p in params], device=self.device)
             logits = apply_repetition_penalty(logits, self.seen[rows], penalty[:, None])
         greedy = logits.argmax(dim=-1)
         sampled_rows = [i for i, p in enumerate(params) if p.do_sample]

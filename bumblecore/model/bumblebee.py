@@ -39,10 +39,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32 and scale in the input dtype, as Qwen2/Llama do, so bf16 matches them.
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        # (F.rms_norm is x * rsqrt(mean(x^2) + eps) as one fused op.)
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 def make_norm(config: BumblebeeConfig) -> nn.Module:
@@ -141,6 +139,8 @@ class AttentionMask:
     dense: Optional[torch.Tensor] = None
     cu_seqlens: Optional[torch.Tensor] = None
     max_seqlen: int = 0
+    causal: bool = True
+    """False only when every query may see every key (one new token per row, all rows equally long)."""
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -157,18 +157,19 @@ def eager_attention(q, k, v, mask: AttentionMask, scale: float) -> torch.Tensor:
     k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
     scores = (q @ k.transpose(-1, -2)) * scale
     allowed = mask.dense
-    if allowed is None:
+    if allowed is None and mask.causal:
         q_len, k_len = q.shape[2], k.shape[2]
         allowed = torch.ones(q_len, k_len, dtype=torch.bool, device=q.device).tril(k_len - q_len)
-    scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     return probs @ v
 
 
 def sdpa_attention(q, k, v, mask: AttentionMask, scale: float) -> torch.Tensor:
     if mask.dense is None:
-        # Unmasked causal: lets PyTorch pick its flash / memory-efficient kernel, GQA native.
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+        # No mask tensor: lets PyTorch pick its flash / memory-efficient kernel, GQA native.
+        return F.scaled_dot_product_attention(q, k, v, is_causal=mask.causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
     n_rep = q.shape[1] // k.shape[1]
     if q.device.type == "cpu":  # the CPU kernel takes grouped heads directly: no copy of the cache per step
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense, scale=scale, enable_gqa=n_rep > 1)
@@ -412,8 +413,11 @@ class Bumblebee(nn.Module):
                 raise ValueError(f"KV cache overflow: needs {visible} positions, holds {kv_cache.max_len}")
             rows = torch.arange(batch, device=device) if cache_rows is None else cache_rows
             cache_slots = ((rows[:, None].expand(batch, seq), positions), visible, cache_rows)
-            key_index = torch.arange(visible, device=device)
-            mask = AttentionMask(dense=(key_index[None, None, :] <= positions[:, :, None])[:, None])
+            if seq == 1 and int(positions.min()) == visible - 1:
+                mask = AttentionMask(causal=False)  # one token per row, all rows equally long: it sees every key
+            else:
+                key_index = torch.arange(visible, device=device)
+                mask = AttentionMask(dense=(key_index[None, None, :] <= positions[:, :, None])[:, None])
         else:
             positions = steps[None].expand(batch, seq)
             mask = self._build_mask(seq, device, attention_mask, segment_ids)
