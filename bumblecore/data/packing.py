@@ -109,6 +109,7 @@ def collate(units: Units, indices: list[int], pad_id: int, packing: bool) -> dic
         rows = [[units.rows[i][0]] for i in indices] + [[units.rows[i][1]] for i in indices]
         batch = _collate_rows(units.cache, rows, pad_id, segments=False)
         batch["num_pairs"] = len(indices)
+        batch["unit_indices"] = torch.tensor(indices, dtype=torch.long)  # finds the pairs' cached reference log-probs
         return batch
     return _collate_rows(units.cache, [units.rows[i] for i in indices], pad_id, segments=packing)
 

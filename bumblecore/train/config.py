@@ -131,13 +131,16 @@ class TrainConfig:
     ref_model_path: Optional[str] = None
     """DPO reference model (default: the starting model)."""
     precompute_ref_log_probs: Optional[bool] = None
-    """Compute reference log-probs once and cache them (default: on for full fine-tuning)."""
+    """Compute reference log-probs once before training and keep them beside the token cache, reused
+    across epochs and runs (default: on for full fine-tuning; LoRA uses the base with its adapter disabled)."""
 
     def __post_init__(self) -> None:
         if self.training_stage not in STAGES:
             raise ValueError(f"training_stage {self.training_stage!r} is not one of {', '.join(STAGES)}")
         if self.finetuning_type not in FINETUNING_TYPES:
             raise ValueError(f"finetuning_type {self.finetuning_type!r} is not one of {', '.join(FINETUNING_TYPES)}")
+        if self.pref_loss not in ("sigmoid", "ipo"):
+            raise ValueError(f"pref_loss {self.pref_loss!r} is not one of sigmoid, ipo")
         if self.packing is None:
             self.packing = self.training_stage != "dpo"
 

@@ -123,6 +123,7 @@ class Engine:
         metric_totals: dict[str, torch.Tensor] = {}
         tokens = 0
         for index, batch in enumerate(micro_batches):
+            batch = fabric.to_device(batch)
             last = index == len(micro_batches) - 1
             with fabric.no_backward_sync(self.model, enabled=not last and not settings.runtime_owns_accumulation):
                 with fabric.autocast():  # the stage may apply the LM head outside the wrapped forward
@@ -177,6 +178,7 @@ class Engine:
         loss_total, count = 0.0, 0
         metric_totals: dict[str, float] = {}
         for batch in self.eval_loader:
+            batch = self.fabric.to_device(batch)
             with self.fabric.autocast():
                 loss_sum, metrics = self.stage.loss(self.model, batch)
             loss_total += float(loss_sum)
@@ -185,7 +187,8 @@ class Engine:
                 metric_totals[key] = metric_totals.get(key, 0.0) + float(value)
         count = max(1.0, self._global_sum(count))
         record = {"step": self.step, "eval/loss": self._global_sum(loss_total) / count}
-        record["eval/perplexity"] = math.exp(min(record["eval/loss"], 50.0))
+        if getattr(self.stage, "reports_perplexity", True):
+            record["eval/perplexity"] = math.exp(min(record["eval/loss"], 50.0))
         for key, value in metric_totals.items():
             record[f"eval/{key}"] = self._global_sum(value) / count
         if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):

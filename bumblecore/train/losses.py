@@ -58,3 +58,69 @@ def chunked_cross_entropy(
         else:
             total = total + _chunk_loss(h, lm_head, t)
     return total, count
+
+
+def _chunk_logps(hidden: torch.Tensor, lm_head: Callable, targets: torch.Tensor) -> torch.Tensor:
+    return -F.cross_entropy(lm_head(hidden).float(), targets, reduction="none")
+
+
+def chunked_token_logps(hidden: torch.Tensor, lm_head: Callable, targets: torch.Tensor, chunk_tokens: int | None = None) -> torch.Tensor:
+    """log p(target) at every position, 0 where targets is -100; shaped like targets.
+
+    Same chunking as chunked_cross_entropy: only target positions meet the LM head, chunk by chunk,
+    recomputed in backward, so the (tokens x vocab) logits never exist at once."""
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    flat_targets = targets.reshape(-1)
+    keep = (flat_targets != IGNORE_INDEX).nonzero().squeeze(-1)
+    out = flat_hidden.new_zeros(flat_targets.shape, dtype=torch.float32)
+    if keep.numel() == 0:
+        return (out + flat_hidden.sum() * 0.0).reshape(targets.shape)
+    if chunk_tokens is None:
+        vocab = lm_head.weight.shape[0] if hasattr(lm_head, "weight") and lm_head.weight.ndim == 2 else 32768
+        chunk_tokens = max(64, LOGITS_BUDGET_BYTES // (4 * max(1, vocab)))
+    pieces = []
+    for start in range(0, keep.numel(), chunk_tokens):
+        index = keep[start : start + chunk_tokens]
+        h, t = flat_hidden[index], flat_targets[index]
+        if torch.is_grad_enabled() and h.requires_grad:
+            pieces.append(checkpoint(_chunk_logps, h, lm_head, t, use_reentrant=False))
+        else:
+            pieces.append(_chunk_logps(h, lm_head, t))
+    return out.index_put((keep,), torch.cat(pieces)).reshape(targets.shape)
+
+
+# ---------------------------------------------------------------------------- preference losses
+
+
+def length_desensitized_weights(targets: torch.Tensor, num_pairs: int, ld_alpha: float) -> torch.Tensor:
+    """LD-DPO token weights for rows [chosen_1..chosen_n, rejected_1..rejected_n]: 1 for a response's
+    first l target tokens, l = the shorter response's target count in its pair, ld_alpha beyond."""
+    is_target = targets != IGNORE_INDEX
+    rank = is_target.cumsum(dim=-1)  # 1-based index of each target token within its response
+    lengths = is_target.sum(dim=-1)
+    shared = torch.minimum(lengths[:num_pairs], lengths[num_pairs:]).repeat(2)
+    weights = torch.where(rank <= shared[:, None], 1.0, float(ld_alpha))
+    return weights * is_target
+
+
+def preference_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    reference_chosen: torch.Tensor,
+    reference_rejected: torch.Tensor,
+    beta: float,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """Per-pair preference loss from sequence log-probs (sums, or means per token for ipo).
+
+    h = (policy_chosen - reference_chosen) - (policy_rejected - reference_rejected)
+    sigmoid: -(1 - e) log sigmoid(beta h) - e log sigmoid(-beta h)   (e > 0: conservative DPO)
+    ipo:     (h - 1 / (2 beta))^2
+    """
+    h = (policy_chosen - reference_chosen) - (policy_rejected - reference_rejected)
+    if loss_type == "sigmoid":
+        return -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    if loss_type == "ipo":
+        return (h - 1 / (2 * beta)) ** 2
+    raise ValueError(f"pref_loss {loss_type!r} is not supported; choose sigmoid or ipo")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -14,7 +15,7 @@ from bumblecore.train.config import TrainConfig, to_yaml
 
 
 def train(config: TrainConfig) -> None:
-    """Train a model: pretrain, continue_pretrain or sft; full fine-tuning or LoRA.
+    """Train a model: pretrain, continue_pretrain, sft or dpo; full fine-tuning or LoRA.
 
     Takes the original's flat YAML keys (`--config F` or `--yaml_config F`), each overridable on the
     command line. `devices: N` starts N processes; under `fabric run` the launcher's flags win.
@@ -40,8 +41,6 @@ def _launched_by_fabric_cli() -> bool:
 
 
 def _check_inputs(config: TrainConfig) -> None:
-    if config.training_stage == "dpo":
-        raise ValueError("training_stage dpo is not available yet (it lands with the DPO issue); use pretrain, continue_pretrain or sft")
     if not config.model_name_or_path:
         raise ValueError("model_name_or_path is required")
     if not (Path(config.model_name_or_path) / "config.json").is_file():
@@ -127,6 +126,18 @@ def main(fabric, config: TrainConfig, runtime_owns_accumulation: bool = False) -
     scheduler = build_scheduler(config.lr_scheduler_type, optimizer, warmup_steps, total_steps, **config.lr_scheduler_kwargs)
 
     resume_dir = resolve_resume_dir(output_dir, config.resume_from_checkpoint)
+    stage, stage_summary = LanguageModelingStage(), None
+    if config.training_stage == "dpo":
+        from bumblecore.train.dpo import build_preference_stage
+
+        def load_reference(path):
+            return load_model(dataclasses.replace(config, model_name_or_path=path, enable_gradient_checkpointing=False), fabric)
+
+        stage, attach_reference = build_preference_stage(fabric, config, model, units, eval_units, pad_id,
+                                                         resuming=resume_dir is not None, load_reference_model=load_reference)
+        loader = attach_reference(loader, "train")
+        eval_loader = attach_reference(eval_loader, "eval") if eval_loader is not None else None
+        stage_summary = stage.summary
     monitor = Monitor(output_dir, config.use_tensorboard, config.save_train_log, fabric.is_global_zero,
                       resume_step=read_trainer_state(resume_dir)["step"] if resume_dir else None)
     settings = LoopSettings(
@@ -136,7 +147,7 @@ def main(fabric, config: TrainConfig, runtime_owns_accumulation: bool = False) -
         average_tokens_across_devices=config.average_tokens_across_devices,
         runtime_owns_accumulation=runtime_owns_accumulation)
     exporter = Exporter(fabric, config, tokenizer, monitor)
-    engine = Engine(fabric, model, optimizer, scheduler, LanguageModelingStage(), loader, settings, monitor,
+    engine = Engine(fabric, model, optimizer, scheduler, stage, loader, settings, monitor,
                     save_fn=lambda step, final: exporter.checkpoint(engine, step, final), eval_loader=eval_loader)
     if resume_dir is not None:
         engine.load_state(resume_dir)
@@ -157,6 +168,8 @@ def main(fabric, config: TrainConfig, runtime_owns_accumulation: bool = False) -
         f"attention {getattr(getattr(model, 'config', None), 'attn_implementation', 'transformers')}, "
         f"strategy {type(fabric.strategy).__name__}",
     ]
+    if stage_summary:
+        banner.append(f"  {stage_summary}")
     for line in banner:
         fabric.print(line)
         monitor.info(line)

@@ -1,0 +1,290 @@
+"""DPO (and IPO): preference training as a stage of the shared engine.
+
+A batch holds n pairs as 2n rows, [chosen_1 .. chosen_n, rejected_1 .. rejected_n], through one
+forward. With logp(y) the summed log-probability of a response's target tokens (its content and
+`<|im_end|>`), h = (logp(y_w) - logp_ref(y_w)) - (logp(y_l) - logp_ref(y_l)):
+
+    sigmoid   L = -(1 - e) log sigmoid(beta h) - e log sigmoid(-beta h)     e = dpo_label_smoothing
+    ipo       L = (h' - 1 / (2 beta))^2, h' built from per-token means
+    sft       L += sft_weight * (-logp(y_w) / |y_w|)
+    LD-DPO    the policy's logp weighs tokens past the shorter response's length by ld_alpha
+
+The reference is the LoRA base with its adapter disabled (no second copy), a frozen model, or
+log-probs computed once before training and kept on disk beside the token cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from bumblecore.train.losses import (
+    IGNORE_INDEX,
+    chunked_token_logps,
+    length_desensitized_weights,
+    preference_loss,
+    shift_targets,
+)
+
+REFERENCE_FORMAT_VERSION = 1
+
+
+def response_token_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-position log-probs of the next token (0 where not a target) and the shifted targets."""
+    targets = shift_targets(batch["labels"])
+    hidden = model(batch["input_ids"], position_ids=batch.get("position_ids"), return_hidden_states=True)
+    return chunked_token_logps(hidden, model.lm_head, targets), targets
+
+
+# ---------------------------------------------------------------------------- references
+
+
+def _bare(model):
+    """The module under Fabric's and DDP's wrappers (a reference forward needs neither: no gradients)."""
+    return getattr(model, "module", model)
+
+
+@contextlib.contextmanager
+def _evaluating(model):
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+class AdapterDisabledReference:
+    """LoRA: the reference is the policy with its adapter switched off, so no second model exists."""
+
+    def __init__(self, policy):
+        self.policy = policy
+
+    @torch.no_grad()
+    def logps(self, batch: dict) -> torch.Tensor:
+        peft_model = _bare(self.policy)
+        with _evaluating(peft_model), peft_model.disable_adapter():
+            token_logps, _ = response_token_logps(peft_model, batch)
+        return token_logps.sum(-1)
+
+
+class ModelReference:
+    """A model evaluated without gradients: a frozen copy (the starting weights, or ref_model_path),
+    or, before the first optimiser step, the policy itself (it equals the reference then)."""
+
+    def __init__(self, model, freeze: bool = True):
+        self.model = model.requires_grad_(False) if freeze else model
+
+    @torch.no_grad()
+    def logps(self, batch: dict) -> torch.Tensor:
+        with _evaluating(self.model):
+            token_logps, _ = response_token_logps(self.model, batch)
+        return token_logps.sum(-1)
+
+
+def model_fingerprint(model_dir) -> str:
+    """A content hash of a model directory's config and weights (what reference log-probs depend on)."""
+    digest = hashlib.sha256()
+    root = Path(model_dir)
+    for file in sorted(root.iterdir()):
+        if file.is_file() and (file.name == "config.json" or file.suffix in (".safetensors", ".bin")):
+            digest.update(file.name.encode())
+            with open(file, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 22), b""):
+                    digest.update(block)
+    return digest.hexdigest()[:24]
+
+
+def reference_cache_file(units, reference_dir, precision: str) -> Path:
+    """Where the reference log-probs of these pairs live: inside their token cache entry, keyed by
+    the reference model's content and the precision they were computed in."""
+    key = hashlib.sha256(f"v{REFERENCE_FORMAT_VERSION}|{model_fingerprint(reference_dir)}|{precision}".encode()).hexdigest()[:16]
+    return Path(units.cache.directory) / f"reference_logps-{key}.npy"
+
+
+@torch.no_grad()
+def compute_reference_logps(fabric, reference, units, batch_size: int, pad_id: int, progress: bool = False) -> np.ndarray:
+    """(pairs, 2) summed reference log-probs [chosen, rejected] for every pair; each rank computes a
+    strided share, then one all-reduce gives every rank the whole table."""
+    from bumblecore.data.loader import eval_batches
+
+    table = torch.zeros(len(units), 2, dtype=torch.float64, device=fabric.device)
+    batches = eval_batches(units, batch_size, pad_id, packing=False, world_size=fabric.world_size, rank=fabric.global_rank)
+    if progress and fabric.is_global_zero:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc="reference log-probs", dynamic_ncols=True)
+    for batch in batches:
+        batch = fabric.to_device(batch)
+        with fabric.autocast():
+            sums = reference.logps(batch).double()
+        n = batch["num_pairs"]
+        table[batch["unit_indices"]] = torch.stack([sums[:n], sums[n:]], dim=-1)
+    if fabric.world_size > 1:
+        table = fabric.all_reduce(table, reduce_op="sum")
+    return table.cpu().numpy()
+
+
+def cached_reference_logps(fabric, reference_factory, units, cache_file: Path, batch_size: int, pad_id: int) -> np.ndarray:
+    """The table from cache_file, or computed (reference_factory() builds the reference) and saved atomically."""
+    if cache_file.is_file():
+        table = np.load(cache_file)
+        if table.shape == (len(units), 2):
+            fabric.print(f"reference log-probs: reusing {cache_file}")
+            return table
+    table = compute_reference_logps(fabric, reference_factory(), units, batch_size, pad_id, progress=True)
+    if fabric.is_global_zero:
+        tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as handle:
+            np.save(handle, table)
+        os.replace(tmp, cache_file)  # a half-written table is never found under the real name
+        fabric.print(f"reference log-probs: computed for {len(units)} pairs, saved to {cache_file}")
+    fabric.barrier()
+    return table
+
+
+class StepsWithReference:
+    """Wraps a step loader (or a list of eval batches) so each batch carries its pairs' cached
+    reference log-probs as `reference_logps` (2n,), [chosen..., rejected...]."""
+
+    def __init__(self, batches, table: np.ndarray):
+        self.batches, self.table = batches, torch.from_numpy(table)
+
+    def __getattr__(self, name):  # steps_per_epoch, global_size ... of the wrapped loader
+        return getattr(self.__dict__["batches"], name)
+
+    def attach(self, batch: dict) -> dict:
+        rows = self.table[batch["unit_indices"]]
+        return {**batch, "reference_logps": torch.cat([rows[:, 0], rows[:, 1]])}
+
+    def micro_batches(self, step: int) -> list[dict]:
+        return [self.attach(b) for b in self.batches.micro_batches(step)]
+
+    def __iter__(self):
+        return (self.attach(b) for b in self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+# ---------------------------------------------------------------------------- the stage
+
+
+class PreferenceStage:
+    """count(batch) = pairs; loss(model, batch) = summed per-pair loss and summed metrics, which the
+    engine divides by the pairs of the whole step (across accumulation and devices)."""
+
+    def __init__(self, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
+                 sft_weight: float = 0.0, ld_alpha: float = 1.0, reference=None):
+        if loss_type not in ("sigmoid", "ipo"):
+            raise ValueError(f"pref_loss {loss_type!r} is not supported; choose sigmoid or ipo")
+        if beta <= 0:
+            raise ValueError(f"pref_beta must be > 0, got {beta}")
+        if not 0.0 <= label_smoothing < 0.5:
+            raise ValueError(f"dpo_label_smoothing must be in [0, 0.5), got {label_smoothing}")
+        self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
+        self.sft_weight, self.ld_alpha, self.reference = sft_weight, ld_alpha, reference
+
+    reports_perplexity = False  # exp(DPO loss) means nothing
+    summary = ""
+
+    def count(self, batch: dict) -> int:
+        return int(batch["num_pairs"])
+
+    def loss(self, model, batch: dict):
+        n = int(batch["num_pairs"])
+        token_logps, targets = response_token_logps(model, batch)
+        lengths = (targets != IGNORE_INDEX).sum(-1).clamp(min=1)
+        plain = token_logps.sum(-1)
+        if self.ld_alpha != 1.0:
+            policy = (token_logps * length_desensitized_weights(targets, n, self.ld_alpha)).sum(-1)
+        else:
+            policy = plain
+        if "reference_logps" in batch:
+            reference = batch["reference_logps"].to(policy.device, torch.float32)
+        else:
+            reference = self.reference.logps(batch).float()
+
+        if self.loss_type == "ipo":  # IPO compares per-token means
+            pair_losses = preference_loss(policy[:n] / lengths[:n], policy[n:] / lengths[n:], reference[:n] / lengths[:n],
+                                          reference[n:] / lengths[n:], self.beta, "ipo")
+        else:
+            pair_losses = preference_loss(policy[:n], policy[n:], reference[:n], reference[n:], self.beta,
+                                          "sigmoid", self.label_smoothing)
+        total = pair_losses.sum()
+        metrics = {f"loss/{'ipo' if self.loss_type == 'ipo' else 'dpo'}": total.detach()}
+        if self.sft_weight:
+            chosen_nll = (-plain[:n] / lengths[:n]).sum()
+            total = total + self.sft_weight * chosen_nll
+            metrics["loss/sft"] = chosen_nll.detach()
+
+        with torch.no_grad():
+            chosen_rewards = self.beta * (policy[:n] - reference[:n])
+            rejected_rewards = self.beta * (policy[n:] - reference[n:])
+            metrics.update({
+                "rewards/chosen": chosen_rewards.sum(),
+                "rewards/rejected": rejected_rewards.sum(),
+                "rewards/margins": (chosen_rewards - rejected_rewards).sum(),
+                "rewards/accuracies": (chosen_rewards > rejected_rewards).float().sum(),
+                "logps/chosen": policy[:n].detach().sum(),
+                "logps/rejected": policy[n:].detach().sum(),
+            })
+        return total, metrics
+
+
+def build_preference_stage(fabric, config, model, units, eval_units, pad_id: int, resuming: bool, load_reference_model):
+    """The stage, and `attach(batches, split)` that gives a loader (split "train") or eval batches
+    ("eval") their cached reference log-probs when those are precomputed (identity otherwise).
+
+    load_reference_model(path) builds a model on the host; it is used for ref_model_path, and for
+    full fine-tuning when the policy no longer equals its starting weights (a resumed run)."""
+    lora = config.finetuning_type == "lora"
+    precompute = config.precompute_ref_log_probs if config.precompute_ref_log_probs is not None else not lora
+    reference_dir = config.ref_model_path or config.model_name_or_path
+
+    def separate_reference():
+        return ModelReference(fabric.to_device(load_reference_model(reference_dir)))
+
+    if lora and not config.ref_model_path:
+        reference_for_table = AdapterDisabledReference(model)
+        live_reference = lambda: reference_for_table  # noqa: E731
+    elif precompute and not config.ref_model_path and not resuming:
+        reference_for_table = ModelReference(model, freeze=False)
+        live_reference = separate_reference
+    else:
+        reference_for_table = None
+        live_reference = separate_reference
+
+    stage = PreferenceStage(config.pref_beta, config.pref_loss, config.dpo_label_smoothing, config.sft_weight, config.ld_alpha)
+    kind = ("the base with the LoRA adapter disabled" if lora and not config.ref_model_path else
+            f"{'frozen ' if not precompute else ''}{reference_dir}")
+    stage.summary = (f"preference: {config.pref_loss} loss, beta {config.pref_beta}, label smoothing {config.dpo_label_smoothing}, "
+                     f"sft_weight {config.sft_weight}, ld_alpha {config.ld_alpha}; reference {kind}"
+                     f"{', log-probs precomputed and cached' if precompute else ', computed live'}")
+    if not precompute:
+        stage.reference = live_reference()
+        return stage, lambda batches, split="train": batches
+
+    built = []
+
+    def table_reference():  # a separate reference is loaded at most once, and dropped after the tables
+        if reference_for_table is not None:
+            return reference_for_table
+        if not built:
+            built.append(separate_reference())
+        return built[0]
+
+    tables = {}
+    for split, pairs in (("train", units), ("eval", eval_units)):
+        if pairs is not None:
+            tables[split] = cached_reference_logps(
+                fabric, table_reference, pairs,
+                reference_cache_file(pairs, reference_dir, config.train_model_precision),
+                config.train_micro_batch_size_per_gpu, pad_id)
+    return stage, lambda batches, split="train": StepsWithReference(batches, tables[split])
