@@ -1,0 +1,262 @@
+"""DPO: the loss family against closed forms computed from transformers' log-probs, the references
+(adapter-disabled, frozen, cached), ln 2 at the first step, exact resume, and what a run writes."""
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import bumblecore
+from bumblecore.cli import main
+from bumblecore.data.commands import dataset_units
+from bumblecore.data.formats import read_samples
+from bumblecore.data.loader import eval_batches
+from bumblecore.data.template import encode_preference
+from bumblecore.model.bumblebee import Bumblebee
+from bumblecore.model.config import BumblebeeConfig
+from bumblecore.tokenizer import load_tokenizer
+from bumblecore.train.config import TrainConfig
+from bumblecore.train.dpo import (
+    AdapterDisabledReference,
+    ModelReference,
+    PreferenceStage,
+    compute_reference_logps,
+    reference_cache_file,
+)
+
+DEMO = Path(bumblecore.__file__).parent / "demo_data"
+TOKENIZER = DEMO / "tokenizer"
+
+
+def tiny_model(seed: int, init_std: float = 0.2) -> Bumblebee:
+    torch.manual_seed(seed)
+    config = BumblebeeConfig(vocab_size=768, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, initializer_range=init_std, attention_bias=True)
+    return Bumblebee(config).eval()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dpo_data")
+    lines = open(DEMO / "dpo_train.jsonl", encoding="utf-8").read().splitlines()
+    (root / "train.jsonl").write_text("\n".join(lines[:64]) + "\n", encoding="utf-8")
+    (root / "eval.jsonl").write_text("\n".join(open(DEMO / "dpo_eval.jsonl", encoding="utf-8").read().splitlines()[:32]) + "\n")
+    # ShareGPT preference records with a system turn and history (multi-turn prompt), as the original's format
+    records = [
+        {"conversations": [{"from": "system", "value": "Answer in one word."},
+                           {"from": "human", "value": "Name a colour."}, {"from": "gpt", "value": "red"},
+                           {"from": "human", "value": f"And an animal number {i}?"}],
+         "chosen": {"from": "gpt", "value": "bee" * (1 + i % 3)}, "rejected": {"from": "gpt", "value": f"stone {i} and more words"}}
+        for i in range(6)
+    ]
+    (root / "sharegpt.json").write_text(json.dumps(records), encoding="utf-8")
+    return root
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dpo_models")
+    tokenizer = load_tokenizer(TOKENIZER)
+    # wide init (0.2) for the formula tests, so that a slip shows; the usual 0.02 for training runs
+    for name, seed, std in (("policy", 0, 0.2), ("reference", 1, 0.2), ("start", 2, 0.02)):
+        tiny_model(seed, std).save_pretrained(root / name)
+        tokenizer.save_pretrained(str(root / name))
+    return root
+
+
+def pairs_batch(data_file, tmp_path, n=None):
+    tokenizer = load_tokenizer(TOKENIZER)
+    config = TrainConfig(training_stage="dpo", model_name_or_path=str(TOKENIZER), dataset_path=str(data_file),
+                         cutoff_len=256, cache_dir=str(tmp_path / "cache"))
+    _, units = dataset_units(config, tokenizer, config.dataset_path, progress=False)
+    batch = eval_batches(units, n or len(units), tokenizer.pad_token_id, packing=False)[0]
+    return batch, units
+
+
+# ---------------------------------------------------------------------------- the oracle
+
+
+def transformers_logps(model_dir, ids, mask):
+    """Summed log-probs of the trained tokens, and the per-token ones, from transformers' logits."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
+    with torch.no_grad():
+        logprobs = torch.log_softmax(hf(torch.tensor([ids])).logits[0].double(), dim=-1)
+    return [float(logprobs[t - 1, ids[t]]) for t in range(1, len(ids)) if mask[t]]
+
+
+def closed_form(policy_tokens, reference_tokens, beta, loss_type, eps, sft_weight, ld_alpha):
+    """One pair's loss and rewards, from the definitions of the DPO issue, in plain Python floats."""
+    (pw, pl), (rw, rl) = policy_tokens, reference_tokens
+    shared = min(len(pw), len(pl))
+
+    def ld(tokens):
+        return sum(tokens[:shared]) + ld_alpha * sum(tokens[shared:])
+
+    policy_w, policy_l = ld(pw), ld(pl)
+    ref_w, ref_l = sum(rw), sum(rl)
+    logsigmoid = lambda x: -math.log1p(math.exp(-x))  # noqa: E731
+    if loss_type == "ipo":
+        h = (policy_w / len(pw) - ref_w / len(rw)) - (policy_l / len(pl) - ref_l / len(rl))
+        loss = (h - 1 / (2 * beta)) ** 2
+    else:
+        h = (policy_w - ref_w) - (policy_l - ref_l)
+        loss = -(1 - eps) * logsigmoid(beta * h) - eps * logsigmoid(-beta * h)
+    loss += sft_weight * (-sum(pw) / len(pw))
+    chosen, rejected = beta * (policy_w - ref_w), beta * (policy_l - ref_l)
+    return {"loss": loss, "rewards/chosen": chosen, "rewards/rejected": rejected, "rewards/margins": chosen - rejected,
+            "rewards/accuracies": float(chosen > rejected), "logps/chosen": policy_w, "logps/rejected": policy_l}
+
+
+CASES = {
+    "sigmoid": dict(loss_type="sigmoid", eps=0.0, sft_weight=0.0, ld_alpha=1.0),
+    "cdpo": dict(loss_type="sigmoid", eps=0.25, sft_weight=0.0, ld_alpha=1.0),
+    "sft_weight": dict(loss_type="sigmoid", eps=0.0, sft_weight=0.7, ld_alpha=1.0),
+    "ld_dpo": dict(loss_type="sigmoid", eps=0.0, sft_weight=0.0, ld_alpha=0.3),
+    "ipo": dict(loss_type="ipo", eps=0.0, sft_weight=0.0, ld_alpha=1.0),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("dataset", ["alpaca", "sharegpt"])
+def test_loss_and_metrics_equal_the_closed_forms(case, dataset, data, models, tmp_path):
+    settings, beta = CASES[case], 0.5
+    file = data / ("train.jsonl" if dataset == "alpaca" else "sharegpt.json")
+    batch, _ = pairs_batch(file, tmp_path, n=6)
+    tokenizer = load_tokenizer(TOKENIZER)
+    samples = list(read_samples(str(file), "dpo"))[:6]
+
+    expected = []
+    for sample in samples:
+        c = sample.conversation
+        tokens = {}
+        for name in ("policy", "reference"):
+            tokens[name] = [transformers_logps(models / name, *encode_preference(tokenizer, c.messages, reply, c.tools))
+                            for reply in (sample.chosen, sample.rejected)]
+        expected.append(closed_form(tokens["policy"], tokens["reference"], beta, **settings))
+
+    policy = Bumblebee.from_pretrained(models / "policy")
+    reference = ModelReference(Bumblebee.from_pretrained(models / "reference"))
+    stage = PreferenceStage(beta, settings["loss_type"], settings["eps"], settings["sft_weight"], settings["ld_alpha"], reference)
+    total, metrics = stage.loss(policy, batch)
+    assert stage.count(batch) == 6
+    assert float(total) == pytest.approx(sum(e["loss"] for e in expected), rel=1e-5, abs=1e-6)
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected"):
+        assert float(metrics[key]) == pytest.approx(sum(e[key] for e in expected), rel=1e-5, abs=1e-6), key
+    if settings["sft_weight"]:
+        assert "loss/sft" in metrics and float(metrics["loss/dpo"]) < float(total)
+    # the pairs are not trivially equal: the formulas are exercised with h != 0
+    assert 0 < sum(e["rewards/accuracies"] for e in expected) or any(abs(e["rewards/margins"]) > 1e-3 for e in expected)
+
+
+def test_cached_reference_equals_live_and_is_reused(data, models, tmp_path):
+    from lightning.fabric import Fabric
+
+    fabric = Fabric(accelerator="cpu", devices=1)
+    _, units = pairs_batch(data / "train.jsonl", tmp_path)
+    reference = ModelReference(Bumblebee.from_pretrained(models / "reference"))
+    table = compute_reference_logps(fabric, reference, units, batch_size=5, pad_id=0)
+    assert table.shape == (len(units), 2)
+    for batch in eval_batches(units, 7, 0, packing=False):  # other batch widths than the table's
+        live = reference.logps(batch)
+        n = batch["num_pairs"]
+        rows = torch.from_numpy(table)[batch["unit_indices"]]
+        cached = torch.cat([rows[:, 0], rows[:, 1]])
+        torch.testing.assert_close(cached.float(), live, atol=1e-4, rtol=1e-5)
+        assert live[:n].shape == (n,)
+    a = reference_cache_file(units, models / "reference", "fp32")
+    assert a == reference_cache_file(units, models / "reference", "fp32")
+    assert a != reference_cache_file(units, models / "policy", "fp32") != reference_cache_file(units, models / "reference", "bf16")
+
+
+def test_adapter_disabled_reference_equals_the_base(data, models, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    batch, _ = pairs_batch(data / "train.jsonl", tmp_path, n=4)
+    base = Bumblebee.from_pretrained(models / "policy")
+    expected = ModelReference(Bumblebee.from_pretrained(models / "policy")).logps(batch)
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    with torch.no_grad():  # a trained adapter: B != 0, so the adapter really changes the outputs
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    peft_model.train()
+    reference = AdapterDisabledReference(peft_model)
+    torch.testing.assert_close(reference.logps(batch), expected, atol=1e-5, rtol=1e-5)
+    assert peft_model.training  # restored after the reference forward
+    with torch.no_grad():
+        from bumblecore.train.dpo import response_token_logps
+
+        adapted = response_token_logps(peft_model.eval(), batch)[0].sum(-1)
+    assert (adapted - expected).abs().max() > 1e-3
+
+
+# ---------------------------------------------------------------------------- end to end
+
+
+def run(output_dir, model, data, **keys):
+    config = {"training_stage": "dpo", "model_name_or_path": str(model), "dataset_path": str(data / "train.jsonl"),
+              "output_dir": str(output_dir), "cutoff_len": 128, "max_steps": 4, "learning_rate": 5e-3,
+              "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2, "train_model_precision": "fp32",
+              "save_steps": 2, "warmup_ratio": 0.0, "lora_rank": 4, "lora_alpha": 8, "lora_dropout": 0.0, "pref_beta": 0.5,
+              "cache_dir": str(Path(output_dir).parent / "cache"), **keys}
+    file = Path(output_dir).parent / f"{Path(output_dir).name}.yaml"
+    file.write_text(yaml.safe_dump(config))
+    main(["train", "--config", str(file)])
+    return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_records(history):
+    return [r for r in history if "loss" in r]
+
+
+@pytest.mark.parametrize("finetuning_type,precompute", [("full", None), ("full", False), ("lora", None)])
+def test_first_step_loss_is_ln2(tmp_path, models, data, finetuning_type, precompute):
+    keys = {"max_steps": 1, "save_steps": 100, "finetuning_type": finetuning_type}
+    if precompute is not None:
+        keys["precompute_ref_log_probs"] = precompute
+    first = train_records(run(tmp_path / "out", models / "policy", data, **keys))[0]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert first["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("finetuning_type", ["full", "lora"])
+def test_dpo_resume_is_exact(tmp_path, models, data, finetuning_type):
+    keys = dict(finetuning_type=finetuning_type, max_steps=6, save_steps=3, save_total_limit=5)
+    straight = run(tmp_path / "a", models / "policy", data, **keys)
+    resumed_dir = tmp_path / "c"
+    resumed_dir.mkdir()
+    shutil.copytree(tmp_path / "a" / "checkpoint-3", resumed_dir / "checkpoint-3")
+    history = run(resumed_dir, models / "policy", data, **keys, resume_from_checkpoint="latest")
+    assert [r["step"] for r in history] == [4, 5, 6]
+    for key in ("loss", "rewards/margins", "logps/chosen"):
+        assert [r[key] for r in history] == [r[key] for r in train_records(straight)[3:]], key
+    weights = "adapter_model.safetensors" if finetuning_type == "lora" else "model.safetensors"
+    assert (tmp_path / "a" / weights).read_bytes() == (resumed_dir / weights).read_bytes()
+
+
+def test_dpo_on_demo_preferences_learns_and_writes_its_outputs(tmp_path, models, data):
+    out = tmp_path / "dpo"
+    history = run(out, models / "start", data, max_steps=24, save_steps=12, eval_steps=12, learning_rate=3e-3,
+                  train_micro_batch_size_per_gpu=8, gradient_accumulation_steps=1, sft_weight=0.1,
+                  eval_dataset_path=str(data / "eval.jsonl"), use_tensorboard=True)
+    record = train_records(history)[-1]
+    for key in ("step", "epoch", "loss", "lr", "grad_norm", "tokens", "tokens_per_sec", "loss/dpo", "loss/sft",
+                "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected"):
+        assert key in record, key
+    evaluations = [r for r in history if "eval/loss" in r]
+    assert [r["step"] for r in evaluations] == [0, 12, 24]
+    assert evaluations[0]["eval/rewards/accuracies"] == 0.0 and evaluations[-1]["eval/rewards/accuracies"] > 0.5
+    assert evaluations[-1]["eval/rewards/margins"] > 0 and evaluations[-1]["eval/loss/dpo"] < math.log(2)
+    for name in ("training_loss.png", "rewards_accuracies.png", "rewards_margins.png", "rewards_chosen.png",
+                 "rewards_rejected.png", "model.safetensors", "training_args.yaml"):
+        assert (out / name).exists(), name
+    from transformers import AutoModelForCausalLM
+
+    policy = AutoModelForCausalLM.from_pretrained(out / "checkpoint-12")
+    assert type(policy).__name__ == "Qwen2ForCausalLM"
