@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train_tokenizer": ("bumblecore.tokenizer:train_tokenizer", "train a byte-level BPE tokenizer with the ChatML specials and chat template"),
     "generate": ("bumblecore.inference.commands:generate", "generate text from a model (stdout: the text; stderr: tokens/s)"),
     "chat": ("bumblecore.inference.commands:chat", "terminal chat that streams replies (/clear, /exit)"),
+    "serve": ("bumblecore.inference.serve:serve", "OpenAI-compatible API (/v1/chat/completions, streaming, batched) and a web chat page"),
     "merge_lora": ("bumblecore.train.lora:merge_lora", "merge a LoRA adapter into its base and save a full model, checked against the unmerged one"),
     "inspect_data": ("bumblecore.data.commands:inspect_data", "validate a dataset and show how samples are tokenized and which tokens are trained"),
     "prepare_data": ("bumblecore.data.commands:prepare_data", "tokenize a run's datasets into the token cache ahead of training"),

@@ -1,0 +1,588 @@
+"""`bumblecore serve`: an OpenAI-compatible chat API and a web chat page, hosted by LitServe.
+
+Two processes, in LitServe's layout. This one runs the HTTP server (one uvicorn server in a thread):
+it checks each request, renders and tokenizes the prompt with the model's chat template, and streams
+the reply. LitServe's inference worker process holds the model and one `GenerationEngine`; requests
+reach it through LitServe's request queue and text deltas come back through its ZeroMQ transport.
+
+In the worker, LitServe's `ContinuousBatchingLoop` drives the engine: a new request joins the running
+batch between two decode steps, and each step hands back every active request's text delta. Our
+subclass adds what LitServe's loop lacks: a request whose client went away is cancelled (its slot is
+free at the next step), and an idle worker waits for work instead of spinning.
+"""
+
+import asyncio
+import json
+import logging
+import os
+import pickle
+import secrets
+import socket
+import threading
+import time
+import urllib.request
+import uuid
+from collections import deque
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import litserve as ls
+import uvicorn
+from fastapi import Request
+from fastapi.responses import FileResponse, JSONResponse
+from litserve.loops.base import _SENTINEL_VALUE
+from litserve.loops.continuous_batching_loop import ContinuousBatchingLoop, Output
+from litserve.specs.base import LitSpec
+from litserve.utils import LitAPIStatus, ResponseBufferItem
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import StreamingResponse
+from starlette.staticfiles import StaticFiles
+
+from bumblecore.inference.generate import SamplingParams
+from bumblecore.inference.openai_api import (APIError, ChatRequest, chat_chunk, chat_completion, completion_id, model_card,
+                                             model_list, parse_chat_request, usage)
+
+WEB_DIR = Path(__file__).parent / "web"
+PUBLIC_PATHS = ("/", "/health")  # the page asks for the key itself; load balancers probe /health without one
+CANCEL = {"cancel": True}  # sent through the request queue, under the uid of the request to stop
+DEFAULT_CONTEXT_CAP = 4096
+
+logger = logging.getLogger("bumblecore.serve")
+
+
+@dataclass
+class ServeSettings:
+    model_path: str
+    model_name: str = "bumblebee"
+    api_key: Optional[str] = None
+    training_stage: str = "sft"
+    system_prompt: Optional[str] = None
+    max_batch_size: int = 16
+    max_model_len: Optional[int] = None
+    max_request_bytes: int = 1_000_000
+    dtype: str = "auto"
+    device_map: str = "auto"
+
+
+def model_dirs(model_path: str) -> tuple[Path, Path]:
+    """(directory with the model's config.json, directory with its tokenizer); a LoRA adapter's base
+    holds the config, and the tokenizer too unless the adapter saved one."""
+    path = Path(model_path)
+    adapter = path / "adapter_config.json"
+    if adapter.is_file():
+        base = Path(json.loads(adapter.read_text(encoding="utf-8")).get("base_model_name_or_path") or "")
+        return base, path if (path / "tokenizer_config.json").is_file() else base
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a model directory (no config.json)")
+    return path, path
+
+
+def context_length(model_path: str, max_model_len: Optional[int]) -> int:
+    """Tokens per request (prompt + reply): --max_model_len, else the model's own, capped so the
+    preallocated KV cache of every slot stays small."""
+    config_dir, _ = model_dirs(model_path)
+    config = json.loads((config_dir / "config.json").read_text(encoding="utf-8"))
+    own = config.get("max_position_embeddings") or DEFAULT_CONTEXT_CAP
+    return min(max_model_len, own) if max_model_len else min(own, DEFAULT_CONTEXT_CAP)
+
+
+# ---------------------------------------------------------------------------- the worker side
+
+
+class EngineLoop(ContinuousBatchingLoop):
+    """LitServe's continuous-batching loop, plus cancellation and an idle wait."""
+
+    def __init__(self):
+        super().__init__()
+        self.work_arrived: Optional[asyncio.Event] = None  # made inside the worker's event loop
+
+    def _wake(self) -> None:
+        if self.work_arrived is not None:
+            self.work_arrived.set()
+
+    async def prefill(self, pending_requests, lit_api, lit_spec, request_queue, transport,
+                      max_batch_size=None, batch_timeout=None):
+        """Take one message from the request queue: a new request joins (or waits for a slot), a
+        cancellation acts at once, even when every slot is busy."""
+        while pending_requests and lit_api.has_capacity():
+            response_queue_id, uid, request = pending_requests.pop(0)
+            self.response_queue_ids[uid] = response_queue_id
+            self.add_request(uid, request, lit_api, lit_spec, transport)
+            self._wake()
+        # Waiting requests retry soon, as slots free up between steps; otherwise block on the queue.
+        item = await asyncio.to_thread(self.get_request, request_queue, timeout=0.01 if pending_requests else 1.0)
+        if item is None:
+            return pending_requests
+        if item == _SENTINEL_VALUE:
+            raise asyncio.CancelledError("server shutting down")
+        response_queue_id, uid, _, request = item
+        if request == CANCEL:
+            waiting = [p for p in pending_requests if p[1] == uid]
+            if waiting:
+                pending_requests.remove(waiting[0])
+            elif uid in self.active_sequences:
+                lit_api.cancel_request(uid)
+                self._wake()
+        elif lit_api.has_capacity():
+            self.response_queue_ids[uid] = response_queue_id
+            self.add_request(uid, request, lit_api, lit_spec, transport)
+            self._wake()
+        else:
+            pending_requests.append((response_queue_id, uid, request))
+        return pending_requests
+
+    async def run(self, lit_api, device, worker_id, request_queue, transport, workers_setup_status, callback_runner):
+        if self.work_arrived is None:
+            self.work_arrived = asyncio.Event()
+        if not lit_api.has_active_requests():
+            # LitServe calls run() again at once when it returns; wait here instead of spinning.
+            try:
+                await asyncio.wait_for(self.work_arrived.wait(), timeout=0.5)
+            except asyncio.TimeoutError:
+                pass
+            self.work_arrived.clear()
+            return
+        await super().run(lit_api, device, worker_id, request_queue, transport, workers_setup_status, callback_runner)
+
+
+class EngineAPI(ls.LitAPI):
+    """The model behind the API. In the worker: requests in, one text delta per request per step
+    out. In the HTTP process it only checks API keys (`authorize`, LitServe's hook)."""
+
+    def __init__(self, settings: ServeSettings, spec: LitSpec):
+        super().__init__(max_batch_size=settings.max_batch_size, stream=True, spec=spec, loop=EngineLoop())
+        self.settings = settings
+
+    def setup(self, device):
+        from bumblecore.inference.generate import GenerationEngine
+        from bumblecore.inference.loading import load_for_inference
+
+        settings = self.settings
+        device = device if settings.device_map == "auto" else settings.device_map
+        model, tokenizer, eos = load_for_inference(settings.model_path, settings.dtype, device)
+        max_len = context_length(settings.model_path, settings.max_model_len)
+        self.engine = GenerationEngine(model, tokenizer, settings.max_batch_size, max_len, eos_token_ids=eos)
+        # add_request runs on the loop's event-loop thread, step() on another: hand over through deques.
+        self.arrivals: deque = deque()
+        self.cancellations: deque = deque()
+        self.engine_ids: dict[str, int] = {}  # LitServe uid -> engine request id
+        self.requests: dict[int, list] = {}  # engine request id -> [uid, tokens generated so far]
+
+    def authorize(self, request: Request) -> None:
+        key = self.settings.api_key
+        if key is None or request.url.path in PUBLIC_PATHS:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), key.encode()):
+            raise APIError(401, "Incorrect or missing API key: send the header `Authorization: Bearer <key>`.",
+                           code="invalid_api_key")
+
+    def add_request(self, uid: str, request: dict) -> None:
+        self.arrivals.append((uid, request))
+
+    def cancel_request(self, uid: str) -> None:
+        self.cancellations.append(uid)
+
+    def has_capacity(self) -> bool:
+        return self.engine.free_slots - len(self.arrivals) > 0
+
+    def has_active_requests(self) -> bool:
+        return bool(self.engine.active or self.arrivals or self.cancellations)
+
+    def step(self, prev_outputs) -> list[Output]:
+        outputs = []
+        while self.cancellations:
+            uid = self.cancellations.popleft()
+            request_id = self.engine_ids.pop(uid, None)
+            if request_id is not None:
+                self.engine.cancel(request_id)
+                self.requests.pop(request_id, None)
+                outputs.append(Output(uid, "", LitAPIStatus.FINISH_STREAMING))
+        while self.arrivals:
+            uid, request = self.arrivals.popleft()
+            try:
+                request_id = self.engine.add(request["prompt_ids"], request["params"])
+            except ValueError as err:  # checked in the HTTP process already; kept as a guard
+                outputs.append(Output(uid, {"error": str(err)}, LitAPIStatus.ERROR))
+                continue
+            self.engine_ids[uid] = request_id
+            self.requests[request_id] = [uid, 0]
+        for event in self.engine.step():
+            state = self.requests[event.request_id]
+            state[1] += 1
+            uid = state[0]
+            outputs.append(Output(uid, {"text": event.text, "finish_reason": event.finish_reason,
+                                        "completion_tokens": state[1]}, LitAPIStatus.OK))
+            if event.finished:
+                outputs.append(Output(uid, "", LitAPIStatus.FINISH_STREAMING))
+                del self.requests[event.request_id], self.engine_ids[uid]
+        return outputs
+
+    def encode_response(self, output):
+        return output  # LitServe sends dicts as JSON lines
+
+    def decode_request(self, request):
+        return request
+
+
+# ---------------------------------------------------------------------------- the HTTP side
+
+
+@dataclass
+class Submission:
+    """One request handed to the worker: its uid and the buffer LitServe fills with its deltas."""
+    uid: str
+    buffer: ResponseBufferItem
+    prompt_tokens: int
+    finished: bool = False
+
+
+class ChatCompletionsSpec(LitSpec):
+    """OpenAI's `/v1/chat/completions` (streaming and not) and `/v1/models`, on our own checks."""
+
+    def __init__(self, settings: ServeSettings):
+        super().__init__()
+        self.settings = settings
+        self.api_path = "/v1/chat/completions"
+        self.tokenizer = None
+        self.max_len = context_length(settings.model_path, settings.max_model_len)
+        self.created = int(time.time())
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["tokenizer"] = None  # the worker loads its own
+        return state
+
+    @property
+    def stream(self):
+        return True
+
+    def pre_setup(self, lit_api):
+        self.add_endpoint("/v1/chat/completions", self.chat_completions, ["POST"])
+        self.add_endpoint("/v1/models", self.models, ["GET"])
+        self.add_endpoint("/v1/models/{model_id}", self.model, ["GET"])
+
+    def setup(self, server):
+        from bumblecore.tokenizer import load_tokenizer
+
+        super().setup(server)
+        self.tokenizer = load_tokenizer(model_dirs(self.settings.model_path)[1])
+
+    def decode_request(self, request, context_kwargs=None):
+        return request
+
+    def encode_response(self, output, context_kwargs=None):
+        return output
+
+    async def models(self):
+        return model_list(self.settings.model_name, self.created)
+
+    async def model(self, model_id: str):
+        if model_id != self.settings.model_name:
+            raise APIError(404, f"The model {model_id!r} does not exist; this server serves {self.settings.model_name!r}.",
+                           param="model", code="model_not_found")
+        return model_card(model_id, self.created)
+
+    # -- a chat completion
+
+    async def chat_completions(self, request: Request):
+        chat = parse_chat_request(await read_json(request, self.settings.max_request_bytes))
+        if chat.model and chat.model != self.settings.model_name:
+            raise APIError(404, f"The model {chat.model!r} does not exist; this server serves {self.settings.model_name!r}.",
+                           param="model", code="model_not_found")
+        prompt = self.prompt_ids(chat)
+        if len(prompt) >= self.max_len:
+            raise APIError(400, f"The prompt is {len(prompt)} tokens; this server's context is {self.max_len} tokens "
+                                f"for prompt and reply together.", param="messages", code="context_length_exceeded")
+        submission = self.submit(prompt, sampling_params(chat, self.max_len))
+        if chat.stream:
+            return CleanupStreamingResponse(self.stream_chunks(chat, submission), on_close=lambda: self.release(submission),
+                                            media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        try:
+            text, finish_reason, tokens = [], None, 0
+            async for piece in self.pieces(submission, request):
+                text.append(piece["text"])
+                finish_reason, tokens = piece["finish_reason"], piece["completion_tokens"]
+            return chat_completion(completion_id(), self.settings.model_name, "".join(text), finish_reason,
+                                   usage(submission.prompt_tokens, tokens))
+        finally:
+            self.release(submission)
+
+    def prompt_ids(self, chat: ChatRequest) -> list[int]:
+        from bumblecore.data.template import render_prompt
+
+        if self.settings.training_stage in ("pretrain", "continue_pretrain"):
+            # A base model continues raw text: the messages' contents, one after another.
+            text = "\n".join(m["content"] for m in chat.messages if m["content"])
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            if not ids:
+                raise APIError(400, "The prompt is empty.", param="messages", code="invalid_value")
+            return ids
+        messages = chat.messages
+        if self.settings.system_prompt and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": self.settings.system_prompt}] + messages
+        return render_prompt(self.tokenizer, messages, chat.tools)
+
+    def submit(self, prompt: list[int], params: SamplingParams) -> Submission:
+        uid = str(uuid.uuid4())
+        buffer = ResponseBufferItem(event=asyncio.Event(), response_queue=deque())
+        self.response_buffer[uid] = buffer
+        self.request_queue.put((self.response_queue_id, uid, time.monotonic(), {"prompt_ids": prompt, "params": params}))
+        return Submission(uid, buffer, len(prompt))
+
+    def release(self, submission: Submission) -> None:
+        """However a request ends: forget its buffer, and stop it in the worker if it is still running."""
+        self.response_buffer.pop(submission.uid, None)
+        if not submission.finished:
+            submission.finished = True
+            self.request_queue.put((self.response_queue_id, submission.uid, time.monotonic(), CANCEL))
+
+    async def pieces(self, submission: Submission, request: Optional[Request] = None):
+        """The worker's messages for one request: {"text", "finish_reason", "completion_tokens"}.
+        With `request` (non-streaming replies), a client that hangs up is noticed within a second;
+        a stream notices through Starlette, which cancels it."""
+        buffer, last_check = submission.buffer, time.monotonic()
+        while True:
+            try:
+                await asyncio.wait_for(buffer.event.wait(), timeout=1.0)
+            except asyncio.TimeoutError:
+                pass
+            if request is not None and time.monotonic() - last_check >= 1.0:
+                last_check = time.monotonic()
+                if await request.is_disconnected():
+                    return
+            while buffer.response_queue:
+                data, status = buffer.response_queue.popleft()
+                if status == LitAPIStatus.FINISH_STREAMING:
+                    submission.finished = True
+                    return
+                if status == LitAPIStatus.ERROR:
+                    submission.finished = True
+                    raise APIError(500, f"generation failed: {worker_error(data)}", error_type="server_error")
+                piece = json.loads(data)
+                if piece["finish_reason"]:
+                    submission.finished = True
+                yield piece
+            buffer.event.clear()
+
+    async def stream_chunks(self, chat: ChatRequest, submission: Submission):
+        request_id, created, model = completion_id(), int(time.time()), self.settings.model_name
+        yield sse(chat_chunk(request_id, model, {"role": "assistant", "content": ""}, created=created))
+        try:
+            async for piece in self.pieces(submission):
+                if piece["text"]:
+                    yield sse(chat_chunk(request_id, model, {"content": piece["text"]}, created=created))
+                if piece["finish_reason"]:
+                    yield sse(chat_chunk(request_id, model, {}, piece["finish_reason"], created=created))
+                    if chat.include_usage:
+                        counts = usage(submission.prompt_tokens, piece["completion_tokens"])
+                        yield sse(chat_chunk(request_id, model, {}, usage_counts=counts, created=created))
+        except APIError as err:  # the status line is sent already: report in the stream, as OpenAI does
+            yield sse(err.body())
+        yield "data: [DONE]\n\n"
+
+
+class CleanupStreamingResponse(StreamingResponse):
+    """Runs on_close however the response ends: finished, client gone (Starlette cancels the
+    stream when the client disconnects), or cancelled before the first chunk."""
+
+    def __init__(self, content, on_close, **kwargs):
+        super().__init__(content, **kwargs)
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
+
+
+def sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+def worker_error(data) -> str:
+    try:
+        data = pickle.loads(data) if isinstance(data, bytes) else data  # LitServe pickles error payloads
+        return json.loads(data).get("error", str(data)) if isinstance(data, str) else str(data)
+    except Exception:
+        return "see the server log"
+
+
+def sampling_params(chat: ChatRequest, max_len: int) -> SamplingParams:
+    """temperature 0 is greedy; without max_tokens a reply may run to the end of the context."""
+    return SamplingParams(max_new_tokens=chat.max_tokens or max_len, do_sample=chat.temperature > 0,
+                          temperature=chat.temperature if chat.temperature > 0 else 1.0, top_k=chat.top_k,
+                          top_p=chat.top_p, repetition_penalty=chat.repetition_penalty, stop=chat.stop,
+                          ignore_eos=chat.ignore_eos, seed=chat.seed)
+
+
+async def read_json(request: Request, limit: int):
+    """The body as JSON, refusing bodies over `limit` bytes before reading them whole."""
+    declared = request.headers.get("content-length", "")
+    too_large = APIError(413, f"The request body is larger than this server's limit of {limit} bytes.",
+                         code="request_too_large")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_large
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise APIError(400, f"The request body is not valid JSON: {err}", code="invalid_json") from None
+
+
+# ---------------------------------------------------------------------------- the server
+
+
+class HTTPThread(threading.Thread):
+    """The uvicorn server in a thread, with the process-like stop methods LitServe's shutdown calls."""
+
+    def __init__(self, server: uvicorn.Server, sockets):
+        super().__init__(target=server.run, kwargs={"sockets": sockets}, name="bumblecore-http", daemon=True)
+        self.server = server
+
+    def terminate(self):
+        self.server.should_exit = True
+
+    def kill(self):
+        self.server.force_exit = True
+
+
+class BumbleServer(ls.LitServer):
+    def __init__(self, settings: ServeSettings):
+        import torch
+
+        on_gpu = settings.device_map.startswith("cuda") or (settings.device_map == "auto" and torch.cuda.is_available())
+        api = EngineAPI(settings, ChatCompletionsSpec(settings))
+        super().__init__(api, accelerator="cuda" if on_gpu else "cpu", devices=1, timeout=False, fast_queue=True)
+        self.settings = settings
+        self.monitor_internal = 0.25  # LitServe's worker-health poll, in seconds (its default: 2)
+        app = self.app
+        app.router.routes[:] = [r for r in app.router.routes if getattr(r, "path", None) != "/"]  # LitServe's "/" text
+        app.add_api_route("/", self.page, methods=["GET"], include_in_schema=False)
+        app.mount("/web", StaticFiles(directory=WEB_DIR), name="web")
+        app.add_exception_handler(APIError, api_error_response)
+        app.add_exception_handler(StarletteHTTPException, http_error_response)
+
+    async def page(self):
+        return FileResponse(WEB_DIR / "index.html", media_type="text/html; charset=utf-8")
+
+    def _start_server(self, port, num_uvicorn_servers, log_level, sockets, uvicorn_worker_type, **kwargs):
+        # One HTTP server in a thread of this process, instead of LitServe's forked processes: the
+        # tokenizer is loaded once, and stop() can end it (LitServe cannot stop a thread).
+        self.app.response_queue_id = 0
+        self.lit_api.spec.response_queue_id = 0
+        config = uvicorn.Config(app=self.app, log_level=log_level, timeout_graceful_shutdown=3, **kwargs)
+        thread = HTTPThread(uvicorn.Server(config), sockets)
+        thread.start()
+        return {0: thread}
+
+    def _perform_graceful_shutdown(self, manager, uvicorn_workers, shutdown_reason="normal"):
+        # Let LitServe's monitor thread see the shutdown flag before the manager it polls goes away.
+        time.sleep(self.monitor_internal + 0.1)
+        super()._perform_graceful_shutdown(manager, uvicorn_workers, shutdown_reason)
+
+    def stop(self) -> None:
+        """End a server started with run() (from another thread)."""
+        if self._shutdown_event is not None:
+            self._shutdown_event.set()
+
+
+async def api_error_response(request, err: APIError):
+    return JSONResponse(err.body(), status_code=err.status)
+
+
+async def http_error_response(request, err: StarletteHTTPException):
+    code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code)
+    return JSONResponse(APIError(err.status_code, str(err.detail), code=code).body(), status_code=err.status_code,
+                        headers=getattr(err, "headers", None))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running_server(model_path: str, port: Optional[int] = None, startup_timeout: float = 180, **options) -> Iterator[str]:
+    """Serve from a background thread of this process (tests, benchmarks); yields the base URL and
+    shuts everything down (HTTP server, worker process) on exit."""
+    port = port or free_port()
+    server = BumbleServer(ServeSettings(model_path, **options))
+    thread = threading.Thread(target=server.run, name="bumblecore-serve", daemon=True,
+                              kwargs=dict(host="127.0.0.1", port=port, log_level="warning", generate_client_file=False))
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + startup_timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as reply:
+                if reply.status == 200:
+                    break
+        except OSError:
+            pass
+        if not thread.is_alive():
+            raise RuntimeError("the server stopped while starting; see its log above")
+        if time.monotonic() > deadline:
+            server.stop()
+            raise TimeoutError(f"the server did not become healthy within {startup_timeout} s")
+        time.sleep(0.2)
+    try:
+        yield url
+    finally:
+        server.stop()
+        thread.join(timeout=30)
+
+
+def serve(
+    model_path: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: Optional[str] = None,
+    model_name: str = "bumblebee",
+    training_stage: str = "sft",
+    system_prompt: Optional[str] = None,
+    max_batch_size: int = 16,
+    max_model_len: Optional[int] = None,
+    max_request_bytes: int = 1_000_000,
+    dtype: str = "auto",
+    device_map: str = "auto",
+    log_level: str = "info",
+) -> None:
+    """Serve a model: OpenAI-compatible /v1/chat/completions (streaming too), /v1/models, /health, and a web chat page at /.
+
+    Args:
+        model_path: a model directory (HF layout) or a LoRA adapter directory.
+        host: address to bind; 127.0.0.1 (this machine only) unless you mean to expose it (0.0.0.0 or ::).
+        port: TCP port.
+        api_key: when set, API routes need `Authorization: Bearer <key>` (default: env BUMBLECORE_API_KEY; none: any key is accepted).
+        model_name: the model id clients send and /v1/models lists.
+        training_stage: pretrain/continue_pretrain serve raw-text completion; sft/dpo chat through the template.
+        system_prompt: system message for conversations without one (default: the template's).
+        max_batch_size: requests decoded together (KV-cache slots); more wait for a free slot.
+        max_model_len: tokens per request, prompt and reply together (default: the model's, at most 4096).
+        max_request_bytes: larger request bodies are refused with 413.
+        dtype: auto (the checkpoint's), float32, float16 or bfloat16.
+        device_map: auto, cpu or cuda:N.
+        log_level: uvicorn/LitServe log level (debug, info, warning, error).
+    """
+    if training_stage not in ("pretrain", "continue_pretrain", "sft", "dpo"):
+        raise ValueError(f"training_stage {training_stage!r}: expected pretrain, continue_pretrain, sft or dpo")
+    if max_batch_size < 1:
+        raise ValueError("max_batch_size must be at least 1")
+    api_key = api_key or os.environ.get("BUMBLECORE_API_KEY") or None
+    settings = ServeSettings(model_path, model_name, api_key, training_stage, system_prompt, max_batch_size,
+                             max_model_len, max_request_bytes, dtype, device_map)
+    context_length(model_path, max_model_len)  # a wrong path fails here, in one line, before any process starts
+    server = BumbleServer(settings)
+    shown = "localhost" if host in ("127.0.0.1", "::1") else host
+    print(f"bumblecore serve: http://{shown}:{port}/ (chat page), http://{shown}:{port}/v1 (OpenAI API, model "
+          f"{model_name!r}{', API key required' if api_key else ''})", flush=True)
+    server.run(host=host, port=port, log_level=log_level, generate_client_file=False)
