@@ -260,3 +260,20 @@ def test_dpo_on_demo_preferences_learns_and_writes_its_outputs(tmp_path, models,
 
     policy = AutoModelForCausalLM.from_pretrained(out / "checkpoint-12")
     assert type(policy).__name__ == "Qwen2ForCausalLM"
+
+
+def test_ref_model_path_names_another_reference(tmp_path, models, data):
+    """The same start with another reference: the first loss is the closed form over that reference, not ln 2."""
+    from bumblecore.data.loader import BatchLoader
+
+    _, units = pairs_batch(data / "train.jsonl", tmp_path)
+    step0 = BatchLoader(units, 4, 1, seed=42).micro_batches(0)[0]  # the run's first batch
+    policy = Bumblebee.from_pretrained(models / "policy")
+    stage = PreferenceStage(0.5, reference=ModelReference(Bumblebee.from_pretrained(models / "reference")))
+    expected = float(stage.loss(policy, step0)[0]) / 4
+    for precompute in (True, False):
+        first = train_records(run(tmp_path / f"out{precompute}", models / "policy", data, max_steps=1, save_steps=100,
+                                  train_micro_batch_size_per_gpu=4, gradient_accumulation_steps=1,
+                                  ref_model_path=str(models / "reference"), precompute_ref_log_probs=precompute))[0]
+        assert first["loss"] == pytest.approx(expected, abs=1e-5)
+        assert abs(first["loss"] - math.log(2)) > 1e-3
