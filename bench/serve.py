@@ -1,0 +1,135 @@
+"""Serving throughput: 16 concurrent streaming clients vs the same 16 requests one at a time.
+
+    python bench/serve.py [--clients 16] [--max_tokens 64] [--quick]
+
+Starts `bumblecore serve` in a subprocess on loopback with a random Qwen2-shaped model (4 layers,
+hidden 256, the demo tokenizer's vocabulary), then sends the same requests (streaming, greedy,
+ignore_eos, fixed max_tokens, so every request generates exactly max_tokens tokens) first one after
+another, then all at once. Reported: aggregate completion tokens/s of each and their ratio (goal >= 4x).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def build_model(directory: Path) -> None:
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from bumblecore.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(ROOT / "bumblecore" / "demo_data" / "tokenizer")
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=-(-len(tokenizer) // 64) * 64, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+                         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True)
+    Qwen2ForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(str(directory))
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, process: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError("bumblecore serve exited while starting")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as reply:
+                if reply.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError("the server did not become healthy")
+
+
+def stream_one(url: str, index: int, max_tokens: int) -> int:
+    """One streaming request; returns its completion tokens (from the usage chunk)."""
+    body = {"model": "bumblebee", "messages": [{"role": "user", "content": f"Request {index}: tell me about bees."}],
+            "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
+    tokens = 0
+    with requests.post(url + "/v1/chat/completions", json=body, stream=True, timeout=300) as reply:
+        reply.raise_for_status()
+        for line in reply.iter_lines():
+            if line.startswith(b"data: {"):
+                chunk = json.loads(line[6:])
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+    return tokens
+
+
+def measure(url: str, clients: int, max_tokens: int, at_once: bool) -> tuple[float, int]:
+    started = time.perf_counter()
+    if at_once:
+        with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+            counts = list(pool.map(lambda i: stream_one(url, i, max_tokens), range(clients)))
+    else:
+        counts = [stream_one(url, i, max_tokens) for i in range(clients)]
+    seconds = time.perf_counter() - started
+    assert all(c == max_tokens for c in counts), counts
+    return seconds, sum(counts)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--max_tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each mode; the best is reported")
+    parser.add_argument("--quick", action="store_true", help="8 clients, 16 tokens, one run")
+    args = parser.parse_args()
+    if args.quick:
+        args.clients, args.max_tokens, args.repeats = 8, 16, 1
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = Path(tmp) / "model"
+        build_model(model_dir)
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        process = subprocess.Popen([sys.executable, "-m", "bumblecore", "serve", "--model_path", str(model_dir), "--port", str(port),
+                                    "--max_batch_size", str(args.clients), "--log_level", "warning"],
+                                   cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_healthy(url, process)
+            measure(url, 2, 8, at_once=False)  # warm-up
+            sequential = min(measure(url, args.clients, args.max_tokens, at_once=False)[0] for _ in range(args.repeats))
+            together = min(measure(url, args.clients, args.max_tokens, at_once=True)[0] for _ in range(args.repeats))
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+    tokens = args.clients * args.max_tokens
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads default")
+    print(f"{args.clients} requests x {args.max_tokens} tokens (streaming, greedy, ignore_eos), best of {args.repeats}")
+    print(f"one at a time: {sequential:.2f} s, {tokens / sequential:.1f} completion tokens/s")
+    print(f"{args.clients} concurrent: {together:.2f} s, {tokens / together:.1f} completion tokens/s")
+    print(f"ratio: {sequential / together:.2f}x (goal >= 4x)")
+
+
+if __name__ == "__main__":
+    main()
