@@ -14,7 +14,7 @@ import sys
 
 # name -> (module:function, one-line summary shown by `bumblecore --help`)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("bumblecore.train.run:train", "train a model: pretrain, continue_pretrain or sft; full or LoRA (flat YAML keys)"),
+    "train": ("bumblecore.train.run:train", "train a model: pretrain, continue_pretrain, sft or dpo; full or LoRA (flat YAML keys)"),
     "init_model": ("bumblecore.model.init:init_model", "write a model dir (config.json + tokenizer, no weights) for pretraining from scratch"),
     "train_tokenizer": ("bumblecore.tokenizer:train_tokenizer", "train a byte-level BPE tokenizer with the ChatML specials and chat template"),
     "generate": ("bumblecore.inference.commands:generate", "generate text from a model (stdout: the text; stderr: tokens/s)"),
@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "merge_lora": ("bumblecore.train.lora:merge_lora", "merge a LoRA adapter into its base and save a full model, checked against the unmerged one"),
     "inspect_data": ("bumblecore.data.commands:inspect_data", "validate a dataset and show how samples are tokenized and which tokens are trained"),
     "prepare_data": ("bumblecore.data.commands:prepare_data", "tokenize a run's datasets into the token cache ahead of training"),
+    "demo": ("bumblecore.demo:demo", "the whole pipeline on the shipped demo data: pretrain -> SFT -> DPO -> merge -> evaluate"),
 }
 
 

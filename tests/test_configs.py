@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-TRAIN_YAMLS = sorted(p for p in CONFIGS.rglob("*.yaml") if p.parent.name in ("pretrain", "sft", "dpo"))
+TRAIN_YAMLS = sorted(p for p in CONFIGS.rglob("*.yaml") if p.parent.name in ("pretrain", "sft", "dpo", "demo"))
 
 
 def test_there_are_configs():
