@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Pretrain from random init with configs/pretrain/pretrain_full.yaml; extra flags override it,
+# e.g. scripts/pretrain.sh --num_epochs 2. Makes checkpoints/init first when it is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -f checkpoints/init/config.json ] || bumblecore init_model --preset "${PRESET:-0.5B}" --tokenizer_path "${TOKENIZER:-bumblecore/demo_data/tokenizer}" --output_dir checkpoints/init
+bumblecore train --config configs/pretrain/pretrain_full.yaml "$@"
+# All GPUs of this node (add --num-nodes N --node-rank R --main-address HOST for several nodes):
+# fabric run --accelerator cuda --devices 8 bumblecore/__main__.py train --config configs/pretrain/pretrain_full.yaml --deepspeed_config_path configs/deepspeed/ds_z2_config.json "$@"

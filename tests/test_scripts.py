@@ -1,0 +1,57 @@
+"""Every command line in scripts/*.sh (the fabric run lines beside them included) and every
+configs/inference YAML parses (--print_config), so the scripts users copy do not rot."""
+
+import contextlib
+import io
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bumblecore.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = sorted((ROOT / "scripts").glob("*.sh"))
+
+
+def command_lines(script: Path) -> list[list[str]]:
+    """The bumblecore invocations of a script, as argument lists (env defaults filled, "$@" dropped)."""
+    found = []
+    for line in script.read_text().splitlines():
+        line = re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", line.lstrip("# "))
+        match = re.search(r"(?:^|\|\| )bumblecore (\w+.*)$", line) or re.search(r"bumblecore/__main__\.py (\w+.*)$", line)
+        if match:
+            found.append([a.strip('"') for a in match.group(1).split() if a != '"$@"'])
+    return found
+
+
+def test_every_workflow_has_a_script():
+    names = {p.stem for p in SCRIPTS}
+    assert {"pretrain", "sft_full", "sft_lora", "dpo_full", "dpo_lora", "merge_lora", "chat", "bumblechat", "demo"} <= names
+
+
+def print_config(args: list[str]) -> dict:
+    """`bumblecore <args> --print_config` in this process: the resolved configuration."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        try:
+            main([*args, "--print_config"])
+        except SystemExit as exit:
+            assert not exit.code, f"{' '.join(args)} exited with {exit.code}"
+    return yaml.safe_load(out.getvalue())
+
+
+@pytest.mark.parametrize("script", [s for s in SCRIPTS if command_lines(s)], ids=lambda p: p.name)
+def test_script_command_lines_parse(script, monkeypatch):
+    monkeypatch.chdir(ROOT)  # the scripts cd to the repository root
+    for args in command_lines(script):
+        assert print_config(args), f"{script.name}: {' '.join(args)}"
+
+
+@pytest.mark.parametrize("name,command", [("chat.yaml", "chat"), ("bumblechat.yaml", "serve")])
+def test_inference_configs_parse(name, command):
+    path = ROOT / "configs" / "inference" / name
+    resolved = print_config([command, "--config", str(path)])
+    for key, value in yaml.safe_load(path.read_text()).items():
+        assert resolved[key] == value, key
