@@ -17,6 +17,7 @@ import logging
 import os
 import pickle
 import secrets
+import signal
 import socket
 import threading
 import time
@@ -137,6 +138,8 @@ class EngineLoop(ContinuousBatchingLoop):
         if self.work_arrived is None:
             self.work_arrived = asyncio.Event()
         if not lit_api.has_active_requests():
+            if os.getppid() != self._server_pid:  # the server process is gone (killed): do not linger
+                os._exit(0)
             # LitServe calls run() again at once when it returns; wait here instead of spinning.
             try:
                 await asyncio.wait_for(self.work_arrived.wait(), timeout=0.5)
@@ -585,4 +588,11 @@ def serve(
     shown = "localhost" if host in ("127.0.0.1", "::1") else host
     print(f"bumblecore serve: http://{shown}:{port}/ (chat page), http://{shown}:{port}/v1 (OpenAI API, model "
           f"{model_name!r}{', API key required' if api_key else ''})", flush=True)
+    # SIGTERM (docker stop, kill, systemd) shuts down like Ctrl+C does: LitServe then stops the worker
+    # process too, instead of leaving it orphaned.
+    signal.signal(signal.SIGTERM, stop_like_ctrl_c)
     server.run(host=host, port=port, log_level=log_level, generate_client_file=False)
+
+
+def stop_like_ctrl_c(signum, frame):
+    raise KeyboardInterrupt
