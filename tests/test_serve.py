@@ -299,6 +299,13 @@ def test_a_disconnected_stream_frees_its_slot(model_dir):
         started = time.monotonic()
         reply = client.chat.completions.create(model="bumblebee", messages=user("The brave fox"), max_tokens=8, temperature=0)
         assert time.monotonic() - started < 15
+        # A non-streaming client that gives up frees the slot too (the server polls for the hang-up).
+        with pytest.raises(requests.exceptions.ReadTimeout):
+            requests.post(url + "/v1/chat/completions", timeout=1.5, json={
+                "messages": user("The brave fox"), "max_tokens": 32000, "ignore_eos": True, "temperature": 0})
+        started = time.monotonic()
+        again = client.chat.completions.create(model="bumblebee", messages=user("The brave fox"), max_tokens=8, temperature=0)
+        assert time.monotonic() - started < 15 and again.choices[0].message.content == reply.choices[0].message.content
 
     model, tokenizer, eos = load_for_inference(str(model_dir), device_map="cpu")
     ids = build_prompt_ids(tokenizer, "The brave fox", "pretrain")
