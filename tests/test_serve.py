@@ -187,6 +187,32 @@ def test_without_a_key_any_key_is_accepted():
 
 
 MESSAGES = user("hi")
+
+
+def test_server_flags_are_defaults_for_fields_a_request_leaves_out(monkeypatch):
+    from bumblecore.inference import serve
+    from bumblecore.inference.openai_api import parse_chat_request
+
+    settings = ServeSettings("unused", max_new_tokens=40, do_sample=False, top_k=7, repetition_penalty=1.2)
+    omitted = serve.sampling_params(parse_chat_request({"messages": MESSAGES}), settings, CONTEXT)
+    assert (omitted.max_new_tokens, omitted.do_sample, omitted.top_k, omitted.repetition_penalty) == (40, False, 7, 1.2)
+    given = serve.sampling_params(parse_chat_request({"messages": MESSAGES, "max_tokens": 5, "temperature": 0.5, "top_k": 0}),
+                                  settings, CONTEXT)
+    assert (given.max_new_tokens, given.do_sample, given.temperature, given.top_k) == (5, True, 0.5, 0)
+    greedy = serve.sampling_params(parse_chat_request({"messages": MESSAGES, "temperature": 0}), ServeSettings("unused"), CONTEXT)
+    assert not greedy.do_sample and greedy.max_new_tokens == CONTEXT  # no max_tokens anywhere: to the context's end
+
+    started = []
+    monkeypatch.setattr(serve, "context_length", lambda *args: CONTEXT)
+    monkeypatch.setattr(serve, "BumbleServer", lambda settings: type("S", (), {"run": lambda self, **kw: started.append((settings, kw))})())
+    monkeypatch.setattr(serve.signal, "signal", lambda *args: None)  # keep this process's SIGTERM handler
+    monkeypatch.setenv("BUMBLECORE_API_KEY", "from-env")
+    serve.serve("unused")
+    assert started[0][0].api_key == "from-env" and started[0][1]["host"] == "127.0.0.1" and started[0][1]["port"] == 8000
+    with pytest.raises(ValueError):
+        serve.serve("unused", top_p=0)
+
+
 BAD_REQUESTS = [
     (b"{not json", 400, None, "invalid_json"),
     (b"[1, 2]", 400, None, "invalid_type"),
@@ -372,6 +398,13 @@ def test_chat_page_in_a_real_browser(server, reference):
         driver.refresh()  # the conversation and the key live in this browser
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#messages .message")) == 2)
         assert driver.find_element(By.ID, "api-key").get_attribute("value") == KEY
+        other = chromium_driver()  # another browser (its own profile): its own, empty conversation
+        try:
+            other.get(server + "/")
+            WebDriverWait(other, 30).until(lambda d: "needs an API key" in d.find_element(By.ID, "status").text)
+            assert not other.find_elements(By.CSS_SELECTOR, "#messages .message")
+        finally:
+            other.quit()
         driver.find_element(By.ID, "new-chat").click()
         wait.until(lambda d: not d.find_elements(By.CSS_SELECTOR, "#messages .message"))
         assert json.loads(driver.execute_script("return localStorage.getItem('bumblecore.chat.v1')"))["messages"] == []

@@ -35,12 +35,13 @@ class ChatRequest:
     """Messages as the chat template reads them: role, content (a string), optional tool_calls."""
     tools: Optional[list] = None
     model: Optional[str] = None
+    # None = not sent: the server's defaults apply (its --max_new_tokens, --temperature ... flags).
     max_tokens: Optional[int] = None
-    """None: generate up to the end of the context."""
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    repetition_penalty: float = 1.0
+    temperature: Optional[float] = None
+    """0 = greedy."""
+    top_p: Optional[float] = None
+    top_k: Optional[int] = None
+    repetition_penalty: Optional[float] = None
     stop: list[str] = field(default_factory=list)
     seed: Optional[int] = None
     ignore_eos: bool = False
@@ -61,10 +62,10 @@ def _is_integer(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _number(body: dict, name: str, default: float, low: float, high: float, low_open: bool = False) -> float:
+def _number(body: dict, name: str, low: float, high: float, low_open: bool = False) -> Optional[float]:
     value = body.get(name)
     if value is None:
-        return default
+        return None
     if not _is_number(value):
         raise _invalid(name, f"expected a number, got {type(value).__name__}", "invalid_type")
     if value < low or (low_open and value == low) or value > high:
@@ -186,10 +187,10 @@ def parse_chat_request(body) -> ChatRequest:
         tools=tools or None,
         model=model,
         max_tokens=max_tokens,
-        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
-        top_p=_number(body, "top_p", 1.0, 0.0, 1.0, low_open=True),
-        top_k=_integer(body, "top_k", 0) or 0,
-        repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.0, 10.0, low_open=True),
+        temperature=_number(body, "temperature", 0.0, 2.0),
+        top_p=_number(body, "top_p", 0.0, 1.0, low_open=True),
+        top_k=_integer(body, "top_k", 0),
+        repetition_penalty=_number(body, "repetition_penalty", 0.0, 10.0, low_open=True),
         stop=[s for s in stop if s],
         seed=seed,
         ignore_eos=_boolean(body, "ignore_eos"),

@@ -65,6 +65,13 @@ class ServeSettings:
     max_request_bytes: int = 1_000_000
     dtype: str = "auto"
     device_map: str = "auto"
+    # Defaults for requests that leave a field out (the original's generation flags).
+    max_new_tokens: Optional[int] = None
+    do_sample: bool = True
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
 
 
 def model_dirs(model_path: str) -> tuple[Path, Path]:
@@ -196,6 +203,20 @@ class EngineAPI(ls.LitAPI):
 
     def step(self, prev_outputs) -> list[Output]:
         outputs = []
+        while self.arrivals:
+            # Taken off the deque only once it holds a slot, so has_capacity() (read from the other
+            # thread meanwhile) never counts a slot twice.
+            uid, request = self.arrivals[0]
+            try:
+                request_id = self.engine.add(request["prompt_ids"], request["params"])
+            except ValueError as err:  # checked in the HTTP process already; kept as a guard
+                self.arrivals.popleft()
+                outputs.append(Output(uid, {"error": str(err)}, LitAPIStatus.ERROR))
+                continue
+            self.engine_ids[uid] = request_id
+            self.requests[request_id] = [uid, 0]
+            self.arrivals.popleft()
+        # After the arrivals: a request cancelled right after it arrived is dropped before its prefill.
         while self.cancellations:
             uid = self.cancellations.popleft()
             request_id = self.engine_ids.pop(uid, None)
@@ -203,15 +224,6 @@ class EngineAPI(ls.LitAPI):
                 self.engine.cancel(request_id)
                 self.requests.pop(request_id, None)
                 outputs.append(Output(uid, "", LitAPIStatus.FINISH_STREAMING))
-        while self.arrivals:
-            uid, request = self.arrivals.popleft()
-            try:
-                request_id = self.engine.add(request["prompt_ids"], request["params"])
-            except ValueError as err:  # checked in the HTTP process already; kept as a guard
-                outputs.append(Output(uid, {"error": str(err)}, LitAPIStatus.ERROR))
-                continue
-            self.engine_ids[uid] = request_id
-            self.requests[request_id] = [uid, 0]
         for event in self.engine.step():
             state = self.requests[event.request_id]
             state[1] += 1
@@ -299,7 +311,7 @@ class ChatCompletionsSpec(LitSpec):
         if len(prompt) >= self.max_len:
             raise APIError(400, f"The prompt is {len(prompt)} tokens; this server's context is {self.max_len} tokens "
                                 f"for prompt and reply together.", param="messages", code="context_length_exceeded")
-        submission = self.submit(prompt, sampling_params(chat, self.max_len))
+        submission = self.submit(prompt, sampling_params(chat, self.settings, self.max_len))
         if chat.stream:
             return CleanupStreamingResponse(self.stream_chunks(chat, submission), on_close=lambda: self.release(submission),
                                             media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -414,12 +426,21 @@ def worker_error(data) -> str:
         return "see the server log"
 
 
-def sampling_params(chat: ChatRequest, max_len: int) -> SamplingParams:
-    """temperature 0 is greedy; without max_tokens a reply may run to the end of the context."""
-    return SamplingParams(max_new_tokens=chat.max_tokens or max_len, do_sample=chat.temperature > 0,
-                          temperature=chat.temperature if chat.temperature > 0 else 1.0, top_k=chat.top_k,
-                          top_p=chat.top_p, repetition_penalty=chat.repetition_penalty, stop=chat.stop,
-                          ignore_eos=chat.ignore_eos, seed=chat.seed)
+def sampling_params(chat: ChatRequest, settings: ServeSettings, max_len: int) -> SamplingParams:
+    """The request's values, else the server's defaults. A request's temperature 0 is greedy; without
+    any max_tokens a reply may run to the end of the context."""
+    def pick(value, default):
+        return default if value is None else value
+
+    if chat.temperature is None:
+        do_sample, temperature = settings.do_sample and settings.temperature > 0, settings.temperature
+    else:
+        do_sample, temperature = chat.temperature > 0, chat.temperature
+    return SamplingParams(max_new_tokens=chat.max_tokens or settings.max_new_tokens or max_len, do_sample=do_sample,
+                          temperature=temperature if temperature > 0 else 1.0, top_k=pick(chat.top_k, settings.top_k),
+                          top_p=pick(chat.top_p, settings.top_p),
+                          repetition_penalty=pick(chat.repetition_penalty, settings.repetition_penalty),
+                          stop=chat.stop, ignore_eos=chat.ignore_eos, seed=chat.seed)
 
 
 async def read_json(request: Request, limit: int):
@@ -557,6 +578,12 @@ def serve(
     max_request_bytes: int = 1_000_000,
     dtype: str = "auto",
     device_map: str = "auto",
+    max_new_tokens: Optional[int] = None,
+    do_sample: bool = True,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    repetition_penalty: float = 1.0,
     log_level: str = "info",
 ) -> None:
     """Serve a model: OpenAI-compatible /v1/chat/completions (streaming too), /v1/models, /health, and a web chat page at /.
@@ -574,6 +601,12 @@ def serve(
         max_request_bytes: larger request bodies are refused with 413.
         dtype: auto (the checkpoint's), float32, float16 or bfloat16.
         device_map: auto, cpu or cuda:N.
+        max_new_tokens: reply length for requests without max_tokens (default: up to the end of the context).
+        do_sample: for requests without temperature: sample (true, OpenAI's default) or greedy (false).
+        temperature: for requests without temperature.
+        top_k: for requests without top_k (0: no top-k filter).
+        top_p: for requests without top_p.
+        repetition_penalty: for requests without repetition_penalty.
         log_level: uvicorn/LitServe log level (debug, info, warning, error).
     """
     if training_stage not in ("pretrain", "continue_pretrain", "sft", "dpo"):
@@ -581,8 +614,13 @@ def serve(
     if max_batch_size < 1:
         raise ValueError("max_batch_size must be at least 1")
     api_key = api_key or os.environ.get("BUMBLECORE_API_KEY") or None
-    settings = ServeSettings(model_path, model_name, api_key, training_stage, system_prompt, max_batch_size,
-                             max_model_len, max_request_bytes, dtype, device_map)
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or repetition_penalty <= 0:
+        raise ValueError("expected temperature >= 0, 0 < top_p <= 1, top_k >= 0 and repetition_penalty > 0")
+    settings = ServeSettings(
+        model_path, model_name=model_name, api_key=api_key, training_stage=training_stage, system_prompt=system_prompt,
+        max_batch_size=max_batch_size, max_model_len=max_model_len, max_request_bytes=max_request_bytes, dtype=dtype,
+        device_map=device_map, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
+        top_p=top_p, repetition_penalty=repetition_penalty)
     context_length(model_path, max_model_len)  # a wrong path fails here, in one line, before any process starts
     server = BumbleServer(settings)
     shown = "localhost" if host in ("127.0.0.1", "::1") else host
