@@ -125,7 +125,33 @@ def test_roles_tools_and_list_content_go_through_the_chat_template(client, refer
     template_messages = messages[:2] + [
         {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": messages[2]["tool_calls"][0]["function"]}]},
         {"role": "tool", "content": "3"}, {"role": "user", "content": "And in 中文?"}]
-    assert reply.choices[0].message.content == reference(template_messages, 10, tools=tools)["text"]
+    expected = reference(template_messages, 10, tools=tools)["text"]
+    assert reply.choices[0].message.content == expected
+    chunks = client.chat.completions.create(model="bumblebee", messages=messages, tools=tools, max_tokens=10, temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+
+
+def test_tool_call_blocks_become_tool_calls_however_the_text_is_split():
+    from bumblecore.inference.openai_api import ToolCallStream, merge_deltas
+
+    text = ('Let me count.\n<tool_call>\n{"name": "count_words", "arguments": {"text": "狐狸 owl"}}\n</tool_call>\n'
+            '<tool_call>\nnot json\n</tool_call> done <tool')
+
+    def reply(pieces):
+        stream = ToolCallStream()
+        deltas = [d for piece in pieces for d in stream.push(piece)] + stream.finish()
+        message = merge_deltas(deltas)
+        for call in message.get("tool_calls", []):
+            assert call.pop("id").startswith("call_")
+        return message
+
+    expected = {"role": "assistant", "content": "Let me count.\n\n<tool_call>\nnot json\n</tool_call> done <tool",
+                "tool_calls": [{"type": "function", "function": {"name": "count_words", "arguments": '{"text": "狐狸 owl"}'}}]}
+    assert reply([text]) == expected
+    assert reply(list(text)) == expected  # one character at a time, as a stream may deliver it
+    for cut in range(len(text) + 1):
+        assert reply([text[:cut], text[cut:]]) == expected
+    assert reply(["no tools <tool_ here"]) == {"role": "assistant", "content": "no tools <tool_ here"}
 
 
 def test_extras_and_limits_reach_the_engine(client, reference):

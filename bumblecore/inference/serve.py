@@ -42,8 +42,8 @@ from starlette.responses import StreamingResponse
 from starlette.staticfiles import StaticFiles
 
 from bumblecore.inference.generate import SamplingParams
-from bumblecore.inference.openai_api import (APIError, ChatRequest, chat_chunk, chat_completion, completion_id, model_card,
-                                             model_list, parse_chat_request, usage)
+from bumblecore.inference.openai_api import (APIError, ChatRequest, ToolCallStream, chat_chunk, chat_completion, completion_id,
+                                             merge_deltas, model_card, model_list, parse_chat_request, usage)
 
 WEB_DIR = Path(__file__).parent / "web"
 PUBLIC_PATHS = ("/", "/health")  # the page asks for the key itself; load balancers probe /health without one
@@ -316,11 +316,15 @@ class ChatCompletionsSpec(LitSpec):
             return CleanupStreamingResponse(self.stream_chunks(chat, submission), on_close=lambda: self.release(submission),
                                             media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         try:
-            text, finish_reason, tokens = [], None, 0
+            replies = ReplyDeltas(chat)
+            deltas, finish_reason, tokens = [], None, 0
             async for piece in self.pieces(submission, request):
-                text.append(piece["text"])
-                finish_reason, tokens = piece["finish_reason"], piece["completion_tokens"]
-            return chat_completion(completion_id(), self.settings.model_name, "".join(text), finish_reason,
+                deltas += replies.push(piece["text"])
+                if piece["finish_reason"]:
+                    deltas += replies.finish()
+                    finish_reason = replies.finish_reason(piece["finish_reason"])
+                tokens = piece["completion_tokens"]
+            return chat_completion(completion_id(), self.settings.model_name, merge_deltas(deltas), finish_reason,
                                    usage(submission.prompt_tokens, tokens))
         finally:
             self.release(submission)
@@ -385,18 +389,40 @@ class ChatCompletionsSpec(LitSpec):
     async def stream_chunks(self, chat: ChatRequest, submission: Submission):
         request_id, created, model = completion_id(), int(time.time()), self.settings.model_name
         yield sse(chat_chunk(request_id, model, {"role": "assistant", "content": ""}, created=created))
+        replies = ReplyDeltas(chat)
         try:
             async for piece in self.pieces(submission):
-                if piece["text"]:
-                    yield sse(chat_chunk(request_id, model, {"content": piece["text"]}, created=created))
+                deltas = replies.push(piece["text"]) + (replies.finish() if piece["finish_reason"] else [])
+                for delta in deltas:
+                    yield sse(chat_chunk(request_id, model, delta, created=created))
                 if piece["finish_reason"]:
-                    yield sse(chat_chunk(request_id, model, {}, piece["finish_reason"], created=created))
+                    reason = replies.finish_reason(piece["finish_reason"])
+                    yield sse(chat_chunk(request_id, model, {}, reason, created=created))
                     if chat.include_usage:
                         counts = usage(submission.prompt_tokens, piece["completion_tokens"])
                         yield sse(chat_chunk(request_id, model, {}, usage_counts=counts, created=created))
         except APIError as err:  # the status line is sent already: report in the stream, as OpenAI does
             yield sse(err.body())
         yield "data: [DONE]\n\n"
+
+
+class ReplyDeltas:
+    """A reply's text deltas as OpenAI message deltas: plain `content`, or, when the request offered
+    tools, `tool_calls` for the template's `<tool_call>` blocks (finish_reason "tool_calls")."""
+
+    def __init__(self, chat: ChatRequest):
+        self.tool_calls = ToolCallStream() if chat.tools else None
+
+    def push(self, text: str) -> list[dict]:
+        if self.tool_calls is None:
+            return [{"content": text}] if text else []
+        return self.tool_calls.push(text)
+
+    def finish(self) -> list[dict]:
+        return self.tool_calls.finish() if self.tool_calls is not None else []
+
+    def finish_reason(self, engine_reason: str) -> str:
+        return "tool_calls" if self.tool_calls is not None and self.tool_calls.calls and engine_reason == "stop" else engine_reason
 
 
 class CleanupStreamingResponse(StreamingResponse):
