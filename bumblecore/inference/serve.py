@@ -570,25 +570,29 @@ def running_server(model_path: str, port: Optional[int] = None, startup_timeout:
                               kwargs=dict(host="127.0.0.1", port=port, log_level="warning", generate_client_file=False))
     thread.start()
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + startup_timeout
-    while True:
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as reply:
-                if reply.status == 200:
-                    break
-        except OSError:
-            pass
-        if not thread.is_alive():
-            raise RuntimeError("the server stopped while starting; see its log above")
-        if time.monotonic() > deadline:
-            server.stop()
-            raise TimeoutError(f"the server did not become healthy within {startup_timeout} s")
-        time.sleep(0.2)
     try:
+        wait_until_healthy(url, thread.is_alive, startup_timeout)
         yield url
     finally:
         server.stop()
         thread.join(timeout=30)
+
+
+def wait_until_healthy(url: str, alive, timeout: float) -> None:
+    """Poll {url}/health until it answers 200 (the model is loaded); fail early if `alive()` turns false."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as reply:
+                if reply.status == 200:
+                    return
+        except OSError:
+            pass
+        if not alive():
+            raise RuntimeError("the server stopped while starting; see its log above")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the server did not become healthy within {timeout} s")
+        time.sleep(0.2)
 
 
 def serve(
