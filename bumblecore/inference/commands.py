@@ -12,8 +12,10 @@ from bumblecore.inference.generate import GenerationEngine, SamplingParams
 from bumblecore.inference.loading import load_for_inference
 
 
-def build_prompt_ids(tokenizer, prompt_or_messages, training_stage: str = "sft", system_prompt: Optional[str] = None) -> list[int]:
-    """Raw text for pretrain models; the chat template (DESIGN.md §4) for sft/dpo models."""
+def build_prompt_ids(tokenizer, prompt_or_messages, training_stage: str = "sft", system_prompt: Optional[str] = None,
+                     tools: Optional[list] = None) -> list[int]:
+    """Raw text for pretrain models; the chat template (DESIGN.md §4) for sft/dpo models, with tool
+    definitions when given."""
     from bumblecore.data.template import render_prompt
 
     if training_stage in ("pretrain", "continue_pretrain"):
@@ -21,7 +23,7 @@ def build_prompt_ids(tokenizer, prompt_or_messages, training_stage: str = "sft",
     messages = prompt_or_messages if isinstance(prompt_or_messages, list) else [{"role": "user", "content": prompt_or_messages}]
     if system_prompt and not (messages and messages[0]["role"] == "system"):
         messages = [{"role": "system", "content": system_prompt}] + messages
-    return render_prompt(tokenizer, messages)
+    return render_prompt(tokenizer, messages, tools)
 
 
 def _read_prompts(path: str) -> list[str]:

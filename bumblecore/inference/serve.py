@@ -13,7 +13,6 @@ free at the next step), and an idle worker waits for work instead of spinning.
 
 import asyncio
 import json
-import logging
 import os
 import pickle
 import secrets
@@ -49,8 +48,6 @@ WEB_DIR = Path(__file__).parent / "web"
 PUBLIC_PATHS = ("/", "/health")  # the page asks for the key itself; load balancers probe /health without one
 CANCEL = {"cancel": True}  # sent through the request queue, under the uid of the request to stop
 DEFAULT_CONTEXT_CAP = 4096
-
-logger = logging.getLogger("bumblecore.serve")
 
 
 @dataclass
@@ -295,18 +292,20 @@ class ChatCompletionsSpec(LitSpec):
         return model_list(self.settings.model_name, self.created)
 
     async def model(self, model_id: str):
-        if model_id != self.settings.model_name:
-            raise APIError(404, f"The model {model_id!r} does not exist; this server serves {self.settings.model_name!r}.",
-                           param="model", code="model_not_found")
+        self.check_model(model_id)
         return model_card(model_id, self.created)
+
+    def check_model(self, name: str) -> None:
+        if name != self.settings.model_name:
+            raise APIError(404, f"The model {name!r} does not exist; this server serves {self.settings.model_name!r}.",
+                           param="model", code="model_not_found")
 
     # -- a chat completion
 
     async def chat_completions(self, request: Request):
         chat = parse_chat_request(await read_json(request, self.settings.max_request_bytes))
-        if chat.model and chat.model != self.settings.model_name:
-            raise APIError(404, f"The model {chat.model!r} does not exist; this server serves {self.settings.model_name!r}.",
-                           param="model", code="model_not_found")
+        if chat.model:
+            self.check_model(chat.model)
         prompt = self.prompt_ids(chat)
         if len(prompt) >= self.max_len:
             raise APIError(400, f"The prompt is {len(prompt)} tokens; this server's context is {self.max_len} tokens "
@@ -330,19 +329,18 @@ class ChatCompletionsSpec(LitSpec):
             self.release(submission)
 
     def prompt_ids(self, chat: ChatRequest) -> list[int]:
-        from bumblecore.data.template import render_prompt
+        """The same prompt `bumblecore generate` and `chat` build."""
+        from bumblecore.inference.commands import build_prompt_ids
 
-        if self.settings.training_stage in ("pretrain", "continue_pretrain"):
+        stage = self.settings.training_stage
+        if stage in ("pretrain", "continue_pretrain"):
             # A base model continues raw text: the messages' contents, one after another.
             text = "\n".join(m["content"] for m in chat.messages if m["content"])
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids = build_prompt_ids(self.tokenizer, text, stage)
             if not ids:
                 raise APIError(400, "The prompt is empty.", param="messages", code="invalid_value")
             return ids
-        messages = chat.messages
-        if self.settings.system_prompt and messages[0]["role"] != "system":
-            messages = [{"role": "system", "content": self.settings.system_prompt}] + messages
-        return render_prompt(self.tokenizer, messages, chat.tools)
+        return build_prompt_ids(self.tokenizer, chat.messages, stage, self.settings.system_prompt, chat.tools)
 
     def submit(self, prompt: list[int], params: SamplingParams) -> Submission:
         uid = str(uuid.uuid4())
