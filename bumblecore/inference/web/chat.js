@@ -259,6 +259,7 @@ function init() {
       $("composer").requestSubmit();
     }
   });
+  window.addEventListener("pagehide", saveState); // a reload mid-reply keeps what has arrived
   showConversation();
   loadModelName();
 }
