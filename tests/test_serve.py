@@ -365,6 +365,15 @@ def test_a_disconnected_stream_frees_its_slot(model_dir):
     assert reply.choices[0].message.content == expected["text"] and reply.usage.prompt_tokens == len(ids)
 
 
+def test_a_model_that_fails_to_load_stops_the_server_instead_of_hanging(model_dir, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(model_dir, broken)
+    (broken / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(RuntimeError, match="stopped while starting"):
+        with running_server(str(broken), startup_timeout=120):
+            pass
+
+
 # ---------------------------------------------------------------------------- the page, in a real browser
 
 

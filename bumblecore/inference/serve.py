@@ -35,7 +35,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from litserve.loops.base import _SENTINEL_VALUE
 from litserve.loops.continuous_batching_loop import ContinuousBatchingLoop, Output
 from litserve.specs.base import LitSpec
-from litserve.utils import LitAPIStatus, ResponseBufferItem
+from litserve.utils import LitAPIStatus, ResponseBufferItem, WorkerSetupStatus
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import StreamingResponse
 from starlette.staticfiles import StaticFiles
@@ -531,6 +531,18 @@ class BumbleServer(ls.LitServer):
         thread.start()
         return {0: thread}
 
+    def verify_worker_status(self):
+        # LitServe waits for READY or ERROR; a worker that dies before it can say either (an import
+        # error, killed while loading) would leave it waiting forever.
+        while not any(v == WorkerSetupStatus.READY for v in self.workers_setup_status.values()):
+            failed = any(v == WorkerSetupStatus.ERROR for v in self.workers_setup_status.values())
+            if failed or not all(worker.is_alive() for worker in self.inference_workers):
+                for worker in self.inference_workers:
+                    worker.terminate()
+                self.transport_config.manager.shutdown()
+                raise RuntimeError("the inference worker failed to start: see its log above")
+            time.sleep(0.05)
+
     def _perform_graceful_shutdown(self, manager, uvicorn_workers, shutdown_reason="normal"):
         # Let LitServe's monitor thread see the shutdown flag before the manager it polls goes away.
         time.sleep(self.monitor_internal + 0.1)
@@ -539,7 +551,10 @@ class BumbleServer(ls.LitServer):
     def stop(self) -> None:
         """End a server started with run() (from another thread)."""
         if self._shutdown_event is not None:
-            self._shutdown_event.set()
+            try:
+                self._shutdown_event.set()
+            except OSError:  # its manager is gone: the server already shut down (or never started)
+                pass
 
 
 async def api_error_response(request, err: APIError):
