@@ -231,3 +231,19 @@ def test_other_architectures_generate_through_transformers(tmp_path, tok):
     for prompt, result in zip(prompts, results):
         expected = phi.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
         assert result["token_ids"] == expected[0, len(prompt):].tolist()
+
+
+def test_greedy_tokens_is_argmax_ties_nan_and_odd_vocab_included():
+    from bumblecore.inference.generate import greedy_tokens
+
+    g = torch.Generator().manual_seed(0)
+    for rows, vocab in [(1, 32000), (16, 32000), (3, 256), (4, 300)]:
+        logits = torch.randn(rows, vocab, generator=g)
+        logits[0, 7] = logits[0, 300 % vocab] = logits[0].max() + 1  # a tie: the first one wins
+        if rows > 1:
+            logits[1] = float("-inf")
+            logits[1, vocab - 1] = 0.0
+        if rows > 2:
+            logits[2, 200] = float("nan")  # NaN counts as the maximum in argmax
+        assert greedy_tokens(logits).tolist() == logits.argmax(-1).tolist()
+    assert greedy_tokens(torch.zeros(2, 256)).tolist() == [0, 0]

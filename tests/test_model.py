@@ -294,3 +294,47 @@ def test_fused_inference_projections_match_and_go_stale_safely():
         for layer in model.model.layers:
             layer.self_attn.fused_qkv = layer.mlp.fused_gate_up = None
         torch.testing.assert_close(updated, model(x))
+
+
+def test_inference_lm_head_layouts_equal_the_lm_head_and_go_stale_safely():
+    """Bumblebee.logits picks a weight layout by row count after fuse_projections (CPU): all equal lm_head."""
+    torch.manual_seed(0)
+    model = Bumblebee(BumblebeeConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2)).eval()
+    model.fuse_projections()
+    with torch.no_grad():
+        for shape in [(1, 1), (2, 1), (3, 1), (4, 1), (16, 1), (2, 3), (17, 1), (5, 7)]:
+            hidden = torch.randn(*shape, 64)
+            torch.testing.assert_close(model.logits(hidden), model.lm_head(hidden), rtol=1e-5, atol=1e-5)
+        x = ids(1, 5)
+        assert model(x).is_contiguous()
+        model.lm_head.weight.mul_(2.0)  # in place: the transposed copy must not be used any more
+        hidden = torch.randn(1, 1, 64)
+        torch.testing.assert_close(model.logits(hidden), model.lm_head(hidden))
+
+
+def test_kv_cache_rows_as_a_slice_equal_rows_as_a_tensor(tmp_path):
+    """A range of cache rows passed as a slice (the cache read as a view) gives the tensor-rows logits,
+    for equally long rows (slice writes) and for rows of different lengths (indexed writes)."""
+    tiny_hf("qwen2").save_pretrained(tmp_path)
+    model = Bumblebee.from_pretrained(tmp_path).eval()
+    by_slice, by_tensor = KVCache(model.config, 4, 32), KVCache(model.config, 4, 32)
+    prompts = ids(2, 6, seed=5)
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, 4:] = 0  # the second row is 4 tokens long: later steps take the indexed path
+    with torch.no_grad():
+        for step in range(4):
+            tokens, m = (prompts, mask) if step == 0 else (torch.tensor([[3], [7]]), None)
+            a = model(tokens, attention_mask=m, kv_cache=by_slice, cache_rows=slice(1, 3))
+            b = model(tokens, attention_mask=m, kv_cache=by_tensor, cache_rows=torch.tensor([1, 2]))
+            torch.testing.assert_close(a, b)
+    assert by_slice.lengths.tolist() == by_tensor.lengths.tolist() == [0, 9, 7, 0]
+    for layer in range(model.config.num_hidden_layers):
+        torch.testing.assert_close(by_slice.keys[layer], by_tensor.keys[layer])
+    # equally long rows: the decode steps write and read slices
+    by_slice.reset(), by_tensor.reset()
+    with torch.no_grad():
+        for step in range(3):
+            tokens = prompts if step == 0 else torch.tensor([[3], [7]])
+            torch.testing.assert_close(model(tokens, kv_cache=by_slice, cache_rows=slice(2, 4)),
+                                       model(tokens, kv_cache=by_tensor, cache_rows=torch.tensor([2, 3])))
