@@ -30,6 +30,9 @@ DEMO_CONFIGS = PACKAGE.parent / "configs" / "demo"
 # The demo model: Qwen2.5-shaped, ~3M parameters at the demo tokenizer's vocabulary (768).
 MODEL_SHAPE = dict(num_hidden_layers=4, hidden_size=256, intermediate_size=768, num_attention_heads=4,
                    num_key_value_heads=2, vocab_size=768)
+# On a GPU the same pipeline with a wider, deeper model (~25M parameters), in bf16.
+GPU_SHAPE = dict(num_hidden_layers=8, hidden_size=512, intermediate_size=1536, num_attention_heads=8,
+                 num_key_value_heads=2, vocab_size=768)
 QUICK_SHAPE = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
                    num_key_value_heads=2, vocab_size=768)
 
@@ -121,7 +124,7 @@ def demo(output_dir: str = "checkpoints/demo", device: str = "cpu", quick: bool 
 
     Args:
         output_dir: where every stage writes (each stage's output is the next one's model).
-        device: cpu or cuda (bf16 on cuda).
+        device: cpu, or cuda (bf16, and a bigger model: 8 layers, hidden 512).
         quick: a few steps per stage and a tiny model (seconds; for tests); the numbers then mean nothing.
         eval_questions: how many held-out SFT questions the exact match is measured on (at most 200).
     """
@@ -145,7 +148,7 @@ def demo(output_dir: str = "checkpoints/demo", device: str = "cpu", quick: bool 
         timings[name] = round(time.perf_counter() - begun, 1)
         return result
 
-    shape = QUICK_SHAPE if quick else MODEL_SHAPE
+    shape = QUICK_SHAPE if quick else GPU_SHAPE if device == "cuda" else MODEL_SHAPE
     timed("init", init_model, preset="0.5B", tokenizer_path=str(DEMO_DATA / "tokenizer"), output_dir=str(out / "init"),
           torch_dtype="float32", **shape)
     pretrain = timed("pretrain", run_stage, stage_config("pretrain", out, out / "init", device, quick))

@@ -6,16 +6,16 @@ The data is synthetic and deterministic (seeded), designed so that learning is v
 demo's budget (a few-million-parameter model, 2 CPU cores, minutes):
 
 - pretrain.jsonl / pretrain_eval.jsonl: short stories over a small world (animals, colours, places,
-  objects) plus sentences that state word-list facts in prose ("The first word of ... is ...").
+  objects) plus sentences that state word-list facts in prose ("There are two animals in ...").
   A small vocabulary and regular grammar make the loss fall fast.
-- sft_train.jsonl / sft_eval.jsonl (Alpaca): word-list tasks with one exact answer: first word, last
-  word, repeat the list, count the words, which word follows another. The eval questions use word
-  lists never seen in training, so exact match measures the skill, not memory. A pretrained base
-  model does not follow the chat format (exact match ~0); SFT teaches it.
+- sft_train.jsonl / sft_eval.jsonl (Alpaca): word-list questions with one exact answer: how many
+  words, how many animals / colours / places / objects, is one of a kind there (see `task`). The
+  eval questions use word lists never seen in training, so exact match measures the skill, not
+  memory. A pretrained base model does not follow the chat format (exact match ~0); SFT teaches it.
 - sft_multiturn.jsonl and sft_toolcall.jsonl (ShareGPT): a few multi-turn dialogues and tool calls,
   to show those formats train too.
 - dpo_train.jsonl / dpo_eval.jsonl (preference, Alpaca): the same kind of task, chosen = the right
-  answer, rejected = a plausible wrong one (a wrong word from the list, an off-by-one count).
+  answer, rejected = a plausible wrong one (an off-by-one count, the other of yes / no).
 - tokenizer/: a byte-level BPE trained on all of the above (bumblecore train_tokenizer).
 """
 
@@ -56,34 +56,40 @@ def word_list(rng: random.Random, low: int = 3, high: int = 6) -> list[str]:
     return rng.sample(WORDS, rng.randint(low, high))
 
 
+KINDS = {"animals": ANIMALS, "colours": COLOURS, "places": PLACES, "objects": OBJECTS}
+
+
 def task(rng: random.Random, words: list[str]) -> tuple[str, str, str]:
-    """(instruction, answer, a plausible wrong answer) for one word list."""
+    """(instruction, answer, a plausible wrong answer) for one word list.
+
+    Three kinds of question over the list: how many words, how many of one kind (animals, colours,
+    places, objects), and whether one of a kind is there. They need the whole list taken in, not a
+    word copied out of it: copying a word from the context takes an induction circuit, which a
+    few-million-parameter model does not form within the demo's few hundred steps (measured: such
+    questions stayed at exact match ~0 after SFT, while counting reached ~1.0).
+    """
     listed = " ".join(words)
-    kind = rng.choice(["first", "last", "repeat", "count", "after"])
-    if kind == "first":
-        return f"What is the first word of: {listed}", words[0], rng.choice(words[1:])
-    if kind == "last":
-        return f"What is the last word of: {listed}", words[-1], rng.choice(words[:-1])
-    if kind == "repeat":
-        wrong = words[:]
-        i = rng.randrange(len(wrong) - 1)
-        wrong[i], wrong[i + 1] = wrong[i + 1], wrong[i]
-        return f"Repeat these words: {listed}", listed, " ".join(wrong)
+    kind = rng.choice(["count", "count_kind", "count_kind", "has_kind"])
     if kind == "count":
         n = len(words)
         return f"How many words are in: {listed}", NUMBER_WORDS[n], NUMBER_WORDS[n + rng.choice([-1, 1])]
-    i = rng.randrange(len(words) - 1)
-    return f"Which word comes after {words[i]} in: {listed}", words[i + 1], rng.choice([w for w in words if w != words[i + 1]])
+    name = rng.choice(list(KINDS))
+    n = sum(w in KINDS[name] for w in words)
+    if kind == "count_kind":
+        wrong = n + 1 if n == 0 else n + rng.choice([-1, 1])
+        return f"How many {name} are in: {listed}", NUMBER_WORDS[n], NUMBER_WORDS[wrong]
+    return f"Is there one of the {name} in: {listed}", ("yes" if n else "no"), ("no" if n else "yes")
 
 
 def prose_fact(rng: random.Random) -> str:
     words = word_list(rng)
     listed = " ".join(words)
+    name = rng.choice(list(KINDS))
+    n = sum(w in KINDS[name] for w in words)
     return rng.choice([
-        f"The first word of \"{listed}\" is {words[0]}.",
-        f"The last word of \"{listed}\" is {words[-1]}.",
         f"There are {NUMBER_WORDS[len(words)]} words in \"{listed}\".",
-        f"Said again, \"{listed}\" is {listed}.",
+        f"There are {NUMBER_WORDS[n]} {name} in \"{listed}\".",
+        f"In \"{listed}\" there {'is one of the' if n else 'is none of the'} {name}.",
     ])
 
 
@@ -93,7 +99,7 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
-def make(out: Path, seed: int = 1234, vocab_size: int = 2048) -> None:
+def make(out: Path, seed: int = 1234, vocab_size: int = 768) -> None:
     rng = random.Random(seed)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -172,7 +178,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "bumblecore" / "demo_data"))
     parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--vocab_size", type=int, default=2048)
+    parser.add_argument("--vocab_size", type=int, default=768)
     args = parser.parse_args()
     make(Path(args.out), args.seed, args.vocab_size)
 

@@ -145,9 +145,9 @@ def test_loss_and_metrics_equal_the_closed_forms(case, dataset, data, models, tm
     stage = PreferenceStage(beta, settings["loss_type"], settings["eps"], settings["sft_weight"], settings["ld_alpha"], reference)
     total, metrics = stage.loss(policy, batch)
     assert stage.count(batch) == 6
-    assert float(total) == pytest.approx(sum(e["loss"] for e in expected), rel=1e-5, abs=1e-6)
+    assert float(total) == pytest.approx(sum(e["loss"] for e in expected), rel=1e-4, abs=1e-5)
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected"):
-        assert float(metrics[key]) == pytest.approx(sum(e[key] for e in expected), rel=1e-5, abs=1e-6), key
+        assert float(metrics[key]) == pytest.approx(sum(e[key] for e in expected), rel=1e-4, abs=1e-5), key
     if settings["sft_weight"]:
         assert "loss/sft" in metrics and float(metrics["loss/dpo"]) < float(total)
     # the pairs are not trivially equal: the formulas are exercised with h != 0

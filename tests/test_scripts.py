@@ -55,3 +55,10 @@ def test_inference_configs_parse(name, command):
     resolved = print_config([command, "--config", str(path)])
     for key, value in yaml.safe_load(path.read_text()).items():
         assert resolved[key] == value, key
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "model").glob("*.yaml")), ids=lambda p: p.name)
+def test_model_configs_parse(path):
+    resolved = print_config(["init_model", "--config", str(path)])
+    for key, value in yaml.safe_load(path.read_text()).items():
+        assert resolved[key] == value, key

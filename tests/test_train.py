@@ -60,9 +60,10 @@ def pretrained(tmp_path_factory, base_model, data):
     return out, history
 
 
-# Golden values: a change that moves these numbers changes training. Update only on purpose.
-GOLDEN_PRETRAIN = [6.65660265, 6.63575189, 6.51523905, 6.34822283]
-GOLDEN_SFT = [6.68043795, 6.64322762, 6.42544293, 6.29752215]
+# Golden values: a change that moves these numbers changes training. Update only on purpose
+# (last: the demo data and tokenizer were regenerated with counting tasks).
+GOLDEN_PRETRAIN = [6.65309837, 6.66114643, 6.47684563, 6.31978906]
+GOLDEN_SFT = [6.73473231, 6.74524562, 6.60801951, 6.17995135]
 
 
 def test_pretrain_writes_everything_design_lists(pretrained):
