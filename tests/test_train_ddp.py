@@ -40,3 +40,34 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
         got = load_file(tmp_path / name / "model.safetensors")
         worst = max((got[k] - expected[k]).abs().max().item() for k in expected)
         assert worst < 1e-5, f"{name}: max weight difference {worst}"
+
+
+def test_dpo_ddp_equals_one_process_and_shares_the_reference_table(tmp_path):
+    """DPO over 2 processes: the reference log-probs are computed in strided shares and all-reduced,
+    the loss is normalised by the pairs of the whole step; the result equals 1 process x accumulation 2."""
+    model = tmp_path / "model"
+    main(["init_model", "--preset", "0.5B", "--num_hidden_layers", "2", "--hidden_size", "32", "--intermediate_size", "64",
+          "--num_attention_heads", "4", "--num_key_value_heads", "2", "--vocab_size", "768", "--torch_dtype", "float32",
+          "--tokenizer_path", str(DEMO / "tokenizer"), "--output_dir", str(tmp_path / "init")])
+    main(["train", "--training_stage", "pretrain", "--model_name_or_path", str(tmp_path / "init"), "--dataset_path",
+          str(DEMO / "pretrain_eval.jsonl"), "--output_dir", str(model), "--max_steps", "1", "--cutoff_len", "64",
+          "--train_model_precision", "fp32", "--accelerator", "cpu", "--save_steps", "100"])
+    config = tmp_path / "dpo.yaml"
+    config.write_text(yaml.safe_dump({
+        "training_stage": "dpo", "model_name_or_path": str(model), "dataset_path": str(DEMO / "dpo_eval.jsonl"),
+        "cutoff_len": 128, "max_steps": 3, "learning_rate": 5e-3, "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": 1, "train_model_precision": "fp32", "accelerator": "cpu", "save_steps": 100,
+        "pref_beta": 0.5}))
+    main(["train", "--config", str(config), "--output_dir", str(tmp_path / "one"), "--gradient_accumulation_steps", "2",
+          "--cache_dir", str(tmp_path / "cache_one")])
+    result = subprocess.run([sys.executable, "-m", "bumblecore", "train", "--config", str(config), "--devices", "2",
+                             "--output_dir", str(tmp_path / "two"), "--cache_dir", str(tmp_path / "cache_two")],
+                            capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected, got = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    worst = max((got[k] - expected[k]).abs().max().item() for k in expected)
+    assert worst < 1e-5, f"max weight difference {worst}"
+    import numpy as np
+
+    tables = [np.load(next((tmp_path / name).rglob("reference_logps-*.npy"))) for name in ("cache_one", "cache_two")]
+    assert tables[0].shape == (100, 2) and np.allclose(tables[0], tables[1], atol=1e-5)
