@@ -39,7 +39,11 @@ QUICK_SHAPE = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, n
 
 def stage_config(name: str, output_dir: Path, model: Path, device: str, quick: bool, **overrides) -> dict:
     """configs/demo/<name>.yaml with the demo's paths filled in (and, for --quick, a few steps only)."""
-    config = yaml.safe_load((DEMO_CONFIGS / f"{name}.yaml").read_text(encoding="utf-8"))
+    file = DEMO_CONFIGS / f"{name}.yaml"
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} not found: the demo reads the repository's configs/demo/ "
+                                "(install from a checkout with `pip install -e .`)")
+    config = yaml.safe_load(file.read_text(encoding="utf-8"))
     for key in ("dataset_path", "eval_dataset_path"):
         if isinstance(config.get(key), list):
             config[key] = [str(DEMO_DATA / name) for name in config[key]]
