@@ -70,16 +70,11 @@ def measure(url: str, clients: int, max_tokens: int, at_once: bool) -> tuple[flo
     return seconds, sum(counts)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--clients", type=int, default=16)
-    parser.add_argument("--max_tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3, help="runs of each mode; the best is reported")
-    parser.add_argument("--quick", action="store_true", help="8 clients, 16 tokens, one run")
-    args = parser.parse_args()
-    if args.quick:
-        args.clients, args.max_tokens, args.repeats = 8, 16, 1
-
+def run(quick: bool = False, clients: int | None = None, max_tokens: int | None = None, repeats: int | None = None) -> dict:
+    """Sequential vs concurrent completion tokens/s; --quick defaults: 8 clients, 16 tokens, one run."""
+    clients = clients or (8 if quick else 16)
+    max_tokens = max_tokens or (16 if quick else 64)
+    repeats = repeats or (1 if quick else 3)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "model"
         build_model(model_dir)
@@ -87,26 +82,38 @@ def main() -> None:
         url = f"http://127.0.0.1:{port}"
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         process = subprocess.Popen([sys.executable, "-m", "bumblecore", "serve", "--model_path", str(model_dir), "--port", str(port),
-                                    "--max_batch_size", str(args.clients), "--log_level", "warning"],
+                                    "--max_batch_size", str(clients), "--log_level", "warning"],
                                    cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             wait_until_healthy(url, lambda: process.poll() is None, timeout=180)
             measure(url, 2, 8, at_once=False)  # warm-up
-            sequential = min(measure(url, args.clients, args.max_tokens, at_once=False)[0] for _ in range(args.repeats))
-            together = min(measure(url, args.clients, args.max_tokens, at_once=True)[0] for _ in range(args.repeats))
+            sequential = min(measure(url, clients, max_tokens, at_once=False)[0] for _ in range(repeats))
+            together = min(measure(url, clients, max_tokens, at_once=True)[0] for _ in range(repeats))
         finally:
             process.terminate()
             try:
                 process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 process.kill()
+    tokens = clients * max_tokens
+    return {"clients": clients, "max_tokens": max_tokens, "repeats": repeats, "sequential_seconds": sequential,
+            "concurrent_seconds": together, "sequential_tok_s": tokens / sequential, "concurrent_tok_s": tokens / together,
+            "ratio": sequential / together}
 
-    tokens = args.clients * args.max_tokens
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--clients", type=int, default=None, help="default 16 (quick 8)")
+    parser.add_argument("--max_tokens", type=int, default=None, help="default 64 (quick 16)")
+    parser.add_argument("--repeats", type=int, default=None, help="runs of each mode; the best is reported (default 3, quick 1)")
+    parser.add_argument("--quick", action="store_true", help="8 clients, 16 tokens, one run")
+    args = parser.parse_args()
+    r = run(args.quick, args.clients, args.max_tokens, args.repeats)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads default")
-    print(f"{args.clients} requests x {args.max_tokens} tokens (streaming, greedy, ignore_eos), best of {args.repeats}")
-    print(f"one at a time: {sequential:.2f} s, {tokens / sequential:.1f} completion tokens/s")
-    print(f"{args.clients} concurrent: {together:.2f} s, {tokens / together:.1f} completion tokens/s")
-    print(f"ratio: {sequential / together:.2f}x (goal: >= 4x with the defaults, 16 clients x 64 tokens)")
+    print(f"{r['clients']} requests x {r['max_tokens']} tokens (streaming, greedy, ignore_eos), best of {r['repeats']}")
+    print(f"one at a time: {r['sequential_seconds']:.2f} s, {r['sequential_tok_s']:.1f} completion tokens/s")
+    print(f"{r['clients']} concurrent: {r['concurrent_seconds']:.2f} s, {r['concurrent_tok_s']:.1f} completion tokens/s")
+    print(f"ratio: {r['ratio']:.2f}x (goal: >= 4x with the defaults, 16 clients x 64 tokens)")
 
 
 if __name__ == "__main__":
