@@ -251,15 +251,13 @@ def build_preference_stage(fabric, config, model, units, eval_units, pad_id: int
     def separate_reference():
         return ModelReference(fabric.to_device(load_reference_model(reference_dir)))
 
+    # The reference that needs no second model, where there is one: the LoRA base, or (only for the
+    # precompute, before any step) the policy itself.
+    reference_for_table = None
     if lora and not config.ref_model_path:
         reference_for_table = AdapterDisabledReference(model)
-        live_reference = lambda: reference_for_table  # noqa: E731
     elif precompute and not config.ref_model_path and not resuming:
         reference_for_table = ModelReference(model, freeze=False)
-        live_reference = separate_reference
-    else:
-        reference_for_table = None
-        live_reference = separate_reference
 
     stage = PreferenceStage(config.pref_beta, config.pref_loss, config.dpo_label_smoothing, config.sft_weight, config.ld_alpha)
     kind = ("the base with the LoRA adapter disabled" if lora and not config.ref_model_path else
@@ -268,7 +266,7 @@ def build_preference_stage(fabric, config, model, units, eval_units, pad_id: int
                      f"sft_weight {config.sft_weight}, ld_alpha {config.ld_alpha}; reference {kind}"
                      f"{', log-probs precomputed and cached' if precompute else ', computed live'}")
     if not precompute:
-        stage.reference = live_reference()
+        stage.reference = reference_for_table or separate_reference()
         return stage, lambda batches, split="train": batches
 
     built = []
