@@ -25,6 +25,12 @@ def shift_targets(labels: torch.Tensor, segment_ids: torch.Tensor | None = None)
     return targets
 
 
+def tokens_per_chunk(lm_head) -> int:
+    """Target positions per LM-head chunk: as many as LOGITS_BUDGET_BYTES of fp32 logits hold."""
+    vocab = lm_head.weight.shape[0] if hasattr(lm_head, "weight") and lm_head.weight.ndim == 2 else 32768
+    return max(64, LOGITS_BUDGET_BYTES // (4 * max(1, vocab)))
+
+
 def _chunk_loss(hidden: torch.Tensor, lm_head: Callable, targets: torch.Tensor) -> torch.Tensor:
     # fp32 logits for the softmax, as transformers does; summed, normalised by the caller.
     return F.cross_entropy(lm_head(hidden).float(), targets, reduction="sum")
@@ -47,9 +53,7 @@ def chunked_cross_entropy(
     count = int(targets.numel())
     if count == 0:
         return hidden.sum() * 0.0, 0  # keeps the graph connected for backward on every rank
-    if chunk_tokens is None:
-        vocab = lm_head.weight.shape[0] if hasattr(lm_head, "weight") and lm_head.weight.ndim == 2 else 32768
-        chunk_tokens = max(64, LOGITS_BUDGET_BYTES // (4 * max(1, vocab)))
+    chunk_tokens = chunk_tokens or tokens_per_chunk(lm_head)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, count, chunk_tokens):
         h, t = hidden[start : start + chunk_tokens], targets[start : start + chunk_tokens]
@@ -75,9 +79,7 @@ def chunked_token_logps(hidden: torch.Tensor, lm_head: Callable, targets: torch.
     out = flat_hidden.new_zeros(flat_targets.shape, dtype=torch.float32)
     if keep.numel() == 0:
         return (out + flat_hidden.sum() * 0.0).reshape(targets.shape)
-    if chunk_tokens is None:
-        vocab = lm_head.weight.shape[0] if hasattr(lm_head, "weight") and lm_head.weight.ndim == 2 else 32768
-        chunk_tokens = max(64, LOGITS_BUDGET_BYTES // (4 * max(1, vocab)))
+    chunk_tokens = chunk_tokens or tokens_per_chunk(lm_head)
     pieces = []
     for start in range(0, keep.numel(), chunk_tokens):
         index = keep[start : start + chunk_tokens]
