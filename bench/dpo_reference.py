@@ -28,16 +28,9 @@ VOCAB = 151936
 
 
 def write_model(directory: Path) -> None:
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from train_sft import write_model as write_qwen2  # bench/ is on sys.path: this script's own folder
 
-    from bumblecore.tokenizer import load_tokenizer
-
-    torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=VOCAB, hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
-                         num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=4096, pad_token_id=0)
-    Qwen2ForCausalLM(config).save_pretrained(directory)
-    load_tokenizer(DEMO / "tokenizer").save_pretrained(directory)
+    write_qwen2(directory, hidden_size=256, intermediate_size=768, num_hidden_layers=4)
 
 
 def child(which: str, model: str, data: str, out: str, steps: int) -> None:

@@ -28,15 +28,17 @@ DEMO = ROOT / "bumblecore" / "demo_data"
 VOCAB = 151936
 
 
-def write_model(directory: Path) -> None:
+def write_model(directory: Path, hidden_size: int = 128, intermediate_size: int = 512, num_hidden_layers: int = 2) -> None:
+    """A random Qwen2-shaped model at the 151,936-token vocabulary, with the demo tokenizer."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from bumblecore.tokenizer import load_tokenizer
 
     torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=VOCAB, hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=4096, pad_token_id=0)
+    config = Qwen2Config(vocab_size=VOCAB, hidden_size=hidden_size, intermediate_size=intermediate_size,
+                         num_hidden_layers=num_hidden_layers, num_attention_heads=4, num_key_value_heads=2,
+                         tie_word_embeddings=True, max_position_embeddings=4096, pad_token_id=0)
     Qwen2ForCausalLM(config).save_pretrained(directory)
     load_tokenizer(DEMO / "tokenizer").save_pretrained(directory)
 
