@@ -126,7 +126,7 @@ def main(fabric, config: TrainConfig, runtime_owns_accumulation: bool = False) -
     scheduler = build_scheduler(config.lr_scheduler_type, optimizer, warmup_steps, total_steps, **config.lr_scheduler_kwargs)
 
     resume_dir = resolve_resume_dir(output_dir, config.resume_from_checkpoint)
-    stage, stage_summary = LanguageModelingStage(), None
+    stage = LanguageModelingStage()
     if config.training_stage == "dpo":
         from bumblecore.train.dpo import build_preference_stage
 
@@ -137,7 +137,6 @@ def main(fabric, config: TrainConfig, runtime_owns_accumulation: bool = False) -
                                                          resuming=resume_dir is not None, load_reference_model=load_reference)
         loader = attach_reference(loader, "train")
         eval_loader = attach_reference(eval_loader, "eval") if eval_loader is not None else None
-        stage_summary = stage.summary
     monitor = Monitor(output_dir, config.use_tensorboard, config.save_train_log, fabric.is_global_zero,
                       resume_step=read_trainer_state(resume_dir)["step"] if resume_dir else None)
     settings = LoopSettings(
@@ -168,8 +167,8 @@ def main(fabric, config: TrainConfig, runtime_owns_accumulation: bool = False) -
         f"attention {getattr(getattr(model, 'config', None), 'attn_implementation', 'transformers')}, "
         f"strategy {type(fabric.strategy).__name__}",
     ]
-    if stage_summary:
-        banner.append(f"  {stage_summary}")
+    if getattr(stage, "summary", ""):
+        banner.append(f"  {stage.summary}")
     for line in banner:
         fabric.print(line)
         monitor.info(line)
