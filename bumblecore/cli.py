@@ -167,6 +167,10 @@ def main(argv: list[str] | None = None) -> None:
     from jsonargparse import CLI
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    # The deepspeed launcher (and torch.distributed.launch) put `--local_rank=N` before the command;
+    # the rank is in the LOCAL_RANK variable too.
+    while argv and argv[0].split("=", 1)[0] in ("--local_rank", "--local-rank"):
+        argv.pop(0)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print_usage()
         return

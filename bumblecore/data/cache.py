@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -185,7 +186,7 @@ def build_cache(
 
     report = validate_dataset(paths, stage, skip_bad_records)
     root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".{key}.tmp-{os.getpid()}"
+    tmp = root / f".{key}.tmp-{socket.gethostname()}-{os.getpid()}"  # unique even across nodes sharing a filesystem
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()

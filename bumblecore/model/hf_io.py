@@ -11,7 +11,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Iterator, Optional, Union
 
 import torch
 
@@ -166,44 +166,63 @@ def _weight_files(path: Path) -> list[Path]:
     raise FileNotFoundError(f"{path}: no model.safetensors, {SAFE_INDEX} or pytorch_model.bin")
 
 
-def _read_weights(file: Path) -> dict[str, torch.Tensor]:
+def _file_tensors(file: Path) -> Iterator[tuple[str, tuple, Callable[[], torch.Tensor]]]:
+    """(name, shape, load) for each tensor of one weight file; safetensors are read lazily, one tensor
+    when `load()` is called, so a rank that only needs names and shapes reads no data."""
     if file.suffix == ".bin":
-        return torch.load(file, map_location="cpu", weights_only=True)
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+        for name, tensor in torch.load(file, map_location="cpu", weights_only=True).items():
+            yield name, tuple(tensor.shape), (lambda t=tensor: t)
+        return
+    from safetensors import SafetensorError, safe_open
 
     try:
-        return load_file(str(file))
+        with safe_open(str(file), framework="pt") as handle:
+            for name in handle.keys():
+                shape = tuple(handle.get_slice(name).get_shape())
+                yield name, shape, (lambda n=name: handle.get_tensor(n))
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"{file}: unreadable safetensors file (truncated or corrupt?): {err}") from err
 
 
+def iter_checkpoint(path, config: BumblebeeConfig, expected_shapes: dict[str, tuple]) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
+    """Every weight of a checkpoint directory as (name, load), shard file by shard file, checked
+    against the model's names and shapes; a missing tensor is an error once all files are read."""
+    path = Path(path)
+    seen = set()
+    for file in _weight_files(path):
+        for name, shape, load in _file_tensors(file):
+            if name.endswith("rotary_emb.inv_freq") or (config.tie_word_embeddings and name == "lm_head.weight"):
+                continue  # recomputed / tied: not real parameters
+            if name not in expected_shapes:
+                raise ValueError(f"{file}: unexpected tensor {name!r} for a {hf_model_type(config)} model")
+            if shape != tuple(expected_shapes[name]):
+                raise ValueError(f"{path}: tensor {name!r} has shape {shape}, config.json implies {tuple(expected_shapes[name])}")
+            seen.add(name)
+            yield name, load
+    missing = sorted(set(expected_shapes) - seen)
+    if missing:
+        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise ValueError(f"{path}: checkpoint lacks {len(missing)} tensor(s): {shown}")
+
+
+def expected_tensors(model: Bumblebee) -> dict[str, tuple]:
+    """The checkpoint tensors a model needs, name -> shape (ZeRO-3 partitioned weights keep theirs in ds_shape)."""
+    shapes = {name: tuple(getattr(p, "ds_shape", p.shape)) for name, p in model.named_parameters(remove_duplicate=False)}
+    if model.config.tie_word_embeddings:
+        shapes.pop("lm_head.weight", None)
+    return shapes
+
+
 def load_pretrained(path, dtype=None, device=None) -> Bumblebee:
-    """Load a HF-layout directory of a Bumblebee, Qwen2 or Llama model."""
+    """Load a HF-layout directory of a Bumblebee, Qwen2 or Llama model, tensor by tensor straight into
+    `dtype` on `device` (the host never holds a second copy)."""
     path = Path(path)
     config = read_config(path)
     target_dtype = resolve_dtype(dtype, config)
     with torch.device("meta"):
         model = Bumblebee(config)
-    expected = set(model.state_dict())
-    if config.tie_word_embeddings:
-        expected.discard("lm_head.weight")
-    state: dict[str, torch.Tensor] = {}
-    for file in _weight_files(path):
-        for name, tensor in _read_weights(file).items():
-            if name.endswith("rotary_emb.inv_freq") or (config.tie_word_embeddings and name == "lm_head.weight"):
-                continue  # recomputed / tied: not real parameters
-            if name not in expected:
-                raise ValueError(f"{file}: unexpected tensor {name!r} for a {hf_model_type(config)} model")
-            state[name] = tensor.to(device=device or "cpu", dtype=target_dtype)
-    missing = sorted(expected - set(state))
-    if missing:
-        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
-        raise ValueError(f"{path}: checkpoint lacks {len(missing)} tensor(s): {shown}")
-    for name, tensor in state.items():
-        want = model.get_parameter(name).shape
-        if tensor.shape != want:
-            raise ValueError(f"{path}: tensor {name!r} has shape {tuple(tensor.shape)}, config.json implies {tuple(want)}")
+    state = {name: load().to(device=device or "cpu", dtype=target_dtype)
+             for name, load in iter_checkpoint(path, config, expected_tensors(model))}
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import socket
 from pathlib import Path
 from typing import Optional
 
@@ -132,15 +133,23 @@ def compute_reference_logps(fabric, reference, units, batch_size: int, pad_id: i
 
 
 def cached_reference_logps(fabric, reference_factory, units, cache_file: Path, batch_size: int, pad_id: int) -> np.ndarray:
-    """The table from cache_file, or computed (reference_factory() builds the reference) and saved atomically."""
-    if cache_file.is_file():
-        table = np.load(cache_file)
-        if table.shape == (len(units), 2):
-            fabric.print(f"reference log-probs: reusing {cache_file}")
-            return table
+    """The table from cache_file, or computed (reference_factory() builds the reference) and saved atomically.
+
+    Rank 0 decides and broadcasts the table it found, so every rank computes or none does (a node
+    without a shared filesystem has no copy of its own); each node's first rank saves it."""
+    table = None
+    if fabric.is_global_zero and cache_file.is_file():
+        found = np.load(cache_file)
+        table = found if found.shape == (len(units), 2) else None
+    if fabric.world_size > 1:
+        table = fabric.broadcast(table)
+    if table is not None:
+        fabric.print(f"reference log-probs: reusing {cache_file}")
+        return table
     table = compute_reference_logps(fabric, reference_factory(), units, batch_size, pad_id, progress=True)
-    if fabric.is_global_zero:
-        tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.tmp")
+    if fabric.local_rank == 0:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_name(f".{cache_file.name}.{socket.gethostname()}.{os.getpid()}.tmp")
         with open(tmp, "wb") as handle:
             np.save(handle, table)
         os.replace(tmp, cache_file)  # a half-written table is never found under the real name

@@ -22,6 +22,7 @@ from typing import Any, Callable, Optional, Protocol
 import torch
 
 from bumblecore.train.checkpoint import STATE_DIR, restore_rng_state, rng_state
+from bumblecore.train.runtime import runtime_grad_norm
 
 
 class Stage(Protocol):
@@ -122,6 +123,7 @@ class Engine:
         loss_total = torch.zeros((), device=fabric.device)
         metric_totals: dict[str, torch.Tensor] = {}
         tokens = 0
+        own_norm = float("nan")
         for index, batch in enumerate(micro_batches):
             batch = fabric.to_device(batch)
             last = index == len(micro_batches) - 1
@@ -130,14 +132,18 @@ class Engine:
                     loss_sum, metrics = self.stage.loss(self.model, batch)
                 fabric.backward(loss_sum * scale)
             if settings.runtime_owns_accumulation:
+                if last:  # where the runtime keeps no norm of its own (ZeRO-0 in fp32), the gradients are still here
+                    own_norm = float(_grad_norm(self.model))
                 self.optimizer.step()  # DeepSpeed: a real step only at the accumulation boundary
             loss_total += loss_sum.detach()
             for key, value in metrics.items():
                 metric_totals[key] = metric_totals.get(key, 0) + value.detach()
             tokens += int(batch.get("num_tokens", batch["input_ids"].numel()))
 
-        grad_norm = float("nan")
-        if not settings.runtime_owns_accumulation:
+        if settings.runtime_owns_accumulation:
+            reported = runtime_grad_norm(self.model)
+            grad_norm = reported if reported is not None else own_norm
+        else:
             if settings.max_grad_norm:
                 grad_norm = float(fabric.clip_gradients(self.model, self.optimizer, max_norm=settings.max_grad_norm))
             else:

@@ -26,14 +26,16 @@ def trainable_share(model) -> tuple[int, int]:
         if id(p) in seen:
             continue
         seen.add(id(p))
-        total += p.numel()
-        trainable += p.numel() if p.requires_grad else 0
+        count = getattr(p, "ds_numel", p.numel())  # a ZeRO-3 partitioned weight's local tensor is empty
+        total += count
+        trainable += count if p.requires_grad else 0
     return trainable, total
 
 
-def save_adapter(peft_model, directory, base_model_path: str) -> None:
-    """adapter_config.json + adapter_model.safetensors, with base_model_name_or_path pointing at the base."""
-    peft_model.save_pretrained(str(directory), safe_serialization=True)
+def save_adapter(peft_model, directory, base_model_path: str, state_dict: Optional[dict] = None) -> None:
+    """adapter_config.json + adapter_model.safetensors, with base_model_name_or_path pointing at the base.
+    `state_dict`: the adapter's tensors gathered from their ZeRO-3 shards (default: the live ones)."""
+    peft_model.save_pretrained(str(directory), safe_serialization=True, state_dict=state_dict)
     config_file = Path(directory) / "adapter_config.json"
     config = json.loads(config_file.read_text(encoding="utf-8"))
     config["base_model_name_or_path"] = str(Path(base_model_path).resolve())

@@ -18,26 +18,25 @@ def train(config: TrainConfig) -> None:
     """Train a model: pretrain, continue_pretrain, sft or dpo; full fine-tuning or LoRA.
 
     Takes the original's flat YAML keys (`--config F` or `--yaml_config F`), each overridable on the
-    command line. `devices: N` starts N processes; under `fabric run` the launcher's flags win.
+    command line. `devices: N` starts N processes; under a launcher (`fabric run`, `torchrun`,
+    `deepspeed`, SLURM `srun`) the processes, world size and nodes are the launcher's.
     """
-    from bumblecore.train.runtime import build_fabric, fill_deepspeed_config, load_deepspeed_config
+    from bumblecore.train.runtime import build_fabric, detect_launch, fill_deepspeed_config, launch_processes, load_deepspeed_config
 
     _check_inputs(config)
+    launch = detect_launch(config.devices, config.num_nodes, config.accelerator)
     deepspeed = None
     if config.deepspeed_config_path:
         hidden = json.loads((Path(config.model_name_or_path) / "config.json").read_text()).get("hidden_size", 0)
         deepspeed = fill_deepspeed_config(
             load_deepspeed_config(config.deepspeed_config_path), micro_batch_size=config.train_micro_batch_size_per_gpu,
-            gradient_accumulation_steps=config.gradient_accumulation_steps, world_size=config.devices * config.num_nodes,
+            gradient_accumulation_steps=config.gradient_accumulation_steps, world_size=launch.world_size,
             precision=config.train_model_precision, max_grad_norm=config.max_grad_norm, hidden_size=hidden)
-    fabric = build_fabric(config.accelerator, config.devices, config.num_nodes, config.train_model_precision, deepspeed)
-    if not _launched_by_fabric_cli():
-        fabric.launch()  # no-op for one process; otherwise starts the other ranks, which rerun this command
-    main(fabric, config, runtime_owns_accumulation=deepspeed is not None)
-
-
-def _launched_by_fabric_cli() -> bool:
-    return os.environ.get("LT_CLI_USED") == "1"
+    fabric = build_fabric(config.accelerator, config.devices, config.num_nodes, config.train_model_precision, deepspeed,
+                          launch=launch)
+    if launch.launcher != "fabric run":  # fabric run has set Fabric up itself
+        launch_processes(fabric, ours=launch.launcher is None)
+    main(fabric, config, deepspeed_config=deepspeed, launcher=launch.launcher)
 
 
 def _check_inputs(config: TrainConfig) -> None:
@@ -52,19 +51,36 @@ def _check_inputs(config: TrainConfig) -> None:
 # ---------------------------------------------------------------------------- model
 
 
-def load_model(config: TrainConfig, fabric):
-    """Bumblebee for our configs, Qwen2 and Llama; any other causal LM through transformers."""
-    from bumblecore.model.hf_io import SUPPORTED_MODEL_TYPES, load_pretrained, read_config
+def _is_bumblebee(model_dir) -> bool:
+    from bumblecore.model.hf_io import SUPPORTED_MODEL_TYPES
+
+    raw = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    return raw.get("model_type") in SUPPORTED_MODEL_TYPES
+
+
+def load_model(config: TrainConfig, fabric, dtype: torch.dtype = torch.float32, partitioned: bool = False):
+    """Bumblebee for our configs, Qwen2 and Llama; any other causal LM through transformers.
+
+    Pretrained weights are read tensor by tensor straight into `dtype` on the run's device.
+    `partitioned` (ZeRO-3): the model is built under DeepSpeed's ZeRO-3 init, so each rank only ever
+    holds its slice of every weight, and the checkpoint is scattered into those slices."""
+    from bumblecore.model.hf_io import load_pretrained, read_config
     from bumblecore.model.bumblebee import Bumblebee
 
-    raw = json.loads((Path(config.model_name_or_path) / "config.json").read_text(encoding="utf-8"))
-    if raw.get("model_type") in SUPPORTED_MODEL_TYPES:
-        if config.training_stage == "pretrain":
-            model_config = read_config(config.model_name_or_path)
+    if _is_bumblebee(config.model_name_or_path):
+        if partitioned:
+            from bumblecore.train.runtime import load_into_partitioned
+
+            with fabric.init_module(empty_init=True):
+                torch.manual_seed(config.seed)  # the same random init on every rank (DeepSpeed broadcasts rank 0's)
+                model = Bumblebee(read_config(config.model_name_or_path))
+            if config.training_stage != "pretrain":
+                load_into_partitioned(model, config.model_name_or_path, fabric.is_global_zero)
+        elif config.training_stage == "pretrain":
             torch.manual_seed(config.seed)  # the same random init on every rank
-            model = Bumblebee(model_config)
+            model = Bumblebee(read_config(config.model_name_or_path))
         else:
-            model = load_pretrained(config.model_name_or_path, dtype=torch.float32)
+            model = load_pretrained(config.model_name_or_path, dtype=dtype, device=fabric.device)
         if config.enable_gradient_checkpointing:
             model.set_gradient_checkpointing(True)
         return model
@@ -73,19 +89,78 @@ def load_model(config: TrainConfig, fabric):
     return load_transformers_model(config)
 
 
+def count_parameters(config: TrainConfig) -> tuple[int, int]:
+    """(all, trainable) parameters of the run's model, counted on the meta device (nothing allocated)."""
+    from bumblecore.train.lora import ALL_LINEAR
+
+    if _is_bumblebee(config.model_name_or_path):
+        from bumblecore.model.bumblebee import Bumblebee
+        from bumblecore.model.hf_io import read_config
+
+        with torch.device("meta"):
+            model = Bumblebee(read_config(config.model_name_or_path))
+    else:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        hf_config = AutoConfig.from_pretrained(config.model_name_or_path, trust_remote_code=config.trust_remote_code)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=config.trust_remote_code)
+    total = sum(p.numel() for p in model.parameters())
+    if config.finetuning_type != "lora":
+        return total, total
+    targets = set(config.lora_target_modules or ALL_LINEAR)
+    adapters = sum(config.lora_rank * (m.in_features + m.out_features) for name, m in model.named_modules()
+                   if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets)
+    return total + adapters, adapters
+
+
 def optimizer_groups(model, weight_decay: float) -> list[dict]:
-    """AdamW groups: no weight decay for biases and norm weights (1-D tensors)."""
+    """AdamW groups: no weight decay for biases and norm weights (1-D tensors; ZeRO-3 keeps a
+    partitioned weight's real shape in ds_shape)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim < 2 else decay).append(p)
+            (no_decay if len(getattr(p, "ds_shape", p.shape)) < 2 else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_once(fabric, build):
+    """`build()` run first by global rank 0 (say, tokenizing into the token cache), then by the first
+    rank of every other node, then by everyone else. On a shared filesystem the later calls find what
+    rank 0 built; a node without one builds its own copy once instead of failing."""
+    result = None
+    if fabric.global_rank == 0:
+        result = build()
+    fabric.barrier()
+    if fabric.local_rank == 0 and fabric.global_rank != 0:
+        result = build()
+    fabric.barrier()
+    if fabric.local_rank != 0:
+        result = build()
+    return result
+
+
+def _processes_per_node(fabric) -> int:
+    return max(1, fabric.world_size // getattr(fabric.strategy, "num_nodes", 1))
+
+
+def memory_plan(fabric, config: TrainConfig, deepspeed_config, local_processes: int):
+    from bumblecore.train.memory import available_memory, plan_memory
+
+    total, trainable = count_parameters(config)
+    frozen_copy = 0
+    if config.training_stage == "dpo" and (config.ref_model_path or (config.finetuning_type == "full"
+                                                                     and config.precompute_ref_log_probs is False)):
+        frozen_copy = total - (trainable if config.finetuning_type == "lora" else 0)
+    name, available = available_memory(fabric.device, local_processes)
+    return plan_memory(total, trainable, config.train_model_precision, fabric.world_size, deepspeed_config, name,
+                       available, frozen_copy)
 
 
 # ---------------------------------------------------------------------------- main
 
 
-def main(fabric, config: TrainConfig, runtime_owns_accumulation: bool = False) -> None:
+def main(fabric, config: TrainConfig, deepspeed_config: dict | None = None, launcher: str | None = None) -> None:
     from bumblecore.data.commands import dataset_units
     from bumblecore.data.loader import BatchLoader, eval_batches
     from bumblecore.tokenizer import CHAT_TEMPLATE, load_tokenizer
@@ -93,6 +168,7 @@ def main(fabric, config: TrainConfig, runtime_owns_accumulation: bool = False) -
     from bumblecore.train.engine import Engine, LoopSettings
     from bumblecore.train.lora import apply_lora, trainable_share
     from bumblecore.train.monitor import Monitor
+    from bumblecore.train.runtime import zero_stage
     from bumblecore.train.schedulers import build_scheduler
     from bumblecore.train.sft import LanguageModelingStage
 
@@ -102,7 +178,14 @@ def main(fabric, config: TrainConfig, runtime_owns_accumulation: bool = False) -
     tokenizer = load_tokenizer(config.model_name_or_path)
     tokenizer.chat_template = CHAT_TEMPLATE  # what is trained is what is served
 
-    model = load_model(config, fabric)
+    stage_of_zero = zero_stage(deepspeed_config)
+    plan = memory_plan(fabric, config, deepspeed_config, local_processes=_processes_per_node(fabric))
+    plan.check()  # before anything is allocated or written
+    # DeepSpeed with 16-bit weights keeps a 16-bit module and fp32 master weights itself: load 16-bit.
+    weights_dtype = torch.float32
+    if stage_of_zero is not None and config.train_model_precision in ("bf16", "fp16"):
+        weights_dtype = torch.bfloat16 if config.train_model_precision == "bf16" else torch.float16
+    model = load_model(config, fabric, dtype=weights_dtype, partitioned=stage_of_zero == 3)
     if getattr(model, "is_transformers_fallback", False) and config.packing:
         fabric.print("note: packing is off for transformers models (their CPU attention would cross documents)")
         config.packing = False
@@ -110,9 +193,12 @@ def main(fabric, config: TrainConfig, runtime_owns_accumulation: bool = False) -
         model = apply_lora(model, config.lora_rank, config.lora_alpha, config.lora_dropout, config.lora_target_modules)
     trainable, total = trainable_share(model)
 
-    with fabric.rank_zero_first():  # rank 0 tokenizes; the others then reuse its cache
-        _, units = dataset_units(config, tokenizer, config.dataset_path, progress=fabric.is_global_zero)
-        eval_units = dataset_units(config, tokenizer, config.eval_dataset_path, progress=False)[1] if config.eval_dataset_path else None
+    def tokenized():  # the token cache, built once (see build_once) and memory-mapped by every rank
+        train_units = dataset_units(config, tokenizer, config.dataset_path, progress=fabric.is_global_zero)[1]
+        held_out = dataset_units(config, tokenizer, config.eval_dataset_path, progress=False)[1] if config.eval_dataset_path else None
+        return train_units, held_out
+
+    units, eval_units = build_once(fabric, tokenized)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     loader = BatchLoader(units, config.train_micro_batch_size_per_gpu, config.gradient_accumulation_steps,
                          fabric.world_size, fabric.global_rank, config.seed, pad_id, bool(config.packing), config.group_by_length)
@@ -121,9 +207,10 @@ def main(fabric, config: TrainConfig, runtime_owns_accumulation: bool = False) -
     total_steps = loader.total_steps(config.num_epochs, config.max_steps)
     warmup_steps = math.ceil(config.warmup_ratio * total_steps)
 
-    optimizer = torch.optim.AdamW(optimizer_groups(model, config.weight_decay), lr=config.learning_rate, betas=(0.9, 0.999), eps=1e-8)
-    model, optimizer = fabric.setup(model, optimizer)
-    scheduler = build_scheduler(config.lr_scheduler_type, optimizer, warmup_steps, total_steps, **config.lr_scheduler_kwargs)
+    adamw = torch.optim.AdamW(optimizer_groups(model, config.weight_decay), lr=config.learning_rate, betas=(0.9, 0.999), eps=1e-8)
+    model, optimizer = fabric.setup(model, adamw)
+    # The schedule drives AdamW's own param groups: under DeepSpeed the ZeRO optimizer wraps it and steps it.
+    scheduler = build_scheduler(config.lr_scheduler_type, adamw, warmup_steps, total_steps, **config.lr_scheduler_kwargs)
 
     resume_dir = resolve_resume_dir(output_dir, config.resume_from_checkpoint)
     stage = LanguageModelingStage()
@@ -144,7 +231,7 @@ def main(fabric, config: TrainConfig, runtime_owns_accumulation: bool = False) -
         eval_steps=config.eval_steps or (config.save_steps if eval_loader else None), save_steps=config.save_steps,
         save_total_limit=config.save_total_limit, save_last=config.save_last,
         average_tokens_across_devices=config.average_tokens_across_devices,
-        runtime_owns_accumulation=runtime_owns_accumulation)
+        runtime_owns_accumulation=deepspeed_config is not None)
     exporter = Exporter(fabric, config, tokenizer, monitor)
     engine = Engine(fabric, model, optimizer, scheduler, stage, loader, settings, monitor,
                     save_fn=lambda step, final: exporter.checkpoint(engine, step, final), eval_loader=eval_loader)
@@ -159,13 +246,17 @@ def main(fabric, config: TrainConfig, runtime_owns_accumulation: bool = False) -
         f"BumbleCore train: stage {config.training_stage}, {config.finetuning_type} fine-tuning, model {config.model_name_or_path}",
         f"  data: {len(units)} training units ({'packed' if config.packing else 'padded'} rows of <= {config.cutoff_len} tokens)"
         + (f", {len(eval_units)} eval units" if eval_units is not None else ""),
+        f"  processes: {fabric.world_size} ({_processes_per_node(fabric)} per node x {fabric.world_size // _processes_per_node(fabric)} node(s), "
+        f"started by {launcher or ('bumblecore' if fabric.world_size > 1 else 'this command')}), {fabric.device.type}",
         f"  batch: {config.train_micro_batch_size_per_gpu} micro x {fabric.world_size} device(s) x {config.gradient_accumulation_steps} "
         f"accumulation = {loader.global_size} per step; {loader.steps_per_epoch} steps/epoch, {total_steps} steps, {warmup_steps} warmup",
         f"  parameters: {total:,} ({trainable:,} trainable, {trainable / max(1, total):.2%})",
         f"  features: precision {config.train_model_precision}, scheduler {config.lr_scheduler_type}, lr {config.learning_rate}, "
         f"gradient checkpointing {'on' if config.enable_gradient_checkpointing else 'off'}, "
         f"attention {getattr(getattr(model, 'config', None), 'attn_implementation', 'transformers')}, "
-        f"strategy {type(fabric.strategy).__name__}",
+        f"strategy {type(fabric.strategy).__name__}"
+        + (f" (ZeRO-{stage_of_zero})" if stage_of_zero is not None else ""),
+        *plan.lines(),
     ]
     if getattr(stage, "summary", ""):
         banner.append(f"  {stage.summary}")
@@ -176,7 +267,23 @@ def main(fabric, config: TrainConfig, runtime_owns_accumulation: bool = False) -
     engine.fit()
     exporter.export_final(engine)
     monitor.close(smooth=config.training_stage != "pretrain")
+    _report_peak_memory(fabric, monitor)
     fabric.print(f"done in {time.perf_counter() - started:.1f}s: {config.output_dir}")
+
+
+def _report_peak_memory(fabric, monitor) -> None:
+    """Each rank's peak host RSS (and GPU memory), printed by rank 0: the plan's check in hindsight."""
+    from bumblecore.train.memory import peak_host_rss_bytes
+
+    gpu = torch.cuda.max_memory_allocated(fabric.device) if fabric.device.type == "cuda" else 0
+    peaks = torch.zeros(fabric.world_size, 2, dtype=torch.float64, device=fabric.device)
+    peaks[fabric.global_rank] = torch.tensor([float(peak_host_rss_bytes()), float(gpu)], dtype=torch.float64)
+    peaks = (fabric.all_reduce(peaks, reduce_op="sum") if fabric.world_size > 1 else peaks).cpu()
+    line = "peak memory per rank: host RSS " + ", ".join(f"{v / 2**20:,.0f} MB" for v in peaks[:, 0].tolist())
+    if gpu:
+        line += "; GPU " + ", ".join(f"{v / 2**20:,.0f} MB" for v in peaks[:, 1].tolist())
+    fabric.print(line)
+    monitor.info(line)
 
 
 # ---------------------------------------------------------------------------- saving
@@ -197,12 +304,13 @@ class Exporter:
         from bumblecore.train.runtime import gathered_state_dict
 
         bare = getattr(model, "module", model)
-        state = gathered_state_dict(self.fabric, model) if self.config.finetuning_type == "full" else None
+        lora = self.config.finetuning_type == "lora"
+        state = gathered_state_dict(self.fabric, model, trainable_only=lora)  # every rank joins under ZeRO-3
         if not self.fabric.is_global_zero:
             return
         directory.mkdir(parents=True, exist_ok=True)
-        if self.config.finetuning_type == "lora":
-            save_adapter(bare, directory, self.config.model_name_or_path)
+        if lora:
+            save_adapter(bare, directory, self.config.model_name_or_path, state_dict=state)
         else:
             dtype = self._save_dtype()
             casted = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
