@@ -31,6 +31,14 @@ def tokens_per_chunk(lm_head) -> int:
     return max(64, LOGITS_BUDGET_BYTES // (4 * max(1, vocab)))
 
 
+def _recompute_in_backward(h: torch.Tensor, lm_head) -> bool:
+    """Recompute a chunk's logits in backward rather than keep them, except for a ZeRO-3 partitioned
+    LM head: DeepSpeed does not gather a frozen partitioned weight again inside a checkpoint's recompute."""
+    weight = getattr(lm_head, "weight", None)
+    partitioned = weight is not None and hasattr(weight, "ds_status")
+    return torch.is_grad_enabled() and h.requires_grad and not (partitioned and not weight.requires_grad)
+
+
 def _chunk_loss(hidden: torch.Tensor, lm_head: Callable, targets: torch.Tensor) -> torch.Tensor:
     # fp32 logits for the softmax, as transformers does; summed, normalised by the caller.
     return F.cross_entropy(lm_head(hidden).float(), targets, reduction="sum")
@@ -57,7 +65,7 @@ def chunked_cross_entropy(
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, count, chunk_tokens):
         h, t = hidden[start : start + chunk_tokens], targets[start : start + chunk_tokens]
-        if torch.is_grad_enabled() and h.requires_grad:
+        if _recompute_in_backward(h, lm_head):
             total = total + checkpoint(_chunk_loss, h, lm_head, t, use_reentrant=False)
         else:
             total = total + _chunk_loss(h, lm_head, t)
@@ -84,7 +92,7 @@ def chunked_token_logps(hidden: torch.Tensor, lm_head: Callable, targets: torch.
     for start in range(0, keep.numel(), chunk_tokens):
         index = keep[start : start + chunk_tokens]
         h, t = flat_hidden[index], flat_targets[index]
-        if torch.is_grad_enabled() and h.requires_grad:
+        if _recompute_in_backward(h, lm_head):
             pieces.append(checkpoint(_chunk_logps, h, lm_head, t, use_reentrant=False))
         else:
             pieces.append(_chunk_logps(h, lm_head, t))

@@ -71,10 +71,13 @@ def load_model(config: TrainConfig, fabric, dtype: torch.dtype = torch.float32, 
         if partitioned:
             from bumblecore.train.runtime import load_into_partitioned
 
-            with fabric.init_module(empty_init=True):
-                torch.manual_seed(config.seed)  # the same random init on every rank (DeepSpeed broadcasts rank 0's)
-                model = Bumblebee(read_config(config.model_name_or_path))
-            if config.training_stage != "pretrain":
+            if config.training_stage == "pretrain":
+                with fabric.init_module(empty_init=True):
+                    torch.manual_seed(config.seed)  # the same random init as one process (DeepSpeed broadcasts rank 0's)
+                    model = Bumblebee(read_config(config.model_name_or_path))
+            else:
+                with torch.random.fork_rng(), fabric.init_module(empty_init=True):  # draws nothing, like a load
+                    model = Bumblebee(read_config(config.model_name_or_path))
                 load_into_partitioned(model, config.model_name_or_path, fabric.is_global_zero)
         elif config.training_stage == "pretrain":
             torch.manual_seed(config.seed)  # the same random init on every rank

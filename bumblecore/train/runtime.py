@@ -77,9 +77,14 @@ SELF_LAUNCHED = "BUMBLECORE_SELF_LAUNCHED"  # set before Fabric starts our own r
 def launch_processes(fabric, ours: bool) -> None:
     """Start this run's other ranks when `ours` (each reruns the same command; no-op for one process),
     or join the ranks an external launcher started."""
-    if ours:
-        os.environ[SELF_LAUNCHED] = "1"
-    fabric.launch()
+    if not ours:
+        fabric.launch()
+        return
+    os.environ[SELF_LAUNCHED] = "1"  # the children copy the environment as they start
+    try:
+        fabric.launch()
+    finally:
+        os.environ.pop(SELF_LAUNCHED, None)  # later commands of this process (the Python API) start afresh
 
 
 def detect_launch(devices: int = 1, num_nodes: int = 1, accelerator: str = "auto",
