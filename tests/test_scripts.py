@@ -1,4 +1,4 @@
-"""Every command line in scripts/*.sh (the fabric run lines beside them included) and every
+"""Every command line in scripts/*.sh and *.sbatch (the fabric run lines beside them included) and every
 configs/inference YAML parses (--print_config), so the scripts users copy do not rot."""
 
 import contextlib
@@ -12,7 +12,7 @@ import yaml
 from bumblecore.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = sorted((ROOT / "scripts").glob("*.sh"))
+SCRIPTS = sorted([*(ROOT / "scripts").glob("*.sh"), *(ROOT / "scripts").glob("*.sbatch")])
 
 
 def command_lines(script: Path) -> list[list[str]]:
@@ -20,7 +20,7 @@ def command_lines(script: Path) -> list[list[str]]:
     found = []
     for line in script.read_text().splitlines():
         line = re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", line.lstrip("# "))
-        match = re.search(r"(?:^|\|\| )bumblecore (\w+.*)$", line) or re.search(r"bumblecore/__main__\.py (\w+.*)$", line)
+        match = re.search(r"(?:^|\|\| |srun )bumblecore (\w+.*)$", line) or re.search(r"bumblecore/__main__\.py (\w+.*)$", line)
         if match:
             found.append([a.strip('"') for a in match.group(1).split() if a != '"$@"'])
     return found

@@ -39,9 +39,18 @@ def _recompute_in_backward(h: torch.Tensor, lm_head) -> bool:
     return torch.is_grad_enabled() and h.requires_grad and not (partitioned and not weight.requires_grad)
 
 
+def _head(lm_head: Callable, hidden: torch.Tensor) -> torch.Tensor:
+    # A 16-bit head without autocast (DeepSpeed's bf16/fp16) gets the hidden states in its own dtype:
+    # Fabric hands the wrapped forward's outputs back in fp32.
+    weight = getattr(lm_head, "weight", None)
+    if weight is not None and weight.dtype in (torch.bfloat16, torch.float16) and hidden.dtype == torch.float32:
+        hidden = hidden.to(weight.dtype)
+    return lm_head(hidden)
+
+
 def _chunk_loss(hidden: torch.Tensor, lm_head: Callable, targets: torch.Tensor) -> torch.Tensor:
     # fp32 logits for the softmax, as transformers does; summed, normalised by the caller.
-    return F.cross_entropy(lm_head(hidden).float(), targets, reduction="sum")
+    return F.cross_entropy(_head(lm_head, hidden).float(), targets, reduction="sum")
 
 
 def chunked_cross_entropy(
@@ -73,7 +82,7 @@ def chunked_cross_entropy(
 
 
 def _chunk_logps(hidden: torch.Tensor, lm_head: Callable, targets: torch.Tensor) -> torch.Tensor:
-    return -F.cross_entropy(lm_head(hidden).float(), targets, reduction="none")
+    return -F.cross_entropy(_head(lm_head, hidden).float(), targets, reduction="none")
 
 
 def chunked_token_logps(hidden: torch.Tensor, lm_head: Callable, targets: torch.Tensor, chunk_tokens: int | None = None) -> torch.Tensor:

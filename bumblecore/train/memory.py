@@ -5,7 +5,8 @@ Bytes per parameter, with Adam (the ZeRO paper's accounting; P all parameters, T
 
     plain / DDP (fp32 weights, bf16 autocast)     4P weights + 4T gradients + 8T Adam moments
     DeepSpeed with bf16/fp16                      2P weights + 2T gradients + 12T (fp32 master + moments)
-    DeepSpeed fp32                                4P weights + 4T gradients + 8T
+    DeepSpeed ZeRO-1/2/3 in fp32                  4P weights + 4T gradients + 12T (it keeps an fp32 master copy too)
+    DeepSpeed ZeRO-0 in fp32                      4P weights + 4T gradients + 8T
     ZeRO-1 divides the optimizer states by N, ZeRO-2 the gradients too, ZeRO-3 the weights too;
     offload_optimizer / offload_param move those states to host memory.
 
@@ -74,7 +75,7 @@ def plan_memory(total_params: int, trainable_params: int, precision: str, world_
     frozen = total_params - trainable_params
     parameters = trainable_params * width + frozen * width
     gradients = trainable_params * width
-    optimizer = trainable_params * (12 if sixteen else 8)
+    optimizer = trainable_params * (12 if sixteen or (stage or 0) >= 1 else 8)
     n = max(1, world_size)
     if stage is not None and stage >= 1:
         optimizer //= n
@@ -132,3 +133,17 @@ def peak_host_rss_bytes() -> int:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def release_freed_host_memory() -> None:
+    """Hand memory that has been freed back to the OS (glibc keeps freed heap blocks for reuse).
+    Building and loading a model churns many short-lived tensors of a layer's size (below glibc's mmap
+    threshold, so on the heap); without this a rank's RSS stays up to ~1 GB above what it holds."""
+    import ctypes
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass  # not glibc (e.g. musl): nothing to trim

@@ -170,6 +170,7 @@ def main(fabric, config: TrainConfig, deepspeed_config: dict | None = None, laun
     from bumblecore.train.checkpoint import read_trainer_state, resolve_resume_dir
     from bumblecore.train.engine import Engine, LoopSettings
     from bumblecore.train.lora import apply_lora, trainable_share
+    from bumblecore.train.memory import release_freed_host_memory
     from bumblecore.train.monitor import Monitor
     from bumblecore.train.runtime import zero_stage
     from bumblecore.train.schedulers import build_scheduler
@@ -189,6 +190,7 @@ def main(fabric, config: TrainConfig, deepspeed_config: dict | None = None, laun
     if stage_of_zero is not None and config.train_model_precision in ("bf16", "fp16"):
         weights_dtype = torch.bfloat16 if config.train_model_precision == "bf16" else torch.float16
     model = load_model(config, fabric, dtype=weights_dtype, partitioned=stage_of_zero == 3)
+    release_freed_host_memory()
     if getattr(model, "is_transformers_fallback", False) and config.packing:
         fabric.print("note: packing is off for transformers models (their CPU attention would cross documents)")
         config.packing = False
@@ -210,8 +212,9 @@ def main(fabric, config: TrainConfig, deepspeed_config: dict | None = None, laun
     total_steps = loader.total_steps(config.num_epochs, config.max_steps)
     warmup_steps = math.ceil(config.warmup_ratio * total_steps)
 
-    adamw = torch.optim.AdamW(optimizer_groups(model, config.weight_decay), lr=config.learning_rate, betas=(0.9, 0.999), eps=1e-8)
+    adamw = torch.optim.AdamW(optimizer_groups(model, config.weight_decay), lr=config.learning_rate, betas=(0.9, 0.999), eps=1e-8, fused=True)
     model, optimizer = fabric.setup(model, adamw)
+    release_freed_host_memory()  # DeepSpeed's setup copies every partition once more
     # The schedule drives AdamW's own param groups: under DeepSpeed the ZeRO optimizer wraps it and steps it.
     scheduler = build_scheduler(config.lr_scheduler_type, adamw, warmup_steps, total_steps, **config.lr_scheduler_kwargs)
 
