@@ -14,7 +14,7 @@ Checks (each reports its figures; a check whose package is missing says so and t
 - fused_ce:   liger-kernel's fused linear cross-entropy vs our chunked cross-entropy: loss,
               gradient, time and peak memory at vocabulary 151,936.
 - compile:    torch.compile of the model: training step time vs eager.
-- deepspeed:  `bumblecore train` SFT of the 0.5B preset (4 layers) under ZeRO-2 and ZeRO-3 through
+- deepspeed:  `bumblecore train` SFT of the 0.5B preset (4 layers) on every GPU under ZeRO-2 and ZeRO-3 through
               the real DeepSpeed, then the ZeRO-3 16-bit consolidated export loaded in transformers.
 - decode:     bench/generate.py on the GPU (batch 1 vs transformers generate, batch 16 vs 1).
 
@@ -222,34 +222,45 @@ def check_compile(args, device, dtype) -> list[dict]:
 
 
 def check_deepspeed(args, device, dtype) -> list[dict]:
-    if device.type != "cuda":
-        return [{"check": "deepspeed", "skipped": "DeepSpeed needs CUDA"}]
+    """ZeRO-2 and ZeRO-3 through `bumblecore train` on every GPU here (on the CPU with --dry_run: 2 gloo
+    processes and a tiny model, the same code path)."""
+    import torch
+
     rows = []
+    cuda = device.type == "cuda"
+    devices = max(1, torch.cuda.device_count()) if cuda else 2
+    shape = [] if cuda else ["--hidden_size", "64", "--intermediate_size", "128", "--num_attention_heads", "4",
+                             "--num_key_value_heads", "2", "--vocab_size", "1024"]
+    steps = 20 if cuda else 4
+    common = (["--train_model_precision", "bf16", "--cutoff_len", "1024"] if cuda else
+              ["--train_model_precision", "fp32", "--cutoff_len", "128", "--accelerator", "cpu"])
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         demo = ROOT / "bumblecore" / "demo_data"
         base = [sys.executable, "-m", "bumblecore"]
-        subprocess.run(base + ["init_model", "--preset", "0.5B", "--num_hidden_layers", "4", "--tokenizer_path", str(demo / "tokenizer"),
-                               "--output_dir", str(work / "init")], check=True)
+        subprocess.run(base + ["init_model", "--preset", "0.5B", "--num_hidden_layers", "4" if cuda else "2", *shape,
+                               "--tokenizer_path", str(demo / "tokenizer"), "--output_dir", str(work / "init")], check=True)
         subprocess.run(base + ["train", "--training_stage", "pretrain", "--model_name_or_path", str(work / "init"),
                                "--dataset_path", str(demo / "pretrain.jsonl"), "--output_dir", str(work / "base"), "--max_steps", "2",
-                               "--cutoff_len", "512", "--train_model_precision", "bf16", "--save_steps", "1000"], check=True)
+                               *common, "--save_steps", "1000"], check=True)
         for stage in (2, 3):
             out = work / f"z{stage}"
             started = time.perf_counter()
             done = subprocess.run(base + ["train", "--training_stage", "sft", "--model_name_or_path", str(work / "base"),
-                                          "--dataset_path", str(demo / "sft_train.jsonl"), "--output_dir", str(out), "--max_steps", "20",
-                                          "--cutoff_len", "1024", "--train_model_precision", "bf16", "--save_steps", "10",
+                                          "--dataset_path", str(demo / "sft_train.jsonl"), "--output_dir", str(out), *common,
+                                          "--max_steps", str(steps), "--save_steps", str(steps // 2),
+                                          "--devices", str(devices), "--gradient_accumulation_steps", "1",
                                           "--deepspeed_config_path", str(ROOT / "configs" / "deepspeed" / f"ds_z{stage}_config.json")],
                                   capture_output=True, text=True)
             row = {"check": "deepspeed", "zero_stage": stage, "returncode": done.returncode, "seconds": round(time.perf_counter() - started, 1)}
             if done.returncode == 0:
                 history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
                 losses = [r["loss"] for r in history if "loss" in r]
-                row.update(first_loss=losses[0], last_loss=losses[-1], tokens_per_sec=round(history[-1]["tokens_per_sec"]))
+                row.update(devices=devices, first_loss=losses[0], last_loss=losses[-1], tokens_per_sec=round(history[-1]["tokens_per_sec"]),
+                           grad_norm=history[-1]["grad_norm"])
                 from transformers import AutoModelForCausalLM
 
-                hf = AutoModelForCausalLM.from_pretrained(out / "checkpoint-20")
+                hf = AutoModelForCausalLM.from_pretrained(out / f"checkpoint-{steps}")
                 row["checkpoint_loads_in_transformers"] = type(hf).__name__
             else:
                 row["error"] = done.stderr[-1500:]

@@ -58,8 +58,13 @@ def bench_resume(quick):
     return importlib.import_module("resume").run(quick)
 
 
+def bench_zero3_memory(quick):
+    return importlib.import_module("zero3_memory").run(quick)
+
+
 BENCHES = {"train_sft": bench_train_sft, "generate": bench_generate, "serve": bench_serve,
-           "pretokenize": bench_pretokenize, "dpo_reference": bench_dpo_reference, "resume": bench_resume}
+           "pretokenize": bench_pretokenize, "dpo_reference": bench_dpo_reference, "resume": bench_resume,
+           "zero3_memory": bench_zero3_memory}
 
 
 def child(name: str, quick: bool) -> None:
@@ -126,6 +131,9 @@ def rows(results: dict) -> list[tuple]:
     # The issue sets no figure for DPO; cached reference log-probs should at least not be slower.
     add("dpo_reference", "DPO step time, cached reference (vs live reference)", ("<= 1x (no goal set; not slower)", 1.0, False),
         lambda r: (f"{r['cached']['step_seconds'] * 1000:,.0f} ms", f"{r['live']['step_seconds'] * 1000:,.0f} ms", r["step_time_ratio"]))
+    add("zero3_memory", "per-rank peak RSS, ZeRO-3 on 2 CPU processes (vs one process)", ("<= 0.6x", 0.6, False),
+        lambda r: (f"{max(r['zero3_peak_rss_mb']):,.0f} MB ({r['parameters'] / 1e6:.0f}M params)",
+                   f"{r['one_process_peak_rss_mb']:,.0f} MB", r["ratio"]))
     return out
 
 

@@ -14,6 +14,7 @@ position is the step number, so resuming restores it without replaying data.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -127,7 +128,10 @@ class Engine:
         for index, batch in enumerate(micro_batches):
             batch = fabric.to_device(batch)
             last = index == len(micro_batches) - 1
-            with fabric.no_backward_sync(self.model, enabled=not last and not settings.runtime_owns_accumulation):
+            # DDP: all-reduce gradients only on the last micro-batch; DeepSpeed does its own accumulation.
+            skip_sync = (contextlib.nullcontext() if settings.runtime_owns_accumulation
+                         else fabric.no_backward_sync(self.model, enabled=not last))
+            with skip_sync:
                 with fabric.autocast():  # the stage may apply the LM head outside the wrapped forward
                     loss_sum, metrics = self.stage.loss(self.model, batch)
                 fabric.backward(loss_sum * scale)
