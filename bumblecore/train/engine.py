@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional, Protocol
 import torch
 
 from bumblecore.train.checkpoint import STATE_DIR, restore_rng_state, rng_state
-from bumblecore.train.runtime import runtime_grad_norm
+from bumblecore.train.runtime import runtime_grad_norm, runtime_skips_clipping
 
 
 class Stage(Protocol):
@@ -137,7 +137,10 @@ class Engine:
                 fabric.backward(loss_sum * scale)
             if settings.runtime_owns_accumulation:
                 if last:  # where the runtime keeps no norm of its own (ZeRO-0 in fp32), the gradients are still here
-                    own_norm = float(_grad_norm(self.model))
+                    if settings.max_grad_norm and runtime_skips_clipping(self.model):
+                        own_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), settings.max_grad_norm))
+                    else:
+                        own_norm = float(_grad_norm(self.model))
                 self.optimizer.step()  # DeepSpeed: a real step only at the accumulation boundary
             loss_total += loss_sum.detach()
             for key, value in metrics.items():

@@ -345,6 +345,14 @@ def partitions_weights(model) -> bool:
     return engine is not None and bool(engine.zero_optimization_partition_weights())
 
 
+def runtime_skips_clipping(model) -> bool:
+    """DeepSpeed ZeRO-0 in fp32 ignores its gradient_clipping (measured: it steps unclipped), so the
+    loop clips there itself; every other DeepSpeed mode clips inside its optimizer."""
+    engine = deepspeed_engine(model)
+    return (engine is not None and engine.zero_optimization_stage() == 0
+            and not engine.bfloat16_enabled() and not engine.fp16_enabled())
+
+
 def runtime_grad_norm(model) -> Optional[float]:
     """DeepSpeed's global gradient norm of the last optimiser step (before clipping); None where it keeps none."""
     engine = deepspeed_engine(model)
