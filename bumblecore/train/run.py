@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -68,20 +68,17 @@ def load_model(config: TrainConfig, fabric, dtype: torch.dtype = torch.float32, 
     from bumblecore.model.bumblebee import Bumblebee
 
     if _is_bumblebee(config.model_name_or_path):
-        if partitioned:
+        model_config = read_config(config.model_name_or_path)
+        if config.training_stage == "pretrain":
+            with fabric.init_module(empty_init=True) if partitioned else contextlib.nullcontext():
+                torch.manual_seed(config.seed)  # the same random init on every rank (ZeRO-3: DeepSpeed broadcasts rank 0's)
+                model = Bumblebee(model_config)
+        elif partitioned:
             from bumblecore.train.runtime import load_into_partitioned
 
-            if config.training_stage == "pretrain":
-                with fabric.init_module(empty_init=True):
-                    torch.manual_seed(config.seed)  # the same random init as one process (DeepSpeed broadcasts rank 0's)
-                    model = Bumblebee(read_config(config.model_name_or_path))
-            else:
-                with torch.random.fork_rng(), fabric.init_module(empty_init=True):  # draws nothing, like a load
-                    model = Bumblebee(read_config(config.model_name_or_path))
-                load_into_partitioned(model, config.model_name_or_path, fabric.is_global_zero)
-        elif config.training_stage == "pretrain":
-            torch.manual_seed(config.seed)  # the same random init on every rank
-            model = Bumblebee(read_config(config.model_name_or_path))
+            with torch.random.fork_rng(), fabric.init_module(empty_init=True):  # draws nothing, like a load
+                model = Bumblebee(model_config)
+            load_into_partitioned(model, config.model_name_or_path, fabric.is_global_zero)
         else:
             model = load_pretrained(config.model_name_or_path, dtype=dtype, device=fabric.device)
         if config.enable_gradient_checkpointing:

@@ -106,7 +106,7 @@ def detect_launch(devices: int = 1, num_nodes: int = 1, accelerator: str = "auto
         local = _int_env(env, "LOCAL_SIZE") or 1
         world = _int_env(env, "WORLD_SIZE") or local
         return Launch("deepspeed", local, max(1, world // local), accelerator,
-                      cluster_environment=EnvVariablesEnvironment(node_rank_variable="CROSS_RANK"))
+                      cluster_environment=_env_variables_environment(node_rank_variable="CROSS_RANK"))
     if "SLURM_NTASKS" in env and env.get("SLURM_JOB_NAME") not in ("bash", "interactive"):
         tasks = _int_env(env, "SLURM_NTASKS") or 1
         nodes = _int_env(env, "SLURM_NNODES") or 1
@@ -126,8 +126,8 @@ def detect_launch(devices: int = 1, num_nodes: int = 1, accelerator: str = "auto
     return Launch(None, int(devices), int(num_nodes), accelerator)
 
 
-def _environment_class():
-    from lightning.fabric.plugins.environments import ClusterEnvironment
+def _env_variables_environment(node_rank_variable: str):
+    from lightning.fabric.plugins.environments import ClusterEnvironment  # imported here: lightning is slow to import
 
     class EnvVariables(ClusterEnvironment):
         """A launcher that sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT but that
@@ -171,11 +171,7 @@ def _environment_class():
         def node_rank(self) -> int:
             return int(os.environ.get(self.node_rank_variable, 0))
 
-    return EnvVariables
-
-
-def EnvVariablesEnvironment(node_rank_variable: str = "NODE_RANK"):  # noqa: N802 (a class, built lazily)
-    return _environment_class()(node_rank_variable)
+    return EnvVariables(node_rank_variable)
 
 
 # ---------------------------------------------------------------------------- DeepSpeed config
