@@ -136,11 +136,9 @@ class Engine:
                     loss_sum, metrics = self.stage.loss(self.model, batch)
                 fabric.backward(loss_sum * scale)
             if settings.runtime_owns_accumulation:
-                if last:  # where the runtime keeps no norm of its own (ZeRO-0 in fp32), the gradients are still here
-                    if settings.max_grad_norm and runtime_skips_clipping(self.model):
-                        own_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), settings.max_grad_norm))
-                    else:
-                        own_norm = float(_grad_norm(self.model))
+                if last and runtime_skips_clipping(self.model):  # ZeRO-0 in fp32: DeepSpeed neither clips nor keeps a norm
+                    own_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), settings.max_grad_norm)
+                                     if settings.max_grad_norm else _grad_norm(self.model))
                 self.optimizer.step()  # DeepSpeed: a real step only at the accumulation boundary
             loss_total += loss_sum.detach()
             for key, value in metrics.items():

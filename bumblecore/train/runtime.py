@@ -342,8 +342,9 @@ def partitions_weights(model) -> bool:
 
 
 def runtime_skips_clipping(model) -> bool:
-    """DeepSpeed ZeRO-0 in fp32 ignores its gradient_clipping (measured: it steps unclipped), so the
-    loop clips there itself; every other DeepSpeed mode clips inside its optimizer."""
+    """DeepSpeed ZeRO-0 in fp32 ignores its gradient_clipping (measured: it steps unclipped) and keeps
+    no gradient norm, so the loop clips and measures there itself; every other DeepSpeed mode does
+    both inside its optimizer."""
     engine = deepspeed_engine(model)
     return (engine is not None and engine.zero_optimization_stage() == 0
             and not engine.bfloat16_enabled() and not engine.fp16_enabled())
