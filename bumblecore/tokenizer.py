@@ -83,6 +83,24 @@ def load_tokenizer(path: Union[str, Path]):
     return tokenizer
 
 
+def check_fits_model(tokenizer, model_dir: Union[str, Path], tokenizer_dir: Union[str, Path, None] = None) -> None:
+    """Refuse a tokenizer that can emit ids the model has no embedding row for (each such id fails
+    inside the model, on every request that contains it). A model vocabulary larger than the
+    tokenizer is fine: embedding rows are often padded to a multiple of 64 or 128."""
+    config_file = Path(model_dir) / "config.json"
+    raw = json.loads(config_file.read_text(encoding="utf-8"))
+    vocab_size = raw.get("vocab_size") or raw.get("text_config", {}).get("vocab_size")
+    if not isinstance(vocab_size, int):
+        return  # a config without a vocab size: nothing to check against
+    largest = max(tokenizer.get_vocab().values(), default=-1)
+    if len(tokenizer) > vocab_size or largest >= vocab_size:
+        source = tokenizer_dir or getattr(tokenizer, "name_or_path", "") or "the tokenizer"
+        raise ValueError(
+            f"tokenizer {source} has {max(len(tokenizer), largest + 1)} tokens but the model "
+            f"({config_file}) has vocab_size {vocab_size}: ids >= {vocab_size} have no embedding. "
+            "Use the tokenizer the model was trained with, or resize the model's embeddings first.")
+
+
 def _strings_in(value) -> Iterator[str]:
     if isinstance(value, str):
         if value:
