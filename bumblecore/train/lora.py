@@ -6,18 +6,53 @@ import json
 from pathlib import Path
 from typing import Optional
 
-# Every linear layer of a Qwen2/Llama decoder (peft target names match our parameter names).
-ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from torch import nn
+
+def linear_layer_names(model) -> list[str]:
+    """peft's "all-linear" for any family: the last name of every linear layer except the output head
+    (Qwen2/Llama: q/k/v/o_proj, gate/up/down_proj; Phi-3: qkv_proj, o_proj, gate_up_proj, down_proj)."""
+    from transformers.pytorch_utils import Conv1D  # GPT-2-style layers are linear too
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else getattr(model, "lm_head", None)
+    names: dict[str, None] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, Conv1D)) and module is not head and not name.endswith("lm_head"):
+            names[name.rsplit(".", 1)[-1]] = None
+    if not names:
+        raise ValueError(f"{type(model).__name__} has no linear layers for LoRA; set lora_target_modules")
+    return list(names)
 
 
 def apply_lora(model, rank: int, alpha: int, dropout: float, target_modules: Optional[list[str]] = None):
-    """The model with LoRA adapters on `target_modules` (default: every linear layer of the decoder);
-    only the adapters train."""
+    """The model with LoRA adapters on `target_modules` (default: every linear layer but the output
+    head, whatever the family); only the adapters train."""
     from peft import LoraConfig, get_peft_model
 
-    targets = target_modules or ALL_LINEAR
+    targets = target_modules or linear_layer_names(model)
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none")
     return get_peft_model(model, config)
+
+
+def attach_adapter(base, adapter_dir):
+    """A peft adapter on `base`, whatever `task_type` it was saved with (peft's docs, TRL and
+    LLaMA-Factory write CAUSAL_LM, whose wrapper needs transformers' generation hooks; the plain
+    PeftModel holds the same weights and runs the same forward)."""
+    from peft import PeftConfig, PeftModel
+
+    adapter_config = PeftConfig.from_pretrained(str(adapter_dir))
+    adapter_config.task_type = None
+    return PeftModel.from_pretrained(base, str(adapter_dir), config=adapter_config)
+
+
+def adapter_base_dir(adapter_dir) -> Path:
+    """The base model directory an adapter names (base_model_name_or_path), checked."""
+    config_file = Path(adapter_dir) / "adapter_config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{adapter_dir}: no adapter_config.json (expected a peft LoRA adapter directory)")
+    base = json.loads(config_file.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    if not base or not (Path(base) / "config.json").is_file():
+        raise FileNotFoundError(f"{config_file}: base_model_name_or_path {base!r} is not a model directory")
+    return Path(base)
 
 
 def trainable_share(model) -> tuple[int, int]:
@@ -35,6 +70,11 @@ def trainable_share(model) -> tuple[int, int]:
 def save_adapter(peft_model, directory, base_model_path: str, state_dict: Optional[dict] = None) -> None:
     """adapter_config.json + adapter_model.safetensors, with base_model_name_or_path pointing at the base.
     `state_dict`: the adapter's tensors gathered from their ZeRO-3 shards (default: the live ones)."""
+    if getattr(peft_model.get_base_model(), "is_transformers_fallback", False):
+        # Trained through our wrapper (its model under `.hf`): save the names a peft model over the
+        # plain transformers model has, so every peft user (and our own loaders) can apply it.
+        state_dict = {name.replace(".hf.", ".", 1): tensor
+                      for name, tensor in (state_dict if state_dict is not None else peft_model.state_dict()).items()}
     peft_model.save_pretrained(str(directory), safe_serialization=True, state_dict=state_dict)
     config_file = Path(directory) / "adapter_config.json"
     config = json.loads(config_file.read_text(encoding="utf-8"))

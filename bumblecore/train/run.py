@@ -91,7 +91,7 @@ def load_model(config: TrainConfig, fabric, dtype: torch.dtype = torch.float32, 
 
 def count_parameters(config: TrainConfig) -> tuple[int, int]:
     """(all, trainable) parameters of the run's model, counted on the meta device (nothing allocated)."""
-    from bumblecore.train.lora import ALL_LINEAR
+    from bumblecore.train.lora import linear_layer_names
 
     if _is_bumblebee(config.model_name_or_path):
         from bumblecore.model.bumblebee import Bumblebee
@@ -108,7 +108,7 @@ def count_parameters(config: TrainConfig) -> tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     if config.finetuning_type != "lora":
         return total, total
-    targets = set(config.lora_target_modules or ALL_LINEAR)
+    targets = set(config.lora_target_modules or linear_layer_names(model))
     adapters = sum(config.lora_rank * (m.in_features + m.out_features) for name, m in model.named_modules()
                    if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets)
     return total + adapters, adapters
