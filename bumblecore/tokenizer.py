@@ -66,8 +66,9 @@ SPLIT_PATTERN = (
 )
 
 
-def load_tokenizer(path: Union[str, Path]):
-    """Load a Hugging Face tokenizer directory (fast tokenizer); fill in our chat template and pad token if missing."""
+def load_tokenizer(path: Union[str, Path], trust_remote_code: bool = False):
+    """Load a Hugging Face tokenizer directory (fast tokenizer); fill in our chat template and pad token if missing.
+    `trust_remote_code`: run a tokenizer class shipped as code in the directory (custom-code models)."""
     from transformers import AutoTokenizer
 
     path = Path(path)
@@ -75,7 +76,7 @@ def load_tokenizer(path: Union[str, Path]):
         raise FileNotFoundError(f"tokenizer directory {path} does not exist")
     if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
         raise ValueError(f"{path} is not a tokenizer directory (no tokenizer.json / tokenizer_config.json)")
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     if not getattr(tokenizer, "chat_template", None):
         tokenizer.chat_template = CHAT_TEMPLATE
     if tokenizer.pad_token is None:

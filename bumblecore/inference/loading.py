@@ -1,14 +1,17 @@
-"""Load a model directory for inference: a full model (ours, Qwen2, Llama) or a peft LoRA adapter."""
+"""Load a model directory for inference: a full model of any causal-LM family, or a peft LoRA adapter
+on one. Bumblebee runs the families it implements (ours, Qwen2, Llama ...); any other family runs
+through transformers behind the same engine interface (RecomputingCausalLM)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import torch
 
 from bumblecore.model.hf_io import SUPPORTED_MODEL_TYPES, read_config, resolve_dtype
+
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def resolve_device(device_map: str) -> torch.device:
@@ -17,38 +20,46 @@ def resolve_device(device_map: str) -> torch.device:
     return torch.device(device_map)
 
 
-def load_for_inference(model_path: str, dtype: str = "auto", device_map: str = "auto", merge: bool = True):
-    """(model, tokenizer, eos ids). A dir with adapter_config.json is a LoRA adapter: its base is
-    loaded from base_model_name_or_path, the adapter applied with peft and (by default) merged.
-    Architectures Bumblebee does not implement load through transformers (RecomputingCausalLM)."""
-    from bumblecore.inference.generate import default_eos_ids
+def is_native(model_dir) -> bool:
+    """Whether Bumblebee implements the directory's model_type (else transformers runs it)."""
+    raw = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    return raw.get("model_type") in SUPPORTED_MODEL_TYPES
+
+
+def load_model(model_dir, dtype: str = "auto", device=None, trust_remote_code: bool = False):
+    """A full model directory as a plain torch module: Bumblebee, or transformers' own class."""
     from bumblecore.model.hf_io import load_pretrained
+
+    if is_native(model_dir):
+        return load_pretrained(model_dir, dtype=resolve_dtype(dtype, read_config(model_dir)), device=device)
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = "auto" if dtype in (None, "auto") else TORCH_DTYPES[dtype]
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    return model.to(device) if device is not None else model
+
+
+def load_for_inference(model_path: str, dtype: str = "auto", device_map: str = "auto", merge: bool = True,
+                       trust_remote_code: bool = False):
+    """(model, tokenizer, eos ids). A dir with adapter_config.json is a LoRA adapter (any peft
+    task_type): its base is loaded from base_model_name_or_path, the adapter applied and (by
+    default) merged."""
+    from bumblecore.inference.generate import default_eos_ids
+    from bumblecore.inference.transformers_backend import RecomputingCausalLM
     from bumblecore.tokenizer import load_tokenizer
+    from bumblecore.train.lora import adapter_base_dir, attach_adapter
 
     path = Path(model_path)
     device = resolve_device(device_map)
-    adapter_file = path / "adapter_config.json"
-    if adapter_file.is_file():
-        base_path = json.loads(adapter_file.read_text(encoding="utf-8")).get("base_model_name_or_path")
-        if not base_path or not (Path(base_path) / "config.json").is_file():
-            raise FileNotFoundError(f"{adapter_file}: base_model_name_or_path {base_path!r} is not a model directory")
-        base = load_pretrained(base_path, dtype=resolve_dtype(dtype, read_config(base_path)), device=device)
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(base, str(path))
+    if (path / "adapter_config.json").is_file():
+        base_dir = adapter_base_dir(path)
+        model = attach_adapter(load_model(base_dir, dtype, device, trust_remote_code), path)
         model = model.merge_and_unload() if merge else model
-        tokenizer_dir = path if (path / "tokenizer_config.json").is_file() else Path(base_path)
-        eos_dir = Path(base_path)
-    elif json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type") not in SUPPORTED_MODEL_TYPES:
-        from transformers import AutoModelForCausalLM
-
-        from bumblecore.inference.transformers_backend import RecomputingCausalLM
-
-        torch_dtype = "auto" if dtype == "auto" else {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
-        model = RecomputingCausalLM(AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype).to(device))
-        tokenizer_dir = eos_dir = path
+        tokenizer_dir = path if (path / "tokenizer_config.json").is_file() else base_dir
     else:
-        model = load_pretrained(path, dtype=resolve_dtype(dtype, read_config(path)), device=device)
-        tokenizer_dir = eos_dir = path
-    tokenizer = load_tokenizer(tokenizer_dir)
-    return model.eval(), tokenizer, default_eos_ids(eos_dir, tokenizer)
+        base_dir = tokenizer_dir = path
+        model = load_model(path, dtype, device, trust_remote_code)
+    if not is_native(base_dir):
+        model = RecomputingCausalLM(model)
+    tokenizer = load_tokenizer(tokenizer_dir, trust_remote_code=trust_remote_code)
+    return model.eval(), tokenizer, default_eos_ids(base_dir, tokenizer)

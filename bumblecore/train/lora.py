@@ -70,12 +70,15 @@ def trainable_share(model) -> tuple[int, int]:
 def save_adapter(peft_model, directory, base_model_path: str, state_dict: Optional[dict] = None) -> None:
     """adapter_config.json + adapter_model.safetensors, with base_model_name_or_path pointing at the base.
     `state_dict`: the adapter's tensors gathered from their ZeRO-3 shards (default: the live ones)."""
-    if getattr(peft_model.get_base_model(), "is_transformers_fallback", False):
-        # Trained through our wrapper (its model under `.hf`): save the names a peft model over the
-        # plain transformers model has, so every peft user (and our own loaders) can apply it.
-        state_dict = {name.replace(".hf.", ".", 1): tensor
-                      for name, tensor in (state_dict if state_dict is not None else peft_model.state_dict()).items()}
     peft_model.save_pretrained(str(directory), safe_serialization=True, state_dict=state_dict)
+    if getattr(peft_model.get_base_model(), "is_transformers_fallback", False):
+        # Trained through our wrapper (its model under `.hf`): store the names a peft model over the
+        # plain transformers model has, so every peft user (and our own loaders) can apply it.
+        from safetensors.torch import load_file, save_file
+
+        weights = Path(directory) / "adapter_model.safetensors"
+        renamed = {name.replace(".hf.", ".", 1): tensor for name, tensor in load_file(weights).items()}
+        save_file(renamed, weights, metadata={"format": "pt"})
     config_file = Path(directory) / "adapter_config.json"
     config = json.loads(config_file.read_text(encoding="utf-8"))
     config["base_model_name_or_path"] = str(Path(base_model_path).resolve())
@@ -86,12 +89,18 @@ def save_adapter(peft_model, directory, base_model_path: str, state_dict: Option
 MERGE_TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 1e-2}
 
 
+def _logits(model, ids):
+    out = model(ids)
+    return (out.logits if hasattr(out, "logits") else out).float()  # transformers returns an output object
+
+
 def merge_lora(base_model_path: str, lora_model_path: str, save_path: str, max_shard_size: str = "5GB",
-               dtype: str = "auto") -> None:
+               dtype: str = "auto", trust_remote_code: bool = False) -> None:
     """Merge a LoRA adapter into its base and save a full Hugging Face model, then check it.
 
-    The merged model's logits are compared with the unmerged (base + adapter) model's on a few
-    tokens; the max difference is printed and a difference beyond the dtype's tolerance is an error.
+    Works for any family and any peft task_type. The merged model's logits are compared with the
+    unmerged (base + adapter) model's on a few tokens; the max difference is printed and a
+    difference beyond the dtype's tolerance is an error.
 
     Args:
         base_model_path: the base model directory the adapter was trained on.
@@ -99,34 +108,33 @@ def merge_lora(base_model_path: str, lora_model_path: str, save_path: str, max_s
         save_path: where the merged model is written (config, sharded safetensors, tokenizer, generation config).
         max_shard_size: largest safetensors shard.
         dtype: auto (the base's), float32, float16 or bfloat16.
+        trust_remote_code: allow a base model (and tokenizer) that ships its own modelling code.
     """
     import shutil
-    from pathlib import Path as _Path
 
     import torch
-    from peft import PeftModel
 
-    from bumblecore.model.hf_io import load_pretrained, read_config, resolve_dtype
+    from bumblecore.inference.loading import load_model
     from bumblecore.tokenizer import load_tokenizer
 
-    if not (_Path(lora_model_path) / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"{lora_model_path}: no adapter_config.json (expected a peft LoRA adapter directory)")
-    torch_dtype = resolve_dtype(dtype, read_config(base_model_path))
-    unmerged = PeftModel.from_pretrained(load_pretrained(base_model_path, dtype=torch_dtype), lora_model_path).eval()
-    probe = torch.randint(0, unmerged.base_model.model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    adapter_base_dir(lora_model_path)  # a readable adapter dir, or a clear error
+    unmerged = attach_adapter(load_model(base_model_path, dtype, trust_remote_code=trust_remote_code), lora_model_path).eval()
+    torch_dtype = next(unmerged.parameters()).dtype
+    vocab_size = unmerged.get_base_model().config.vocab_size
+    probe = torch.randint(0, vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        expected = unmerged(probe).float()
+        expected = _logits(unmerged, probe)
     merged = unmerged.merge_and_unload().eval()
-    out = _Path(save_path)
+    out = Path(save_path)
     merged.save_pretrained(out, max_shard_size=max_shard_size)
-    tokenizer_dir = lora_model_path if (_Path(lora_model_path) / "tokenizer_config.json").is_file() else base_model_path
-    load_tokenizer(tokenizer_dir).save_pretrained(str(out))
-    if (_Path(base_model_path) / "generation_config.json").is_file():
-        shutil.copy(_Path(base_model_path) / "generation_config.json", out / "generation_config.json")
-    with torch.no_grad():
-        got = load_pretrained(out, dtype=torch_dtype)(probe).float()
-    difference = (got - expected).abs().max().item()
+    tokenizer_dir = lora_model_path if (Path(lora_model_path) / "tokenizer_config.json").is_file() else base_model_path
+    load_tokenizer(tokenizer_dir, trust_remote_code=trust_remote_code).save_pretrained(str(out))
+    if (Path(base_model_path) / "generation_config.json").is_file():
+        shutil.copy(Path(base_model_path) / "generation_config.json", out / "generation_config.json")
     name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[torch_dtype]
+    with torch.no_grad():
+        got = _logits(load_model(out, name, trust_remote_code=trust_remote_code).eval(), probe)
+    difference = (got - expected).abs().max().item()
     print(f"merged {lora_model_path} into {base_model_path} -> {save_path}; max logit difference merged vs unmerged: {difference:.3g} ({name})")
     if difference > MERGE_TOLERANCE[name]:
         raise ValueError(f"merge check failed: max logit difference {difference:.3g} exceeds {MERGE_TOLERANCE[name]} for {name}")
