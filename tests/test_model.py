@@ -1,10 +1,11 @@
-"""Bumblebee against transformers' Qwen2 / Llama: logits, checkpoints, presets, KV cache."""
+"""Bumblebee against transformers' Qwen2 / Llama / Qwen3 / Mistral: logits, checkpoints, presets, KV cache."""
 
 import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 from bumblecore import Bumblebee, BumblebeeConfig
 from bumblecore.model.bumblebee import KVCache
@@ -21,10 +22,10 @@ def tiny_hf(family="qwen2", tie=False, kv_heads=2, heads=4, **extra):
         num_key_value_heads=kv_heads, initializer_range=0.2, tie_word_embeddings=tie, rope_theta=10000.0,
         max_position_embeddings=256, **extra,
     )
-    if family == "qwen2":
-        model = Qwen2ForCausalLM(Qwen2Config(**common))
-    else:
-        model = LlamaForCausalLM(LlamaConfig(**common))
+    classes = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM),
+               "qwen3": (Qwen3Config, Qwen3ForCausalLM), "mistral": (MistralConfig, MistralForCausalLM)}
+    config_class, model_class = classes[family]
+    model = model_class(config_class(**common))
     # Norm weights start at 1; perturb them so a norm slip (e.g. a missing weight) shows.
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -62,6 +63,99 @@ def test_logits_equal_transformers(tmp_path, family, tie, kv_heads, heads):
                 layer.self_attn.backend = backend
             diff = (ours(x) - expected).abs().max().item()
             assert diff < TOL, f"{family} {backend}: max abs diff {diff}"
+
+
+# Natively expressed families beyond Qwen2/Llama: Qwen3 (q/k norm, explicit head_dim) and Mistral
+# (Llama with a sliding window), and Qwen2/Qwen3's own sliding window on the layers from max_window_layers.
+# Windows of 5 with 19-token inputs, so the window cuts off keys.
+WINDOWED = [
+    ("qwen3", dict(head_dim=32)),
+    ("qwen3", dict(tie=True, kv_heads=1)),
+    ("qwen3", dict(use_sliding_window=True, sliding_window=5, max_window_layers=1)),
+    ("mistral", dict(sliding_window=5)),
+    ("mistral", dict(sliding_window=None, head_dim=32)),
+    ("qwen2", dict(use_sliding_window=True, sliding_window=5, max_window_layers=1)),
+]
+WINDOWED_IDS = [f"{family}-{'-'.join(f'{k}={v}' for k, v in extra.items())}" for family, extra in WINDOWED]
+
+
+def _native(tmp_path, family, extra):
+    hf = tiny_hf(family, **extra)
+    hf.save_pretrained(tmp_path / "hf")
+    return hf, Bumblebee.from_pretrained(tmp_path / "hf").eval()
+
+
+@pytest.mark.parametrize("family,extra", WINDOWED, ids=WINDOWED_IDS)
+def test_qwen3_mistral_and_windows_equal_transformers(tmp_path, family, extra):
+    """Logits (sdpa and eager), the KV-cache path, and a save that transformers loads as the same family."""
+    hf, ours = _native(tmp_path, family, extra)
+    window = hf.config.sliding_window
+    types = getattr(hf.config, "layer_types", None) or ["sliding_attention"] * 2  # Mistral: every layer
+    assert [layer.self_attn.window for layer in ours.model.layers] == [
+        window if t == "sliding_attention" else None for t in types]
+    assert hasattr(ours.model.layers[0].self_attn, "q_norm") == (family == "qwen3")
+    x = ids()
+    with torch.no_grad():
+        expected = hf(x).logits
+        if window is not None:  # the window must matter here, or this test proves nothing about it
+            for layer in ours.model.layers:
+                layer.self_attn.window = None
+            assert (ours(x) - expected).abs().max().item() > 1e-2
+            ours = Bumblebee.from_pretrained(tmp_path / "hf").eval()
+        for backend in ("sdpa", "eager"):
+            for layer in ours.model.layers:
+                layer.self_attn.backend = backend
+            diff = (ours(x) - expected).abs().max().item()
+            assert diff < TOL, f"{family} {backend}: max abs diff {diff}"
+        # Prefill 4 tokens, then one at a time past the window: each step equals the full forward.
+        cache = KVCache(ours.config, batch_size=2, max_len=32)
+        step_logits = [ours(x[:, :4], kv_cache=cache)]
+        step_logits += [ours(x[:, t : t + 1], kv_cache=cache) for t in range(4, x.shape[1])]
+        assert (torch.cat(step_logits, dim=1) - expected).abs().max().item() < TOL
+
+    ours.save_pretrained(tmp_path / "ours")
+    raw = json.loads((tmp_path / "ours" / "config.json").read_text())
+    assert raw["model_type"] == family
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ours").eval()
+    assert type(reloaded) is type(hf)
+    assert reloaded.config.sliding_window == window
+    assert getattr(reloaded.config, "layer_types", None) == getattr(hf.config, "layer_types", None)
+    with torch.no_grad():
+        assert (reloaded(x).logits - expected).abs().max().item() < TOL
+    again = Bumblebee.from_pretrained(tmp_path / "ours")
+    assert again.config.to_dict() == ours.config.to_dict()
+
+
+@pytest.mark.parametrize("family,extra", [WINDOWED[2], WINDOWED[3]], ids=[WINDOWED_IDS[2], WINDOWED_IDS[3]])
+def test_sliding_window_with_padding_and_packing_equals_transformers(tmp_path, family, extra):
+    hf, ours = _native(tmp_path, family, extra)
+    x = ids(3, 16)
+    mask = torch.ones_like(x)
+    mask[1, :4] = 0  # left padding: the window counts cache positions, as in transformers
+    mask[2, :7] = 0
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    lengths = [5, 9, 4]
+    docs = [ids(1, n, seed=10 + i) for i, n in enumerate(lengths)]
+    segment_ids = torch.cat([torch.full((1, n), i) for i, n in enumerate(lengths)], dim=1)
+    with torch.no_grad():
+        expected = hf(x, attention_mask=mask, position_ids=position_ids).logits
+        got = ours(x, attention_mask=mask, position_ids=position_ids)
+        assert (got[mask.bool()] - expected[mask.bool()]).abs().max().item() < TOL
+        packed = ours(torch.cat(docs, dim=1), position_ids=torch.cat([torch.arange(n) for n in lengths])[None],
+                      segment_ids=segment_ids)
+        assert (packed - torch.cat([hf(d).logits for d in docs], dim=1)).abs().max().item() < TOL
+
+
+def test_mistral_layer_types_are_mistrals_not_qwens():
+    """transformers' Mistral slides every layer whatever layer_types says; Qwen3 with o_proj bias is refused."""
+    from bumblecore.model.hf_io import config_from_hf_dict
+
+    base = {"vocab_size": 32, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2}
+    mistral = config_from_hf_dict({**base, "model_type": "mistral", "sliding_window": 8,
+                                   "layer_types": ["full_attention", "full_attention"]})
+    assert [mistral.layer_window(i) for i in range(2)] == [8, 8]
+    with pytest.raises(ValueError, match="qwen3 attention_bias"):
+        config_from_hf_dict({**base, "model_type": "qwen3", "attention_bias": True})
 
 
 def test_padding_mask_matches_transformers(tmp_path):
@@ -152,8 +246,8 @@ def test_truncated_safetensors_gives_clear_error(tmp_path):
 
 
 def test_other_architecture_refused_with_model_type(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mistral", "hidden_size": 8}))
-    with pytest.raises(ValueError, match="'mistral'"):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma2", "hidden_size": 8}))
+    with pytest.raises(ValueError, match="'gemma2'"):
         Bumblebee.from_pretrained(tmp_path)
 
 

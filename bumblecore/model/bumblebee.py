@@ -145,6 +145,25 @@ class AttentionMask:
     max_seqlen: int = 0
     causal: bool = True
     """False only when every query may see every key (one new token per row, all rows equally long)."""
+    window: Optional[int] = None
+    """Sliding window of the layers using this mask. Folded into `dense` where there is one; without
+    `dense` only a FlashAttention kernel reads it (the mask builders give SDPA/eager a dense band)."""
+
+
+def window_band(query_positions: torch.Tensor, key_positions: torch.Tensor, window: Optional[int]) -> torch.Tensor:
+    """(..., q, k) True where a key is causally visible: at or before the query and, with a window,
+    fewer than `window` positions back (transformers' sliding window: key > query - window)."""
+    q, k = query_positions[..., :, None], key_positions[..., None, :]
+    allowed = k <= q
+    return allowed if window is None else allowed & (k > q - window)
+
+
+def _dense_for(mask: AttentionMask, q_len: int, k_len: int, device) -> Optional[torch.Tensor]:
+    """The boolean mask SDPA/eager need, or None for plain causal (or no) masking."""
+    if mask.dense is not None or mask.window is None or not mask.causal:
+        return mask.dense
+    steps = torch.arange(k_len, device=device)
+    return window_band(steps[k_len - q_len :], steps, mask.window)
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -160,7 +179,7 @@ def eager_attention(q, k, v, mask: AttentionMask, scale: float) -> torch.Tensor:
     n_rep = q.shape[1] // k.shape[1]
     k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
     scores = (q @ k.transpose(-1, -2)) * scale
-    allowed = mask.dense
+    allowed = _dense_for(mask, q.shape[2], k.shape[2], q.device)
     if allowed is None and mask.causal:
         q_len, k_len = q.shape[2], k.shape[2]
         allowed = torch.ones(q_len, k_len, dtype=torch.bool, device=q.device).tril(k_len - q_len)
@@ -173,6 +192,8 @@ def eager_attention(q, k, v, mask: AttentionMask, scale: float) -> torch.Tensor:
 def sdpa_attention(q, k, v, mask: AttentionMask, scale: float) -> torch.Tensor:
     b, heads, q_len, d = q.shape
     kv_heads = k.shape[1]
+    if mask.dense is None and mask.window is not None:
+        mask = AttentionMask(dense=_dense_for(mask, q_len, k.shape[2], q.device), causal=mask.causal)
     if mask.dense is None and not mask.causal and q_len == 1 and heads != kv_heads:
         # One new token that sees every key: the query heads sharing a kv head are, to the kernel, that
         # head's queries. A plain (non-GQA) call with heads/kv_heads queries per row, ~2x faster on CPU.
@@ -203,8 +224,20 @@ def _flash_kernels():
         return None
 
 
-def flash_available() -> bool:
-    return torch.cuda.is_available() and _flash_kernels() is not None
+def flash_available(window: Optional[int] = None) -> bool:
+    """FlashAttention can run here (and, for a sliding window, its kernels take `window_size`)."""
+    if not torch.cuda.is_available() or _flash_kernels() is None:
+        return False
+    if window is None:
+        return True
+    import inspect
+
+    return all("window_size" in inspect.signature(fn).parameters for fn in _flash_kernels())
+
+
+def _window_kwargs(mask: AttentionMask) -> dict:
+    # flash-attn's window_size=(left, right): keys i - left .. i + right, so left = window - 1.
+    return {} if mask.window is None else {"window_size": (mask.window - 1, 0)}
 
 
 def flash_attention(q, k, v, mask: AttentionMask, scale: float) -> torch.Tensor:
@@ -216,10 +249,11 @@ def flash_attention(q, k, v, mask: AttentionMask, scale: float) -> torch.Tensor:
             q.reshape(b * s, *q.shape[2:]), k.reshape(b * s, *k.shape[2:]), v.reshape(b * s, *v.shape[2:]),
             cu_seqlens_q=mask.cu_seqlens, cu_seqlens_k=mask.cu_seqlens,
             max_seqlen_q=mask.max_seqlen, max_seqlen_k=mask.max_seqlen, softmax_scale=scale, causal=True,
+            **_window_kwargs(mask),
         )
         out = out[0] if isinstance(out, tuple) else out  # flash-attn-4 also returns the log-sum-exp
         return out.reshape(b, s, *out.shape[1:])
-    out = dense_fn(q, k, v, softmax_scale=scale, causal=True)
+    out = dense_fn(q, k, v, softmax_scale=scale, causal=True, **_window_kwargs(mask))
     return out[0] if isinstance(out, tuple) else out
 
 
@@ -251,11 +285,17 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         self.scale = self.head_dim**-0.5
         self.backend = config.attn_implementation
+        self.window = config.layer_window(layer_idx)
+        """This layer's sliding window (None: full causal attention); picks its mask in Bumblebee.hidden_states."""
         h = config.hidden_size
         self.q_proj = nn.Linear(h, self.num_heads * self.head_dim, bias=config.attention_bias)
         self.k_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=config.attention_bias)
         self.v_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=config.attention_bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=False)
+        self.qk_norm = config.qk_norm
+        if config.qk_norm:  # Qwen3: per-head RMSNorm of q and k, before RoPE
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
 
     fused_qkv: Optional[tuple] = None
     """(q/k/v weight, bias, o weight, versions), weights (in, out), set by Bumblebee.fuse_projections, used without grad."""
@@ -268,12 +308,19 @@ class Attention(nn.Module):
         if fused is not None:
             # One matmul for q, k and v, and RoPE on q and k together: fewer kernel launches per decode step.
             qkv = _project(x, fused[0], fused[1]).view(b, s, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
-            qk = apply_rope(qkv[:, :, : self.num_heads + self.num_kv_heads], cos, sin)
-            q, k = qk[:, :, : self.num_heads], qk[:, :, self.num_heads :]
             v = qkv[:, :, self.num_heads + self.num_kv_heads :]
+            if self.qk_norm:
+                q = apply_rope(self.q_norm(qkv[:, :, : self.num_heads]), cos, sin)
+                k = apply_rope(self.k_norm(qkv[:, :, self.num_heads : self.num_heads + self.num_kv_heads]), cos, sin)
+            else:
+                qk = apply_rope(qkv[:, :, : self.num_heads + self.num_kv_heads], cos, sin)
+                q, k = qk[:, :, : self.num_heads], qk[:, :, self.num_heads :]
         else:
-            q = apply_rope(self.q_proj(x).view(b, s, self.num_heads, self.head_dim), cos, sin)
-            k = apply_rope(self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim), cos, sin)
+            q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim)
+            k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim)
+            if self.qk_norm:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim)
         if kv_cache is not None:
             slot_index, visible, rows = cache_slots
@@ -489,19 +536,24 @@ class Bumblebee(nn.Module):
                 else:
                     rows = cache_rows
                 cache_slots = ((rows[:, None].expand(batch, seq), positions), visible, cache_rows)
-            if seq == 1 and first == visible - 1:
-                mask = AttentionMask(causal=False)  # one token per row, all rows equally long: it sees every key
-            else:
-                key_index = torch.arange(visible, device=device)
-                mask = AttentionMask(dense=(key_index[None, None, :] <= positions[:, :, None])[:, None])
+            key_index = torch.arange(visible, device=device)
+            masks = {}
+            for window in self._windows():
+                if seq == 1 and first == visible - 1 and (window is None or visible <= window):
+                    masks[window] = AttentionMask(causal=False)  # one token per row, all rows equally long: it sees every key
+                elif seq == 1 and first == visible - 1:
+                    masks[window] = AttentionMask(dense=(key_index > first - window)[None, None, None], window=window)
+                else:
+                    masks[window] = AttentionMask(dense=window_band(positions, key_index, window)[:, None], window=window)
         else:
             positions = steps[None].expand(batch, seq)
-            mask = self._build_mask(seq, device, attention_mask, segment_ids)
+            masks = {w: self._build_mask(seq, device, attention_mask, segment_ids, w) for w in self._windows()}
         if position_ids is None:
             position_ids = positions
 
         cos, sin = self.rope_cos_sin(position_ids, x.dtype)
         for layer in self.model.layers:
+            mask = masks[layer.self_attn.window]
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
             else:
@@ -514,24 +566,32 @@ class Bumblebee(nn.Module):
                 kv_cache.lengths[cache_rows] += added
         return self.model.norm(x)
 
-    def _build_mask(self, seq, device, attention_mask, segment_ids) -> AttentionMask:
+    def _windows(self) -> set:
+        """The distinct sliding windows of the layers (None = full attention): one mask each per forward."""
+        return {layer.self_attn.window for layer in self.model.layers}
+
+    def _build_mask(self, seq, device, attention_mask, segment_ids, window=None) -> AttentionMask:
+        if window is not None and seq <= window:
+            window = None  # no query reaches past the window: plain causal, the fast kernels
+        flash = (self.config.attn_implementation == "flash_attn" and device.type == "cuda" and flash_available(window))
         if attention_mask is None and segment_ids is None:
-            return AttentionMask()
-        if (
-            attention_mask is None
-            and self.config.attn_implementation == "flash_attn"
-            and device.type == "cuda"
-            and flash_available()
-        ):
-            return packed_document_boundaries(segment_ids)
-        allowed = torch.ones(seq, seq, dtype=torch.bool, device=device).tril()[None]
+            if window is None or flash:
+                return AttentionMask(window=window)
+            steps = torch.arange(seq, device=device)
+            return AttentionMask(dense=window_band(steps, steps, window)[None, None], window=window)
+        if attention_mask is None and flash:
+            mask = packed_document_boundaries(segment_ids)
+            mask.window = window
+            return mask
+        steps = torch.arange(seq, device=device)
+        allowed = window_band(steps, steps, window)[None]
         if segment_ids is not None:
             allowed = allowed & (segment_ids[:, :, None] == segment_ids[:, None, :])
         if attention_mask is not None:
             allowed = allowed & attention_mask[:, None, :].bool()
         # A query that may see nothing (a left pad) would give NaN; let it see itself. Its output is never used.
         allowed = allowed | torch.eye(seq, dtype=torch.bool, device=device)
-        return AttentionMask(dense=allowed[:, None])
+        return AttentionMask(dense=allowed[:, None], window=window)
 
     def forward(
         self,

@@ -10,6 +10,7 @@ ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "relu")
 NORMS = ("rmsnorm", "layernorm")
 ATTENTION_BACKENDS = ("sdpa", "flash_attn", "eager")
 ROPE_TYPES = ("default", "linear", "llama3")
+LAYER_TYPES = ("full_attention", "sliding_attention")
 
 # Qwen2.5 shapes (REFERENCE.md §4). Common to all: silu, RMSNorm 1e-6, rope_theta 1e6,
 # 32768 positions, qkv bias, no sliding window.
@@ -44,6 +45,14 @@ class BumblebeeConfig:
     tie_word_embeddings: bool = True
     attention_bias: bool = True
     """Bias on q/k/v projections (Qwen2 has it, Llama does not)."""
+    qk_norm: bool = False
+    """RMSNorm over each head's queries and keys before RoPE (Qwen3)."""
+    sliding_window: Optional[int] = None
+    """Tokens a query sees in a sliding-window layer (itself and the window - 1 before it); None: no window."""
+    layer_types: Optional[list[str]] = None
+    """Per layer "full_attention" or "sliding_attention"; None: every layer slides when sliding_window is set (Mistral)."""
+    family: Optional[str] = None
+    """The HF model_type this config was read as (e.g. mistral): saving keeps it while it still expresses the config."""
     hidden_act: str = "silu"
     """Activation of the gated MLP: silu (SwiGLU), gelu, gelu_pytorch_tanh or relu."""
     norm_type: str = "rmsnorm"
@@ -71,6 +80,13 @@ class BumblebeeConfig:
         _check_choice("hidden_act", self.hidden_act, ACTIVATIONS)
         _check_choice("norm_type", self.norm_type, NORMS)
         _check_choice("attn_implementation", self.attn_implementation, ATTENTION_BACKENDS)
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.num_hidden_layers:
+                raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers")
+            for kind in self.layer_types:
+                _check_choice("layer_types entry", kind, LAYER_TYPES)
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window must be >= 1 (or None), got {self.sliding_window}")
         if self.rope_scaling is not None:
             rope_type = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
             _check_choice("rope_scaling.rope_type", rope_type, ROPE_TYPES)
@@ -85,6 +101,14 @@ class BumblebeeConfig:
             raise ValueError(f"unknown config field(s) {sorted(unknown)}")
         return cls(**{**PRESETS[name], **overrides})
 
+    def layer_window(self, layer_idx: int) -> Optional[int]:
+        """The sliding window of one layer, or None when it attends to everything before it."""
+        if self.sliding_window is None:
+            return None
+        if self.layer_types is not None and self.layer_types[layer_idx] != "sliding_attention":
+            return None
+        return self.sliding_window
+
     @property
     def num_parameters_estimate(self) -> int:
         """Parameter count from the shape alone (equals the built model's count)."""
@@ -92,7 +116,7 @@ class BumblebeeConfig:
         q, kv = self.num_attention_heads * d, self.num_key_value_heads * d
         attn = h * q + 2 * h * kv + q * h + (q + 2 * kv if self.attention_bias else 0)
         norm = h if self.norm_type == "rmsnorm" else 2 * h
-        layer = attn + 3 * h * i + 2 * norm
+        layer = attn + 3 * h * i + 2 * norm + (2 * d if self.qk_norm else 0)
         head = 0 if self.tie_word_embeddings else self.vocab_size * h
         return self.vocab_size * h + self.num_hidden_layers * layer + norm + head
 

@@ -1,7 +1,8 @@
 """Hugging Face checkpoint layout: config.json, (sharded) safetensors, generation_config.json.
 
 A model is saved in the HF family that expresses it exactly: `qwen2` (qkv bias, RMSNorm: the
-presets), `llama` (no bias, RMSNorm), else `bumblebee` (e.g. LayerNorm), which only bumblecore loads.
+presets), `qwen3` (per-head q/k RMSNorm), `llama` (no bias, RMSNorm), `mistral` (Llama's layout with
+a sliding window, or read as mistral), else `bumblebee` (e.g. LayerNorm), which only bumblecore loads.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ import torch
 from bumblecore.model.bumblebee import Bumblebee
 from bumblecore.model.config import BumblebeeConfig
 
-SUPPORTED_MODEL_TYPES = ("qwen2", "llama", "bumblebee")
-ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM", "bumblebee": "BumblebeeForCausalLM"}
+SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama", "mistral", "bumblebee")
+ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM",
+                 "mistral": "MistralForCausalLM", "bumblebee": "BumblebeeForCausalLM"}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -35,7 +37,7 @@ _HANDLED_KEYS = set(_SHARED_KEYS) | {
     "model_type", "architectures", "rope_theta", "rope_scaling", "rope_parameters", "attention_bias",
     "mlp_bias", "norm_type", "attn_implementation", "torch_dtype", "dtype", "use_sliding_window",
     "sliding_window", "max_window_layers", "layer_types", "transformers_version", "use_cache",
-    "attention_dropout", "pretraining_tp", "_name_or_path",
+    "attention_dropout", "pretraining_tp", "_name_or_path", "qk_norm", "family",
 }
 
 
@@ -43,19 +45,17 @@ _HANDLED_KEYS = set(_SHARED_KEYS) | {
 
 
 def config_from_hf_dict(raw: dict, source: str = "config.json") -> BumblebeeConfig:
-    """Translate a transformers 4 or 5 config.json (qwen2, llama or bumblebee) into a BumblebeeConfig."""
+    """Translate a transformers 4 or 5 config.json (qwen2, qwen3, llama, mistral or bumblebee) into a BumblebeeConfig."""
     model_type = raw.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(
             f"{source}: model_type {model_type!r} is not a Bumblebee family (supported: {', '.join(SUPPORTED_MODEL_TYPES)}); "
             "other architectures train through transformers' AutoModelForCausalLM"
         )
-    if raw.get("use_sliding_window"):
-        raise ValueError(f"{source}: use_sliding_window=true is not supported (sliding-window attention)")
     if raw.get("mlp_bias"):
         raise ValueError(f"{source}: mlp_bias=true is not supported")
-    if model_type == "llama" and raw.get("attention_bias"):
-        raise ValueError(f"{source}: Llama attention_bias=true (bias on o_proj too) is not supported")
+    if model_type in ("llama", "qwen3", "mistral") and raw.get("attention_bias"):
+        raise ValueError(f"{source}: {model_type} attention_bias=true (bias on o_proj too) is not supported")
 
     fields = {k: raw[k] for k in _SHARED_KEYS if k in raw}
     # transformers 5 keeps RoPE settings in `rope_parameters`; transformers 4 at top level.
@@ -68,7 +68,10 @@ def config_from_hf_dict(raw: dict, source: str = "config.json") -> BumblebeeConf
             scaling = None
     fields["rope_theta"] = float(theta)
     fields["rope_scaling"] = scaling
-    fields["attention_bias"] = {"qwen2": True, "llama": False}.get(model_type, raw.get("attention_bias", True))
+    fields["attention_bias"] = {"qwen2": True}.get(model_type, raw.get("attention_bias", model_type == "bumblebee"))
+    fields["qk_norm"] = model_type == "qwen3" or bool(raw.get("qk_norm", False))
+    fields["sliding_window"], fields["layer_types"] = _read_window(model_type, raw, source)
+    fields["family"] = model_type if model_type != "bumblebee" else None
     fields["norm_type"] = raw.get("norm_type", "rmsnorm")
     fields["attn_implementation"] = raw.get("attn_implementation", "sdpa")
     fields["torch_dtype"] = raw.get("torch_dtype", raw.get("dtype"))
@@ -83,11 +86,55 @@ def config_from_hf_dict(raw: dict, source: str = "config.json") -> BumblebeeConf
         raise ValueError(f"{source}: {err}") from err
 
 
+def _read_window(model_type: str, raw: dict, source: str) -> tuple:
+    """(sliding_window, layer_types) as transformers reads them for this family."""
+    window = raw.get("sliding_window")
+    layer_types = raw.get("layer_types")
+    if model_type == "mistral":
+        return window, None  # Mistral slides every layer when sliding_window is set (it ignores layer_types)
+    if model_type in ("llama",):
+        return None, None
+    if model_type in ("qwen2", "qwen3"):
+        if not raw.get("use_sliding_window"):
+            return None, None  # transformers drops the window unless use_sliding_window
+        if window is None:
+            raise ValueError(f"{source}: use_sliding_window=true needs sliding_window")
+        if layer_types is None:  # older files: layers from max_window_layers on slide
+            first = raw.get("max_window_layers", raw.get("num_hidden_layers"))
+            layer_types = ["sliding_attention" if i >= first else "full_attention" for i in range(raw["num_hidden_layers"])]
+        return window, layer_types
+    return window, layer_types
+
+
+def _slides_everywhere(config: BumblebeeConfig) -> bool:
+    return config.sliding_window is not None and all(
+        config.layer_window(i) is not None for i in range(config.num_hidden_layers))
+
+
 def hf_model_type(config: BumblebeeConfig) -> str:
-    """The HF family that expresses this config exactly."""
+    """The HF family that expresses this config exactly (the one it was read as, while it still does)."""
     if config.norm_type != "rmsnorm":
         return "bumblebee"
-    return "qwen2" if config.attention_bias else "llama"
+    if config.qk_norm:
+        return "bumblebee" if config.attention_bias else "qwen3"
+    if config.attention_bias:
+        return "qwen2"
+    if config.sliding_window is None or all(config.layer_window(i) is None for i in range(config.num_hidden_layers)):
+        return "mistral" if config.family == "mistral" else "llama"
+    # Some layers slide, no bias: Mistral when all do; otherwise only our own format says which.
+    return "mistral" if _slides_everywhere(config) else "bumblebee"
+
+
+def _window_keys(config: BumblebeeConfig) -> dict:
+    """Qwen2/Qwen3's sliding-window keys: use_sliding_window, sliding_window, max_window_layers, layer_types."""
+    layers = config.num_hidden_layers
+    types = ["sliding_attention" if config.layer_window(i) is not None else "full_attention" for i in range(layers)]
+    if "sliding_attention" not in types:
+        return dict(use_sliding_window=False, sliding_window=None, max_window_layers=layers, layer_types=types)
+    # max_window_layers for transformers versions that read it instead of layer_types; exact when the
+    # sliding layers are the last ones (the only pattern it can say), layer_types says any pattern.
+    first = types.index("sliding_attention")
+    return dict(use_sliding_window=True, sliding_window=config.sliding_window, max_window_layers=first, layer_types=types)
 
 
 def config_to_hf_dict(config: BumblebeeConfig, dtype: Optional[torch.dtype] = None) -> dict:
@@ -99,12 +146,17 @@ def config_to_hf_dict(config: BumblebeeConfig, dtype: Optional[torch.dtype] = No
     out["rope_scaling"] = config.rope_scaling
     out["attention_dropout"] = 0.0
     out["use_cache"] = True
-    if model_type == "qwen2":
-        out.update(use_sliding_window=False, sliding_window=None, max_window_layers=config.num_hidden_layers)
+    if model_type in ("qwen2", "qwen3"):
+        out.update(_window_keys(config))
+        if model_type == "qwen3":
+            out.update(attention_bias=False, head_dim=config.head_dim)
     elif model_type == "llama":
         out.update(attention_bias=False, mlp_bias=False, pretraining_tp=1)
+    elif model_type == "mistral":
+        out.update(sliding_window=config.sliding_window, head_dim=config.head_dim)
     else:
-        out.update(attention_bias=config.attention_bias, norm_type=config.norm_type)
+        out.update(attention_bias=config.attention_bias, norm_type=config.norm_type, qk_norm=config.qk_norm,
+                   sliding_window=config.sliding_window, layer_types=config.layer_types)
     if config.attn_implementation != "sdpa":
         out["attn_implementation"] = config.attn_implementation
     dtype_name = _dtype_name(dtype) if dtype is not None else config.torch_dtype
