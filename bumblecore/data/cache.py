@@ -29,8 +29,7 @@ from typing import Iterator, Optional
 import numpy as np
 
 from bumblecore.data.formats import ReadReport, Sample, data_files, read_samples
-from bumblecore.data.template import end_of_text_id, join_pieces, render_pieces, target_mask
-from bumblecore.tokenizer import CHAT_TEMPLATE
+from bumblecore.data.template import ChatFormatError, chat_format, end_of_text_id
 
 FORMAT_VERSION = 1  # bump when the cache layout or rendering rules change
 BATCH_RECORDS = 256
@@ -42,10 +41,13 @@ class CacheSummary:
     samples: int = 0
     tokens: int = 0
     target_tokens: int = 0
-    dropped_no_targets: int = 0
+    dropped_no_targets: int = 0  # every target token lies beyond cutoff_len
+    dropped_untrained: int = 0  # no target token at all, even untruncated
+    dropped_examples: list = field(default_factory=list)  # "<file> line N: why" for the first few dropped
     truncated: int = 0
     skipped_bad_records: int = 0
     skipped_examples: list = field(default_factory=list)
+    empty_files: list = field(default_factory=list)
     seconds: float = 0.0
     bytes_read: int = 0
 
@@ -53,12 +55,39 @@ class CacheSummary:
     def target_share(self) -> float:
         return self.target_tokens / max(1, self.tokens)
 
+    def counts(self) -> str:
+        """What was read, kept and dropped, and why, in one line (the training banner shows it)."""
+        dropped = self.dropped_no_targets + self.dropped_untrained
+        why = []
+        if self.dropped_no_targets:
+            why.append(f"{self.dropped_no_targets} with no trained token within cutoff_len")
+        if self.dropped_untrained:
+            why.append(f"{self.dropped_untrained} with no trained token at all")
+        line = (f"{self.records} records -> {self.samples} samples, {self.tokens:,} tokens ({self.target_share:.1%} trained); "
+                f"{dropped} dropped{' (' + ', '.join(why) + ')' if why else ''}, {self.truncated} truncated to cutoff_len, "
+                f"{self.skipped_bad_records} bad records skipped")
+        if self.empty_files:
+            line += f", {len(self.empty_files)} file(s) without records"
+        return line
+
+    def examples(self, limit: int = 5) -> list[str]:
+        """Where the dropped, skipped and empty come from: file and line and why."""
+        return ([f"dropped: {e}" for e in self.dropped_examples[:limit]] + [f"skipped: {e}" for e in self.skipped_examples[:limit]]
+                + [f"no records: {e}" for e in self.empty_files[:limit]])
+
     def describe(self) -> str:
         rate = self.bytes_read / 1e6 / max(self.seconds, 1e-9)
-        return (f"{self.records} records -> {self.samples} samples, {self.tokens:,} tokens "
-                f"({self.target_share:.1%} trained), {self.dropped_no_targets} dropped (no target left after "
-                f"cutoff_len), {self.truncated} truncated, {self.skipped_bad_records} bad records skipped; "
-                f"{self.seconds:.1f}s ({rate:.2f} MB/s)")
+        return f"{self.counts()}; {self.seconds:.1f}s ({rate:.2f} MB/s)"
+
+    def why_nothing(self) -> str:
+        """Why the data gave no sample, naming files and lines."""
+        reasons = [*self.empty_files, *self.dropped_examples[:3], *self.skipped_examples[:3]]
+        dropped = self.dropped_no_targets + self.dropped_untrained
+        if dropped > len(self.dropped_examples[:3]):
+            reasons.append(f"{dropped} record(s) dropped in all")
+        if self.skipped_bad_records > len(self.skipped_examples[:3]):
+            reasons.append(f"{self.skipped_bad_records} bad record(s) skipped in all")
+        return "; ".join(reasons) or f"{self.records} records read, none usable"
 
 
 def default_cache_dir() -> Path:
@@ -82,7 +111,8 @@ def tokenizer_fingerprint(tokenizer) -> str:
 def cache_key(paths, tokenizer, stage: str, cutoff_len: int, skip_bad_records: bool) -> str:
     digest = hashlib.sha256()
     digest.update(f"v{FORMAT_VERSION}|{stage}|{cutoff_len}|{skip_bad_records}".encode())
-    digest.update(CHAT_TEMPLATE.encode())
+    if stage not in ("pretrain", "continue_pretrain"):  # what renders conversations is part of the key
+        digest.update(chat_format(tokenizer).fingerprint.encode())
     digest.update(tokenizer_fingerprint(tokenizer).encode())
     for file in data_files(paths):
         digest.update(file.name.encode())
@@ -119,7 +149,7 @@ class TokenCache:
 
 def _encode_batch(tokenizer, samples: list[Sample], cutoff_len: int, summary: CacheSummary) -> Iterator[tuple[list[int], list[bool]]]:
     """Entries for a batch of samples (two per preference pair), truncated to cutoff_len; a sample or
-    pair left without any target after truncation is dropped and counted."""
+    pair left without any target is dropped, counted and (the first few) named with file and line."""
     if samples[0].kind == "text":
         texts = [s.text for s in samples]
         for ids in _batch_ids(tokenizer, texts):
@@ -142,14 +172,26 @@ def _encode_batch(tokenizer, samples: list[Sample], cutoff_len: int, summary: Ca
                for ids, offsets, (_, spans) in zip(batch["input_ids"], batch["offset_mapping"], joined)]
     group = 2 if samples[0].kind == "preference" else 1
     for start in range(0, len(encoded), group):
-        entries = []
-        for ids, mask in encoded[start : start + group]:
+        entries, reason = [], None
+        for side, (ids, mask) in enumerate(encoded[start : start + group]):
+            name = ("chosen", "rejected")[side] + " " if group == 2 else ""
+            if not any(mask):
+                reason = reason or (f"{name}has no trained token at all", "untrained")
+            elif len(ids) > cutoff_len and not any(mask[:cutoff_len]):
+                first = mask.index(True)
+                reason = reason or (f"{name}has no trained token within cutoff_len {cutoff_len} (the prompt alone "
+                                    f"is {first} tokens; raise cutoff_len or shorten the record)", "cutoff")
             if len(ids) > cutoff_len:
                 summary.truncated += 1
                 ids, mask = ids[:cutoff_len], mask[:cutoff_len]
             entries.append((ids, mask))
-        if any(not any(mask) for _, mask in entries):
-            summary.dropped_no_targets += 1
+        if reason is not None:
+            if reason[1] == "cutoff":
+                summary.dropped_no_targets += 1
+            else:
+                summary.dropped_untrained += 1
+            if len(summary.dropped_examples) < 10:
+                summary.dropped_examples.append(f"{samples[start // group].where}: {reason[0]}")
             continue
         yield from entries
 
@@ -191,7 +233,7 @@ def build_cache(
         shutil.rmtree(tmp)
     tmp.mkdir()
     summary = CacheSummary(records=report.records, skipped_bad_records=len(report.skipped),
-                           skipped_examples=report.skipped[:10],
+                           skipped_examples=report.skipped[:10], empty_files=report.empty_files[:10],
                            bytes_read=sum(f.stat().st_size for f in data_files(paths)))
     started = time.perf_counter()
     bar = None

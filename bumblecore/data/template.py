@@ -1,88 +1,265 @@
-"""The chat template as token ids plus a target mask (DESIGN.md §4).
+"""The chat format, one module from training to serving (DESIGN.md §4): the template, the renderer
+that yields token ids plus the trained-token mask, the end-of-turn tokens, the tool-call parser.
 
-The conversation is rendered to text piece by piece, exactly as `tokenizer.CHAT_TEMPLATE` renders
-it, remembering which characters are trained: each assistant turn's content (or tool calls) and
-its `<|im_end|>`; never the `<|im_start|>assistant\\n` header, the newline after `<|im_end|>`, or any
-system/user/tool text. The whole text is then tokenized once and a token is a target when its
-characters overlap a trained span, so BPE merges are exactly those of tokenizing the full text.
+There is one copy of each template: the Jinja text the tokenizer carries (`tokenizer.chat_template`:
+the model's own, or our ChatML below for a tokenizer without one), rendered by transformers exactly
+as every other tool renders it. The trained tokens are found from the template itself, by rendering
+prefixes: an assistant turn's targets are the characters the template adds between the prompt for
+that turn (`add_generation_prompt=True`) and the conversation through that turn, less trailing
+whitespace. For ChatML that is the turn's content (or tool calls) and its `<|im_end|>`; for
+Llama-3 the content and `<|eot_id|>`. A template whose renders are not prefixes of one another
+(its assistant spans cannot be found) is refused, never trained on a guessed mask.
+
+Message text can never become a special token: special-token strings inside any message, tool
+definition or tool-call argument are tokenized as plain text; only the template's own markers are
+special.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
+from pathlib import Path
 from typing import Optional
 
-from bumblecore.tokenizer import DEFAULT_SYSTEM_PROMPT, ENDOFTEXT
+ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+CHATML_TOKENS = [ENDOFTEXT, IM_START, IM_END]
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 
-TOOLS_HEADER = (
-    "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
-    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>"
+# ChatML as Qwen2.5 renders it. With tools, their JSON schemas go into the system turn; an
+# assistant turn with tool_calls renders each as a <tool_call> block; consecutive tool results
+# share one user turn of <tool_response> blocks.
+CHAT_TEMPLATE = (
+    "{%- set default_system = '" + DEFAULT_SYSTEM_PROMPT + "' -%}"
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- set system_text = messages[0]['content'] -%}{%- set body = messages[1:] -%}"
+    "{%- else -%}{%- set system_text = default_system -%}{%- set body = messages -%}{%- endif -%}"
+    "{%- if tools -%}"
+    "{{- '<|im_start|>system\\n' + system_text + '\\n\\n# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\\n<tools>' -}}"
+    "{%- for tool in tools -%}{{- '\\n' + (tool | tojson) -}}{%- endfor -%}"
+    "{{- '\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within "
+    "<tool_call></tool_call> XML tags:\\n<tool_call>\\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\\n</tool_call><|im_end|>\\n' -}}"
+    "{%- else -%}"
+    "{{- '<|im_start|>system\\n' + system_text + '<|im_end|>\\n' -}}"
+    "{%- endif -%}"
+    "{%- for message in body -%}"
+    "{%- if message['role'] == 'tool' -%}"
+    "{%- if loop.first or body[loop.index0 - 1]['role'] != 'tool' -%}{{- '<|im_start|>user' -}}{%- endif -%}"
+    "{{- '\\n<tool_response>\\n' + message['content'] + '\\n</tool_response>' -}}"
+    "{%- if loop.last or body[loop.index0 + 1]['role'] != 'tool' -%}{{- '<|im_end|>\\n' -}}{%- endif -%}"
+    "{%- elif message['role'] == 'assistant' and message.get('tool_calls') -%}"
+    "{{- '<|im_start|>assistant' -}}"
+    "{%- if message['content'] -%}{{- '\\n' + message['content'] -}}{%- endif -%}"
+    "{%- for call in message['tool_calls'] -%}"
+    "{%- if call.get('function') -%}{%- set call = call['function'] -%}{%- endif -%}"
+    "{{- '\\n<tool_call>\\n{\"name\": \"' + call['name'] + '\", \"arguments\": ' -}}"
+    "{%- if call['arguments'] is string -%}{{- call['arguments'] -}}{%- else -%}{{- call['arguments'] | tojson -}}{%- endif -%}"
+    "{{- '}\\n</tool_call>' -}}"
+    "{%- endfor -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- else -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
 )
-TOOLS_FOOTER = (
-    "\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
-    '<tool_call></tool_call> XML tags:\n<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>'
-)
+
+# Stand-ins for special-token strings found in message text while it is rendered: private-use
+# code points of plane 15, which no tokenizer maps to a special token.
+_PLACEHOLDER_BASE = 0xF0000
+_SOURCE_FINGERPRINT = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
 
 
-def _json(value) -> str:
-    # Same text as the template's `tojson` filter in transformers.
-    return json.dumps(value, ensure_ascii=False)
+class ChatFormatError(ValueError):
+    """A conversation the chat template cannot render, or render with findable assistant turns."""
 
 
-def _tool_call_text(call: dict) -> str:
-    call = call.get("function", call)
-    arguments = call.get("arguments", {})
-    arguments = arguments if isinstance(arguments, str) else _json(arguments)
-    return f'<tool_call>\n{{"name": "{call["name"]}", "arguments": {arguments}}}\n</tool_call>'
+class ChatFormat:
+    """Render and tokenize conversations with one tokenizer's chat template."""
 
+    def __init__(self, tokenizer):
+        template = getattr(tokenizer, "chat_template", None)
+        if isinstance(template, dict):  # named templates: the default one is the chat format
+            template = template.get("default")
+        if not template:
+            raise ChatFormatError(f"tokenizer {tokenizer.name_or_path or ''} has no chat template")
+        self.tokenizer = tokenizer
+        self.template = template
+        self.supports_tools = "tools" in template
+        self.markers = sorted({t.content for t in tokenizer.added_tokens_decoder.values() if t.special}, key=len, reverse=True)
+        self._marker_ids = {m: tokenizer.convert_tokens_to_ids(m) for m in self.markers}
+        self._to_placeholder = {m: chr(_PLACEHOLDER_BASE + i) for i, m in enumerate(self.markers)}
+        self._from_placeholder = {p: m for m, p in self._to_placeholder.items()}
+        self._marker_pattern = re.compile("|".join(re.escape(m) for m in self.markers)) if self.markers else None
+        self._placeholder_pattern = re.compile("[" + "".join(self._from_placeholder) + "]") if self.markers else None
+        self.end_of_turn = self._find_end_of_turn()
 
-def render_pieces(messages: list[dict], tools: Optional[list] = None, add_generation_prompt: bool = False) -> list[tuple[str, bool]]:
-    """(text, trained) pieces whose concatenation is the chat template's output."""
-    if messages and messages[0]["role"] == "system":
-        system, body = messages[0]["content"], messages[1:]
-    else:
-        system, body = DEFAULT_SYSTEM_PROMPT, messages
-    if tools:
-        tool_lines = "".join("\n" + _json(t) for t in tools)
-        pieces = [(f"<|im_start|>system\n{system}{TOOLS_HEADER}{tool_lines}{TOOLS_FOOTER}<|im_end|>\n", False)]
-    else:
-        pieces = [(f"<|im_start|>system\n{system}<|im_end|>\n", False)]
-    for index, message in enumerate(body):
-        role = message["role"]
-        if role == "tool":
-            opens = index == 0 or body[index - 1]["role"] != "tool"
-            closes = index == len(body) - 1 or body[index + 1]["role"] != "tool"
-            text = ("<|im_start|>user" if opens else "") + f"\n<tool_response>\n{message['content']}\n</tool_response>"
-            pieces.append((text + ("<|im_end|>\n" if closes else ""), False))
-        elif role == "assistant":
-            pieces.append(("<|im_start|>assistant\n", False))
-            if message.get("tool_calls"):
-                content = message.get("content") or ""
-                reply = (content + "\n" if content else "") + "\n".join(_tool_call_text(c) for c in message["tool_calls"])
+    # ------------------------------------------------------------------ identity
+
+    @property
+    def fingerprint(self) -> str:
+        """Changes whenever the tokens could: the template text and this module's own code."""
+        return hashlib.sha256(f"{_SOURCE_FINGERPRINT}|{self.template}".encode()).hexdigest()
+
+    @property
+    def is_chatml(self) -> bool:
+        return self.template == CHAT_TEMPLATE
+
+    # ------------------------------------------------------------------ rendering
+
+    def _escape(self, value):
+        """`value` with every special-token string in its text replaced by a placeholder."""
+        if isinstance(value, str):
+            return self._marker_pattern.sub(lambda m: self._to_placeholder[m.group(0)], value) if self._marker_pattern else value
+        if isinstance(value, dict):
+            return {k: self._escape(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [self._escape(v) for v in value]
+        return value
+
+    def _unescape(self, text: str) -> str:
+        return self._placeholder_pattern.sub(lambda m: self._from_placeholder[m.group(0)], text) if self._placeholder_pattern else text
+
+    def _render(self, messages: list[dict], tools, add_generation_prompt: bool) -> str:
+        if tools and not self.supports_tools:
+            raise ChatFormatError("this model's chat template does not render tools; drop `tools` or use a template that has them")
+        try:
+            return self.tokenizer.apply_chat_template(messages, tools=tools or None, add_generation_prompt=add_generation_prompt,
+                                                      tokenize=False)
+        except Exception as err:  # the template's own raise_exception, or a Jinja error
+            raise ChatFormatError(f"the chat template cannot render this conversation: {err}") from err
+
+    def render(self, messages: list[dict], tools: Optional[list] = None, add_generation_prompt: bool = False) -> str:
+        """The template's text for a conversation (as transformers' apply_chat_template renders it)."""
+        return self._render(messages, tools, add_generation_prompt)
+
+    def _trained_spans(self, messages: list[dict], tools, full: str, train: str) -> list[tuple[int, int]]:
+        """Character spans of `full` (the escaped conversation's render) that are trained: every
+        assistant turn ("all") or only the last ("last"), each from its prompt to its end-of-turn."""
+        turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        turns = turns[-1:] if train == "last" else turns
+        spans = []
+        for i in turns:
+            prompt = self._render(messages[:i], tools, add_generation_prompt=True)
+            through = full if i == len(messages) - 1 else self._render(messages[: i + 1], tools, add_generation_prompt=False)
+            if not (through.startswith(prompt) and full.startswith(through)):
+                raise ChatFormatError(
+                    f"the chat template's assistant turn {i} cannot be found: rendering the conversation up to it does not "
+                    "extend the prompt for it (the template rewrites earlier turns); train with a template whose turns "
+                    "render as prefixes, e.g. tokenizer_config.json's chat_template replaced by ChatML")
+            end = len(through.rstrip())
+            content = messages[i].get("content") or ""
+            if content.strip() and content.strip() not in through[len(prompt) : end]:
+                raise ChatFormatError(f"the chat template rewrites assistant turn {i}'s content; its trained tokens cannot be found")
+            if end > len(prompt):
+                spans.append((len(prompt), end))
+        return spans
+
+    # ------------------------------------------------------------------ tokenizing
+
+    def _split(self, text: str) -> list[tuple[str, bool]]:
+        """(piece, is_marker): the template's special tokens apart from the text between them."""
+        if not self._marker_pattern:
+            return [(text, False)]
+        pieces, position = [], 0
+        for match in self._marker_pattern.finditer(text):
+            if match.start() > position:
+                pieces.append((text[position : match.start()], False))
+            pieces.append((match.group(0), True))
+            position = match.end()
+        if position < len(text):
+            pieces.append((text[position:], False))
+        return pieces
+
+    def tokenize(self, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+        """(ids, character offsets) for rendered, escaped texts, in one batched tokenizer call.
+        A text without placeholders is tokenized whole (exactly what apply_chat_template(tokenize=True)
+        gives); one with placeholders is tokenized between the template's markers with special
+        tokens off, so a special-token string typed in a message stays text."""
+        results: list = [None] * len(texts)
+        plain = [i for i, t in enumerate(texts) if not (self._placeholder_pattern and self._placeholder_pattern.search(t))]
+        if plain:
+            batch = self.tokenizer([texts[i] for i in plain], add_special_tokens=False, return_offsets_mapping=True)
+            for i, ids, offsets in zip(plain, batch["input_ids"], batch["offset_mapping"]):
+                results[i] = (ids, [tuple(o) for o in offsets])
+        for i in set(range(len(texts))) - set(plain):
+            results[i] = self._tokenize_escaped(texts[i])
+        return results
+
+    def _tokenize_escaped(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        ids, offsets, position = [], [], 0
+        for piece, is_marker in self._split(text):
+            if is_marker:
+                ids.append(self._marker_ids[piece])
+                offsets.append((position, position + len(piece)))
             else:
-                reply = message["content"]
-            pieces.append((reply + "<|im_end|>", True))
-            pieces.append(("\n", False))
-        else:
-            pieces.append((f"<|im_start|>{role}\n{message['content']}<|im_end|>\n", False))
-    if add_generation_prompt:
-        pieces.append(("<|im_start|>assistant\n", False))
-    return pieces
+                # restored text, and for each of its characters the position it has in `text`
+                restored, where = [], []
+                for j, char in enumerate(piece):
+                    original = self._from_placeholder.get(char, char)
+                    restored.append(original)
+                    where.extend([position + j] * len(original))
+                encoded = self.tokenizer("".join(restored), add_special_tokens=False, split_special_tokens=True,
+                                         return_offsets_mapping=True)
+                ids.extend(encoded["input_ids"])
+                for a, b in encoded["offset_mapping"]:
+                    if b > a:
+                        offsets.append((where[a], where[b - 1] + 1))
+                    else:  # a token that covers no character (e.g. a prefix-space marker)
+                        at = where[a] if a < len(where) else position + len(piece)
+                        offsets.append((at, at))
+            position += len(piece)
+        return ids, offsets
+
+    def prepare(self, messages: list[dict], tools: Optional[list] = None, train: str = "all") -> tuple[str, list[tuple[int, int]]]:
+        """A conversation's rendered (escaped) text and its trained character spans: every assistant
+        turn (train="all", SFT) or only the final reply (train="last", preference pairs)."""
+        messages, tools = self._escape(messages), self._escape(tools)
+        full = self._render(messages, tools, add_generation_prompt=False)
+        return full, self._trained_spans(messages, tools, full, train)
+
+    def encode_prepared(self, prepared: list[tuple[str, list[tuple[int, int]]]]) -> list[tuple[list[int], list[bool]]]:
+        """(ids, target mask) for prepared conversations, tokenized in one batched call."""
+        encoded = self.tokenize([text for text, _ in prepared])
+        return [(ids, target_mask(offsets, spans)) for (ids, offsets), (_, spans) in zip(encoded, prepared)]
+
+    def encode(self, messages: list[dict], tools: Optional[list] = None, train: str = "all") -> tuple[list[int], list[bool]]:
+        return self.encode_prepared([self.prepare(messages, tools, train)])[0]
+
+    def prompt_ids(self, messages: list[dict], tools: Optional[list] = None) -> list[int]:
+        """Ids of the prompt for the next assistant reply (what inference feeds the model)."""
+        text = self._render(self._escape(messages), self._escape(tools), add_generation_prompt=True)
+        return self.tokenize([text])[0][0]
+
+    # ------------------------------------------------------------------ end of turn
+
+    def _find_end_of_turn(self) -> list[str]:
+        """The special tokens the template closes an assistant turn with (ChatML: <|im_end|>,
+        Llama-3: <|eot_id|>, Gemma: <end_of_turn>): the first marker after a probe reply."""
+        probe = [{"role": "user", "content": "ping"}, {"role": "assistant", "content": "pong"}]
+        try:
+            text = self._render(probe, None, add_generation_prompt=False)
+        except ChatFormatError:
+            return []
+        after = text[text.rfind("pong") + len("pong"):] if "pong" in text else ""
+        match = self._marker_pattern.search(after) if self._marker_pattern else None
+        return [match.group(0)] if match else []
+
+    @property
+    def end_of_turn_ids(self) -> list[int]:
+        return [self._marker_ids[m] for m in self.end_of_turn]
 
 
-def render_text(messages: list[dict], tools: Optional[list] = None, add_generation_prompt: bool = False) -> str:
-    return "".join(text for text, _ in render_pieces(messages, tools, add_generation_prompt))
-
-
-def join_pieces(pieces: list[tuple[str, bool]]) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered text and the character spans of its trained pieces."""
-    text, spans, position = "", [], 0
-    for piece, trained in pieces:
-        if trained:
-            spans.append((position, position + len(piece)))
-        text += piece
-        position += len(piece)
-    return text, spans
+def chat_format(tokenizer) -> ChatFormat:
+    """The tokenizer's ChatFormat, built once per tokenizer and template."""
+    cached = getattr(tokenizer, "_bumblecore_chat_format", None)
+    template = getattr(tokenizer, "chat_template", None)
+    if cached is None or cached.template != (template.get("default") if isinstance(template, dict) else template):
+        cached = ChatFormat(tokenizer)
+        tokenizer._bumblecore_chat_format = cached
+    return cached
 
 
 def target_mask(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[bool]:
@@ -95,29 +272,22 @@ def target_mask(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) ->
     return mask
 
 
-def tokenize_pieces(tokenizer, pieces: list[tuple[str, bool]]) -> tuple[list[int], list[bool]]:
-    """Token ids of the joined text, and for each token whether it overlaps a trained piece."""
-    text, spans = join_pieces(pieces)
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    return encoded["input_ids"], target_mask(encoded["offset_mapping"], spans)
+# ---------------------------------------------------------------------- the functions the stages use
 
 
 def encode_conversation(tokenizer, messages: list[dict], tools: Optional[list] = None) -> tuple[list[int], list[bool]]:
     """A whole training conversation: ids and target mask (every assistant turn trained)."""
-    return tokenize_pieces(tokenizer, render_pieces(messages, tools))
+    return chat_format(tokenizer).encode(messages, tools, train="all")
 
 
 def encode_preference(tokenizer, messages: list[dict], reply: dict, tools: Optional[list] = None) -> tuple[list[int], list[bool]]:
     """Prompt history plus one candidate reply; only the reply is trained (earlier assistant turns are context)."""
-    pieces = render_pieces(messages + [reply], tools)
-    last = max(i for i, (_, trained) in enumerate(pieces) if trained)
-    pieces = [(text, trained and i == last) for i, (text, trained) in enumerate(pieces)]
-    return tokenize_pieces(tokenizer, pieces)
+    return chat_format(tokenizer).encode(messages + [reply], tools, train="last")
 
 
 def render_prompt(tokenizer, messages: list[dict], tools: Optional[list] = None) -> list[int]:
-    """Ids of a prompt for generation, ending with `<|im_start|>assistant\\n` (shared with inference)."""
-    return tokenizer(render_text(messages, tools, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+    """Ids of a prompt for generation (ChatML: ending with `<|im_start|>assistant\\n`), shared with inference."""
+    return chat_format(tokenizer).prompt_ids(messages, tools)
 
 
 def encode_document(tokenizer, text: str) -> list[int]:
@@ -133,3 +303,21 @@ def end_of_text_id(tokenizer) -> int:
             raise ValueError("the tokenizer has neither <|endoftext|> nor an eos token to end documents with")
         return tokenizer.eos_token_id
     return token_id
+
+
+# ---------------------------------------------------------------------- tool calls in replies
+
+TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
+
+
+def parse_tool_call(block: str) -> Optional[dict]:
+    """One `<tool_call>` block's JSON ({"name", "arguments"}) as an OpenAI function call, or None
+    when it is not a well-formed call (then the text is kept as content)."""
+    try:
+        call = json.loads(block)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+        return None
+    arguments = call.get("arguments", {})
+    return {"name": call["name"], "arguments": arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)}
