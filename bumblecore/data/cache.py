@@ -155,21 +155,18 @@ def _encode_batch(tokenizer, samples: list[Sample], cutoff_len: int, summary: Ca
         for ids in _batch_ids(tokenizer, texts):
             yield ids, [True] * len(ids)
         return
-    rendered: list[list[tuple[str, bool]]] = []
+    fmt = chat_format(tokenizer)
+    prepared = []
     for s in samples:
         c = s.conversation
-        if s.kind == "conversation":
-            rendered.append(render_pieces(c.messages, c.tools))
-        else:
-            for reply in (s.chosen, s.rejected):
-                pieces = render_pieces(c.messages + [reply], c.tools)
-                last = max(i for i, (_, t) in enumerate(pieces) if t)
-                rendered.append([(text, t and i == last) for i, (text, t) in enumerate(pieces)])
-    joined = [join_pieces(pieces) for pieces in rendered]
+        replies = [(c.messages, "all")] if s.kind == "conversation" else [(c.messages + [r], "last") for r in (s.chosen, s.rejected)]
+        for messages, train in replies:
+            try:
+                prepared.append(fmt.prepare(messages, c.tools, train))
+            except ChatFormatError as err:
+                raise ChatFormatError(f"{s.where}: {err}") from None
     # One batched call: the Rust tokenizer spreads the batch over every core.
-    batch = tokenizer([text for text, _ in joined], add_special_tokens=False, return_offsets_mapping=True)
-    encoded = [(ids, target_mask(offsets, spans))
-               for ids, offsets, (_, spans) in zip(batch["input_ids"], batch["offset_mapping"], joined)]
+    encoded = fmt.encode_prepared(prepared)
     group = 2 if samples[0].kind == "preference" else 1
     for start in range(0, len(encoded), group):
         entries, reason = [], None
