@@ -1,10 +1,84 @@
-"""Models Bumblebee does not implement (Mistral, Phi-3, Gemma, custom code ...) through transformers'
-AutoModelForCausalLM, behind the same interface the stages use."""
+"""Models Bumblebee does not implement (Phi-3, Gemma, GLM, OLMo, MoE families, custom code ...) through
+transformers' AutoModelForCausalLM, behind the same interface the stages use, training the family's own loss.
+
+The stages apply the LM head to hidden states in chunks (losses.chunked_cross_entropy), so whatever the
+family's forward does after its decoder has to be done here too:
+- logit transforms named by the config (`LOGIT_TRANSFORMS`): Gemma-2/3's final_logit_softcapping,
+  Cohere's logit_scale, Granite's logits_scaling; `lm_head` returns the head with the transform applied;
+- MoE router load-balancing: when the config sets `output_router_logits`, the family's loss is
+  CE + router_aux_loss_coef * aux, so the forward computes aux and the loss adds it (per target token).
+Parity means `model(input_ids, labels=...).loss` with the config as given; `check_loss_parity` compares
+the two on a few tokens when the model is loaded and refuses a family whose loss we do not reproduce
+(a config attribute or an `lm_head` wrapper we do not know) instead of training it on another objective.
+"""
 
 from __future__ import annotations
 
+import math
+import sys
+from typing import Callable, Optional
+
 import torch
 from torch import nn
+
+# Config attributes (as transformers names them) that rescale the logits after lm_head, applied in
+# this order with the head's dtype, as the families do: logits * logit_scale / logits_scaling, then
+# cap * tanh(logits / cap).
+LOGIT_TRANSFORMS = ("logit_scale", "logits_scaling", "final_logit_softcapping")
+# Post-head attributes of families whose logic this wrapper does not reproduce: refused by name.
+UNSUPPORTED_POST_HEAD = ("output_multiplier", "lm_head_multiplier", "logits_soft_cap", "unpadded_vocab_size")
+PARITY_RTOL = 1e-3
+
+
+def _text_config(config):
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def logit_transform(config) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+    """The family's logits-after-lm_head function read from its config, or None for plain logits."""
+    text = _text_config(config)
+    for name in UNSUPPORTED_POST_HEAD:
+        if getattr(text, name, None) not in (None, 1, 1.0):
+            raise ValueError(f"{type(config).__name__}.{name}={getattr(text, name)!r} changes the logits after lm_head "
+                             "in a way BumbleCore's chunked loss does not reproduce; this family is not supported")
+    scale = getattr(text, "logit_scale", None)
+    divisor = getattr(text, "logits_scaling", None)
+    cap = getattr(text, "final_logit_softcapping", None)
+    scale = None if scale in (None, 1, 1.0) else float(scale)
+    divisor = None if divisor in (None, 1, 1.0) else float(divisor)
+    if scale is None and divisor is None and cap is None:
+        return None
+
+    def transform(logits: torch.Tensor) -> torch.Tensor:
+        if scale is not None:
+            logits = logits * scale
+        if divisor is not None:
+            logits = logits / divisor
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    return transform
+
+
+class FamilyHead(nn.Module):
+    """The output embedding followed by the family's logit transform; `weight` is the head's, so the
+    chunked losses size their chunks and match dtypes as for a plain head. Built on each access of
+    `TransformersCausalLM.lm_head` (not a registered submodule: no second name for the weights)."""
+
+    def __init__(self, head: nn.Module, transform: Optional[Callable], take_extra_loss: Callable):
+        super().__init__()
+        self.head = head
+        self.transform = transform
+        self.take_extra_loss = take_extra_loss
+
+    @property
+    def weight(self):
+        return self.head.weight
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.head(hidden)
+        return logits if self.transform is None else self.transform(logits)
 
 
 class TransformersCausalLM(nn.Module):
@@ -17,15 +91,39 @@ class TransformersCausalLM(nn.Module):
         super().__init__()
         self.hf = model
         self.config = model.config
+        self.transform = logit_transform(model.config)
+        self.router_aux = bool(getattr(_text_config(model.config), "output_router_logits", False))
+        if self.router_aux:
+            self._load_balancing = getattr(sys.modules[type(model).__module__], "load_balancing_loss_func", None)
+            missing = [a for a in ("num_experts", "num_experts_per_tok", "router_aux_loss_coef") if not hasattr(model, a)]
+            if self._load_balancing is None or missing:
+                raise ValueError(f"{type(model).__name__}: output_router_logits is set but its router loss is not the "
+                                 "load_balancing_loss_func BumbleCore knows; set output_router_logits false to train without it")
+        self._extra_loss: Optional[torch.Tensor] = None
 
     @property
     def lm_head(self):
-        return self.hf.get_output_embeddings()
+        head = self.hf.get_output_embeddings()
+        if self.transform is None and not self.router_aux:
+            return head
+        return FamilyHead(head, self.transform, self.take_extra_loss)
+
+    def take_extra_loss(self) -> Optional[torch.Tensor]:
+        """The last forward's loss term beyond the cross-entropy (the router aux loss, already weighted
+        by router_aux_loss_coef), once: chunked_cross_entropy adds it per target token."""
+        extra, self._extra_loss = self._extra_loss, None
+        return extra
 
     def forward(self, input_ids, position_ids=None, attention_mask=None, segment_ids=None, return_hidden_states=False):
         if segment_ids is not None:
             raise ValueError("packed rows (segment_ids) are not supported for transformers models; set packing: false")
-        hidden = self.hf.get_decoder()(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask).last_hidden_state
+        extra = {"output_router_logits": True} if self.router_aux else {}
+        out = self.hf.get_decoder()(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                                    use_cache=False, **extra)
+        if self.router_aux:
+            aux = self._load_balancing(out.router_logits, self.hf.num_experts, self.hf.num_experts_per_tok, attention_mask)
+            self._extra_loss = self.hf.router_aux_loss_coef * aux
+        hidden = out.last_hidden_state
         return hidden if return_hidden_states else self.lm_head(hidden)
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
@@ -38,6 +136,37 @@ class TransformersCausalLM(nn.Module):
         self.hf.save_pretrained(str(directory), state_dict=state_dict, safe_serialization=True, max_shard_size="5GB")
 
 
+@torch.no_grad()
+def check_loss_parity(model: TransformersCausalLM, tokens: int = 12) -> tuple[float, float]:
+    """(ours, the family's) loss on a few fixed tokens; ValueError when they differ: the family's forward
+    does something after its hidden states (or in its loss) that this wrapper does not reproduce."""
+    from bumblecore.train.losses import chunked_cross_entropy, shift_targets
+
+    parameter = next(model.hf.parameters())
+    vocab = model.hf.get_output_embeddings().weight.shape[0]
+    ids = torch.randint(0, vocab, (1, tokens), generator=torch.Generator().manual_seed(0)).to(parameter.device)
+    was_training = model.hf.training
+    model.hf.eval()
+    try:
+        try:
+            reference = float(model.hf(input_ids=ids, labels=ids, use_cache=False).loss)
+        except TypeError:  # custom code whose forward takes no labels: nothing to compare with
+            print(f"warning: {type(model.hf).__name__} computes no loss from labels; its loss parity is unchecked")
+            return math.nan, math.nan
+        total, count = chunked_cross_entropy(model(ids, return_hidden_states=True), model.lm_head, shift_targets(ids))
+        ours = float(total) / count
+    finally:
+        model.hf.train(was_training)
+        model._extra_loss = None
+    tolerance = PARITY_RTOL if parameter.dtype == torch.float32 else 3e-2
+    if not abs(ours - reference) <= tolerance * abs(reference):
+        raise ValueError(
+            f"{type(model.hf).__name__}: BumbleCore's loss {ours:.6g} differs from the family's own {reference:.6g}: its "
+            "forward changes the logits after the hidden states (or adds to the loss) in a way not reproduced here "
+            f"(known: {', '.join(LOGIT_TRANSFORMS)}, MoE output_router_logits); refusing to train another objective")
+    return ours, reference
+
+
 def load_transformers_model(config) -> TransformersCausalLM:
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -46,9 +175,10 @@ def load_transformers_model(config) -> TransformersCausalLM:
         torch.manual_seed(config.seed)
         model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=config.trust_remote_code)
     else:
-        model = AutoModelForCausalLM.from_pretrained(config.model_name_or_path, torch_dtype=torch.float32,
+        model = AutoModelForCausalLM.from_pretrained(config.model_name_or_path, dtype=torch.float32,
                                                      trust_remote_code=config.trust_remote_code)
     wrapped = TransformersCausalLM(model)
+    check_loss_parity(wrapped)
     if config.enable_gradient_checkpointing:
         wrapped.set_gradient_checkpointing(True)
     return wrapped

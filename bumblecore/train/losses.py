@@ -62,14 +62,21 @@ def chunked_cross_entropy(
     lm_head is called as a module (not its weight) so sharded strategies (ZeRO-3) gather it. Only target
     positions reach the LM head (an SFT prompt costs nothing there), and each chunk's logits (sized to
     LOGITS_BUDGET_BYTES unless chunk_tokens is given) are recomputed in backward instead of stored.
+
+    A head with `take_extra_loss` (hf_fallback.FamilyHead: a MoE family's router aux loss) adds that
+    term once per target token, so after the engine's division by the target count the loss is the
+    family's own: mean CE + router_aux_loss_coef * aux.
     """
+    take_extra = getattr(lm_head, "take_extra_loss", None)
+    extra = take_extra() if take_extra is not None else None
     hidden = hidden.reshape(-1, hidden.shape[-1])
     targets = targets.reshape(-1)
     keep = targets != IGNORE_INDEX
     hidden, targets = hidden[keep], targets[keep]
     count = int(targets.numel())
     if count == 0:
-        return hidden.sum() * 0.0, 0  # keeps the graph connected for backward on every rank
+        zero = hidden.sum() * 0.0  # keeps the graph connected for backward on every rank
+        return (zero + extra * 0.0 if extra is not None else zero), 0
     chunk_tokens = chunk_tokens or tokens_per_chunk(lm_head)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, count, chunk_tokens):
@@ -78,6 +85,8 @@ def chunked_cross_entropy(
             total = total + checkpoint(_chunk_loss, h, lm_head, t, use_reentrant=False)
         else:
             total = total + _chunk_loss(h, lm_head, t)
+    if extra is not None:
+        total = total + extra.float() * count
     return total, count
 
 
