@@ -207,6 +207,29 @@ def validate_dataset(paths, stage: str, skip_bad_records: bool) -> ReadReport:
     return report
 
 
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def remove_dead_builds(root: Path) -> list[Path]:
+    """Entries a killed build left under `.KEY.tmp-HOST-PID`: removed only when HOST is this machine
+    and PID is no longer running, so a build in progress elsewhere (another rank, another node on a
+    shared filesystem) is never touched."""
+    host, removed = socket.gethostname(), []
+    for path in root.glob(".*.tmp-*"):
+        owner, _, pid = path.name.rpartition(".tmp-")[2].rpartition("-")
+        if owner == host and pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
 def build_cache(
     paths,
     tokenizer,
@@ -225,6 +248,7 @@ def build_cache(
 
     report = validate_dataset(paths, stage, skip_bad_records)
     root.mkdir(parents=True, exist_ok=True)
+    remove_dead_builds(root)
     tmp = root / f".{key}.tmp-{socket.gethostname()}-{os.getpid()}"  # unique even across nodes sharing a filesystem
     if tmp.exists():
         shutil.rmtree(tmp)

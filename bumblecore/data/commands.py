@@ -6,18 +6,24 @@ import json
 import sys
 
 from bumblecore.data.cache import TokenCache, build_cache
-from bumblecore.data.formats import ReadReport, read_samples
+from bumblecore.data.formats import DataError, ReadReport, data_files, read_samples
 from bumblecore.data.packing import Units, build_units
 from bumblecore.data.template import encode_conversation, encode_document, encode_preference
 from bumblecore.tokenizer import load_tokenizer
 from bumblecore.train.config import TrainConfig
 
 
-def dataset_units(config: TrainConfig, tokenizer, paths, progress: bool = True) -> tuple[TokenCache, Units]:
-    """Validate, tokenize (or reuse the cache) and arrange `paths` into training units for this run."""
+def dataset_units(config: TrainConfig, tokenizer, paths, progress: bool = True,
+                  label: str = "dataset_path") -> tuple[TokenCache, Units]:
+    """Validate, tokenize (or reuse the cache) and arrange `paths` into training units for this run.
+    Data that gives no sample at all is an error that says which files and lines, and why."""
     cache = build_cache(paths, tokenizer, config.training_stage, config.cutoff_len, config.cache_dir,
                         config.skip_bad_records, progress=progress)
-    return cache, build_units(cache, config.training_stage, config.cutoff_len, bool(config.packing), config.seed)
+    units = build_units(cache, config.training_stage, config.cutoff_len, bool(config.packing), config.seed)
+    if len(units) == 0:
+        shown = ", ".join(str(f) for f in data_files(paths))
+        raise DataError(f"{label} {shown}: no usable samples: {cache.summary.why_nothing()}")
+    return cache, units
 
 
 def _require_data(config: TrainConfig) -> None:
@@ -43,8 +49,8 @@ def prepare_data(config: TrainConfig) -> None:
         print(f"{label}: {summary.describe()}")
         print(f"{label}: {len(units)} training units ({'packed rows' if config.packing else 'rows'} of <= {config.cutoff_len} tokens) "
               f"in {cache.directory}")
-        for example in summary.skipped_examples:
-            print(f"  skipped: {example}")
+        for example in summary.examples(limit=10):
+            print(f"  {example}")
 
 
 def _marked_text(tokenizer, ids: list[int], mask: list[bool]) -> str:

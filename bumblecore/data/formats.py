@@ -45,6 +45,7 @@ class Sample:
 class ReadReport:
     records: int = 0
     skipped: list[str] = field(default_factory=list)
+    empty_files: list[str] = field(default_factory=list)  # "<file>: why it holds no record"
 
 
 # ---------------------------------------------------------------------------- files
@@ -71,21 +72,32 @@ def data_files(paths: Union[str, list[str]]) -> list[Path]:
     return files
 
 
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
 def iter_json_records(file: Path) -> Iterator[tuple[str, object]]:
     """(where, record) for each record of a JSON array or JSONL file, without loading the file whole.
-    A JSONL line that is not JSON comes as a DataError in place of the record."""
-    with open(file, encoding="utf-8") as handle:
-        first = ""
-        while True:
-            ch = handle.read(1)
-            if not ch or not ch.isspace():
-                first = ch
-                break
+    A JSONL line that is not JSON (or not UTF-8) comes as a DataError in place of the record."""
+    with open(file, "rb") as handle:
+        head = handle.read(1 << 16).lstrip(UTF8_BOM).lstrip()
+        while not head and handle.read(1):  # a long run of leading whitespace
+            handle.seek(handle.tell() - 1)
+            head = handle.read(1 << 16).lstrip()
         handle.seek(0)
-        if first == "[":
-            yield from _iter_json_array(file, handle)
+        if head[:1] == b"[":
+            yield from _iter_json_array(file, _Utf8Reader(file, handle))
             return
-        for number, line in enumerate(handle, 1):
+        for number, raw in enumerate(handle, 1):
+            if number == 1:
+                raw = raw[len(UTF8_BOM):] if raw.startswith(UTF8_BOM) else raw
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                # Handed on, not raised: like a broken line, one bad record that skip_bad_records may skip.
+                yield f"{file} line {number}", DataError(
+                    f"{file} line {number}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column {err.start + 1}); "
+                    "save the file as UTF-8")
+                continue
             if not line.strip():
                 continue
             try:
@@ -94,6 +106,37 @@ def iter_json_records(file: Path) -> Iterator[tuple[str, object]]:
                 # Handed on, not raised: a broken line is one bad record, which skip_bad_records may skip.
                 record = DataError(f"{file} line {number}: not valid JSON ({err.msg} at column {err.colno})")
             yield f"{file} line {number}", record
+
+
+class _Utf8Reader:
+    """read(n) -> str over a binary file, decoding UTF-8 as it goes; bytes that are not UTF-8 raise a
+    DataError naming the file, the line and the byte (a JSON array cannot skip past them)."""
+
+    def __init__(self, file: Path, handle):
+        import codecs
+
+        self.file, self.handle = file, handle
+        self.decoder = codecs.getincrementaldecoder("utf-8")()
+        self.lines_before = 0  # newlines in the bytes decoded so far
+        self.offset = 0  # bytes read so far
+        self.first = True
+
+    def read(self, size: int) -> str:
+        data = self.handle.read(size)
+        if self.first:
+            data, self.first = (data[len(UTF8_BOM):] if data.startswith(UTF8_BOM) else data), False
+        try:
+            text = self.decoder.decode(data, final=not data)
+        except UnicodeDecodeError as err:
+            pending = len(err.object) - len(data)  # bytes the decoder held back from the previous read
+            position = err.start - pending
+            line = self.lines_before + data[: max(0, position)].count(b"\n") + 1
+            bad = err.object[err.start] if err.start < len(err.object) else 0
+            raise DataError(f"{self.file} line {line}: not UTF-8 text (byte 0x{bad:02x} at byte "
+                            f"{self.offset + position} of the file); save the file as UTF-8") from None
+        self.lines_before += data.count(b"\n")
+        self.offset += len(data)
+        return text
 
 
 def _iter_json_array(file: Path, handle, chunk_size: int = 1 << 20) -> Iterator[tuple[str, object]]:
@@ -309,7 +352,9 @@ def read_samples(paths, stage: Optional[str] = None, skip_bad_records: bool = Fa
     report = report if report is not None else ReadReport()
     for file in data_files(paths):
         fmt = None
+        seen = 0
         for where, record in iter_json_records(file):
+            seen += 1
             try:
                 if isinstance(record, DataError):
                     raise record
@@ -326,3 +371,15 @@ def read_samples(paths, stage: Optional[str] = None, skip_bad_records: bool = Fa
                 continue
             report.records += 1
             yield sample
+        if not seen:
+            report.empty_files.append(f"{file}: {_why_empty(file)}")
+
+
+def _why_empty(file: Path) -> str:
+    with open(file, "rb") as handle:
+        head = handle.read(1 << 16).lstrip(UTF8_BOM).lstrip()
+    if file.stat().st_size == 0:
+        return "the file is empty"
+    if head[:1] == b"[":
+        return "the JSON array holds no records"
+    return "the file holds only blank lines"

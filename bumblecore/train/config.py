@@ -33,6 +33,8 @@ class TrainConfig:
     """Local model directory (Hugging Face layout). Required."""
     output_dir: str = "./output"
     """Where checkpoints, logs, metrics and plots go."""
+    overwrite_output_dir: bool = False
+    """Replace another run's outputs in output_dir (its model, checkpoints, metrics); without it such a run is refused."""
     trust_remote_code: bool = False
     """Allow custom model code for Hugging Face models that are not Bumblebee/Qwen2/Llama."""
     tokenizer_use_fast: bool = False

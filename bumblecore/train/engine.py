@@ -26,6 +26,11 @@ from bumblecore.train.checkpoint import STATE_DIR, restore_rng_state, rng_state
 from bumblecore.train.runtime import runtime_grad_norm, runtime_skips_clipping
 
 
+class NonFiniteTraining(FloatingPointError, ValueError):
+    """The loss or the gradient norm is not finite: the run stops before the update. A ValueError too,
+    so the command line reports it in one line (a diverging learning rate is the user's to fix)."""
+
+
 class Stage(Protocol):
     def count(self, batch: dict) -> int: ...
 
@@ -50,6 +55,9 @@ class LoopSettings:
     average_tokens_across_devices: bool = True
     runtime_owns_accumulation: bool = False
     """DeepSpeed: the engine object scales by 1/accumulation, clips and steps at the boundary itself."""
+    skips_overflow_steps: bool = False
+    """fp16: the grad scaler (or DeepSpeed's loss scaler) skips a step whose gradients overflow, so a
+    non-finite gradient norm there is routine; only a non-finite loss stops the run."""
     extra_state: dict = field(default_factory=dict)
 
 
@@ -92,10 +100,15 @@ class Engine:
 
     def load_state(self, directory) -> None:
         state = {"model": self.model, "optimizer": self.optimizer}
-        rest = self.fabric.load(f"{directory}/{STATE_DIR}", state)
-        self.scheduler.load_state_dict(rest["scheduler"])
-        self.step, self.tokens_seen = rest["step"], rest["tokens_seen"]
-        restore_rng_state(rest["rng"])
+        try:
+            rest = self.fabric.load(f"{directory}/{STATE_DIR}", state)
+            self.scheduler.load_state_dict(rest["scheduler"])
+            self.step, self.tokens_seen = rest["step"], rest["tokens_seen"]
+            restore_rng_state(rest["rng"])
+        except Exception as err:  # unreadable, or a state of another shape: one clear line, not a traceback
+            reason = (str(err).strip().splitlines() or [""])[0][:300]
+            raise ValueError(f"resume_from_checkpoint {directory}: {STATE_DIR} cannot be restored "
+                             f"({type(err).__name__}: {reason})") from err
 
     # ------------------------------------------------------------------ loop
 
@@ -106,7 +119,11 @@ class Engine:
         return float(total)
 
     def train_step(self) -> dict:
-        """One optimiser step over this rank's micro-batches; returns the step's metrics."""
+        """One optimiser step over this rank's micro-batches; returns the step's metrics.
+
+        The step's sums (target count, tokens, loss, metrics) and a flag for non-finite gradients are
+        all-reduced once, before the optimiser step, so every rank stops together on a non-finite
+        loss or gradient norm and nothing non-finite ever reaches the weights."""
         settings, fabric = self.settings, self.fabric
         started = time.perf_counter()
         micro_batches = self.loader.micro_batches(self.step)
@@ -125,6 +142,7 @@ class Engine:
         metric_totals: dict[str, torch.Tensor] = {}
         tokens = 0
         own_norm = float("nan")
+        totals = None
         for index, batch in enumerate(micro_batches):
             batch = fabric.to_device(batch)
             last = index == len(micro_batches) - 1
@@ -135,24 +153,35 @@ class Engine:
                 with fabric.autocast():  # the stage may apply the LM head outside the wrapped forward
                     loss_sum, metrics = self.stage.loss(self.model, batch)
                 fabric.backward(loss_sum * scale)
-            if settings.runtime_owns_accumulation:
-                if last and runtime_skips_clipping(self.model):  # ZeRO-0 in fp32: DeepSpeed neither clips nor keeps a norm
-                    own_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), settings.max_grad_norm)
-                                     if settings.max_grad_norm else _grad_norm(self.model))
-                self.optimizer.step()  # DeepSpeed: a real step only at the accumulation boundary
             loss_total += loss_sum.detach()
             for key, value in metrics.items():
                 metric_totals[key] = metric_totals.get(key, 0) + value.detach()
             tokens += int(batch.get("num_tokens", batch["input_ids"].numel()))
+            if settings.runtime_owns_accumulation:
+                if last:  # the accumulation boundary: DeepSpeed's step below is the real one
+                    if runtime_skips_clipping(self.model):  # ZeRO-0 in fp32: DeepSpeed neither clips nor keeps a norm
+                        own_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), settings.max_grad_norm)
+                                         if settings.max_grad_norm else _grad_norm(self.model))
+                        finite = math.isfinite(own_norm)
+                    else:
+                        finite = settings.skips_overflow_steps or _deepspeed_grads_finite(self.model)
+                    totals = self._step_totals(local_count, tokens, loss_total, metric_totals, finite)
+                    self._stop_if_not_finite(totals, None if finite else own_norm)
+                self.optimizer.step()  # DeepSpeed: a real step only at the accumulation boundary
 
         if settings.runtime_owns_accumulation:
             reported = runtime_grad_norm(self.model)
             grad_norm = reported if reported is not None else own_norm
         else:
             if settings.max_grad_norm:
-                grad_norm = float(fabric.clip_gradients(self.model, self.optimizer, max_norm=settings.max_grad_norm))
+                grad_norm = float(fabric.clip_gradients(self.model, self.optimizer, max_norm=settings.max_grad_norm,
+                                                        error_if_nonfinite=False))
             else:
                 grad_norm = float(_grad_norm(self.model))
+            # fp16 with a grad scaler: an overflowing step is skipped by the scaler, not a divergence.
+            finite = settings.skips_overflow_steps or math.isfinite(grad_norm)
+            totals = self._step_totals(local_count, tokens, loss_total, metric_totals, finite)
+            self._stop_if_not_finite(totals, grad_norm)
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         lr = self.optimizer.param_groups[0]["lr"]
@@ -160,28 +189,50 @@ class Engine:
             self.scheduler.step()
         self.step += 1
 
-        global_count = max(1.0, self._global_sum(local_count))
-        global_tokens = int(self._global_sum(tokens))
+        global_count = max(1.0, totals["count"])
+        global_tokens = int(totals["tokens"])
         self.tokens_seen += global_tokens
-        loss_value = self._global_sum(float(loss_total)) / global_count
-        if not math.isfinite(loss_value):
-            epoch, batch = divmod(self.step - 1, max(1, self.loader.steps_per_epoch))
-            raise FloatingPointError(
-                f"loss became {loss_value} at step {self.step} (epoch {epoch}, global batch {batch} of the epoch's order); "
-                "stopping before the weights are ruined (try a lower learning_rate, fp32 or bf16 instead of fp16)")
         elapsed = time.perf_counter() - started
         record = {
             "step": self.step,
             "epoch": round(self.step / max(1, self.loader.steps_per_epoch), 4),
-            "loss": loss_value,
+            "loss": totals["loss"] / global_count,
             "lr": lr,
             "grad_norm": grad_norm,
             "tokens": global_tokens,
             "tokens_per_sec": global_tokens / elapsed if elapsed > 0 else 0.0,
         }
-        for key, value in metric_totals.items():
-            record[key] = self._global_sum(float(value)) / global_count
+        for key in metric_totals:
+            record[key] = totals["metrics"][key] / global_count
         return record
+
+    def _step_totals(self, count: int, tokens: int, loss_total, metric_totals: dict, grads_finite: bool) -> dict:
+        """The step's sums over every rank, in one all-reduce (none on a single process)."""
+        keys = sorted(metric_totals)
+        if self.fabric.world_size == 1:
+            return {"count": float(count), "tokens": float(tokens), "loss": float(loss_total),
+                    "nonfinite_grads": 0.0 if grads_finite else 1.0,
+                    "metrics": {k: float(metric_totals[k]) for k in keys}}
+        local = torch.stack([torch.tensor(float(count), dtype=torch.float64), torch.tensor(float(tokens), dtype=torch.float64),
+                             loss_total.detach().double().cpu(), torch.tensor(0.0 if grads_finite else 1.0, dtype=torch.float64),
+                             *[torch.as_tensor(metric_totals[k]).detach().double().cpu() for k in keys]])
+        summed = self.fabric.all_reduce(local.to(self.fabric.device), reduce_op="sum").cpu().tolist()
+        return {"count": summed[0], "tokens": summed[1], "loss": summed[2], "nonfinite_grads": summed[3],
+                "metrics": dict(zip(keys, summed[4:]))}
+
+    def _stop_if_not_finite(self, totals: dict, grad_norm: Optional[float]) -> None:
+        """Every rank sees the same totals, so every rank stops here together, before the optimiser step."""
+        loss = totals["loss"] / max(1.0, totals["count"])
+        if math.isfinite(loss) and not totals["nonfinite_grads"]:
+            return
+        step = self.step + 1
+        epoch, batch = divmod(self.step, max(1, self.loader.steps_per_epoch))
+        what = (f"loss became {loss}" if not math.isfinite(loss)
+                else f"gradient norm became {grad_norm if grad_norm is not None and not math.isfinite(grad_norm) else 'non-finite'}")
+        raise NonFiniteTraining(
+            f"{what} at step {step} (epoch {epoch}, global batch {batch} of the epoch's order); stopped before that "
+            f"step's optimiser update, so the weights and every saved checkpoint are those of step {self.step} "
+            "(try a lower learning_rate, gradient clipping (max_grad_norm), or fp32/bf16 instead of fp16)")
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -237,6 +288,29 @@ class Engine:
         if self.save_fn and settings.save_last:
             self.save_fn(self.step, True)
         return history
+
+
+def _deepspeed_grads_finite(model) -> bool:
+    """Whether this rank's share of the accumulated gradients is finite, read after DeepSpeed's last
+    backward of the step and before its step() (which would apply them): the ZeRO-1/2 partitions it
+    is about to step, ZeRO-3's local fp32 partitions, or the plain gradients without ZeRO."""
+    from bumblecore.train.runtime import deepspeed_engine
+
+    engine = deepspeed_engine(model)
+    optimizer = getattr(engine, "optimizer", None)
+    if engine.zero_optimization_stage() == 3:
+        from deepspeed.utils import safe_get_local_grad
+
+        grads = [safe_get_local_grad(p) for p in engine.module.parameters() if p.requires_grad]
+    elif isinstance(getattr(optimizer, "averaged_gradients", None), dict):
+        grads = [g for group in optimizer.averaged_gradients.values() for g in (group or [])]
+    else:
+        grads = [getattr(p, "_hp_grad", None) if getattr(p, "_hp_grad", None) is not None else p.grad
+                 for p in engine.module.parameters() if p.requires_grad]
+    grads = [g for g in grads if g is not None]
+    if not grads:
+        return True
+    return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
 
 
 def _grad_norm(model) -> torch.Tensor:

@@ -6,8 +6,10 @@ import contextlib
 import dataclasses
 import json
 import math
+import shutil
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -157,6 +159,172 @@ def memory_plan(fabric, config: TrainConfig, deepspeed_config, local_processes: 
                        available, frozen_copy)
 
 
+# ---------------------------------------------------------------------------- output_dir
+
+# Keys that may change between attempts of one run without making it another run (how it is launched,
+# logged and checkpointed, where caches live); every other key of training_args.yaml names the run.
+OPERATIONAL_KEYS = frozenset({
+    "output_dir", "resume_from_checkpoint", "overwrite_output_dir", "local_rank", "num_local_io_workers", "cache_dir",
+    "logging_steps", "save_train_log", "use_tensorboard", "tokenizer_use_fast", "save_steps", "save_total_limit",
+    "save_last", "eval_steps"})
+PATH_KEYS = ("model_name_or_path", "dataset_path", "eval_dataset_path", "ref_model_path", "deepspeed_config_path")
+MODEL_SHAPE_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                    "num_attention_heads", "num_key_value_heads")
+RUN_RECORD = "training_args.yaml"
+
+
+def _resolved(value):
+    if isinstance(value, list):
+        return [_resolved(v) for v in value]
+    return str(Path(value).expanduser().resolve()) if isinstance(value, str) and value else value
+
+
+def run_identity(values: dict) -> dict:
+    """What makes two configurations the same run: every key but the operational ones, paths resolved."""
+    from bumblecore.train.config import FIELDS
+
+    identity = {}
+    for name, field in FIELDS.items():
+        if name in OPERATIONAL_KEYS:
+            continue
+        default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+        value = values.get(name, default)
+        identity[name] = _resolved(value) if name in PATH_KEYS else value
+    return identity
+
+
+def checkpoint_identity(config: TrainConfig) -> dict:
+    """Recorded in every checkpoint and compared on resume: a checkpoint continues only the kind of run that wrote it."""
+    raw = json.loads((Path(config.model_name_or_path) / "config.json").read_text(encoding="utf-8"))
+    raw = {**raw.get("text_config", {}), **raw}
+    identity = {"training_stage": config.training_stage, "finetuning_type": config.finetuning_type,
+                "model_shape": {k: raw[k] for k in MODEL_SHAPE_KEYS if k in raw}}
+    if config.finetuning_type == "lora":
+        identity["lora"] = {"rank": config.lora_rank, "target_modules": sorted(config.lora_target_modules or [])}
+    return identity
+
+
+def check_checkpoint_matches(checkpoint_dir: Path, config: TrainConfig) -> None:
+    """A resumed checkpoint must come from a run of this stage, model shape and fine-tuning type."""
+    from bumblecore.train.checkpoint import read_trainer_state
+
+    saved, wanted = read_trainer_state(checkpoint_dir), checkpoint_identity(config)
+    differences = []
+    for key, value in wanted.items():
+        if key not in saved:  # an older checkpoint records less
+            continue
+        if isinstance(value, dict):
+            differences += [f"{key}.{k} {saved[key].get(k)!r} (this run: {v!r})" for k, v in value.items()
+                            if isinstance(saved[key], dict) and k in saved[key] and saved[key][k] != v]
+        elif saved[key] != value:
+            differences.append(f"{key} {saved[key]!r} (this run: {value!r})")
+    if differences:
+        raise ValueError(f"resume_from_checkpoint: {checkpoint_dir} was saved by a different run: "
+                         f"{'; '.join(differences)}. Resume it with the config that wrote it, or start afresh "
+                         "in another output_dir")
+
+
+def _run_outputs(output_dir: Path) -> list[str]:
+    """What a run leaves that another run must not overwrite unasked: checkpoints, a model, a history."""
+    found = []
+    for path in sorted(output_dir.iterdir()):
+        if path.name.startswith("checkpoint-") and path.is_dir():
+            found.append(path.name)
+        elif path.name in ("config.json", "adapter_config.json", "model.safetensors.index.json") or path.suffix == ".safetensors":
+            found.append(path.name)
+        elif path.name == "metrics.jsonl" and path.stat().st_size > 0:
+            found.append(path.name)
+    return found
+
+
+def _protected(config: TrainConfig) -> list[Path]:
+    """Inputs that may live inside output_dir and are never deleted by overwrite_output_dir."""
+    paths = [config.cache_dir, config.model_name_or_path, config.ref_model_path, config.deepspeed_config_path]
+    for value in (config.dataset_path, config.eval_dataset_path):
+        paths += value if isinstance(value, list) else [value]
+    return [Path(p).resolve() for p in paths if p]
+
+
+def prepare_output_dir(config: TrainConfig, notes: list) -> Optional[Path]:
+    """On rank 0, before any rank writes: clean up what killed saves left, find the checkpoint to resume
+    (intact and of this run), and make sure a fresh run does not mix with another run's outputs.
+    Returns the checkpoint to resume from, or None."""
+    from bumblecore.train.checkpoint import remove_stale_temporaries, resolve_resume_dir
+
+    import yaml
+
+    output_dir = Path(config.output_dir)
+    if output_dir.resolve() == Path(config.model_name_or_path).resolve():
+        raise ValueError(f"output_dir {output_dir} is the model directory model_name_or_path: the run would overwrite "
+                         "the model it starts from; choose another output_dir")
+    for path in remove_stale_temporaries(output_dir):
+        notes.append(f"removed {path}, left by a save that did not finish")
+    resume_dir = resolve_resume_dir(output_dir, config.resume_from_checkpoint, notes)
+    if resume_dir is not None:
+        check_checkpoint_matches(resume_dir, config)
+        return resume_dir
+    if not output_dir.is_dir():
+        return None
+    found = _run_outputs(output_dir)
+    if not found:
+        return None  # empty, or only a token cache or a record of an attempt that produced nothing
+    if config.overwrite_output_dir:
+        protected = _protected(config)
+        removed = 0
+        for path in output_dir.iterdir():
+            here = path.resolve()
+            if any(here == p or here in p.parents for p in protected):
+                continue
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+            removed += 1
+        notes.append(f"overwrite_output_dir: removed {removed} entries of the previous run from {output_dir}")
+        return None
+    shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+    checkpoints = [name for name in found if name.startswith("checkpoint-")]
+    remedy = ("set overwrite_output_dir: true to replace them"
+              + (", resume_from_checkpoint: latest to continue that run" if checkpoints else "")
+              + ", or choose another output_dir")
+    record = output_dir / RUN_RECORD
+    if not record.is_file():
+        raise ValueError(f"output_dir {output_dir} holds outputs of another run ({shown}) and no {RUN_RECORD} "
+                         f"that says which run wrote them; {remedy}")
+    try:
+        previous = yaml.safe_load(record.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise ValueError(f"output_dir {output_dir}: {RUN_RECORD} is unreadable ({type(err).__name__}) and the "
+                         f"directory holds a run's outputs ({shown}); {remedy}") from None
+    before, now = run_identity(previous if isinstance(previous, dict) else {}), run_identity(dataclasses.asdict(config))
+    differences = [f"{k} {before[k]!r} -> {now[k]!r}" for k in now if before.get(k) != now[k]]
+    if differences:
+        more = f" and {len(differences) - 4} more" if len(differences) > 4 else ""
+        raise ValueError(f"output_dir {output_dir} holds another run's outputs ({shown}): its {RUN_RECORD} differs "
+                         f"in {', '.join(differences[:4])}{more}; {remedy}")
+    if checkpoints:  # the same run again from the start: it rewrites the same steps, so nothing mixes
+        notes.append(f"{output_dir} holds checkpoints of an earlier attempt of this run ({', '.join(checkpoints)}); "
+                     "starting afresh (resume_from_checkpoint: latest continues from them instead)")
+    return None
+
+
+def agreed_on_rank_zero(fabric, decide):
+    """`decide(notes)` runs on global rank 0 only; every rank gets its result, or raises its error, so
+    no rank goes on alone (and none waits for a rank that stopped)."""
+    outcome, failure = None, None
+    if fabric.is_global_zero:
+        notes: list = []
+        try:
+            outcome = ("ok", decide(notes), notes)
+        except Exception as err:
+            failure, outcome = err, ("error", str(err), notes)
+    if fabric.world_size > 1:
+        outcome = fabric.broadcast(outcome, src=0)
+    kind, value, notes = outcome
+    if failure is not None:
+        raise failure
+    if kind == "error":
+        raise ValueError(value)
+    return value, notes
+
+
 # ---------------------------------------------------------------------------- main
 
 
@@ -164,7 +332,8 @@ def main(fabric, config: TrainConfig, deepspeed_config: dict | None = None, laun
     from bumblecore.data.commands import dataset_units
     from bumblecore.data.loader import BatchLoader, eval_batches
     from bumblecore.tokenizer import CHAT_TEMPLATE, load_tokenizer
-    from bumblecore.train.checkpoint import read_trainer_state, resolve_resume_dir
+    from bumblecore.tokenizer import check_fits_model
+    from bumblecore.train.checkpoint import in_place_checkpoint_io, read_trainer_state
     from bumblecore.train.engine import Engine, LoopSettings
     from bumblecore.train.lora import apply_lora, trainable_share
     from bumblecore.train.memory import release_freed_host_memory
@@ -177,7 +346,14 @@ def main(fabric, config: TrainConfig, deepspeed_config: dict | None = None, laun
     fabric.seed_everything(config.seed)
     output_dir = Path(config.output_dir)
     tokenizer = load_tokenizer(config.model_name_or_path)
+    check_fits_model(tokenizer, config.model_name_or_path, config.model_name_or_path)  # before anything is written
     tokenizer.chat_template = CHAT_TEMPLATE  # what is trained is what is served
+    resume_dir, notes = agreed_on_rank_zero(fabric, lambda notes: prepare_output_dir(config, notes))
+    for note in notes:
+        fabric.print(f"note: {note}")
+    if deepspeed_config is None:
+        # Our checkpoint directory is atomic already: write the state once, in place, mode 0644.
+        fabric.strategy.checkpoint_io = in_place_checkpoint_io()
 
     stage_of_zero = zero_stage(deepspeed_config)
     plan = memory_plan(fabric, config, deepspeed_config, local_processes=_processes_per_node(fabric))
@@ -196,11 +372,12 @@ def main(fabric, config: TrainConfig, deepspeed_config: dict | None = None, laun
     trainable, total = trainable_share(model)
 
     def tokenized():  # the token cache, built once (see build_once) and memory-mapped by every rank
-        train_units = dataset_units(config, tokenizer, config.dataset_path, progress=fabric.is_global_zero)[1]
-        held_out = dataset_units(config, tokenizer, config.eval_dataset_path, progress=False)[1] if config.eval_dataset_path else None
-        return train_units, held_out
+        train_data = dataset_units(config, tokenizer, config.dataset_path, progress=fabric.is_global_zero, label="dataset_path")
+        held_out = (dataset_units(config, tokenizer, config.eval_dataset_path, progress=False, label="eval_dataset_path")
+                    if config.eval_dataset_path else (None, None))
+        return train_data, held_out
 
-    units, eval_units = build_once(fabric, tokenized)
+    (train_cache, units), (eval_cache, eval_units) = build_once(fabric, tokenized)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     loader = BatchLoader(units, config.train_micro_batch_size_per_gpu, config.gradient_accumulation_steps,
                          fabric.world_size, fabric.global_rank, config.seed, pad_id, bool(config.packing), config.group_by_length)
@@ -215,7 +392,6 @@ def main(fabric, config: TrainConfig, deepspeed_config: dict | None = None, laun
     # The schedule drives AdamW's own param groups: under DeepSpeed the ZeRO optimizer wraps it and steps it.
     scheduler = build_scheduler(config.lr_scheduler_type, adamw, warmup_steps, total_steps, **config.lr_scheduler_kwargs)
 
-    resume_dir = resolve_resume_dir(output_dir, config.resume_from_checkpoint)
     stage = LanguageModelingStage()
     if config.training_stage == "dpo":
         from bumblecore.train.dpo import build_preference_stage
@@ -234,7 +410,8 @@ def main(fabric, config: TrainConfig, deepspeed_config: dict | None = None, laun
         eval_steps=config.eval_steps or (config.save_steps if eval_loader else None), save_steps=config.save_steps,
         save_total_limit=config.save_total_limit, save_last=config.save_last,
         average_tokens_across_devices=config.average_tokens_across_devices,
-        runtime_owns_accumulation=deepspeed_config is not None)
+        runtime_owns_accumulation=deepspeed_config is not None,
+        skips_overflow_steps=config.train_model_precision == "fp16")
     exporter = Exporter(fabric, config, tokenizer, monitor)
     engine = Engine(fabric, model, optimizer, scheduler, stage, loader, settings, monitor,
                     save_fn=lambda step, final: exporter.checkpoint(engine, step, final), eval_loader=eval_loader)
@@ -249,6 +426,9 @@ def main(fabric, config: TrainConfig, deepspeed_config: dict | None = None, laun
         f"BumbleCore train: stage {config.training_stage}, {config.finetuning_type} fine-tuning, model {config.model_name_or_path}",
         f"  data: {len(units)} training units ({'packed' if config.packing else 'padded'} rows of <= {config.cutoff_len} tokens)"
         + (f", {len(eval_units)} eval units" if eval_units is not None else ""),
+        f"  dataset: {train_cache.summary.counts()}",
+        *([f"  eval dataset: {eval_cache.summary.counts()}"] if eval_cache is not None else []),
+        *[f"    {example}" for example in train_cache.summary.examples()],
         f"  processes: {fabric.world_size} ({_processes_per_node(fabric)} per node x {fabric.world_size // _processes_per_node(fabric)} node(s), "
         f"started by {launcher or ('bumblecore' if fabric.world_size > 1 else 'this command')}), {fabric.device.type}",
         f"  batch: {config.train_micro_batch_size_per_gpu} micro x {fabric.world_size} device(s) x {config.gradient_accumulation_steps} "
@@ -329,7 +509,7 @@ class Exporter:
             self.write_model(engine.model, tmp)
             engine.save_state(tmp)
 
-        state = {"step": step, "tokens_seen": engine.tokens_seen, "training_stage": self.config.training_stage}
+        state = {"step": step, "tokens_seen": engine.tokens_seen, **checkpoint_identity(self.config)}
         path = save_checkpoint(self.config.output_dir, name, contents, state, self.fabric.is_global_zero, self.fabric.barrier)
         if self.fabric.is_global_zero:
             if not final:
