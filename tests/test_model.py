@@ -432,3 +432,19 @@ def test_kv_cache_rows_as_a_slice_equal_rows_as_a_tensor(tmp_path):
             tokens = prompts if step == 0 else torch.tensor([[3], [7]])
             torch.testing.assert_close(model(tokens, kv_cache=by_slice, cache_rows=slice(2, 4)),
                                        model(tokens, kv_cache=by_tensor, cache_rows=torch.tensor([2, 3])))
+
+
+def test_supported_family_with_a_feature_bumblebee_lacks_is_refused_and_not_native(tmp_path):
+    """A Qwen2 with YaRN RoPE or a Llama with mlp_bias: Bumblebee refuses it by name, and
+    bumblebee_expresses sends it to the transformers fallback instead."""
+    from bumblecore.model.hf_io import bumblebee_expresses
+
+    cases = [("qwen2", dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}), "yarn"),
+             ("llama", dict(mlp_bias=True), "mlp_bias")]
+    for family, extra, reason in cases:
+        tiny_hf(family, **extra).save_pretrained(tmp_path / family)
+        assert not bumblebee_expresses(tmp_path / family)
+        with pytest.raises(ValueError, match=reason):
+            Bumblebee.from_pretrained(tmp_path / family)
+    tiny_hf("qwen3").save_pretrained(tmp_path / "qwen3")
+    assert bumblebee_expresses(tmp_path / "qwen3")

@@ -17,7 +17,7 @@ from typing import Callable, Iterator, Optional, Union
 import torch
 
 from bumblecore.model.bumblebee import Bumblebee
-from bumblecore.model.config import BumblebeeConfig
+from bumblecore.model.config import ACTIVATIONS, ROPE_TYPES, BumblebeeConfig
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama", "mistral", "bumblebee")
 ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM",
@@ -52,10 +52,9 @@ def config_from_hf_dict(raw: dict, source: str = "config.json") -> BumblebeeConf
             f"{source}: model_type {model_type!r} is not a Bumblebee family (supported: {', '.join(SUPPORTED_MODEL_TYPES)}); "
             "other architectures train through transformers' AutoModelForCausalLM"
         )
-    if raw.get("mlp_bias"):
-        raise ValueError(f"{source}: mlp_bias=true is not supported")
-    if model_type in ("llama", "qwen3", "mistral") and raw.get("attention_bias"):
-        raise ValueError(f"{source}: {model_type} attention_bias=true (bias on o_proj too) is not supported")
+    missing = unsupported_features(raw)
+    if missing:
+        raise ValueError(f"{source}: {'; '.join(missing)} (not implemented by Bumblebee)")
 
     fields = {k: raw[k] for k in _SHARED_KEYS if k in raw}
     # transformers 5 keeps RoPE settings in `rope_parameters`; transformers 4 at top level.
@@ -84,6 +83,33 @@ def config_from_hf_dict(raw: dict, source: str = "config.json") -> BumblebeeConf
         return BumblebeeConfig(**fields)
     except (TypeError, ValueError) as err:
         raise ValueError(f"{source}: {err}") from err
+
+
+def unsupported_features(raw: dict) -> list[str]:
+    """What a config.json of a Bumblebee family asks for that Bumblebee does not implement (empty: none)."""
+    model_type = raw.get("model_type")
+    found = []
+    if raw.get("mlp_bias"):
+        found.append("mlp_bias=true is not supported")
+    if model_type in ("llama", "qwen3", "mistral") and raw.get("attention_bias"):
+        found.append(f"{model_type} attention_bias=true (bias on o_proj too) is not supported")
+    scaling = raw.get("rope_scaling") or raw.get("rope_parameters") or {}
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type not in ROPE_TYPES:
+        found.append(f"rope_type {rope_type!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
+    if raw.get("hidden_act", "silu") not in ACTIVATIONS:
+        found.append(f"hidden_act {raw['hidden_act']!r} is not supported")
+    return found
+
+
+def bumblebee_expresses(model_dir) -> bool:
+    """Whether Bumblebee runs this model directory natively: a family it implements, with no feature it
+    lacks (`unsupported_features`). Anything else goes through transformers (train/hf_fallback.py);
+    our own `bumblebee` type always loads here, and fails there with the reason if it cannot."""
+    raw = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    if raw.get("model_type") == "bumblebee":
+        return True
+    return raw.get("model_type") in SUPPORTED_MODEL_TYPES and not unsupported_features(raw)
 
 
 def _read_window(model_type: str, raw: dict, source: str) -> tuple:
