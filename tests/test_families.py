@@ -35,13 +35,15 @@ FAMILIES = {
     "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(MOE, shared_expert_intermediate_size=48), False),
     # The family's loss includes the router aux loss when output_router_logits is set: so must ours.
     "qwen3_moe+aux": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(MOE, output_router_logits=True, router_aux_loss_coef=0.5), False),
+    "mixtral+aux": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2,
+                                                              output_router_logits=True, router_aux_loss_coef=0.5), False),
     "glm4": ("Glm4Config", "Glm4ForCausalLM", dict(head_dim=16), False),
     "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", dict(), False),
     "cohere": ("CohereConfig", "CohereForCausalLM", dict(logit_scale=0.25), False),
     "granite": ("GraniteConfig", "GraniteForCausalLM", dict(logits_scaling=4.0), False),
 }
 # Families whose forward does something after the hidden states: the naive loss must differ from theirs.
-POST_HEAD = {"gemma2", "gemma3_text", "qwen3_moe+aux", "cohere", "granite"}
+POST_HEAD = {"gemma2", "gemma3_text", "qwen3_moe+aux", "mixtral+aux", "cohere", "granite"}
 
 
 def build(family, tmp_path):
@@ -91,10 +93,12 @@ def greedy_ours(model, prompts, new_tokens):
 
 
 def greedy_transformers(hf, prompt, new_tokens):
-    settings = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                                eos_token_id=None, pad_token_id=0)
-    out = hf.generate(torch.tensor([prompt]), generation_config=settings)
-    return out[0, len(prompt):].tolist()
+    # No EOS at all (min_new_tokens would instead forbid it, changing the argmax): ours runs with ignore_eos.
+    hf.generation_config.eos_token_id = None
+    settings = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+    out = hf.generate(torch.tensor([prompt]), generation_config=settings)[0, len(prompt):].tolist()
+    assert len(out) == new_tokens
+    return out
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
