@@ -19,7 +19,8 @@ def build_prompt_ids(tokenizer, prompt_or_messages, training_stage: str = "sft",
     from bumblecore.data.template import render_prompt
 
     if training_stage in ("pretrain", "continue_pretrain"):
-        return tokenizer(prompt_or_messages, add_special_tokens=False)["input_ids"]
+        # The prompt is text: "<|endoftext|>" typed in it stays text, as in a chat template's content.
+        return tokenizer(prompt_or_messages, add_special_tokens=False, split_special_tokens=True)["input_ids"]
     messages = prompt_or_messages if isinstance(prompt_or_messages, list) else [{"role": "user", "content": prompt_or_messages}]
     if system_prompt and not (messages and messages[0]["role"] == "system"):
         messages = [{"role": "system", "content": system_prompt}] + messages

@@ -5,6 +5,10 @@ A request takes a free slot (a cache row), is prefilled, and decodes with the ot
 the next request, between two decode steps (continuous batching). Sampling filters are computed on
 tensors for the whole batch with each row's own parameters, with the semantics and order of
 transformers' logits processors: repetition penalty (greedy too), then temperature, top-k, top-p.
+
+A request that makes a batched phase of a step raise (prefill, choosing tokens, decode) is found by
+redoing that phase one request at a time, and fails alone: an "error" event, its slot freed; the
+others continue exactly as they would have. A server must not be stuck repeating a failing step.
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ class Event:
     text: str
     finished: bool = False
     finish_reason: Optional[str] = None
+    """stop, length, or error (then `error` says why and the request's slot is free)."""
+    error: Optional[str] = None
 
 
 # ---------------------------------------------------------------------------- sampling filters
@@ -220,9 +226,47 @@ class GenerationEngine:
                 if slot in self.pending:
                     self.pending.remove(slot)
 
+    def _fail(self, slot: int, err: Exception) -> Event:
+        request = self.slots[slot]
+        self.slots[slot] = None
+        if slot in self.pending:
+            self.pending.remove(slot)
+        return Event(request.request_id, None, "", True, "error", f"{type(err).__name__}: {err}")
+
+    def _isolated(self, slots: list[int], run) -> list[Event]:
+        """run(slots) for all at once; if it raises, for each alone (after undoing what the failed
+        call wrote to the cache), failing only those that raise by themselves."""
+        state = self._cache_state()
+        try:
+            run(slots)
+            return []
+        except Exception as err:
+            if len(slots) == 1:
+                self._restore_cache(state)
+                return [self._fail(slots[0], err)]
+        failed = []
+        for slot in slots:
+            self._restore_cache(state, [slot])
+            try:
+                run([slot])
+            except Exception as err:
+                failed.append(self._fail(slot, err))
+        return failed
+
+    def _cache_state(self):
+        if self.backend:
+            return [len(row) for row in self.cache.rows]
+        return self.cache.lengths.clone()
+
+    def _restore_cache(self, state, slots: Optional[list[int]] = None) -> None:
+        for slot in range(len(self.slots)) if slots is None else slots:
+            if self.backend:
+                del self.cache.rows[slot][state[slot]:]
+            else:
+                self.cache.lengths[slot] = state[slot]
+
     @torch.inference_mode()
-    def _prefill(self) -> None:
-        slots, self.pending = self.pending, []
+    def _prefill(self, slots: list[int]) -> None:
         prompts = [self.slots[s].prompt for s in slots]
         width = max(len(p) for p in prompts)
         ids = torch.zeros(len(slots), width, dtype=torch.long)
@@ -251,14 +295,29 @@ class GenerationEngine:
     @torch.inference_mode()
     def step(self) -> list[Event]:
         """Prefill new requests, pick one token for every active row, decode them in one batch."""
+        failed: list[Event] = []
         if self.pending:
-            self._prefill()
+            slots, self.pending = self.pending, []
+            failed += self._isolated(slots, self._prefill)
         active = [i for i, s in enumerate(self.slots) if s is not None]
         if not active:
-            return []
-        chosen = self._choose(self._rows(active), [self.slots[i] for i in active])
+            return failed
+        picked: dict[int, int] = {}
+
+        def choose(slots: list[int]) -> None:
+            tokens, bad = self._choose(self._rows(slots), [self.slots[i] for i in slots])
+            if bad and len(slots) > 1:
+                raise ValueError("non-finite sampling probabilities")  # redone alone: only the bad rows fail
+            if bad:
+                raise ValueError("sampling probabilities are not finite (temperature, top_p or repetition_penalty "
+                                 "out of range for this model's logits)")
+            picked.update(zip(slots, tokens.tolist()))
+
+        failed += self._isolated(active, choose)
+        active = [i for i in active if i in picked]
         events, continuing = [], []
-        for slot, token in zip(active, chosen.tolist()):
+        for slot in active:
+            token = picked[slot]
             request = self.slots[slot]
             request.generated.append(token)
             if request.params.repetition_penalty != 1.0:  # only penalised rows need the seen-token mask
@@ -278,19 +337,22 @@ class GenerationEngine:
             else:
                 self.slots[slot] = None
         if continuing:
-            rows = self._rows(continuing)
-            if len(continuing) == len(active):  # nobody finished: the chosen tokens are the next inputs
-                tokens = chosen[:, None]
-            else:
-                tokens = torch.tensor([self.slots[s].generated[-1] for s in continuing], device=self.device)[:, None]
-            if self.backend:
-                logits = self.model(tokens, kv_cache=self.cache, cache_rows=rows)[:, -1]
-            else:  # logits straight into next_logits (the model's may be a transposed view: one copy, not two)
-                logits = self.model.logits(self.model(tokens, kv_cache=self.cache, cache_rows=rows, return_hidden_states=True)[:, -1])
-            self.next_logits[rows] = logits.float()
-        return events
+            events += self._isolated(continuing, self._decode)
+        return failed + events
 
-    def _choose(self, rows, requests: list[_Request]) -> torch.Tensor:
+    @torch.inference_mode()
+    def _decode(self, slots: list[int]) -> None:
+        rows = self._rows(slots)
+        tokens = torch.tensor([self.slots[s].generated[-1] for s in slots], device=self.device)[:, None]
+        if self.backend:
+            logits = self.model(tokens, kv_cache=self.cache, cache_rows=rows)[:, -1]
+        else:  # logits straight into next_logits (the model's may be a transposed view: one copy, not two)
+            logits = self.model.logits(self.model(tokens, kv_cache=self.cache, cache_rows=rows, return_hidden_states=True)[:, -1])
+        self.next_logits[rows] = logits.float()
+
+    def _choose(self, rows, requests: list[_Request]) -> tuple[torch.Tensor, list[int]]:
+        """Each row's next token, and the rows whose sampling distribution is not a distribution
+        (NaN or infinite scores after the filters: nothing is drawn for any row then)."""
         logits = self.next_logits[rows]  # a view when rows is a slice: nothing below writes into it
         params = [r.params for r in requests]
         if any(p.repetition_penalty != 1.0 for p in params):
@@ -299,7 +361,7 @@ class GenerationEngine:
         greedy = greedy_tokens(logits)
         sampled_rows = [i for i, p in enumerate(params) if p.do_sample]
         if not sampled_rows:
-            return greedy
+            return greedy, []
         index = torch.tensor(sampled_rows, device=self.device)
         subset = [params[i] for i in sampled_rows]
         filtered = warp_logits(
@@ -307,9 +369,14 @@ class GenerationEngine:
             torch.tensor([p.top_k for p in subset], device=self.device),
             torch.tensor([p.top_p for p in subset], device=self.device))
         probs = filtered.softmax(dim=-1)
+        # What torch.multinomial would refuse, found before any row draws (a draw advances a seeded
+        # generator: a batch redone after a refused draw would not give the same tokens).
+        bad = (~torch.isfinite(probs).all(dim=-1)) | ~(probs.sum(dim=-1) > 0)
+        if bad.any():
+            return greedy, [sampled_rows[j] for j in bad.nonzero()[:, 0].tolist()]
         for j, i in enumerate(sampled_rows):
             greedy[i] = torch.multinomial(probs[j], 1, generator=requests[i].generator)[0]
-        return greedy
+        return greedy, []
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[dict]:
         """Every prompt to completion (continuous batching over the slots); results in prompt order."""
@@ -322,9 +389,12 @@ class GenerationEngine:
             for event in self.step():
                 result = results.setdefault(event.request_id, {"text": "", "token_ids": [], "finish_reason": None})
                 result["text"] += event.text
-                result["token_ids"].append(event.token_id)
+                if event.token_id is not None:
+                    result["token_ids"].append(event.token_id)
                 if event.finished:
                     result["finish_reason"] = event.finish_reason
+                if event.error:
+                    result["error"] = event.error
         return [results[i] for i in order]
 
     def stream(self, prompt: list[int], params: SamplingParams) -> Iterator[str]:
@@ -333,6 +403,8 @@ class GenerationEngine:
         while True:
             for event in self.step():
                 if event.request_id == request_id:
+                    if event.error:
+                        raise RuntimeError(f"generation failed: {event.error}")
                     if event.text:
                         yield event.text
                     if event.finished:

@@ -46,7 +46,7 @@ def load_for_inference(model_path: str, dtype: str = "auto", device_map: str = "
     default) merged."""
     from bumblecore.inference.generate import default_eos_ids
     from bumblecore.inference.transformers_backend import RecomputingCausalLM
-    from bumblecore.tokenizer import load_tokenizer
+    from bumblecore.tokenizer import check_fits_model, load_tokenizer
     from bumblecore.train.lora import adapter_base_dir, attach_adapter
 
     path = Path(model_path)
@@ -62,4 +62,6 @@ def load_for_inference(model_path: str, dtype: str = "auto", device_map: str = "
     if not is_native(base_dir):
         model = RecomputingCausalLM(model)
     tokenizer = load_tokenizer(tokenizer_dir, trust_remote_code=trust_remote_code)
+    # Ids past the model's vocabulary would fail inside the model on every request that has one.
+    check_fits_model(tokenizer, base_dir, tokenizer_dir)
     return model.eval(), tokenizer, default_eos_ids(base_dir, tokenizer)

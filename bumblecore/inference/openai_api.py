@@ -9,12 +9,18 @@ supports (`top_k`, `repetition_penalty`, `ignore_eos`) must be read, not silentl
 
 from __future__ import annotations
 
+import math
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 ROLES = ("system", "user", "assistant", "tool")
+INT64 = 2**63
+MIN_REPETITION_PENALTY = 0.01
+MAX_NESTING = 64  # deeper than any real request; a 100k-deep body must not exhaust the stack
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class APIError(Exception):
@@ -68,20 +74,23 @@ def _number(body: dict, name: str, low: float, high: float, low_open: bool = Fal
         return None
     if not _is_number(value):
         raise _invalid(name, f"expected a number, got {type(value).__name__}", "invalid_type")
+    # Python's JSON reads NaN and Infinity, and NaN fails every comparison: test finiteness first.
+    if not math.isfinite(value):
+        raise _invalid(name, f"{value} is not a finite number")
     if value < low or (low_open and value == low) or value > high:
         interval = f"{'(' if low_open else '['}{low}, {high}]"
         raise _invalid(name, f"{value} is outside {interval}")
     return float(value)
 
 
-def _integer(body: dict, name: str, minimum: int) -> Optional[int]:
+def _integer(body: dict, name: str, minimum: int, maximum: int = INT64 - 1) -> Optional[int]:
     value = body.get(name)
     if value is None:
         return None
     if not _is_integer(value):
         raise _invalid(name, f"expected an integer, got {type(value).__name__}", "invalid_type")
-    if value < minimum:
-        raise _invalid(name, f"must be at least {minimum}, got {value}")
+    if not minimum <= value <= maximum:  # the engine keeps them in 64-bit tensors and generators
+        raise _invalid(name, f"{value} is outside [{minimum}, {maximum}]")
     return value
 
 
@@ -121,13 +130,60 @@ def _tool_calls(calls, param: str) -> list[dict]:
     out = []
     for index, call in enumerate(calls):
         function = call.get("function") if isinstance(call, dict) else None
-        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-            raise _invalid(f"{param}[{index}].function.name", "expected a string", "invalid_type")
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+            raise _invalid(f"{param}[{index}].function.name", "expected a non-empty string", "invalid_type")
         arguments = function.get("arguments", "{}")
         if not isinstance(arguments, (str, dict)):
             raise _invalid(f"{param}[{index}].function.arguments", "expected a JSON string", "invalid_type")
         out.append({"type": "function", "function": {"name": function["name"], "arguments": arguments}})
     return out
+
+
+def _tools(tools) -> Optional[list]:
+    """OpenAI's tool definitions, `{"type": "function", "function": {"name", "description"?, "parameters"?}}`,
+    checked because the template writes them into the system message as they are."""
+    if tools is None:
+        return None
+    if not isinstance(tools, list):
+        raise _invalid("tools", "expected a list of tool definitions", "invalid_type")
+    for index, tool in enumerate(tools):
+        where = f"tools[{index}]"
+        if not isinstance(tool, dict):
+            raise _invalid(where, 'expected {"type": "function", "function": {...}}', "invalid_type")
+        if tool.get("type", "function") != "function":
+            raise _invalid(f"{where}.type", f"only function tools are supported, got {tool.get('type')!r}")
+        function = tool.get("function")
+        if not isinstance(function, dict):
+            raise _invalid(f"{where}.function", "expected an object with name, description and parameters", "invalid_type")
+        if not isinstance(function.get("name"), str) or not function["name"]:
+            raise _invalid(f"{where}.function.name", "expected a non-empty string", "invalid_type")
+        if function.get("description") is not None and not isinstance(function["description"], str):
+            raise _invalid(f"{where}.function.description", "expected a string", "invalid_type")
+        if function.get("parameters") is not None and not isinstance(function["parameters"], dict):
+            raise _invalid(f"{where}.function.parameters", "expected a JSON Schema object", "invalid_type")
+    return tools or None
+
+
+def check_json_values(body, limit: int = MAX_NESTING) -> None:
+    """Refuse what JSON can carry but no field may hold: nesting deeper than `limit` and lone UTF-16
+    surrogates ("\\ud800"), which no tokenizer (and no UTF-8 reply) can encode. Iterative, so a deep
+    body cannot overflow the stack here either."""
+    stack = [(body, "", 0)]
+    while stack:
+        value, where, depth = stack.pop()
+        if depth > limit:
+            raise APIError(400, f"The request body is nested more than {limit} levels deep.", param=where or None,
+                           code="invalid_json")
+        if isinstance(value, str):
+            if LONE_SURROGATE.search(value):
+                raise _invalid(where or "body", "contains a lone UTF-16 surrogate, which is not text")
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                if LONE_SURROGATE.search(key):
+                    raise _invalid(where or "body", "a key contains a lone UTF-16 surrogate, which is not text")
+                stack.append((item, f"{where}.{key}" if where else key, depth + 1))
+        elif isinstance(value, list):
+            stack.extend((item, f"{where}[{i}]", depth + 1) for i, item in enumerate(value))
 
 
 def parse_messages(messages) -> list[dict]:
@@ -157,6 +213,7 @@ def parse_chat_request(body) -> ChatRequest:
     """Check a decoded JSON body; raise APIError (400) naming the first bad field."""
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object", code="invalid_type")
+    check_json_values(body)
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise _invalid("model", "expected a string", "invalid_type")
@@ -173,24 +230,23 @@ def parse_chat_request(body) -> ChatRequest:
         stop = [stop]
     elif not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
         raise _invalid("stop", "expected a string or a list of strings", "invalid_type")
-    seed = body.get("seed")
-    if seed is not None and not _is_integer(seed):
-        raise _invalid("seed", "expected an integer", "invalid_type")
-    tools = body.get("tools")
-    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
-        raise _invalid("tools", "expected a list of tool definitions", "invalid_type")
+    # OpenAI's seed is an int64, as torch.Generator.manual_seed takes it.
+    seed = _integer(body, "seed", -INT64)
+    for ignored in ("presence_penalty", "frequency_penalty"):  # not applied, but still a number or refused
+        _number(body, ignored, -2.0, 2.0)
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise _invalid("stream_options", "expected an object", "invalid_type")
     return ChatRequest(
         messages=parse_messages(body.get("messages")),
-        tools=tools or None,
+        tools=_tools(body.get("tools")),
         model=model,
         max_tokens=max_tokens,
         temperature=_number(body, "temperature", 0.0, 2.0),
         top_p=_number(body, "top_p", 0.0, 1.0, low_open=True),
-        top_k=_integer(body, "top_k", 0),
-        repetition_penalty=_number(body, "repetition_penalty", 0.0, 10.0, low_open=True),
+        top_k=_integer(body, "top_k", 0, 2**31 - 1),
+        # Below ~0.01 the penalty turns seen tokens' logits into infinities (1e-300 did).
+        repetition_penalty=_number(body, "repetition_penalty", MIN_REPETITION_PENALTY, 10.0),
         stop=[s for s in stop if s],
         seed=seed,
         ignore_eos=_boolean(body, "ignore_eos"),
