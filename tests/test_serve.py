@@ -197,6 +197,14 @@ def test_models_health_page_and_api_key(server, client):
             assert reply.json()["error"]["type"] == "invalid_request_error" and "Bearer" in reply.json()["error"]["message"]
 
 
+def test_with_a_key_the_api_docs_need_it_too(server):
+    for path in ("/docs", "/redoc", "/openapi.json", "/info"):
+        reply = requests.get(server + path, timeout=10)
+        assert reply.status_code == 401 and reply.json()["error"]["code"] == "invalid_api_key", path
+    reply = requests.get(server + "/openapi.json", headers={"Authorization": f"Bearer {KEY}"}, timeout=10)
+    assert reply.status_code == 200 and "/v1/chat/completions" in reply.json()["paths"]
+
+
 def test_without_a_key_any_key_is_accepted():
     class FakeRequest:
         def __init__(self, path, headers):
@@ -230,6 +238,7 @@ def test_server_flags_are_defaults_for_fields_a_request_leaves_out(monkeypatch):
 
     started = []
     monkeypatch.setattr(serve, "context_length", lambda *args: CONTEXT)
+    monkeypatch.setattr(serve, "check_tokenizer_fits", lambda *args: None)
     monkeypatch.setattr(serve, "BumbleServer", lambda settings: type("S", (), {"run": lambda self, **kw: started.append((settings, kw))})())
     monkeypatch.setattr(serve.signal, "signal", lambda *args: None)  # keep this process's SIGTERM handler
     monkeypatch.setenv("BUMBLECORE_API_KEY", "from-env")

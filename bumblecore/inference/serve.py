@@ -8,21 +8,30 @@ reach it through LitServe's request queue and text deltas come back through its 
 In the worker, LitServe's `ContinuousBatchingLoop` drives the engine: a new request joins the running
 batch between two decode steps, and each step hands back every active request's text delta. Our
 subclass adds what LitServe's loop lacks: a request whose client went away is cancelled (its slot is
-free at the next step), and an idle worker waits for work instead of spinning.
+free at the next step), and an idle worker waits for work instead of spinning. A request the engine
+fails on fails alone; the engine never keeps a failed request (else every later step fails too), and
+/health turns 503 while the engine cannot serve.
+
+In front of every route, `RequestGuard` refuses what a browser on another site could send: a foreign
+`Host` (DNS rebinding) on a loopback server, a foreign `Origin`; bodies must be `application/json`.
 """
 
 import asyncio
+import ipaddress
 import json
+import logging
 import os
 import pickle
 import secrets
 import signal
 import socket
+import sys
 import threading
 import time
 import urllib.request
 import uuid
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,17 +46,25 @@ from litserve.loops.continuous_batching_loop import ContinuousBatchingLoop, Outp
 from litserve.specs.base import LitSpec
 from litserve.utils import LitAPIStatus, ResponseBufferItem, WorkerSetupStatus
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import StreamingResponse
 from starlette.staticfiles import StaticFiles
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from bumblecore.inference.generate import SamplingParams
-from bumblecore.inference.openai_api import (APIError, ChatRequest, ToolCallStream, chat_chunk, chat_completion, completion_id,
-                                             merge_deltas, model_card, model_list, parse_chat_request, usage)
+from bumblecore.inference.openai_api import (MIN_REPETITION_PENALTY, APIError, ChatRequest, ToolCallStream, chat_chunk,
+                                             chat_completion, completion_id, merge_deltas, model_card, model_list,
+                                             parse_chat_request, usage)
 
 WEB_DIR = Path(__file__).parent / "web"
 PUBLIC_PATHS = ("/", "/health")  # the page asks for the key itself; load balancers probe /health without one
+DOCS_PATHS = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")  # FastAPI's: behind the key when one is set
 CANCEL = {"cancel": True}  # sent through the request queue, under the uid of the request to stop
 DEFAULT_CONTEXT_CAP = 4096
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+FAILURES_UNTIL_UNHEALTHY = 3  # requests failed in a row by the engine, none served in between
+ENGINE_FAILING = "engine_failing"  # a worker status that is not READY: LitServe's /health answers 503
+log = logging.getLogger("bumblecore.serve")
 
 
 @dataclass
@@ -62,6 +79,15 @@ class ServeSettings:
     max_request_bytes: int = 1_000_000
     dtype: str = "auto"
     device_map: str = "auto"
+    host: str = "127.0.0.1"
+    allowed_hosts: tuple[str, ...] = ()
+    """Host names served besides the loopback ones (a loopback server) or instead of any (others); "*": any."""
+    allowed_origins: tuple[str, ...] = ()
+    """Web origins (scheme://host[:port]) whose pages may call the API besides the server's own; "*": any."""
+    header_timeout: float = 10.0
+    """Seconds a connection may take to send a request's line and headers (or stay idle between requests)."""
+    body_timeout: float = 30.0
+    """Seconds a client may take to send a request's body."""
     # Defaults for requests that leave a field out (the original's generation flags).
     max_new_tokens: Optional[int] = None
     do_sample: bool = True
@@ -152,6 +178,10 @@ class EngineLoop(ContinuousBatchingLoop):
             self.work_arrived.clear()
             return
         await super().run(lit_api, device, worker_id, request_queue, transport, workers_setup_status, callback_runner)
+        status = WorkerSetupStatus.READY if lit_api.healthy else ENGINE_FAILING
+        key = f"{lit_api.api_path.split('/')[-1]}_{worker_id}"  # LitServe's key for this worker
+        if workers_setup_status.get(key) != status:
+            workers_setup_status[key] = status
 
 
 class EngineAPI(ls.LitAPI):
@@ -176,15 +206,17 @@ class EngineAPI(ls.LitAPI):
         self.cancellations: deque = deque()
         self.engine_ids: dict[str, int] = {}  # LitServe uid -> engine request id
         self.requests: dict[int, list] = {}  # engine request id -> [uid, tokens generated so far]
+        self.failures_in_a_row = 0
+
+    @property
+    def healthy(self) -> bool:
+        """False once several requests in a row failed in the engine with none served in between
+        (a request that fails alone among working ones does not count against it)."""
+        return self.failures_in_a_row < FAILURES_UNTIL_UNHEALTHY
 
     def authorize(self, request: Request) -> None:
-        key = self.settings.api_key
-        if key is None or request.url.path in PUBLIC_PATHS:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), key.encode()):
-            raise APIError(401, "Incorrect or missing API key: send the header `Authorization: Bearer <key>`.",
-                           code="invalid_api_key")
+        if request.url.path not in PUBLIC_PATHS:
+            check_key(self.settings.api_key, request.headers.get("authorization", ""))
 
     def add_request(self, uid: str, request: dict) -> None:
         self.arrivals.append((uid, request))
@@ -199,6 +231,15 @@ class EngineAPI(ls.LitAPI):
         return bool(self.engine.active or self.arrivals or self.cancellations)
 
     def step(self, prev_outputs) -> list[Output]:
+        try:
+            return self._step()
+        except Exception as err:
+            # The engine isolates a failing request itself; this is a failure it could not pin on
+            # one. Fail every request it holds and start clean, so the next step does not raise again.
+            log.exception("the engine's step failed; failing the requests it held")
+            return self._fail_all(err)
+
+    def _step(self) -> list[Output]:
         outputs = []
         while self.arrivals:
             # Taken off the deque only once it holds a slot, so has_capacity() (read from the other
@@ -206,9 +247,10 @@ class EngineAPI(ls.LitAPI):
             uid, request = self.arrivals[0]
             try:
                 request_id = self.engine.add(request["prompt_ids"], request["params"])
-            except ValueError as err:  # checked in the HTTP process already; kept as a guard
+            except Exception as err:  # checked in the HTTP process already; kept as a guard
                 self.arrivals.popleft()
-                outputs.append(Output(uid, {"error": str(err)}, LitAPIStatus.ERROR))
+                self.failures_in_a_row += 1
+                outputs.append(Output(uid, {"error": f"{type(err).__name__}: {err}"}, LitAPIStatus.ERROR))
                 continue
             self.engine_ids[uid] = request_id
             self.requests[request_id] = [uid, 0]
@@ -223,14 +265,42 @@ class EngineAPI(ls.LitAPI):
                 outputs.append(Output(uid, "", LitAPIStatus.FINISH_STREAMING))
         for event in self.engine.step():
             state = self.requests[event.request_id]
-            state[1] += 1
             uid = state[0]
+            if event.error is not None:  # this request alone failed; its slot is free already
+                log.error("request %s failed in the engine: %s", uid, event.error)
+                self.failures_in_a_row += 1
+                outputs.append(Output(uid, {"error": event.error}, LitAPIStatus.ERROR))
+                del self.requests[event.request_id], self.engine_ids[uid]
+                continue
+            self.failures_in_a_row = 0
+            state[1] += 1
             outputs.append(Output(uid, {"text": event.text, "finish_reason": event.finish_reason,
                                         "completion_tokens": state[1]}, LitAPIStatus.OK))
             if event.finished:
                 outputs.append(Output(uid, "", LitAPIStatus.FINISH_STREAMING))
                 del self.requests[event.request_id], self.engine_ids[uid]
         return outputs
+
+    def _fail_all(self, err: Exception) -> list[Output]:
+        """An error for every request the engine or the arrivals hold, each uid once; their slots freed."""
+        outputs: dict[str, Output] = {}
+        error = {"error": f"{type(err).__name__}: {err}"}
+        for uid, request_id in list(self.engine_ids.items()):
+            self.engine.cancel(request_id)
+            outputs[uid] = Output(uid, error, LitAPIStatus.ERROR)
+        for uid, _ in self.arrivals:
+            outputs[uid] = Output(uid, error, LitAPIStatus.ERROR)
+        for uid in self.cancellations:  # their clients are gone: just close them
+            outputs.setdefault(uid, Output(uid, "", LitAPIStatus.FINISH_STREAMING))
+        self.arrivals.clear()
+        self.cancellations.clear()
+        self.engine_ids.clear()
+        self.requests.clear()
+        self.engine.pending.clear()
+        for slot in range(len(self.engine.slots)):
+            self.engine.slots[slot] = None
+        self.failures_in_a_row += max(1, len(outputs))
+        return list(outputs.values())
 
     def encode_response(self, output):
         return output  # LitServe sends dicts as JSON lines
@@ -259,12 +329,13 @@ class ChatCompletionsSpec(LitSpec):
         self.settings = settings
         self.api_path = "/v1/chat/completions"
         self.tokenizer = None
+        self.tokenizing = None  # one thread: a fast tokenizer is not safe to call from several at once
         self.max_len = context_length(settings.model_path, settings.max_model_len)
         self.created = int(time.time())
 
     def __getstate__(self):
         state = super().__getstate__()
-        state["tokenizer"] = None  # the worker loads its own
+        state["tokenizer"] = state["tokenizing"] = None  # the worker loads its own
         return state
 
     @property
@@ -281,6 +352,7 @@ class ChatCompletionsSpec(LitSpec):
 
         super().setup(server)
         self.tokenizer = load_tokenizer(model_dirs(self.settings.model_path)[1])
+        self.tokenizing = ThreadPoolExecutor(1, thread_name_prefix="bumblecore-tokenize")
 
     def decode_request(self, request, context_kwargs=None):
         return request
@@ -303,10 +375,11 @@ class ChatCompletionsSpec(LitSpec):
     # -- a chat completion
 
     async def chat_completions(self, request: Request):
-        chat = parse_chat_request(await read_json(request, self.settings.max_request_bytes))
+        chat = parse_chat_request(await read_json(request, self.settings.max_request_bytes, self.settings.body_timeout))
         if chat.model:
             self.check_model(chat.model)
-        prompt = self.prompt_ids(chat)
+        # Off the event loop (a 1 MB prompt takes ~1 s): the other clients' streams keep flowing.
+        prompt = await asyncio.get_running_loop().run_in_executor(self.tokenizing, self.prompt_ids, chat)
         if len(prompt) >= self.max_len:
             raise APIError(400, f"The prompt is {len(prompt)} tokens; this server's context is {self.max_len} tokens "
                                 f"for prompt and reply together.", param="messages", code="context_length_exceeded")
@@ -467,22 +540,139 @@ def sampling_params(chat: ChatRequest, settings: ServeSettings, max_len: int) ->
                           stop=chat.stop, ignore_eos=chat.ignore_eos, seed=chat.seed)
 
 
-async def read_json(request: Request, limit: int):
-    """The body as JSON, refusing bodies over `limit` bytes before reading them whole."""
+async def read_json(request: Request, limit: int, timeout: float = 30.0):
+    """The body as JSON: only `application/json` (a page on another site can POST text/plain to any
+    server without asking; JSON needs the browser's CORS permission first), refusing bodies over
+    `limit` bytes before reading them whole, and a body that takes longer than `timeout` to arrive."""
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise APIError(415, f"Content-Type must be application/json, got {media_type or 'none'!r}.",
+                       code="unsupported_media_type")
     declared = request.headers.get("content-length", "")
     too_large = APIError(413, f"The request body is larger than this server's limit of {limit} bytes.",
                          code="request_too_large")
     if declared.isdigit() and int(declared) > limit:
         raise too_large
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise too_large
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limit:
+                    raise too_large
+    except TimeoutError:
+        raise APIError(408, f"The request body did not arrive within {timeout:g} s.", code="request_timeout") from None
     try:
         return json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise APIError(400, f"The request body is not valid JSON: {err}", code="invalid_json") from None
+    except RecursionError:
+        raise APIError(400, "The request body is nested too deeply.", code="invalid_json") from None
+
+
+def check_key(key: Optional[str], authorization: str) -> None:
+    if key is None:
+        return
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), key.encode()):
+        raise APIError(401, "Incorrect or missing API key: send the header `Authorization: Bearer <key>`.",
+                       code="invalid_api_key")
+
+
+def host_name(host_header: str) -> str:
+    """The name in a Host header, without the port: "localhost:8000" -> "localhost", "[::1]:80" -> "::1"."""
+    host = host_header.strip().lower()
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    return host.rpartition(":")[0] if host.count(":") == 1 else host
+
+
+def is_loopback(host: str) -> bool:
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class RequestGuard:
+    """ASGI middleware in front of every route, against requests a hostile web page makes a browser
+    send. DNS rebinding: the page's own name resolves to 127.0.0.1, so the browser thinks the
+    server is same-origin; its Host header still names the page, so a loopback server serves only
+    loopback names (plus --allowed_hosts). Cross-site requests: the browser sends the page's
+    Origin; a foreign one is refused (unless --allowed_origins), before any work is done. And,
+    with a key, FastAPI's /docs and /openapi.json need it as the API does."""
+
+    def __init__(self, app, settings: ServeSettings):
+        self.app, self.settings = app, settings
+        self.any_host = "*" in settings.allowed_hosts
+        self.hosts = {h.lower() for h in settings.allowed_hosts}
+        self.loopback = is_loopback(host_name(settings.host))
+        if self.loopback:
+            self.hosts |= set(LOOPBACK_NAMES)
+        elif not self.hosts:
+            self.any_host = True  # exposed on purpose (0.0.0.0, a LAN address): every name reaching it
+        self.any_origin = "*" in settings.allowed_origins
+        self.origins = {o.lower().rstrip("/") for o in settings.allowed_origins}
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        try:
+            self.check(scope, headers)
+        except APIError as err:
+            return await JSONResponse(err.body(), status_code=err.status)(scope, receive, send)
+        await self.app(scope, receive, send)
+
+    def check(self, scope, headers: dict) -> None:
+        host = headers.get("host", "")
+        name = host_name(host)
+        if host and not (self.any_host or name in self.hosts or (self.loopback and is_loopback(name))):
+            raise APIError(403, f"Host {host!r} is not served here; start the server with --allowed_hosts {name} to serve it.",
+                           code="host_not_allowed")
+        origin = headers.get("origin")
+        if origin is not None and not self.any_origin:
+            origin = origin.lower().rstrip("/")
+            own = origin.partition("://")[2] == host.lower() and origin.partition("://")[0] in ("http", "https")
+            if not own and origin not in self.origins:
+                raise APIError(403, f"Requests from the web origin {origin!r} are refused; start the server with "
+                                    f"--allowed_origins {origin} to allow its pages.", code="origin_not_allowed")
+        if scope["path"] in DOCS_PATHS:
+            check_key(self.settings.api_key, headers.get("authorization", ""))
+
+
+class HeadTimeoutH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol, plus a deadline for the request line and headers: uvicorn arms its
+    keep-alive timer only after a response, so a client that connects and sends half a request
+    line (or nothing) would hold its connection, and a file descriptor, forever."""
+
+    head_timeout = 10.0
+
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        self.head_timer = self.loop.call_later(self.head_timeout, self.head_timed_out)
+
+    def data_received(self, data: bytes) -> None:
+        waiting = self.cycle is None or self.cycle.response_complete
+        if waiting and self.head_timer is None:  # the first bytes of a next request on a kept-alive connection
+            self.head_timer = self.loop.call_later(self.head_timeout, self.head_timed_out)
+        super().data_received(data)
+        if self.head_timer is not None and self.cycle is not None and not self.cycle.response_complete:
+            self.head_timer.cancel()  # a whole request head arrived
+            self.head_timer = None
+
+    def head_timed_out(self) -> None:
+        self.head_timer = None
+        if (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing():
+            self.transport.close()
+
+    def connection_lost(self, exc) -> None:
+        if getattr(self, "head_timer", None) is not None:
+            self.head_timer.cancel()
+            self.head_timer = None
+        super().connection_lost(exc)
 
 
 # ---------------------------------------------------------------------------- the server
@@ -517,6 +707,11 @@ class BumbleServer(ls.LitServer):
         app.mount("/web", StaticFiles(directory=WEB_DIR), name="web")
         app.add_exception_handler(APIError, api_error_response)
         app.add_exception_handler(StarletteHTTPException, http_error_response)
+        app.add_exception_handler(Exception, server_error_response)
+        if settings.allowed_origins:  # their pages call the API cross-origin: answer the browser's CORS checks
+            app.add_middleware(CORSMiddleware, allow_origins=list(settings.allowed_origins), allow_methods=["GET", "POST"],
+                               allow_headers=["Authorization", "Content-Type"], max_age=600)
+        app.add_middleware(RequestGuard, settings=settings)  # added last: outermost, before any other work
 
     async def page(self):
         return FileResponse(WEB_DIR / "index.html", media_type="text/html; charset=utf-8")
@@ -526,7 +721,10 @@ class BumbleServer(ls.LitServer):
         # tokenizer is loaded once, and stop() can end it (LitServe cannot stop a thread).
         self.app.response_queue_id = 0
         self.lit_api.spec.response_queue_id = 0
-        config = uvicorn.Config(app=self.app, log_level=log_level, timeout_graceful_shutdown=3, **kwargs)
+        protocol = type("HeadTimeoutH11", (HeadTimeoutH11Protocol,), {"head_timeout": self.settings.header_timeout})
+        kwargs.setdefault("timeout_keep_alive", self.settings.header_timeout)
+        config = uvicorn.Config(app=self.app, log_level=log_level, timeout_graceful_shutdown=3, http=protocol,
+                                h11_max_incomplete_event_size=64 * 1024, **kwargs)
         thread = HTTPThread(uvicorn.Server(config), sockets)
         thread.start()
         return {0: thread}
@@ -561,6 +759,13 @@ async def api_error_response(request, err: APIError):
     return JSONResponse(err.body(), status_code=err.status)
 
 
+async def server_error_response(request, err: Exception):
+    # Anything unforeseen still answers in OpenAI's shape, not Starlette's plain-text 500.
+    log.error("error serving %s %s: %r", request.method, request.url.path, err)
+    return JSONResponse(APIError(500, "The server failed to handle this request; see its log.", error_type="server_error",
+                                 code="internal_error").body(), status_code=500)
+
+
 async def http_error_response(request, err: StarletteHTTPException):
     code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code)
     return JSONResponse(APIError(err.status_code, str(err.detail), code=code).body(), status_code=err.status_code,
@@ -580,7 +785,7 @@ def running_server(model_path: str, port: Optional[int] = None, startup_timeout:
     port = port or free_port()
     server = BumbleServer(ServeSettings(model_path, **options))
     thread = threading.Thread(target=server.run, name="bumblecore-serve", daemon=True,
-                              kwargs=dict(host="127.0.0.1", port=port, log_level="warning", generate_client_file=False))
+                              kwargs=dict(host=server.settings.host, port=port, log_level="warning", generate_client_file=False))
     thread.start()
     url = f"http://127.0.0.1:{port}"
     try:
@@ -619,6 +824,8 @@ def serve(
     max_batch_size: int = 16,
     max_model_len: Optional[int] = None,
     max_request_bytes: int = 1_000_000,
+    allowed_hosts: Optional[list[str]] = None,
+    allowed_origins: Optional[list[str]] = None,
     dtype: str = "auto",
     device_map: str = "auto",
     max_new_tokens: Optional[int] = None,
@@ -635,13 +842,15 @@ def serve(
         model_path: a model directory (HF layout) or a LoRA adapter directory.
         host: address to bind; 127.0.0.1 (this machine only) unless you mean to expose it (0.0.0.0 or ::).
         port: TCP port.
-        api_key: when set, API routes need `Authorization: Bearer <key>` (default: env BUMBLECORE_API_KEY; none: any key is accepted).
+        api_key: when set, API routes need `Authorization: Bearer <key>`. Prefer the environment variable BUMBLECORE_API_KEY (the default): a flag shows in `ps` to every user of the machine. None: any key is accepted.
         model_name: the model id clients send and /v1/models lists.
         training_stage: pretrain/continue_pretrain serve raw-text completion; sft/dpo chat through the template.
         system_prompt: system message for conversations without one (default: the template's).
         max_batch_size: requests decoded together (KV-cache slots); more wait for a free slot.
         max_model_len: tokens per request, prompt and reply together (default: the model's, at most 4096).
         max_request_bytes: larger request bodies are refused with 413.
+        allowed_hosts: Host names to serve besides localhost/127.0.0.1/::1 when bound to loopback (else: the only names served; default any); "*" serves any (this disables the DNS-rebinding guard).
+        allowed_origins: web origins (scheme://host[:port]) whose pages may call the API, besides the server's own page; "*" allows any site's pages.
         dtype: auto (the checkpoint's), float32, float16 or bfloat16.
         device_map: auto, cpu or cuda:N.
         max_new_tokens: reply length for requests without max_tokens (default: up to the end of the context).
@@ -656,15 +865,21 @@ def serve(
         raise ValueError(f"training_stage {training_stage!r}: expected pretrain, continue_pretrain, sft or dpo")
     if max_batch_size < 1:
         raise ValueError("max_batch_size must be at least 1")
+    if api_key and any(arg == "--api_key" or arg.startswith("--api_key=") for arg in sys.argv):
+        print("bumblecore serve: note: --api_key is visible to every user of this machine (ps, /proc); "
+              "set BUMBLECORE_API_KEY in the environment instead.", file=sys.stderr, flush=True)
     api_key = api_key or os.environ.get("BUMBLECORE_API_KEY") or None
-    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or repetition_penalty <= 0:
-        raise ValueError("expected temperature >= 0, 0 < top_p <= 1, top_k >= 0 and repetition_penalty > 0")
+    if not (0 <= temperature <= 100 and 0 < top_p <= 1 and top_k >= 0 and MIN_REPETITION_PENALTY <= repetition_penalty <= 10):
+        raise ValueError(f"expected 0 <= temperature <= 100, 0 < top_p <= 1, top_k >= 0 and "
+                         f"{MIN_REPETITION_PENALTY} <= repetition_penalty <= 10")
     settings = ServeSettings(
         model_path, model_name=model_name, api_key=api_key, training_stage=training_stage, system_prompt=system_prompt,
         max_batch_size=max_batch_size, max_model_len=max_model_len, max_request_bytes=max_request_bytes, dtype=dtype,
         device_map=device_map, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
-        top_p=top_p, repetition_penalty=repetition_penalty)
+        top_p=top_p, repetition_penalty=repetition_penalty, host=host, allowed_hosts=tuple(allowed_hosts or ()),
+        allowed_origins=tuple(allowed_origins or ()))
     context_length(model_path, max_model_len)  # a wrong path fails here, in one line, before any process starts
+    check_tokenizer_fits(model_path)  # as would every request, later, in the worker
     server = BumbleServer(settings)
     shown = "localhost" if host in ("127.0.0.1", "::1") else host
     print(f"bumblecore serve: http://{shown}:{port}/ (chat page), http://{shown}:{port}/v1 (OpenAI API, model "
@@ -673,6 +888,15 @@ def serve(
     # process too, instead of leaving it orphaned.
     signal.signal(signal.SIGTERM, stop_like_ctrl_c)
     server.run(host=host, port=port, log_level=log_level, generate_client_file=False)
+
+
+def check_tokenizer_fits(model_path: str) -> None:
+    """Raise ValueError when the tokenizer has ids the model has no embedding for (load_for_inference
+    checks it too, in the worker; here it fails in one line, before any process starts)."""
+    from bumblecore.tokenizer import check_fits_model, load_tokenizer
+
+    config_dir, tokenizer_dir = model_dirs(model_path)
+    check_fits_model(load_tokenizer(tokenizer_dir), config_dir, tokenizer_dir)
 
 
 def stop_like_ctrl_c(signum, frame):
