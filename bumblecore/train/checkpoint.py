@@ -16,6 +16,7 @@ import os
 import random
 import re
 import shutil
+import stat
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -158,6 +159,7 @@ def save_checkpoint(
     barrier()
     if is_rank_zero:
         try:
+            usual_file_modes(tmp)
             marker = {**trainer_state, "checksums": checksums(tmp)}
             (tmp / COMPLETE_MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
         except BaseException:
@@ -174,6 +176,16 @@ def save_checkpoint(
             os.replace(tmp, final)
     barrier()
     return final
+
+
+def usual_file_modes(directory, recursive: bool = True) -> None:
+    """Files written through mkstemp (the safetensors writer's temporary) keep its 0600, so other users
+    and containers cannot read the checkpoint: give them the mode a plain open() gets under the umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (Path(directory).rglob("*") if recursive else Path(directory).iterdir()):
+        if path.is_file() and not path.is_symlink() and stat.S_IMODE(path.stat().st_mode) == 0o600:
+            path.chmod(0o666 & ~umask)
 
 
 def remove_stale_temporaries(output_dir) -> list[Path]:
