@@ -412,11 +412,19 @@ class GenerationEngine:
 
 
 def default_eos_ids(model_path, tokenizer) -> list[int]:
-    """generation_config.json's eos_token_id (int or list), else the tokenizer's eos."""
+    """generation_config.json's eos_token_id (int or list), else the tokenizer's eos; plus the chat
+    template's end-of-turn token (Llama-3's <|eot_id|>, ChatML's <|im_end|>), where a reply ends."""
+    from bumblecore.data.template import ChatFormatError, chat_format
+
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     if model_path is not None:
         file = Path(model_path) / "generation_config.json"
         if file.is_file():
             eos = json.loads(file.read_text(encoding="utf-8")).get("eos_token_id")
             if eos is not None:
-                return [eos] if isinstance(eos, int) else list(eos)
-    return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+                ids = [eos] if isinstance(eos, int) else list(eos)
+    try:
+        end_of_turn = chat_format(tokenizer).end_of_turn_ids
+    except ChatFormatError:  # no chat template: raw-text models stop on eos only
+        end_of_turn = []
+    return ids + [i for i in end_of_turn if i not in ids]

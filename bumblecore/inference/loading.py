@@ -4,12 +4,11 @@ through transformers behind the same engine interface (RecomputingCausalLM)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-from bumblecore.model.hf_io import SUPPORTED_MODEL_TYPES, read_config, resolve_dtype
+from bumblecore.model.hf_io import read_config, resolve_dtype
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -21,9 +20,10 @@ def resolve_device(device_map: str) -> torch.device:
 
 
 def is_native(model_dir) -> bool:
-    """Whether Bumblebee implements the directory's model_type (else transformers runs it)."""
-    raw = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
-    return raw.get("model_type") in SUPPORTED_MODEL_TYPES
+    """Whether Bumblebee runs the directory's model (its family, with no feature it lacks); else transformers does."""
+    from bumblecore.model.hf_io import bumblebee_expresses
+
+    return bumblebee_expresses(model_dir)
 
 
 def load_model(model_dir, dtype: str = "auto", device=None, trust_remote_code: bool = False):
@@ -51,17 +51,17 @@ def load_for_inference(model_path: str, dtype: str = "auto", device_map: str = "
 
     path = Path(model_path)
     device = resolve_device(device_map)
-    if (path / "adapter_config.json").is_file():
-        base_dir = adapter_base_dir(path)
-        model = attach_adapter(load_model(base_dir, dtype, device, trust_remote_code), path)
+    adapter = (path / "adapter_config.json").is_file()
+    base_dir = adapter_base_dir(path) if adapter else path
+    tokenizer_dir = path if not adapter or (path / "tokenizer_config.json").is_file() else base_dir
+    tokenizer = load_tokenizer(tokenizer_dir, trust_remote_code=trust_remote_code)
+    # Ids past the model's vocabulary would fail inside the model on every request that has one:
+    # refuse before the (possibly large) model is read.
+    check_fits_model(tokenizer, base_dir, tokenizer_dir)
+    model = load_model(base_dir, dtype, device, trust_remote_code)
+    if adapter:
+        model = attach_adapter(model, path)
         model = model.merge_and_unload() if merge else model
-        tokenizer_dir = path if (path / "tokenizer_config.json").is_file() else base_dir
-    else:
-        base_dir = tokenizer_dir = path
-        model = load_model(path, dtype, device, trust_remote_code)
     if not is_native(base_dir):
         model = RecomputingCausalLM(model)
-    tokenizer = load_tokenizer(tokenizer_dir, trust_remote_code=trust_remote_code)
-    # Ids past the model's vocabulary would fail inside the model on every request that has one.
-    check_fits_model(tokenizer, base_dir, tokenizer_dir)
     return model.eval(), tokenizer, default_eos_ids(base_dir, tokenizer)
