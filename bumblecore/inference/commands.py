@@ -22,8 +22,13 @@ def build_prompt_ids(tokenizer, prompt_or_messages, training_stage: str = "sft",
         # The prompt is text: "<|endoftext|>" typed in it stays text, as in a chat template's content.
         return tokenizer(prompt_or_messages, add_special_tokens=False, split_special_tokens=True)["input_ids"]
     messages = prompt_or_messages if isinstance(prompt_or_messages, list) else [{"role": "user", "content": prompt_or_messages}]
-    if system_prompt and not (messages and messages[0]["role"] == "system"):
-        messages = [{"role": "system", "content": system_prompt}] + messages
+    if system_prompt is not None and not (messages and messages[0]["role"] == "system"):
+        # "" asks for no system text: ChatML always has a system turn (its default when a conversation
+        # has none), so there it is an empty one; other templates get no system message at all.
+        from bumblecore.data.template import chat_format
+
+        if system_prompt or chat_format(tokenizer).is_chatml:
+            messages = [{"role": "system", "content": system_prompt}] + messages
     return render_prompt(tokenizer, messages, tools)
 
 
@@ -64,6 +69,7 @@ def generate(
     batch_size: int = 16,
     dtype: str = "auto",
     device_map: str = "auto",
+    trust_remote_code: bool = False,
 ) -> None:
     """Generate text: only the generated text goes to stdout, the timing to stderr.
 
@@ -73,7 +79,7 @@ def generate(
         prompts_file: many prompts, one a line (or JSONL with a "prompt" field); results as JSONL.
         output_file: where prompts_file results go (default: stdout).
         training_stage: pretrain prompts with raw text; sft/dpo through the chat template.
-        system_prompt: system message for sft/dpo prompts (default: the template's).
+        system_prompt: system message for sft/dpo prompts (default: whatever the template adds itself; "": none).
         max_new_tokens: most tokens to generate.
         do_sample: sample (true) or greedy (false).
         temperature: sampling temperature.
@@ -86,10 +92,11 @@ def generate(
         batch_size: prompts decoded together.
         dtype: auto (the checkpoint's), float32, float16 or bfloat16.
         device_map: auto, cpu or cuda:N.
+        trust_remote_code: allow a model or tokenizer that ships its own Python code (only for directories you trust).
     """
     if (prompt is None) == (prompts_file is None):
         raise ValueError("give exactly one of --prompt or --prompts_file")
-    model, tokenizer, eos = load_for_inference(model_path, dtype, device_map)
+    model, tokenizer, eos = load_for_inference(model_path, dtype, device_map, trust_remote_code=trust_remote_code)
     params = SamplingParams(max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty, stop or [], ignore_eos, seed)
     prompts = [prompt] if prompt is not None else _read_prompts(prompts_file)
     ids = [build_prompt_ids(tokenizer, p, training_stage, system_prompt) for p in prompts]
@@ -126,12 +133,13 @@ def chat(
     seed: Optional[int] = None,
     dtype: str = "auto",
     device_map: str = "auto",
+    trust_remote_code: bool = False,
 ) -> None:
     """Terminal chat that streams each reply; /clear resets the history, /exit or end of input quits.
 
     Args:
         model_path: a model directory (HF layout) or a LoRA adapter directory.
-        system_prompt: system message (default: the template's).
+        system_prompt: system message (default: whatever the template adds itself; "": none).
         enable_history: keep the conversation across turns.
         training_stage: pretrain continues raw text; sft/dpo chat through the template.
         max_new_tokens: most tokens per reply.
@@ -143,8 +151,9 @@ def chat(
         seed: makes sampling reproducible.
         dtype: auto (the checkpoint's), float32, float16 or bfloat16.
         device_map: auto, cpu or cuda:N.
+        trust_remote_code: allow a model or tokenizer that ships its own Python code (only for directories you trust).
     """
-    model, tokenizer, eos = load_for_inference(model_path, dtype, device_map)
+    model, tokenizer, eos = load_for_inference(model_path, dtype, device_map, trust_remote_code=trust_remote_code)
     engine = GenerationEngine(model, tokenizer, max_batch_size=1, eos_token_ids=eos)
     params = SamplingParams(max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty, [], False, seed)
     interactive = sys.stdin.isatty()

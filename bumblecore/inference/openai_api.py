@@ -16,6 +16,9 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+# The <tool_call> convention and its parser live with the chat template (one chat-format module).
+from bumblecore.data.template import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, parse_tool_call
+
 ROLES = ("system", "user", "assistant", "tool")
 INT64 = 2**63
 MIN_REPETITION_PENALTY = 0.01
@@ -294,7 +297,6 @@ def model_card(model: str, created: int) -> dict:
 
 # ---------------------------------------------------------------------------- tool calls in replies
 
-TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
 
 
 class ToolCallStream:
@@ -335,19 +337,12 @@ class ToolCallStream:
         return [{"content": text}] if text else []
 
     def _tool_call(self, block: str) -> Optional[dict]:
-        import json
-
-        try:
-            call = json.loads(block[len(TOOL_CALL_OPEN): -len(TOOL_CALL_CLOSE)])
-        except json.JSONDecodeError:
+        call = parse_tool_call(block[len(TOOL_CALL_OPEN): -len(TOOL_CALL_CLOSE)])
+        if call is None:
             return None
-        if not isinstance(call, dict) or not isinstance(call.get("name"), str):
-            return None
-        arguments = call.get("arguments", {})
-        arguments = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
         self.calls += 1
         return {"tool_calls": [{"index": self.calls - 1, "id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-                                "function": {"name": call["name"], "arguments": arguments}}]}
+                                "function": call}]}
 
 
 def merge_deltas(deltas: list[dict]) -> dict:

@@ -79,6 +79,7 @@ class ServeSettings:
     max_request_bytes: int = 1_000_000
     dtype: str = "auto"
     device_map: str = "auto"
+    trust_remote_code: bool = False
     host: str = "127.0.0.1"
     allowed_hosts: tuple[str, ...] = ()
     """Host names served besides the loopback ones (a loopback server) or instead of any (others); "*": any."""
@@ -198,7 +199,8 @@ class EngineAPI(ls.LitAPI):
 
         settings = self.settings
         device = device if settings.device_map == "auto" else settings.device_map
-        model, tokenizer, eos = load_for_inference(settings.model_path, settings.dtype, device)
+        model, tokenizer, eos = load_for_inference(settings.model_path, settings.dtype, device,
+                                                   trust_remote_code=settings.trust_remote_code)
         max_len = context_length(settings.model_path, settings.max_model_len)
         self.engine = GenerationEngine(model, tokenizer, settings.max_batch_size, max_len, eos_token_ids=eos)
         # add_request runs on the loop's event-loop thread, step() on another: hand over through deques.
@@ -351,7 +353,7 @@ class ChatCompletionsSpec(LitSpec):
         from bumblecore.tokenizer import load_tokenizer
 
         super().setup(server)
-        self.tokenizer = load_tokenizer(model_dirs(self.settings.model_path)[1])
+        self.tokenizer = load_tokenizer(model_dirs(self.settings.model_path)[1], trust_remote_code=self.settings.trust_remote_code)
         self.tokenizing = ThreadPoolExecutor(1, thread_name_prefix="bumblecore-tokenize")
 
     def decode_request(self, request, context_kwargs=None):
@@ -828,6 +830,7 @@ def serve(
     allowed_origins: Optional[list[str]] = None,
     dtype: str = "auto",
     device_map: str = "auto",
+    trust_remote_code: bool = False,
     max_new_tokens: Optional[int] = None,
     do_sample: bool = True,
     temperature: float = 1.0,
@@ -845,7 +848,7 @@ def serve(
         api_key: when set, API routes need `Authorization: Bearer <key>`. Prefer the environment variable BUMBLECORE_API_KEY (the default): a flag shows in `ps` to every user of the machine. None: any key is accepted.
         model_name: the model id clients send and /v1/models lists.
         training_stage: pretrain/continue_pretrain serve raw-text completion; sft/dpo chat through the template.
-        system_prompt: system message for conversations without one (default: the template's).
+        system_prompt: system message for conversations without one (default: whatever the template adds itself; "": none).
         max_batch_size: requests decoded together (KV-cache slots); more wait for a free slot.
         max_model_len: tokens per request, prompt and reply together (default: the model's, at most 4096).
         max_request_bytes: larger request bodies are refused with 413.
@@ -853,6 +856,7 @@ def serve(
         allowed_origins: web origins (scheme://host[:port]) whose pages may call the API, besides the server's own page; "*" allows any site's pages.
         dtype: auto (the checkpoint's), float32, float16 or bfloat16.
         device_map: auto, cpu or cuda:N.
+        trust_remote_code: allow a model or tokenizer that ships its own Python code (only for directories you trust).
         max_new_tokens: reply length for requests without max_tokens (default: up to the end of the context).
         do_sample: for requests without temperature: sample (true, OpenAI's default) or greedy (false).
         temperature: for requests without temperature.
@@ -875,11 +879,11 @@ def serve(
     settings = ServeSettings(
         model_path, model_name=model_name, api_key=api_key, training_stage=training_stage, system_prompt=system_prompt,
         max_batch_size=max_batch_size, max_model_len=max_model_len, max_request_bytes=max_request_bytes, dtype=dtype,
-        device_map=device_map, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
+        device_map=device_map, trust_remote_code=trust_remote_code, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
         top_p=top_p, repetition_penalty=repetition_penalty, host=host, allowed_hosts=tuple(allowed_hosts or ()),
         allowed_origins=tuple(allowed_origins or ()))
     context_length(model_path, max_model_len)  # a wrong path fails here, in one line, before any process starts
-    check_tokenizer_fits(model_path)  # as would every request, later, in the worker
+    check_tokenizer_fits(model_path, trust_remote_code)  # as would every request, later, in the worker
     server = BumbleServer(settings)
     shown = "localhost" if host in ("127.0.0.1", "::1") else host
     print(f"bumblecore serve: http://{shown}:{port}/ (chat page), http://{shown}:{port}/v1 (OpenAI API, model "
@@ -890,13 +894,13 @@ def serve(
     server.run(host=host, port=port, log_level=log_level, generate_client_file=False)
 
 
-def check_tokenizer_fits(model_path: str) -> None:
+def check_tokenizer_fits(model_path: str, trust_remote_code: bool = False) -> None:
     """Raise ValueError when the tokenizer has ids the model has no embedding for (load_for_inference
     checks it too, in the worker; here it fails in one line, before any process starts)."""
     from bumblecore.tokenizer import check_fits_model, load_tokenizer
 
     config_dir, tokenizer_dir = model_dirs(model_path)
-    check_fits_model(load_tokenizer(tokenizer_dir), config_dir, tokenizer_dir)
+    check_fits_model(load_tokenizer(tokenizer_dir, trust_remote_code=trust_remote_code), config_dir, tokenizer_dir)
 
 
 def stop_like_ctrl_c(signum, frame):
