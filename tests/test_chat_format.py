@@ -131,3 +131,59 @@ def test_cache_key_follows_the_template(tmp_path, chatml, llama3):
     assert cache_key(data, other, "sft", 64, False) != key
     assert cache_key(data, chatml, "sft", 64, False) == key
     assert cache_key(data, other, "pretrain", 64, False) == cache_key(data, chatml, "pretrain", 64, False)  # no template involved
+
+
+def test_llama3_template_end_to_end(tmp_path, llama3, capsys):
+    """inspect_data masks, a short SFT, then `generate` and `serve` prompted with the model's own
+    template, stopping on its end-of-turn token (not EOS, not ChatML's <|im_end|>)."""
+    import yaml
+    from openai import OpenAI
+
+    from bumblecore.cli import main
+    from bumblecore.inference.serve import running_server
+
+    llama3.save_pretrained(str(tmp_path / "tok"))
+    main(["init_model", "--preset", "0.5B", "--num_hidden_layers", "2", "--hidden_size", "64", "--intermediate_size", "128",
+          "--num_attention_heads", "4", "--num_key_value_heads", "2", "--vocab_size", "576", "--torch_dtype", "float32",
+          "--tokenizer_path", str(tmp_path / "tok"), "--output_dir", str(tmp_path / "base")])
+    import torch
+
+    from bumblecore.model.bumblebee import Bumblebee
+    from bumblecore.model.hf_io import read_config
+
+    torch.manual_seed(0)
+    Bumblebee(read_config(tmp_path / "base")).save_pretrained(tmp_path / "base")  # random weights to fine-tune
+    records = [{"conversations": [{"from": "human", "value": "The bee?"}, {"from": "gpt", "value": "reads the data."}]}] * 16
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    capsys.readouterr()
+    main(["inspect_data", "--model_name_or_path", str(tmp_path / "base"), "--dataset_path", str(tmp_path / "sft.jsonl"),
+          "--num_samples", "1", "--cutoff_len", "128"])
+    shown = capsys.readouterr().out
+    assert "<|start_header_id|>assistant<|end_header_id|>\n\n[[reads the data.<|eot_id|>]]" in shown
+    assert "<|im_start|>" not in shown
+
+    config = {"training_stage": "sft", "model_name_or_path": str(tmp_path / "base"), "dataset_path": str(tmp_path / "sft.jsonl"),
+              "output_dir": str(tmp_path / "out"), "cutoff_len": 64, "max_steps": 40, "learning_rate": 1e-2,
+              "train_micro_batch_size_per_gpu": 4, "train_model_precision": "fp32", "save_steps": 1000, "warmup_ratio": 0.0,
+              "packing": False}
+    (tmp_path / "sft.yaml").write_text(yaml.safe_dump(config))
+    main(["train", "--config", str(tmp_path / "sft.yaml")])
+    out = tmp_path / "out"
+    assert load_tokenizer(out).chat_template == LLAMA3_TEMPLATE  # the model's template ships with it
+
+    capsys.readouterr()
+    main(["generate", "--model_path", str(out), "--prompts_file", str(_prompts(tmp_path)), "--max_new_tokens", "12",
+          "--device_map", "cpu"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[0])
+    assert result["output"] == "reads the data." and result["finish_reason"] == "stop" and result["num_tokens"] < 12
+
+    with running_server(str(out), device_map="cpu") as url:
+        reply = OpenAI(base_url=url + "/v1", api_key="none").chat.completions.create(
+            model="bumblebee", messages=[{"role": "user", "content": "The bee?"}], max_tokens=12, temperature=0)
+    assert reply.choices[0].message.content == "reads the data." and reply.choices[0].finish_reason == "stop"
+
+
+def _prompts(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(json.dumps({"prompt": "The bee?"}) + "\n")
+    return path

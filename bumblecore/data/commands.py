@@ -8,7 +8,7 @@ import sys
 from bumblecore.data.cache import TokenCache, build_cache
 from bumblecore.data.formats import DataError, ReadReport, data_files, read_samples
 from bumblecore.data.packing import Units, build_units
-from bumblecore.data.template import encode_conversation, encode_document, encode_preference
+from bumblecore.data.template import chat_format, encode_conversation, encode_document, encode_preference
 from bumblecore.tokenizer import load_tokenizer
 from bumblecore.train.config import TrainConfig
 
@@ -26,6 +26,14 @@ def dataset_units(config: TrainConfig, tokenizer, paths, progress: bool = True,
     return cache, units
 
 
+def run_tokenizer(config: TrainConfig):
+    """The run's tokenizer (from the model dir) with its own chat template, checked for the chat stages."""
+    tokenizer = load_tokenizer(config.model_name_or_path, trust_remote_code=config.trust_remote_code)
+    if config.training_stage in ("sft", "dpo"):
+        chat_format(tokenizer).check_trainable(config.model_name_or_path)
+    return tokenizer
+
+
 def _require_data(config: TrainConfig) -> None:
     if not config.model_name_or_path:
         raise ValueError("model_name_or_path is required (its tokenizer tokenizes the data)")
@@ -40,7 +48,7 @@ def prepare_data(config: TrainConfig) -> None:
     every record first, then streams: memory stays flat as the corpus grows.
     """
     _require_data(config)
-    tokenizer = load_tokenizer(config.model_name_or_path)
+    tokenizer = run_tokenizer(config)
     for label, paths in (("train", config.dataset_path), ("eval", config.eval_dataset_path)):
         if not paths:
             continue
@@ -77,7 +85,7 @@ def inspect_data(config: TrainConfig, num_samples: int = 3, format: str = "text"
     if format not in ("text", "json"):
         raise ValueError(f"format {format!r} is not supported; choose text or json")
     _require_data(config)
-    tokenizer = load_tokenizer(config.model_name_or_path)
+    tokenizer = run_tokenizer(config)
     report = ReadReport()
     shown = []
     for sample in read_samples(config.dataset_path, config.training_stage, config.skip_bad_records, report):

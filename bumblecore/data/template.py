@@ -247,6 +247,19 @@ class ChatFormat:
         match = self._marker_pattern.search(after) if self._marker_pattern else None
         return [match.group(0)] if match else []
 
+    def check_trainable(self, source) -> None:
+        """Refuse, before anything is written, a format a model could not learn to end replies in."""
+        if self.is_chatml and not {IM_START, IM_END} <= set(self.markers):
+            raise ChatFormatError(
+                f"{source}: the tokenizer has no chat template of its own and no {IM_START}/{IM_END} special tokens, so "
+                "ChatML turns would be trained as plain text pieces and the model could not learn where a reply ends. "
+                "Use a tokenizer with a chat template (tokenizer_config.json's chat_template), or add the ChatML "
+                "special tokens and resize the model's embeddings")
+        if not self.end_of_turn:
+            raise ChatFormatError(
+                f"{source}: the chat template closes an assistant turn with no special token (after a reply it renders "
+                "only text), so the model could not learn where a reply ends; use a template that ends turns with one")
+
     @property
     def end_of_turn_ids(self) -> list[int]:
         return [self._marker_ids[m] for m in self.end_of_turn]

@@ -54,10 +54,10 @@ def _check_inputs(config: TrainConfig) -> None:
 
 
 def _is_bumblebee(model_dir) -> bool:
-    from bumblecore.model.hf_io import SUPPORTED_MODEL_TYPES
+    """Bumblebee trains the model (its family, every feature expressed); else the transformers fallback."""
+    from bumblecore.model.hf_io import bumblebee_expresses
 
-    raw = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
-    return raw.get("model_type") in SUPPORTED_MODEL_TYPES
+    return bumblebee_expresses(model_dir)
 
 
 def load_model(config: TrainConfig, fabric, dtype: torch.dtype = torch.float32, partitioned: bool = False):
@@ -329,9 +329,8 @@ def agreed_on_rank_zero(fabric, decide):
 
 
 def main(fabric, config: TrainConfig, deepspeed_config: dict | None = None, launcher: str | None = None) -> None:
-    from bumblecore.data.commands import dataset_units
+    from bumblecore.data.commands import dataset_units, run_tokenizer
     from bumblecore.data.loader import BatchLoader, eval_batches
-    from bumblecore.tokenizer import CHAT_TEMPLATE, load_tokenizer
     from bumblecore.tokenizer import check_fits_model
     from bumblecore.train.checkpoint import in_place_checkpoint_io, read_trainer_state
     from bumblecore.train.engine import Engine, LoopSettings
@@ -345,9 +344,9 @@ def main(fabric, config: TrainConfig, deepspeed_config: dict | None = None, laun
     started = time.perf_counter()
     fabric.seed_everything(config.seed)
     output_dir = Path(config.output_dir)
-    tokenizer = load_tokenizer(config.model_name_or_path)
+    # The model's own chat template (ours, ChatML, where it has none): what is trained is what is served.
+    tokenizer = run_tokenizer(config)
     check_fits_model(tokenizer, config.model_name_or_path, config.model_name_or_path)  # before anything is written
-    tokenizer.chat_template = CHAT_TEMPLATE  # what is trained is what is served
     resume_dir, notes = agreed_on_rank_zero(fabric, lambda notes: prepare_output_dir(config, notes))
     for note in notes:
         fabric.print(f"note: {note}")
