@@ -49,8 +49,9 @@ def stage_config(name: str, output_dir: Path, model: Path, device: str, quick: b
             config[key] = [str(DEMO_DATA / name) for name in config[key]]
         elif key in config:
             config[key] = str(DEMO_DATA / config[key])
+    # The demo owns its stage directories: a rerun (full or --quick) replaces the previous one's outputs.
     config.update(model_name_or_path=str(model), output_dir=str(output_dir / name), accelerator=device,
-                  cache_dir=str(output_dir / "token_cache"))
+                  cache_dir=str(output_dir / "token_cache"), overwrite_output_dir=True)
     if device == "cuda":
         config["train_model_precision"] = "bf16"
     if quick:

@@ -2,7 +2,8 @@
 configs/deepspeed/*.json, under every launcher that runs on CPU (bumblecore --devices, torchrun, the
 deepspeed launcher, SLURM srun as it sets the environment, fabric run over two "nodes").
 
-The oracle is one process with the same global batch (accumulation 2): final weights agree within
+The oracle is one process with the same global batch (accumulation 4; each of the 2 processes
+accumulates 2, so DeepSpeed's own accumulation boundary is exercised): final weights agree within
 1e-4 in fp32; a resumed run equals the uninterrupted one; the ZeRO-3 consolidated save loads in
 transformers; a LoRA adapter trained under ZeRO-3 is complete and equals the plain LoRA run.
 """
@@ -58,7 +59,7 @@ def metrics(output: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
-    """A tiny pretrained base, the run config, and the one-process reference runs (accumulation 2)."""
+    """A tiny pretrained base, the run config, and the one-process reference run (accumulation 4)."""
     root = tmp_path_factory.mktemp("scale")
     main(["init_model", "--preset", "0.5B", "--num_hidden_layers", "2", "--hidden_size", "32", "--intermediate_size", "64",
           "--num_attention_heads", "4", "--num_key_value_heads", "2", "--vocab_size", "768", "--torch_dtype", "float32",
@@ -67,11 +68,11 @@ def job(tmp_path_factory):
     config.write_text(yaml.safe_dump({
         "training_stage": "continue_pretrain", "model_name_or_path": str(root / "base"),
         "dataset_path": str(DEMO / "pretrain_eval.jsonl"), "cutoff_len": 64, "max_steps": STEPS, "learning_rate": 5e-3,
-        "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "train_model_precision": "fp32",
+        "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2, "train_model_precision": "fp32",
         "accelerator": "cpu", "save_steps": 2, "save_total_limit": 5, "cache_dir": str(root / "cache")}))
     main(train_line(config, root / "base", "--training_stage", "pretrain", "--model_name_or_path", str(root / "init"),
                     "--max_steps", "1", "--save_steps", "100"))
-    main(train_line(config, root / "one", "--gradient_accumulation_steps", "2"))
+    main(train_line(config, root / "one", "--gradient_accumulation_steps", "4"))
     return root, config
 
 
@@ -124,7 +125,7 @@ def test_zero3_pretraining_from_scratch_under_srun(job):
     root, config = job
     one, out = root / "pretrain_one", root / "pretrain_zero3"
     common = ["--training_stage", "pretrain", "--model_name_or_path", str(root / "init"), "--save_steps", "100"]
-    main(train_line(config, one, *common, "--gradient_accumulation_steps", "2"))
+    main(train_line(config, one, *common, "--gradient_accumulation_steps", "4"))
     port = str(free_port())
     tasks = []
     for rank in range(2):
@@ -143,7 +144,7 @@ def test_zero3_pretraining_from_scratch_under_srun(job):
 def test_lora_under_zero3_saves_the_whole_adapter(job):
     root, config = job
     lora = ["--finetuning_type", "lora", "--lora_rank", "4", "--lora_alpha", "8", "--lora_dropout", "0", "--save_steps", "100"]
-    main(train_line(config, root / "lora_one", *lora, "--gradient_accumulation_steps", "2"))
+    main(train_line(config, root / "lora_one", *lora, "--gradient_accumulation_steps", "4"))
     run([sys.executable, "-m", "bumblecore", *train_line(config, root / "lora_zero3", *lora, "--devices", "2",
                                                          "--deepspeed_config_path", ZERO[3])], root)
     plain = load_file(root / "lora_one" / "adapter_model.safetensors")
@@ -192,3 +193,26 @@ def test_a_run_that_cannot_fit_is_refused_before_allocating(tmp_path, capsys):
     error = capsys.readouterr().err
     assert "cannot fit" in error and "ZeRO-3" in error
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_a_non_finite_step_stops_every_rank_before_deepspeed_updates(job, stage):
+    """A weight of inf makes step 1's loss non-finite: both ranks stop with the one-line error (no
+    rank hangs in a collective) and nothing is saved."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    root, config = job
+    broken = root / f"broken{stage}"
+    shutil.copytree(root / "base", broken, ignore=shutil.ignore_patterns("checkpoint-*", "metrics.jsonl", "*.png"))
+    weights = load_file(broken / "model.safetensors")
+    weights["model.norm.weight"][0] = float("inf")
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    out = root / f"nonfinite{stage}"
+    result = subprocess.run([sys.executable, "-m", "bumblecore", *train_line(config, out, "--devices", "2", "--model_name_or_path",
+                                                                             str(broken), "--deepspeed_config_path", ZERO[stage])],
+                            capture_output=True, text=True, timeout=300, cwd=root)
+    assert result.returncode != 0
+    assert "at step 1 " in result.stderr and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert not list(out.glob("checkpoint-*"))

@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional, Protocol
 import torch
 
 from bumblecore.train.checkpoint import STATE_DIR, restore_rng_state, rng_state
-from bumblecore.train.runtime import runtime_grad_norm, runtime_skips_clipping
+from bumblecore.train.runtime import deepspeed_engine, runtime_grad_norm, runtime_keeps_no_grad_norm
 
 
 class NonFiniteTraining(FloatingPointError, ValueError):
@@ -159,15 +159,17 @@ class Engine:
             tokens += int(batch.get("num_tokens", batch["input_ids"].numel()))
             if settings.runtime_owns_accumulation:
                 if last:  # the accumulation boundary: DeepSpeed's step below is the real one
-                    if runtime_skips_clipping(self.model):  # ZeRO-0 in fp32: DeepSpeed neither clips nor keeps a norm
-                        own_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), settings.max_grad_norm)
-                                         if settings.max_grad_norm else _grad_norm(self.model))
+                    if runtime_keeps_no_grad_norm(self.model):  # ZeRO-0 in fp32: DeepSpeed clips but keeps no norm
+                        own_norm = float(_grad_norm(self.model))
                         finite = math.isfinite(own_norm)
                     else:
                         finite = settings.skips_overflow_steps or _deepspeed_grads_finite(self.model)
                     totals = self._step_totals(local_count, tokens, loss_total, metric_totals, finite)
                     self._stop_if_not_finite(totals, None if finite else own_norm)
-                self.optimizer.step()  # DeepSpeed: a real step only at the accumulation boundary
+                # The engine's own step after every micro-batch, as DeepSpeed requires: it counts them, and
+                # only at the boundary reduces, clips and updates. (Fabric's optimizer.step() would call the
+                # ZeRO optimizer directly, skipping that count: it would update after every micro-batch.)
+                deepspeed_engine(self.model).step()
 
         if settings.runtime_owns_accumulation:
             reported = runtime_grad_norm(self.model)
@@ -294,8 +296,6 @@ def _deepspeed_grads_finite(model) -> bool:
     """Whether this rank's share of the accumulated gradients is finite, read after DeepSpeed's last
     backward of the step and before its step() (which would apply them): the ZeRO-1/2 partitions it
     is about to step, ZeRO-3's local fp32 partitions, or the plain gradients without ZeRO."""
-    from bumblecore.train.runtime import deepspeed_engine
-
     engine = deepspeed_engine(model)
     optimizer = getattr(engine, "optimizer", None)
     if engine.zero_optimization_stage() == 3:

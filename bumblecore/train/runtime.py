@@ -341,10 +341,9 @@ def partitions_weights(model) -> bool:
     return engine is not None and bool(engine.zero_optimization_partition_weights())
 
 
-def runtime_skips_clipping(model) -> bool:
-    """DeepSpeed ZeRO-0 in fp32 ignores its gradient_clipping (measured: it steps unclipped) and keeps
-    no gradient norm, so the loop clips and measures there itself; every other DeepSpeed mode does
-    both inside its optimizer."""
+def runtime_keeps_no_grad_norm(model) -> bool:
+    """DeepSpeed ZeRO-0 in fp32 clips in its step (torch's clip_grad_norm_) but keeps no gradient
+    norm, so the loop measures it there itself; every other DeepSpeed mode keeps one in its optimizer."""
     engine = deepspeed_engine(model)
     return (engine is not None and engine.zero_optimization_stage() == 0
             and not engine.bfloat16_enabled() and not engine.fp16_enabled())
