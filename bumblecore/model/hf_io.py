@@ -320,6 +320,20 @@ def parse_size(size: Union[int, str]) -> int:
     return int(number * powers[unit])
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux shows it (os.umask can only set it,
+    and setting it briefly would race with files other threads create)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write_text(file: Path, text: str) -> None:
     tmp = file.with_name(f".{file.name}.tmp")
     tmp.write_text(text, encoding="utf-8")
@@ -362,6 +376,7 @@ def save_pretrained(model: Bumblebee, path, max_shard_size: Union[int, str] = "5
         fd, tmp = tempfile.mkstemp(dir=path, prefix=f".{name}.", suffix=".tmp")
         os.close(fd)
         save_file(shard, tmp, metadata={"format": "pt"})
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp's 0600 would hide the weights from other users and containers
         os.replace(tmp, path / name)
     if len(shards) > 1:
         index = {

@@ -181,8 +181,9 @@ def save_checkpoint(
 def usual_file_modes(directory, recursive: bool = True) -> None:
     """Files written through mkstemp (the safetensors writer's temporary) keep its 0600, so other users
     and containers cannot read the checkpoint: give them the mode a plain open() gets under the umask."""
-    umask = os.umask(0)
-    os.umask(umask)
+    from bumblecore.model.hf_io import current_umask
+
+    umask = current_umask()
     for path in (Path(directory).rglob("*") if recursive else Path(directory).iterdir()):
         if path.is_file() and not path.is_symlink() and stat.S_IMODE(path.stat().st_mode) == 0o600:
             path.chmod(0o666 & ~umask)
