@@ -187,3 +187,19 @@ def _prompts(tmp_path):
     path = tmp_path / "prompts.jsonl"
     path.write_text(json.dumps({"prompt": "The bee?"}) + "\n")
     return path
+
+
+def test_tool_calls_reach_a_template_in_the_shape_transformers_uses(llama3):
+    """Our records hold tool calls as {"name", "arguments"}; templates written for transformers read
+    call.function.name and call.function.arguments (Llama-3.1, Qwen2.5, Mistral do)."""
+    tok = llama3.__class__.from_pretrained(llama3.name_or_path)
+    tok.chat_template = (
+        "{%- for m in messages -%}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+        "{%- if m.get('tool_calls') -%}{%- for c in m['tool_calls'] -%}"
+        "{{ {'name': c['function']['name'], 'parameters': c['function']['arguments']} | tojson }}"
+        "{%- endfor -%}{%- else -%}{{ m['content'] }}{%- endif -%}<|eot_id|>{%- endfor -%}"
+        "{%- if tools -%}{%- endif -%}{%- if add_generation_prompt -%}<|start_header_id|>assistant<|end_header_id|>\n\n{%- endif -%}")
+    messages = [{"role": "user", "content": "Oslo?"},
+                {"role": "assistant", "content": "", "tool_calls": [{"name": "weather", "arguments": {"city": "Oslo"}}]}]
+    ids, mask = encode_conversation(tok, messages, tools=[{"type": "function", "function": {"name": "weather"}}])
+    assert trained_text(tok, ids, mask) == '{"name": "weather", "parameters": {"city": "Oslo"}}<|eot_id|>'

@@ -119,6 +119,20 @@ class ChatFormat:
             return [self._escape(v) for v in value]
         return value
 
+    @staticmethod
+    def _standard(messages: list[dict]) -> list[dict]:
+        """Tool calls in the shape transformers' templates read ({"type": "function", "function":
+        {"name", "arguments"}}); our records may hold the bare {"name", "arguments"}."""
+        if not any(m.get("tool_calls") for m in messages):
+            return messages
+        out = []
+        for m in messages:
+            if m.get("tool_calls"):
+                calls = [c if "function" in c else {"type": "function", "function": c} for c in m["tool_calls"]]
+                m = {**m, "tool_calls": calls}
+            out.append(m)
+        return out
+
     def _unescape(self, text: str) -> str:
         return self._placeholder_pattern.sub(lambda m: self._from_placeholder[m.group(0)], text) if self._placeholder_pattern else text
 
@@ -216,7 +230,7 @@ class ChatFormat:
     def prepare(self, messages: list[dict], tools: Optional[list] = None, train: str = "all") -> tuple[str, list[tuple[int, int]]]:
         """A conversation's rendered (escaped) text and its trained character spans: every assistant
         turn (train="all", SFT) or only the final reply (train="last", preference pairs)."""
-        messages, tools = self._escape(messages), self._escape(tools)
+        messages, tools = self._escape(self._standard(messages)), self._escape(tools)
         full = self._render(messages, tools, add_generation_prompt=False)
         return full, self._trained_spans(messages, tools, full, train)
 
@@ -230,7 +244,7 @@ class ChatFormat:
 
     def prompt_ids(self, messages: list[dict], tools: Optional[list] = None) -> list[int]:
         """Ids of the prompt for the next assistant reply (what inference feeds the model)."""
-        text = self._render(self._escape(messages), self._escape(tools), add_generation_prompt=True)
+        text = self._render(self._escape(self._standard(messages)), self._escape(tools), add_generation_prompt=True)
         return self.tokenize([text])[0][0]
 
     # ------------------------------------------------------------------ end of turn

@@ -31,6 +31,7 @@ def init_model(
     attn_implementation: Optional[str] = None,
     initializer_range: Optional[float] = None,
     torch_dtype: str = "bfloat16",
+    trust_remote_code: bool = False,
 ) -> str:
     """Write a model directory for pretraining from scratch: config.json, generation_config.json and the tokenizer.
 
@@ -59,15 +60,25 @@ def init_model(
         attn_implementation: sdpa, flash_attn or eager.
         initializer_range: std of the normal weight init.
         torch_dtype: dtype recorded in config.json for the weights pretraining will write.
+        trust_remote_code: allow a tokenizer that ships its own Python code.
     """
     from bumblecore.tokenizer import load_tokenizer
 
-    tokenizer = load_tokenizer(tokenizer_path)
+    tokenizer = load_tokenizer(tokenizer_path, trust_remote_code=trust_remote_code)
     overrides = {k: v for k, v in locals().items() if k in BumblebeeConfig.__dataclass_fields__ and v is not None}
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     tokenizer_size = len(tokenizer)
     eos_ids = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>") if t in tokenizer.get_vocab()]
+    # A tokenizer with its own template (Llama-3 ...): replies end at its end-of-turn token and its EOS.
+    from bumblecore.data.template import ChatFormatError, chat_format
+
+    try:
+        eos_ids += [i for i in chat_format(tokenizer).end_of_turn_ids if i not in eos_ids]
+    except ChatFormatError:
+        pass
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos_ids:
+        eos_ids.append(tokenizer.eos_token_id)
     config = BumblebeeConfig.from_preset(
         preset,
         bos_token_id=None,
