@@ -93,7 +93,7 @@ def test_a_causal_lm_adapter_from_other_tools_generates_and_merges(tmp_path, tok
         assert (AutoModelForCausalLM.from_pretrained(tmp_path / "merged")(ids).logits - expected).abs().max() < 1e-4
 
 
-def test_lora_on_a_transformers_family_trains_merges_and_generates(tmp_path, tok):
+def test_lora_on_a_transformers_family_trains_merges_generates_and_serves(tmp_path, tok):
     from bumblecore.inference.generate import GenerationEngine, SamplingParams
     from bumblecore.inference.loading import load_for_inference
     from bumblecore.train.lora import merge_lora
@@ -129,3 +129,14 @@ def test_lora_on_a_transformers_family_trains_merges_and_generates(tmp_path, tok
         [prompt], SamplingParams(max_new_tokens=5))[0]
     reference = merged.generate(torch.tensor([prompt]), max_new_tokens=5, do_sample=False, eos_token_id=None, pad_token_id=0)
     assert result["token_ids"] == reference[0, len(prompt):].tolist()
+
+    # served as it is: the worker loads the adapter on transformers' Phi-3 and answers like `generate` does
+    from openai import OpenAI
+
+    from bumblecore.inference.serve import running_server
+
+    with running_server(str(adapter), device_map="cpu", training_stage="pretrain") as url:
+        reply = OpenAI(base_url=url + "/v1", api_key="none").chat.completions.create(
+            model="bumblebee", messages=[{"role": "user", "content": "The bee reads"}], max_tokens=5, temperature=0,
+            extra_body={"ignore_eos": True})
+    assert reply.choices[0].message.content == tok.decode(reference[0, len(prompt):])

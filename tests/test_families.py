@@ -202,3 +202,49 @@ def test_gemma2_first_logged_loss_of_a_train_run_is_the_familys(tmp_path, capsys
         reference = hf.eval()(torch.tensor([sample["input_ids"]]), labels=torch.tensor([sample["labels"]])).loss.item()
     first = next(r["loss"] for r in logged if "loss" in r)
     assert abs(first - reference) <= LOSS_RTOL * reference, (first, reference)
+
+
+# ---------------------------------------------------------------------------- LoRA on every family
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_lora_targets_every_linear_layer_and_the_adapter_generates_and_merges(family, tmp_path):
+    """Default targets equal peft's own "all-linear"; an adapter over transformers' class loads through
+    our inference path (generate, chat, serve) and merges, both equal to the unmerged peft model."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    import bumblecore
+    from bumblecore.inference.loading import load_for_inference
+    from bumblecore.tokenizer import load_tokenizer
+    from bumblecore.train.lora import linear_layer_names, merge_lora
+
+    config_name, model_name, extra, _ = FAMILIES[family]
+    tok = load_tokenizer(bumblecore.__path__[0] + "/demo_data/tokenizer")
+    torch.manual_seed(0)
+    config = getattr(transformers, config_name)(**{**SHAPE, **extra, "vocab_size": 768})
+    base = getattr(transformers, model_name)(config)
+    base.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(str(tmp_path / "base"))
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")  # so the adapter records its base directory
+
+    ours = linear_layer_names(base)
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    assert set(ours) == {name.rsplit(".", 1)[-1] for name in peft_model.peft_config["default"].target_modules}
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    peft_model.save_pretrained(tmp_path / "adapter")
+
+    ids = torch.randint(3, 768, (2, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
+                                             str(tmp_path / "adapter")).eval()(ids).logits
+        model, _, _ = load_for_inference(str(tmp_path / "adapter"), device_map="cpu")
+        got = model.hf(ids).logits if isinstance(model, RecomputingCausalLM) else model(ids)
+        assert (got - expected).abs().max() < 1e-4
+    merge_lora(str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "merged"))
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()(ids).logits
+    assert (merged - expected).abs().max() < 1e-4
