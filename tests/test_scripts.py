@@ -62,3 +62,20 @@ def test_model_configs_parse(path):
     resolved = print_config(["init_model", "--config", str(path)])
     for key, value in yaml.safe_load(path.read_text()).items():
         assert resolved[key] == value, key
+
+
+def test_every_preset_has_a_model_config(tmp_path, monkeypatch):
+    """configs/model covers every preset (0.5B..72B), and each writes the preset's exact shape."""
+    import json
+
+    from bumblecore.model.config import PRESETS
+
+    monkeypatch.chdir(ROOT)  # the configs name the tokenizer relative to the repository root
+    for name, shape in PRESETS.items():
+        path = ROOT / "configs" / "model" / f"bumblebee_{name}.yaml"
+        assert path.is_file(), f"configs/model has no {path.name}"
+        assert yaml.safe_load(path.read_text())["preset"] == name
+        with contextlib.redirect_stdout(io.StringIO()):  # init_model writes no weights: cheap even at 72B
+            main(["init_model", "--config", str(path), "--output_dir", str(tmp_path / name)])
+        written = json.loads((tmp_path / name / "config.json").read_text())
+        assert {key: written[key] for key in shape} == shape, name
