@@ -2,7 +2,8 @@
 
 init a small model -> pretrain -> SFT (full) -> DPO (LoRA) -> merge -> evaluate -> sample answers.
 Each stage's output directory is the next stage's model_name_or_path, as in docs/TUTORIAL.md; the
-stage settings are the YAML files in configs/demo/, passed through the same `train` as any run.
+stage settings are the YAML files in bumblecore/demo_configs/ (package data, so an installed wheel
+runs the demo too), passed through the same `train` as any run.
 
 What is measured (demo_report.json), all on held-out data:
 - pretrain: eval loss on pretrain_eval.jsonl before the first step and after the last;
@@ -25,7 +26,7 @@ import yaml
 
 PACKAGE = Path(__file__).resolve().parent
 DEMO_DATA = PACKAGE / "demo_data"
-DEMO_CONFIGS = PACKAGE.parent / "configs" / "demo"
+DEMO_CONFIGS = PACKAGE / "demo_configs"
 
 # The demo model: Qwen2.5-shaped, ~3M parameters at the demo tokenizer's vocabulary (768).
 MODEL_SHAPE = dict(num_hidden_layers=4, hidden_size=256, intermediate_size=768, num_attention_heads=4,
@@ -38,11 +39,8 @@ QUICK_SHAPE = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, n
 
 
 def stage_config(name: str, output_dir: Path, model: Path, device: str, quick: bool, **overrides) -> dict:
-    """configs/demo/<name>.yaml with the demo's paths filled in (and, for --quick, a few steps only)."""
+    """demo_configs/<name>.yaml with the demo's paths filled in (and, for --quick, a few steps only)."""
     file = DEMO_CONFIGS / f"{name}.yaml"
-    if not file.is_file():
-        raise FileNotFoundError(f"{file} not found: the demo reads the repository's configs/demo/ "
-                                "(install from a checkout with `pip install -e .`)")
     config = yaml.safe_load(file.read_text(encoding="utf-8"))
     for key in ("dataset_path", "eval_dataset_path"):
         if isinstance(config.get(key), list):
@@ -67,7 +65,7 @@ def run_stage(config: dict) -> list[dict]:
     out = Path(config["output_dir"])
     out.mkdir(parents=True, exist_ok=True)
     (out.parent / f"{out.name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
-    train(build_config(config, source=f"configs/demo/{out.name}.yaml"))
+    train(build_config(config, source=str(DEMO_CONFIGS / f"{out.name}.yaml")))
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
 
 

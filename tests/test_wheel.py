@@ -1,0 +1,55 @@
+"""A built wheel runs the main job: `bumblecore demo --quick` from an installed wheel, outside the repository.
+
+The wheel is built from a copy of the package (so the repository gets no build/ or egg-info), installed
+with its console script into a fresh virtualenv that reuses this environment's dependencies through a
+.pth file (nothing is downloaded, and the repository's editable install is not on the path), and run
+from an empty directory: everything the demo reads must be package data."""
+
+import shutil
+import subprocess
+import sys
+import sysconfig
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def build_wheel(tmp_path: Path) -> Path:
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(ROOT / name, source / name)
+    shutil.copytree(ROOT / "bumblecore", source / "bumblecore", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "--no-index",
+                    "-q", "-w", str(tmp_path / "dist")], check=True, timeout=300)
+    (wheel,) = (tmp_path / "dist").glob("bumblecore-*.whl")
+    return wheel
+
+
+def test_installed_wheel_runs_the_quick_demo_outside_the_repository(tmp_path):
+    wheel = build_wheel(tmp_path)
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {f"bumblecore/demo_configs/{stage}.yaml" for stage in ("pretrain", "sft", "dpo")} <= names
+    assert "bumblecore/demo_data/tokenizer/tokenizer.json" in names and "bumblecore/inference/web/index.html" in names
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               check=True, capture_output=True, text=True).stdout.strip())
+    # A plain path entry: the dependencies (and pip) are found, the editable install's finder is not loaded.
+    (site / "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(wheel)], check=True, timeout=300)
+
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+    located = subprocess.run([str(python), "-c", "import bumblecore; print(bumblecore.__file__)"], cwd=cwd,
+                             check=True, capture_output=True, text=True).stdout.strip()
+    assert Path(located).is_relative_to(site), located
+    result = subprocess.run([str(venv / "bin" / "bumblecore"), "demo", "--quick", "true"], cwd=cwd,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "BumbleCore demo: summary" in result.stdout
+    assert (cwd / "checkpoints" / "demo" / "demo_report.json").is_file()
+    assert (cwd / "checkpoints" / "demo" / "dpo_merged" / "model.safetensors").is_file()
