@@ -34,27 +34,65 @@ def load_command(name: str):
 
 
 def print_usage(stream=sys.stdout) -> None:
-    print("usage: bumblecore <command> [--config FILE.yaml] [--key value ...] [--print_config] [--help]\n", file=stream)
+    print("usage: bumblecore <command> [--config FILE.yaml] [--key value ...] [--flag] [--print_config] [--help]\n", file=stream)
     print("commands:", file=stream)
     width = max(len(name) for name in COMMANDS)
     for name, (_, summary) in COMMANDS.items():
         print(f"  {name:<{width}}  {summary}", file=stream)
-    print("\nRun `bumblecore <command> --help` for the options of one command.", file=stream)
+    print("\nA boolean option alone (`--do_sample`) means true; `--do_sample false` turns it off.", file=stream)
+    print("Run `bumblecore <command> --help` for the options of one command.", file=stream)
 
 
-def _list_parameters(function) -> set[str]:
+def _parameter_types(function) -> dict[str, object]:
+    """name -> the parameter's annotation, with postponed (string) annotations resolved."""
     import inspect
     import typing
 
-    names = set()
+    hints = None
+    types = {}
     for name, parameter in inspect.signature(function).parameters.items():
         annotation = parameter.annotation
         if isinstance(annotation, str):  # postponed annotations
-            annotation = typing.get_type_hints(function).get(name, annotation)
+            hints = typing.get_type_hints(function) if hints is None else hints
+            annotation = hints.get(name, annotation)
+        types[name] = annotation
+    return types
+
+
+def _list_parameters(function) -> set[str]:
+    import typing
+
+    names = set()
+    for name, annotation in _parameter_types(function).items():
         origins = {typing.get_origin(annotation)} | {typing.get_origin(a) for a in typing.get_args(annotation)}
         if list in origins:
             names.add(name)
     return names
+
+
+def bool_parameters(function) -> set[str]:
+    """Parameters typed `bool` or `Optional[bool]`: the ones a bare `--flag` may switch on."""
+    import typing
+
+    names = set()
+    for name, annotation in _parameter_types(function).items():
+        if annotation is bool or (typing.get_origin(annotation) is typing.Union
+                                  and set(typing.get_args(annotation)) == {bool, type(None)}):
+            names.add(name)
+    return names
+
+
+def bare_flags_true(args: list[str], bool_names: set[str]) -> list[str]:
+    """`--flag` alone (last, or followed by another option) means `--flag true`, as people type
+    boolean flags; `--flag false`, `--flag=true` and `--flag null` are left to jsonargparse."""
+    out = []
+    for i, arg in enumerate(args):
+        out.append(arg)
+        if arg.startswith("--") and "=" not in arg and arg[2:] in bool_names:
+            following = args[i + 1] if i + 1 < len(args) else None
+            if following is None or following.startswith("-"):  # a boolean's value never starts with "-"
+                out.append("true")
+    return out
 
 
 def gather_list_values(function, args: list[str], more_list_names: set[str] = frozenset()) -> list[str]:
@@ -143,6 +181,7 @@ def run_train_config_command(name: str, function, args: list[str]) -> None:
                 raise ValueError(f"{file}: unknown key {key!r}{nearest_key(key)}")
             defaults[key] = value
     rest = [f"--{ALIASES[a[2:]]}" if a.startswith("--") and a[2:] in ALIASES else a for a in rest]
+    rest = bare_flags_true(rest, bool_parameters(TrainConfig) | (bool_parameters(function) & set(own)))
     if defaults:
         parser.set_defaults(**defaults)
     namespace = parser.parse_args(gather_list_values(function, rest, _list_parameters(TrainConfig)))
@@ -188,7 +227,8 @@ def main(argv: list[str] | None = None) -> None:
         if takes_train_config(function):
             run_train_config_command(name, function, argv[1:])
         else:
-            CLI(function, args=gather_list_values(function, argv[1:]), prog=f"bumblecore {name}", as_positional=False)
+            args = bare_flags_true(argv[1:], bool_parameters(function))
+            CLI(function, args=gather_list_values(function, args), prog=f"bumblecore {name}", as_positional=False)
     except (ValueError, FileNotFoundError) as err:
         # Bad input is the user's to fix: one clear line, no traceback (BUMBLECORE_DEBUG=1 shows it).
         if os.environ.get("BUMBLECORE_DEBUG"):

@@ -10,8 +10,9 @@ import yaml
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from bumblecore import Bumblebee, BumblebeeConfig, load_tokenizer
-from bumblecore.cli import main
+from bumblecore.cli import COMMANDS, _parameter_types, bool_parameters, load_command, main, takes_train_config
 from bumblecore.model.hf_io import read_config
+from bumblecore.train.config import TrainConfig
 
 
 def run_cli(*args):
@@ -87,3 +88,89 @@ def test_public_api_forward(tmp_path):
     assert logits.shape == (2, 5, 128)
     with pytest.raises(ValueError, match="unknown preset"):
         BumblebeeConfig.from_preset("0.6B")
+
+
+def _recorder(function, calls):
+    """`function`'s signature and docstring (what the parser is built from), recording its arguments."""
+    import functools
+
+    @functools.wraps(function)
+    def record(*args, **kwargs):
+        calls.append((args, kwargs))
+
+    return record
+
+
+def _required(function):
+    import inspect
+
+    return [a for name, p in inspect.signature(function).parameters.items()
+            if p.default is inspect.Parameter.empty and name != "config" for a in (f"--{name}", "x")]
+
+
+def _other_option(function) -> tuple[str, object]:
+    """An int (or else a string) option of the command and a value, to stand beside bare flags."""
+    import typing
+
+    types = {**(_parameter_types(TrainConfig) if takes_train_config(function) else {}), **_parameter_types(function)}
+    for kinds, value in (((int, typing.Optional[int]), 7), ((str, typing.Optional[str]), "seven")):
+        for name, annotation in types.items():
+            if annotation in kinds and f"--{name}" not in _required(function):
+                return name, value
+    raise AssertionError(f"{function.__name__} has no int or str option")
+
+
+@pytest.mark.parametrize("name", list(COMMANDS))
+def test_every_boolean_option_takes_the_bare_form(monkeypatch, name):
+    import bumblecore.cli as cli
+
+    function = load_command(name)
+    flags = sorted(bool_parameters(function) | (bool_parameters(TrainConfig) if takes_train_config(function) else set()))
+    if not flags:
+        return
+    calls = []
+    monkeypatch.setattr(cli, "load_command", lambda _: _recorder(function, calls))
+
+    def parsed(*argv):
+        calls.clear()
+        cli.main([name, *_required(function), *map(str, argv)])
+        (args, kwargs), = calls
+        return vars(args[0]) if args else kwargs  # train-config commands get the TrainConfig first
+
+    other, value = _other_option(function)
+    bare = [f"--{flag}" for flag in flags]  # each followed by the next option, the last by nothing
+    for argv in ([*bare, f"--{other}", value], [f"--{other}", value, *bare]):
+        values = parsed(*argv)
+        assert all(values[flag] is True for flag in flags), argv
+        assert values[other] == value
+    forms = [(["--{}=true"], True), (["--{}=false"], False), (["--{}", "false"], False), (["--{}", "true"], True),
+             (["--{}"], True)]
+    for turn in range(len(forms)):  # every written form on every flag
+        argv, expected = [], {}
+        for i, flag in enumerate(flags):
+            words, value = forms[(i + turn) % len(forms)]
+            argv += [w.format(flag) for w in words]
+            expected[flag] = value
+        values = parsed(*argv)
+        assert {flag: values[flag] for flag in flags} == expected, argv
+
+
+def test_bare_flags_beside_lists_and_print_config(tmp_path, capsys):
+    def printed(*argv):
+        capsys.readouterr()
+        try:
+            main([*map(str, argv), "--print_config"])
+        except SystemExit as stop:  # jsonargparse exits after printing
+            assert stop.code in (None, 0)
+        return yaml.safe_load(capsys.readouterr().out)
+
+    resolved = printed("generate", "--model_path", "m", "--prompt", "hi", "--stop", "a", "b", "--ignore_eos", "--do_sample")
+    assert resolved["stop"] == ["a", "b"] and resolved["ignore_eos"] is True and resolved["do_sample"] is True
+    assert resolved["trust_remote_code"] is False
+    resolved = printed("init_model", "--tie_word_embeddings", "--attention_bias", "null")
+    assert resolved["tie_word_embeddings"] is True and resolved["attention_bias"] is None  # Optional[bool] keeps null
+    config = tmp_path / "run.yaml"
+    config.write_text("packing: false\nsave_last: false\n")
+    resolved = printed("train", "--config", config, "--packing", "--lora_target_modules", "q_proj", "v_proj", "--save_last")
+    assert resolved["packing"] is True and resolved["save_last"] is True  # the command line over the file
+    assert resolved["lora_target_modules"] == ["q_proj", "v_proj"]
