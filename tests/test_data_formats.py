@@ -119,3 +119,162 @@ def test_cli_bad_record_exits_nonzero_without_traceback(tmp_path, tokenizer_dir)
         assert result.returncode == 1
         assert f'{data} line 2: missing field "output"' in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+
+
+# ---------------------------------------------------------------- data the ecosystem writes (LLaMA-Factory, glaive/xLAM, OpenAI, TRL)
+
+WEATHER_TOOLS = [{"type": "function", "function": {"name": "weather", "description": "w", "parameters": {"type": "object"}}}]
+OSLO, BERGEN = {"name": "weather", "arguments": {"city": "Oslo"}}, {"name": "weather", "arguments": {"city": "Bergen"}}
+PARALLEL_SHAREGPT = {"conversations": [  # LLaMA-Factory: a function_call whose value is a JSON list of calls
+    {"from": "human", "value": "weather in Oslo and Bergen?"},
+    {"from": "function_call", "value": json.dumps([OSLO, BERGEN])},
+    {"from": "observation", "value": "rain"},
+    {"from": "observation", "value": "snow"},
+    {"from": "gpt", "value": "Rain and snow."},
+], "tools": json.dumps([t["function"] for t in WEATHER_TOOLS])}
+PARALLEL_MESSAGES = [
+    {"role": "user", "content": "weather in Oslo and Bergen?"},
+    {"role": "assistant", "content": "", "tool_calls": [OSLO, BERGEN]},
+    {"role": "tool", "content": "rain"}, {"role": "tool", "content": "snow"},
+    {"role": "assistant", "content": "Rain and snow."},
+]
+CALL_BLOCK = '<tool_call>\n{{"name": "weather", "arguments": {{"city": "{}"}}}}\n</tool_call>'
+TWO_CALLS = CALL_BLOCK.format("Oslo") + "\n" + CALL_BLOCK.format("Bergen")
+
+
+@pytest.fixture(scope="module")
+def tok(tokenizer_dir):
+    from bumblecore.tokenizer import load_tokenizer
+
+    return load_tokenizer(tokenizer_dir)
+
+
+def trained_and_text(tok, messages, tools=None):
+    """(the trained text of each assistant turn, the whole rendered text) via encode_conversation."""
+    from bumblecore.data.template import encode_conversation
+
+    ids, mask = encode_conversation(tok, messages, tools)
+    runs, current = [], []
+    for token, trained in zip(ids, mask):
+        if trained:
+            current.append(token)
+        elif current:
+            runs.append(current)
+            current = []
+    runs += [current] if current else []
+    return [tok.decode(run) for run in runs], tok.decode(ids)
+
+
+def one_sample(tmp_path, record, stage="sft"):
+    samples = list(read_samples(write_jsonl(tmp_path / "data.jsonl", [record]), stage))
+    assert len(samples) == 1
+    return samples[0]
+
+
+def test_sharegpt_parallel_calls_and_consecutive_observations(tmp_path, tok):
+    sample = one_sample(tmp_path, PARALLEL_SHAREGPT)
+    assert sample.conversation.messages == PARALLEL_MESSAGES and sample.conversation.tools == WEATHER_TOOLS
+    trained, text = trained_and_text(tok, sample.conversation.messages, sample.conversation.tools)
+    assert trained == [TWO_CALLS + "<|im_end|>", "Rain and snow.<|im_end|>"]
+    assert text.endswith(  # Qwen2.5's rendering: the results share one user turn
+        "<|im_start|>user\nweather in Oslo and Bergen?<|im_end|>\n<|im_start|>assistant\n" + TWO_CALLS + "<|im_end|>\n"
+        "<|im_start|>user\n<tool_response>\nrain\n</tool_response>\n<tool_response>\nsnow\n</tool_response><|im_end|>\n"
+        "<|im_start|>assistant\nRain and snow.<|im_end|>\n")
+    # glaive/xLAM style: one function_call turn per call, the same assistant message
+    turns = PARALLEL_SHAREGPT["conversations"]
+    split = {**PARALLEL_SHAREGPT, "conversations": [turns[0], {"from": "function_call", "value": json.dumps(OSLO)},
+                                                    {"from": "function_call", "value": json.dumps(BERGEN)}, *turns[2:]]}
+    assert one_sample(tmp_path, split).conversation.messages == PARALLEL_MESSAGES
+
+
+def test_sharegpt_text_beside_a_call_is_one_assistant_message(tmp_path, tok):
+    record = {"conversations": [{"from": "human", "value": "weather in Oslo?"}, {"from": "gpt", "value": "Let me look."},
+                                {"from": "function_call", "value": json.dumps(OSLO)}, {"from": "observation", "value": "rain"},
+                                {"from": "gpt", "value": "Rain."}]}
+    messages = one_sample(tmp_path, record).conversation.messages
+    assert messages[1] == {"role": "assistant", "content": "Let me look.", "tool_calls": [OSLO]} and len(messages) == 4
+    trained, _ = trained_and_text(tok, messages, WEATHER_TOOLS)
+    assert trained == ["Let me look.\n" + CALL_BLOCK.format("Oslo") + "<|im_end|>", "Rain.<|im_end|>"]
+
+
+def test_openai_messages_read_as_the_same_conversation(tmp_path, tok):
+    openai_call = lambda city: {"id": f"call_{city}", "type": "function",  # noqa: E731
+                                "function": {"name": "weather", "arguments": json.dumps({"city": city})}}
+    record = {"messages": [
+        {"role": "user", "content": "weather in Oslo and Bergen?"},
+        {"role": "assistant", "content": None, "tool_calls": [openai_call("Oslo"), openai_call("Bergen")]},
+        {"role": "tool", "tool_call_id": "call_Oslo", "content": "rain"},
+        {"role": "tool", "tool_call_id": "call_Bergen", "content": [{"type": "text", "text": "snow"}]},
+        {"role": "assistant", "content": "Rain and snow."}], "tools": WEATHER_TOOLS}
+    sample = one_sample(tmp_path, record)
+    assert sample.conversation.messages == PARALLEL_MESSAGES and sample.conversation.tools == WEATHER_TOOLS
+    sharegpt = one_sample(tmp_path, PARALLEL_SHAREGPT).conversation
+    assert trained_and_text(tok, sample.conversation.messages, WEATHER_TOOLS) == trained_and_text(tok, sharegpt.messages, sharegpt.tools)
+    plain = one_sample(tmp_path, {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+                                               {"role": "assistant", "content": "hello"}]})
+    assert trained_and_text(tok, plain.conversation.messages)[0] == ["hello<|im_end|>"]
+
+
+def test_trl_preference_explicit_and_implicit_prompt(tmp_path, tok):
+    from bumblecore.data.template import encode_preference
+
+    prompt = [{"role": "system", "content": "Be exact."}, {"role": "user", "content": "3 or 5, which is bigger?"}]
+    good, bad = {"role": "assistant", "content": "5"}, {"role": "assistant", "content": "3"}
+    explicit = one_sample(tmp_path, {"prompt": prompt, "chosen": [good], "rejected": [bad]}, "dpo")
+    implicit = one_sample(tmp_path, {"chosen": prompt + [good], "rejected": prompt + [bad]}, "dpo")
+    for sample in (explicit, implicit):
+        assert sample.kind == "preference" and sample.conversation.messages == prompt
+        assert (sample.chosen, sample.rejected) == (good, bad)
+    ids, mask = encode_preference(tok, explicit.conversation.messages, explicit.chosen)
+    assert tok.decode([i for i, m in zip(ids, mask) if m]) == "5<|im_end|>"
+    # a ShareGPT preference pair whose chosen reply makes parallel calls
+    calls = one_sample(tmp_path, {"conversations": PARALLEL_SHAREGPT["conversations"][:1],
+                                  "chosen": {"from": "function_call", "value": json.dumps([OSLO, BERGEN])},
+                                  "rejected": {"from": "gpt", "value": "No idea."}}, "dpo")
+    ids, mask = encode_preference(tok, calls.conversation.messages, calls.chosen, WEATHER_TOOLS)
+    assert tok.decode([i for i, m in zip(ids, mask) if m]) == TWO_CALLS + "<|im_end|>"
+
+
+HUMAN = {"from": "human", "value": "q"}
+GPT = {"from": "gpt", "value": "a"}
+USER, ASSISTANT = {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}
+
+
+@pytest.mark.parametrize("record,stage,message", [
+    ({"conversations": [HUMAN, {"from": "function_call", "value": "[]"}]}, "sft",
+     r'line 1: field "conversations" turn 2 \(function_call\) is an empty list of calls'),
+    ({"conversations": [HUMAN, {"from": "function_call", "value": json.dumps([OSLO, {"arguments": {}}])}]}, "sft",
+     r'line 1: field "conversations" turn 2 \(function_call\) call 2 needs a JSON object with "name"'),
+    ({"conversations": [HUMAN, {"from": "function_call", "value": json.dumps({**OSLO, "content": "Let me look."})}]}, "sft",
+     r"turn 2 \(function_call\) has fields \['content'\] besides name and arguments"),
+    ({"conversations": [HUMAN, {"from": "function_call", "value": json.dumps(OSLO)}, GPT]}, "sft",
+     r'line 1: field "conversations" turn 3 \(gpt\) follows a function_call turn: text after a call needs'),
+    ({"conversations": [HUMAN, GPT, GPT]}, "sft", r'line 1: field "conversations" turn 3 \(gpt\) follows another gpt turn'),
+    ({"conversations": [HUMAN, {"from": "observation", "value": "r"}, GPT]}, "sft",
+     r'turn 2 has role "observation" out of order; expected the assistant side'),
+    ({"messages": [USER, {"role": "bot", "content": "a"}]}, "sft",
+     r'line 1: field "messages" message 2 has role "bot"; expected system, user, assistant, tool'),
+    ({"messages": [USER, ASSISTANT, {"role": "tool", "content": "r"}, ASSISTANT]}, "sft",
+     r'line 1: field "messages" message 3 \(tool\) must follow an assistant message with tool_calls'),
+    ({"messages": [USER, {"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {"arguments": "{}"}}]}]},
+     "sft", r'line 1: field "messages" message 2 tool_calls 1 needs a JSON object with "name"'),
+    ({"messages": [USER, {"role": "assistant", "content": "  "}]}, "sft", r'field "messages" message 2 is an empty assistant message'),
+    ({"messages": [USER, {**ASSISTANT, "weight": 0}]}, "sft", r'field "messages" message 2 has "weight": 0'),
+    ({"messages": [{"role": "user", "content": 7}, ASSISTANT]}, "sft", r'field "messages" message 1 content must be a string'),
+    ({"messages": [USER, ASSISTANT, USER]}, "sft", r'line 1: field "messages" must end on an assistant message'),
+    ({"messages": [ASSISTANT]}, "sft", r'field "messages" message 1 \(assistant\) must follow a user or tool message'),
+    ({"prompt": [USER], "chosen": [ASSISTANT, ASSISTANT], "rejected": [ASSISTANT]}, "dpo",
+     r'line 1: field "chosen" holds 2 messages; a preference pair compares one assistant reply'),
+    ({"prompt": [USER], "chosen": [ASSISTANT], "rejected": [USER]}, "dpo", r'field "rejected" message 1 has role "user"; expected assistant'),
+    ({"prompt": [USER, ASSISTANT], "chosen": [ASSISTANT], "rejected": [ASSISTANT]}, "dpo",
+     r'field "prompt" must end on a user or tool message'),
+    ({"prompt": "q", "chosen": "a", "rejected": "b"}, "dpo", r'line 1: field "prompt" is a string'),
+    ({"chosen": [USER, ASSISTANT], "rejected": [{"role": "user", "content": "other"}, ASSISTANT]}, "dpo",
+     r'line 1: fields "chosen" and "rejected" differ at message 1, before their last'),
+    ({"chosen": [USER, ASSISTANT]}, "sft", r"cannot tell the format"),
+])
+def test_ecosystem_records_rejected_with_file_line_and_field(tmp_path, record, stage, message):
+    path = write_jsonl(tmp_path / "bad.jsonl", [record])
+    with pytest.raises(DataError, match=message) as info:
+        list(read_samples(path, stage))
+    assert str(info.value).startswith(f"{path} line 1: ")
