@@ -93,3 +93,24 @@ def test_metrics_record_fields(tmp_path):
     record = engine.fit()[0]
     assert {"step", "epoch", "loss", "lr", "grad_norm", "tokens", "tokens_per_sec"} <= set(record)
     assert record["tokens"] == 8 * 12 and record["grad_norm"] > 0
+
+
+def test_average_tokens_false_is_the_mean_of_micro_batch_means(tmp_path):
+    """One process, 2 micro-batches of different target counts: the loss (and its gradient) is the mean
+    over micro-batches of each one's token mean, the closed form computed here on the same weights."""
+    engine = make_engine(tmp_path, accumulation=2, total_steps=1, optimizer_class=torch.optim.SGD)
+    engine.settings.average_tokens_across_devices = False
+    oracle = make_engine(tmp_path / "oracle", accumulation=2, total_steps=1).model  # the same initial weights
+    engine.loader.batches[0][1][4:, :6] = -100  # the second micro-batch: far fewer targets
+    stage, micro = LanguageModelingStage(), engine.loader.micro_batches(0)
+    counts = [stage.count(b) for b in micro]
+    assert counts[0] != counts[1]
+    sums = [stage.loss(oracle, b)[0] for b in micro]
+    expected = (sums[0] / counts[0] + sums[1] / counts[1]) / 2
+    expected.backward()
+    expected_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in oracle.parameters() if p.grad is not None]))
+    record = engine.fit()[0]
+    assert record["loss"] == pytest.approx(float(expected), rel=1e-6)
+    assert record["grad_norm"] == pytest.approx(float(expected_norm), rel=1e-5)  # clip_gradients reports the norm before clipping
+    token_mean = float((sums[0] + sums[1]) / sum(counts))
+    assert abs(record["loss"] - token_mean) > 1e-3  # the default's definition would fail the check above

@@ -77,6 +77,9 @@ def test_pretrain_writes_everything_design_lists(pretrained):
     for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "training_args.yaml",
                  "training_loss.png", "logs/train.log"):
         assert (out / name).exists(), name
+    log = (out / "logs" / "train.log").read_text(encoding="utf-8")
+    config_in_log = log[log.index("resolved configuration:\n") + len("resolved configuration:\n"):log.index("\n", log.index("lora_rank:"))]
+    assert yaml.safe_load(config_in_log)["max_steps"] == 4 and log.index("resolved configuration") < log.index('"step": 1,')
     assert list((out / "runs").iterdir())  # TensorBoard events
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     assert (out / "checkpoint-4" / "model.safetensors").exists() and (out / "checkpoint-4" / "training_state").exists()
@@ -234,3 +237,28 @@ def test_phi3_trains_through_the_transformers_fallback(tmp_path, data):
     assert len(losses(history)) == 4 and losses(history)[-1] < losses(history)[0]
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert type(reloaded).__name__ == "Phi3ForCausalLM"
+
+
+def test_resume_with_a_larger_max_steps_follows_the_new_schedule(tmp_path, pretrained, data):
+    """A run of 2 steps resumed with max_steps 4: from the first resumed step the lr is the closed form
+    of the 4-step schedule (linear, warmup ceil(0.25 x 4) = 1), not the 2-step one's (0 at step 3)."""
+    base, peak = pretrained[0], 5e-3
+    keys = dict(lr_scheduler_type="linear", learning_rate=peak, save_steps=2, gradient_accumulation_steps=1)
+    first = run(tmp_path / "out", base, data / "sft_train.jsonl", max_steps=2, **keys)
+    assert [r["lr"] for r in first] == pytest.approx([0.0, peak])  # warmup ceil(0.25 x 2) = 1: step 0 is 0
+    history = run(tmp_path / "out", base, data / "sft_train.jsonl", max_steps=4, resume_from_checkpoint="latest", **keys)
+    total, warmup = 4, 1
+    closed_form = {s + 1: peak * (total - s) / (total - warmup) for s in (2, 3)}  # record step = 0-based step + 1
+    assert {r["step"]: r["lr"] for r in history if r["step"] > 2} == pytest.approx(closed_form, abs=1e-8)  # metrics.jsonl keeps 8 decimals
+
+
+def test_reduce_on_plateau_without_eval_data_is_refused_and_ignored_keys_are_said(base_model, data):
+    from bumblecore.train.config import build_config
+    from bumblecore.train.run import config_notes, train
+
+    keys = {"model_name_or_path": str(base_model), "dataset_path": str(data / "sft_train.jsonl"),
+            "lr_scheduler_type": "reduce_on_plateau"}
+    with pytest.raises(ValueError, match="reduce_on_plateau .* needs eval_dataset_path"):
+        train(build_config(keys))
+    assert config_notes(build_config(keys)) == []
+    assert "num_local_io_workers 4 is accepted and ignored" in config_notes(build_config({**keys, "num_local_io_workers": 4}))[0]

@@ -56,7 +56,8 @@ class TrainConfig:
     cache_dir: Optional[str] = None
     """Token cache directory (default: ~/.cache/bumblecore/tokens)."""
     num_local_io_workers: Optional[int] = None
-    """Data loading / tokenisation workers; default derived from the CPU count."""
+    """Accepted for compatibility and ignored (a note says so): tokenisation already uses every core (the
+    Rust tokenizer) and batches are read in-process from the memory-mapped cache."""
 
     # -- optimisation
     num_epochs: float = 3.0
@@ -69,7 +70,8 @@ class TrainConfig:
     """Fraction of total steps used for warmup."""
     lr_scheduler_type: str = "cosine"
     """linear, cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup, inverse_sqrt,
-    reduce_on_plateau, cosine_with_min_lr, warmup_stable_decay."""
+    reduce_on_plateau (needs eval_dataset_path), cosine_with_min_lr, warmup_stable_decay. A function of
+    (step, total steps): a resumed run with another max_steps follows its own schedule from the resumed step."""
     lr_scheduler_kwargs: dict = field(default_factory=dict)
     """Extra schedule settings (num_cycles, min_lr_rate, num_decay_steps, power, lr_end ...)."""
     max_grad_norm: float = 1.0
@@ -82,7 +84,8 @@ class TrainConfig:
     train_model_precision: str = "bf16"
     """fp32, fp16 or bf16."""
     average_tokens_across_devices: bool = True
-    """Normalise the loss by the target-token count of the whole step across devices (false: the original's per-device mean)."""
+    """Normalise the loss by the target-token count of the whole step across devices (false: the original's
+    mean over the step's micro-batches of each micro-batch's own token mean)."""
     seed: int = 42
 
     # -- scale
@@ -109,7 +112,7 @@ class TrainConfig:
     """Evaluate every N optimiser steps (default: at save_steps when eval data is given)."""
     logging_steps: int = 1
     save_train_log: bool = False
-    """Also write the log to output_dir/logs/train.log."""
+    """Also write the log to output_dir/logs/train.log (it starts with the resolved configuration)."""
     use_tensorboard: bool = False
 
     # -- LoRA

@@ -6,7 +6,9 @@ A stage supplies two functions over its own batches:
     count(batch) -> int           how many units (target tokens, pairs) the batch's loss sums over
     loss(model, batch) -> (sum, metrics)   the summed loss and summed metrics, as tensors
 The engine divides by the count of the whole optimiser step, across accumulation steps and
-devices, so a global batch gives the same update however it is split.
+devices, so a global batch gives the same update however it is split. With
+average_tokens_across_devices false it is the original's loss instead: the mean over the step's
+micro-batches (all ranks') of each micro-batch's own mean, count(micro-batch) units each.
 
 The loader supplies, for optimiser step s, this rank's micro-batches: `micro_batches(s)`; its
 position is the step number, so resuming restores it without replaying data.
@@ -24,6 +26,7 @@ import torch
 
 from bumblecore.train.checkpoint import STATE_DIR, restore_rng_state, rng_state
 from bumblecore.train.runtime import deepspeed_engine, runtime_grad_norm, runtime_keeps_no_grad_norm
+from bumblecore.train.schedulers import resume_schedule
 
 
 class NonFiniteTraining(FloatingPointError, ValueError):
@@ -105,6 +108,7 @@ class Engine:
             self.scheduler.load_state_dict(rest["scheduler"])
             self.step, self.tokens_seen = rest["step"], rest["tokens_seen"]
             restore_rng_state(rest["rng"])
+            resume_schedule(self.scheduler, self.step)  # this run's schedule (its total steps) from here on
         except Exception as err:  # unreadable, or a state of another shape: one clear line, not a traceback
             reason = (str(err).strip().splitlines() or [""])[0][:300]
             raise ValueError(f"resume_from_checkpoint {directory}: {STATE_DIR} cannot be restored "
@@ -127,15 +131,20 @@ class Engine:
         settings, fabric = self.settings, self.fabric
         started = time.perf_counter()
         micro_batches = self.loader.micro_batches(self.step)
-        local_count = sum(self.stage.count(b) for b in micro_batches)
-        if settings.average_tokens_across_devices:
+        counts = [self.stage.count(b) for b in micro_batches]
+        local_count = sum(counts)
+        per_micro_mean = not settings.average_tokens_across_devices
+        if per_micro_mean:
+            # The original's loss: the mean over the step's micro-batches (of every rank) of each one's own
+            # mean over its units; DDP's gradient average over ranks supplies the 1/world_size.
+            scales = [1.0 / (max(1, c) * len(micro_batches)) for c in counts]
+        else:
             denominator = max(1.0, self._global_sum(local_count))
             # DDP averages gradients over ranks; multiplying back makes the result a global sum / global count.
-            scale = fabric.world_size / denominator
-        else:
-            scale = 1.0 / max(1, local_count)  # the original: each rank's own mean
+            scales = [fabric.world_size / denominator] * len(micro_batches)
         if settings.runtime_owns_accumulation:
-            scale *= len(micro_batches)  # DeepSpeed divides by its accumulation steps again
+            scales = [scale * len(micro_batches) for scale in scales]  # DeepSpeed divides by its accumulation steps again
+        report_count = len(micro_batches) if per_micro_mean else local_count  # what the reported sums are divided by
 
         self.model.train()
         loss_total = torch.zeros((), device=fabric.device)
@@ -152,10 +161,12 @@ class Engine:
             with skip_sync:
                 with fabric.autocast():  # the stage may apply the LM head outside the wrapped forward
                     loss_sum, metrics = self.stage.loss(self.model, batch)
-                fabric.backward(loss_sum * scale)
-            loss_total += loss_sum.detach()
+                fabric.backward(loss_sum * scales[index])
+            # The report sums what the step averages: units, or each micro-batch's mean (x 1.0 is exact).
+            weight = 1.0 / max(1, counts[index]) if per_micro_mean else 1.0
+            loss_total += loss_sum.detach() * weight
             for key, value in metrics.items():
-                metric_totals[key] = metric_totals.get(key, 0) + value.detach()
+                metric_totals[key] = metric_totals.get(key, 0) + value.detach() * weight
             tokens += int(batch.get("num_tokens", batch["input_ids"].numel()))
             if settings.runtime_owns_accumulation:
                 if last:  # the accumulation boundary: DeepSpeed's step below is the real one
@@ -164,7 +175,7 @@ class Engine:
                         finite = math.isfinite(own_norm)
                     else:
                         finite = settings.skips_overflow_steps or _deepspeed_grads_finite(self.model)
-                    totals = self._step_totals(local_count, tokens, loss_total, metric_totals, finite)
+                    totals = self._step_totals(report_count, tokens, loss_total, metric_totals, finite)
                     self._stop_if_not_finite(totals, None if finite else own_norm)
                 # The engine's own step after every micro-batch, as DeepSpeed requires: it counts them, and
                 # only at the boundary reduces, clips and updates. (Fabric's optimizer.step() would call the
@@ -182,7 +193,7 @@ class Engine:
                 grad_norm = float(_grad_norm(self.model))
             # fp16 with a grad scaler: an overflowing step is skipped by the scaler, not a divergence.
             finite = settings.skips_overflow_steps or math.isfinite(grad_norm)
-            totals = self._step_totals(local_count, tokens, loss_total, metric_totals, finite)
+            totals = self._step_totals(report_count, tokens, loss_total, metric_totals, finite)
             self._stop_if_not_finite(totals, grad_norm)
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -238,23 +249,25 @@ class Engine:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
+        """Eval loss (and the stage's metrics) over every rank's share, weighted by the stage's count:
+        sums are aggregated across ranks before dividing (train/metrics.py), never per-rank means."""
+        from bumblecore.train.metrics import EvalAggregate
+
         self.model.eval()
-        loss_total, count = 0.0, 0
-        metric_totals: dict[str, float] = {}
+        aggregate = EvalAggregate(self.fabric.device)
         for batch in self.eval_loader:
             batch = self.fabric.to_device(batch)
             with self.fabric.autocast():
                 loss_sum, metrics = self.stage.loss(self.model, batch)
-            loss_total += float(loss_sum)
-            count += self.stage.count(batch)
-            for key, value in metrics.items():
-                metric_totals[key] = metric_totals.get(key, 0.0) + float(value)
-        count = max(1.0, self._global_sum(count))
-        record = {"step": self.step, "eval/loss": self._global_sum(loss_total) / count}
+            aggregate.update(loss_sum, self.stage.count(batch), metrics)
+        names = sorted(aggregate.metrics)
+        if self.fabric.world_size > 1:  # rank 0 always holds eval rows; a rank with none still joins every sync
+            names = self.fabric.broadcast(names, src=0)
+        values = aggregate.compute(names)
+        record = {"step": self.step, "eval/loss": values.pop("loss")}
         if getattr(self.stage, "reports_perplexity", True):
             record["eval/perplexity"] = math.exp(min(record["eval/loss"], 50.0))
-        for key, value in metric_totals.items():
-            record[f"eval/{key}"] = self._global_sum(value) / count
+        record.update({f"eval/{key}": value for key, value in values.items()})
         if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             self.scheduler.step(record["eval/loss"])
         return record

@@ -48,6 +48,20 @@ def _check_inputs(config: TrainConfig) -> None:
         raise FileNotFoundError(f"model_name_or_path {config.model_name_or_path}: no config.json (expected a model directory)")
     if not config.dataset_path:
         raise ValueError("dataset_path is required")
+    if config.lr_scheduler_type == "reduce_on_plateau" and not config.eval_dataset_path:
+        # It steps on the eval loss only: without an eval set the lr would silently stay constant.
+        raise ValueError("lr_scheduler_type reduce_on_plateau lowers the lr when the eval loss stops improving, "
+                         "so it needs eval_dataset_path; give one, or choose another schedule (e.g. cosine)")
+
+
+def config_notes(config: TrainConfig) -> list[str]:
+    """Keys that are accepted but change nothing, said once at start rather than silently ignored."""
+    notes = []
+    if config.num_local_io_workers is not None:
+        notes.append(f"num_local_io_workers {config.num_local_io_workers} is accepted and ignored: the Rust tokenizer "
+                     "already tokenizes the cache on every core, and batches are read in-process from the "
+                     "memory-mapped cache (no loader workers)")
+    return notes
 
 
 # ---------------------------------------------------------------------------- model
@@ -348,7 +362,7 @@ def main(fabric, config: TrainConfig, deepspeed_config: dict | None = None, laun
     tokenizer = run_tokenizer(config)
     check_fits_model(tokenizer, config.model_name_or_path, config.model_name_or_path)  # before anything is written
     resume_dir, notes = agreed_on_rank_zero(fabric, lambda notes: prepare_output_dir(config, notes))
-    for note in notes:
+    for note in notes + config_notes(config):
         fabric.print(f"note: {note}")
     if deepspeed_config is None:
         # Our checkpoint directory is atomic already: write the state once, in place, mode 0644.
@@ -404,6 +418,10 @@ def main(fabric, config: TrainConfig, deepspeed_config: dict | None = None, laun
         eval_loader = attach_reference(eval_loader, "eval") if eval_loader is not None else None
     monitor = Monitor(output_dir, config.use_tensorboard, config.save_train_log, fabric.is_global_zero,
                       resume_step=read_trainer_state(resume_dir)["step"] if resume_dir else None)
+    # The log starts with what this attempt ran with (a resume may change keys such as max_steps).
+    monitor.info("resolved configuration:\n" + to_yaml(config).rstrip())
+    for note in notes + config_notes(config):
+        monitor.info(f"note: {note}")
     settings = LoopSettings(
         total_steps=total_steps, max_grad_norm=config.max_grad_norm, logging_steps=config.logging_steps,
         eval_steps=config.eval_steps or (config.save_steps if eval_loader else None), save_steps=config.save_steps,

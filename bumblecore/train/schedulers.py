@@ -1,8 +1,12 @@
 """Learning-rate schedules: the ten names the original accepted, as multipliers of the peak lr.
 
-Each schedule is a plain function `step -> factor` (so it is easy to read, plot and test) wrapped
-in a LambdaLR; `reduce_on_plateau` is PyTorch's ReduceLROnPlateau, stepped with the eval loss.
+Each schedule is a plain function of (step, total steps): `lr_factor_fn(name, warmup, total)` gives
+`step -> factor` (so it is easy to read, plot and test), wrapped in a LambdaLR; `reduce_on_plateau`
+is PyTorch's ReduceLROnPlateau, stepped with the eval loss (it needs an eval set).
 Semantics and defaults follow transformers' `get_scheduler`, so configs carry over unchanged.
+
+Nothing of the schedule's shape is resumed: a resumed run builds its schedule from its own total
+steps (a larger max_steps, say) and `resume_schedule` sets the lr of the resumed step from it.
 """
 
 from __future__ import annotations
@@ -109,3 +113,16 @@ def build_scheduler(name: str, optimizer: torch.optim.Optimizer, warmup_steps: i
         return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, **kwargs)
     peak_lr = optimizer.param_groups[0]["lr"]
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor_fn(name, warmup_steps, total_steps, peak_lr, **kwargs))
+
+
+def resume_schedule(scheduler, step: int) -> None:
+    """After restoring a checkpoint at `step`: the optimiser holds the lr the saved run's schedule
+    gave; set it from this run's schedule instead, so the next step already follows it (with the same
+    total steps this is the same number)."""
+    if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+        return  # reduce_on_plateau: the lr is state (the restored one), not a function of the step
+    lrs = [base * factor(step) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler.last_epoch = step
+    scheduler._last_lr = lrs
