@@ -79,3 +79,42 @@ def test_every_preset_has_a_model_config(tmp_path, monkeypatch):
             main(["init_model", "--config", str(path), "--output_dir", str(tmp_path / name)])
         written = json.loads((tmp_path / name / "config.json").read_text())
         assert {key: written[key] for key in shape} == shape, name
+
+
+# The keys naming what a command reads and what it writes.
+INPUTS = {"train": ["model_name_or_path"], "merge_lora": ["base_model_path", "lora_model_path"], "chat": ["model_path"], "serve": ["model_path"]}
+OUTPUTS = {"train": "output_dir", "merge_lora": "save_path", "init_model": "output_dir"}
+
+
+def script_paths(script: Path, monkeypatch) -> tuple[set[str], set[str]]:
+    """(what the script reads, what it writes) with its defaults: its first command line of each kind."""
+    monkeypatch.chdir(ROOT)
+    reads, writes, seen = set(), set(), set()
+    for args in command_lines(script):
+        if args[0] in seen:
+            continue  # the commented multi-GPU line repeats the command above it
+        seen.add(args[0])
+        resolved = print_config(args)
+        reads |= {resolved[key] for key in INPUTS.get(args[0], [])}
+        writes |= {resolved[OUTPUTS[args[0]]]} if args[0] in OUTPUTS else set()
+    return reads - writes, writes
+
+
+def test_each_script_reads_the_previous_scripts_default_output(monkeypatch):
+    """pretrain -> sft_full -> dpo_lora -> merge_lora -> chat / bumblechat (serve), as the tutorial chains them;
+    sft_lora and dpo_full branch off it. tests/test_workflow.py runs the main line for real."""
+    paths = {s.stem: script_paths(s, monkeypatch) for s in SCRIPTS if s.stem != "demo" and command_lines(s)}
+    expected = {
+        "pretrain": (set(), {"checkpoints/init", "checkpoints/pretrain"}),
+        "sft_full": ({"checkpoints/pretrain"}, {"checkpoints/sft_full"}),
+        "sft_lora": ({"checkpoints/pretrain"}, {"checkpoints/sft_lora"}),
+        "dpo_lora": ({"checkpoints/sft_full"}, {"checkpoints/dpo_lora"}),
+        "dpo_full": ({"checkpoints/sft_full"}, {"checkpoints/dpo_full"}),
+        "merge_lora": ({"checkpoints/sft_full", "checkpoints/dpo_lora"}, {"checkpoints/dpo_merged"}),
+        "chat": ({"checkpoints/dpo_merged"}, set()),
+        "bumblechat": ({"checkpoints/dpo_merged"}, set()),
+    }
+    assert {name: paths[name] for name in expected} == expected
+    written = set().union(*(w for _, w in paths.values()))
+    for name, (reads, _) in paths.items():
+        assert reads <= written, f"{name}.sh reads {reads - written}, which no script writes"

@@ -5,6 +5,7 @@ with its console script into a fresh virtualenv that reuses this environment's d
 .pth file (nothing is downloaded, and the repository's editable install is not on the path), and run
 from an empty directory: everything the demo reads must be package data."""
 
+import os
 import shutil
 import subprocess
 import sys
@@ -47,8 +48,9 @@ def test_installed_wheel_runs_the_quick_demo_outside_the_repository(tmp_path):
     located = subprocess.run([str(python), "-c", "import bumblecore; print(bumblecore.__file__)"], cwd=cwd,
                              check=True, capture_output=True, text=True).stdout.strip()
     assert Path(located).is_relative_to(site), located
+    # One thread: the quick demo's model is tiny, and on a shared 2-core machine extra threads only wait.
     result = subprocess.run([str(venv / "bin" / "bumblecore"), "demo", "--quick", "true"], cwd=cwd,
-                            capture_output=True, text=True, timeout=600)
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "BumbleCore demo: summary" in result.stdout
     assert (cwd / "checkpoints" / "demo" / "demo_report.json").is_file()
