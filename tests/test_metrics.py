@@ -1,5 +1,5 @@
 """Evaluation metrics aggregated across ranks (torchmetrics): an eval set split unevenly over 2
-processes gives the 1-process values, tokens-weighted (SFT eval loss) and pairs-weighted (DPO
+processes (DeepSpeed ZeRO-3 for SFT, DDP for DPO) gives the 1-process values, tokens-weighted (SFT eval loss) and pairs-weighted (DPO
 rewards), and not the mean of per-rank means (computed here as the wrong answer)."""
 
 import json
@@ -25,6 +25,7 @@ from bumblecore.train.metrics import EvalAggregate, ExactMatch, RatioOfSums, exa
 from bumblecore.train.sft import LanguageModelingStage
 
 DEMO = Path(bumblecore.__file__).parent / "demo_data"
+ZERO3 = str(Path(__file__).resolve().parents[1] / "configs" / "deepspeed" / "ds_z3_config.json")
 BETA = 0.5
 
 
@@ -67,15 +68,16 @@ def setup(tmp_path_factory):
     return root, save_model(root / "policy", 1), save_model(root / "reference", 2)
 
 
-def run_one_and_two(root: Path, name: str, keys: dict) -> tuple[dict, dict]:
-    """Step-0 evaluation of the same run on 1 process and on 2 (`--devices 2`)."""
+def run_one_and_two(root: Path, name: str, keys: dict, *two_processes: str) -> tuple[dict, dict]:
+    """Step-0 evaluation of the same run on 1 process and on 2 (`--devices 2`, plus `two_processes` flags)."""
     config = root / f"{name}.yaml"
     config.write_text(yaml.safe_dump({"max_steps": 1, "eval_steps": 1, "cutoff_len": 64, "train_micro_batch_size_per_gpu": 2,
                                       "gradient_accumulation_steps": 1, "train_model_precision": "fp32", "accelerator": "cpu",
                                       "save_steps": 100, "packing": False, **keys}))
     main(["train", "--config", str(config), "--output_dir", str(root / f"{name}_one"), "--gradient_accumulation_steps", "2"])
     result = subprocess.run([sys.executable, "-m", "bumblecore", "train", "--config", str(config), "--devices", "2",
-                             "--output_dir", str(root / f"{name}_two")], capture_output=True, text=True, timeout=240, cwd=root)
+                             "--output_dir", str(root / f"{name}_two"), *two_processes],
+                            capture_output=True, text=True, timeout=180, cwd=root)
     assert result.returncode == 0, result.stderr[-3000:]
     first = [next(json.loads(line) for line in (root / f"{name}_{n}" / "metrics.jsonl").read_text().splitlines()
                   if '"eval/loss"' in line) for n in ("one", "two")]
@@ -111,17 +113,19 @@ def check(one: dict, two: dict, shares: list[dict], keys: list[str]) -> None:
         assert abs(two[f"eval/{key}"] - mean_of_means) > 1e-3, f"{key}: indistinguishable from a mean of per-rank means"
 
 
-def test_sft_eval_loss_over_two_processes_equals_one_process(setup):
+def test_sft_eval_loss_over_two_zero3_processes_equals_one_process(setup):
+    """Under DeepSpeed ZeRO-3 (gloo on CPU): the metric syncs over DeepSpeed's process group, and the rank
+    with fewer eval batches runs extra forwards so the other's parameter gathers are not left waiting."""
     root, policy, _ = setup
     keys = {"training_stage": "sft", "model_name_or_path": str(policy), "dataset_path": str(root / "sft.jsonl"),
             "eval_dataset_path": str(root / "sft.jsonl")}
-    one, two = run_one_and_two(root, "sft", keys)
+    one, two = run_one_and_two(root, "sft", keys, "--deepspeed_config_path", ZERO3)
     model = Bumblebee.from_pretrained(policy).eval()
     check(one, two, per_rank_sums(keys, root, LanguageModelingStage(), model), ["loss"])
     assert two["eval/perplexity"] == pytest.approx(math.exp(one["eval/loss"]), rel=1e-5)
 
 
-def test_dpo_eval_rewards_over_two_processes_equal_one_process(setup):
+def test_dpo_eval_rewards_over_two_ddp_processes_equal_one_process(setup):
     root, policy, reference = setup
     keys = {"training_stage": "dpo", "model_name_or_path": str(policy), "ref_model_path": str(reference),
             "dataset_path": str(root / "dpo.jsonl"), "eval_dataset_path": str(root / "dpo.jsonl"), "pref_beta": BETA}

@@ -114,6 +114,7 @@ def compute_reference_logps(fabric, reference, units, batch_size: int, pad_id: i
     """(pairs, 2) summed reference log-probs [chosen, rejected] for every pair; each rank computes a
     strided share, then one all-reduce gives every rank the whole table."""
     from bumblecore.data.loader import eval_batches
+    from bumblecore.train.engine import in_lockstep
 
     table = torch.zeros(len(units), 2, dtype=torch.float64, device=fabric.device)
     batches = eval_batches(units, batch_size, pad_id, packing=False, world_size=fabric.world_size, rank=fabric.global_rank)
@@ -121,12 +122,13 @@ def compute_reference_logps(fabric, reference, units, batch_size: int, pad_id: i
         from tqdm.auto import tqdm
 
         batches = tqdm(batches, desc="reference log-probs", dynamic_ncols=True)
-    for batch in batches:
+    for batch, counted in in_lockstep(fabric, batches):  # ZeRO-3: every rank runs as many forwards
         batch = fabric.to_device(batch)
         with fabric.autocast():
             sums = reference.logps(batch).double()
         n = batch["num_pairs"]
-        table[batch["unit_indices"]] = torch.stack([sums[:n], sums[n:]], dim=-1)
+        if counted:
+            table[batch["unit_indices"]] = torch.stack([sums[:n], sums[n:]], dim=-1)
     if fabric.world_size > 1:
         table = fabric.all_reduce(table, reduce_op="sum")
     return table.cpu().numpy()

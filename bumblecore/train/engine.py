@@ -255,11 +255,12 @@ class Engine:
 
         self.model.eval()
         aggregate = EvalAggregate(self.fabric.device)
-        for batch in self.eval_loader:
+        for batch, counted in in_lockstep(self.fabric, self.eval_loader):
             batch = self.fabric.to_device(batch)
             with self.fabric.autocast():
                 loss_sum, metrics = self.stage.loss(self.model, batch)
-            aggregate.update(loss_sum, self.stage.count(batch), metrics)
+            if counted:
+                aggregate.update(loss_sum, self.stage.count(batch), metrics)
         names = sorted(aggregate.metrics)
         if self.fabric.world_size > 1:  # rank 0 always holds eval rows; a rank with none still joins every sync
             names = self.fabric.broadcast(names, src=0)
@@ -303,6 +304,24 @@ class Engine:
         if self.save_fn and settings.save_last:
             self.save_fn(self.step, True)
         return history
+
+
+def in_lockstep(fabric, batches):
+    """(batch, counted) for this rank's share (a sized iterable), then its last batch again (counted
+    False) until every rank has run as many forwards as the rank with the most: under ZeRO-3 each
+    forward gathers the parameters from all ranks, so a rank that stopped early would leave the
+    others waiting. The counts are agreed before the first forward, as that gather is a collective too."""
+    mine = len(batches)
+    most = mine
+    if fabric.world_size > 1:
+        most = int(fabric.all_reduce(torch.tensor(float(mine), device=fabric.device), reduce_op="max"))
+    if mine == 0 and most > 0:  # run.py refuses an eval set smaller than the world size before this
+        raise ValueError("this rank has no eval rows while others do; give at least as many eval samples as processes")
+    last = None
+    for last in batches:
+        yield last, True
+    for _ in range(most - mine):
+        yield last, False
 
 
 def _deepspeed_grads_finite(model) -> bool:

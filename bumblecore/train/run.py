@@ -391,6 +391,9 @@ def main(fabric, config: TrainConfig, deepspeed_config: dict | None = None, laun
         return train_data, held_out
 
     (train_cache, units), (eval_cache, eval_units) = build_once(fabric, tokenized)
+    if eval_units is not None and len(eval_units) < fabric.world_size:  # every rank evaluates a share of its own
+        raise ValueError(f"eval_dataset_path: {len(eval_units)} eval units for {fabric.world_size} processes; "
+                         "give at least one per process")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     loader = BatchLoader(units, config.train_micro_batch_size_per_gpu, config.gradient_accumulation_steps,
                          fabric.world_size, fabric.global_rank, config.seed, pad_id, bool(config.packing), config.group_by_length)
