@@ -16,14 +16,32 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def can_build_wheels_here() -> bool:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        major, minor = (int(part) for part in version("setuptools").split(".")[:2])
+    except (PackageNotFoundError, ValueError):
+        return False
+    if (major, minor) >= (70, 1):
+        return True
+    try:
+        return major >= 64 and bool(version("wheel"))
+    except PackageNotFoundError:
+        return False
+
+
 def build_wheel(tmp_path: Path) -> Path:
     source = tmp_path / "source"
     source.mkdir()
     for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(ROOT / name, source / name)
     shutil.copytree(ROOT / "bumblecore", source / "bumblecore", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "--no-index",
-                    "-q", "-w", str(tmp_path / "dist")], check=True, timeout=300)
+    # Offline with this environment's setuptools when it can build wheels by itself (>= 70.1, or with the
+    # wheel package); else pip fetches pyproject's build requirements into an isolated build env.
+    offline = ["--no-build-isolation", "--no-index"] if can_build_wheels_here() else []
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", *offline, "-q", "-w", str(tmp_path / "dist")],
+                   check=True, timeout=300)
     (wheel,) = (tmp_path / "dist").glob("bumblecore-*.whl")
     return wheel
 
