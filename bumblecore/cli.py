@@ -112,6 +112,8 @@ def gather_list_values(function, args: list[str], more_list_names: set[str] = fr
                 i += 1
             if len(values) == 1 and values[0].lstrip().startswith("["):
                 out += [arg, values[0]]  # already a list literal
+            elif len(values) == 1 and values[0].strip().lower() in ("null", "none", ""):
+                out += [arg, "null"]  # "no list" (e.g. --eval_dataset_path null), not a file named null
             else:
                 out += [arg, json.dumps(values)]
         else:

@@ -91,7 +91,9 @@ def exact_match(model_dir, questions: list[dict], device: str, batch_size: int =
     results = engine.generate(prompts, SamplingParams(max_new_tokens=24))
     answers = [{"question": q["instruction"], "expected": q["output"], "answer": r["text"].strip()}
                for q, r in zip(questions, results)]
-    return sum(a["answer"] == a["expected"] for a in answers) / max(1, len(answers)), answers
+    from bumblecore.train.metrics import exact_match as exact_match_score
+
+    return exact_match_score([a["answer"] for a in answers], [a["expected"] for a in answers]), answers
 
 
 @torch.no_grad()

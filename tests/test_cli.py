@@ -174,3 +174,14 @@ def test_bare_flags_beside_lists_and_print_config(tmp_path, capsys):
     resolved = printed("train", "--config", config, "--packing", "--lora_target_modules", "q_proj", "v_proj", "--save_last")
     assert resolved["packing"] is True and resolved["save_last"] is True  # the command line over the file
     assert resolved["lora_target_modules"] == ["q_proj", "v_proj"]
+
+
+def test_a_list_option_given_null_or_empty_means_none(capsys):
+    """`--eval_dataset_path null` (or "") is no eval set, not a dataset file named "null" or the cwd."""
+    from bumblecore.cli import gather_list_values
+
+    for value in ("null", "None", ""):
+        assert gather_list_values(print, ["--eval_dataset_path", value, "--x", "1"], {"eval_dataset_path"}) == \
+            ["--eval_dataset_path", "null", "--x", "1"]
+    main(["train", "--dataset_path", "d.jsonl", "--model_name_or_path", "m", "--eval_dataset_path", "null", "--print_config"])
+    assert yaml.safe_load(capsys.readouterr().out)["eval_dataset_path"] is None
