@@ -145,10 +145,6 @@ class ChatFormat:
         except Exception as err:  # the template's own raise_exception, or a Jinja error
             raise ChatFormatError(f"the chat template cannot render this conversation: {err}") from err
 
-    def render(self, messages: list[dict], tools: Optional[list] = None, add_generation_prompt: bool = False) -> str:
-        """The template's text for a conversation (as transformers' apply_chat_template renders it)."""
-        return self._render(messages, tools, add_generation_prompt)
-
     def _trained_spans(self, messages: list[dict], tools, full: str, train: str) -> list[tuple[int, int]]:
         """Character spans of `full` (the escaped conversation's render) that are trained: every
         assistant turn ("all") or only the last ("last"), each from its prompt to its end-of-turn."""
