@@ -277,3 +277,131 @@ def test_ref_model_path_names_another_reference(tmp_path, models, data):
                                   ref_model_path=str(models / "reference"), precompute_ref_log_probs=precompute))[0]
         assert first["loss"] == pytest.approx(expected, abs=1e-5)
         assert abs(first["loss"] - math.log(2)) > 1e-3
+
+
+# ---------------------------------------------------------------------------- reference-free: ORPO, SimPO
+
+
+def reference_free_closed_form(chosen_tokens, rejected_tokens, beta, loss_type, gamma, sft_weight=0.0):
+    """One pair's ORPO or SimPO loss and metrics from the papers' definitions, in Python floats (fp64)."""
+    mw, ml = sum(chosen_tokens) / len(chosen_tokens), sum(rejected_tokens) / len(rejected_tokens)
+    logsigmoid = lambda x: -math.log1p(math.exp(-x))  # noqa: E731
+    if loss_type == "orpo":
+        odds = lambda m: math.exp(m) / (1 - math.exp(m))  # noqa: E731
+        chosen, rejected = math.log(odds(mw)), math.log(odds(ml))
+        terms = {"loss/nll": -mw, "loss/orpo": -logsigmoid(chosen - rejected)}
+        loss = -mw + beta * terms["loss/orpo"]
+    else:
+        chosen, rejected = beta * mw, beta * ml
+        loss = -logsigmoid(chosen - rejected - gamma)
+        terms = {"loss/simpo": loss, **({"loss/sft": -mw} if sft_weight else {})}
+        loss += sft_weight * -mw
+    return {"loss": loss, **terms, "rewards/chosen": chosen, "rewards/rejected": rejected,
+            "rewards/margins": chosen - rejected, "rewards/accuracies": float(chosen > rejected),
+            "logps/chosen": sum(chosen_tokens), "logps/rejected": sum(rejected_tokens)}
+
+
+@pytest.fixture(scope="module")
+def policy_pair_tokens(data, models):
+    """Per-token log-probs of the policy on the six ShareGPT pairs (chosen, rejected), from transformers in fp64."""
+    tokenizer = load_tokenizer(TOKENIZER)
+    pairs = []
+    for sample in list(read_samples(str(data / "sharegpt.json"), "dpo"))[:6]:
+        c = sample.conversation
+        pairs.append([transformers_logps(models / "policy", *encode_preference(tokenizer, c.messages, reply, c.tools))
+                      for reply in (sample.chosen, sample.rejected)])
+    return pairs
+
+
+@pytest.mark.parametrize("loss_type,beta,gamma,sft_weight", [("orpo", 0.25, 0.0, 0.0), ("simpo", 2.0, 0.5, 0.0),
+                                                              ("simpo", 2.5, 1.4, 0.3)])
+def test_reference_free_losses_equal_the_closed_forms(loss_type, beta, gamma, sft_weight, data, models, policy_pair_tokens, tmp_path):
+    batch, _ = pairs_batch(data / "sharegpt.json", tmp_path, n=6)
+    expected = [reference_free_closed_form(chosen, rejected, beta, loss_type, gamma, sft_weight)
+                for chosen, rejected in policy_pair_tokens]
+
+    stage = PreferenceStage(beta, loss_type, sft_weight=sft_weight, simpo_gamma=gamma)
+    total, metrics = stage.loss(Bumblebee.from_pretrained(models / "policy"), batch)
+    assert float(total.detach()) == pytest.approx(sum(e["loss"] for e in expected), rel=1e-4)
+    for key in metrics:
+        assert float(metrics[key]) == pytest.approx(sum(e[key] for e in expected), rel=1e-4, abs=1e-6), key
+    assert {"rewards/margins", "rewards/accuracies", "logps/chosen"} <= set(metrics)
+    assert any(abs(e["rewards/margins"]) > 1e-2 for e in expected)  # h != 0: the formulas are exercised
+
+
+def test_orpo_log_odds_are_stable_near_probability_one():
+    """fp32 mean log-probs near 0 (where 1 - exp(m) cancels) and far below it, against fp64 closed forms."""
+    from bumblecore.train.losses import reference_free_loss
+
+    chosen = torch.tensor([-1e-5, -3e-3, -0.3, -0.69, -0.7, -2.0, -40.0])
+    rejected = torch.tensor([-0.5, -1e-4, -0.69315, -5.0, -1e-6, -0.01, -80.0])
+    loss, lw, ll = reference_free_loss(chosen, rejected, 0.1, "orpo")
+    for i, (mw, ml) in enumerate(zip(chosen.double().tolist(), rejected.double().tolist())):
+        expected_w, expected_l = (m - math.log(-math.expm1(m)) for m in (mw, ml))
+        # abs: near p = 1/2 the log odds are ~0, the difference of two ~ln 2 terms (fp32 resolves 6e-8)
+        assert float(lw[i]) == pytest.approx(expected_w, rel=1e-4, abs=1e-6)
+        assert float(ll[i]) == pytest.approx(expected_l, rel=1e-4, abs=1e-6)
+        assert float(loss[i]) == pytest.approx(-mw + 0.1 * math.log1p(math.exp(-(expected_w - expected_l))), rel=1e-4)
+    assert torch.isfinite(reference_free_loss(torch.zeros(1), torch.zeros(1), 0.1, "orpo")[0]).all()  # p = 1
+
+
+@pytest.mark.parametrize("keys", [{"ref_model_path": "checkpoints/sft_full"}, {"dpo_label_smoothing": 0.1},
+                                  {"ld_alpha": 0.5}, {"sft_weight": 0.1}])
+def test_reference_free_losses_refuse_reference_keys(keys):
+    losses = ["orpo"] if "sft_weight" in keys else ["orpo", "simpo"]
+    for loss in losses:
+        with pytest.raises(ValueError, match=next(iter(keys)) if "sft_weight" not in keys else "NLL"):
+            TrainConfig(training_stage="dpo", pref_loss=loss, **keys)
+    TrainConfig(training_stage="dpo", pref_loss="simpo", sft_weight=0.1)  # SimPO + an SFT term is fine
+    TrainConfig(training_stage="sft", pref_loss="orpo", ref_model_path="x")  # only a dpo run reads them
+
+
+def no_references(monkeypatch):
+    import bumblecore.train.dpo as dpo
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a reference-free loss built a reference")
+
+    for name in ("ModelReference", "AdapterDisabledReference", "compute_reference_logps", "cached_reference_logps"):
+        monkeypatch.setattr(dpo, name, refuse)
+
+
+def four_pairs(tmp_path, data):
+    file = tmp_path / "four.jsonl"
+    file.write_text("\n".join((data / "train.jsonl").read_text().splitlines()[:4]) + "\n")
+    return str(file)
+
+
+def test_orpo_learns_without_a_reference_and_resumes_exactly(tmp_path, models, data, monkeypatch, capsys):
+    no_references(monkeypatch)
+    keys = dict(pref_loss="orpo", dataset_path=four_pairs(tmp_path, data), max_steps=4, save_steps=2, save_total_limit=5,
+                train_micro_batch_size_per_gpu=4, gradient_accumulation_steps=1, precompute_ref_log_probs=False)
+    straight = train_records(run(tmp_path / "a", models / "start", data, **keys))
+    banner = capsys.readouterr().out
+    assert "no reference model" in banner and "frozen reference" not in banner
+    assert "precompute_ref_log_probs False is ignored" in banner
+    assert not list((tmp_path / "cache").rglob("reference_logps-*"))
+    losses = [r["loss"] for r in straight]
+    assert losses[-1] < losses[0] - 0.1, losses
+    assert losses[0] == pytest.approx(straight[0]["loss/nll"] + 0.5 * straight[0]["loss/orpo"], rel=1e-6)
+    resumed_dir = tmp_path / "c"
+    resumed_dir.mkdir()
+    shutil.copytree(tmp_path / "a" / "checkpoint-2", resumed_dir / "checkpoint-2")
+    history = run(resumed_dir, models / "start", data, **keys, resume_from_checkpoint="latest")
+    assert [r["step"] for r in history] == [3, 4]
+    for key in ("loss", "loss/orpo", "rewards/margins", "logps/chosen"):
+        assert [r[key] for r in history] == [r[key] for r in straight[2:]], key
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (resumed_dir / "model.safetensors").read_bytes()
+
+
+def test_simpo_lora_learns_without_a_reference(tmp_path, models, data, monkeypatch, capsys):
+    no_references(monkeypatch)
+    history = train_records(run(tmp_path / "s", models / "start", data, pref_loss="simpo", pref_beta=2.0, simpo_gamma=0.5,
+                                finetuning_type="lora", dataset_path=four_pairs(tmp_path, data), max_steps=4,
+                                save_steps=100, train_micro_batch_size_per_gpu=4, gradient_accumulation_steps=1))
+    banner = capsys.readouterr().out
+    assert "simpo loss, beta 2.0, gamma 0.5" in banner and "no reference model" in banner
+    assert not list((tmp_path / "cache").rglob("reference_logps-*"))
+    losses = [r["loss"] for r in history]
+    assert losses[-1] < losses[0], losses
+    assert history[-1]["rewards/margins"] > history[0]["rewards/margins"]

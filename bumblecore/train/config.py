@@ -17,6 +17,9 @@ from typing import Any, Optional, Union
 import yaml
 
 STAGES = ("pretrain", "continue_pretrain", "sft", "dpo")
+PREF_LOSSES = ("sigmoid", "ipo", "orpo", "simpo")
+# Preference losses of the policy alone: no reference model is built, loaded or cached for them.
+REFERENCE_FREE_LOSSES = ("orpo", "simpo")
 FINETUNING_TYPES = ("full", "lora")
 # Spellings of the original's YAML files that mean one of our keys.
 ALIASES = {"label_smoothing": "dpo_label_smoothing"}
@@ -124,9 +127,11 @@ class TrainConfig:
 
     # -- DPO
     pref_beta: float = 0.1
-    """DPO beta."""
+    """DPO beta; ORPO's lambda (weight of the odds-ratio term); SimPO's beta (its papers use ~2.0: set it)."""
     pref_loss: str = "sigmoid"
-    """sigmoid (DPO) or ipo."""
+    """sigmoid (DPO), ipo, orpo or simpo (orpo and simpo use no reference model)."""
+    simpo_gamma: float = 0.5
+    """SimPO's target reward margin gamma (pref_loss simpo only)."""
     dpo_label_smoothing: float = 0.0
     """Conservative DPO (also spelled label_smoothing)."""
     sft_weight: float = 0.0
@@ -144,10 +149,28 @@ class TrainConfig:
             raise ValueError(f"training_stage {self.training_stage!r} is not one of {', '.join(STAGES)}")
         if self.finetuning_type not in FINETUNING_TYPES:
             raise ValueError(f"finetuning_type {self.finetuning_type!r} is not one of {', '.join(FINETUNING_TYPES)}")
-        if self.pref_loss not in ("sigmoid", "ipo"):
-            raise ValueError(f"pref_loss {self.pref_loss!r} is not one of sigmoid, ipo")
+        if self.pref_loss not in PREF_LOSSES:
+            raise ValueError(f"pref_loss {self.pref_loss!r} is not one of {', '.join(PREF_LOSSES)}")
+        if self.training_stage == "dpo" and self.pref_loss in REFERENCE_FREE_LOSSES:
+            self._check_reference_free()
         if self.packing is None:
             self.packing = self.training_stage != "dpo"
+
+
+    def _check_reference_free(self) -> None:
+        """Keys that mean nothing without a reference (or that these losses define otherwise) are refused,
+        not ignored: a run given a reference model should not silently train without it."""
+        loss = self.pref_loss
+        if self.ref_model_path:
+            raise ValueError(f"ref_model_path is set, but pref_loss {loss} uses no reference model; "
+                             "drop ref_model_path, or use pref_loss sigmoid or ipo")
+        if self.dpo_label_smoothing:
+            raise ValueError(f"dpo_label_smoothing (conservative DPO) is for pref_loss sigmoid, not {loss}")
+        if self.ld_alpha != 1.0:
+            raise ValueError(f"ld_alpha (LD-DPO) weighs summed log-probs; pref_loss {loss} already uses per-token means")
+        if loss == "orpo" and self.sft_weight:
+            raise ValueError("pref_loss orpo already includes the chosen response's NLL (weight 1); leave sft_weight at 0 "
+                             "and weigh the odds-ratio term with pref_beta")
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}

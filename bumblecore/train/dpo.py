@@ -11,6 +11,12 @@ forward. With logp(y) the summed log-probability of a response's target tokens (
 
 The reference is the LoRA base with its adapter disabled (no second copy), a frozen model, or
 log-probs computed once before training and kept on disk beside the token cache.
+
+Reference-free, from the per-token means m(y) = logp(y) / |y| (no reference is built, loaded or cached;
+beta = pref_beta, ORPO's lambda):
+
+    orpo      L = -m(y_w) + beta * -log sigmoid(log odds(y_w) - log odds(y_l)),  odds = p / (1 - p), p = exp(m)
+    simpo     L = -log sigmoid(beta (m(y_w) - m(y_l)) - simpo_gamma)
 """
 
 from __future__ import annotations
@@ -30,8 +36,10 @@ from bumblecore.train.losses import (
     chunked_token_logps,
     length_desensitized_weights,
     preference_loss,
+    reference_free_loss,
     shift_targets,
 )
+from bumblecore.train.config import PREF_LOSSES, REFERENCE_FREE_LOSSES
 
 REFERENCE_FORMAT_VERSION = 1
 
@@ -192,15 +200,20 @@ class PreferenceStage:
     engine divides by the pairs of the whole step (across accumulation and devices)."""
 
     def __init__(self, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
-                 sft_weight: float = 0.0, ld_alpha: float = 1.0, reference=None):
-        if loss_type not in ("sigmoid", "ipo"):
-            raise ValueError(f"pref_loss {loss_type!r} is not supported; choose sigmoid or ipo")
+                 sft_weight: float = 0.0, ld_alpha: float = 1.0, reference=None, simpo_gamma: float = 0.5):
+        if loss_type not in PREF_LOSSES:
+            raise ValueError(f"pref_loss {loss_type!r} is not supported; choose {', '.join(PREF_LOSSES)}")
+        if loss_type in REFERENCE_FREE_LOSSES and (reference is not None or label_smoothing or ld_alpha != 1.0
+                                                   or (loss_type == "orpo" and sft_weight)):
+            raise ValueError(f"pref_loss {loss_type} takes no reference, dpo_label_smoothing or ld_alpha"
+                             f"{' or sft_weight' if loss_type == 'orpo' else ''}")
         if beta <= 0:
             raise ValueError(f"pref_beta must be > 0, got {beta}")
         if not 0.0 <= label_smoothing < 0.5:
             raise ValueError(f"dpo_label_smoothing must be in [0, 0.5), got {label_smoothing}")
         self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
         self.sft_weight, self.ld_alpha, self.reference = sft_weight, ld_alpha, reference
+        self.simpo_gamma = simpo_gamma
 
     reports_perplexity = False  # exp(DPO loss) means nothing
     summary = ""
@@ -213,6 +226,8 @@ class PreferenceStage:
         token_logps, targets = response_token_logps(model, batch)
         lengths = (targets != IGNORE_INDEX).sum(-1).clamp(min=1)
         plain = token_logps.sum(-1)
+        if self.loss_type in REFERENCE_FREE_LOSSES:
+            return self._reference_free_loss(n, plain, lengths)
         if self.ld_alpha != 1.0:
             policy = (token_logps * length_desensitized_weights(targets, n, self.ld_alpha)).sum(-1)
         else:
@@ -248,6 +263,32 @@ class PreferenceStage:
             })
         return total, metrics
 
+    def _reference_free_loss(self, n: int, logps: torch.Tensor, lengths: torch.Tensor):
+        """ORPO / SimPO from per-token means; the rewards are what each loss compares inside its sigmoid."""
+        means = logps / lengths
+        pair_losses, chosen_rewards, rejected_rewards = reference_free_loss(
+            means[:n], means[n:], self.beta, self.loss_type, self.simpo_gamma)
+        total = pair_losses.sum()
+        chosen_nll = (-means[:n]).sum()
+        if self.loss_type == "orpo":  # its two terms apart: the NLL, and the odds-ratio term before lambda
+            metrics = {"loss/nll": chosen_nll.detach(),
+                       "loss/orpo": -torch.nn.functional.logsigmoid(chosen_rewards - rejected_rewards).detach().sum()}
+        else:
+            metrics = {"loss/simpo": total.detach()}
+        if self.sft_weight:  # simpo only: orpo's NLL term is already there
+            total = total + self.sft_weight * chosen_nll
+            metrics["loss/sft"] = chosen_nll.detach()
+        with torch.no_grad():
+            metrics.update({
+                "rewards/chosen": chosen_rewards.sum(),
+                "rewards/rejected": rejected_rewards.sum(),
+                "rewards/margins": (chosen_rewards - rejected_rewards).sum(),
+                "rewards/accuracies": (chosen_rewards > rejected_rewards).float().sum(),
+                "logps/chosen": logps[:n].detach().sum(),
+                "logps/rejected": logps[n:].detach().sum(),
+            })
+        return total, metrics
+
 
 def build_preference_stage(fabric, config, model, units, eval_units, pad_id: int, resuming: bool, load_reference_model):
     """The stage, and `attach(batches, split)` that gives a loader (split "train") or eval batches
@@ -255,6 +296,13 @@ def build_preference_stage(fabric, config, model, units, eval_units, pad_id: int
 
     load_reference_model(path) builds a model on the host; it is used for ref_model_path, and for
     full fine-tuning when the policy no longer equals its starting weights (a resumed run)."""
+    if config.pref_loss in REFERENCE_FREE_LOSSES:
+        stage = PreferenceStage(config.pref_beta, config.pref_loss, sft_weight=config.sft_weight, simpo_gamma=config.simpo_gamma)
+        terms = (f"lambda (pref_beta) {config.pref_beta}" if config.pref_loss == "orpo" else
+                 f"beta {config.pref_beta}, gamma {config.simpo_gamma}, sft_weight {config.sft_weight}")
+        stage.summary = f"preference: {config.pref_loss} loss, {terms}; no reference model (reference-free)"
+        return stage, lambda batches, split="train": batches
+
     lora = config.finetuning_type == "lora"
     precompute = config.precompute_ref_log_probs if config.precompute_ref_log_probs is not None else not lora
     reference_dir = config.ref_model_path or config.model_name_or_path

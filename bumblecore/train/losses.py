@@ -3,6 +3,7 @@ exist all at once: with a 151,936-token vocabulary they would dominate training 
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -151,4 +152,40 @@ def preference_loss(
         return -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
     if loss_type == "ipo":
         return (h - 1 / (2 * beta)) ** 2
-    raise ValueError(f"pref_loss {loss_type!r} is not supported; choose sigmoid or ipo")
+    raise ValueError(f"pref_loss {loss_type!r} is not supported here; choose sigmoid or ipo "
+                     "(orpo and simpo: reference_free_loss)")
+
+
+# Mean log-probs are capped just below 0: a response predicted with p = 1 in fp32 would have infinite
+# log odds (and gradient); the cap bounds them at ~13.8.
+MAX_MEAN_LOGP = -1e-6
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0 without cancellation (Maechler 2012): log(-expm1(x)) near 0, where
+    1 - exp(x) loses its digits, and log1p(-exp(x)) below -ln 2, where expm1 would."""
+    return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def log_odds(mean_logp: torch.Tensor) -> torch.Tensor:
+    """log(p / (1 - p)) of the length-normalised sequence probability p = exp(mean token log-prob)."""
+    mean_logp = mean_logp.clamp(max=MAX_MEAN_LOGP)
+    return mean_logp - log1mexp(mean_logp)
+
+
+def reference_free_loss(
+    chosen_mean: torch.Tensor, rejected_mean: torch.Tensor, beta: float, loss_type: str, simpo_gamma: float = 0.5
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair (loss, chosen reward, rejected reward) from per-token mean log-probs, no reference.
+
+    orpo:  L = -mean_w + beta * -log sigmoid(log odds(y_w) - log odds(y_l)); rewards are the log odds
+           (beta, ORPO's lambda, weighs the term outside the sigmoid, so it scales no reward)
+    simpo: L = -log sigmoid(r_w - r_l - gamma), rewards r = beta * mean logp
+    """
+    if loss_type == "orpo":
+        chosen, rejected = log_odds(chosen_mean), log_odds(rejected_mean)
+        return -chosen_mean + beta * -F.logsigmoid(chosen - rejected), chosen, rejected
+    if loss_type == "simpo":
+        chosen, rejected = beta * chosen_mean, beta * rejected_mean
+        return -F.logsigmoid(chosen - rejected - simpo_gamma), chosen, rejected
+    raise ValueError(f"pref_loss {loss_type!r} is not reference-free; choose orpo or simpo")

@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from bumblecore.train.config import TrainConfig, to_yaml
+from bumblecore.train.config import REFERENCE_FREE_LOSSES, TrainConfig, to_yaml
 
 
 def train(config: TrainConfig) -> None:
@@ -61,6 +61,13 @@ def config_notes(config: TrainConfig) -> list[str]:
         notes.append(f"num_local_io_workers {config.num_local_io_workers} is accepted and ignored: the Rust tokenizer "
                      "already tokenizes the cache on every core, and batches are read in-process from the "
                      "memory-mapped cache (no loader workers)")
+    if config.training_stage == "dpo" and config.pref_loss in REFERENCE_FREE_LOSSES:
+        if config.precompute_ref_log_probs is not None:
+            notes.append(f"precompute_ref_log_probs {config.precompute_ref_log_probs} is ignored: pref_loss "
+                         f"{config.pref_loss} uses no reference model")
+        if config.pref_loss == "simpo" and config.pref_beta < 1.0:
+            notes.append(f"pref_beta {config.pref_beta} is SimPO's beta here; SimPO's papers use ~2.0 "
+                         "(0.1 is DPO's default, kept as the key's default)")
     return notes
 
 
@@ -165,8 +172,8 @@ def memory_plan(fabric, config: TrainConfig, deepspeed_config, local_processes: 
 
     total, trainable = count_parameters(config)
     frozen_copy = 0
-    if config.training_stage == "dpo" and (config.ref_model_path or (config.finetuning_type == "full"
-                                                                     and config.precompute_ref_log_probs is False)):
+    if config.training_stage == "dpo" and config.pref_loss not in REFERENCE_FREE_LOSSES and (
+            config.ref_model_path or (config.finetuning_type == "full" and config.precompute_ref_log_probs is False)):
         frozen_copy = total - (trainable if config.finetuning_type == "lora" else 0)
     name, available = available_memory(fabric.device, local_processes)
     return plan_memory(total, trainable, config.train_model_precision, fabric.world_size, deepspeed_config, name,
