@@ -28,7 +28,8 @@ def command_lines(script: Path) -> list[list[str]]:
 
 def test_every_workflow_has_a_script():
     names = {p.stem for p in SCRIPTS}
-    assert {"pretrain", "sft_full", "sft_lora", "dpo_full", "dpo_lora", "merge_lora", "chat", "bumblechat", "demo"} <= names
+    assert {"pretrain", "sft_full", "sft_lora", "dpo_full", "dpo_lora", "orpo", "simpo", "merge_lora", "chat", "bumblechat",
+            "demo"} <= names
 
 
 def print_config(args: list[str]) -> dict:
@@ -102,7 +103,7 @@ def script_paths(script: Path, monkeypatch) -> tuple[set[str], set[str]]:
 
 def test_each_script_reads_the_previous_scripts_default_output(monkeypatch):
     """pretrain -> sft_full -> dpo_lora -> merge_lora -> chat / bumblechat (serve), as the tutorial chains them;
-    sft_lora and dpo_full branch off it. tests/test_workflow.py runs the main line for real."""
+    sft_lora, dpo_full, orpo and simpo branch off it. tests/test_workflow.py runs the main line for real."""
     paths = {s.stem: script_paths(s, monkeypatch) for s in SCRIPTS if s.stem != "demo" and command_lines(s)}
     expected = {
         "pretrain": (set(), {"checkpoints/init", "checkpoints/pretrain"}),
@@ -110,6 +111,8 @@ def test_each_script_reads_the_previous_scripts_default_output(monkeypatch):
         "sft_lora": ({"checkpoints/pretrain"}, {"checkpoints/sft_lora"}),
         "dpo_lora": ({"checkpoints/sft_full"}, {"checkpoints/dpo_lora"}),
         "dpo_full": ({"checkpoints/sft_full"}, {"checkpoints/dpo_full"}),
+        "orpo": ({"checkpoints/pretrain"}, {"checkpoints/orpo"}),  # ORPO needs no SFT stage before it
+        "simpo": ({"checkpoints/sft_full"}, {"checkpoints/simpo"}),
         "merge_lora": ({"checkpoints/sft_full", "checkpoints/dpo_lora"}, {"checkpoints/dpo_merged"}),
         "chat": ({"checkpoints/dpo_merged"}, set()),
         "bumblechat": ({"checkpoints/dpo_merged"}, set()),
