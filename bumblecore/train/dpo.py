@@ -251,16 +251,8 @@ class PreferenceStage:
             metrics["loss/sft"] = chosen_nll.detach()
 
         with torch.no_grad():
-            chosen_rewards = self.beta * (policy[:n] - reference[:n])
-            rejected_rewards = self.beta * (policy[n:] - reference[n:])
-            metrics.update({
-                "rewards/chosen": chosen_rewards.sum(),
-                "rewards/rejected": rejected_rewards.sum(),
-                "rewards/margins": (chosen_rewards - rejected_rewards).sum(),
-                "rewards/accuracies": (chosen_rewards > rejected_rewards).float().sum(),
-                "logps/chosen": policy[:n].detach().sum(),
-                "logps/rejected": policy[n:].detach().sum(),
-            })
+            metrics.update(reward_metrics(self.beta * (policy[:n] - reference[:n]), self.beta * (policy[n:] - reference[n:]),
+                                          policy, n))
         return total, metrics
 
     def _reference_free_loss(self, n: int, logps: torch.Tensor, lengths: torch.Tensor):
@@ -279,15 +271,20 @@ class PreferenceStage:
             total = total + self.sft_weight * chosen_nll
             metrics["loss/sft"] = chosen_nll.detach()
         with torch.no_grad():
-            metrics.update({
-                "rewards/chosen": chosen_rewards.sum(),
-                "rewards/rejected": rejected_rewards.sum(),
-                "rewards/margins": (chosen_rewards - rejected_rewards).sum(),
-                "rewards/accuracies": (chosen_rewards > rejected_rewards).float().sum(),
-                "logps/chosen": logps[:n].detach().sum(),
-                "logps/rejected": logps[n:].detach().sum(),
-            })
+            metrics.update(reward_metrics(chosen_rewards, rejected_rewards, logps, n))
         return total, metrics
+
+
+def reward_metrics(chosen_rewards, rejected_rewards, logps, n: int) -> dict:
+    """The preference metrics every loss logs, as sums over the pairs (the engine divides by pairs)."""
+    return {
+        "rewards/chosen": chosen_rewards.sum(),
+        "rewards/rejected": rejected_rewards.sum(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).sum(),
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().sum(),
+        "logps/chosen": logps[:n].detach().sum(),
+        "logps/rejected": logps[n:].detach().sum(),
+    }
 
 
 def build_preference_stage(fabric, config, model, units, eval_units, pad_id: int, resuming: bool, load_reference_model):
