@@ -94,7 +94,7 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("BUMBLECORE_CACHE", Path.home() / ".cache" / "bumblecore")) / "tokens"
 
 
-def _hash_file(digest, path: Path) -> None:
+def hash_file_into(digest, path: Path) -> None:
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
@@ -116,7 +116,7 @@ def cache_key(paths, tokenizer, stage: str, cutoff_len: int, skip_bad_records: b
     digest.update(tokenizer_fingerprint(tokenizer).encode())
     for file in data_files(paths):
         digest.update(file.name.encode())
-        _hash_file(digest, file)
+        hash_file_into(digest, file)
     return digest.hexdigest()[:24]
 
 

@@ -16,7 +16,6 @@ import os
 import random
 import re
 import shutil
-import stat
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -26,7 +25,6 @@ import torch
 PREFIX = "checkpoint-"
 COMPLETE_MARKER = "trainer_state.json"
 STATE_DIR = "training_state"
-HASH_CHUNK = 1 << 20
 
 
 class DamagedCheckpoint(ValueError):
@@ -75,15 +73,10 @@ def resolve_resume_dir(output_dir, resume_from_checkpoint: Optional[str], notes:
 
 
 def file_sha256(path: Path) -> str:
+    from bumblecore.data.cache import hash_file_into
+
     digest = hashlib.sha256()
-    buffer = bytearray(HASH_CHUNK)
-    view = memoryview(buffer)
-    with open(path, "rb", buffering=0) as handle:
-        while True:
-            n = handle.readinto(buffer)
-            if not n:
-                break
-            digest.update(view[:n])
+    hash_file_into(digest, path)
     return digest.hexdigest()
 
 
@@ -159,7 +152,6 @@ def save_checkpoint(
     barrier()
     if is_rank_zero:
         try:
-            usual_file_modes(tmp)
             marker = {**trainer_state, "checksums": checksums(tmp)}
             (tmp / COMPLETE_MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
         except BaseException:
@@ -176,17 +168,6 @@ def save_checkpoint(
             os.replace(tmp, final)
     barrier()
     return final
-
-
-def usual_file_modes(directory, recursive: bool = True) -> None:
-    """Files written through mkstemp (the safetensors writer's temporary) keep its 0600, so other users
-    and containers cannot read the checkpoint: give them the mode a plain open() gets under the umask."""
-    from bumblecore.model.hf_io import current_umask
-
-    umask = current_umask()
-    for path in (Path(directory).rglob("*") if recursive else Path(directory).iterdir()):
-        if path.is_file() and not path.is_symlink() and stat.S_IMODE(path.stat().st_mode) == 0o600:
-            path.chmod(0o666 & ~umask)
 
 
 def remove_stale_temporaries(output_dir) -> list[Path]:

@@ -546,9 +546,5 @@ class Exporter:
 
     def export_final(self, engine) -> None:
         """The trained model at output_dir's root (DESIGN.md §3)."""
-        from bumblecore.train.checkpoint import usual_file_modes
-
         self.write_model(engine.model, Path(self.config.output_dir))
-        if self.fabric.is_global_zero:
-            usual_file_modes(self.config.output_dir, recursive=False)
         self.fabric.barrier()
