@@ -1,7 +1,7 @@
 """Tokenizers: load any Hugging Face tokenizer dir; train a byte-level BPE with the ChatML template.
 
 A tokenizer without a chat template gets ours (ChatML as Qwen2.5 renders it, data/template.py);
-one with its own keeps it (DESIGN.md §4).
+one with its own keeps it (docs/DATA_FORMAT.md, "The chat template and the mask rule").
 """
 
 from __future__ import annotations

@@ -1,3 +1,3 @@
 #!/usr/bin/env bash
-# DESIGN.md's name for scripts/bumblechat.sh: the web chat page and the OpenAI-compatible API.
+# Another name for scripts/bumblechat.sh (the one the design names): the web chat page and the OpenAI-compatible API.
 exec "$(dirname "$0")/bumblechat.sh" "$@"

@@ -1,5 +1,5 @@
 """train_tokenizer / load_tokenizer: round trips, specials, streaming corpus reading, and the ChatML
-template of DESIGN.md §4 (expected strings written out by hand in Qwen2.5's format)."""
+template of docs/DATA_FORMAT.md (expected strings written out by hand in Qwen2.5's format)."""
 
 import itertools
 import json

@@ -14,7 +14,7 @@ from bumblecore.inference.loading import load_for_inference
 
 def build_prompt_ids(tokenizer, prompt_or_messages, training_stage: str = "sft", system_prompt: Optional[str] = None,
                      tools: Optional[list] = None) -> list[int]:
-    """Raw text for pretrain models; the chat template (DESIGN.md §4) for sft/dpo models, with tool
+    """Raw text for pretrain models; the chat template (docs/DATA_FORMAT.md) for sft/dpo models, with tool
     definitions when given."""
     from bumblecore.data.template import render_prompt
 
