@@ -2,8 +2,21 @@
 
 import itertools
 import json
+import os
+import shutil
+import tempfile
 
 import pytest
+
+
+def pytest_configure(config):
+    # The token cache of every run a test starts (in this process or a child) goes to a folder of this
+    # session, never to ~/.cache: a cache left by another checkout must not decide what a test sees.
+    os.environ["BUMBLECORE_CACHE"] = tempfile.mkdtemp(prefix="bumblecore-test-cache-")
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(os.environ.pop("BUMBLECORE_CACHE", ""), ignore_errors=True)
 
 SUBJECTS = ["The bee", "A small model", "The teacher", "My friend", "The engine", "蜜蜂", "小模型", "老师"]
 VERBS = ["reads", "writes", "trains on", "counts", "learns from", "喜欢", "学习", "计算"]
