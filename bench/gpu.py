@@ -155,11 +155,11 @@ def check_flash(args, device, dtype) -> list[dict]:
             reference = model(data["input_ids"], **kwargs).float()
             model.config.attn_implementation = "flash_attn"
             for layer in model.model.layers:
-                layer.self_attn.backend = "flash_attn"
+                layer.self_attn.attn_implementation = "flash_attn"
             got = model(data["input_ids"], **kwargs).float()
             model.config.attn_implementation = "sdpa"
             for layer in model.model.layers:
-                layer.self_attn.backend = "sdpa"
+                layer.self_attn.attn_implementation = "sdpa"
             rows.append({"check": "flash", "rows": name, "max_abs_logit_diff": float((got - reference).abs().max()),
                          "mean_abs_logit_diff": float((got - reference).abs().mean())})
             print(rows[-1], flush=True)

@@ -11,8 +11,7 @@ from transformers import GenerationConfig
 
 from bumblecore import Bumblebee
 from bumblecore.inference.generate import GenerationEngine, SamplingParams
-from bumblecore.inference.transformers_backend import RecomputingCausalLM
-from bumblecore.train.hf_fallback import TransformersCausalLM, check_loss_parity, load_transformers_model
+from bumblecore.model.transformers_family import TransformersCausalLM, check_loss_parity, load_transformers_model
 from bumblecore.train.losses import chunked_cross_entropy, shift_targets
 from bumblecore.train.run import _is_bumblebee
 from bumblecore.train.sft import LanguageModelingStage
@@ -86,7 +85,7 @@ class IdsTokenizer:
 
 def greedy_ours(model, prompts, new_tokens):
     if getattr(model, "is_transformers_fallback", False):
-        model = RecomputingCausalLM(model.hf)  # what bumblecore.inference.loading gives a transformers family
+        model = TransformersCausalLM(model.hf, for_training=False)  # what bumblecore.inference.loading gives a transformers family
     engine = GenerationEngine(model, IdsTokenizer(), max_batch_size=len(prompts), eos_token_ids=[])
     results = engine.generate(prompts, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
     return [r["token_ids"] for r in results]
@@ -242,7 +241,7 @@ def test_lora_targets_every_linear_layer_and_the_adapter_generates_and_merges(fa
         expected = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
                                              str(tmp_path / "adapter")).eval()(ids).logits
         model, _, _ = load_for_inference(str(tmp_path / "adapter"), device_map="cpu")
-        got = model.hf(ids).logits if isinstance(model, RecomputingCausalLM) else model(ids)
+        got = model.hf(ids).logits if isinstance(model, TransformersCausalLM) else model(ids)
         assert (got - expected).abs().max() < 1e-4
     merge_lora(str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "merged"))
     with torch.no_grad():

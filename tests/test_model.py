@@ -1,4 +1,5 @@
-"""Bumblebee against transformers' Qwen2 / Llama / Qwen3 / Mistral: logits, checkpoints, presets, KV cache."""
+"""Bumblebee against transformers' Qwen2 / Llama / Qwen3 / Mistral: logits, checkpoints, presets, KV cache;
+and the decode-time path (inference/decode.py) against the model."""
 
 import json
 
@@ -8,6 +9,7 @@ from transformers import (AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, M
                           Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 from bumblecore import Bumblebee, BumblebeeConfig
+from bumblecore.inference.decode import DecodingBumblebee, SlotCache
 from bumblecore.model.bumblebee import KVCache
 from bumblecore.model.config import PRESETS
 
@@ -60,7 +62,7 @@ def test_logits_equal_transformers(tmp_path, family, tie, kv_heads, heads):
         expected = hf(x).logits
         for backend in ("sdpa", "eager"):
             for layer in ours.model.layers:
-                layer.self_attn.backend = backend
+                layer.self_attn.attn_implementation = backend
             diff = (ours(x) - expected).abs().max().item()
             assert diff < TOL, f"{family} {backend}: max abs diff {diff}"
 
@@ -104,14 +106,16 @@ def test_qwen3_mistral_and_windows_equal_transformers(tmp_path, family, extra):
             ours = Bumblebee.from_pretrained(tmp_path / "hf").eval()
         for backend in ("sdpa", "eager"):
             for layer in ours.model.layers:
-                layer.self_attn.backend = backend
+                layer.self_attn.attn_implementation = backend
             diff = (ours(x) - expected).abs().max().item()
             assert diff < TOL, f"{family} {backend}: max abs diff {diff}"
-        # Prefill 4 tokens, then one at a time past the window: each step equals the full forward.
-        cache = KVCache(ours.config, batch_size=2, max_len=32)
-        step_logits = [ours(x[:, :4], kv_cache=cache)]
-        step_logits += [ours(x[:, t : t + 1], kv_cache=cache) for t in range(4, x.shape[1])]
-        assert (torch.cat(step_logits, dim=1) - expected).abs().max().item() < TOL
+        # Prefill 4 tokens, then one at a time past the window: each step equals the full forward,
+        # through the model's KV cache and through the decode-time path.
+        for model, cache in ((ours, KVCache(ours.config, batch_size=2, max_len=32)),
+                             (DecodingBumblebee(ours), SlotCache(ours.config, batch_size=2, max_len=32))):
+            step_logits = [model(x[:, :4], kv_cache=cache)]
+            step_logits += [model(x[:, t : t + 1], kv_cache=cache) for t in range(4, x.shape[1])]
+            assert (torch.cat(step_logits, dim=1) - expected).abs().max().item() < TOL, type(model).__name__
 
     ours.save_pretrained(tmp_path / "ours")
     raw = json.loads((tmp_path / "ours" / "config.json").read_text())
@@ -344,13 +348,16 @@ def test_dtype_is_checkpoints_or_requested(tmp_path):
     assert next(Bumblebee.from_pretrained(tmp_path, dtype="float32").parameters()).dtype == torch.float32
 
 
-def test_kv_cache_decoding_equals_full_forward(tmp_path):
+@pytest.mark.parametrize("path", ["model", "decode"])
+def test_kv_cache_decoding_equals_full_forward(tmp_path, path):
     """Rows of different prompt lengths, right-padded, then token-by-token decoding: each step's
-    logits equal a no-cache forward over the whole sequence so far."""
+    logits equal a no-cache forward over the whole sequence so far (the model's own KV cache, and the
+    GenerationEngine's decode-time path with its slot cache)."""
     tiny_hf("qwen2").save_pretrained(tmp_path)
     model = Bumblebee.from_pretrained(tmp_path).eval()
+    step = model if path == "model" else DecodingBumblebee(model)
     prompts = [ids(1, n, seed=20 + n)[0] for n in (7, 3, 11)]
-    cache = KVCache(model.config, batch_size=3, max_len=32)
+    cache = KVCache(model.config, batch_size=3, max_len=32) if path == "model" else SlotCache(model.config, 3, 32)
     padded = torch.zeros(3, 11, dtype=torch.long)
     mask = torch.zeros(3, 11, dtype=torch.long)
     for row, p in enumerate(prompts):
@@ -358,7 +365,7 @@ def test_kv_cache_decoding_equals_full_forward(tmp_path):
         mask[row, : len(p)] = 1
     sequences = [p.tolist() for p in prompts]
     with torch.no_grad():
-        logits = model(padded, attention_mask=mask, kv_cache=cache)
+        logits = step(padded, attention_mask=mask, kv_cache=cache)
         last = torch.stack([logits[row, len(p) - 1] for row, p in enumerate(prompts)])
         for _ in range(5):
             for row, seq in enumerate(sequences):
@@ -367,52 +374,59 @@ def test_kv_cache_decoding_equals_full_forward(tmp_path):
             next_tokens = last.argmax(-1)
             for row, tok in enumerate(next_tokens.tolist()):
                 sequences[row].append(tok)
-            last = model(next_tokens[:, None], kv_cache=cache)[:, -1]
+            last = step(next_tokens[:, None], kv_cache=cache)[:, -1]
     assert cache.lengths.tolist() == [len(s) for s in sequences]
 
 
-def test_fused_inference_projections_match_and_go_stale_safely():
+def small_model():
     torch.manual_seed(0)
-    model = Bumblebee(BumblebeeConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2)).eval()
+    return Bumblebee(BumblebeeConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2)).eval()
+
+
+def prefill(decoder, x):
+    return decoder(x, kv_cache=decoder.new_cache(x.shape[0], 32))
+
+
+def test_fused_inference_projections_match_and_go_stale_safely():
+    model = small_model()
     x = ids()
     with torch.no_grad():
         plain = model(x)
-        model.fuse_projections()
-        torch.testing.assert_close(model(x), plain, rtol=1e-5, atol=1e-5)
+        decoder = DecodingBumblebee(model)
+        assert all(p is not None for p in decoder.attention + decoder.mlp)
+        torch.testing.assert_close(prefill(decoder, x), plain, rtol=1e-5, atol=1e-5)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     model(x).float().logsumexp(-1).mean().backward()
     optimizer.step()  # weights change in place: the fused copies must not be used any more
     with torch.no_grad():
-        updated = model(x)
-        for layer in model.model.layers:
-            layer.self_attn.fused_qkv = layer.mlp.fused_gate_up = None
-        torch.testing.assert_close(updated, model(x))
+        updated = prefill(decoder, x)
+        decoder.attention = [None] * len(decoder.attention)
+        decoder.mlp = [None] * len(decoder.mlp)
+        torch.testing.assert_close(updated, prefill(decoder, x))
 
 
 def test_inference_lm_head_layouts_equal_the_lm_head_and_go_stale_safely():
-    """Bumblebee.logits picks a weight layout by row count after fuse_projections (CPU): all equal lm_head."""
-    torch.manual_seed(0)
-    model = Bumblebee(BumblebeeConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2)).eval()
-    model.fuse_projections()
+    """The decode-time logits pick a weight layout by row count (CPU): all equal lm_head."""
+    model = small_model()
+    decoder = DecodingBumblebee(model)
     with torch.no_grad():
         for shape in [(1, 1), (2, 1), (3, 1), (4, 1), (16, 1), (2, 3), (17, 1), (5, 7)]:
             hidden = torch.randn(*shape, 64)
-            torch.testing.assert_close(model.logits(hidden), model.lm_head(hidden), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(decoder.logits(hidden), model.lm_head(hidden), rtol=1e-5, atol=1e-5)
         x = ids(1, 5)
-        assert model(x).is_contiguous()
+        assert prefill(decoder, x).is_contiguous()
         model.lm_head.weight.mul_(2.0)  # in place: the transposed copy must not be used any more
         hidden = torch.randn(1, 1, 64)
-        torch.testing.assert_close(model.logits(hidden), model.lm_head(hidden))
+        torch.testing.assert_close(decoder.logits(hidden), model.lm_head(hidden))
 
 
 def test_kv_cache_rows_as_a_slice_equal_rows_as_a_tensor(tmp_path):
     """A range of cache rows passed as a slice (the cache read as a view) gives the tensor-rows logits,
     for equally long rows (slice writes) and for rows of different lengths (indexed writes)."""
     tiny_hf("qwen2").save_pretrained(tmp_path)
-    model = Bumblebee.from_pretrained(tmp_path).eval()
-    by_slice, by_tensor = KVCache(model.config, 4, 32), KVCache(model.config, 4, 32)
+    model = DecodingBumblebee(Bumblebee.from_pretrained(tmp_path).eval())
+    by_slice, by_tensor = SlotCache(model.config, 4, 32), SlotCache(model.config, 4, 32)
     prompts = ids(2, 6, seed=5)
     mask = torch.ones(2, 6, dtype=torch.long)
     mask[1, 4:] = 0  # the second row is 4 tokens long: later steps take the indexed path

@@ -14,15 +14,13 @@ others continue exactly as they would have. A server must not be stuck repeating
 from __future__ import annotations
 
 import json
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
 
-from bumblecore.model.bumblebee import KVCache
+from bumblecore.inference.decode import DecodingBumblebee
 
 
 @dataclass
@@ -168,18 +166,17 @@ class _Request:
 class GenerationEngine:
     def __init__(self, model, tokenizer, max_batch_size: int = 8, max_len: Optional[int] = None,
                  eos_token_ids: Optional[list[int]] = None):
-        self.model, self.tokenizer = model.eval(), tokenizer
-        if hasattr(model, "fuse_projections"):
-            model.fuse_projections()
-        config = model.config
-        self.max_len = min(max_len or config.max_position_embeddings, config.max_position_embeddings)
-        parameter = next(model.parameters())
+        # A Bumblebee (or a peft model over one) decodes over a KV cache with slots; a model that brings
+        # its own cache (model/transformers_family.py) recomputes the whole sequence every step.
+        self.recomputes = hasattr(model, "new_cache")
+        self.model = (model if self.recomputes else DecodingBumblebee(model)).eval()
+        self.tokenizer = tokenizer
+        config = self.model.config
+        context = getattr(config, "max_position_embeddings", 4096)  # custom code may not say
+        self.max_len = min(max_len or context, context)
+        parameter = next(self.model.parameters())
         self.device, self.dtype = parameter.device, parameter.dtype
-        self.backend = hasattr(model, "new_cache")  # a backend that keeps its own state (transformers models)
-        if self.backend:
-            self.cache = model.new_cache(max_batch_size, self.max_len)
-        else:
-            self.cache = KVCache(config, max_batch_size, self.max_len, dtype=self.dtype, device=self.device)
+        self.cache = self.model.new_cache(max_batch_size, self.max_len)
         self.vocab = config.vocab_size
         self.eos = set(eos_token_ids if eos_token_ids is not None else default_eos_ids(None, tokenizer))
         self.slots: list[Optional[_Request]] = [None] * max_batch_size
@@ -254,13 +251,13 @@ class GenerationEngine:
         return failed
 
     def _cache_state(self):
-        if self.backend:
+        if self.recomputes:
             return [len(row) for row in self.cache.rows]
         return self.cache.lengths.clone()
 
     def _restore_cache(self, state, slots: Optional[list[int]] = None) -> None:
         for slot in range(len(self.slots)) if slots is None else slots:
-            if self.backend:
+            if self.recomputes:
                 del self.cache.rows[slot][state[slot]:]
             else:
                 self.cache.lengths[slot] = state[slot]
@@ -278,7 +275,7 @@ class GenerationEngine:
         ids, mask = ids.to(self.device), mask.to(self.device)
         last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
         pick = torch.arange(len(slots), device=self.device), last
-        if self.backend:
+        if self.recomputes:
             logits = self.model(ids, attention_mask=mask, kv_cache=self.cache, cache_rows=rows)[pick]
         else:  # the LM head only where the next token is read (a 64-token prompt: 1/64 of its FLOPs)
             hidden = self.model(ids, attention_mask=mask, kv_cache=self.cache, cache_rows=rows, return_hidden_states=True)
@@ -287,8 +284,8 @@ class GenerationEngine:
 
     def _rows(self, slots: list[int]):
         """The cache rows of these slots (in order): a slice when they are a range, which the model
-        reads as a view of its cache instead of gathering it; else a tensor (always for backends)."""
-        if not self.backend and slots == list(range(slots[0], slots[-1] + 1)):
+        reads as a view of its cache instead of gathering it; else a tensor (always when recomputing)."""
+        if not self.recomputes and slots == list(range(slots[0], slots[-1] + 1)):
             return slice(slots[0], slots[-1] + 1)
         return torch.tensor(slots, device=self.device)
 
@@ -344,7 +341,7 @@ class GenerationEngine:
     def _decode(self, slots: list[int]) -> None:
         rows = self._rows(slots)
         tokens = torch.tensor([self.slots[s].generated[-1] for s in slots], device=self.device)[:, None]
-        if self.backend:
+        if self.recomputes:
             logits = self.model(tokens, kv_cache=self.cache, cache_rows=rows)[:, -1]
         else:  # logits straight into next_logits (the model's may be a transposed view: one copy, not two)
             logits = self.model.logits(self.model(tokens, kv_cache=self.cache, cache_rows=rows, return_hidden_states=True)[:, -1])

@@ -1,6 +1,6 @@
 """Load a model directory for inference: a full model of any causal-LM family, or a peft LoRA adapter
 on one. Bumblebee runs the families it implements (ours, Qwen2, Llama ...); any other family runs
-through transformers behind the same engine interface (RecomputingCausalLM)."""
+through transformers behind the same engine interface (model/transformers_family.py)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,7 @@ from pathlib import Path
 
 import torch
 
-from bumblecore.model.hf_io import read_config, resolve_dtype
-
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+from bumblecore.model.hf_io import DTYPES, read_config, resolve_dtype
 
 
 def resolve_device(device_map: str) -> torch.device:
@@ -34,7 +32,7 @@ def load_model(model_dir, dtype: str = "auto", device=None, trust_remote_code: b
         return load_pretrained(model_dir, dtype=resolve_dtype(dtype, read_config(model_dir)), device=device)
     from transformers import AutoModelForCausalLM
 
-    torch_dtype = "auto" if dtype in (None, "auto") else TORCH_DTYPES[dtype]
+    torch_dtype = "auto" if dtype in (None, "auto") else DTYPES[dtype]
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch_dtype, trust_remote_code=trust_remote_code)
     return model.to(device) if device is not None else model
 
@@ -45,7 +43,7 @@ def load_for_inference(model_path: str, dtype: str = "auto", device_map: str = "
     task_type): its base is loaded from base_model_name_or_path, the adapter applied and (by
     default) merged."""
     from bumblecore.inference.generate import default_eos_ids
-    from bumblecore.inference.transformers_backend import RecomputingCausalLM
+    from bumblecore.model.transformers_family import TransformersCausalLM
     from bumblecore.tokenizer import check_fits_model, load_tokenizer
     from bumblecore.train.lora import adapter_base_dir, attach_adapter
 
@@ -63,5 +61,5 @@ def load_for_inference(model_path: str, dtype: str = "auto", device_map: str = "
         model = attach_adapter(model, path)
         model = model.merge_and_unload() if merge else model
     if not is_native(base_dir):
-        model = RecomputingCausalLM(model)
+        model = TransformersCausalLM(model, for_training=False)
     return model.eval(), tokenizer, default_eos_ids(base_dir, tokenizer)

@@ -5,13 +5,17 @@ token embedding -> N x [norm -> GQA attention with RoPE -> residual -> norm -> g
 
 Parameter names are exactly Hugging Face Qwen2's (`model.layers.0.self_attn.q_proj.weight`, ...),
 so loading and saving HF checkpoints is an identity and peft target-module names match.
+
+This file is the readable reference (training runs it as is). Generation runs the same modules through
+bumblecore/inference/decode.py, which adds what only makes decoding faster (prepared weights, a KV
+cache whose rows are slots of a continuous batch).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -88,13 +92,22 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # ---------------------------------------------------------------------------- KV cache
 
 
-class KVCache:
-    """Preallocated keys/values, one row per sequence, each row with its own length.
+class CacheWrite(NamedTuple):
+    """Where one forward's new tokens go in a KVCache, computed once and shared by every layer."""
 
-    Layout per layer: (batch, max_len, kv_heads, head_dim). A forward call writes its new tokens
-    at positions `lengths[row] + t` and then advances each row by its number of real tokens, so
-    rows of different lengths decode together without left padding (right-padded prompts are
-    fine: a pad is written past the row's end and overwritten by the row's next token).
+    positions: torch.Tensor
+    """(batch, seq) absolute position of each new token."""
+    visible: int
+    """Positions attention reads afterwards: those of the longest row, new tokens included."""
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, preallocated, one row per sequence with its own length.
+
+    Layout per layer: (batch, max_len, kv_heads, head_dim). A forward writes each row's new tokens at
+    positions `lengths[row] + t` and then advances the row by its number of real tokens, so rows of
+    different lengths decode together without left padding (right-padded prompts are fine: a pad is
+    written past the row's end and overwritten by the row's next token).
     """
 
     def __init__(self, config: BumblebeeConfig, batch_size: int, max_len: int, dtype=None, device=None):
@@ -109,24 +122,19 @@ class KVCache:
         return self.lengths.shape[0]
 
     def reset(self, rows: Optional[torch.Tensor] = None) -> None:
-        """Empty all rows, or only `rows` (a slot freed for a new sequence)."""
+        """Empty all rows, or only `rows`."""
         if rows is None:
             self.lengths.zero_()
         else:
             self.lengths[rows] = 0
 
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slot_index, visible: int, rows=None):
-        """Store k, v (batch, seq, kv_heads, head_dim) and return this layer's first `visible` positions
-        of the rows written (all rows, or the cache rows `rows`: a tensor of row numbers or a slice).
-
-        `slot_index` is (row index, position index) tensors for advanced indexing, or, when the rows
-        are a slice and all start at the same position, a (rows, positions) pair of slices: then the
-        write is a plain copy and the read a view (no gather of the cache every step)."""
-        self.keys[layer][slot_index] = k
-        self.values[layer][slot_index] = v
-        if rows is None:
-            return self.keys[layer][:, :visible], self.values[layer][:, :visible]
-        return self.keys[layer][rows, :visible], self.values[layer][rows, :visible]
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, where: CacheWrite):
+        """Store k, v (batch, seq, kv_heads, head_dim) at `where.positions`; return this layer's keys and
+        values of the first `where.visible` positions."""
+        rows = torch.arange(k.shape[0], device=k.device)[:, None]
+        self.keys[layer][rows, where.positions] = k
+        self.values[layer][rows, where.positions] = v
+        return self.keys[layer][:, : where.visible], self.values[layer][:, : where.visible]
 
 
 # ---------------------------------------------------------------------------- attention
@@ -144,7 +152,7 @@ class AttentionMask:
     cu_seqlens: Optional[torch.Tensor] = None
     max_seqlen: int = 0
     causal: bool = True
-    """False only when every query may see every key (one new token per row, all rows equally long)."""
+    """False when every query may see every key (no mask at all)."""
     window: Optional[int] = None
     """Sliding window of the layers using this mask. Folded into `dense` where there is one; without
     `dense` only a FlashAttention kernel reads it (the mask builders give SDPA/eager a dense band)."""
@@ -190,15 +198,8 @@ def eager_attention(q, k, v, mask: AttentionMask, scale: float) -> torch.Tensor:
 
 
 def sdpa_attention(q, k, v, mask: AttentionMask, scale: float) -> torch.Tensor:
-    b, heads, q_len, d = q.shape
-    kv_heads = k.shape[1]
     if mask.dense is None and mask.window is not None:
-        mask = AttentionMask(dense=_dense_for(mask, q_len, k.shape[2], q.device), causal=mask.causal)
-    if mask.dense is None and not mask.causal and q_len == 1 and heads != kv_heads:
-        # One new token that sees every key: the query heads sharing a kv head are, to the kernel, that
-        # head's queries. A plain (non-GQA) call with heads/kv_heads queries per row, ~2x faster on CPU.
-        out = F.scaled_dot_product_attention(q.reshape(b, kv_heads, heads // kv_heads, d), k, v, scale=scale)
-        return out.reshape(b, heads, 1, d)
+        mask = AttentionMask(dense=_dense_for(mask, q.shape[2], k.shape[2], q.device), causal=mask.causal)
     if mask.dense is None:
         # No mask tensor: lets PyTorch pick its flash / memory-efficient kernel, GQA native.
         return F.scaled_dot_product_attention(q, k, v, is_causal=mask.causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
@@ -257,25 +258,6 @@ def flash_attention(q, k, v, mask: AttentionMask, scale: float) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
-def _versions(*linears: nn.Linear) -> tuple:
-    """In-place updates (optimiser steps, load_state_dict) bump a tensor's version counter."""
-    return tuple(m.weight._version for m in linears) + tuple(m.bias._version for m in linears if m.bias is not None)
-
-
-def _in_out(weight: torch.Tensor) -> torch.Tensor:
-    """An (out, in) weight as (in, out). On CPU a contiguous copy: MKL multiplies small batches by it
-    ~1.3-1.5x faster than by the transposed (out, in) layout F.linear uses (measured for every
-    projection shape of the benchmark model). Elsewhere a view, which is what F.linear uses anyway."""
-    return weight.t().contiguous() if weight.device.type == "cpu" else weight.t()
-
-
-def _project(x: torch.Tensor, weight_t: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """F.linear with an (in, out) weight."""
-    flat = x.reshape(-1, x.shape[-1])
-    out = flat @ weight_t if bias is None else torch.addmm(bias, flat, weight_t)
-    return out.view(*x.shape[:-1], weight_t.shape[1])
-
-
 class Attention(nn.Module):
     def __init__(self, config: BumblebeeConfig, layer_idx: int):
         super().__init__()
@@ -284,7 +266,8 @@ class Attention(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         self.scale = self.head_dim**-0.5
-        self.backend = config.attn_implementation
+        self.attn_implementation = config.attn_implementation
+        """The attention kernel: sdpa, flash_attn or eager."""
         self.window = config.layer_window(layer_idx)
         """This layer's sliding window (None: full causal attention); picks its mask in Bumblebee.hidden_states."""
         h = config.hidden_size
@@ -297,44 +280,33 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
 
-    fused_qkv: Optional[tuple] = None
-    """(q/k/v weight, bias, o weight, versions), weights (in, out), set by Bumblebee.fuse_projections, used without grad."""
-
-    def forward(self, x, cos, sin, mask: AttentionMask, kv_cache: Optional[KVCache] = None, cache_slots=None):
-        b, s, _ = x.shape
-        fused = self.fused_qkv
-        if fused is not None and (torch.is_grad_enabled() or fused[3] != _versions(self.q_proj, self.k_proj, self.v_proj, self.o_proj)):
-            fused = None
-        if fused is not None:
-            # One matmul for q, k and v, and RoPE on q and k together: fewer kernel launches per decode step.
-            qkv = _project(x, fused[0], fused[1]).view(b, s, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
-            v = qkv[:, :, self.num_heads + self.num_kv_heads :]
-            if self.qk_norm:
-                q = apply_rope(self.q_norm(qkv[:, :, : self.num_heads]), cos, sin)
-                k = apply_rope(self.k_norm(qkv[:, :, self.num_heads : self.num_heads + self.num_kv_heads]), cos, sin)
-            else:
-                qk = apply_rope(qkv[:, :, : self.num_heads + self.num_kv_heads], cos, sin)
-                q, k = qk[:, :, : self.num_heads], qk[:, :, self.num_heads :]
-        else:
-            q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim)
-            k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim)
-            if self.qk_norm:
-                q, k = self.q_norm(q), self.k_norm(k)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim)
+    def forward(self, x, cos, sin, mask: AttentionMask, kv_cache: Optional[KVCache] = None,
+                cache_write: Optional[CacheWrite] = None) -> torch.Tensor:
+        q, k, v = self.qkv(x, cos, sin)
         if kv_cache is not None:
-            slot_index, visible, rows = cache_slots
-            k, v = kv_cache.write(self.layer_idx, k, v, slot_index, visible, rows)
+            k, v = kv_cache.write(self.layer_idx, k, v, cache_write)
+        return self.o_proj(self.attend(q, k, v, mask))
 
-        use_flash = self.backend == "flash_attn" and kv_cache is None and mask.dense is None and x.is_cuda
-        if use_flash:
+    def qkv(self, x, cos, sin):
+        """Queries, keys and values (batch, seq, heads, head_dim), with RoPE on q and k."""
+        b, s, _ = x.shape
+        q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim)
+        return q, k, v
+
+    def attend(self, q, k, v, mask: AttentionMask) -> torch.Tensor:
+        """q: (b, q_len, heads, d), k/v: (b, k_len, kv_heads, d) -> (b, q_len, heads * d)."""
+        b, s = q.shape[:2]
+        if self.attn_implementation == "flash_attn" and mask.dense is None and q.is_cuda:
             out = flash_attention(q, k, v, mask, self.scale)
-        else:
-            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-            attend = eager_attention if self.backend == "eager" else sdpa_attention
-            out = attend(q, k, v, mask, self.scale).transpose(1, 2)
-        out = out.reshape(b, s, self.num_heads * self.head_dim)
-        return _project(out, fused[2]) if fused is not None else self.o_proj(out)
+        else:  # eager and SDPA take (b, heads, seq, d)
+            kernel = eager_attention if self.attn_implementation == "eager" else sdpa_attention
+            out = kernel(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, self.scale).transpose(1, 2)
+        return out.reshape(b, s, self.num_heads * self.head_dim)
 
 
 class MLP(nn.Module):
@@ -347,14 +319,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
         self.act = ACT_FNS[config.hidden_act]
 
-    fused_gate_up: Optional[tuple] = None
-    """(gate/up weight, down weight, versions), weights (in, out), set by Bumblebee.fuse_projections, used without grad."""
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fused = self.fused_gate_up
-        if fused is not None and not torch.is_grad_enabled() and fused[2] == _versions(self.gate_proj, self.up_proj, self.down_proj):
-            gate, up = _project(x, fused[0]).chunk(2, dim=-1)
-            return _project(self.act(gate) * up, fused[1])
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -366,8 +331,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, mask, kv_cache=None, cache_slots=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, cache_slots)
+    def forward(self, x, cos, sin, mask, kv_cache=None, cache_write=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, cache_write)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -405,64 +370,6 @@ class Bumblebee(nn.Module):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
             if getattr(module, "bias", None) is not None and module.bias.device.type != "meta":
                 nn.init.zeros_(module.bias)
-
-    def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:
-        """Fresh random init (normal(0, initializer_range) weights, zero biases, unit norms)."""
-        std = self.config.initializer_range
-        with torch.no_grad():
-            for name, p in self.named_parameters():
-                if name.endswith("bias"):
-                    p.zero_()
-                elif "layernorm" in name or name.endswith("norm.weight"):
-                    p.fill_(1.0)
-                else:
-                    p.normal_(0.0, std, generator=generator)
-
-    @torch.no_grad()
-    def fuse_projections(self) -> "Bumblebee":
-        """For inference: concatenate q/k/v and gate/up weights so each runs as one matmul, and keep
-        every projection's weight (in, out) (on CPU a copy: see `_in_out`). Used only when gradients
-        are off and the separate parameters (HF names, the source of truth) have not changed since
-        (their version counters are compared), so training later is always safe. On CPU this holds
-        a second copy of the layer weights (and of the LM head, below)."""
-        def plain(*modules):  # an unmerged LoRA layer (peft) computes more than its weight: leave it alone
-            return all(type(m) is nn.Linear for m in modules)
-
-        for layer in self.model.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            attn.fused_qkv = mlp.fused_gate_up = None
-            if plain(attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj):
-                weight = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
-                bias = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]) if attn.q_proj.bias is not None else None
-                attn.fused_qkv = (_in_out(weight), bias, _in_out(attn.o_proj.weight),
-                                  _versions(attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj))
-            if plain(mlp.gate_proj, mlp.up_proj, mlp.down_proj):
-                mlp.fused_gate_up = (_in_out(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])), _in_out(mlp.down_proj.weight),
-                                     _versions(mlp.gate_proj, mlp.up_proj, mlp.down_proj))
-        self.lm_head_t = None
-        if plain(self.lm_head) and self.lm_head.weight.device.type == "cpu":
-            # One token's logits are a matrix-vector product: with the (vocab, hidden) weight, 32,000
-            # short dot products; a (hidden, vocab) copy streams its rows instead, ~1.5-2x faster here.
-            self.lm_head_t = (self.lm_head.weight.t().contiguous(), _versions(self.lm_head))
-        return self
-
-    lm_head_t: Optional[tuple] = None  # (lm_head weight as (hidden, vocab), versions) from fuse_projections
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The LM head on final-norm hidden states (..., hidden). At inference on CPU (after
-        fuse_projections) the result may be a transposed view: `forward` makes it contiguous."""
-        rows = hidden.numel() // hidden.shape[-1]
-        if (self.lm_head_t is None or torch.is_grad_enabled() or rows > 16
-                or self.lm_head_t[1] != _versions(self.lm_head)):
-            return self.lm_head(hidden)
-        if rows == 1:
-            return hidden @ self.lm_head_t[0]
-        if rows >= 4:
-            # A few rows: MKL runs (vocab, hidden) @ (hidden, rows) ~1.3x faster than F.linear's
-            # (rows, hidden) @ (hidden, vocab)^T on this CPU (measured for 4-16 rows; 2-3 are slower).
-            flat = hidden.reshape(rows, hidden.shape[-1])
-            return (self.lm_head.weight @ flat.t()).t().view(*hidden.shape[:-1], -1)
-        return self.lm_head(hidden)
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each decoder layer's activations in backward instead of storing them."""
@@ -506,7 +413,6 @@ class Bumblebee(nn.Module):
         attention_mask: Optional[torch.Tensor] = None,
         segment_ids: Optional[torch.Tensor] = None,
         kv_cache: Optional[KVCache] = None,
-        cache_rows: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Final-norm hidden states (batch, seq, hidden). See `forward` for the arguments."""
         batch, seq = input_ids.shape
@@ -514,37 +420,18 @@ class Bumblebee(nn.Module):
         x = self.model.embed_tokens(input_ids)
         steps = torch.arange(seq, device=device)
 
-        cache_slots = None
+        cache_write = None
         if kv_cache is not None:
             if segment_ids is not None:
                 raise ValueError("segment_ids (packed documents) cannot be combined with a KV cache")
-            start = kv_cache.lengths if cache_rows is None else kv_cache.lengths[cache_rows]
-            positions = start[:, None] + steps  # absolute position of each new token
-            first, last = start.aminmax()
-            first, visible = int(first), int(last) + seq
+            positions = kv_cache.lengths[:, None] + steps  # each row continues from its own length
+            visible = int(kv_cache.lengths.max()) + seq
             if visible > kv_cache.max_len:
                 raise ValueError(f"KV cache overflow: needs {visible} positions, holds {kv_cache.max_len}")
-            if first == visible - seq and not isinstance(cache_rows, torch.Tensor):
-                # All rows equally long and a range of cache rows (the usual decode step): slices.
-                row_slice = slice(None) if cache_rows is None else cache_rows
-                cache_slots = ((row_slice, slice(first, visible)), visible, cache_rows)
-            else:
-                if cache_rows is None:
-                    rows = torch.arange(batch, device=device)
-                elif isinstance(cache_rows, slice):
-                    rows = torch.arange(kv_cache.batch_size, device=device)[cache_rows]
-                else:
-                    rows = cache_rows
-                cache_slots = ((rows[:, None].expand(batch, seq), positions), visible, cache_rows)
-            key_index = torch.arange(visible, device=device)
-            masks = {}
-            for window in self._windows():
-                if seq == 1 and first == visible - 1 and (window is None or visible <= window):
-                    masks[window] = AttentionMask(causal=False)  # one token per row, all rows equally long: it sees every key
-                elif seq == 1 and first == visible - 1:
-                    masks[window] = AttentionMask(dense=(key_index > first - window)[None, None, None], window=window)
-                else:
-                    masks[window] = AttentionMask(dense=window_band(positions, key_index, window)[:, None], window=window)
+            cache_write = CacheWrite(positions, visible)
+            key_positions = torch.arange(visible, device=device)
+            masks = {w: AttentionMask(dense=window_band(positions, key_positions, w)[:, None], window=w)
+                     for w in self._windows()}
         else:
             positions = steps[None].expand(batch, seq)
             masks = {w: self._build_mask(seq, device, attention_mask, segment_ids, w) for w in self._windows()}
@@ -557,13 +444,9 @@ class Bumblebee(nn.Module):
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, kv_cache, cache_slots)
+                x = layer(x, cos, sin, mask, kv_cache, cache_write)
         if kv_cache is not None:
-            added = attention_mask.sum(-1).long() if attention_mask is not None else seq
-            if cache_rows is None:
-                kv_cache.lengths += added
-            else:
-                kv_cache.lengths[cache_rows] += added
+            kv_cache.lengths += attention_mask.sum(-1).long() if attention_mask is not None else seq
         return self.model.norm(x)
 
     def _windows(self) -> set:
@@ -593,6 +476,10 @@ class Bumblebee(nn.Module):
         allowed = allowed | torch.eye(seq, dtype=torch.bool, device=device)
         return AttentionMask(dense=allowed[:, None], window=window)
 
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head on final-norm hidden states (..., hidden)."""
+        return self.lm_head(hidden)
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -601,7 +488,6 @@ class Bumblebee(nn.Module):
         segment_ids: Optional[torch.Tensor] = None,
         kv_cache: Optional[KVCache] = None,
         return_hidden_states: bool = False,
-        cache_rows: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Logits (batch, seq, vocab), or with return_hidden_states the final-norm hidden states
         (batch, seq, hidden), for losses that apply `lm_head` in chunks.
@@ -612,12 +498,9 @@ class Bumblebee(nn.Module):
         segment_ids: (batch, seq) document index of each token in packed rows; tokens attend only
             within their own document.
         kv_cache: a KVCache; the new tokens are appended to it.
-        cache_rows: (batch,) the cache rows (slots) these inputs continue, or a slice of them (a range of
-            rows: the cache is then read as a view); default all rows in order. Lets new sequences
-            prefill into free slots while others wait, and decode only active slots.
         """
-        hidden = self.hidden_states(input_ids, position_ids, attention_mask, segment_ids, kv_cache, cache_rows)
-        return hidden if return_hidden_states else self.logits(hidden).contiguous()
+        hidden = self.hidden_states(input_ids, position_ids, attention_mask, segment_ids, kv_cache)
+        return hidden if return_hidden_states else self.logits(hidden)
 
 
 def packed_document_boundaries(segment_ids: torch.Tensor) -> AttentionMask:

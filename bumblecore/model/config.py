@@ -8,7 +8,7 @@ from typing import Any, Optional, Union
 
 ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "relu")
 NORMS = ("rmsnorm", "layernorm")
-ATTENTION_BACKENDS = ("sdpa", "flash_attn", "eager")
+ATTENTION_IMPLEMENTATIONS = ("sdpa", "flash_attn", "eager")
 ROPE_TYPES = ("default", "linear", "llama3")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
@@ -79,7 +79,7 @@ class BumblebeeConfig:
             raise ValueError(f"head_dim {self.head_dim} must be even for RoPE")
         _check_choice("hidden_act", self.hidden_act, ACTIVATIONS)
         _check_choice("norm_type", self.norm_type, NORMS)
-        _check_choice("attn_implementation", self.attn_implementation, ATTENTION_BACKENDS)
+        _check_choice("attn_implementation", self.attn_implementation, ATTENTION_IMPLEMENTATIONS)
         if self.layer_types is not None:
             if len(self.layer_types) != self.num_hidden_layers:
                 raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers")

@@ -104,7 +104,7 @@ def unsupported_features(raw: dict) -> list[str]:
 
 def bumblebee_expresses(model_dir) -> bool:
     """Whether Bumblebee runs this model directory natively: a family it implements, with no feature it
-    lacks (`unsupported_features`). Anything else goes through transformers (train/hf_fallback.py);
+    lacks (`unsupported_features`). Anything else goes through transformers (model/transformers_family.py);
     our own `bumblebee` type always loads here, and fails there with the reason if it cannot."""
     raw = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
     if raw.get("model_type") == "bumblebee":

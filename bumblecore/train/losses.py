@@ -64,7 +64,7 @@ def chunked_cross_entropy(
     positions reach the LM head (an SFT prompt costs nothing there), and each chunk's logits (sized to
     LOGITS_BUDGET_BYTES unless chunk_tokens is given) are recomputed in backward instead of stored.
 
-    A head with `take_extra_loss` (hf_fallback.FamilyHead: a MoE family's router aux loss) adds that
+    A head with `take_extra_loss` (transformers_family.FamilyHead: a MoE family's router aux loss) adds that
     term once per target token, so after the engine's division by the target count the loss is the
     family's own: mean CE + router_aux_loss_coef * aux.
     """

@@ -107,7 +107,7 @@ def load_model(config: TrainConfig, fabric, dtype: torch.dtype = torch.float32, 
         if config.enable_gradient_checkpointing:
             model.set_gradient_checkpointing(True)
         return model
-    from bumblecore.train.hf_fallback import load_transformers_model
+    from bumblecore.model.transformers_family import load_transformers_model
 
     return load_transformers_model(config)
 

@@ -1,8 +1,9 @@
 """Models Bumblebee does not implement (Phi-3, Gemma, GLM, OLMo, MoE families, custom code ...) through
-transformers' AutoModelForCausalLM, behind the same interface the stages use, training the family's own loss.
+transformers' AutoModelForCausalLM, behind the interface the stages and the GenerationEngine use:
+`TransformersCausalLM`.
 
-The stages apply the LM head to hidden states in chunks (losses.chunked_cross_entropy), so whatever the
-family's forward does after its decoder has to be done here too:
+Training. The stages apply the LM head to hidden states in chunks (losses.chunked_cross_entropy), so
+whatever the family's forward does after its decoder has to be done here too:
 - logit transforms named by the config (`LOGIT_TRANSFORMS`): Gemma-2/3's final_logit_softcapping,
   Cohere's logit_scale, Granite's logits_scaling; `lm_head` returns the head with the transform applied;
 - MoE router load-balancing: when the config sets `output_router_logits`, the family's loss is
@@ -10,6 +11,9 @@ family's forward does after its decoder has to be done here too:
 Parity means `model(input_ids, labels=...).loss` with the config as given; `check_loss_parity` compares
 the two on a few tokens when the model is loaded and refuses a family whose loss we do not reproduce
 (a config attribute or an `lm_head` wrapper we do not know) instead of training it on another objective.
+
+Generation. The "cache" is each slot's token history (`TokenHistory`) and every step runs the family's
+whole forward over the whole sequence: exact and simple, slower than Bumblebee's KV cache.
 """
 
 from __future__ import annotations
@@ -81,18 +85,34 @@ class FamilyHead(nn.Module):
         return logits if self.transform is None else self.transform(logits)
 
 
+class TokenHistory:
+    """What TransformersCausalLM generates from instead of a KV cache: the tokens of each slot."""
+
+    def __init__(self, batch_size: int, max_len: int):
+        self.rows: list[list[int]] = [[] for _ in range(batch_size)]
+        self.max_len = max_len
+
+    def reset(self, rows: torch.Tensor) -> None:
+        for row in rows.tolist():
+            self.rows[row] = []
+
+
 class TransformersCausalLM(nn.Module):
-    """forward(input_ids, position_ids, segment_ids, return_hidden_states) and `lm_head`, like Bumblebee.
-    Packed rows are not supported here (the stages train these models unpacked)."""
+    """A transformers model with Bumblebee's interface. For training: forward(input_ids, position_ids,
+    segment_ids, return_hidden_states) and `lm_head`; packed rows are not supported (the stages train
+    these models unpacked). For generation: `new_cache` and forward(..., kv_cache, cache_rows).
+
+    for_training=False (generation only) skips reproducing the family's post-head logic for the chunked
+    loss, and so refuses no family for it: generation runs the family's own whole forward."""
 
     is_transformers_fallback = True
 
-    def __init__(self, model):
+    def __init__(self, model, for_training: bool = True):
         super().__init__()
         self.hf = model
         self.config = model.config
-        self.transform = logit_transform(model.config)
-        self.router_aux = bool(getattr(_text_config(model.config), "output_router_logits", False))
+        self.transform = logit_transform(model.config) if for_training else None
+        self.router_aux = for_training and bool(getattr(_text_config(model.config), "output_router_logits", False))
         if self.router_aux:
             self._load_balancing = getattr(sys.modules[type(model).__module__], "load_balancing_loss_func", None)
             missing = [a for a in ("num_experts", "num_experts_per_tok", "router_aux_loss_coef") if not hasattr(model, a)]
@@ -114,7 +134,10 @@ class TransformersCausalLM(nn.Module):
         extra, self._extra_loss = self._extra_loss, None
         return extra
 
-    def forward(self, input_ids, position_ids=None, attention_mask=None, segment_ids=None, return_hidden_states=False):
+    def forward(self, input_ids, position_ids=None, attention_mask=None, segment_ids=None, return_hidden_states=False,
+                kv_cache: Optional[TokenHistory] = None, cache_rows: Optional[torch.Tensor] = None):
+        if kv_cache is not None:
+            return self._continue(input_ids, attention_mask, kv_cache, cache_rows)
         if segment_ids is not None:
             raise ValueError("packed rows (segment_ids) are not supported for transformers models; set packing: false")
         extra = {"output_router_logits": True} if self.router_aux else {}
@@ -125,6 +148,33 @@ class TransformersCausalLM(nn.Module):
             self._extra_loss = self.hf.router_aux_loss_coef * aux
         hidden = out.last_hidden_state
         return hidden if return_hidden_states else self.lm_head(hidden)
+
+    # -- generation
+
+    def new_cache(self, batch_size: int, max_len: int) -> TokenHistory:
+        return TokenHistory(batch_size, max_len)
+
+    def _continue(self, input_ids, attention_mask, history: TokenHistory, rows: torch.Tensor) -> torch.Tensor:
+        """Logits of the new tokens (right-padded per attention_mask), appended to the slots `rows`:
+        the family's whole forward over each slot's whole sequence."""
+        rows = rows.tolist()
+        counts = attention_mask.sum(-1).tolist() if attention_mask is not None else [input_ids.shape[1]] * len(rows)
+        for i, (row, n) in enumerate(zip(rows, counts)):
+            history.rows[row] += input_ids[i, :n].tolist()
+        sequences = [history.rows[r] for r in rows]
+        width = max(len(s) for s in sequences)
+        ids = torch.zeros(len(rows), width, dtype=torch.long, device=input_ids.device)
+        mask = torch.zeros_like(ids)
+        for i, s in enumerate(sequences):
+            ids[i, : len(s)] = torch.tensor(s, device=ids.device)
+            mask[i, : len(s)] = 1
+        logits = self.hf(input_ids=ids, attention_mask=mask).logits
+        out = torch.zeros(len(rows), input_ids.shape[1], logits.shape[-1], dtype=logits.dtype, device=logits.device)
+        for i, (s, n) in enumerate(zip(sequences, counts)):
+            out[i, :n] = logits[i, len(s) - n : len(s)]
+        return out
+
+    # -- training and export
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         if enabled:
