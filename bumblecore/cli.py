@@ -43,43 +43,99 @@ def print_usage(stream=sys.stdout) -> None:
     print("Run `bumblecore <command> --help` for the options of one command.", file=stream)
 
 
+# ---------------------------------------------------------------------------- options and their spellings
+#
+# A parameter typed with a dataclass is a group of options (a dataclass field typed with a dataclass is a
+# group within it): `train(run: TrainArgs)` has `run.optimization.learning_rate`. Every option keeps the
+# flat name users type (`--learning_rate`, `learning_rate:` in YAML): any dotted tail of its path names it
+# (`learning_rate`, `optimization.learning_rate`, the whole path), as do the original's names a group
+# lists in its `aliases`. jsonargparse parses the grouped form; the layer below only rewrites spellings.
+
+
+def _type_hints(owner) -> dict[str, object]:
+    """Annotations of a function's parameters or a dataclass's fields, postponed (string) ones resolved."""
+    import typing
+
+    try:
+        return typing.get_type_hints(owner)
+    except (NameError, TypeError):  # a name only imported for type checkers: keep the raw annotations
+        return dict(getattr(owner, "__annotations__", {}))
+
+
 def _parameter_types(function) -> dict[str, object]:
-    """name -> the parameter's annotation, with postponed (string) annotations resolved."""
+    """name -> the parameter's annotation (inspect.Parameter.empty where it has none)."""
     import inspect
-    import typing
 
-    hints = None
-    types = {}
-    for name, parameter in inspect.signature(function).parameters.items():
-        annotation = parameter.annotation
-        if isinstance(annotation, str):  # postponed annotations
-            hints = typing.get_type_hints(function) if hints is None else hints
-            annotation = hints.get(name, annotation)
-        types[name] = annotation
-    return types
+    hints = _type_hints(function)
+    return {name: hints.get(name, parameter.annotation) for name, parameter in inspect.signature(function).parameters.items()}
 
 
-def _list_parameters(function) -> set[str]:
-    import typing
+def option_paths(function) -> tuple[dict[str, object], dict[str, str]]:
+    """(path -> annotation of every option, spelling -> path for every way to name an option or a group)."""
+    import dataclasses
 
-    names = set()
+    options, spellings, ambiguous = {}, {}, set()
+
+    def spell(path: str, target: str) -> None:
+        parts = path.split(".")
+        for i in range(len(parts)):
+            tail = ".".join(parts[i:])
+            if spellings.setdefault(tail, target) != target:
+                ambiguous.add(tail)  # two options share this tail: only a longer spelling names either
+
+    def add(path: str, annotation) -> None:
+        spell(path, path)
+        if not (isinstance(annotation, type) and dataclasses.is_dataclass(annotation)):
+            options[path] = annotation
+            return
+        hints = _type_hints(annotation)
+        for field in dataclasses.fields(annotation):
+            add(f"{path}.{field.name}", hints.get(field.name, field.type))
+        for old, new in getattr(annotation, "aliases", {}).items():
+            spell(f"{path}.{old}", f"{path}.{new}")
+
     for name, annotation in _parameter_types(function).items():
-        origins = {typing.get_origin(annotation)} | {typing.get_origin(a) for a in typing.get_args(annotation)}
-        if list in origins:
-            names.add(name)
+        add(name, annotation)
+    return options, {tail: path for tail, path in spellings.items() if tail not in ambiguous}
+
+
+def option_groups(function) -> set[str]:
+    """Paths of the dataclass groups in the function's signature (empty for a plain command)."""
+    options, spellings = option_paths(function)
+    return set(spellings.values()) - set(options)
+
+
+def _flat_names(options: dict, spellings: dict) -> dict[str, str]:
+    """path -> the option's flat name: the shortest spelling that names it (usually its field name)."""
+    names = {}
+    for tail, path in sorted(spellings.items(), key=lambda item: item[0].count(".")):
+        if path in options and path not in names and tail.rsplit(".", 1)[-1] == path.rsplit(".", 1)[-1]:
+            names[path] = tail
     return names
+
+
+def flat_options(function) -> dict[str, object]:
+    """Each option's flat name -> its annotation."""
+    options, spellings = option_paths(function)
+    return {name: options[path] for path, name in _flat_names(options, spellings).items()}
+
+
+def _is_bool(annotation) -> bool:
+    import typing
+
+    return annotation is bool or (typing.get_origin(annotation) is typing.Union
+                                  and set(typing.get_args(annotation)) == {bool, type(None)})
+
+
+def _is_list(annotation) -> bool:
+    import typing
+
+    return list in {typing.get_origin(annotation)} | {typing.get_origin(a) for a in typing.get_args(annotation)}
 
 
 def bool_parameters(function) -> set[str]:
-    """Parameters typed `bool` or `Optional[bool]`: the ones a bare `--flag` may switch on."""
-    import typing
-
-    names = set()
-    for name, annotation in _parameter_types(function).items():
-        if annotation is bool or (typing.get_origin(annotation) is typing.Union
-                                  and set(typing.get_args(annotation)) == {bool, type(None)}):
-            names.add(name)
-    return names
+    """Options typed `bool` or `Optional[bool]` (flat names): the ones a bare `--flag` may switch on."""
+    return {name for name, annotation in flat_options(function).items() if _is_bool(annotation)}
 
 
 def bare_flags_true(args: list[str], bool_names: set[str]) -> list[str]:
@@ -98,9 +154,13 @@ def bare_flags_true(args: list[str], bool_names: set[str]) -> list[str]:
 def gather_list_values(function, args: list[str], more_list_names: set[str] = frozenset()) -> list[str]:
     """Let list options take space-separated values (`--corpus a.txt b.txt`), as users expect,
     by turning them into the JSON list jsonargparse reads (`--corpus ["a.txt","b.txt"]`)."""
+    names = {name for name, annotation in _parameter_types(function).items() if _is_list(annotation)}
+    return _gather_lists(args, names | set(more_list_names))
+
+
+def _gather_lists(args: list[str], list_names: set[str]) -> list[str]:
     import json
 
-    list_names = _list_parameters(function) | set(more_list_names)
     out, i = [], 0
     while i < len(args):
         arg = args[i]
@@ -122,11 +182,14 @@ def gather_list_values(function, args: list[str], more_list_names: set[str] = fr
     return out
 
 
-def takes_train_config(function) -> bool:
-    import inspect
+def _type_name(annotation) -> str:
+    import typing
 
-    parameters = list(inspect.signature(function).parameters.values())
-    return bool(parameters) and parameters[0].name == "config" and "TrainConfig" in str(parameters[0].annotation)
+    if typing.get_origin(annotation) is typing.Union:
+        return " or ".join(_type_name(a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return "null"
+    return annotation.__name__ if isinstance(annotation, type) else str(annotation).replace("typing.", "")
 
 
 def _split_config_args(args: list[str]) -> tuple[list[str], list[str], bool]:
@@ -151,57 +214,142 @@ def _split_config_args(args: list[str]) -> tuple[list[str], list[str], bool]:
     return files, rest, print_config
 
 
-def run_train_config_command(name: str, function, args: list[str]) -> None:
-    """Commands over a run's flat config (train, prepare_data, inspect_data): every key of TrainConfig
-    plus the function's own options; YAML file(s), then the command line; unknown keys are errors
-    that name the nearest valid key."""
-    from jsonargparse import ArgumentParser
+def _read_yaml(path: str) -> dict:
+    from pathlib import Path
 
-    from bumblecore.train.config import ALIASES, FIELDS, TrainConfig, build_config, load_yaml, nearest_key, to_yaml
+    import yaml
 
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML ({err})") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of keys, got {type(data).__name__}")
+    data.pop("yaml_config", None)  # the original's files may name themselves
+    return data
+
+
+class _Spelled:
+    """The options of one grouped command, and where each value given came from (for error messages)."""
+
+    def __init__(self, function):
+        self.options, self.spellings = option_paths(function)
+        self.flat = _flat_names(self.options, self.spellings)
+        self.given: dict[str, tuple[str, object]] = {}  # path -> (where, value as given)
+
+    def file_values(self, mapping: dict, where: str, prefix: str = "") -> dict:
+        """A YAML mapping (flat keys, groups, or both) as {path: value}."""
+        out = {}
+        for key, value in mapping.items():
+            spelled = f"{prefix}{key}"
+            path = self.spellings.get(spelled)
+            if path is not None and path not in self.options:  # a group: its keys below it
+                if not isinstance(value, dict):
+                    raise ValueError(f"{where}: key {spelled!r} is a group of keys; give it a mapping")
+                out.update(self.file_values(value, where, f"{spelled}."))
+            elif path is not None:
+                out[path] = value
+                self.given[path] = (where, value)
+            else:
+                raise ValueError(f"{where}: unknown key {spelled!r}{self.nearest(spelled)}")
+        return out
+
+    def command_line(self, args: list[str]) -> list[str]:
+        """`--learning_rate 1e-4` -> `--run.optimization.learning_rate 1e-4`; bare flags and lists as everywhere."""
+        out = []
+        for i, arg in enumerate(args):
+            if arg.startswith("--") and arg != "--help":
+                key, equals, value = arg[2:].partition("=")
+                plus = "+" if key.endswith("+") else ""
+                path = self.spellings.get(key.rstrip("+"))
+                if path is None:  # (a group's path passes: `--optimization F.yaml` is that group's own file)
+                    raise ValueError(f"unknown option --{key.rstrip('+')}{self.nearest(key.rstrip('+'))}")
+                following = args[i + 1] if i + 1 < len(args) and not args[i + 1].startswith("--") else None
+                self.given[path] = ("command line", value if equals else following)
+                arg = f"--{path}{plus}{equals}{value}"
+            out.append(arg)
+        out = bare_flags_true(out, {p for p, a in self.options.items() if _is_bool(a)})
+        return _gather_lists(out, {p for p, a in self.options.items() if _is_list(a)})
+
+    def nearest(self, name: str) -> str:
+        """` (did you mean 'learning_rate'?)`: the closest option, spelled as `name` is (flat or grouped)."""
+        import difflib
+
+        options = [tail for tail, path in self.spellings.items() if path in self.options and tail.count(".") == name.count(".")]
+        close = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
+        return f" (did you mean {close[0]!r}?)" if close else ""
+
+    def explained(self, err: Exception) -> ValueError:
+        """jsonargparse's error, with the key as the user spelled it and where its value came from."""
+        import re
+
+        found = re.search(r'Parser key "([^"]+)"', str(err))
+        path = found.group(1) if found else None
+        if path not in self.options:
+            return ValueError(str(err).strip().replace("\n", " "))
+        where, value = self.given.get(path, ("config", None))
+        return ValueError(f"{where}: key {self.flat.get(path, path)!r} expects {_type_name(self.options[path])}, "
+                          f"got {value!r}")
+
+
+def flat_values(values: dict) -> dict:
+    """Parsed arguments with every group opened up: the flat keys a config file may hold."""
+    import dataclasses
+
+    out = {}
+    for name, value in values.items():
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            out.update(flat_values(vars(value)))
+        else:
+            out[name] = value
+    return out
+
+
+def parse_grouped(name: str, function, args: list[str]) -> tuple[dict, bool]:
+    """The arguments of a command whose signature has dataclass groups, from YAML file(s) then the
+    command line, in flat or grouped spelling; and whether --print_config was asked for."""
+    import yaml
+    from jsonargparse import ArgumentError, ArgumentParser, set_parsing_settings
+
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)  # field docstrings are the --help
     files, rest, print_config = _split_config_args(args)
-    parser = ArgumentParser(prog=f"bumblecore {name}", description=(function.__doc__ or "").strip().split("\n")[0],
-                            exit_on_error=True)
-    parser.add_argument("--config", help="flat YAML config file (also --yaml_config); the command line overrides it")
-    parser.add_argument("--print_config", action="store_true", help="print the resolved configuration as YAML and exit")
-    parser.add_class_arguments(TrainConfig, nested_key=None, as_group=False)
-    own = _own_parameters(function)
-    if own:
-        parser.add_function_arguments(function, nested_key=None, skip={"config"}, as_group=False)
-    known = set(FIELDS) | set(own)
-
-    for arg in rest:
-        if arg.startswith("--") and arg not in ("--help", "-h"):
-            key = arg[2:].split("=", 1)[0].rstrip("+")
-            if ALIASES.get(key, key) not in known:
-                raise ValueError(f"unknown option --{key}{nearest_key(key)}")
-    defaults = {}
+    spelled = _Spelled(function)
+    from_files: dict = {}
     for file in files:
-        for key, value in load_yaml(file).items():
-            key = ALIASES.get(key, key)
-            if key not in known:
-                raise ValueError(f"{file}: unknown key {key!r}{nearest_key(key)}")
-            defaults[key] = value
-    rest = [f"--{ALIASES[a[2:]]}" if a.startswith("--") and a[2:] in ALIASES else a for a in rest]
-    rest = bare_flags_true(rest, bool_parameters(TrainConfig) | (bool_parameters(function) & set(own)))
-    if defaults:
-        parser.set_defaults(**defaults)
-    namespace = parser.parse_args(gather_list_values(function, rest, _list_parameters(TrainConfig)))
-    values = namespace.as_dict()
-    config = build_config({k: values[k] for k in FIELDS if k in values}, source=files[-1] if files else "command line")
-    extras = {k: values[k] for k in own}
-    if print_config:
-        print(to_yaml(config), end="")
-        for key, value in extras.items():
-            print(f"{key}: {value}")
+        from_files.update(spelled.file_values(_read_yaml(file), file))
+    command_line = spelled.command_line(rest)
+    description = (function.__doc__ or "").strip().split("\n")[0]
+    parser = ArgumentParser(prog=f"bumblecore {name}", exit_on_error=False, description=(
+        f"{description}\n\nEvery key also takes its flat name, on the command line (--learning_rate 1e-4) and in "
+        "YAML files (learning_rate: 1e-4); --yaml_config F is --config F."))
+    parser.add_argument("--config", action="config", help="YAML file of flat (or grouped) keys; the command line overrides it")
+    parser.add_function_arguments(function, as_group=False)
+    nested: dict = {}
+    for path, value in from_files.items():
+        *groups, key = path.split(".")
+        target = nested
+        for group in groups:
+            target = target.setdefault(group, {})
+        target[key] = value
+    try:
+        parsed = parser.parse_args((["--config", yaml.safe_dump(nested)] if nested else []) + command_line)
+    except ArgumentError as err:
+        raise spelled.explained(err) from None
+    arguments = parser.instantiate(parsed)
+    return {key: arguments[key] for key in _parameter_types(function)}, print_config
+
+
+def run_grouped_command(name: str, function, args: list[str]) -> None:
+    import yaml
+
+    arguments, print_config = parse_grouped(name, function, args)
+    if print_config:  # flat, as training_args.yaml: users feed it back as a config
+        print(yaml.safe_dump(flat_values(arguments), sort_keys=False, allow_unicode=True), end="")
         return
-    function(config, **extras)
-
-
-def _own_parameters(function) -> list[str]:
-    import inspect
-
-    return list(inspect.signature(function).parameters)[1:]
+    function(**arguments)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -226,8 +374,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2)
     function = load_command(name)
     try:
-        if takes_train_config(function):
-            run_train_config_command(name, function, argv[1:])
+        if option_groups(function):
+            run_grouped_command(name, function, argv[1:])
         else:
             args = bare_flags_true(argv[1:], bool_parameters(function))
             CLI(function, args=gather_list_values(function, args), prog=f"bumblecore {name}", as_positional=False)

@@ -59,13 +59,16 @@ def stage_config(name: str, output_dir: Path, model: Path, device: str, quick: b
 
 
 def run_stage(config: dict) -> list[dict]:
-    from bumblecore.train.config import build_config
+    """Write the stage's flat config beside its output and train from it, parsed as `train --config` parses."""
+    from bumblecore.cli import parse_grouped
     from bumblecore.train.run import train
 
     out = Path(config["output_dir"])
     out.mkdir(parents=True, exist_ok=True)
-    (out.parent / f"{out.name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
-    train(build_config(config, source=str(DEMO_CONFIGS / f"{out.name}.yaml")))
+    file = out.parent / f"{out.name}.yaml"
+    file.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    arguments, _ = parse_grouped("train", train, ["--config", str(file)])
+    train(**arguments)
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
@@ -102,13 +105,12 @@ def preferred_rate(model_dir, cache_dir: Path, device: str) -> float:
     from bumblecore.data.commands import dataset_units
     from bumblecore.data.loader import eval_batches
     from bumblecore.inference.loading import load_for_inference
-    from bumblecore.train.config import TrainConfig
+    from bumblecore.args import DataArgs
     from bumblecore.train.dpo import response_token_logps
 
     model, tokenizer, _ = load_for_inference(str(model_dir), dtype="float32", device_map=device)
-    config = TrainConfig(training_stage="dpo", model_name_or_path=str(model_dir), cutoff_len=256, cache_dir=str(cache_dir),
-                         dataset_path=str(DEMO_DATA / "dpo_eval.jsonl"))
-    _, units = dataset_units(config, tokenizer, config.dataset_path, progress=False)
+    data = DataArgs(dataset_path=str(DEMO_DATA / "dpo_eval.jsonl"), cutoff_len=256, cache_dir=str(cache_dir), packing=False)
+    _, units = dataset_units(data, "dpo", 42, tokenizer, data.dataset_path, progress=False)
     preferred, device = 0, next(model.parameters()).device
     for batch in eval_batches(units, 32, tokenizer.pad_token_id or 0, packing=False):
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

@@ -10,9 +10,8 @@ import yaml
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from bumblecore import Bumblebee, BumblebeeConfig, load_tokenizer
-from bumblecore.cli import COMMANDS, _parameter_types, bool_parameters, load_command, main, takes_train_config
+from bumblecore.cli import COMMANDS, bool_parameters, flat_options, flat_values, load_command, main, option_groups
 from bumblecore.model.hf_io import read_config
-from bumblecore.train.config import TrainConfig
 
 
 def run_cli(*args):
@@ -104,15 +103,16 @@ def _recorder(function, calls):
 def _required(function):
     import inspect
 
+    groups = option_groups(function)  # a group of options (train's run) is given by its keys, each with a default
     return [a for name, p in inspect.signature(function).parameters.items()
-            if p.default is inspect.Parameter.empty and name != "config" for a in (f"--{name}", "x")]
+            if p.default is inspect.Parameter.empty and name not in groups for a in (f"--{name}", "x")]
 
 
 def _other_option(function) -> tuple[str, object]:
     """An int (or else a string) option of the command and a value, to stand beside bare flags."""
     import typing
 
-    types = {**(_parameter_types(TrainConfig) if takes_train_config(function) else {}), **_parameter_types(function)}
+    types = flat_options(function)
     for kinds, value in (((int, typing.Optional[int]), 7), ((str, typing.Optional[str]), "seven")):
         for name, annotation in types.items():
             if annotation in kinds and f"--{name}" not in _required(function):
@@ -125,7 +125,7 @@ def test_every_boolean_option_takes_the_bare_form(monkeypatch, name):
     import bumblecore.cli as cli
 
     function = load_command(name)
-    flags = sorted(bool_parameters(function) | (bool_parameters(TrainConfig) if takes_train_config(function) else set()))
+    flags = sorted(bool_parameters(function))  # a group's booleans too (train's packing, save_last ...)
     if not flags:
         return
     calls = []
@@ -135,7 +135,7 @@ def test_every_boolean_option_takes_the_bare_form(monkeypatch, name):
         calls.clear()
         cli.main([name, *_required(function), *map(str, argv)])
         (args, kwargs), = calls
-        return vars(args[0]) if args else kwargs  # train-config commands get the TrainConfig first
+        return flat_values(kwargs)  # train's run opened up into its flat keys
 
     other, value = _other_option(function)
     bare = [f"--{flag}" for flag in flags]  # each followed by the next option, the last by nothing

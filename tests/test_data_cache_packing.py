@@ -11,9 +11,9 @@ import torch
 from bumblecore import Bumblebee, BumblebeeConfig
 from bumblecore.data.cache import build_cache, default_cache_dir
 from bumblecore.data.loader import BatchLoader
-from bumblecore.data.packing import build_units, collate
+from bumblecore.data.packing import IGNORE_INDEX, build_units, collate
 from bumblecore.tokenizer import load_tokenizer
-from bumblecore.train.losses import IGNORE_INDEX, shift_targets
+from bumblecore.train.losses import shift_targets
 
 
 @pytest.fixture(scope="module")

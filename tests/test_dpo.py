@@ -19,7 +19,7 @@ from bumblecore.data.template import encode_preference
 from bumblecore.model.bumblebee import Bumblebee
 from bumblecore.model.config import BumblebeeConfig
 from bumblecore.tokenizer import load_tokenizer
-from bumblecore.train.config import TrainConfig
+from bumblecore.args import DataArgs, TrainArgs
 from bumblecore.train.dpo import (
     AdapterDisabledReference,
     ModelReference,
@@ -70,9 +70,8 @@ def models(tmp_path_factory):
 
 def pairs_batch(data_file, tmp_path, n=None):
     tokenizer = load_tokenizer(TOKENIZER)
-    config = TrainConfig(training_stage="dpo", model_name_or_path=str(TOKENIZER), dataset_path=str(data_file),
-                         cutoff_len=256, cache_dir=str(tmp_path / "cache"))
-    _, units = dataset_units(config, tokenizer, config.dataset_path, progress=False)
+    data = DataArgs(dataset_path=str(data_file), cutoff_len=256, cache_dir=str(tmp_path / "cache"), packing=False)
+    _, units = dataset_units(data, "dpo", 42, tokenizer, data.dataset_path, progress=False)
     batch = eval_batches(units, n or len(units), tokenizer.pad_token_id, packing=False)[0]
     return batch, units
 
@@ -351,9 +350,9 @@ def test_reference_free_losses_refuse_reference_keys(keys):
     losses = ["orpo"] if "sft_weight" in keys else ["orpo", "simpo"]
     for loss in losses:
         with pytest.raises(ValueError, match=next(iter(keys)) if "sft_weight" not in keys else "NLL"):
-            TrainConfig(training_stage="dpo", pref_loss=loss, **keys)
-    TrainConfig(training_stage="dpo", pref_loss="simpo", sft_weight=0.1)  # SimPO + an SFT term is fine
-    TrainConfig(training_stage="sft", pref_loss="orpo", ref_model_path="x")  # only a dpo run reads them
+            TrainArgs.from_flat(training_stage="dpo", pref_loss=loss, **keys)
+    TrainArgs.from_flat(training_stage="dpo", pref_loss="simpo", sft_weight=0.1)  # SimPO + an SFT term is fine
+    TrainArgs.from_flat(training_stage="sft", pref_loss="orpo", ref_model_path="x")  # only a dpo run reads them
 
 
 def no_references(monkeypatch):

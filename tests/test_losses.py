@@ -3,7 +3,8 @@
 import torch
 import torch.nn.functional as F
 
-from bumblecore.train.losses import IGNORE_INDEX, chunked_cross_entropy, shift_targets
+from bumblecore.data.packing import IGNORE_INDEX
+from bumblecore.train.losses import chunked_cross_entropy, shift_targets
 
 
 def test_chunked_equals_full_logits_loss_and_gradients():

@@ -13,13 +13,13 @@ import torch
 import yaml
 
 import bumblecore
+from bumblecore.args import TrainArgs
 from bumblecore.cli import main
 from bumblecore.data.commands import dataset_units
 from bumblecore.data.loader import eval_batches
 from bumblecore.model.bumblebee import Bumblebee
 from bumblecore.model.config import BumblebeeConfig
 from bumblecore.tokenizer import load_tokenizer
-from bumblecore.train.config import build_config
 from bumblecore.train.dpo import ModelReference, PreferenceStage
 from bumblecore.train.metrics import EvalAggregate, ExactMatch, RatioOfSums, exact_match
 from bumblecore.train.sft import LanguageModelingStage
@@ -87,9 +87,10 @@ def run_one_and_two(root: Path, name: str, keys: dict, *two_processes: str) -> t
 
 def per_rank_sums(keys: dict, root: Path, stage, model) -> list[dict]:
     """Each rank's eval sums, as the engine's strided eval share of 2 ranks gives them."""
-    config = build_config({**keys, "cutoff_len": 64, "packing": False, "cache_dir": str(root / "oracle_cache")})
-    tokenizer = load_tokenizer(config.model_name_or_path)
-    _, units = dataset_units(config, tokenizer, config.eval_dataset_path, progress=False)
+    run = TrainArgs.from_flat(**{**keys, "cutoff_len": 64, "packing": False, "cache_dir": str(root / "oracle_cache")})
+    tokenizer = load_tokenizer(run.model.model_name_or_path)
+    _, units = dataset_units(run.data, run.model.training_stage, run.optimization.seed, tokenizer, run.data.eval_dataset_path,
+                             progress=False)
     shares = []
     with torch.no_grad():
         for rank in (0, 1):

@@ -13,7 +13,7 @@ import yaml
 
 import bumblecore
 from bumblecore.cli import main
-from bumblecore.train.config import FIELDS
+from bumblecore.args import TrainArgs, flat_defaults
 
 DEMO = Path(bumblecore.__file__).parent / "demo_data"
 REPO = Path(__file__).resolve().parents[1]
@@ -84,7 +84,7 @@ def test_pretrain_writes_everything_design_lists(pretrained):
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     assert (out / "checkpoint-4" / "model.safetensors").exists() and (out / "checkpoint-4" / "training_state").exists()
     resolved = yaml.safe_load((out / "training_args.yaml").read_text())
-    assert resolved["training_stage"] == "pretrain" and resolved["max_steps"] == 4 and set(resolved) == set(FIELDS)
+    assert resolved["training_stage"] == "pretrain" and resolved["max_steps"] == 4 and set(resolved) == set(flat_defaults())
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(out)
@@ -253,12 +253,11 @@ def test_resume_with_a_larger_max_steps_follows_the_new_schedule(tmp_path, pretr
 
 
 def test_reduce_on_plateau_without_eval_data_is_refused_and_ignored_keys_are_said(base_model, data):
-    from bumblecore.train.config import build_config
     from bumblecore.train.run import config_notes, train
 
     keys = {"model_name_or_path": str(base_model), "dataset_path": str(data / "sft_train.jsonl"),
             "lr_scheduler_type": "reduce_on_plateau"}
     with pytest.raises(ValueError, match="reduce_on_plateau .* needs eval_dataset_path"):
-        train(build_config(keys))
-    assert config_notes(build_config(keys)) == []
-    assert "num_local_io_workers 4 is accepted and ignored" in config_notes(build_config({**keys, "num_local_io_workers": 4}))[0]
+        train(TrainArgs.from_flat(**keys))
+    assert config_notes(TrainArgs.from_flat(**keys)) == []
+    assert "num_local_io_workers 4 is accepted and ignored" in config_notes(TrainArgs.from_flat(**keys, num_local_io_workers=4))[0]

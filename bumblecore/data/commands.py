@@ -1,61 +1,63 @@
-"""`bumblecore prepare_data` and `bumblecore inspect_data`: both read the same config file as `train`."""
+"""`bumblecore prepare_data` and `bumblecore inspect_data`: both read the same config file as `train`.
+
+The data layer sees only the data group (DataArgs) and what it truly needs beside it: the stage
+(formats and trained targets), the seed (which samples share a packed row) and the tokenizer."""
 
 from __future__ import annotations
 
 import json
 import sys
 
+from bumblecore.args import DataArgs, ModelArgs, TrainArgs
 from bumblecore.data.cache import TokenCache, build_cache
 from bumblecore.data.formats import DataError, ReadReport, data_files, read_samples
-from bumblecore.data.packing import Units, build_units
+from bumblecore.data.packing import IGNORE_INDEX, Units, build_units
 from bumblecore.data.template import chat_format, encode_conversation, encode_document, encode_preference
 from bumblecore.tokenizer import load_tokenizer
-from bumblecore.train.config import TrainConfig
 
 
-def dataset_units(config: TrainConfig, tokenizer, paths, progress: bool = True,
+def dataset_units(data: DataArgs, stage: str, seed: int, tokenizer, paths, progress: bool = True,
                   label: str = "dataset_path") -> tuple[TokenCache, Units]:
-    """Validate, tokenize (or reuse the cache) and arrange `paths` into training units for this run.
+    """Validate, tokenize (or reuse the cache) and arrange `paths` into training units for a run of `stage`.
     Data that gives no sample at all is an error that says which files and lines, and why."""
-    cache = build_cache(paths, tokenizer, config.training_stage, config.cutoff_len, config.cache_dir,
-                        config.skip_bad_records, progress=progress)
-    units = build_units(cache, config.training_stage, config.cutoff_len, bool(config.packing), config.seed)
+    cache = build_cache(paths, tokenizer, stage, data.cutoff_len, data.cache_dir, data.skip_bad_records, progress=progress)
+    units = build_units(cache, stage, data.cutoff_len, bool(data.packing), seed)
     if len(units) == 0:
         shown = ", ".join(str(f) for f in data_files(paths))
         raise DataError(f"{label} {shown}: no usable samples: {cache.summary.why_nothing()}")
     return cache, units
 
 
-def run_tokenizer(config: TrainConfig):
+def run_tokenizer(model: ModelArgs):
     """The run's tokenizer (from the model dir) with its own chat template, checked for the chat stages."""
-    tokenizer = load_tokenizer(config.model_name_or_path, trust_remote_code=config.trust_remote_code)
-    if config.training_stage in ("sft", "dpo"):
-        chat_format(tokenizer).check_trainable(config.model_name_or_path)
+    tokenizer = load_tokenizer(model.model_name_or_path, trust_remote_code=model.trust_remote_code)
+    if model.training_stage in ("sft", "dpo"):
+        chat_format(tokenizer).check_trainable(model.model_name_or_path)
     return tokenizer
 
 
-def _require_data(config: TrainConfig) -> None:
-    if not config.model_name_or_path:
+def _require_data(run: TrainArgs) -> None:
+    if not run.model.model_name_or_path:
         raise ValueError("model_name_or_path is required (its tokenizer tokenizes the data)")
-    if not config.dataset_path:
+    if not run.data.dataset_path:
         raise ValueError("dataset_path is required")
 
 
-def prepare_data(config: TrainConfig) -> None:
+def prepare_data(run: TrainArgs) -> None:
     """Tokenize the run's datasets into the token cache ahead of training (train reuses it).
 
     Takes the same config file as `bumblecore train`; keys it does not use are ignored. Validates
     every record first, then streams: memory stays flat as the corpus grows.
     """
-    _require_data(config)
-    tokenizer = run_tokenizer(config)
-    for label, paths in (("train", config.dataset_path), ("eval", config.eval_dataset_path)):
+    _require_data(run)
+    tokenizer, data = run_tokenizer(run.model), run.data
+    for label, paths in (("train", data.dataset_path), ("eval", data.eval_dataset_path)):
         if not paths:
             continue
-        cache, units = dataset_units(config, tokenizer, paths)
+        cache, units = dataset_units(data, run.model.training_stage, run.optimization.seed, tokenizer, paths)
         summary = cache.summary
         print(f"{label}: {summary.describe()}")
-        print(f"{label}: {len(units)} training units ({'packed rows' if config.packing else 'rows'} of <= {config.cutoff_len} tokens) "
+        print(f"{label}: {len(units)} training units ({'packed rows' if data.packing else 'rows'} of <= {data.cutoff_len} tokens) "
               f"in {cache.directory}")
         for example in summary.examples(limit=10):
             print(f"  {example}")
@@ -72,7 +74,7 @@ def _marked_text(tokenizer, ids: list[int], mask: list[bool]) -> str:
     return "".join(out)
 
 
-def inspect_data(config: TrainConfig, num_samples: int = 3, format: str = "text") -> None:
+def inspect_data(run: TrainArgs, num_samples: int = 3, format: str = "text") -> None:
     """Validate the whole dataset, then show how the first samples are tokenized and which tokens are trained.
 
     Takes the same config file as `bumblecore train`; keys it does not use are ignored.
@@ -84,11 +86,11 @@ def inspect_data(config: TrainConfig, num_samples: int = 3, format: str = "text"
     """
     if format not in ("text", "json"):
         raise ValueError(f"format {format!r} is not supported; choose text or json")
-    _require_data(config)
-    tokenizer = run_tokenizer(config)
+    _require_data(run)
+    tokenizer, data = run_tokenizer(run.model), run.data
     report = ReadReport()
     shown = []
-    for sample in read_samples(config.dataset_path, config.training_stage, config.skip_bad_records, report):
+    for sample in read_samples(data.dataset_path, run.model.training_stage, data.skip_bad_records, report):
         if len(shown) < num_samples:
             shown.append(sample)
     for sample in shown:
@@ -103,9 +105,9 @@ def inspect_data(config: TrainConfig, num_samples: int = 3, format: str = "text"
         for name, ids, mask in entries:
             if mask is None:
                 mask = [True] * len(ids)
-            ids, mask = ids[: config.cutoff_len], mask[: config.cutoff_len]
+            ids, mask = ids[: data.cutoff_len], mask[: data.cutoff_len]
             if format == "json":
-                labels = [i if m else -100 for i, m in zip(ids, mask)]
+                labels = [i if m else IGNORE_INDEX for i, m in zip(ids, mask)]
                 print(json.dumps({"input_ids": ids, "labels": labels}))
             else:
                 print(f"===== {sample.where} ({name}): {len(ids)} tokens, {sum(mask)} trained =====")

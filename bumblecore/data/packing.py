@@ -21,6 +21,7 @@ import torch
 
 from bumblecore.data.cache import TokenCache
 
+# The label of a position that is not trained (PyTorch's cross-entropy ignore_index default).
 IGNORE_INDEX = -100
 
 

@@ -31,15 +31,15 @@ from typing import Optional
 import numpy as np
 import torch
 
+from bumblecore.args import REFERENCE_FREE_LOSSES
+from bumblecore.data.packing import IGNORE_INDEX
 from bumblecore.train.losses import (
-    IGNORE_INDEX,
     chunked_token_logps,
     length_desensitized_weights,
     preference_loss,
     reference_free_loss,
     shift_targets,
 )
-from bumblecore.train.config import PREF_LOSSES, REFERENCE_FREE_LOSSES
 
 REFERENCE_FORMAT_VERSION = 1
 
@@ -201,16 +201,6 @@ class PreferenceStage:
 
     def __init__(self, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
                  sft_weight: float = 0.0, ld_alpha: float = 1.0, reference=None, simpo_gamma: float = 0.5):
-        if loss_type not in PREF_LOSSES:
-            raise ValueError(f"pref_loss {loss_type!r} is not supported; choose {', '.join(PREF_LOSSES)}")
-        if loss_type in REFERENCE_FREE_LOSSES and (reference is not None or label_smoothing or ld_alpha != 1.0
-                                                   or (loss_type == "orpo" and sft_weight)):
-            raise ValueError(f"pref_loss {loss_type} takes no reference, dpo_label_smoothing or ld_alpha"
-                             f"{' or sft_weight' if loss_type == 'orpo' else ''}")
-        if beta <= 0:
-            raise ValueError(f"pref_beta must be > 0, got {beta}")
-        if not 0.0 <= label_smoothing < 0.5:
-            raise ValueError(f"dpo_label_smoothing must be in [0, 0.5), got {label_smoothing}")
         self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
         self.sft_weight, self.ld_alpha, self.reference = sft_weight, ld_alpha, reference
         self.simpo_gamma = simpo_gamma
@@ -287,22 +277,24 @@ def reward_metrics(chosen_rewards, rejected_rewards, logps, n: int) -> dict:
     }
 
 
-def build_preference_stage(fabric, config, model, units, eval_units, pad_id: int, resuming: bool, load_reference_model):
+def build_preference_stage(fabric, run, model, units, eval_units, pad_id: int, resuming: bool, load_reference_model):
     """The stage, and `attach(batches, split)` that gives a loader (split "train") or eval batches
     ("eval") their cached reference log-probs when those are precomputed (identity otherwise).
 
     load_reference_model(path) builds a model on the host; it is used for ref_model_path, and for
     full fine-tuning when the policy no longer equals its starting weights (a resumed run)."""
-    if config.pref_loss in REFERENCE_FREE_LOSSES:
-        stage = PreferenceStage(config.pref_beta, config.pref_loss, sft_weight=config.sft_weight, simpo_gamma=config.simpo_gamma)
-        terms = (f"lambda (pref_beta) {config.pref_beta}" if config.pref_loss == "orpo" else
-                 f"beta {config.pref_beta}, gamma {config.simpo_gamma}, sft_weight {config.sft_weight}")
-        stage.summary = f"preference: {config.pref_loss} loss, {terms}; no reference model (reference-free)"
+    preference = run.preference
+    if preference.reference_free:
+        stage = PreferenceStage(preference.pref_beta, preference.pref_loss, sft_weight=preference.sft_weight,
+                                simpo_gamma=preference.simpo_gamma)
+        terms = (f"lambda (pref_beta) {preference.pref_beta}" if preference.pref_loss == "orpo" else
+                 f"beta {preference.pref_beta}, gamma {preference.simpo_gamma}, sft_weight {preference.sft_weight}")
+        stage.summary = f"preference: {preference.pref_loss} loss, {terms}; no reference model (reference-free)"
         return stage, lambda batches, split="train": batches
 
-    lora = config.finetuning_type == "lora"
-    precompute = config.precompute_ref_log_probs if config.precompute_ref_log_probs is not None else not lora
-    reference_dir = config.ref_model_path or config.model_name_or_path
+    lora = run.model.finetuning_type == "lora"
+    precompute = preference.precompute_ref_log_probs if preference.precompute_ref_log_probs is not None else not lora
+    reference_dir = preference.ref_model_path or run.model.model_name_or_path
 
     def separate_reference():
         return ModelReference(fabric.to_device(load_reference_model(reference_dir)))
@@ -310,16 +302,18 @@ def build_preference_stage(fabric, config, model, units, eval_units, pad_id: int
     # The reference that needs no second model, where there is one: the LoRA base, or (only for the
     # precompute, before any step) the policy itself.
     reference_for_table = None
-    if lora and not config.ref_model_path:
+    if lora and not preference.ref_model_path:
         reference_for_table = AdapterDisabledReference(model)
-    elif precompute and not config.ref_model_path and not resuming:
+    elif precompute and not preference.ref_model_path and not resuming:
         reference_for_table = ModelReference(model, freeze=False)
 
-    stage = PreferenceStage(config.pref_beta, config.pref_loss, config.dpo_label_smoothing, config.sft_weight, config.ld_alpha)
-    kind = ("the base with the LoRA adapter disabled" if lora and not config.ref_model_path else
+    stage = PreferenceStage(preference.pref_beta, preference.pref_loss, preference.dpo_label_smoothing, preference.sft_weight,
+                            preference.ld_alpha)
+    kind = ("the base with the LoRA adapter disabled" if lora and not preference.ref_model_path else
             f"{'frozen ' if not precompute else ''}{reference_dir}")
-    stage.summary = (f"preference: {config.pref_loss} loss, beta {config.pref_beta}, label smoothing {config.dpo_label_smoothing}, "
-                     f"sft_weight {config.sft_weight}, ld_alpha {config.ld_alpha}; reference {kind}"
+    stage.summary = (f"preference: {preference.pref_loss} loss, beta {preference.pref_beta}, "
+                     f"label smoothing {preference.dpo_label_smoothing}, "
+                     f"sft_weight {preference.sft_weight}, ld_alpha {preference.ld_alpha}; reference {kind}"
                      f"{', log-probs precomputed and cached' if precompute else ', computed live'}")
     if not precompute:
         stage.reference = reference_for_table or separate_reference()
@@ -339,6 +333,6 @@ def build_preference_stage(fabric, config, model, units, eval_units, pad_id: int
         if pairs is not None:
             tables[split] = cached_reference_logps(
                 fabric, table_reference, pairs,
-                reference_cache_file(pairs, reference_dir, config.train_model_precision),
-                config.train_micro_batch_size_per_gpu, pad_id)
+                reference_cache_file(pairs, reference_dir, run.optimization.train_model_precision),
+                run.optimization.train_micro_batch_size_per_gpu, pad_id)
     return stage, lambda batches, split="train": StepsWithReference(batches, tables[split])

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-IGNORE_INDEX = -100
+from bumblecore.data.packing import IGNORE_INDEX  # the label of positions that are not trained
 # Bytes of fp32 logits one chunk may hold: 256 MB is ~440 tokens at a 151,936 vocabulary.
 LOGITS_BUDGET_BYTES = 1 << 28
 

@@ -8,15 +8,16 @@ import json
 import math
 import shutil
 import time
+import types
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from bumblecore.train.config import REFERENCE_FREE_LOSSES, TrainConfig, to_yaml
+from bumblecore.args import TrainArgs, flat_defaults
 
 
-def train(config: TrainConfig) -> None:
+def train(run: TrainArgs) -> None:
     """Train a model: pretrain, continue_pretrain, sft or dpo; full fine-tuning or LoRA.
 
     Takes the original's flat YAML keys (`--config F` or `--yaml_config F`), each overridable on the
@@ -25,48 +26,56 @@ def train(config: TrainConfig) -> None:
     """
     from bumblecore.train.runtime import build_fabric, detect_launch, fill_deepspeed_config, launch_processes, load_deepspeed_config
 
-    _check_inputs(config)
-    launch = detect_launch(config.devices, config.num_nodes, config.accelerator)
+    _check_inputs(run)
+    scale, optimization = run.runtime, run.optimization
+    launch = detect_launch(scale.devices, scale.num_nodes, scale.accelerator)
     deepspeed = None
-    if config.deepspeed_config_path:
-        hidden = json.loads((Path(config.model_name_or_path) / "config.json").read_text()).get("hidden_size", 0)
+    if scale.deepspeed_config_path:
+        hidden = json.loads((Path(run.model.model_name_or_path) / "config.json").read_text()).get("hidden_size", 0)
         deepspeed = fill_deepspeed_config(
-            load_deepspeed_config(config.deepspeed_config_path), micro_batch_size=config.train_micro_batch_size_per_gpu,
-            gradient_accumulation_steps=config.gradient_accumulation_steps, world_size=launch.world_size,
-            precision=config.train_model_precision, max_grad_norm=config.max_grad_norm, hidden_size=hidden)
-    fabric = build_fabric(config.accelerator, config.devices, config.num_nodes, config.train_model_precision, deepspeed,
+            load_deepspeed_config(scale.deepspeed_config_path), micro_batch_size=optimization.train_micro_batch_size_per_gpu,
+            gradient_accumulation_steps=optimization.gradient_accumulation_steps, world_size=launch.world_size,
+            precision=optimization.train_model_precision, max_grad_norm=optimization.max_grad_norm, hidden_size=hidden)
+    fabric = build_fabric(scale.accelerator, scale.devices, scale.num_nodes, optimization.train_model_precision, deepspeed,
                           launch=launch)
     if launch.launcher != "fabric run":  # fabric run has set Fabric up itself
         launch_processes(fabric, ours=launch.launcher is None)
-    main(fabric, config, deepspeed_config=deepspeed, launcher=launch.launcher)
+    main(fabric, run, deepspeed_config=deepspeed, launcher=launch.launcher)
 
 
-def _check_inputs(config: TrainConfig) -> None:
-    if not config.model_name_or_path:
+def to_yaml(run: TrainArgs) -> str:
+    """The run's flat keys, as training_args.yaml holds them (and `--config` reads them back)."""
+    import yaml
+
+    return yaml.safe_dump(run.flat(), sort_keys=False, allow_unicode=True)
+
+
+def _check_inputs(run: TrainArgs) -> None:
+    if not run.model.model_name_or_path:
         raise ValueError("model_name_or_path is required")
-    if not (Path(config.model_name_or_path) / "config.json").is_file():
-        raise FileNotFoundError(f"model_name_or_path {config.model_name_or_path}: no config.json (expected a model directory)")
-    if not config.dataset_path:
+    if not (Path(run.model.model_name_or_path) / "config.json").is_file():
+        raise FileNotFoundError(f"model_name_or_path {run.model.model_name_or_path}: no config.json (expected a model directory)")
+    if not run.data.dataset_path:
         raise ValueError("dataset_path is required")
-    if config.lr_scheduler_type == "reduce_on_plateau" and not config.eval_dataset_path:
+    if run.optimization.lr_scheduler_type == "reduce_on_plateau" and not run.data.eval_dataset_path:
         # It steps on the eval loss only: without an eval set the lr would silently stay constant.
         raise ValueError("lr_scheduler_type reduce_on_plateau lowers the lr when the eval loss stops improving, "
                          "so it needs eval_dataset_path; give one, or choose another schedule (e.g. cosine)")
 
 
-def config_notes(config: TrainConfig) -> list[str]:
+def config_notes(run: TrainArgs) -> list[str]:
     """Keys that are accepted but change nothing, said once at start rather than silently ignored."""
     notes = []
-    if config.num_local_io_workers is not None:
-        notes.append(f"num_local_io_workers {config.num_local_io_workers} is accepted and ignored: the Rust tokenizer "
+    if run.data.num_local_io_workers is not None:
+        notes.append(f"num_local_io_workers {run.data.num_local_io_workers} is accepted and ignored: the Rust tokenizer "
                      "already tokenizes the cache on every core, and batches are read in-process from the "
                      "memory-mapped cache (no loader workers)")
-    if config.training_stage == "dpo" and config.pref_loss in REFERENCE_FREE_LOSSES:
-        if config.precompute_ref_log_probs is not None:
-            notes.append(f"precompute_ref_log_probs {config.precompute_ref_log_probs} is ignored: pref_loss "
-                         f"{config.pref_loss} uses no reference model")
-        if config.pref_loss == "simpo" and config.pref_beta < 1.0:
-            notes.append(f"pref_beta {config.pref_beta} is SimPO's beta here; SimPO's papers use ~2.0 "
+    if run.model.training_stage == "dpo" and run.preference.reference_free:
+        if run.preference.precompute_ref_log_probs is not None:
+            notes.append(f"precompute_ref_log_probs {run.preference.precompute_ref_log_probs} is ignored: pref_loss "
+                         f"{run.preference.pref_loss} uses no reference model")
+        if run.preference.pref_loss == "simpo" and run.preference.pref_beta < 1.0:
+            notes.append(f"pref_beta {run.preference.pref_beta} is SimPO's beta here; SimPO's papers use ~2.0 "
                          "(0.1 is DPO's default, kept as the key's default)")
     return notes
 
@@ -81,7 +90,7 @@ def _is_bumblebee(model_dir) -> bool:
     return bumblebee_expresses(model_dir)
 
 
-def load_model(config: TrainConfig, fabric, dtype: torch.dtype = torch.float32, partitioned: bool = False):
+def load_model(run: TrainArgs, fabric, dtype: torch.dtype = torch.float32, partitioned: bool = False):
     """Bumblebee for our configs, Qwen2 and Llama; any other causal LM through transformers.
 
     Pretrained weights are read tensor by tensor straight into `dtype` on the run's device.
@@ -90,49 +99,50 @@ def load_model(config: TrainConfig, fabric, dtype: torch.dtype = torch.float32, 
     from bumblecore.model.hf_io import load_pretrained, read_config
     from bumblecore.model.bumblebee import Bumblebee
 
-    if _is_bumblebee(config.model_name_or_path):
-        model_config = read_config(config.model_name_or_path)
-        if config.training_stage == "pretrain":
+    if _is_bumblebee(run.model.model_name_or_path):
+        model_config = read_config(run.model.model_name_or_path)
+        if run.model.training_stage == "pretrain":
             with fabric.init_module(empty_init=True) if partitioned else contextlib.nullcontext():
-                torch.manual_seed(config.seed)  # the same random init on every rank (ZeRO-3: DeepSpeed broadcasts rank 0's)
+                torch.manual_seed(run.optimization.seed)  # the same random init on every rank (ZeRO-3: DeepSpeed broadcasts rank 0's)
                 model = Bumblebee(model_config)
         elif partitioned:
             from bumblecore.train.runtime import load_into_partitioned
 
             with torch.random.fork_rng(), fabric.init_module(empty_init=True):  # draws nothing, like a load
                 model = Bumblebee(model_config)
-            load_into_partitioned(model, config.model_name_or_path, fabric.is_global_zero)
+            load_into_partitioned(model, run.model.model_name_or_path, fabric.is_global_zero)
         else:
-            model = load_pretrained(config.model_name_or_path, dtype=dtype, device=fabric.device)
-        if config.enable_gradient_checkpointing:
+            model = load_pretrained(run.model.model_name_or_path, dtype=dtype, device=fabric.device)
+        if run.optimization.enable_gradient_checkpointing:
             model.set_gradient_checkpointing(True)
         return model
-    from bumblecore.model.transformers_family import load_transformers_model
+    from bumblecore.train.hf_fallback import load_transformers_model
 
-    return load_transformers_model(config)
+    # It reads the run's flat keys (training_stage, model_name_or_path, trust_remote_code, seed, ...).
+    return load_transformers_model(types.SimpleNamespace(**run.flat()))
 
 
-def count_parameters(config: TrainConfig) -> tuple[int, int]:
+def count_parameters(run: TrainArgs) -> tuple[int, int]:
     """(all, trainable) parameters of the run's model, counted on the meta device (nothing allocated)."""
     from bumblecore.train.lora import linear_layer_names
 
-    if _is_bumblebee(config.model_name_or_path):
+    if _is_bumblebee(run.model.model_name_or_path):
         from bumblecore.model.bumblebee import Bumblebee
         from bumblecore.model.hf_io import read_config
 
         with torch.device("meta"):
-            model = Bumblebee(read_config(config.model_name_or_path))
+            model = Bumblebee(read_config(run.model.model_name_or_path))
     else:
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        hf_config = AutoConfig.from_pretrained(config.model_name_or_path, trust_remote_code=config.trust_remote_code)
+        hf_config = AutoConfig.from_pretrained(run.model.model_name_or_path, trust_remote_code=run.model.trust_remote_code)
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=config.trust_remote_code)
+            model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=run.model.trust_remote_code)
     total = sum(p.numel() for p in model.parameters())
-    if config.finetuning_type != "lora":
+    if run.model.finetuning_type != "lora":
         return total, total
-    targets = set(config.lora_target_modules or linear_layer_names(model))
-    adapters = sum(config.lora_rank * (m.in_features + m.out_features) for name, m in model.named_modules()
+    targets = set(run.lora.lora_target_modules or linear_layer_names(model))
+    adapters = sum(run.lora.lora_rank * (m.in_features + m.out_features) for name, m in model.named_modules()
                    if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets)
     return total + adapters, adapters
 
@@ -167,16 +177,16 @@ def _processes_per_node(fabric) -> int:
     return max(1, fabric.world_size // getattr(fabric.strategy, "num_nodes", 1))
 
 
-def memory_plan(fabric, config: TrainConfig, deepspeed_config, local_processes: int):
+def memory_plan(fabric, run: TrainArgs, deepspeed_config, local_processes: int):
     from bumblecore.train.memory import available_memory, plan_memory
 
-    total, trainable = count_parameters(config)
+    total, trainable = count_parameters(run)
     frozen_copy = 0
-    if config.training_stage == "dpo" and config.pref_loss not in REFERENCE_FREE_LOSSES and (
-            config.ref_model_path or (config.finetuning_type == "full" and config.precompute_ref_log_probs is False)):
-        frozen_copy = total - (trainable if config.finetuning_type == "lora" else 0)
+    if run.model.training_stage == "dpo" and not run.preference.reference_free and (
+            run.preference.ref_model_path or (run.model.finetuning_type == "full" and run.preference.precompute_ref_log_probs is False)):
+        frozen_copy = total - (trainable if run.model.finetuning_type == "lora" else 0)
     name, available = available_memory(fabric.device, local_processes)
-    return plan_memory(total, trainable, config.train_model_precision, fabric.world_size, deepspeed_config, name,
+    return plan_memory(total, trainable, run.optimization.train_model_precision, fabric.world_size, deepspeed_config, name,
                        available, frozen_copy)
 
 
@@ -202,34 +212,31 @@ def _resolved(value):
 
 def run_identity(values: dict) -> dict:
     """What makes two configurations the same run: every key but the operational ones, paths resolved."""
-    from bumblecore.train.config import FIELDS
-
     identity = {}
-    for name, field in FIELDS.items():
+    for name, default in flat_defaults().items():
         if name in OPERATIONAL_KEYS:
             continue
-        default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
         value = values.get(name, default)
         identity[name] = _resolved(value) if name in PATH_KEYS else value
     return identity
 
 
-def checkpoint_identity(config: TrainConfig) -> dict:
+def checkpoint_identity(run: TrainArgs) -> dict:
     """Recorded in every checkpoint and compared on resume: a checkpoint continues only the kind of run that wrote it."""
-    raw = json.loads((Path(config.model_name_or_path) / "config.json").read_text(encoding="utf-8"))
+    raw = json.loads((Path(run.model.model_name_or_path) / "config.json").read_text(encoding="utf-8"))
     raw = {**raw.get("text_config", {}), **raw}
-    identity = {"training_stage": config.training_stage, "finetuning_type": config.finetuning_type,
+    identity = {"training_stage": run.model.training_stage, "finetuning_type": run.model.finetuning_type,
                 "model_shape": {k: raw[k] for k in MODEL_SHAPE_KEYS if k in raw}}
-    if config.finetuning_type == "lora":
-        identity["lora"] = {"rank": config.lora_rank, "target_modules": sorted(config.lora_target_modules or [])}
+    if run.model.finetuning_type == "lora":
+        identity["lora"] = {"rank": run.lora.lora_rank, "target_modules": sorted(run.lora.lora_target_modules or [])}
     return identity
 
 
-def check_checkpoint_matches(checkpoint_dir: Path, config: TrainConfig) -> None:
+def check_checkpoint_matches(checkpoint_dir: Path, run: TrainArgs) -> None:
     """A resumed checkpoint must come from a run of this stage, model shape and fine-tuning type."""
     from bumblecore.train.checkpoint import read_trainer_state
 
-    saved, wanted = read_trainer_state(checkpoint_dir), checkpoint_identity(config)
+    saved, wanted = read_trainer_state(checkpoint_dir), checkpoint_identity(run)
     differences = []
     for key, value in wanted.items():
         if key not in saved:  # an older checkpoint records less
@@ -258,15 +265,15 @@ def _run_outputs(output_dir: Path) -> list[str]:
     return found
 
 
-def _protected(config: TrainConfig) -> list[Path]:
+def _protected(run: TrainArgs) -> list[Path]:
     """Inputs that may live inside output_dir and are never deleted by overwrite_output_dir."""
-    paths = [config.cache_dir, config.model_name_or_path, config.ref_model_path, config.deepspeed_config_path]
-    for value in (config.dataset_path, config.eval_dataset_path):
+    paths = [run.data.cache_dir, run.model.model_name_or_path, run.preference.ref_model_path, run.runtime.deepspeed_config_path]
+    for value in (run.data.dataset_path, run.data.eval_dataset_path):
         paths += value if isinstance(value, list) else [value]
     return [Path(p).resolve() for p in paths if p]
 
 
-def prepare_output_dir(config: TrainConfig, notes: list) -> Optional[Path]:
+def prepare_output_dir(run: TrainArgs, notes: list) -> Optional[Path]:
     """On rank 0, before any rank writes: clean up what killed saves left, find the checkpoint to resume
     (intact and of this run), and make sure a fresh run does not mix with another run's outputs.
     Returns the checkpoint to resume from, or None."""
@@ -274,23 +281,23 @@ def prepare_output_dir(config: TrainConfig, notes: list) -> Optional[Path]:
 
     import yaml
 
-    output_dir = Path(config.output_dir)
-    if output_dir.resolve() == Path(config.model_name_or_path).resolve():
+    output_dir = Path(run.output.output_dir)
+    if output_dir.resolve() == Path(run.model.model_name_or_path).resolve():
         raise ValueError(f"output_dir {output_dir} is the model directory model_name_or_path: the run would overwrite "
                          "the model it starts from; choose another output_dir")
     for path in remove_stale_temporaries(output_dir):
         notes.append(f"removed {path}, left by a save that did not finish")
-    resume_dir = resolve_resume_dir(output_dir, config.resume_from_checkpoint, notes)
+    resume_dir = resolve_resume_dir(output_dir, run.output.resume_from_checkpoint, notes)
     if resume_dir is not None:
-        check_checkpoint_matches(resume_dir, config)
+        check_checkpoint_matches(resume_dir, run)
         return resume_dir
     if not output_dir.is_dir():
         return None
     found = _run_outputs(output_dir)
     if not found:
         return None  # empty, or only a token cache or a record of an attempt that produced nothing
-    if config.overwrite_output_dir:
-        protected = _protected(config)
+    if run.output.overwrite_output_dir:
+        protected = _protected(run)
         removed = 0
         for path in output_dir.iterdir():
             here = path.resolve()
@@ -314,7 +321,7 @@ def prepare_output_dir(config: TrainConfig, notes: list) -> Optional[Path]:
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
         raise ValueError(f"output_dir {output_dir}: {RUN_RECORD} is unreadable ({type(err).__name__}) and the "
                          f"directory holds a run's outputs ({shown}); {remedy}") from None
-    before, now = run_identity(previous if isinstance(previous, dict) else {}), run_identity(dataclasses.asdict(config))
+    before, now = run_identity(previous if isinstance(previous, dict) else {}), run_identity(run.flat())
     differences = [f"{k} {before[k]!r} -> {now[k]!r}" for k in now if before.get(k) != now[k]]
     if differences:
         more = f" and {len(differences) - 4} more" if len(differences) > 4 else ""
@@ -349,7 +356,7 @@ def agreed_on_rank_zero(fabric, decide):
 # ---------------------------------------------------------------------------- main
 
 
-def main(fabric, config: TrainConfig, deepspeed_config: dict | None = None, launcher: str | None = None) -> None:
+def main(fabric, run: TrainArgs, deepspeed_config: dict | None = None, launcher: str | None = None) -> None:
     from bumblecore.data.commands import dataset_units, run_tokenizer
     from bumblecore.data.loader import BatchLoader, eval_batches
     from bumblecore.tokenizer import check_fits_model
@@ -363,38 +370,41 @@ def main(fabric, config: TrainConfig, deepspeed_config: dict | None = None, laun
     from bumblecore.train.sft import LanguageModelingStage
 
     started = time.perf_counter()
-    fabric.seed_everything(config.seed)
-    output_dir = Path(config.output_dir)
+    optimization, output = run.optimization, run.output
+    fabric.seed_everything(optimization.seed)
+    output_dir = Path(output.output_dir)
     # The model's own chat template (ours, ChatML, where it has none): what is trained is what is served.
-    tokenizer = run_tokenizer(config)
-    check_fits_model(tokenizer, config.model_name_or_path, config.model_name_or_path)  # before anything is written
-    resume_dir, notes = agreed_on_rank_zero(fabric, lambda notes: prepare_output_dir(config, notes))
-    for note in notes + config_notes(config):
+    tokenizer = run_tokenizer(run.model)
+    check_fits_model(tokenizer, run.model.model_name_or_path, run.model.model_name_or_path)  # before anything is written
+    resume_dir, notes = agreed_on_rank_zero(fabric, lambda notes: prepare_output_dir(run, notes))
+    for note in notes + config_notes(run):
         fabric.print(f"note: {note}")
     if deepspeed_config is None:
         # Our checkpoint directory is atomic already: write the state once, in place, mode 0644.
         fabric.strategy.checkpoint_io = in_place_checkpoint_io()
 
     stage_of_zero = zero_stage(deepspeed_config)
-    plan = memory_plan(fabric, config, deepspeed_config, local_processes=_processes_per_node(fabric))
+    plan = memory_plan(fabric, run, deepspeed_config, local_processes=_processes_per_node(fabric))
     plan.check()  # before anything is allocated or written
     # DeepSpeed with 16-bit weights keeps a 16-bit module and fp32 master weights itself: load 16-bit.
     weights_dtype = torch.float32
-    if stage_of_zero is not None and config.train_model_precision in ("bf16", "fp16"):
-        weights_dtype = torch.bfloat16 if config.train_model_precision == "bf16" else torch.float16
-    model = load_model(config, fabric, dtype=weights_dtype, partitioned=stage_of_zero == 3)
+    if stage_of_zero is not None and optimization.train_model_precision in ("bf16", "fp16"):
+        weights_dtype = torch.bfloat16 if optimization.train_model_precision == "bf16" else torch.float16
+    model = load_model(run, fabric, dtype=weights_dtype, partitioned=stage_of_zero == 3)
     release_freed_host_memory()
-    if getattr(model, "is_transformers_fallback", False) and config.packing:
+    if getattr(model, "is_transformers_fallback", False) and run.data.packing:
         fabric.print("note: packing is off for transformers models (their CPU attention would cross documents)")
-        config.packing = False
-    if config.finetuning_type == "lora":
-        model = apply_lora(model, config.lora_rank, config.lora_alpha, config.lora_dropout, config.lora_target_modules)
+        run.data = dataclasses.replace(run.data, packing=False)
+    if run.model.finetuning_type == "lora":
+        model = apply_lora(model, run.lora.lora_rank, run.lora.lora_alpha, run.lora.lora_dropout, run.lora.lora_target_modules)
     trainable, total = trainable_share(model)
 
     def tokenized():  # the token cache, built once (see build_once) and memory-mapped by every rank
-        train_data = dataset_units(config, tokenizer, config.dataset_path, progress=fabric.is_global_zero, label="dataset_path")
-        held_out = (dataset_units(config, tokenizer, config.eval_dataset_path, progress=False, label="eval_dataset_path")
-                    if config.eval_dataset_path else (None, None))
+        def units_of(paths, progress, label):
+            return dataset_units(run.data, run.model.training_stage, optimization.seed, tokenizer, paths, progress, label)
+
+        train_data = units_of(run.data.dataset_path, fabric.is_global_zero, "dataset_path")
+        held_out = units_of(run.data.eval_dataset_path, False, "eval_dataset_path") if run.data.eval_dataset_path else (None, None)
         return train_data, held_out
 
     (train_cache, units), (eval_cache, eval_units) = build_once(fabric, tokenized)
@@ -402,44 +412,46 @@ def main(fabric, config: TrainConfig, deepspeed_config: dict | None = None, laun
         raise ValueError(f"eval_dataset_path: {len(eval_units)} eval units for {fabric.world_size} processes; "
                          "give at least one per process")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    loader = BatchLoader(units, config.train_micro_batch_size_per_gpu, config.gradient_accumulation_steps,
-                         fabric.world_size, fabric.global_rank, config.seed, pad_id, bool(config.packing), config.group_by_length)
-    eval_loader = (eval_batches(eval_units, config.train_micro_batch_size_per_gpu, pad_id, bool(config.packing),
+    loader = BatchLoader(units, optimization.train_micro_batch_size_per_gpu, optimization.gradient_accumulation_steps,
+                         fabric.world_size, fabric.global_rank, optimization.seed, pad_id, bool(run.data.packing), run.data.group_by_length)
+    eval_loader = (eval_batches(eval_units, optimization.train_micro_batch_size_per_gpu, pad_id, bool(run.data.packing),
                                 fabric.world_size, fabric.global_rank) if eval_units is not None else None)
-    total_steps = loader.total_steps(config.num_epochs, config.max_steps)
-    warmup_steps = math.ceil(config.warmup_ratio * total_steps)
+    total_steps = loader.total_steps(optimization.num_epochs, optimization.max_steps)
+    warmup_steps = math.ceil(optimization.warmup_ratio * total_steps)
 
-    adamw = torch.optim.AdamW(optimizer_groups(model, config.weight_decay), lr=config.learning_rate, betas=(0.9, 0.999), eps=1e-8, fused=True)
+    adamw = torch.optim.AdamW(optimizer_groups(model, optimization.weight_decay), lr=optimization.learning_rate, betas=(0.9, 0.999), eps=1e-8, fused=True)
     model, optimizer = fabric.setup(model, adamw)
     release_freed_host_memory()  # DeepSpeed's setup copies every partition once more
     # The schedule drives AdamW's own param groups: under DeepSpeed the ZeRO optimizer wraps it and steps it.
-    scheduler = build_scheduler(config.lr_scheduler_type, adamw, warmup_steps, total_steps, **config.lr_scheduler_kwargs)
+    scheduler = build_scheduler(optimization.lr_scheduler_type, adamw, warmup_steps, total_steps, **optimization.lr_scheduler_kwargs)
 
     stage = LanguageModelingStage()
-    if config.training_stage == "dpo":
+    if run.model.training_stage == "dpo":
         from bumblecore.train.dpo import build_preference_stage
 
         def load_reference(path):
-            return load_model(dataclasses.replace(config, model_name_or_path=path, enable_gradient_checkpointing=False), fabric)
+            return load_model(dataclasses.replace(
+                run, model=dataclasses.replace(run.model, model_name_or_path=path),
+                optimization=dataclasses.replace(run.optimization, enable_gradient_checkpointing=False)), fabric)
 
-        stage, attach_reference = build_preference_stage(fabric, config, model, units, eval_units, pad_id,
+        stage, attach_reference = build_preference_stage(fabric, run, model, units, eval_units, pad_id,
                                                          resuming=resume_dir is not None, load_reference_model=load_reference)
         loader = attach_reference(loader, "train")
         eval_loader = attach_reference(eval_loader, "eval") if eval_loader is not None else None
-    monitor = Monitor(output_dir, config.use_tensorboard, config.save_train_log, fabric.is_global_zero,
+    monitor = Monitor(output_dir, output.use_tensorboard, output.save_train_log, fabric.is_global_zero,
                       resume_step=read_trainer_state(resume_dir)["step"] if resume_dir else None)
     # The log starts with what this attempt ran with (a resume may change keys such as max_steps).
-    monitor.info("resolved configuration:\n" + to_yaml(config).rstrip())
-    for note in notes + config_notes(config):
+    monitor.info("resolved configuration:\n" + to_yaml(run).rstrip())
+    for note in notes + config_notes(run):
         monitor.info(f"note: {note}")
     settings = LoopSettings(
-        total_steps=total_steps, max_grad_norm=config.max_grad_norm, logging_steps=config.logging_steps,
-        eval_steps=config.eval_steps or (config.save_steps if eval_loader else None), save_steps=config.save_steps,
-        save_total_limit=config.save_total_limit, save_last=config.save_last,
-        average_tokens_across_devices=config.average_tokens_across_devices,
+        total_steps=total_steps, max_grad_norm=optimization.max_grad_norm, logging_steps=output.logging_steps,
+        eval_steps=output.eval_steps or (output.save_steps if eval_loader else None), save_steps=output.save_steps,
+        save_total_limit=output.save_total_limit, save_last=output.save_last,
+        average_tokens_across_devices=optimization.average_tokens_across_devices,
         runtime_owns_accumulation=deepspeed_config is not None,
-        skips_overflow_steps=config.train_model_precision == "fp16")
-    exporter = Exporter(fabric, config, tokenizer, monitor)
+        skips_overflow_steps=optimization.train_model_precision == "fp16")
+    exporter = Exporter(fabric, run, tokenizer, monitor)
     engine = Engine(fabric, model, optimizer, scheduler, stage, loader, settings, monitor,
                     save_fn=lambda step, final: exporter.checkpoint(engine, step, final), eval_loader=eval_loader)
     if resume_dir is not None:
@@ -448,21 +460,21 @@ def main(fabric, config: TrainConfig, deepspeed_config: dict | None = None, laun
 
     if fabric.is_global_zero:
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "training_args.yaml").write_text(to_yaml(config), encoding="utf-8")
+        (output_dir / "training_args.yaml").write_text(to_yaml(run), encoding="utf-8")
     banner = [
-        f"BumbleCore train: stage {config.training_stage}, {config.finetuning_type} fine-tuning, model {config.model_name_or_path}",
-        f"  data: {len(units)} training units ({'packed' if config.packing else 'padded'} rows of <= {config.cutoff_len} tokens)"
+        f"BumbleCore train: stage {run.model.training_stage}, {run.model.finetuning_type} fine-tuning, model {run.model.model_name_or_path}",
+        f"  data: {len(units)} training units ({'packed' if run.data.packing else 'padded'} rows of <= {run.data.cutoff_len} tokens)"
         + (f", {len(eval_units)} eval units" if eval_units is not None else ""),
         f"  dataset: {train_cache.summary.counts()}",
         *([f"  eval dataset: {eval_cache.summary.counts()}"] if eval_cache is not None else []),
         *[f"    {example}" for example in train_cache.summary.examples()],
         f"  processes: {fabric.world_size} ({_processes_per_node(fabric)} per node x {fabric.world_size // _processes_per_node(fabric)} node(s), "
         f"started by {launcher or ('bumblecore' if fabric.world_size > 1 else 'this command')}), {fabric.device.type}",
-        f"  batch: {config.train_micro_batch_size_per_gpu} micro x {fabric.world_size} device(s) x {config.gradient_accumulation_steps} "
+        f"  batch: {optimization.train_micro_batch_size_per_gpu} micro x {fabric.world_size} device(s) x {optimization.gradient_accumulation_steps} "
         f"accumulation = {loader.global_size} per step; {loader.steps_per_epoch} steps/epoch, {total_steps} steps, {warmup_steps} warmup",
         f"  parameters: {total:,} ({trainable:,} trainable, {trainable / max(1, total):.2%})",
-        f"  features: precision {config.train_model_precision}, scheduler {config.lr_scheduler_type}, lr {config.learning_rate}, "
-        f"gradient checkpointing {'on' if config.enable_gradient_checkpointing else 'off'}, "
+        f"  features: precision {optimization.train_model_precision}, scheduler {optimization.lr_scheduler_type}, lr {optimization.learning_rate}, "
+        f"gradient checkpointing {'on' if optimization.enable_gradient_checkpointing else 'off'}, "
         f"attention {getattr(getattr(model, 'config', None), 'attn_implementation', 'transformers')}, "
         f"strategy {type(fabric.strategy).__name__}"
         + (f" (ZeRO-{stage_of_zero})" if stage_of_zero is not None else ""),
@@ -476,9 +488,9 @@ def main(fabric, config: TrainConfig, deepspeed_config: dict | None = None, laun
 
     engine.fit()
     exporter.export_final(engine)
-    monitor.close(smooth=config.training_stage != "pretrain")
+    monitor.close(smooth=run.model.training_stage != "pretrain")
     _report_peak_memory(fabric, monitor)
-    fabric.print(f"done in {time.perf_counter() - started:.1f}s: {config.output_dir}")
+    fabric.print(f"done in {time.perf_counter() - started:.1f}s: {output.output_dir}")
 
 
 def _report_peak_memory(fabric, monitor) -> None:
@@ -502,11 +514,11 @@ def _report_peak_memory(fabric, monitor) -> None:
 class Exporter:
     """Writes checkpoints (HF export + resume state, atomically) and the final model."""
 
-    def __init__(self, fabric, config: TrainConfig, tokenizer, monitor):
-        self.fabric, self.config, self.tokenizer, self.monitor = fabric, config, tokenizer, monitor
+    def __init__(self, fabric, run: TrainArgs, tokenizer, monitor):
+        self.fabric, self.run, self.tokenizer, self.monitor = fabric, run, tokenizer, monitor
 
     def _save_dtype(self) -> torch.dtype:
-        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.config.train_model_precision, torch.float32)
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.run.optimization.train_model_precision, torch.float32)
 
     def write_model(self, model, directory: Path) -> None:
         """The HF-format model (or peft adapter) and tokenizer; rank 0 writes, all ranks join (sharded states)."""
@@ -514,13 +526,13 @@ class Exporter:
         from bumblecore.train.runtime import gathered_state_dict
 
         bare = getattr(model, "module", model)
-        lora = self.config.finetuning_type == "lora"
+        lora = self.run.model.finetuning_type == "lora"
         state = gathered_state_dict(self.fabric, model, trainable_only=lora)  # every rank joins under ZeRO-3
         if not self.fabric.is_global_zero:
             return
         directory.mkdir(parents=True, exist_ok=True)
         if lora:
-            save_adapter(bare, directory, self.config.model_name_or_path, state_dict=state)
+            save_adapter(bare, directory, self.run.model.model_name_or_path, state_dict=state)
         else:
             dtype = self._save_dtype()
             casted = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
@@ -536,15 +548,15 @@ class Exporter:
             self.write_model(engine.model, tmp)
             engine.save_state(tmp)
 
-        state = {"step": step, "tokens_seen": engine.tokens_seen, **checkpoint_identity(self.config)}
-        path = save_checkpoint(self.config.output_dir, name, contents, state, self.fabric.is_global_zero, self.fabric.barrier)
+        state = {"step": step, "tokens_seen": engine.tokens_seen, **checkpoint_identity(self.run)}
+        path = save_checkpoint(self.run.output.output_dir, name, contents, state, self.fabric.is_global_zero, self.fabric.barrier)
         if self.fabric.is_global_zero:
             if not final:
-                rotate_checkpoints(self.config.output_dir, self.config.save_total_limit)
-            self.monitor.plot(smooth=self.config.training_stage != "pretrain")
+                rotate_checkpoints(self.run.output.output_dir, self.run.output.save_total_limit)
+            self.monitor.plot(smooth=self.run.model.training_stage != "pretrain")
             self.monitor.info(f"saved {path}")
 
     def export_final(self, engine) -> None:
         """The trained model at output_dir's root (DESIGN.md §3)."""
-        self.write_model(engine.model, Path(self.config.output_dir))
+        self.write_model(engine.model, Path(self.run.output.output_dir))
         self.fabric.barrier()

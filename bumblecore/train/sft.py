@@ -3,7 +3,8 @@ normalises by the step's global target count."""
 
 from __future__ import annotations
 
-from bumblecore.train.losses import IGNORE_INDEX, chunked_cross_entropy, shift_targets
+from bumblecore.data.packing import IGNORE_INDEX
+from bumblecore.train.losses import chunked_cross_entropy, shift_targets
 
 
 class LanguageModelingStage:

@@ -1,0 +1,269 @@
+"""The training run's settings: seven typed groups and the run that holds them (TrainArgs).
+
+Each field's attribute docstring is its `--help` line. jsonargparse parses and type-checks them
+(bumblecore/cli.py builds the parser from `train`'s signature); every field keeps the flat name and
+default of the original's keys, so a flat YAML file (`learning_rate: 1e-4`) or a flat flag
+(`--learning_rate 1e-4`) still works beside the grouped spelling (`optimization: {learning_rate: 1e-4}`).
+Checks within one group sit in its `__post_init__`; checks across groups sit in `TrainArgs`'s.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import ClassVar, Optional, Union
+
+STAGES = ("pretrain", "continue_pretrain", "sft", "dpo")
+FINETUNING_TYPES = ("full", "lora")
+PREF_LOSSES = ("sigmoid", "ipo", "orpo", "simpo")
+# Preference losses of the policy alone: no reference model is built, loaded or cached for them.
+REFERENCE_FREE_LOSSES = ("orpo", "simpo")
+
+
+def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{key} {value!r} is not one of {', '.join(allowed)}")
+
+
+@dataclass
+class ModelArgs:
+    """What to train: the stage, the model and how it is tuned"""
+
+    training_stage: str = "sft"
+    """pretrain (random init from a model dir holding config.json + tokenizer), continue_pretrain, sft or dpo."""
+    finetuning_type: str = "full"
+    """full or lora."""
+    model_name_or_path: str = ""
+    """Local model directory (Hugging Face layout). Required."""
+    trust_remote_code: bool = False
+    """Allow custom model code for Hugging Face models that are not Bumblebee/Qwen2/Llama."""
+    tokenizer_use_fast: bool = False
+    """Accepted for compatibility; the fast (Rust) tokenizer is always used when the dir has tokenizer.json."""
+
+    def __post_init__(self) -> None:
+        _one_of("training_stage", self.training_stage, STAGES)
+        _one_of("finetuning_type", self.finetuning_type, FINETUNING_TYPES)
+
+
+@dataclass
+class DataArgs:
+    """Data: files, sample length, packing and the token cache"""
+
+    dataset_path: Union[str, list[str]] = ""
+    """.json or .jsonl file(s) or a directory; the format is detected from the records. Required."""
+    eval_dataset_path: Optional[Union[str, list[str]]] = None
+    """Held-out data evaluated every eval_steps (same formats)."""
+    cutoff_len: int = 1024
+    """Max tokens per sample (pretraining: per block)."""
+    packing: Optional[bool] = None
+    """Pack samples into full rows without cross-sample attention; default on for pretrain/sft, off for dpo."""
+    group_by_length: bool = False
+    """Without packing: batch samples of similar length together (less padding)."""
+    skip_bad_records: bool = False
+    """Skip invalid records (reported with file and line) instead of stopping at the first."""
+    cache_dir: Optional[str] = None
+    """Token cache directory (default: ~/.cache/bumblecore/tokens)."""
+    num_local_io_workers: Optional[int] = None
+    """Accepted for compatibility and ignored (a note says so): tokenisation already uses every core (the
+    Rust tokenizer) and batches are read in-process from the memory-mapped cache."""
+
+
+@dataclass
+class OptimizationArgs:
+    """Optimisation: steps, learning rate and its schedule, batch, precision, seed"""
+
+    num_epochs: float = 3.0
+    """Fractional epochs allowed (0.5 = half an epoch)."""
+    max_steps: Optional[int] = None
+    """Stop after this many optimiser steps (overrides num_epochs)."""
+    learning_rate: float = 5e-5
+    """Peak learning rate of AdamW (after warmup)."""
+    weight_decay: float = 0.01
+    """AdamW weight decay (biases and norm weights get none)."""
+    warmup_ratio: float = 0.1
+    """Fraction of total steps used for warmup."""
+    lr_scheduler_type: str = "cosine"
+    """linear, cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup, inverse_sqrt,
+    reduce_on_plateau (needs eval_dataset_path), cosine_with_min_lr, warmup_stable_decay. A function of
+    (step, total steps): a resumed run with another max_steps follows its own schedule from the resumed step."""
+    lr_scheduler_kwargs: dict = field(default_factory=dict)
+    """Extra schedule settings (num_cycles, min_lr_rate, num_decay_steps, power, lr_end ...)."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (0 disables)."""
+    enable_gradient_checkpointing: bool = False
+    """Recompute activations in backward (less memory, ~30% more compute)."""
+    train_micro_batch_size_per_gpu: int = 4
+    """Samples (or packed rows) per forward on each device."""
+    gradient_accumulation_steps: int = 8
+    """Global batch = micro batch x devices x accumulation."""
+    train_model_precision: str = "bf16"
+    """fp32, fp16 or bf16."""
+    average_tokens_across_devices: bool = True
+    """Normalise the loss by the target-token count of the whole step across devices (false: the original's
+    mean over the step's micro-batches of each micro-batch's own token mean)."""
+    seed: int = 42
+    """Seeds the random init, the data order and dropout."""
+
+
+@dataclass
+class LoraArgs:
+    """LoRA (finetuning_type lora)"""
+
+    lora_rank: int = 64
+    """Rank r of each adapter."""
+    lora_alpha: int = 128
+    """Adapter scale numerator (the update is scaled by alpha / r)."""
+    lora_dropout: float = 0.1
+    """Dropout on the adapter's input."""
+    lora_target_modules: Optional[list[str]] = None
+    """e.g. [q_proj, k_proj, v_proj, o_proj]; default: every linear layer of the decoder."""
+
+
+@dataclass
+class PreferenceArgs:
+    """Preference training (training_stage dpo): the loss and its reference"""
+
+    # The original's spellings of our keys (its YAML files say label_smoothing).
+    aliases: ClassVar[dict[str, str]] = {"label_smoothing": "dpo_label_smoothing"}
+
+    pref_beta: float = 0.1
+    """DPO beta; ORPO's lambda (weight of the odds-ratio term); SimPO's beta (its papers use ~2.0: set it)."""
+    pref_loss: str = "sigmoid"
+    """sigmoid (DPO), ipo, orpo or simpo (orpo and simpo use no reference model)."""
+    simpo_gamma: float = 0.5
+    """SimPO's target reward margin gamma (pref_loss simpo only)."""
+    dpo_label_smoothing: float = 0.0
+    """Conservative DPO (also spelled label_smoothing)."""
+    sft_weight: float = 0.0
+    """Weight of an SFT term (mean NLL of the chosen response) added to the DPO loss."""
+    ld_alpha: float = 1.0
+    """LD-DPO: weight of the longer response's tokens beyond the shorter one's length (1.0 = plain DPO)."""
+    ref_model_path: Optional[str] = None
+    """DPO reference model (default: the starting model)."""
+    precompute_ref_log_probs: Optional[bool] = None
+    """Compute reference log-probs once before training and keep them beside the token cache, reused
+    across epochs and runs (default: on for full fine-tuning; LoRA uses the base with its adapter disabled)."""
+
+    def __post_init__(self) -> None:
+        _one_of("pref_loss", self.pref_loss, PREF_LOSSES)
+
+    @property
+    def reference_free(self) -> bool:
+        return self.pref_loss in REFERENCE_FREE_LOSSES
+
+
+@dataclass
+class RuntimeArgs:
+    """Scale: processes, nodes, accelerator, DeepSpeed"""
+
+    deepspeed_config_path: Optional[str] = None
+    """DeepSpeed JSON (ZeRO 0-3); "auto" values are filled from this config."""
+    devices: int = 1
+    """Processes (GPUs) on this node; a plain run with devices > 1 starts them itself."""
+    num_nodes: int = 1
+    """Nodes of the job (a launcher's own count wins)."""
+    accelerator: str = "auto"
+    """auto, cpu or cuda."""
+    local_rank: int = -1
+    """Set by launchers; accepted for compatibility."""
+
+
+@dataclass
+class OutputArgs:
+    """Outputs: where the run writes, checkpoints, resume, evaluation and logging"""
+
+    output_dir: str = "./output"
+    """Where checkpoints, logs, metrics and plots go."""
+    overwrite_output_dir: bool = False
+    """Replace another run's outputs in output_dir (its model, checkpoints, metrics); without it such a run is refused."""
+    save_steps: int = 500
+    """Checkpoint every N optimiser steps."""
+    save_total_limit: int = 3
+    """Keep only the newest N checkpoints."""
+    save_last: bool = False
+    """Save a final checkpoint at the end, outside the rotation."""
+    resume_from_checkpoint: Optional[str] = None
+    """A checkpoint dir, or `latest` (the newest complete one in output_dir)."""
+    eval_steps: Optional[int] = None
+    """Evaluate every N optimiser steps (default: at save_steps when eval data is given)."""
+    logging_steps: int = 1
+    """Log (and write metrics.jsonl) every N optimiser steps."""
+    save_train_log: bool = False
+    """Also write the log to output_dir/logs/train.log (it starts with the resolved configuration)."""
+    use_tensorboard: bool = False
+    """Write TensorBoard events to output_dir/runs."""
+
+
+@dataclass
+class TrainArgs:
+    """A training run: every group of settings"""
+
+    model: ModelArgs = field(default_factory=ModelArgs)
+    data: DataArgs = field(default_factory=DataArgs)
+    optimization: OptimizationArgs = field(default_factory=OptimizationArgs)
+    runtime: RuntimeArgs = field(default_factory=RuntimeArgs)
+    output: OutputArgs = field(default_factory=OutputArgs)
+    lora: LoraArgs = field(default_factory=LoraArgs)
+    preference: PreferenceArgs = field(default_factory=PreferenceArgs)
+
+    def __post_init__(self) -> None:
+        if self.model.training_stage == "dpo":
+            self._check_preference()
+        if self.data.packing is None:  # a copy: the caller's DataArgs stays as given
+            self.data = dataclasses.replace(self.data, packing=self.model.training_stage != "dpo")
+
+    def _check_preference(self) -> None:
+        preference = self.preference
+        if preference.pref_beta <= 0:
+            raise ValueError(f"pref_beta must be > 0, got {preference.pref_beta}")
+        if not 0.0 <= preference.dpo_label_smoothing < 0.5:
+            raise ValueError(f"dpo_label_smoothing must be in [0, 0.5), got {preference.dpo_label_smoothing}")
+        if not preference.reference_free:
+            return
+        # Keys that mean nothing without a reference (or that these losses define otherwise) are refused,
+        # not ignored: a run given a reference model should not silently train without it.
+        loss = preference.pref_loss
+        if preference.ref_model_path:
+            raise ValueError(f"ref_model_path is set, but pref_loss {loss} uses no reference model; "
+                             "drop ref_model_path, or use pref_loss sigmoid or ipo")
+        if preference.dpo_label_smoothing:
+            raise ValueError(f"dpo_label_smoothing (conservative DPO) is for pref_loss sigmoid, not {loss}")
+        if preference.ld_alpha != 1.0:
+            raise ValueError(f"ld_alpha (LD-DPO) weighs summed log-probs; pref_loss {loss} already uses per-token means")
+        if loss == "orpo" and preference.sft_weight:
+            raise ValueError("pref_loss orpo already includes the chosen response's NLL (weight 1); leave sft_weight at 0 "
+                             "and weigh the odds-ratio term with pref_beta")
+
+    @classmethod
+    def from_flat(cls, **values) -> "TrainArgs":
+        """A run from the original's flat keys (Python values, as a YAML file would give them)."""
+        groups = {}
+        for name, group in group_types(cls).items():
+            names = {f.name for f in dataclasses.fields(group)}
+            renamed = {old: new for old, new in getattr(group, "aliases", {}).items() if old in values}
+            groups[name] = group(**{key: values[key] for key in names if key in values},
+                                 **{new: values[old] for old, new in renamed.items()})
+            values = {k: v for k, v in values.items() if k not in names and k not in renamed}
+        if values:
+            raise TypeError(f"unknown keys: {', '.join(sorted(values))}")
+        return cls(**groups)
+
+    def flat(self) -> dict:
+        """Every key with its value, flat, in group order: what training_args.yaml and --print_config write."""
+        return {key: value for group in vars(self).values() for key, value in dataclasses.asdict(group).items()}
+
+
+def group_types(cls) -> dict[str, type]:
+    """TrainArgs's group name -> its dataclass (annotations resolved)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def flat_defaults() -> dict:
+    """Every flat key's declared default (packing: None, resolved only by a run's stage)."""
+    defaults = {}
+    for group in group_types(TrainArgs).values():
+        for f in dataclasses.fields(group):
+            defaults[f.name] = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    return defaults
