@@ -116,7 +116,7 @@ def load_model(run: TrainArgs, fabric, dtype: torch.dtype = torch.float32, parti
         if run.optimization.enable_gradient_checkpointing:
             model.set_gradient_checkpointing(True)
         return model
-    from bumblecore.train.hf_fallback import load_transformers_model
+    from bumblecore.model.transformers_family import load_transformers_model
 
     # It reads the run's flat keys (training_stage, model_name_or_path, trust_remote_code, seed, ...).
     return load_transformers_model(types.SimpleNamespace(**run.flat()))
