@@ -2,8 +2,10 @@
 
 jsonargparse builds each command's parser from the function's signature and
 docstring, so `--help`, `--config FILE.yaml`, command-line overrides and
-`--print_config` come for free. Functions are imported only when their command
-runs, so `bumblecore --help` stays fast.
+`--print_config` come for free. A command whose signature has dataclass groups
+(train's `run: TrainArgs`) also takes every key by its flat name (see "options and
+their spellings" below). Functions are imported only when their command runs, so
+`bumblecore --help` stays fast.
 """
 
 from __future__ import annotations
@@ -323,8 +325,8 @@ def parse_grouped(name: str, function, args: list[str]) -> tuple[dict, bool]:
     command_line = spelled.command_line(rest)
     description = (function.__doc__ or "").strip().split("\n")[0]
     parser = ArgumentParser(prog=f"bumblecore {name}", exit_on_error=False, description=(
-        f"{description}\n\nEvery key also takes its flat name, on the command line (--learning_rate 1e-4) and in "
-        "YAML files (learning_rate: 1e-4); --yaml_config F is --config F."))
+        f"{description}\n\nEvery key below also takes its flat name (its last part), on the command line "
+        "(--key value) and in YAML files (key: value), as --print_config writes them; --yaml_config F is --config F."))
     parser.add_argument("--config", action="config", help="YAML file of flat (or grouped) keys; the command line overrides it")
     parser.add_function_arguments(function, as_group=False)
     nested: dict = {}

@@ -185,3 +185,47 @@ def test_a_list_option_given_null_or_empty_means_none(capsys):
             ["--eval_dataset_path", "null", "--x", "1"]
     main(["train", "--dataset_path", "d.jsonl", "--model_name_or_path", "m", "--eval_dataset_path", "null", "--print_config"])
     assert yaml.safe_load(capsys.readouterr().out)["eval_dataset_path"] is None
+
+
+def test_train_keys_flat_or_grouped_give_the_same_run(tmp_path, capsys):
+    """Flat keys (the original's), grouped ones and the full path name the same settings, in files and
+    on the command line; YAML 1.1's string `5e-5` is the float it means."""
+    def printed(*argv):
+        capsys.readouterr()
+        main(["train", *map(str, argv), "--print_config"])
+        return yaml.safe_load(capsys.readouterr().out)
+
+    flat, grouped = tmp_path / "flat.yaml", tmp_path / "grouped.yaml"
+    flat.write_text("learning_rate: 5e-5\nlora_rank: 8\nlabel_smoothing: 0.1\ndataset_path: [a.jsonl, b.jsonl]\n")
+    grouped.write_text("optimization:\n  learning_rate: 5e-5\nlora: {lora_rank: 8}\npreference: {label_smoothing: 0.1}\n"
+                       "data: {dataset_path: [a.jsonl, b.jsonl]}\n")
+    from_flat = printed("--config", flat)
+    assert from_flat["learning_rate"] == 5e-5 and isinstance(from_flat["learning_rate"], float)
+    assert from_flat["lora_rank"] == 8 and from_flat["dpo_label_smoothing"] == 0.1
+    assert printed("--config", grouped) == from_flat
+    assert printed("--optimization.learning_rate", "5e-5", "--lora.lora_rank", "8", "--run.preference.dpo_label_smoothing",
+                   "0.1", "--dataset_path", "a.jsonl", "b.jsonl") == from_flat
+    with pytest.raises(SystemExit):
+        main(["train", "--optimization.learnig_rate", "1"])
+    assert "unknown option --optimization.learnig_rate (did you mean 'optimization.learning_rate'?)" in capsys.readouterr().err
+
+
+def test_train_help_shows_every_key_with_its_docstring():
+    import ast
+    import inspect
+
+    import bumblecore.args as schema
+    from bumblecore.args import flat_defaults
+
+    result = run_cli("train", "--help")
+    assert result.returncode == 0, result.stderr
+    shown = " ".join(result.stdout.split())
+    documented = {}
+    for node in ast.parse(inspect.getsource(schema)).body:
+        if isinstance(node, ast.ClassDef):
+            for field, doc in zip(node.body, node.body[1:]):
+                if isinstance(field, ast.AnnAssign) and isinstance(doc, ast.Expr):
+                    documented[field.target.id] = " ".join(doc.value.value.split())
+    assert set(documented) == set(flat_defaults())  # every key has a docstring
+    for key, doc in documented.items():
+        assert f".{key} " in shown and doc in shown, key
