@@ -23,9 +23,9 @@ from pathlib import Path
 
 import requests
 
-from bumblecore.inference.serve import free_port, wait_until_healthy
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # the in-process serving harness lives with the tests
+from serving import free_port, wait_until_healthy  # noqa: E402
 
 
 def build_model(directory: Path) -> None:

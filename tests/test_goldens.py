@@ -148,7 +148,7 @@ def stable(reply: dict) -> dict:
 
 
 def test_api_replies(decoder):
-    from bumblecore.inference.serve import running_server
+    from serving import running_server
 
     messages = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Count: red, blue"}]
     with running_server(str(decoder), api_key="golden-key", max_batch_size=2, max_model_len=256) as url:

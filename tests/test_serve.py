@@ -14,7 +14,9 @@ import torch
 from bumblecore.inference.commands import build_prompt_ids, generate
 from bumblecore.inference.generate import GenerationEngine, SamplingParams
 from bumblecore.inference.loading import load_for_inference
-from bumblecore.inference.serve import EngineAPI, ServeSettings, running_server
+from bumblecore.inference.serve_settings import ServeSettings
+from bumblecore.inference.serving_worker import EngineAPI
+from serving import running_server
 
 openai = pytest.importorskip("openai")
 
@@ -226,14 +228,15 @@ MESSAGES = user("hi")
 def test_server_flags_are_defaults_for_fields_a_request_leaves_out(monkeypatch):
     from bumblecore.inference import serve
     from bumblecore.inference.openai_api import parse_chat_request
+    from bumblecore.inference.serving_http import sampling_params
 
     settings = ServeSettings("unused", max_new_tokens=40, do_sample=False, top_k=7, repetition_penalty=1.2)
-    omitted = serve.sampling_params(parse_chat_request({"messages": MESSAGES}), settings, CONTEXT)
+    omitted = sampling_params(parse_chat_request({"messages": MESSAGES}), settings, CONTEXT)
     assert (omitted.max_new_tokens, omitted.do_sample, omitted.top_k, omitted.repetition_penalty) == (40, False, 7, 1.2)
-    given = serve.sampling_params(parse_chat_request({"messages": MESSAGES, "max_tokens": 5, "temperature": 0.5, "top_k": 0}),
+    given = sampling_params(parse_chat_request({"messages": MESSAGES, "max_tokens": 5, "temperature": 0.5, "top_k": 0}),
                                   settings, CONTEXT)
     assert (given.max_new_tokens, given.do_sample, given.temperature, given.top_k) == (5, True, 0.5, 0)
-    greedy = serve.sampling_params(parse_chat_request({"messages": MESSAGES, "temperature": 0}), ServeSettings("unused"), CONTEXT)
+    greedy = sampling_params(parse_chat_request({"messages": MESSAGES, "temperature": 0}), ServeSettings("unused"), CONTEXT)
     assert not greedy.do_sample and greedy.max_new_tokens == CONTEXT  # no max_tokens anywhere: to the context's end
 
     started = []

@@ -17,7 +17,9 @@ import torch
 
 from bumblecore.inference.generate import GenerationEngine, SamplingParams
 from bumblecore.inference.loading import load_for_inference
-from bumblecore.inference.serve import EngineAPI, ServeSettings, free_port, running_server
+from bumblecore.inference.serve_settings import ServeSettings
+from bumblecore.inference.serving_worker import EngineAPI
+from serving import free_port, running_server
 
 openai = pytest.importorskip("openai")
 
@@ -217,6 +219,8 @@ def test_an_engine_that_cannot_serve_is_unhealthy_until_it_serves_again(engine_a
     results = drive(engine_api, {f"r{i}": dict(request) for i in range(3)})
     assert all(statuses == [LitAPIStatus.ERROR] for _, statuses in results.values())
     assert not engine_api.healthy and engine_api.engine.free_slots == 4
+    engine_api.publish_health()  # as the worker's loop does once its batch is done: /health answers 503
+    assert not engine_api.health()
     monkeypatch.undo()
     monkeypatch.setattr(engine_api.engine, "step", broken)  # a failure outside any one request: all fail, state cleared
     results = drive(engine_api, {"a": dict(request), "b": dict(request)})
@@ -224,6 +228,21 @@ def test_an_engine_that_cannot_serve_is_unhealthy_until_it_serves_again(engine_a
     monkeypatch.undo()
     results = drive(engine_api, {"after": dict(request)})
     assert results["after"][1] == [LitAPIStatus.OK] * 3 + [LitAPIStatus.FINISH_STREAMING] and engine_api.healthy
+    engine_api.publish_health()
+    assert engine_api.health()
+
+
+def test_the_health_a_worker_publishes_reaches_the_server_process():
+    """The worker process writes it, LitServe's /health reads it here: shared through the EngineAPI
+    as LitServe hands it to the worker process it starts (spawned)."""
+    import multiprocessing
+
+    api = EngineAPI(ServeSettings("unused"), spec=None)
+    api.failures_in_a_row = 3  # what the worker's engine would have counted
+    worker = multiprocessing.get_context("spawn").Process(target=api.publish_health)
+    worker.start()
+    worker.join(timeout=120)
+    assert worker.exitcode == 0 and not api.health()
 
 
 # ---------------------------------------------------------------------------- 2. cross-site and DNS rebinding

@@ -1,20 +1,22 @@
-"""The OpenAI chat-completions wire format, without any web framework: a request body is checked
-field by field into a `ChatRequest` (or an `APIError` naming the field), and replies, stream chunks
-and errors are shaped as OpenAI's clients expect them.
+"""The OpenAI chat-completions wire format, without any web framework: a request body is checked by
+the pydantic model `ChatCompletionBody` into a `ChatRequest` (or an `APIError` naming the field),
+and replies, stream chunks and errors are shaped as OpenAI's clients expect them.
 
-Checked by hand rather than with a pydantic model because every mistake must come back as an
-OpenAI-style error that names the field (`messages[2].role`), and because the extras our engine
-supports (`top_k`, `repetition_penalty`, `ignore_eos`) must be read, not silently dropped.
+Each field's check raises its own message with an OpenAI error code as the pydantic error type, so
+the first pydantic error becomes the OpenAI error as it is: its location is the `param`
+(`messages[2].role`), its message follows it. The extras our engine supports (`top_k`,
+`repetition_penalty`, `ignore_eos`) are fields like OpenAI's own, not silently dropped.
 """
-
-from __future__ import annotations
 
 import math
 import re
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Annotated, Any, Optional, Union
+
+from pydantic import BaseModel, BeforeValidator, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 # The <tool_call> convention and its parser live with the chat template (one chat-format module).
 from bumblecore.data.template import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, parse_tool_call
@@ -59,8 +61,13 @@ class ChatRequest:
     """stream_options.include_usage: a last chunk with the token counts and no choices."""
 
 
-def _invalid(param: str, message: str, code: str = "invalid_value") -> APIError:
-    return APIError(400, f"{param}: {message}", param=param, code=code)
+# ---------------------------------------------------------------------------- checks of single values
+# Each takes the value as JSON decoded it (before pydantic converts anything: `-1`, not `-1.0`, in
+# the message) and raises a PydanticCustomError whose type is the OpenAI error code.
+
+
+def _invalid(message: str, code: str = "invalid_value") -> PydanticCustomError:
+    return PydanticCustomError(code, message)
 
 
 def _is_number(value) -> bool:
@@ -71,106 +78,309 @@ def _is_integer(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _number(body: dict, name: str, low: float, high: float, low_open: bool = False) -> Optional[float]:
-    value = body.get(name)
-    if value is None:
-        return None
-    if not _is_number(value):
-        raise _invalid(name, f"expected a number, got {type(value).__name__}", "invalid_type")
-    # Python's JSON reads NaN and Infinity, and NaN fails every comparison: test finiteness first.
-    if not math.isfinite(value):
-        raise _invalid(name, f"{value} is not a finite number")
-    if value < low or (low_open and value == low) or value > high:
-        interval = f"{'(' if low_open else '['}{low}, {high}]"
-        raise _invalid(name, f"{value} is outside {interval}")
-    return float(value)
+def number(low: float, high: float, low_open: bool = False) -> BeforeValidator:
+    """A number in [low, high] ((low, high] with low_open), or null."""
+    def check(value) -> Optional[float]:
+        if value is None:
+            return None
+        if not _is_number(value):
+            raise _invalid(f"expected a number, got {type(value).__name__}", "invalid_type")
+        # Python's JSON reads NaN and Infinity, and NaN fails every comparison: test finiteness first.
+        if not math.isfinite(value):
+            raise _invalid(f"{value} is not a finite number")
+        if value < low or (low_open and value == low) or value > high:
+            raise _invalid(f"{value} is outside {'(' if low_open else '['}{low}, {high}]")
+        return float(value)
+    return BeforeValidator(check)
 
 
-def _integer(body: dict, name: str, minimum: int, maximum: int = INT64 - 1) -> Optional[int]:
-    value = body.get(name)
+def check_integer(value, minimum: int, maximum: int = INT64 - 1) -> Optional[int]:
     if value is None:
         return None
     if not _is_integer(value):
-        raise _invalid(name, f"expected an integer, got {type(value).__name__}", "invalid_type")
+        raise _invalid(f"expected an integer, got {type(value).__name__}", "invalid_type")
     if not minimum <= value <= maximum:  # the engine keeps them in 64-bit tensors and generators
-        raise _invalid(name, f"{value} is outside [{minimum}, {maximum}]")
+        raise _invalid(f"{value} is outside [{minimum}, {maximum}]")
     return value
 
 
-def _boolean(body: dict, name: str) -> bool:
-    value = body.get(name)
+def integer(minimum: int, maximum: int = INT64 - 1) -> BeforeValidator:
+    """An integer in [minimum, maximum], or null."""
+    return BeforeValidator(lambda value: check_integer(value, minimum, maximum))
+
+
+def _flag(value) -> bool:
     if value is None:
         return False
     if not isinstance(value, bool):
-        raise _invalid(name, f"expected true or false, got {type(value).__name__}", "invalid_type")
+        raise _invalid(f"expected true or false, got {type(value).__name__}", "invalid_type")
     return value
 
 
-def _content_text(content, param: str, required: bool) -> str:
-    """A string, or OpenAI's list of parts of which we read the text ones."""
-    if content is None:
-        if required:
-            raise _invalid(param, "missing content", "missing_field")
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts = []
-        for index, part in enumerate(content):
-            where = f"{param}[{index}]"
-            if not isinstance(part, dict) or part.get("type") != "text":
-                raise _invalid(where, 'only text parts are supported ({"type": "text", "text": ...})')
-            if not isinstance(part.get("text"), str):
-                raise _invalid(f"{where}.text", "expected a string", "invalid_type")
-            texts.append(part["text"])
-        return "".join(texts)
-    raise _invalid(param, f"expected a string or a list of text parts, got {type(content).__name__}", "invalid_type")
+def _optional_string(value) -> Optional[str]:
+    if value is not None and not isinstance(value, str):
+        raise _invalid("expected a string", "invalid_type")
+    return value
 
 
-def _tool_calls(calls, param: str) -> list[dict]:
-    if not isinstance(calls, list):
-        raise _invalid(param, "expected a list", "invalid_type")
-    out = []
-    for index, call in enumerate(calls):
+def _string(value) -> str:
+    if not isinstance(value, str):
+        raise _invalid("expected a string", "invalid_type")
+    return value
+
+
+def _name(value) -> str:
+    if not isinstance(value, str) or not value:
+        raise _invalid("expected a non-empty string", "invalid_type")
+    return value
+
+
+def _object(value) -> Optional[dict]:
+    if value is not None and not isinstance(value, dict):
+        raise _invalid("expected an object", "invalid_type")
+    return value
+
+
+Flag = Annotated[bool, BeforeValidator(_flag)]
+OptionalString = Annotated[Optional[str], BeforeValidator(_optional_string)]
+Name = Annotated[str, BeforeValidator(_name)]
+REQUIRED = Field(None, validate_default=True)  # checked when absent too: a missing one fails its own check
+
+
+# ---------------------------------------------------------------------------- messages
+
+
+class TextPart(BaseModel):
+    """A part of a message's content (OpenAI's list form); only text parts are read."""
+
+    text: Annotated[str, BeforeValidator(_string)] = REQUIRED
+
+    @model_validator(mode="before")
+    @classmethod
+    def only_text(cls, part):
+        if not isinstance(part, dict) or part.get("type") != "text":
+            raise _invalid('only text parts are supported ({"type": "text", "text": ...})')
+        return part
+
+
+def _arguments(value) -> Union[str, dict]:
+    if not isinstance(value, (str, dict)):
+        raise _invalid("expected a JSON string", "invalid_type")
+    return value
+
+
+class ToolCallFunction(BaseModel):
+    name: Name = REQUIRED
+    arguments: Annotated[Union[str, dict], BeforeValidator(_arguments)] = "{}"
+
+
+class ToolCall(BaseModel):
+    """A tool call in an earlier assistant message, as the chat template writes it back."""
+
+    function: ToolCallFunction
+
+    @model_validator(mode="before")
+    @classmethod
+    def function_object(cls, call):
+        # A call that is not an object, or has no function object, is refused for its missing name.
         function = call.get("function") if isinstance(call, dict) else None
-        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
-            raise _invalid(f"{param}[{index}].function.name", "expected a non-empty string", "invalid_type")
-        arguments = function.get("arguments", "{}")
-        if not isinstance(arguments, (str, dict)):
-            raise _invalid(f"{param}[{index}].function.arguments", "expected a JSON string", "invalid_type")
-        out.append({"type": "function", "function": {"name": function["name"], "arguments": arguments}})
-    return out
+        return {"function": function if isinstance(function, dict) else {}}
+
+    def template_form(self) -> dict:
+        return {"type": "function", "function": {"name": self.function.name, "arguments": self.function.arguments}}
 
 
-def _tools(tools) -> Optional[list]:
-    """OpenAI's tool definitions, `{"type": "function", "function": {"name", "description"?, "parameters"?}}`,
-    checked because the template writes them into the system message as they are."""
-    if tools is None:
-        return None
-    if not isinstance(tools, list):
-        raise _invalid("tools", "expected a list of tool definitions", "invalid_type")
-    for index, tool in enumerate(tools):
-        where = f"tools[{index}]"
+def _role(value) -> str:
+    if value not in ROLES:
+        raise _invalid(f"unknown role {value!r}; expected one of {', '.join(ROLES)}")
+    return value
+
+
+class Message(BaseModel):
+    """One message; fields in the order they are checked (content may depend on the two before it)."""
+
+    role: Annotated[str, BeforeValidator(_role)] = REQUIRED
+    tool_calls: Optional[list[ToolCall]] = None
+    content: Optional[list[TextPart]] = REQUIRED
+
+    @model_validator(mode="before")
+    @classmethod
+    def an_object(cls, message):
+        if not isinstance(message, dict):
+            raise _invalid("expected an object with role and content", "invalid_type")
+        return message
+
+    @field_validator("tool_calls", mode="before")
+    @classmethod
+    def calls_of_an_assistant(cls, calls, info: ValidationInfo):
+        """Read on assistant messages only; elsewhere ignored."""
+        if info.data.get("role") != "assistant" or not calls:
+            return None
+        if not isinstance(calls, list):
+            raise _invalid("expected a list", "invalid_type")
+        return calls
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def text_or_text_parts(cls, content, info: ValidationInfo):
+        """A string, or OpenAI's list of parts; required unless the message makes tool calls."""
+        if content is None:
+            if info.data.get("tool_calls"):
+                return []
+            raise _invalid("missing content", "missing_field")
+        if isinstance(content, str):
+            return [{"type": "text", "text": content}]
+        if isinstance(content, list):
+            return content
+        raise _invalid(f"expected a string or a list of text parts, got {type(content).__name__}", "invalid_type")
+
+    def template_form(self) -> dict:
+        text = "".join(part.text for part in self.content)
+        if self.tool_calls:
+            return {"role": self.role, "tool_calls": [call.template_form() for call in self.tool_calls], "content": text}
+        return {"role": self.role, "content": text}
+
+
+def _messages(value) -> list:
+    if not isinstance(value, list):
+        raise _invalid("expected a list of messages", "invalid_type" if value is not None else "missing_field")
+    if not value:
+        raise _invalid("must contain at least one message")
+    return value
+
+
+# ---------------------------------------------------------------------------- tools
+
+
+def _json_schema(value) -> Optional[dict]:
+    if value is not None and not isinstance(value, dict):
+        raise _invalid("expected a JSON Schema object", "invalid_type")
+    return value
+
+
+class ToolFunction(BaseModel):
+    name: Name = REQUIRED
+    description: OptionalString = None
+    parameters: Annotated[Optional[dict], BeforeValidator(_json_schema)] = None
+
+
+def _function_type(value) -> str:
+    if value != "function":
+        raise _invalid(f"only function tools are supported, got {value!r}")
+    return value
+
+
+class Tool(BaseModel):
+    """OpenAI's tool definition, `{"type": "function", "function": {"name", "description"?, "parameters"?}}`,
+    checked because the template writes it into the system message as it is."""
+
+    type: Annotated[str, BeforeValidator(_function_type)] = "function"
+    function: ToolFunction = REQUIRED
+
+    @model_validator(mode="before")
+    @classmethod
+    def an_object(cls, tool):
         if not isinstance(tool, dict):
-            raise _invalid(where, 'expected {"type": "function", "function": {...}}', "invalid_type")
-        if tool.get("type", "function") != "function":
-            raise _invalid(f"{where}.type", f"only function tools are supported, got {tool.get('type')!r}")
-        function = tool.get("function")
+            raise _invalid('expected {"type": "function", "function": {...}}', "invalid_type")
+        return tool
+
+    @field_validator("function", mode="before")
+    @classmethod
+    def function_object(cls, function):
         if not isinstance(function, dict):
-            raise _invalid(f"{where}.function", "expected an object with name, description and parameters", "invalid_type")
-        if not isinstance(function.get("name"), str) or not function["name"]:
-            raise _invalid(f"{where}.function.name", "expected a non-empty string", "invalid_type")
-        if function.get("description") is not None and not isinstance(function["description"], str):
-            raise _invalid(f"{where}.function.description", "expected a string", "invalid_type")
-        if function.get("parameters") is not None and not isinstance(function["parameters"], dict):
-            raise _invalid(f"{where}.function.parameters", "expected a JSON Schema object", "invalid_type")
-    return tools or None
+            raise _invalid("expected an object with name, description and parameters", "invalid_type")
+        return function
+
+
+def _tools(value) -> Optional[list]:
+    if value is not None and not isinstance(value, list):
+        raise _invalid("expected a list of tool definitions", "invalid_type")
+    return value
+
+
+# ---------------------------------------------------------------------------- the request
+
+
+def _n(value) -> Optional[int]:
+    n = check_integer(value, 1)
+    if n not in (None, 1):
+        raise _invalid("only n = 1 is supported")
+    return n
+
+
+def _stop(value) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if not (isinstance(value, list) and all(isinstance(s, str) for s in value)):
+        raise _invalid("expected a string or a list of strings", "invalid_type")
+    return value
+
+
+class ChatCompletionBody(BaseModel):
+    """The fields of a chat-completions body this server reads, in the order they are checked (the
+    first failing one is reported); other fields are ignored."""
+
+    model: OptionalString = None
+    n: Annotated[Optional[int], BeforeValidator(_n)] = None
+    max_completion_tokens: Annotated[Optional[int], integer(1)] = None
+    max_tokens: Optional[int] = None
+    stop: Annotated[list[str], BeforeValidator(_stop)] = Field(default_factory=list)
+    seed: Annotated[Optional[int], integer(-INT64)] = None  # OpenAI's seed is an int64, as torch.Generator takes it
+    # Not applied, but still a number or refused.
+    presence_penalty: Annotated[Optional[float], number(-2.0, 2.0)] = None
+    frequency_penalty: Annotated[Optional[float], number(-2.0, 2.0)] = None
+    stream_options: Annotated[Optional[dict], BeforeValidator(_object)] = None
+    messages: Annotated[list[Message], BeforeValidator(_messages)] = REQUIRED
+    tools: Annotated[Optional[list[Tool]], BeforeValidator(_tools)] = None
+    temperature: Annotated[Optional[float], number(0.0, 2.0)] = None
+    top_p: Annotated[Optional[float], number(0.0, 1.0, low_open=True)] = None
+    top_k: Annotated[Optional[int], integer(0, 2**31 - 1)] = None
+    # Below ~0.01 the penalty turns seen tokens' logits into infinities (1e-300 did).
+    repetition_penalty: Annotated[Optional[float], number(MIN_REPETITION_PENALTY, 10.0)] = None
+    ignore_eos: Flag = False
+    stream: Flag = False
+    include_usage: Flag = False
+    """stream_options.include_usage, lifted out (below): checked last and named `include_usage`."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def lift_include_usage(cls, body: dict):
+        options = body.get("stream_options")
+        return {**body, "include_usage": options.get("include_usage") if isinstance(options, dict) else None}
+
+    @field_validator("max_tokens", mode="before")
+    @classmethod
+    def unless_max_completion_tokens(cls, value, info: ValidationInfo):
+        """OpenAI's older name: read only when max_completion_tokens is not sent."""
+        if info.data.get("max_completion_tokens") is not None:
+            return None
+        return check_integer(value, 1)
+
+
+def field_path(loc: tuple) -> str:
+    """A pydantic error location as the field's name in the body: ("messages", 2, "role") -> "messages[2].role"."""
+    path = ""
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else f".{part}" if path else str(part)
+    return path
+
+
+def api_error(error: ValidationError) -> APIError:
+    """The first failed check as OpenAI's error: its location is the param, its type the code."""
+    first = error.errors(include_url=False)[0]
+    param = field_path(first["loc"])
+    return APIError(400, f"{param}: {first['msg']}", param=param, code=first["type"])
 
 
 def check_json_values(body, limit: int = MAX_NESTING) -> None:
     """Refuse what JSON can carry but no field may hold: nesting deeper than `limit` and lone UTF-16
     surrogates ("\\ud800"), which no tokenizer (and no UTF-8 reply) can encode. Iterative, so a deep
-    body cannot overflow the stack here either."""
+    body cannot overflow the stack here either. Runs before the model: over the fields it ignores too."""
+    def not_text(where: str, message: str) -> APIError:
+        return APIError(400, f"{where}: {message}", param=where, code="invalid_value")
+
     stack = [(body, "", 0)]
     while stack:
         value, where, depth = stack.pop()
@@ -179,37 +389,14 @@ def check_json_values(body, limit: int = MAX_NESTING) -> None:
                            code="invalid_json")
         if isinstance(value, str):
             if LONE_SURROGATE.search(value):
-                raise _invalid(where or "body", "contains a lone UTF-16 surrogate, which is not text")
+                raise not_text(where or "body", "contains a lone UTF-16 surrogate, which is not text")
         elif isinstance(value, dict):
             for key, item in value.items():
                 if LONE_SURROGATE.search(key):
-                    raise _invalid(where or "body", "a key contains a lone UTF-16 surrogate, which is not text")
+                    raise not_text(where or "body", "a key contains a lone UTF-16 surrogate, which is not text")
                 stack.append((item, f"{where}.{key}" if where else key, depth + 1))
         elif isinstance(value, list):
             stack.extend((item, f"{where}[{i}]", depth + 1) for i, item in enumerate(value))
-
-
-def parse_messages(messages) -> list[dict]:
-    if not isinstance(messages, list):
-        raise _invalid("messages", "expected a list of messages", "invalid_type" if messages is not None else "missing_field")
-    if not messages:
-        raise _invalid("messages", "must contain at least one message")
-    out = []
-    for index, message in enumerate(messages):
-        where = f"messages[{index}]"
-        if not isinstance(message, dict):
-            raise _invalid(where, "expected an object with role and content", "invalid_type")
-        role = message.get("role")
-        if role not in ROLES:
-            raise _invalid(f"{where}.role", f"unknown role {role!r}; expected one of {', '.join(ROLES)}")
-        parsed = {"role": role}
-        if role == "assistant" and message.get("tool_calls"):
-            parsed["tool_calls"] = _tool_calls(message["tool_calls"], f"{where}.tool_calls")
-            parsed["content"] = _content_text(message.get("content"), f"{where}.content", required=False)
-        else:
-            parsed["content"] = _content_text(message.get("content"), f"{where}.content", required=True)
-        out.append(parsed)
-    return out
 
 
 def parse_chat_request(body) -> ChatRequest:
@@ -217,44 +404,24 @@ def parse_chat_request(body) -> ChatRequest:
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object", code="invalid_type")
     check_json_values(body)
-    model = body.get("model")
-    if model is not None and not isinstance(model, str):
-        raise _invalid("model", "expected a string", "invalid_type")
-    n = _integer(body, "n", 1)
-    if n not in (None, 1):
-        raise _invalid("n", "only n = 1 is supported")
-    max_tokens = _integer(body, "max_completion_tokens", 1)
-    if max_tokens is None:
-        max_tokens = _integer(body, "max_tokens", 1)
-    stop = body.get("stop")
-    if stop is None:
-        stop = []
-    elif isinstance(stop, str):
-        stop = [stop]
-    elif not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
-        raise _invalid("stop", "expected a string or a list of strings", "invalid_type")
-    # OpenAI's seed is an int64, as torch.Generator.manual_seed takes it.
-    seed = _integer(body, "seed", -INT64)
-    for ignored in ("presence_penalty", "frequency_penalty"):  # not applied, but still a number or refused
-        _number(body, ignored, -2.0, 2.0)
-    options = body.get("stream_options")
-    if options is not None and not isinstance(options, dict):
-        raise _invalid("stream_options", "expected an object", "invalid_type")
+    try:
+        checked = ChatCompletionBody.model_validate(body)
+    except ValidationError as err:
+        raise api_error(err) from None
     return ChatRequest(
-        messages=parse_messages(body.get("messages")),
-        tools=_tools(body.get("tools")),
-        model=model,
-        max_tokens=max_tokens,
-        temperature=_number(body, "temperature", 0.0, 2.0),
-        top_p=_number(body, "top_p", 0.0, 1.0, low_open=True),
-        top_k=_integer(body, "top_k", 0, 2**31 - 1),
-        # Below ~0.01 the penalty turns seen tokens' logits into infinities (1e-300 did).
-        repetition_penalty=_number(body, "repetition_penalty", MIN_REPETITION_PENALTY, 10.0),
-        stop=[s for s in stop if s],
-        seed=seed,
-        ignore_eos=_boolean(body, "ignore_eos"),
-        stream=_boolean(body, "stream"),
-        include_usage=_boolean(options or {}, "include_usage"),
+        messages=[message.template_form() for message in checked.messages],
+        tools=body.get("tools") or None,  # as sent: the template writes the definitions as they are
+        model=checked.model,
+        max_tokens=checked.max_tokens if checked.max_completion_tokens is None else checked.max_completion_tokens,
+        temperature=checked.temperature,
+        top_p=checked.top_p,
+        top_k=checked.top_k,
+        repetition_penalty=checked.repetition_penalty,
+        stop=[s for s in checked.stop if s],
+        seed=checked.seed,
+        ignore_eos=checked.ignore_eos,
+        stream=checked.stream,
+        include_usage=checked.include_usage,
     )
 
 

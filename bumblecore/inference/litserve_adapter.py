@@ -1,0 +1,154 @@
+"""Every use of LitServe beyond its public surface (LitAPI, LitSpec, LitServer, its loops and
+callbacks), in this one module, each with the reason it is needed. tests/test_litserve_adapter.py
+checks that every name used here still exists with the shape relied on, so a LitServe upgrade that
+moves one fails there, naming it, rather than in a running server.
+
+Two kinds of use. The request queue and the reply buffers are how a LitSpec's own endpoint talks
+to the inference worker (LitServe's OpenAISpec does the same), for which LitServe has no public
+method. And `InProcessLitServer` runs the HTTP server in a thread of this process and can be
+stopped from another thread, which LitServer's public `run()` cannot do.
+"""
+
+import asyncio
+import json
+import pickle
+import threading
+import time
+from collections import deque
+from typing import Any, Optional
+
+import litserve as ls
+import uvicorn
+from litserve.loops.base import _SENTINEL_VALUE
+from litserve.specs.base import LitSpec
+from litserve.utils import ResponseBufferItem, WorkerSetupStatus
+
+GRACEFUL_SHUTDOWN_SECONDS = 3  # uvicorn's wait for open connections at shutdown (LitServe's: 30)
+MONITOR_INTERVAL = 0.25  # LitServe's worker-health poll, in seconds (its default: 2)
+
+# ---------------------------------------------------------------------------- the request queue
+
+
+def is_stop_message(item) -> bool:
+    """LitServe's own loops stop on this message; a loop that reads the queue itself must too."""
+    return item == _SENTINEL_VALUE
+
+
+def unpack_request(item) -> tuple[int, str, Any]:
+    """(reply queue id, uid, payload) of a request-queue message; LitServe's messages also carry
+    the time they were queued, which we do not use (no request timeout)."""
+    response_queue_id, uid, _queued_at, payload = item
+    return response_queue_id, uid, payload
+
+
+def send_to_worker(spec: LitSpec, uid: str, payload) -> None:
+    """Queue a message for the inference worker, as LitServe's own request handlers do: its
+    handlers are not used for a spec's endpoints, and no public method queues a request."""
+    spec.request_queue.put((spec.response_queue_id, uid, time.monotonic(), payload))
+
+
+class ReplyBuffer:
+    """The worker's messages for one request, (data, status) pairs, as LitServe's reply reader
+    hands them over: appended to the buffer registered under the request's uid, with an event set."""
+
+    def __init__(self, spec: LitSpec, uid: str):
+        self.spec, self.uid = spec, uid
+        self.item = ResponseBufferItem(event=asyncio.Event(), response_queue=deque())
+        spec.response_buffer[uid] = self.item
+
+    async def wait(self, timeout: float) -> None:
+        """Until a message arrives or `timeout` seconds pass."""
+        try:
+            await asyncio.wait_for(self.item.event.wait(), timeout=timeout)
+        except asyncio.TimeoutError:
+            pass
+
+    def next(self) -> Optional[tuple[Any, str]]:
+        return self.item.response_queue.popleft() if self.item.response_queue else None
+
+    def clear(self) -> None:
+        """Taken all: wait for the next message."""
+        self.item.event.clear()
+
+    def close(self) -> None:
+        """Forget the request: later messages for it are dropped."""
+        self.spec.response_buffer.pop(self.uid, None)
+
+
+def worker_error_message(data) -> str:
+    """The message of a worker's error reply. LitServe pickles what the loop reports: our step's
+    `{"error": ...}` (as a JSON line), or an exception of its own."""
+    try:
+        data = pickle.loads(data) if isinstance(data, bytes) else data
+        return json.loads(data).get("error", str(data)) if isinstance(data, str) else str(data)
+    except Exception:
+        return "see the server log"
+
+
+# ---------------------------------------------------------------------------- the server
+
+
+class HTTPThread(threading.Thread):
+    """The uvicorn server in a thread, with the process-like stop methods LitServe's shutdown calls."""
+
+    def __init__(self, server: uvicorn.Server, sockets):
+        super().__init__(target=server.run, kwargs={"sockets": sockets}, name="bumblecore-http", daemon=True)
+        self.server = server
+
+    def terminate(self):
+        self.server.should_exit = True
+
+    def kill(self):
+        self.server.force_exit = True
+
+
+class InProcessLitServer(ls.LitServer):
+    """A LitServer whose one HTTP server runs in a thread of this process (the tokenizer is loaded
+    once; LitServe forks a process per HTTP server, or starts threads it cannot stop), which stops
+    from another thread (`stop()`), and which does not wait forever for a worker that died."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.monitor_internal = MONITOR_INTERVAL  # sic: LitServe's name for it
+
+    def replace_get_route(self, path: str, endpoint) -> None:
+        """Serve GET `path` with `endpoint` instead of LitServe's own route there ("/" answers "litserve running")."""
+        routes = self.app.router.routes
+        routes[:] = [route for route in routes if getattr(route, "path", None) != path]
+        self.app.add_api_route(path, endpoint, methods=["GET"], include_in_schema=False)
+
+    def _start_server(self, port, num_uvicorn_servers, log_level, sockets, uvicorn_worker_type, **kwargs):
+        # LitServe's hook that starts its HTTP servers; `kwargs` are run()'s uvicorn options.
+        # LitServe sets these ids per server it starts: ours is its only one.
+        self.app.response_queue_id = 0
+        self.lit_api.spec.response_queue_id = 0
+        config = uvicorn.Config(app=self.app, log_level=log_level, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+                                **kwargs)
+        thread = HTTPThread(uvicorn.Server(config), sockets)
+        thread.start()
+        return {0: thread}
+
+    def verify_worker_status(self):
+        # LitServe waits for READY or ERROR; a worker that dies before it can say either (an import
+        # error, killed while loading) would leave it waiting forever.
+        while not any(v == WorkerSetupStatus.READY for v in self.workers_setup_status.values()):
+            failed = any(v == WorkerSetupStatus.ERROR for v in self.workers_setup_status.values())
+            if failed or not all(worker.is_alive() for worker in self.inference_workers):
+                for worker in self.inference_workers:
+                    worker.terminate()
+                self.transport_config.manager.shutdown()
+                raise RuntimeError("the inference worker failed to start: see its log above")
+            time.sleep(0.05)
+
+    def _perform_graceful_shutdown(self, manager, uvicorn_workers, shutdown_reason="normal"):
+        # Let LitServe's monitor thread see the shutdown flag before the manager it polls goes away.
+        time.sleep(self.monitor_internal + 0.1)
+        super()._perform_graceful_shutdown(manager, uvicorn_workers, shutdown_reason)
+
+    def stop(self) -> None:
+        """End a server started with run() (from another thread): run() waits on this event."""
+        if self._shutdown_event is not None:
+            try:
+                self._shutdown_event.set()
+            except OSError:  # its manager is gone: the server already shut down (or never started)
+                pass

@@ -1,0 +1,62 @@
+"""What `bumblecore serve` runs with: its settings, and the model directory's layout and context
+length, which both of its processes (HTTP and inference worker) read."""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+DEFAULT_CONTEXT_CAP = 4096
+
+
+@dataclass
+class ServeSettings:
+    model_path: str
+    model_name: str = "bumblebee"
+    api_key: Optional[str] = None
+    training_stage: str = "sft"
+    system_prompt: Optional[str] = None
+    max_batch_size: int = 16
+    max_model_len: Optional[int] = None
+    max_request_bytes: int = 1_000_000
+    dtype: str = "auto"
+    device_map: str = "auto"
+    trust_remote_code: bool = False
+    host: str = "127.0.0.1"
+    allowed_hosts: tuple[str, ...] = ()
+    """Host names served besides the loopback ones (a loopback server) or instead of any (others); "*": any."""
+    allowed_origins: tuple[str, ...] = ()
+    """Web origins (scheme://host[:port]) whose pages may call the API besides the server's own; "*": any."""
+    header_timeout: float = 10.0
+    """Seconds a connection may take to send a request's line and headers (or stay idle between requests)."""
+    body_timeout: float = 30.0
+    """Seconds a client may take to send a request's body."""
+    # Defaults for requests that leave a field out (the original's generation flags).
+    max_new_tokens: Optional[int] = None
+    do_sample: bool = True
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+
+
+def model_dirs(model_path: str) -> tuple[Path, Path]:
+    """(directory with the model's config.json, directory with its tokenizer); a LoRA adapter's base
+    holds the config, and the tokenizer too unless the adapter saved one."""
+    path = Path(model_path)
+    adapter = path / "adapter_config.json"
+    if adapter.is_file():
+        base = Path(json.loads(adapter.read_text(encoding="utf-8")).get("base_model_name_or_path") or "")
+        return base, path if (path / "tokenizer_config.json").is_file() else base
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a model directory (no config.json)")
+    return path, path
+
+
+def context_length(model_path: str, max_model_len: Optional[int]) -> int:
+    """Tokens per request (prompt + reply): --max_model_len, else the model's own, capped so the
+    preallocated KV cache of every slot stays small."""
+    config_dir, _ = model_dirs(model_path)
+    config = json.loads((config_dir / "config.json").read_text(encoding="utf-8"))
+    own = config.get("max_position_embeddings") or DEFAULT_CONTEXT_CAP
+    return min(max_model_len, own) if max_model_len else min(own, DEFAULT_CONTEXT_CAP)
