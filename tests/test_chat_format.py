@@ -140,7 +140,7 @@ def test_llama3_template_end_to_end(tmp_path, llama3, capsys):
     from openai import OpenAI
 
     from bumblecore.cli import main
-    from bumblecore.inference.serve import running_server
+    from serving import running_server  # tests/serving.py
 
     llama3.save_pretrained(str(tmp_path / "tok"))
     main(["init_model", "--preset", "0.5B", "--num_hidden_layers", "2", "--hidden_size", "64", "--intermediate_size", "128",
