@@ -1,0 +1,72 @@
+"""GRPO's objective (Shao et al. 2024, DeepSeekMath), as sums the engine divides by the step's count.
+
+For completion i of a group of G sampled for one prompt, with reward r_i:
+    advantage  A_i = (r_i - mean(r_group)) / (std(r_group) + eps)   (scale_rewards false: r_i - mean)
+For each completion token t, with ratio rho = exp(logp - old_logp) (old: the policy that sampled it):
+    token loss = -min(rho * A_i, clip(rho, 1 - epsilon, 1 + epsilon_high) * A_i) + beta * KL_t
+    KL_t (k3)  = exp(ref_logp - logp) - (ref_logp - logp) - 1
+Normalisation (`loss_type`), each as (sum, count) so accumulation and devices do not change it:
+    grpo     mean over each sequence's tokens, then mean over the step's sequences: count = sequences
+    dapo     mean over every completion token of the step: count = tokens
+    dr_grpo  sum over tokens / (sequences x max_completion_length): count = sequences x that constant
+std is the unbiased one over the group (a group of one has advantage 0).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: bool = True, eps: float = 1e-4) -> torch.Tensor:
+    """rewards: (prompts x group_size,), grouped consecutively -> advantages of the same shape."""
+    groups = rewards.view(-1, group_size)
+    centred = groups - groups.mean(dim=1, keepdim=True)
+    if scale_rewards and group_size > 1:
+        centred = centred / (groups.std(dim=1, keepdim=True) + eps)
+    return centred.reshape(-1)
+
+
+@dataclass
+class TokenTerms:
+    loss: torch.Tensor
+    """(batch, tokens): each completion token's loss, 0 where mask is 0."""
+    clipped: torch.Tensor
+    """(batch, tokens) bool: the clip decided the token's term (its gradient is 0)."""
+    kl: torch.Tensor
+    """(batch, tokens): the k3 estimate against the reference (zeros without one)."""
+
+
+def token_terms(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                epsilon: float, epsilon_high: float, beta: float = 0.0, ref_logps=None) -> TokenTerms:
+    """logps, old_logps, ref_logps, mask: (batch, tokens); advantages: (batch,)."""
+    ratio = torch.exp(logps - old_logps)
+    advantage = advantages.unsqueeze(1)
+    unclipped = ratio * advantage
+    clipped = torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high) * advantage
+    loss = -torch.min(unclipped, clipped)
+    was_clipped = (clipped < unclipped) & mask.bool()
+    if beta and ref_logps is not None:
+        delta = ref_logps - logps
+        kl = torch.exp(delta) - delta - 1
+        loss = loss + beta * kl
+    else:
+        kl = torch.zeros_like(loss)
+    mask = mask.to(loss.dtype)
+    return TokenTerms(loss * mask, was_clipped, kl * mask)
+
+
+def aggregate(token_loss: torch.Tensor, mask: torch.Tensor, loss_type: str, max_completion_length: int):
+    """(summed loss, count) for the engine: loss / count over the step is the normalisation above."""
+    mask = mask.to(token_loss.dtype)
+    if loss_type == "grpo":
+        per_sequence = token_loss.sum(-1) / mask.sum(-1).clamp(min=1)
+        return per_sequence.sum(), token_loss.shape[0]
+    if loss_type == "dapo":
+        return token_loss.sum(), int(mask.sum().item())
+    if loss_type == "dr_grpo":
+        return token_loss.sum(), token_loss.shape[0] * max_completion_length
+    raise ValueError(f"loss_type {loss_type!r} is not one of {', '.join(LOSS_TYPES)}")

@@ -1,0 +1,121 @@
+"""Reward functions for GRPO: the built-ins and the user's own, named in the config.
+
+A reward function takes the step's prompts and completions (lists of strings, one entry per completion)
+and, as keyword arguments, the other fields of each completion's record (`answer=[...]`, ...), and
+returns one number per completion. `reward_functions: [exact_match, my_rewards.py:brevity]` names them:
+a built-in by name, else `module:function` (an importable module) or `path/to/file.py:function`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import math
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+
+def normalised_answer(text: str) -> str:
+    """What exact match compares: the text without surrounding whitespace, case folded."""
+    return " ".join(str(text).split()).casefold()
+
+
+def exact_match(prompts: list, completions: list[str], answer: Optional[list] = None, **fields) -> list[float]:
+    """1.0 where the completion is the record's `answer` (whitespace and case aside), else 0.0."""
+    if answer is None:
+        raise ValueError("the record has no `answer` field, which exact_match compares the completion with")
+    return [float(normalised_answer(c) == normalised_answer(a)) for c, a in zip(completions, answer)]
+
+
+SINGLE_LINE = re.compile(r"\S[^\n]*")
+
+
+def single_line(prompts: list, completions: list[str], **fields) -> list[float]:
+    """A format check: 1.0 for a non-empty answer on one line (what the demo's questions expect), else 0.0."""
+    return [float(bool(SINGLE_LINE.fullmatch(c.strip()))) for c in completions]
+
+
+BUILT_IN = {"exact_match": exact_match, "single_line": single_line}
+
+
+@dataclass
+class RewardFunction:
+    name: str
+    """As the config names it (`exact_match`, `rewards.py:brevity`)."""
+    function: Callable
+    weight: float = 1.0
+
+    def __call__(self, prompts: list, completions: list[str], fields: dict[str, list]) -> list[float]:
+        try:
+            values = self.function(prompts=prompts, completions=completions, **fields)
+        except Exception as err:
+            raise ValueError(f"reward function {self.name} raised {type(err).__name__}: {err}") from err
+        try:
+            values = list(values)
+        except TypeError:
+            raise ValueError(f"reward function {self.name} returned {type(values).__name__}; "
+                             f"expected a list of {len(completions)} numbers") from None
+        if len(values) != len(completions):
+            raise ValueError(f"reward function {self.name} returned {len(values)} values for {len(completions)} completions")
+        rewards = []
+        for index, value in enumerate(values):
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"reward function {self.name} returned {value!r} for completion {index}; "
+                                 "expected a finite number")
+            rewards.append(float(value))
+        return rewards
+
+
+def load_function(spec: str) -> Callable:
+    """A built-in by name, `module:function`, or `file.py:function` (relative to the working directory)."""
+    if spec in BUILT_IN:
+        return BUILT_IN[spec]
+    if ":" not in spec:
+        raise ValueError(f"reward function {spec!r} is neither a built-in ({', '.join(BUILT_IN)}) "
+                         "nor of the form module:function or file.py:function")
+    where, name = spec.rsplit(":", 1)
+    if where.endswith(".py"):
+        path = Path(where)
+        if not path.is_file():
+            raise ValueError(f"reward function {spec}: file {where} does not exist")
+        module_name = f"bumblecore_rewards_{abs(hash(str(path.resolve())))}"
+        loader = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(loader)
+        sys.modules[module_name] = module  # dataclasses and pickling look modules up by name
+        try:
+            loader.loader.exec_module(module)
+        except Exception as err:
+            raise ValueError(f"reward function {spec}: importing {where} raised {type(err).__name__}: {err}") from err
+    else:
+        try:
+            module = importlib.import_module(where)
+        except ImportError as err:
+            raise ValueError(f"reward function {spec}: cannot import module {where} ({err})") from err
+    function = getattr(module, name, None)
+    if not callable(function):
+        raise ValueError(f"reward function {spec}: {where} has no function {name!r}")
+    try:
+        inspect.signature(function).bind_partial(prompts=[], completions=[])
+    except TypeError as err:
+        raise ValueError(f"reward function {spec} cannot be called as f(prompts=..., completions=..., **fields): {err}") from None
+    return function
+
+
+def load_reward_functions(specs: list[str], weights: Optional[list[float]] = None) -> list[RewardFunction]:
+    if not specs:
+        raise ValueError("training_stage grpo needs reward_functions (e.g. [exact_match] or [my_rewards.py:score])")
+    if weights is not None and len(weights) != len(specs):
+        raise ValueError(f"reward_weights has {len(weights)} values for {len(specs)} reward_functions")
+    return [RewardFunction(spec, load_function(spec), 1.0 if weights is None else float(w))
+            for spec, w in zip(specs, weights or [None] * len(specs))]
+
+
+def score(functions: list[RewardFunction], prompts: list, completions: list[str], fields: dict[str, list]):
+    """(per-function rewards [functions x completions], weighted total per completion)."""
+    table = [function(prompts, completions, fields) for function in functions]
+    total = [sum(f.weight * column[i] for f, column in zip(functions, table)) for i in range(len(completions))]
+    return table, total
