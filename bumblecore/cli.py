@@ -22,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("bumblecore.inference.commands:generate", "generate text from a model (stdout: the text; stderr: tokens/s)"),
     "chat": ("bumblecore.inference.commands:chat", "terminal chat that streams replies (/clear, /exit)"),
     "serve": ("bumblecore.inference.serve:serve", "OpenAI-compatible API (/v1/chat/completions, streaming, batched) and a web chat page"),
-    "merge_lora": ("bumblecore.train.lora:merge_lora", "merge a LoRA adapter into its base and save a full model, checked against the unmerged one"),
+    "merge_lora": ("bumblecore.model.lora:merge_lora", "merge a LoRA adapter into its base and save a full model, checked against the unmerged one"),
     "inspect_data": ("bumblecore.data.commands:inspect_data", "validate a dataset and show how samples are tokenized and which tokens are trained"),
     "prepare_data": ("bumblecore.data.commands:prepare_data", "tokenize a run's datasets into the token cache ahead of training"),
     "demo": ("bumblecore.demo:demo", "the whole pipeline on the shipped demo data: pretrain -> SFT -> DPO -> merge -> evaluate"),

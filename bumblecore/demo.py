@@ -136,7 +136,7 @@ def demo(output_dir: str = "checkpoints/demo", device: str = "cpu", quick: bool 
         eval_questions: how many held-out SFT questions the exact match is measured on (at most 200).
     """
     from bumblecore.model.init import init_model
-    from bumblecore.train.lora import merge_lora
+    from bumblecore.model.lora import merge_lora
 
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device {device!r} is not supported; choose cpu or cuda")

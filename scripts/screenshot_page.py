@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -39,7 +40,8 @@ def main() -> None:
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from bumblecore.inference.serve import running_server
+    sys.path.insert(0, str(ROOT / "tests"))
+    from serving import running_server  # tests/serving.py
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model_path")

@@ -56,7 +56,7 @@ def unmerged_logits(base_dir, adapter_dir, ids):
 
 
 def test_default_targets_are_every_linear_layer_of_the_family():
-    from bumblecore.train.lora import linear_layer_names
+    from bumblecore.model.lora import linear_layer_names
 
     with torch.device("meta"):
         phi = AutoModelForCausalLM.from_config(Phi3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -78,7 +78,7 @@ def test_default_targets_are_every_linear_layer_of_the_family():
 @pytest.mark.parametrize("task_type", ["CAUSAL_LM", None])
 def test_a_causal_lm_adapter_from_other_tools_generates_and_merges(tmp_path, tok, task_type):
     from bumblecore.inference.loading import load_for_inference
-    from bumblecore.train.lora import merge_lora
+    from bumblecore.model.lora import merge_lora
 
     base = save_family(tmp_path / "base", Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True), tok)
@@ -96,7 +96,7 @@ def test_a_causal_lm_adapter_from_other_tools_generates_and_merges(tmp_path, tok
 def test_lora_on_a_transformers_family_trains_merges_generates_and_serves(tmp_path, tok):
     from bumblecore.inference.generate import GenerationEngine, SamplingParams
     from bumblecore.inference.loading import load_for_inference
-    from bumblecore.train.lora import merge_lora
+    from bumblecore.model.lora import merge_lora
 
     base = save_family(tmp_path / "phi3", phi3(tok), tok)
     lines = open(DEMO / "sft_train.jsonl", encoding="utf-8").read().splitlines()[:16]
@@ -133,7 +133,7 @@ def test_lora_on_a_transformers_family_trains_merges_generates_and_serves(tmp_pa
     # served as it is: the worker loads the adapter on transformers' Phi-3 and answers like `generate` does
     from openai import OpenAI
 
-    from bumblecore.inference.serve import running_server
+    from serving import running_server  # tests/serving.py
 
     with running_server(str(adapter), device_map="cpu", training_stage="pretrain") as url:
         reply = OpenAI(base_url=url + "/v1", api_key="none").chat.completions.create(

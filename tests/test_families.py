@@ -2,7 +2,6 @@
 `model(input_ids, labels=...).loss`, and greedy generation through our inference path equals
 transformers' `generate`. Tiny random models built with transformers' own config classes."""
 
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -61,9 +60,7 @@ def build(family, tmp_path):
 def ours_for(path, native):
     if native:
         return Bumblebee.from_pretrained(path)
-    run_config = SimpleNamespace(training_stage="sft", model_name_or_path=str(path), trust_remote_code=False, seed=0,
-                                 enable_gradient_checkpointing=False)
-    return load_transformers_model(run_config)
+    return load_transformers_model(str(path))
 
 
 def sft_batch():
@@ -216,7 +213,7 @@ def test_lora_targets_every_linear_layer_and_the_adapter_generates_and_merges(fa
     import bumblecore
     from bumblecore.inference.loading import load_for_inference
     from bumblecore.tokenizer import load_tokenizer
-    from bumblecore.train.lora import linear_layer_names, merge_lora
+    from bumblecore.model.lora import linear_layer_names, merge_lora
 
     config_name, model_name, extra, _ = FAMILIES[family]
     tok = load_tokenizer(bumblecore.__path__[0] + "/demo_data/tokenizer")

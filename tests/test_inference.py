@@ -186,7 +186,7 @@ def test_chat_keeps_and_clears_history(tmp_path, tok, monkeypatch, capsys):
 def test_merge_lora_equals_unmerged_and_loads_in_transformers(tmp_path, tok):
     from peft import PeftModel
 
-    from bumblecore.train.lora import apply_lora, merge_lora, save_adapter
+    from bumblecore.model.lora import apply_lora, merge_lora, save_adapter
 
     tiny("qwen2", len(tok), tmp_path / "base", tok)
     peft_model = apply_lora(Bumblebee.from_pretrained(tmp_path / "base"), rank=4, alpha=8, dropout=0.0)

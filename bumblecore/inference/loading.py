@@ -8,33 +8,13 @@ from pathlib import Path
 
 import torch
 
-from bumblecore.model.hf_io import DTYPES, read_config, resolve_dtype
+from bumblecore.model.hf_io import bumblebee_expresses, load_model
 
 
 def resolve_device(device_map: str) -> torch.device:
     if device_map in ("auto", None):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device_map)
-
-
-def is_native(model_dir) -> bool:
-    """Whether Bumblebee runs the directory's model (its family, with no feature it lacks); else transformers does."""
-    from bumblecore.model.hf_io import bumblebee_expresses
-
-    return bumblebee_expresses(model_dir)
-
-
-def load_model(model_dir, dtype: str = "auto", device=None, trust_remote_code: bool = False):
-    """A full model directory as a plain torch module: Bumblebee, or transformers' own class."""
-    from bumblecore.model.hf_io import load_pretrained
-
-    if is_native(model_dir):
-        return load_pretrained(model_dir, dtype=resolve_dtype(dtype, read_config(model_dir)), device=device)
-    from transformers import AutoModelForCausalLM
-
-    torch_dtype = "auto" if dtype in (None, "auto") else DTYPES[dtype]
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch_dtype, trust_remote_code=trust_remote_code)
-    return model.to(device) if device is not None else model
 
 
 def load_for_inference(model_path: str, dtype: str = "auto", device_map: str = "auto", merge: bool = True,
@@ -45,7 +25,7 @@ def load_for_inference(model_path: str, dtype: str = "auto", device_map: str = "
     from bumblecore.inference.generate import default_eos_ids
     from bumblecore.model.transformers_family import TransformersCausalLM
     from bumblecore.tokenizer import check_fits_model, load_tokenizer
-    from bumblecore.train.lora import adapter_base_dir, attach_adapter
+    from bumblecore.model.lora import adapter_base_dir, attach_adapter
 
     path = Path(model_path)
     device = resolve_device(device_map)
@@ -60,6 +40,6 @@ def load_for_inference(model_path: str, dtype: str = "auto", device_map: str = "
     if adapter:
         model = attach_adapter(model, path)
         model = model.merge_and_unload() if merge else model
-    if not is_native(base_dir):
+    if not bumblebee_expresses(base_dir):
         model = TransformersCausalLM(model, for_training=False)
     return model.eval(), tokenizer, default_eos_ids(base_dir, tokenizer)

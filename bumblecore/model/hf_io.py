@@ -185,9 +185,9 @@ def config_to_hf_dict(config: BumblebeeConfig, dtype: Optional[torch.dtype] = No
                    sliding_window=config.sliding_window, layer_types=config.layer_types)
     if config.attn_implementation != "sdpa":
         out["attn_implementation"] = config.attn_implementation
-    dtype_name = _dtype_name(dtype) if dtype is not None else config.torch_dtype
-    if dtype_name:
-        out["torch_dtype"] = dtype_name
+    name = dtype_name(dtype) if dtype is not None else config.torch_dtype
+    if name:
+        out["torch_dtype"] = name
     for key, value in config.extra.items():
         out.setdefault(key, value)
     return out
@@ -204,7 +204,7 @@ def read_config(path: Union[str, Path]) -> BumblebeeConfig:
     return config_from_hf_dict(raw, source=str(config_file))
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
     return {v: k for k, v in DTYPES.items()}[dtype]
 
 
@@ -304,8 +304,20 @@ def load_pretrained(path, dtype=None, device=None) -> Bumblebee:
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    config.torch_dtype = _dtype_name(target_dtype)
+    config.torch_dtype = dtype_name(target_dtype)
     return model
+
+
+def load_model(model_dir, dtype: str = "auto", device=None, trust_remote_code: bool = False):
+    """A full model directory of any causal-LM family as a plain torch module: Bumblebee for the families
+    it implements (`bumblebee_expresses`), else transformers' own class."""
+    if bumblebee_expresses(model_dir):
+        return load_pretrained(model_dir, dtype=resolve_dtype(dtype, read_config(model_dir)), device=device)
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = "auto" if dtype in (None, "auto") else DTYPES[dtype]
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    return model.to(device) if device is not None else model
 
 
 def parse_size(size: Union[int, str]) -> int:

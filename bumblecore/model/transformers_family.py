@@ -217,18 +217,20 @@ def check_loss_parity(model: TransformersCausalLM, tokens: int = 12) -> tuple[fl
     return ours, reference
 
 
-def load_transformers_model(config) -> TransformersCausalLM:
+def load_transformers_model(model_dir: str, from_scratch: bool = False, trust_remote_code: bool = False, seed: int = 0,
+                            gradient_checkpointing: bool = False) -> TransformersCausalLM:
+    """A transformers family for training: its weights from model_dir, or (from_scratch, pretraining) a
+    random init from its config.json, seeded."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    if config.training_stage == "pretrain":
-        hf_config = AutoConfig.from_pretrained(config.model_name_or_path, trust_remote_code=config.trust_remote_code)
-        torch.manual_seed(config.seed)
-        model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=config.trust_remote_code)
+    if from_scratch:
+        hf_config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=trust_remote_code)
     else:
-        model = AutoModelForCausalLM.from_pretrained(config.model_name_or_path, dtype=torch.float32,
-                                                     trust_remote_code=config.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=trust_remote_code)
     wrapped = TransformersCausalLM(model)
     check_loss_parity(wrapped)
-    if config.enable_gradient_checkpointing:
+    if gradient_checkpointing:
         wrapped.set_gradient_checkpointing(True)
     return wrapped

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Optional, Protocol
 
 import torch
@@ -61,7 +61,6 @@ class LoopSettings:
     skips_overflow_steps: bool = False
     """fp16: the grad scaler (or DeepSpeed's loss scaler) skips a step whose gradients overflow, so a
     non-finite gradient norm there is routine; only a non-finite loss stops the run."""
-    extra_state: dict = field(default_factory=dict)
 
 
 class Engine:

@@ -8,7 +8,6 @@ import json
 import math
 import shutil
 import time
-import types
 from pathlib import Path
 from typing import Optional
 
@@ -118,13 +117,14 @@ def load_model(run: TrainArgs, fabric, dtype: torch.dtype = torch.float32, parti
         return model
     from bumblecore.model.transformers_family import load_transformers_model
 
-    # It reads the run's flat keys (training_stage, model_name_or_path, trust_remote_code, seed, ...).
-    return load_transformers_model(types.SimpleNamespace(**run.flat()))
+    return load_transformers_model(run.model.model_name_or_path, from_scratch=run.model.training_stage == "pretrain",
+                                   trust_remote_code=run.model.trust_remote_code, seed=run.optimization.seed,
+                                   gradient_checkpointing=run.optimization.enable_gradient_checkpointing)
 
 
 def count_parameters(run: TrainArgs) -> tuple[int, int]:
     """(all, trainable) parameters of the run's model, counted on the meta device (nothing allocated)."""
-    from bumblecore.train.lora import linear_layer_names
+    from bumblecore.model.lora import linear_layer_names
 
     if _is_bumblebee(run.model.model_name_or_path):
         from bumblecore.model.bumblebee import Bumblebee
@@ -362,7 +362,7 @@ def main(fabric, run: TrainArgs, deepspeed_config: dict | None = None, launcher:
     from bumblecore.tokenizer import check_fits_model
     from bumblecore.train.checkpoint import in_place_checkpoint_io, read_trainer_state
     from bumblecore.train.engine import Engine, LoopSettings
-    from bumblecore.train.lora import apply_lora, trainable_share
+    from bumblecore.model.lora import apply_lora, trainable_share
     from bumblecore.train.memory import release_freed_host_memory
     from bumblecore.train.monitor import Monitor
     from bumblecore.train.runtime import zero_stage
@@ -522,7 +522,7 @@ class Exporter:
 
     def write_model(self, model, directory: Path) -> None:
         """The HF-format model (or peft adapter) and tokenizer; rank 0 writes, all ranks join (sharded states)."""
-        from bumblecore.train.lora import save_adapter
+        from bumblecore.model.lora import save_adapter
         from bumblecore.train.runtime import gathered_state_dict
 
         bare = getattr(model, "module", model)

@@ -1,4 +1,5 @@
-"""LoRA through peft: wrap a model's linear layers, save the adapter in the standard peft files."""
+"""LoRA through peft, for any family: wrap a model's linear layers (training), save the adapter in the
+standard peft files, attach one to its base (inference) and merge it into a full model (`bumblecore merge_lora`)."""
 
 from __future__ import annotations
 
@@ -114,7 +115,7 @@ def merge_lora(base_model_path: str, lora_model_path: str, save_path: str, max_s
 
     import torch
 
-    from bumblecore.inference.loading import load_model
+    from bumblecore.model.hf_io import dtype_name, load_model
     from bumblecore.tokenizer import load_tokenizer
 
     adapter_base_dir(lora_model_path)  # a readable adapter dir, or a clear error
@@ -131,7 +132,7 @@ def merge_lora(base_model_path: str, lora_model_path: str, save_path: str, max_s
     load_tokenizer(tokenizer_dir, trust_remote_code=trust_remote_code).save_pretrained(str(out))
     if (Path(base_model_path) / "generation_config.json").is_file():
         shutil.copy(Path(base_model_path) / "generation_config.json", out / "generation_config.json")
-    name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[torch_dtype]
+    name = dtype_name(torch_dtype)
     with torch.no_grad():
         got = _logits(load_model(out, name, trust_remote_code=trust_remote_code).eval(), probe)
     difference = (got - expected).abs().max().item()
