@@ -10,7 +10,9 @@ from transformers import GenerationConfig
 
 from bumblecore import Bumblebee
 from bumblecore.inference.generate import GenerationEngine, SamplingParams
-from bumblecore.model.transformers_family import TransformersCausalLM, check_loss_parity, load_transformers_model
+from bumblecore.model.transformers_family import TransformersCausalLM
+from bumblecore.train.losses import check_loss_parity
+from bumblecore.train.run import load_transformers_model
 from bumblecore.train.losses import chunked_cross_entropy, shift_targets
 from bumblecore.train.run import _is_bumblebee
 from bumblecore.train.sft import LanguageModelingStage

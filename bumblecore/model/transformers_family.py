@@ -8,7 +8,7 @@ whatever the family's forward does after its decoder has to be done here too:
   Cohere's logit_scale, Granite's logits_scaling; `lm_head` returns the head with the transform applied;
 - MoE router load-balancing: when the config sets `output_router_logits`, the family's loss is
   CE + router_aux_loss_coef * aux, so the forward computes aux and the loss adds it (per target token).
-Parity means `model(input_ids, labels=...).loss` with the config as given; `check_loss_parity` compares
+Parity means `model(input_ids, labels=...).loss` with the config as given; `train/losses.check_loss_parity` compares
 the two on a few tokens when the model is loaded and refuses a family whose loss we do not reproduce
 (a config attribute or an `lm_head` wrapper we do not know) instead of training it on another objective.
 
@@ -18,7 +18,6 @@ whole forward over the whole sequence: exact and simple, slower than Bumblebee's
 
 from __future__ import annotations
 
-import math
 import sys
 from typing import Callable, Optional
 
@@ -31,7 +30,6 @@ from torch import nn
 LOGIT_TRANSFORMS = ("logit_scale", "logits_scaling", "final_logit_softcapping")
 # Post-head attributes of families whose logic this wrapper does not reproduce: refused by name.
 UNSUPPORTED_POST_HEAD = ("output_multiplier", "lm_head_multiplier", "logits_soft_cap", "unpadded_vocab_size")
-PARITY_RTOL = 1e-3
 
 
 def _text_config(config):
@@ -184,53 +182,3 @@ class TransformersCausalLM(nn.Module):
         if state_dict is not None:
             state_dict = {k.removeprefix("hf."): v for k, v in state_dict.items()}
         self.hf.save_pretrained(str(directory), state_dict=state_dict, safe_serialization=True, max_shard_size="5GB")
-
-
-@torch.no_grad()
-def check_loss_parity(model: TransformersCausalLM, tokens: int = 12) -> tuple[float, float]:
-    """(ours, the family's) loss on a few fixed tokens; ValueError when they differ: the family's forward
-    does something after its hidden states (or in its loss) that this wrapper does not reproduce."""
-    from bumblecore.train.losses import chunked_cross_entropy, shift_targets
-
-    parameter = next(model.hf.parameters())
-    vocab = model.hf.get_output_embeddings().weight.shape[0]
-    ids = torch.randint(0, vocab, (1, tokens), generator=torch.Generator().manual_seed(0)).to(parameter.device)
-    was_training = model.hf.training
-    model.hf.eval()
-    try:
-        try:
-            reference = float(model.hf(input_ids=ids, labels=ids, use_cache=False).loss)
-        except TypeError:  # custom code whose forward takes no labels: nothing to compare with
-            print(f"warning: {type(model.hf).__name__} computes no loss from labels; its loss parity is unchecked")
-            return math.nan, math.nan
-        total, count = chunked_cross_entropy(model(ids, return_hidden_states=True), model.lm_head, shift_targets(ids))
-        ours = float(total) / count
-    finally:
-        model.hf.train(was_training)
-        model._extra_loss = None
-    tolerance = PARITY_RTOL if parameter.dtype == torch.float32 else 3e-2
-    if not abs(ours - reference) <= tolerance * abs(reference):
-        raise ValueError(
-            f"{type(model.hf).__name__}: BumbleCore's loss {ours:.6g} differs from the family's own {reference:.6g}: its "
-            "forward changes the logits after the hidden states (or adds to the loss) in a way not reproduced here "
-            f"(known: {', '.join(LOGIT_TRANSFORMS)}, MoE output_router_logits); refusing to train another objective")
-    return ours, reference
-
-
-def load_transformers_model(model_dir: str, from_scratch: bool = False, trust_remote_code: bool = False, seed: int = 0,
-                            gradient_checkpointing: bool = False) -> TransformersCausalLM:
-    """A transformers family for training: its weights from model_dir, or (from_scratch, pretraining) a
-    random init from its config.json, seeded."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    if from_scratch:
-        hf_config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=trust_remote_code)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=trust_remote_code)
-    wrapped = TransformersCausalLM(model)
-    check_loss_parity(wrapped)
-    if gradient_checkpointing:
-        wrapped.set_gradient_checkpointing(True)
-    return wrapped

@@ -189,3 +189,39 @@ def reference_free_loss(
         chosen, rejected = beta * chosen_mean, beta * rejected_mean
         return -F.logsigmoid(chosen - rejected - simpo_gamma), chosen, rejected
     raise ValueError(f"pref_loss {loss_type!r} is not reference-free; choose orpo or simpo")
+
+
+# A transformers family trains through chunked_cross_entropy over its hidden states: at load, its loss
+# must equal the family's own forward's loss (fp32) within this, else it is refused (check_loss_parity).
+FAMILY_PARITY_RTOL = 1e-3
+
+
+@torch.no_grad()
+def check_loss_parity(model, tokens: int = 12) -> tuple[float, float]:
+    """(ours, the family's) loss on a few fixed tokens; ValueError when they differ: the family's forward
+    does something after its hidden states (or in its loss) that this wrapper does not reproduce."""
+    from bumblecore.model.transformers_family import LOGIT_TRANSFORMS
+
+    parameter = next(model.hf.parameters())
+    vocab = model.hf.get_output_embeddings().weight.shape[0]
+    ids = torch.randint(0, vocab, (1, tokens), generator=torch.Generator().manual_seed(0)).to(parameter.device)
+    was_training = model.hf.training
+    model.hf.eval()
+    try:
+        try:
+            reference = float(model.hf(input_ids=ids, labels=ids, use_cache=False).loss)
+        except TypeError:  # custom code whose forward takes no labels: nothing to compare with
+            print(f"warning: {type(model.hf).__name__} computes no loss from labels; its loss parity is unchecked")
+            return math.nan, math.nan
+        total, count = chunked_cross_entropy(model(ids, return_hidden_states=True), model.lm_head, shift_targets(ids))
+        ours = float(total) / count
+    finally:
+        model.hf.train(was_training)
+        model._extra_loss = None
+    tolerance = FAMILY_PARITY_RTOL if parameter.dtype == torch.float32 else 3e-2
+    if not abs(ours - reference) <= tolerance * abs(reference):
+        raise ValueError(
+            f"{type(model.hf).__name__}: BumbleCore's loss {ours:.6g} differs from the family's own {reference:.6g}: its "
+            "forward changes the logits after the hidden states (or adds to the loss) in a way not reproduced here "
+            f"(known: {', '.join(LOGIT_TRANSFORMS)}, MoE output_router_logits); refusing to train another objective")
+    return ours, reference

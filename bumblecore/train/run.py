@@ -115,11 +115,31 @@ def load_model(run: TrainArgs, fabric, dtype: torch.dtype = torch.float32, parti
         if run.optimization.enable_gradient_checkpointing:
             model.set_gradient_checkpointing(True)
         return model
-    from bumblecore.model.transformers_family import load_transformers_model
-
     return load_transformers_model(run.model.model_name_or_path, from_scratch=run.model.training_stage == "pretrain",
                                    trust_remote_code=run.model.trust_remote_code, seed=run.optimization.seed,
                                    gradient_checkpointing=run.optimization.enable_gradient_checkpointing)
+
+
+def load_transformers_model(model_dir: str, from_scratch: bool = False, trust_remote_code: bool = False, seed: int = 0,
+                            gradient_checkpointing: bool = False) :
+    """A transformers family for training: its weights from model_dir, or (from_scratch, pretraining) a
+    random init from its config.json, seeded."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from bumblecore.model.transformers_family import TransformersCausalLM
+    from bumblecore.train.losses import check_loss_parity
+
+    if from_scratch:
+        hf_config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=trust_remote_code)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    wrapped = TransformersCausalLM(model)
+    check_loss_parity(wrapped)
+    if gradient_checkpointing:
+        wrapped.set_gradient_checkpointing(True)
+    return wrapped
 
 
 def count_parameters(run: TrainArgs) -> tuple[int, int]:

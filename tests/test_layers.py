@@ -1,0 +1,58 @@
+"""The package's layers import only downward (docs/ARCHITECTURE.md, "Layers"): every `bumblecore.*`
+import in every module, at the top or inside a function, is checked against the table."""
+
+import ast
+from pathlib import Path
+
+import bumblecore
+
+PACKAGE = Path(bumblecore.__file__).parent
+
+# layer -> the layers its modules may import (itself always allowed)
+MAY_IMPORT = {
+    "args": set(),
+    "data.template": {"args"},
+    "tokenizer": {"args", "data.template"},
+    "data": {"args", "tokenizer", "data.template"},
+    "model": {"args", "tokenizer", "data.template"},
+    "train": {"args", "tokenizer", "data", "data.template", "model"},
+    "inference": {"args", "tokenizer", "data", "data.template", "model"},
+    "top": {"args", "tokenizer", "data", "data.template", "model", "train", "inference"},  # cli, demo, __init__
+}
+
+
+def layer_of(name: str) -> str:
+    """`bumblecore.train.engine` -> train; data/template.py is its own layer (tokenizer and model use it)."""
+    parts = name.split(".")[1:]
+    if parts[:2] == ["data", "template"]:
+        return "data.template"
+    head = parts[0] if parts else ""
+    return head if head in MAY_IMPORT else "top"
+
+
+def imported_modules(file: Path):
+    for node in ast.walk(ast.parse(file.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            yield node.lineno, node.module
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                yield node.lineno, alias.name
+
+
+def test_layers_import_only_downward():
+    violations = []
+    for file in sorted(PACKAGE.rglob("*.py")):
+        module = "bumblecore." + ".".join(file.relative_to(PACKAGE).with_suffix("").parts)
+        layer = layer_of(module)
+        for line, name in imported_modules(file):
+            if not name.startswith("bumblecore.") or layer == "top":
+                continue
+            target = layer_of(name)
+            if target != layer and target not in MAY_IMPORT[layer]:
+                violations.append(f"{file.relative_to(PACKAGE.parent)}:{line}: {layer} imports {name} ({target})")
+    assert not violations, "\n".join(violations)
+
+
+def test_the_table_knows_every_folder():
+    folders = {p.name for p in PACKAGE.iterdir() if p.is_dir() and any(p.glob("*.py"))}
+    assert folders <= set(MAY_IMPORT), folders - set(MAY_IMPORT)
