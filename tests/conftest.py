@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny tokenizer trained on a small corpus that the tests write themselves."""
+"""Shared fixtures: a tiny tokenizer trained on a small corpus that the tests write themselves, the demo's
+tokenizer, tiny models (tests/tiny.py) and a token cache of the session's own."""
 
 import itertools
 import json
@@ -7,6 +8,8 @@ import shutil
 import tempfile
 
 import pytest
+
+from tiny import DEMO_TOKENIZER, make_tiny_model, write_tiny_checkpoint
 
 
 def pytest_configure(config):
@@ -46,3 +49,31 @@ def tokenizer_dir(tmp_path_factory, corpus_files):
     out = tmp_path_factory.mktemp("tokenizer")
     train_tokenizer([str(f) for f in corpus_files], vocab_size=512, output_dir=str(out))
     return out
+
+
+@pytest.fixture(scope="session")
+def tok(tokenizer_dir):
+    """The tokenizer trained on the tests' own corpus (vocab 512, ChatML template)."""
+    from bumblecore.tokenizer import load_tokenizer
+
+    return load_tokenizer(tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def demo_tok():
+    """The tokenizer the package ships with its demo data."""
+    from bumblecore.tokenizer import load_tokenizer
+
+    return load_tokenizer(DEMO_TOKENIZER)
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """make_tiny_model, as a fixture: `tiny_model(vocab_size=..., seed=..., **config overrides)`."""
+    return make_tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint():
+    """write_tiny_checkpoint, as a fixture: `tiny_checkpoint(out_dir, vocab_size=None) -> out_dir`."""
+    return write_tiny_checkpoint

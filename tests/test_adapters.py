@@ -18,8 +18,8 @@ DEMO = Path(bumblecore.__file__).parent / "demo_data"
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer(DEMO / "tokenizer")
+def tok(demo_tok):
+    return demo_tok
 
 
 def save_family(model_dir, config, tok):

@@ -14,11 +14,7 @@ from bumblecore.data.loader import BatchLoader
 from bumblecore.data.packing import IGNORE_INDEX, build_units, collate
 from bumblecore.tokenizer import load_tokenizer
 from bumblecore.train.losses import shift_targets
-
-
-@pytest.fixture(scope="module")
-def tok(tokenizer_dir):
-    return load_tokenizer(tokenizer_dir)
+from tiny import make_tiny_model
 
 
 def sft_file(path, n=24, seed=0):
@@ -74,9 +70,7 @@ def test_killed_build_is_never_trusted(tmp_path, tok, tokenizer_dir):
 
 
 def tiny_model(vocab):
-    torch.manual_seed(0)
-    return Bumblebee(BumblebeeConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                     num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2)).eval()
+    return make_tiny_model(vocab, hidden_size=32, intermediate_size=64)
 
 
 def per_token_losses(model, batch):

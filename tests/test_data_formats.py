@@ -142,13 +142,6 @@ CALL_BLOCK = '<tool_call>\n{{"name": "weather", "arguments": {{"city": "{}"}}}}\
 TWO_CALLS = CALL_BLOCK.format("Oslo") + "\n" + CALL_BLOCK.format("Bergen")
 
 
-@pytest.fixture(scope="module")
-def tok(tokenizer_dir):
-    from bumblecore.tokenizer import load_tokenizer
-
-    return load_tokenizer(tokenizer_dir)
-
-
 def trained_and_text(tok, messages, tools=None):
     """(the trained text of each assistant turn, the whole rendered text) via encode_conversation."""
     from bumblecore.data.template import encode_conversation

@@ -16,11 +16,6 @@ from bumblecore.tokenizer import load_tokenizer
 SHARED = Path(os.environ.get("BUMBLECORE_ORIGINAL_DATA") or "/nonexistent")
 
 
-@pytest.fixture(scope="module")
-def tok(tokenizer_dir):
-    return load_tokenizer(tokenizer_dir)
-
-
 def oracle(tok, messages, tools=None, trained_replies=None):
     """apply_chat_template's text; targets = each assistant reply's rendered body + <|im_end|>, found by search."""
     text = tok.apply_chat_template(messages, tools=tools, tokenize=False)

@@ -19,6 +19,7 @@ from bumblecore.data.template import encode_preference
 from bumblecore.model.bumblebee import Bumblebee
 from bumblecore.model.config import BumblebeeConfig
 from bumblecore.tokenizer import load_tokenizer
+from tiny import make_tiny_model
 from bumblecore.args import DataArgs, TrainArgs
 from bumblecore.train.dpo import (
     AdapterDisabledReference,
@@ -33,10 +34,7 @@ TOKENIZER = DEMO / "tokenizer"
 
 
 def tiny_model(seed: int, init_std: float = 0.2) -> Bumblebee:
-    torch.manual_seed(seed)
-    config = BumblebeeConfig(vocab_size=768, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, initializer_range=init_std, attention_bias=True)
-    return Bumblebee(config).eval()
+    return make_tiny_model(768, seed, initializer_range=init_std, attention_bias=True)
 
 
 @pytest.fixture(scope="module")

@@ -77,23 +77,10 @@ def pretrained(tmp_path_factory, base_model, data):
 
 
 @pytest.fixture(scope="module")
-def decoder(tmp_path_factory):
+def decoder(tmp_path_factory, tiny_checkpoint):
     """A Qwen2 checkpoint written by transformers with large random weights: its greedy choices are far
     from ties (robust goldens) and its text is varied (a trained tiny model repeats one word)."""
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    from bumblecore.tokenizer import load_tokenizer
-
-    out = tmp_path_factory.mktemp("golden_decoder")
-    tokenizer = load_tokenizer(DEMO / "tokenizer")
-    torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=-(-len(tokenizer) // 64) * 64, hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2,
-                         max_position_embeddings=4096, tie_word_embeddings=True)
-    Qwen2ForCausalLM(config).save_pretrained(out)
-    tokenizer.save_pretrained(str(out))
-    return out
+    return tiny_checkpoint(tmp_path_factory.mktemp("golden_decoder"))
 
 
 @pytest.mark.parametrize("stage, finetuning_type, keys", [

@@ -1,0 +1,41 @@
+"""Tiny models for tests: a random Bumblebee in memory and a Qwen2 checkpoint written by transformers.
+conftest.py offers both as fixtures (`tiny_model`, `tiny_checkpoint`); helpers outside a test import
+them from here."""
+
+from pathlib import Path
+
+import bumblecore
+
+DEMO_TOKENIZER = Path(bumblecore.__file__).parent / "demo_data" / "tokenizer"
+
+
+def make_tiny_model(vocab_size: int = 768, seed: int = 0, **config):
+    """A random Bumblebee small enough for a unit test (2 layers, hidden 64, GQA 4/2 heads, init std 0.2:
+    large enough weights that greedy choices are far from ties), in eval mode."""
+    import torch
+
+    from bumblecore.model.bumblebee import Bumblebee
+    from bumblecore.model.config import BumblebeeConfig
+
+    shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 initializer_range=0.2)
+    torch.manual_seed(seed)
+    return Bumblebee(BumblebeeConfig(vocab_size=vocab_size, **{**shape, **config})).eval()
+
+
+def write_tiny_checkpoint(out, vocab_size=None):
+    """A Qwen2 model directory written by transformers itself (2 layers, hidden 64, init std 0.2) with
+    the demo tokenizer: what a user's downloaded checkpoint looks like, in miniature."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from bumblecore.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(DEMO_TOKENIZER)
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=vocab_size or -(-len(tokenizer) // 64) * 64, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2,
+                         max_position_embeddings=4096, tie_word_embeddings=True)
+    Qwen2ForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(str(out))
+    return out
