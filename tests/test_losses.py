@@ -1,5 +1,6 @@
 """Chunked cross-entropy against the closed form: F.cross_entropy over full logits."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -42,3 +43,29 @@ def test_no_targets_gives_zero_with_graph():
     assert count == 0 and total.item() == 0.0
     total.backward()
     assert hidden.grad is not None
+
+
+def test_kto_loss_equals_its_closed_form():
+    import math
+
+    from bumblecore.train.losses import kto_loss, kto_reference_point
+
+    g = torch.Generator().manual_seed(0)
+    policy = -torch.rand(6, generator=g, dtype=torch.float64) * 20
+    reference = policy + (torch.rand(6, generator=g, dtype=torch.float64) - 0.5) * 4
+    desirable = torch.tensor([True, False, True, True, False, False])
+    mismatched_policy = -torch.rand(6, generator=g, dtype=torch.float64) * 20
+    mismatched_reference = mismatched_policy - torch.rand(6, generator=g, dtype=torch.float64)
+    z = kto_reference_point(mismatched_policy, mismatched_reference)
+    expected_z = max(0.0, sum((mismatched_policy - mismatched_reference).tolist()) / 6)
+    assert z.item() == pytest.approx(expected_z, rel=1e-12) and not z.requires_grad
+    beta, wd, wu = 0.1, 1.0, 1.33
+    got = kto_loss(policy, reference, desirable, z, beta, wd, wu)
+    for i in range(6):
+        r = policy[i].item() - reference[i].item()
+        sigmoid = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+        want = wd * (1 - sigmoid(beta * (r - expected_z))) if desirable[i] else wu * (1 - sigmoid(beta * (expected_z - r)))
+        assert got[i].item() == pytest.approx(want, rel=1e-12)
+    # The first step, policy == reference: r = 0 and z = 0, so every loss is half its weight.
+    first = kto_loss(policy, policy, desirable, kto_reference_point(policy, policy), beta, wd, wu)
+    assert torch.allclose(first, torch.where(desirable, 0.5 * wd, 0.5 * wu).double())

@@ -191,6 +191,35 @@ def reference_free_loss(
     raise ValueError(f"pref_loss {loss_type!r} is not reference-free; choose orpo or simpo")
 
 
+def kto_loss(
+    policy_logps: torch.Tensor,
+    reference_logps: torch.Tensor,
+    desirable: torch.Tensor,
+    kl_reference_point: torch.Tensor,
+    beta: float,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> torch.Tensor:
+    """Per-example KTO loss (Ethayarajh et al. 2024) from summed response log-probs.
+
+    r = policy_logps - reference_logps (the implied reward / beta), z = the KL reference point
+    (an estimate of KL(policy || reference) from mismatched prompt/response pairs, clamped at 0,
+    detached by the caller):
+    desirable:   desirable_weight   * (1 - sigmoid(beta (r - z)))
+    undesirable: undesirable_weight * (1 - sigmoid(beta (z - r)))
+    """
+    r = policy_logps - reference_logps
+    z = kl_reference_point
+    return torch.where(desirable, desirable_weight * (1 - torch.sigmoid(beta * (r - z))),
+                       undesirable_weight * (1 - torch.sigmoid(beta * (z - r))))
+
+
+def kto_reference_point(policy_mismatched_logps: torch.Tensor, reference_mismatched_logps: torch.Tensor) -> torch.Tensor:
+    """z: the mean over mismatched pairs of (policy - reference) summed log-probs, at least 0, with no
+    gradient (KTO treats it as a constant of the step)."""
+    return (policy_mismatched_logps - reference_mismatched_logps).mean().clamp(min=0).detach()
+
+
 # A transformers family trains through chunked_cross_entropy over its hidden states: at load, its loss
 # must equal the family's own forward's loss (fp32) within this, else it is refused (check_loss_parity).
 FAMILY_PARITY_RTOL = 1e-3
