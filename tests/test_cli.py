@@ -215,17 +215,85 @@ def test_train_help_shows_every_key_with_its_docstring():
     import inspect
 
     import bumblecore.args as schema
-    from bumblecore.args import flat_defaults
+    from bumblecore.args import TrainArgs, flat_defaults, group_types
 
     result = run_cli("train", "--help")
     assert result.returncode == 0, result.stderr
     shown = " ".join(result.stdout.split())
     documented = {}
+    train_groups = {group.__name__ for group in group_types(TrainArgs).values()}
     for node in ast.parse(inspect.getsource(schema)).body:
-        if isinstance(node, ast.ClassDef):
+        if isinstance(node, ast.ClassDef) and node.name in train_groups:
             for field, doc in zip(node.body, node.body[1:]):
                 if isinstance(field, ast.AnnAssign) and isinstance(doc, ast.Expr):
                     documented[field.target.id] = " ".join(doc.value.value.split())
     assert set(documented) == set(flat_defaults())  # every key has a docstring
     for key, doc in documented.items():
         assert f".{key} " in shown and doc in shown, key
+
+
+SAMPLING_COMMANDS = {  # each command's own sampling defaults, unchanged from the loose flags they replace
+    "generate": {"max_new_tokens": 256, "do_sample": False},
+    "chat": {"max_new_tokens": 512, "do_sample": False},
+    "serve": {"max_new_tokens": None, "do_sample": True},
+}
+
+
+def _printed(capsys, *argv) -> dict:
+    capsys.readouterr()
+    main([*map(str, argv), "--print_config"])
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("name", list(SAMPLING_COMMANDS))
+def test_sampling_options_flat_or_grouped_with_each_commands_defaults(name, tmp_path, capsys):
+    from bumblecore.args import SamplingArgs
+
+    defaults = _printed(capsys, name, "--model_path", "m")
+    assert {key: defaults[key] for key in SAMPLING_COMMANDS[name]} == SAMPLING_COMMANDS[name]
+    assert (defaults["temperature"], defaults["top_k"], defaults["top_p"], defaults["repetition_penalty"]) == (1.0, 0, 1.0, 1.0)
+    flat = _printed(capsys, name, "--model_path", "m", "--max_new_tokens", 24, "--do_sample", "--temperature", 0.9,
+                    "--top_p", 0.9, "--top_k", 20, "--repetition_penalty", 1.1)
+    grouped = _printed(capsys, name, "--model_path", "m", "--sampling.max_new_tokens", 24, "--sampling.do_sample", "true",
+                       "--sampling.temperature", 0.9, "--sampling.top_p", 0.9, "--sampling.top_k", 20,
+                       "--sampling.repetition_penalty", 1.1)
+    config = tmp_path / "sampling.yaml"
+    config.write_text("model_path: m\nmax_new_tokens: 24\ndo_sample: true\ntemperature: 0.9\ntop_p: 0.9\ntop_k: 20\n"
+                      "repetition_penalty: 1.1\n")
+    assert flat == grouped == _printed(capsys, name, "--config", config)
+    assert {key: flat[key] for key in vars(SamplingArgs())} == dict(max_new_tokens=24, do_sample=True, temperature=0.9,
+                                                                    top_p=0.9, top_k=20, repetition_penalty=1.1)
+    assert _printed(capsys, name, "--model_path", "m", "--temperature", 0.2, "--do_sample", "false")["do_sample"] is False
+
+
+@pytest.mark.parametrize("name", list(SAMPLING_COMMANDS))
+def test_sampling_options_out_of_range_are_refused_by_every_command(name, capsys):
+    from bumblecore.args import SamplingArgs
+
+    expected = "expected 0 <= temperature <= 100, 0 < top_p <= 1, top_k >= 0 and 0.01 <= repetition_penalty <= 10"
+    for option, value in (("--temperature", 101), ("--top_p", 0), ("--top_k", -1), ("--repetition_penalty", 0.001)):
+        with pytest.raises(SystemExit) as stop:
+            main([name, "--model_path", "m", option, str(value)])
+        assert stop.value.code == 1
+        assert expected in capsys.readouterr().err, (option, value)
+    with pytest.raises(ValueError, match="0 <= temperature <= 100"):  # a Python caller's NaN too
+        SamplingArgs(temperature=float("nan"))
+
+
+@pytest.mark.parametrize("name", list(SAMPLING_COMMANDS))
+def test_sampling_help_shows_every_option_with_its_docstring(name, capsys):
+    import ast
+    import inspect
+
+    from bumblecore.args import SamplingArgs
+
+    with pytest.raises(SystemExit) as stop:
+        main([name, "--help"])
+    assert stop.value.code == 0
+    shown = " ".join(capsys.readouterr().out.split())
+    body = ast.parse(inspect.getsource(SamplingArgs)).body[0].body
+    documented = {field.target.id: " ".join(doc.value.value.split()) for field, doc in zip(body, body[1:])
+                  if isinstance(field, ast.AnnAssign) and isinstance(doc, ast.Expr)}
+    assert set(documented) == set(vars(SamplingArgs()))
+    for key, doc in documented.items():
+        assert f"--sampling.{key} " in shown and doc in shown, key

@@ -12,6 +12,7 @@ from transformers import (AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Q
                           RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
 from bumblecore import Bumblebee
+from bumblecore.args import SamplingArgs
 from bumblecore.inference.generate import (GenerationEngine, SamplingParams, TextStream, apply_repetition_penalty,
                                            apply_top_k, apply_top_p)
 from bumblecore.tokenizer import load_tokenizer
@@ -176,7 +177,7 @@ def test_chat_keeps_and_clears_history(tmp_path, tok, monkeypatch, capsys):
 
     monkeypatch.setattr(commands.GenerationEngine, "stream", recording)
     monkeypatch.setattr(sys, "stdin", io.StringIO("first question\nsecond question\n/clear\nthird question\n"))
-    commands.chat(str(tmp_path), enable_history=True, max_new_tokens=3)
+    commands.chat(str(tmp_path), enable_history=True, sampling=SamplingArgs(max_new_tokens=3))
     assert "first question" not in prompts[0].split("<|im_start|>user")[0]
     assert "first question" in prompts[1] and "second question" in prompts[1]
     assert "first question" not in prompts[2] and "third question" in prompts[2]

@@ -11,6 +11,7 @@ import pytest
 import requests
 import torch
 
+from bumblecore.args import SamplingArgs
 from bumblecore.inference.commands import build_prompt_ids, generate
 from bumblecore.inference.generate import GenerationEngine, SamplingParams
 from bumblecore.inference.loading import load_for_inference
@@ -95,7 +96,7 @@ def user(text):
 
 
 def test_answers_equal_bumblecore_generate(server, client, model_dir, capsys, reference):
-    generate(str(model_dir), prompt="hello bee", max_new_tokens=12, device_map="cpu")
+    generate(str(model_dir), prompt="hello bee", sampling=SamplingArgs(max_new_tokens=12), device_map="cpu")
     expected = capsys.readouterr().out[:-1]
     assert expected
     reply = client.chat.completions.create(model="bumblebee", messages=user("hello bee"), max_tokens=12, temperature=0)
@@ -230,7 +231,7 @@ def test_server_flags_are_defaults_for_fields_a_request_leaves_out(monkeypatch):
     from bumblecore.inference.openai_api import parse_chat_request
     from bumblecore.inference.serving_http import sampling_params
 
-    settings = ServeSettings("unused", max_new_tokens=40, do_sample=False, top_k=7, repetition_penalty=1.2)
+    settings = ServeSettings("unused", sampling=SamplingArgs(max_new_tokens=40, do_sample=False, top_k=7, repetition_penalty=1.2))
     omitted = sampling_params(parse_chat_request({"messages": MESSAGES}), settings, CONTEXT)
     assert (omitted.max_new_tokens, omitted.do_sample, omitted.top_k, omitted.repetition_penalty) == (40, False, 7, 1.2)
     given = sampling_params(parse_chat_request({"messages": MESSAGES, "max_tokens": 5, "temperature": 0.5, "top_k": 0}),
@@ -247,8 +248,8 @@ def test_server_flags_are_defaults_for_fields_a_request_leaves_out(monkeypatch):
     monkeypatch.setenv("BUMBLECORE_API_KEY", "from-env")
     serve.serve("unused")
     assert started[0][0].api_key == "from-env" and started[0][1]["host"] == "127.0.0.1" and started[0][1]["port"] == 8000
-    with pytest.raises(ValueError):
-        serve.serve("unused", top_p=0)
+    with pytest.raises(ValueError, match="0 < top_p <= 1"):
+        serve.serve("unused", sampling=SamplingArgs(top_p=0))
 
 
 BAD_REQUESTS = [

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from bumblecore.args import SamplingArgs
 from bumblecore.inference.generate import GenerationEngine, SamplingParams
 from bumblecore.inference.loading import load_for_inference
 
@@ -30,6 +31,12 @@ def build_prompt_ids(tokenizer, prompt_or_messages, training_stage: str = "sft",
         if system_prompt or chat_format(tokenizer).is_chatml:
             messages = [{"role": "system", "content": system_prompt}] + messages
     return render_prompt(tokenizer, messages, tools)
+
+
+# Each command's sampling defaults (the flags override them one by one). Python callers pass a whole
+# group: dataclasses.replace(CHAT_SAMPLING, temperature=0.7) keeps the others.
+GENERATE_SAMPLING = SamplingArgs(max_new_tokens=256, do_sample=False)
+CHAT_SAMPLING = SamplingArgs(max_new_tokens=512, do_sample=False)
 
 
 def _read_prompts(path: str) -> list[str]:
@@ -57,12 +64,7 @@ def generate(
     output_file: Optional[str] = None,
     training_stage: str = "sft",
     system_prompt: Optional[str] = None,
-    max_new_tokens: int = 256,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    repetition_penalty: float = 1.0,
+    sampling: SamplingArgs = GENERATE_SAMPLING,
     stop: Optional[list[str]] = None,
     ignore_eos: bool = False,
     seed: Optional[int] = None,
@@ -80,12 +82,7 @@ def generate(
         output_file: where prompts_file results go (default: stdout).
         training_stage: pretrain prompts with raw text; sft/dpo through the chat template.
         system_prompt: system message for sft/dpo prompts (default: whatever the template adds itself; "": none).
-        max_new_tokens: most tokens to generate.
-        do_sample: sample (true) or greedy (false).
-        temperature: sampling temperature.
-        top_k: keep the k most likely tokens (0: all).
-        top_p: nucleus sampling mass.
-        repetition_penalty: > 1 discourages tokens already present.
+        sampling: how each reply is generated.
         stop: stop strings (not included in the output).
         ignore_eos: keep generating past end-of-sequence tokens.
         seed: makes sampling reproducible.
@@ -97,11 +94,12 @@ def generate(
     if (prompt is None) == (prompts_file is None):
         raise ValueError("give exactly one of --prompt or --prompts_file")
     model, tokenizer, eos = load_for_inference(model_path, dtype, device_map, trust_remote_code=trust_remote_code)
-    params = SamplingParams(max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty, stop or [], ignore_eos, seed)
+    params = SamplingParams.from_group(sampling, stop=stop or [], ignore_eos=ignore_eos, seed=seed)
     prompts = [prompt] if prompt is not None else _read_prompts(prompts_file)
     ids = [build_prompt_ids(tokenizer, p, training_stage, system_prompt) for p in prompts]
-    engine = GenerationEngine(model, tokenizer, max_batch_size=min(batch_size, len(ids)),
-                              max_len=max(len(i) for i in ids) + max_new_tokens, eos_token_ids=eos)
+    # max_new_tokens None: the model's context, as the engine takes no max_len
+    max_len = None if sampling.max_new_tokens is None else max(len(i) for i in ids) + sampling.max_new_tokens
+    engine = GenerationEngine(model, tokenizer, max_batch_size=min(batch_size, len(ids)), max_len=max_len, eos_token_ids=eos)
     started = time.perf_counter()
     results = engine.generate(ids, params)
     seconds = time.perf_counter() - started
@@ -124,12 +122,7 @@ def chat(
     system_prompt: Optional[str] = None,
     enable_history: bool = False,
     training_stage: str = "sft",
-    max_new_tokens: int = 512,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    repetition_penalty: float = 1.0,
+    sampling: SamplingArgs = CHAT_SAMPLING,
     seed: Optional[int] = None,
     dtype: str = "auto",
     device_map: str = "auto",
@@ -142,12 +135,7 @@ def chat(
         system_prompt: system message (default: whatever the template adds itself; "": none).
         enable_history: keep the conversation across turns.
         training_stage: pretrain continues raw text; sft/dpo chat through the template.
-        max_new_tokens: most tokens per reply.
-        do_sample: sample (true) or greedy (false).
-        temperature: sampling temperature.
-        top_k: keep the k most likely tokens (0: all).
-        top_p: nucleus sampling mass.
-        repetition_penalty: > 1 discourages tokens already present.
+        sampling: how each reply is generated.
         seed: makes sampling reproducible.
         dtype: auto (the checkpoint's), float32, float16 or bfloat16.
         device_map: auto, cpu or cuda:N.
@@ -155,7 +143,7 @@ def chat(
     """
     model, tokenizer, eos = load_for_inference(model_path, dtype, device_map, trust_remote_code=trust_remote_code)
     engine = GenerationEngine(model, tokenizer, max_batch_size=1, eos_token_ids=eos)
-    params = SamplingParams(max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty, [], False, seed)
+    params = SamplingParams.from_group(sampling, seed=seed)
     interactive = sys.stdin.isatty()
     history: list[dict] = []
     if interactive:

@@ -13,6 +13,7 @@ others continue exactly as they would have. A server must not be stuck repeating
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,22 +21,33 @@ from typing import Iterator, Optional
 
 import torch
 
+from bumblecore.args import SamplingArgs
 from bumblecore.inference.decode import DecodingBumblebee
 
 
-@dataclass
-class SamplingParams:
-    max_new_tokens: int = 256
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int = 0
-    """0 = no top-k filter."""
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
+@dataclass(frozen=True)
+class SamplingParams(SamplingArgs):
+    """One request's sampling: the options generate, chat and serve share (SamplingArgs, whose
+    defaults are generate's), and the ones that belong to a single request."""
+
     stop: list[str] = field(default_factory=list)
+    """Stop strings (not included in the text)."""
     ignore_eos: bool = False
+    """Keep generating past end-of-sequence ids."""
     seed: Optional[int] = None
     """Seeds this request's own generator: the same seed gives the same text whatever else is batched."""
+
+    def __post_init__(self) -> None:
+        # Not range-checked: the engine takes any values, and a request whose values break sampling (NaN,
+        # a penalty that overflows the logits) fails alone in step(). Options are checked where users
+        # give them: SamplingArgs (the commands' flags) and the API's request models.
+        pass
+
+    @classmethod
+    def from_group(cls, sampling: SamplingArgs, **per_request) -> "SamplingParams":
+        """The group's values, with this request's stop, ignore_eos and seed."""
+        shared = {f.name: getattr(sampling, f.name) for f in dataclasses.fields(SamplingArgs)}
+        return cls(**shared, **per_request)
 
 
 @dataclass
@@ -326,7 +338,8 @@ class GenerationEngine:
                 text, hit_stop = request.stream.push(token)
                 if hit_stop:
                     reason = "stop"
-                elif len(request.generated) >= request.params.max_new_tokens or len(request.prompt) + len(request.generated) >= self.max_len:
+                elif ((request.params.max_new_tokens is not None and len(request.generated) >= request.params.max_new_tokens)
+                      or len(request.prompt) + len(request.generated) >= self.max_len):  # max_new_tokens None: the context's end
                     text, reason = text + request.stream.finish(), "length"
             events.append(Event(request.request_id, token, text, reason is not None, reason))
             if reason is None:

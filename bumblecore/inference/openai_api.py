@@ -18,12 +18,12 @@ from typing import Annotated, Any, Optional, Union
 from pydantic import BaseModel, BeforeValidator, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from bumblecore.args import MIN_REPETITION_PENALTY  # the server's flags and the requests share the range
 # The <tool_call> convention and its parser live with the chat template (one chat-format module).
 from bumblecore.data.template import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, parse_tool_call
 
 ROLES = ("system", "user", "assistant", "tool")
 INT64 = 2**63
-MIN_REPETITION_PENALTY = 0.01
 MAX_NESTING = 64  # deeper than any real request; a 100k-deep body must not exhaust the stack
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 

@@ -19,10 +19,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.staticfiles import StaticFiles
 
+from bumblecore.args import SamplingArgs
 from bumblecore.inference.litserve_adapter import InProcessLitServer
-from bumblecore.inference.openai_api import MIN_REPETITION_PENALTY, APIError
+from bumblecore.inference.openai_api import APIError
 from bumblecore.inference.request_guard import HeadTimeoutH11Protocol, RequestGuard
-from bumblecore.inference.serve_settings import ServeSettings, context_length, model_dirs
+from bumblecore.inference.serve_settings import SERVE_SAMPLING, ServeSettings, context_length, model_dirs
 from bumblecore.inference.serving_http import (ChatCompletionsSpec, api_error_response, http_error_response,
                                                server_error_response)
 from bumblecore.inference.serving_worker import EngineAPI
@@ -81,15 +82,13 @@ def serve(
     dtype: str = "auto",
     device_map: str = "auto",
     trust_remote_code: bool = False,
-    max_new_tokens: Optional[int] = None,
-    do_sample: bool = True,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    repetition_penalty: float = 1.0,
+    sampling: SamplingArgs = SERVE_SAMPLING,
     log_level: str = "info",
 ) -> None:
     """Serve a model: OpenAI-compatible /v1/chat/completions (streaming too), /v1/models, /health, and a web chat page at /.
+
+    The sampling options are the defaults for requests that leave a field out (max_tokens, temperature,
+    top_p, top_k, repetition_penalty); a request's own values win, and its temperature 0 is greedy.
 
     Args:
         model_path: a model directory (HF layout) or a LoRA adapter directory.
@@ -107,12 +106,7 @@ def serve(
         dtype: auto (the checkpoint's), float32, float16 or bfloat16.
         device_map: auto, cpu or cuda:N.
         trust_remote_code: allow a model or tokenizer that ships its own Python code (only for directories you trust).
-        max_new_tokens: reply length for requests without max_tokens (default: up to the end of the context).
-        do_sample: for requests without temperature: sample (true, OpenAI's default) or greedy (false).
-        temperature: for requests without temperature.
-        top_k: for requests without top_k (0: no top-k filter).
-        top_p: for requests without top_p.
-        repetition_penalty: for requests without repetition_penalty.
+        sampling: defaults for requests that leave a field out.
         log_level: uvicorn/LitServe log level (debug, info, warning, error).
     """
     if training_stage not in ("pretrain", "continue_pretrain", "sft", "dpo"):
@@ -123,15 +117,11 @@ def serve(
         print("bumblecore serve: note: --api_key is visible to every user of this machine (ps, /proc); "
               "set BUMBLECORE_API_KEY in the environment instead.", file=sys.stderr, flush=True)
     api_key = api_key or os.environ.get("BUMBLECORE_API_KEY") or None
-    if not (0 <= temperature <= 100 and 0 < top_p <= 1 and top_k >= 0 and MIN_REPETITION_PENALTY <= repetition_penalty <= 10):
-        raise ValueError(f"expected 0 <= temperature <= 100, 0 < top_p <= 1, top_k >= 0 and "
-                         f"{MIN_REPETITION_PENALTY} <= repetition_penalty <= 10")
     settings = ServeSettings(
         model_path, model_name=model_name, api_key=api_key, training_stage=training_stage, system_prompt=system_prompt,
         max_batch_size=max_batch_size, max_model_len=max_model_len, max_request_bytes=max_request_bytes, dtype=dtype,
-        device_map=device_map, trust_remote_code=trust_remote_code, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
-        top_p=top_p, repetition_penalty=repetition_penalty, host=host, allowed_hosts=tuple(allowed_hosts or ()),
-        allowed_origins=tuple(allowed_origins or ()))
+        device_map=device_map, trust_remote_code=trust_remote_code, sampling=sampling, host=host,
+        allowed_hosts=tuple(allowed_hosts or ()), allowed_origins=tuple(allowed_origins or ()))
     context_length(model_path, max_model_len)  # a wrong path fails here, in one line, before any process starts
     check_tokenizer_fits(model_path, trust_remote_code)  # as would every request, later, in the worker
     server = BumbleServer(settings)

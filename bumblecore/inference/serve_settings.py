@@ -6,7 +6,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from bumblecore.args import SamplingArgs
+
 DEFAULT_CONTEXT_CAP = 4096
+# serve's defaults for requests that leave a field out: replies up to the end of the context, and
+# sampling, as OpenAI does for a request without temperature.
+SERVE_SAMPLING = SamplingArgs(max_new_tokens=None, do_sample=True)
 
 
 @dataclass
@@ -31,13 +36,8 @@ class ServeSettings:
     """Seconds a connection may take to send a request's line and headers (or stay idle between requests)."""
     body_timeout: float = 30.0
     """Seconds a client may take to send a request's body."""
-    # Defaults for requests that leave a field out (the original's generation flags).
-    max_new_tokens: Optional[int] = None
-    do_sample: bool = True
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
+    sampling: SamplingArgs = SERVE_SAMPLING
+    """Defaults for requests that leave a field out (the original's generation flags)."""
 
 
 def model_dirs(model_path: str) -> tuple[Path, Path]:

@@ -238,14 +238,15 @@ def sampling_params(chat: ChatRequest, settings: ServeSettings, max_len: int) ->
     def pick(value, default):
         return default if value is None else value
 
+    defaults = settings.sampling
     if chat.temperature is None:
-        do_sample, temperature = settings.do_sample and settings.temperature > 0, settings.temperature
+        do_sample, temperature = defaults.do_sample and defaults.temperature > 0, defaults.temperature
     else:
         do_sample, temperature = chat.temperature > 0, chat.temperature
-    return SamplingParams(max_new_tokens=chat.max_tokens or settings.max_new_tokens or max_len, do_sample=do_sample,
-                          temperature=temperature if temperature > 0 else 1.0, top_k=pick(chat.top_k, settings.top_k),
-                          top_p=pick(chat.top_p, settings.top_p),
-                          repetition_penalty=pick(chat.repetition_penalty, settings.repetition_penalty),
+    return SamplingParams(max_new_tokens=chat.max_tokens or defaults.max_new_tokens or max_len, do_sample=do_sample,
+                          temperature=temperature if temperature > 0 else 1.0, top_k=pick(chat.top_k, defaults.top_k),
+                          top_p=pick(chat.top_p, defaults.top_p),
+                          repetition_penalty=pick(chat.repetition_penalty, defaults.repetition_penalty),
                           stop=chat.stop, ignore_eos=chat.ignore_eos, seed=chat.seed)
 
 
