@@ -37,18 +37,55 @@ def child(which: str, model: str, data: str, out: str, steps: int) -> None:
     from bumblecore.cli import main
 
     started = time.perf_counter()
-    main(["train", "--training_stage", "dpo", "--model_name_or_path", model, "--dataset_path", data, "--output_dir", out,
-          "--cutoff_len", "256", "--max_steps", str(steps), "--train_micro_batch_size_per_gpu", "8",
-          "--gradient_accumulation_steps", "1", "--train_model_precision", "fp32", "--learning_rate", "1e-5",
-          "--save_steps", "100000", "--accelerator", "cpu", "--cache_dir", str(Path(out) / "cache"),
-          "--precompute_ref_log_probs", "true" if which == "cached" else "false"])
+    main(
+        [
+            "train",
+            "--training_stage",
+            "dpo",
+            "--model_name_or_path",
+            model,
+            "--dataset_path",
+            data,
+            "--output_dir",
+            out,
+            "--cutoff_len",
+            "256",
+            "--max_steps",
+            str(steps),
+            "--train_micro_batch_size_per_gpu",
+            "8",
+            "--gradient_accumulation_steps",
+            "1",
+            "--train_model_precision",
+            "fp32",
+            "--learning_rate",
+            "1e-5",
+            "--save_steps",
+            "100000",
+            "--accelerator",
+            "cpu",
+            "--cache_dir",
+            str(Path(out) / "cache"),
+            "--precompute_ref_log_probs",
+            "true" if which == "cached" else "false",
+        ]
+    )
     wall = time.perf_counter() - started
     history = [json.loads(l) for l in open(Path(out) / "metrics.jsonl") if "loss" in json.loads(l)]
     step_seconds = [r["tokens"] / r["tokens_per_sec"] for r in history]
     timed = step_seconds[1:] or step_seconds
-    print("RESULT " + json.dumps({"step_seconds": sum(timed) / len(timed), "train_seconds": sum(step_seconds), "wall_seconds": wall,
-                                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                                  "first_loss": history[0]["loss"]}))
+    print(
+        "RESULT "
+        + json.dumps(
+            {
+                "step_seconds": sum(timed) / len(timed),
+                "train_seconds": sum(step_seconds),
+                "wall_seconds": wall,
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "first_loss": history[0]["loss"],
+            }
+        )
+    )
 
 
 def measure(which: str, model: Path, data: Path, work: Path, steps: int) -> dict:
@@ -57,7 +94,7 @@ def measure(which: str, model: Path, data: Path, work: Path, steps: int) -> dict
     if done.returncode != 0:
         raise RuntimeError(f"{which} failed:\n{done.stderr[-3000:]}")
     line = [l for l in done.stdout.splitlines() if l.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT "):])
+    return json.loads(line[len("RESULT ") :])
 
 
 def run(quick: bool = False) -> dict:
@@ -73,8 +110,9 @@ def run(quick: bool = False) -> dict:
     results["memory_ratio"] = results["cached"]["peak_rss_mb"] / results["live"]["peak_rss_mb"]
     # The one-off pass over every pair: the cached run's wall time beyond its steps, less the live run's
     # own start-up (the same model loading, tokenizing and export).
-    results["precompute_seconds"] = ((results["cached"]["wall_seconds"] - results["cached"]["train_seconds"])
-                                     - (results["live"]["wall_seconds"] - results["live"]["train_seconds"]))
+    results["precompute_seconds"] = (results["cached"]["wall_seconds"] - results["cached"]["train_seconds"]) - (
+        results["live"]["wall_seconds"] - results["live"]["train_seconds"]
+    )
     return results
 
 
@@ -88,9 +126,13 @@ def main() -> None:
     results = run(parser.parse_args().quick)
     for which in ("live", "cached"):
         r = results[which]
-        print(f"{which:7s} step {r['step_seconds'] * 1000:7.1f} ms, peak RSS {r['peak_rss_mb']:6.0f} MB, first loss {r['first_loss']:.6f}")
-    print(f"cached / live step time = {results['step_time_ratio']:.2f}x, peak memory = {results['memory_ratio']:.2f}x; "
-          f"precompute over {results['pairs']} pairs took about {results['precompute_seconds']:.1f}s once")
+        print(
+            f"{which:7s} step {r['step_seconds'] * 1000:7.1f} ms, peak RSS {r['peak_rss_mb']:6.0f} MB, first loss {r['first_loss']:.6f}"
+        )
+    print(
+        f"cached / live step time = {results['step_time_ratio']:.2f}x, peak memory = {results['memory_ratio']:.2f}x; "
+        f"precompute over {results['pairs']} pairs took about {results['precompute_seconds']:.1f}s once"
+    )
 
 
 if __name__ == "__main__":

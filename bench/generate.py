@@ -42,8 +42,16 @@ def build(directory: Path, device: torch.device):
     from bumblecore.tokenizer import load_tokenizer
 
     torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=32000, hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
-                         num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True)
+    config = Qwen2Config(
+        vocab_size=32000,
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+    )
     hf = Qwen2ForCausalLM(config).eval()
     hf.save_pretrained(directory)
     load_tokenizer(ROOT / "bumblecore" / "demo_data" / "tokenizer").save_pretrained(str(directory))
@@ -82,8 +90,10 @@ def run(quick: bool = False, budget: float | None = None) -> dict:
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 32000, (prompt_len,), generator=g).tolist() for _ in range(16)]
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
-    engines = {n: GenerationEngine(ours, tokenizer, max_batch_size=n, max_len=prompt_len + new_tokens + 1, eos_token_ids=[])
-               for n in (1, 16)}
+    engines = {
+        n: GenerationEngine(ours, tokenizer, max_batch_size=n, max_len=prompt_len + new_tokens + 1, eos_token_ids=[])
+        for n in (1, 16)
+    }
 
     def ours_run(n):
         """(end-to-end seconds, decode step seconds): the same add/step loop as engine.generate."""
@@ -105,12 +115,23 @@ def run(quick: bool = False, budget: float | None = None) -> dict:
         _sync()
         started = time.perf_counter()
         with torch.inference_mode():
-            hf.generate(torch.tensor(prompts[:n], device=device), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                        do_sample=False, eos_token_id=None, pad_token_id=0, streamer=clock)
+            hf.generate(
+                torch.tensor(prompts[:n], device=device),
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+                streamer=clock,
+            )
         # stamps: prompt, then one per new token (the first after prefill).
         return clock.stamps[-1][0] - started, clock.stamps[1:], clock.stamps[2:]
 
-    contenders = {"transformers_b1": hf_run, "bumblecore_b1": lambda: ours_run(1), "bumblecore_b16": lambda: ours_run(16)}
+    contenders = {
+        "transformers_b1": hf_run,
+        "bumblecore_b1": lambda: ours_run(1),
+        "bumblecore_b16": lambda: ours_run(16),
+    }
     batch = {"transformers_b1": 1, "bumblecore_b1": 1, "bumblecore_b16": 16}
     for fn in contenders.values():  # warm-up
         fn()
@@ -123,8 +144,11 @@ def run(quick: bool = False, budget: float | None = None) -> dict:
             total, before, after = contenders[name]()
             wall = statistics.median(b[0] - a[0] for a, b in zip(before, after))
             cpu = statistics.median(b[1] - a[1] for a, b in zip(before, after))
-            record[name] = {"step_tok_s": batch[name] / wall, "cpu_tok_s": batch[name] / max(cpu, 1e-9),
-                            "e2e_tok_s": batch[name] * new_tokens / total}
+            record[name] = {
+                "step_tok_s": batch[name] / wall,
+                "cpu_tok_s": batch[name] / max(cpu, 1e-9),
+                "e2e_tok_s": batch[name] * new_tokens / total,
+            }
         rounds.append(record)
         if len(rounds) >= 15:
             break
@@ -132,8 +156,12 @@ def run(quick: bool = False, budget: float | None = None) -> dict:
     def median(name, key):
         return statistics.median(r[name][key] for r in rounds)
 
-    results = {"device": str(device), "threads": torch.get_num_threads(), "rounds": len(rounds),
-               "seconds": time.perf_counter() - started}
+    results = {
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "rounds": len(rounds),
+        "seconds": time.perf_counter() - started,
+    }
     for key in ("step_tok_s", "cpu_tok_s", "e2e_tok_s"):
         for name in contenders:
             results[f"{name}_{key}"] = median(name, key)
@@ -149,22 +177,35 @@ def run(quick: bool = False, budget: float | None = None) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description="greedy decode tokens/s vs transformers generate")
     parser.add_argument("--quick", action="store_true", help="32-token prompts, 32 new tokens, ~30 s of rounds")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads; 0 = torch's default (default 1)")
-    parser.add_argument("--budget", type=float, default=None, help="seconds of measuring rounds (default 120, quick 30)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch intra-op threads; 0 = torch's default (default 1)"
+    )
+    parser.add_argument(
+        "--budget", type=float, default=None, help="seconds of measuring rounds (default 120, quick 30)"
+    )
     args = parser.parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     r = run(args.quick, args.budget)
     print(f"device {r['device']}, {r['threads']} threads, {r['rounds']} rounds in {r['seconds']:.0f} s (medians)")
-    for key, label in (("step_tok_s", "decode steps, wall clock"), ("cpu_tok_s", "decode steps, per CPU second"),
-                       ("e2e_tok_s", "end to end, wall clock, prefill included")):
-        print(f"{label}: transformers batch 1 {r[f'transformers_b1_{key}']:.1f} tok/s; bumblecore batch 1 "
-              f"{r[f'bumblecore_b1_{key}']:.1f} tok/s, batch 16 {r[f'bumblecore_b16_{key}']:.1f} tok/s")
+    for key, label in (
+        ("step_tok_s", "decode steps, wall clock"),
+        ("cpu_tok_s", "decode steps, per CPU second"),
+        ("e2e_tok_s", "end to end, wall clock, prefill included"),
+    ):
+        print(
+            f"{label}: transformers batch 1 {r[f'transformers_b1_{key}']:.1f} tok/s; bumblecore batch 1 "
+            f"{r[f'bumblecore_b1_{key}']:.1f} tok/s, batch 16 {r[f'bumblecore_b16_{key}']:.1f} tok/s"
+        )
         lo, hi = r[f"b1_ratio_{key}_range"]
-        print(f"  bumblecore / transformers at batch 1 = {r[f'b1_ratio_{key}']:.2f}x [rounds {lo:.2f}-{hi:.2f}] "
-              f"(goal >= 1.3x CPU, >= 3x GPU)")
+        print(
+            f"  bumblecore / transformers at batch 1 = {r[f'b1_ratio_{key}']:.2f}x [rounds {lo:.2f}-{hi:.2f}] "
+            f"(goal >= 1.3x CPU, >= 3x GPU)"
+        )
         lo, hi = r[f"b16_over_b1_{key}_range"]
-        print(f"  bumblecore batch 16 / batch 1 = {r[f'b16_over_b1_{key}']:.2f}x [rounds {lo:.2f}-{hi:.2f}] (goal >= 8x)")
+        print(
+            f"  bumblecore batch 16 / batch 1 = {r[f'b16_over_b1_{key}']:.2f}x [rounds {lo:.2f}-{hi:.2f}] (goal >= 8x)"
+        )
 
 
 if __name__ == "__main__":

@@ -64,11 +64,15 @@ def packed_batch(batch: int, seq: int, vocab: int, device, seed: int = 0) -> dic
         start, index = 0, 0
         while start < seq:
             length = min(int(torch.randint(low, high + 1, (1,), generator=generator)), seq - start)
-            segments[row, start:start + length] = index
-            positions[row, start:start + length] = torch.arange(length)
+            segments[row, start : start + length] = index
+            positions[row, start : start + length] = torch.arange(length)
             start, index = start + length, index + 1
-    return {"input_ids": ids.to(device), "labels": ids.to(device), "segment_ids": segments.to(device),
-            "position_ids": positions.to(device)}
+    return {
+        "input_ids": ids.to(device),
+        "labels": ids.to(device),
+        "segment_ids": segments.to(device),
+        "position_ids": positions.to(device),
+    }
 
 
 def model_for(preset: str, attn: str, device, layers: int | None = None, vocab: int | None = None):
@@ -131,9 +135,20 @@ def check_mfu(args, device, dtype) -> list[dict]:
             seconds = training_steps(model, data, args.steps, dtype)
             tokens_per_sec = batch * seq / seconds
             mfu = tokens_per_sec * flops_per_token(model, seq) / peak_flops(args.peak_tflops)
-            rows.append({"check": "mfu", "preset": preset, "attention": attn, "seq": seq, "micro_batch": batch,
-                         "tokens_per_sec": round(tokens_per_sec), "mfu": round(mfu, 4),
-                         "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if device.type == "cuda" else None})
+            rows.append(
+                {
+                    "check": "mfu",
+                    "preset": preset,
+                    "attention": attn,
+                    "seq": seq,
+                    "micro_batch": batch,
+                    "tokens_per_sec": round(tokens_per_sec),
+                    "mfu": round(mfu, 4),
+                    "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2)
+                    if device.type == "cuda"
+                    else None,
+                }
+            )
             print(rows[-1], flush=True)
             del model
             if device.type == "cuda":
@@ -151,7 +166,10 @@ def check_flash(args, device, dtype) -> list[dict]:
     data = packed_batch(2, 2048, model.config.vocab_size, device)
     rows = []
     with torch.no_grad():
-        for name, kwargs in (("dense", {}), ("packed", {"segment_ids": data["segment_ids"], "position_ids": data["position_ids"]})):
+        for name, kwargs in (
+            ("dense", {}),
+            ("packed", {"segment_ids": data["segment_ids"], "position_ids": data["position_ids"]}),
+        ):
             reference = model(data["input_ids"], **kwargs).float()
             model.config.attn_implementation = "flash_attn"
             for layer in model.model.layers:
@@ -160,8 +178,14 @@ def check_flash(args, device, dtype) -> list[dict]:
             model.config.attn_implementation = "sdpa"
             for layer in model.model.layers:
                 layer.self_attn.attn_implementation = "sdpa"
-            rows.append({"check": "flash", "rows": name, "max_abs_logit_diff": float((got - reference).abs().max()),
-                         "mean_abs_logit_diff": float((got - reference).abs().mean())})
+            rows.append(
+                {
+                    "check": "flash",
+                    "rows": name,
+                    "max_abs_logit_diff": float((got - reference).abs().max()),
+                    "mean_abs_logit_diff": float((got - reference).abs().mean()),
+                }
+            )
             print(rows[-1], flush=True)
     return rows
 
@@ -194,13 +218,23 @@ def check_fused_ce(args, device, dtype) -> list[dict]:
             loss = LigerFusedLinearCrossEntropyLoss()(head.weight, hidden, targets)
         loss.backward()
         sync()
-        results[name] = {"loss": float(loss), "seconds": time.perf_counter() - started,
-                         "peak_gb": torch.cuda.max_memory_allocated() / 1e9, "grad": hidden.grad.float().clone()}
+        results[name] = {
+            "loss": float(loss),
+            "seconds": time.perf_counter() - started,
+            "peak_gb": torch.cuda.max_memory_allocated() / 1e9,
+            "grad": hidden.grad.float().clone(),
+        }
     difference = float((results["chunked"]["grad"] - results["liger"]["grad"]).abs().max())
-    row = {"check": "fused_ce", "loss_chunked": results["chunked"]["loss"], "loss_liger": results["liger"]["loss"],
-           "max_grad_diff": difference, "ms_chunked": round(results["chunked"]["seconds"] * 1000, 1),
-           "ms_liger": round(results["liger"]["seconds"] * 1000, 1), "peak_gb_chunked": round(results["chunked"]["peak_gb"], 2),
-           "peak_gb_liger": round(results["liger"]["peak_gb"], 2)}
+    row = {
+        "check": "fused_ce",
+        "loss_chunked": results["chunked"]["loss"],
+        "loss_liger": results["liger"]["loss"],
+        "max_grad_diff": difference,
+        "ms_chunked": round(results["chunked"]["seconds"] * 1000, 1),
+        "ms_liger": round(results["liger"]["seconds"] * 1000, 1),
+        "peak_gb_chunked": round(results["chunked"]["peak_gb"], 2),
+        "peak_gb_liger": round(results["liger"]["peak_gb"], 2),
+    }
     print(row, flush=True)
     return [row]
 
@@ -209,14 +243,23 @@ def check_compile(args, device, dtype) -> list[dict]:
     seq, batch = (2048, 4) if not args.dry_run else (128, 1)
     rows = []
     for compiled in (False, True):
-        model = model_for("0.5B", "sdpa", device, layers=None if not args.dry_run else 2, vocab=None if not args.dry_run else 1024)
+        model = model_for(
+            "0.5B", "sdpa", device, layers=None if not args.dry_run else 2, vocab=None if not args.dry_run else 1024
+        )
         data = packed_batch(batch, seq, model.config.vocab_size, device)
         data.pop("segment_ids")  # the plain causal path: what compile is best at
         started = time.perf_counter()
         runner = torch.compile(model) if compiled else model  # attributes (lm_head) still reach the model
         seconds = training_steps(runner, data, args.steps, dtype)
-        rows.append({"check": "compile", "compiled": compiled, "step_ms": round(seconds * 1000, 1),
-                     "tokens_per_sec": round(batch * seq / seconds), "wall_s_including_compile": round(time.perf_counter() - started, 1)})
+        rows.append(
+            {
+                "check": "compile",
+                "compiled": compiled,
+                "step_ms": round(seconds * 1000, 1),
+                "tokens_per_sec": round(batch * seq / seconds),
+                "wall_s_including_compile": round(time.perf_counter() - started, 1),
+            }
+        )
         print(rows[-1], flush=True)
     return rows
 
@@ -229,35 +272,114 @@ def check_deepspeed(args, device, dtype) -> list[dict]:
     rows = []
     cuda = device.type == "cuda"
     devices = max(1, torch.cuda.device_count()) if cuda else 2
-    shape = [] if cuda else ["--hidden_size", "64", "--intermediate_size", "128", "--num_attention_heads", "4",
-                             "--num_key_value_heads", "2", "--vocab_size", "1024"]
+    shape = (
+        []
+        if cuda
+        else [
+            "--hidden_size",
+            "64",
+            "--intermediate_size",
+            "128",
+            "--num_attention_heads",
+            "4",
+            "--num_key_value_heads",
+            "2",
+            "--vocab_size",
+            "1024",
+        ]
+    )
     steps = 20 if cuda else 4
-    common = (["--train_model_precision", "bf16", "--cutoff_len", "1024"] if cuda else
-              ["--train_model_precision", "fp32", "--cutoff_len", "128", "--accelerator", "cpu"])
+    common = (
+        ["--train_model_precision", "bf16", "--cutoff_len", "1024"]
+        if cuda
+        else ["--train_model_precision", "fp32", "--cutoff_len", "128", "--accelerator", "cpu"]
+    )
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         demo = ROOT / "bumblecore" / "demo_data"
         base = [sys.executable, "-m", "bumblecore"]
-        subprocess.run(base + ["init_model", "--preset", "0.5B", "--num_hidden_layers", "4" if cuda else "2", *shape,
-                               "--tokenizer_path", str(demo / "tokenizer"), "--output_dir", str(work / "init")], check=True)
-        subprocess.run(base + ["train", "--training_stage", "pretrain", "--model_name_or_path", str(work / "init"),
-                               "--dataset_path", str(demo / "pretrain.jsonl"), "--output_dir", str(work / "base"), "--max_steps", "2",
-                               *common, "--save_steps", "1000"], check=True)
+        subprocess.run(
+            base
+            + [
+                "init_model",
+                "--preset",
+                "0.5B",
+                "--num_hidden_layers",
+                "4" if cuda else "2",
+                *shape,
+                "--tokenizer_path",
+                str(demo / "tokenizer"),
+                "--output_dir",
+                str(work / "init"),
+            ],
+            check=True,
+        )
+        subprocess.run(
+            base
+            + [
+                "train",
+                "--training_stage",
+                "pretrain",
+                "--model_name_or_path",
+                str(work / "init"),
+                "--dataset_path",
+                str(demo / "pretrain.jsonl"),
+                "--output_dir",
+                str(work / "base"),
+                "--max_steps",
+                "2",
+                *common,
+                "--save_steps",
+                "1000",
+            ],
+            check=True,
+        )
         for stage in (2, 3):
             out = work / f"z{stage}"
             started = time.perf_counter()
-            done = subprocess.run(base + ["train", "--training_stage", "sft", "--model_name_or_path", str(work / "base"),
-                                          "--dataset_path", str(demo / "sft_train.jsonl"), "--output_dir", str(out), *common,
-                                          "--max_steps", str(steps), "--save_steps", str(steps // 2),
-                                          "--devices", str(devices), "--gradient_accumulation_steps", "1",
-                                          "--deepspeed_config_path", str(ROOT / "configs" / "deepspeed" / f"ds_z{stage}_config.json")],
-                                  capture_output=True, text=True)
-            row = {"check": "deepspeed", "zero_stage": stage, "returncode": done.returncode, "seconds": round(time.perf_counter() - started, 1)}
+            done = subprocess.run(
+                base
+                + [
+                    "train",
+                    "--training_stage",
+                    "sft",
+                    "--model_name_or_path",
+                    str(work / "base"),
+                    "--dataset_path",
+                    str(demo / "sft_train.jsonl"),
+                    "--output_dir",
+                    str(out),
+                    *common,
+                    "--max_steps",
+                    str(steps),
+                    "--save_steps",
+                    str(steps // 2),
+                    "--devices",
+                    str(devices),
+                    "--gradient_accumulation_steps",
+                    "1",
+                    "--deepspeed_config_path",
+                    str(ROOT / "configs" / "deepspeed" / f"ds_z{stage}_config.json"),
+                ],
+                capture_output=True,
+                text=True,
+            )
+            row = {
+                "check": "deepspeed",
+                "zero_stage": stage,
+                "returncode": done.returncode,
+                "seconds": round(time.perf_counter() - started, 1),
+            }
             if done.returncode == 0:
                 history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
                 losses = [r["loss"] for r in history if "loss" in r]
-                row.update(devices=devices, first_loss=losses[0], last_loss=losses[-1], tokens_per_sec=round(history[-1]["tokens_per_sec"]),
-                           grad_norm=history[-1]["grad_norm"])
+                row.update(
+                    devices=devices,
+                    first_loss=losses[0],
+                    last_loss=losses[-1],
+                    tokens_per_sec=round(history[-1]["tokens_per_sec"]),
+                    grad_norm=history[-1]["grad_norm"],
+                )
                 from transformers import AutoModelForCausalLM
 
                 hf = AutoModelForCausalLM.from_pretrained(out / f"checkpoint-{steps}")
@@ -279,8 +401,14 @@ def check_decode(args, device, dtype) -> list[dict]:
     return [row]
 
 
-CHECKS = {"mfu": check_mfu, "flash": check_flash, "fused_ce": check_fused_ce, "compile": check_compile,
-          "deepspeed": check_deepspeed, "decode": check_decode}
+CHECKS = {
+    "mfu": check_mfu,
+    "flash": check_flash,
+    "fused_ce": check_fused_ce,
+    "compile": check_compile,
+    "deepspeed": check_deepspeed,
+    "decode": check_decode,
+}
 
 
 def main() -> None:
@@ -288,7 +416,9 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", choices=list(CHECKS), help="run only these checks")
     parser.add_argument("--steps", type=int, default=10, help="timed training steps per measurement")
     parser.add_argument("--micro_batch", type=int, default=2, help="rows of 4096 tokens per step for the MFU check")
-    parser.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations (bigger batches fit)")
+    parser.add_argument(
+        "--gradient_checkpointing", action="store_true", help="recompute activations (bigger batches fit)"
+    )
     parser.add_argument("--peak_tflops", type=float, default=None, help="the GPU's dense bf16 peak, if not detected")
     parser.add_argument("--dry_run", action="store_true", help="tiny shapes on the CPU: checks that the code paths run")
     parser.add_argument("--json", default=None, help="also write every result to this file")
@@ -301,9 +431,15 @@ def main() -> None:
     dtype = torch.bfloat16
     names = args.only or list(CHECKS)
     if args.dry_run:
-        names = [n for n in names if n in ("mfu", "compile", "flash", "fused_ce", "deepspeed")]  # decode has its own CPU bench
-    header = {"device": torch.cuda.get_device_name() if cuda else "cpu (dry run)", "torch": torch.__version__,
-              "date": time.strftime("%Y-%m-%d"), "peak_tflops": peak_flops(args.peak_tflops) / 1e12}
+        names = [
+            n for n in names if n in ("mfu", "compile", "flash", "fused_ce", "deepspeed")
+        ]  # decode has its own CPU bench
+    header = {
+        "device": torch.cuda.get_device_name() if cuda else "cpu (dry run)",
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "peak_tflops": peak_flops(args.peak_tflops) / 1e12,
+    }
     print(header, flush=True)
     results = [header]
     for name in names:

@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,8 +47,12 @@ def make_corpus(path: Path, megabytes: float) -> int:
 
 
 def measure(corpus: Path, workdir: Path) -> dict:
-    result = subprocess.run([sys.executable, "-c", CHILD, str(corpus), str(DEMO / "tokenizer"), str(workdir / "cache")],
-                            capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", CHILD, str(corpus), str(DEMO / "tokenizer"), str(workdir / "cache")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     stats = json.loads(result.stdout.strip().splitlines()[-1])
     stats["mb"] = corpus.stat().st_size / 1e6
     stats["mb_per_s"] = stats["mb"] / stats["seconds"]
@@ -78,9 +80,13 @@ def main() -> None:
     results = run(args.mb)
     for scale in ("1x", "4x"):
         r = results[scale]
-        print(f"{scale}: {r['mb']:.1f} MB, {r['tokens']:,} tokens in {r['seconds']:.1f}s = {r['mb_per_s']:.2f} MB/s; "
-              f"peak RSS {r['peak_mb']:.0f} MB ({r['peak_mb'] - r['before_mb']:.0f} MB above start)")
-    print(f"peak RSS 4x / 1x = {results['rss_ratio']:.3f} (goal <= 1.2); added by the build 4x / 1x = {results['added_rss_ratio']:.3f}")
+        print(
+            f"{scale}: {r['mb']:.1f} MB, {r['tokens']:,} tokens in {r['seconds']:.1f}s = {r['mb_per_s']:.2f} MB/s; "
+            f"peak RSS {r['peak_mb']:.0f} MB ({r['peak_mb'] - r['before_mb']:.0f} MB above start)"
+        )
+    print(
+        f"peak RSS 4x / 1x = {results['rss_ratio']:.3f} (goal <= 1.2); added by the build 4x / 1x = {results['added_rss_ratio']:.3f}"
+    )
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -36,18 +35,55 @@ def write_model(directory: Path) -> None:
 
     tokenizer = load_tokenizer(DEMO / "tokenizer")
     torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=-(-len(tokenizer) // 64) * 64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True)
+    config = Qwen2Config(
+        vocab_size=-(-len(tokenizer) // 64) * 64,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+    )
     Qwen2ForCausalLM(config).save_pretrained(directory)
     tokenizer.save_pretrained(str(directory))
 
 
 def train_command(model: Path, out: Path, max_steps: int, save_steps: int, resume: Path | None = None) -> list[str]:
-    command = [sys.executable, "-m", "bumblecore", "train", "--training_stage", "sft", "--model_name_or_path", str(model),
-               "--dataset_path", str(DEMO / "sft_train.jsonl"), "--output_dir", str(out), "--cutoff_len", "128",
-               "--max_steps", str(max_steps), "--train_micro_batch_size_per_gpu", "1", "--gradient_accumulation_steps", "1",
-               "--train_model_precision", "fp32", "--learning_rate", "1e-4", "--save_steps", str(save_steps),
-               "--save_total_limit", "100000", "--accelerator", "cpu", "--cache_dir", str(out.parent / "cache")]
+    command = [
+        sys.executable,
+        "-m",
+        "bumblecore",
+        "train",
+        "--training_stage",
+        "sft",
+        "--model_name_or_path",
+        str(model),
+        "--dataset_path",
+        str(DEMO / "sft_train.jsonl"),
+        "--output_dir",
+        str(out),
+        "--cutoff_len",
+        "128",
+        "--max_steps",
+        str(max_steps),
+        "--train_micro_batch_size_per_gpu",
+        "1",
+        "--gradient_accumulation_steps",
+        "1",
+        "--train_model_precision",
+        "fp32",
+        "--learning_rate",
+        "1e-4",
+        "--save_steps",
+        str(save_steps),
+        "--save_total_limit",
+        "100000",
+        "--accelerator",
+        "cpu",
+        "--cache_dir",
+        str(out.parent / "cache"),
+    ]
     if resume is not None:
         command += ["--resume_from_checkpoint", str(resume)]
     return command
@@ -112,7 +148,7 @@ def run(quick: bool = False, repeats: int | None = None) -> dict:
         train_seconds = time.perf_counter() - started
         runs = {early: [], late: []}
         for i in range(repeats):
-            for step in ((early, late) if i % 2 == 0 else (late, early)):
+            for step in (early, late) if i % 2 == 0 else (late, early):
                 runs[step].append(time_resume(work / "model", work / f"train_{step}", step, late, work))
     results = {"early_step": early, "late_step": late, "repeats": repeats, "train_seconds": train_seconds}
     for name, step in (("early", early), ("late", late)):
@@ -131,8 +167,10 @@ def main() -> None:
     r = run(args.quick, args.repeats)
     print(f"trained {r['late_step']} steps in {r['train_seconds']:.1f}s; medians of {r['repeats']} resumes each")
     for name in ("early", "late"):
-        print(f"resume from step {r[f'{name}_step']:4d}: exit after {r[f'{name}_wall_seconds']:.2f}s, "
-              f"first resumed step after {r[f'{name}_first_step_seconds']:.2f}s")
+        print(
+            f"resume from step {r[f'{name}_step']:4d}: exit after {r[f'{name}_wall_seconds']:.2f}s, "
+            f"first resumed step after {r[f'{name}_first_step_seconds']:.2f}s"
+        )
     print(f"late / early = {r['wall_ratio']:.2f}x wall, {r['first_step_ratio']:.2f}x to the first step (goal <= 1.2x)")
 
 

@@ -62,9 +62,15 @@ def bench_zero3_memory(quick):
     return importlib.import_module("zero3_memory").run(quick)
 
 
-BENCHES = {"train_sft": bench_train_sft, "generate": bench_generate, "serve": bench_serve,
-           "pretokenize": bench_pretokenize, "dpo_reference": bench_dpo_reference, "resume": bench_resume,
-           "zero3_memory": bench_zero3_memory}
+BENCHES = {
+    "train_sft": bench_train_sft,
+    "generate": bench_generate,
+    "serve": bench_serve,
+    "pretokenize": bench_pretokenize,
+    "dpo_reference": bench_dpo_reference,
+    "resume": bench_resume,
+    "zero3_memory": bench_zero3_memory,
+}
 
 
 def child(name: str, quick: bool) -> None:
@@ -88,13 +94,14 @@ def run_one(name: str, quick: bool, timeout: float) -> dict:
         tail = [l for l in done.stderr.strip().splitlines() if l.strip()][-1:] or [f"exit code {done.returncode}"]
         sys.stderr.write(done.stderr[-3000:])
         return {"failed": tail[0][:200], "bench_seconds": seconds}
-    result = json.loads(lines[-1][len("RESULT "):])
+    result = json.loads(lines[-1][len("RESULT ") :])
     result["bench_seconds"] = seconds
     return result
 
 
 def rows(results: dict) -> list[tuple]:
     """(measure, bumblecore, peer, ratio, goal, met) per goal; a failed bench gives its rows as failed."""
+
     def fmt(x, unit):
         return f"{x:,.1f} {unit}" if x < 100 else f"{x:,.0f} {unit}"
 
@@ -111,29 +118,90 @@ def rows(results: dict) -> list[tuple]:
         met = ratio >= limit if above else ratio <= limit
         out.append((measure, ours, peer, f"**{ratio:.2f}x**", goal[0], "met" if met else "**missed**"))
 
-    add("train_sft", "SFT effective tokens/s (packed vs Trainer padded)", (">= 2x", 2.0, True),
-        lambda r: (fmt(r["throughput/bumblecore"]["tokens_per_sec"], "tok/s"), fmt(r["throughput/trainer"]["tokens_per_sec"], "tok/s"),
-                   r["throughput_ratio"]))
-    add("train_sft", "peak training RSS, vocab 151,936, seq 2048 (vs Trainer)", ("<= 0.4x", 0.4, False),
-        lambda r: (fmt(r["memory/bumblecore"]["peak_rss_mb"], "MB"), fmt(r["memory/trainer"]["peak_rss_mb"], "MB"), r["memory_ratio"]))
+    add(
+        "train_sft",
+        "SFT effective tokens/s (packed vs Trainer padded)",
+        (">= 2x", 2.0, True),
+        lambda r: (
+            fmt(r["throughput/bumblecore"]["tokens_per_sec"], "tok/s"),
+            fmt(r["throughput/trainer"]["tokens_per_sec"], "tok/s"),
+            r["throughput_ratio"],
+        ),
+    )
+    add(
+        "train_sft",
+        "peak training RSS, vocab 151,936, seq 2048 (vs Trainer)",
+        ("<= 0.4x", 0.4, False),
+        lambda r: (
+            fmt(r["memory/bumblecore"]["peak_rss_mb"], "MB"),
+            fmt(r["memory/trainer"]["peak_rss_mb"], "MB"),
+            r["memory_ratio"],
+        ),
+    )
     gpu = results.get("generate", {}).get("device", "cpu").startswith("cuda")
-    add("generate", "greedy decode, batch 1 (vs transformers generate)", (">= 3x (GPU)", 3.0, True) if gpu else (">= 1.3x (CPU)", 1.3, True),
-        lambda r: (fmt(r["bumblecore_b1_step_tok_s"], "tok/s"), fmt(r["transformers_b1_step_tok_s"], "tok/s"), r["b1_ratio_step_tok_s"]))
-    add("generate", "greedy decode, batch 16 aggregate (vs our batch 1)", (">= 8x", 8.0, True),
-        lambda r: (fmt(r["bumblecore_b16_step_tok_s"], "tok/s"), fmt(r["bumblecore_b1_step_tok_s"], "tok/s"), r["b16_over_b1_step_tok_s"]))
-    add("serve", "served completion tokens/s, 16 concurrent (vs one at a time)", (">= 4x", 4.0, True),
-        lambda r: (fmt(r["concurrent_tok_s"], "tok/s"), fmt(r["sequential_tok_s"], "tok/s"), r["ratio"]))
-    add("pretokenize", "pretokenization peak RSS, 4x corpus (vs 1x)", ("<= 1.2x", 1.2, False),
-        lambda r: (fmt(r["4x"]["peak_mb"], "MB"), fmt(r["1x"]["peak_mb"], "MB"), r["rss_ratio"]))
-    add("resume", "resume start-up to exit, late step (vs early step)", ("<= 1.2x", 1.2, False),
-        lambda r: (f"{r['late_wall_seconds']:.2f} s (step {r['late_step']})", f"{r['early_wall_seconds']:.2f} s (step {r['early_step']})",
-                   r["wall_ratio"]))
+    add(
+        "generate",
+        "greedy decode, batch 1 (vs transformers generate)",
+        (">= 3x (GPU)", 3.0, True) if gpu else (">= 1.3x (CPU)", 1.3, True),
+        lambda r: (
+            fmt(r["bumblecore_b1_step_tok_s"], "tok/s"),
+            fmt(r["transformers_b1_step_tok_s"], "tok/s"),
+            r["b1_ratio_step_tok_s"],
+        ),
+    )
+    add(
+        "generate",
+        "greedy decode, batch 16 aggregate (vs our batch 1)",
+        (">= 8x", 8.0, True),
+        lambda r: (
+            fmt(r["bumblecore_b16_step_tok_s"], "tok/s"),
+            fmt(r["bumblecore_b1_step_tok_s"], "tok/s"),
+            r["b16_over_b1_step_tok_s"],
+        ),
+    )
+    add(
+        "serve",
+        "served completion tokens/s, 16 concurrent (vs one at a time)",
+        (">= 4x", 4.0, True),
+        lambda r: (fmt(r["concurrent_tok_s"], "tok/s"), fmt(r["sequential_tok_s"], "tok/s"), r["ratio"]),
+    )
+    add(
+        "pretokenize",
+        "pretokenization peak RSS, 4x corpus (vs 1x)",
+        ("<= 1.2x", 1.2, False),
+        lambda r: (fmt(r["4x"]["peak_mb"], "MB"), fmt(r["1x"]["peak_mb"], "MB"), r["rss_ratio"]),
+    )
+    add(
+        "resume",
+        "resume start-up to exit, late step (vs early step)",
+        ("<= 1.2x", 1.2, False),
+        lambda r: (
+            f"{r['late_wall_seconds']:.2f} s (step {r['late_step']})",
+            f"{r['early_wall_seconds']:.2f} s (step {r['early_step']})",
+            r["wall_ratio"],
+        ),
+    )
     # The issue sets no figure for DPO; cached reference log-probs should at least not be slower.
-    add("dpo_reference", "DPO step time, cached reference (vs live reference)", ("<= 1x (no goal set; not slower)", 1.0, False),
-        lambda r: (f"{r['cached']['step_seconds'] * 1000:,.0f} ms", f"{r['live']['step_seconds'] * 1000:,.0f} ms", r["step_time_ratio"]))
-    add("zero3_memory", "per-rank peak RSS, ZeRO-3 on 2 CPU processes (vs one process)", ("<= 0.6x", 0.6, False),
-        lambda r: (f"{max(r['zero3_peak_rss_mb']):,.0f} MB ({r['parameters'] / 1e6:.0f}M params)",
-                   f"{r['one_process_peak_rss_mb']:,.0f} MB", r["ratio"]))
+    add(
+        "dpo_reference",
+        "DPO step time, cached reference (vs live reference)",
+        ("<= 1x (no goal set; not slower)", 1.0, False),
+        lambda r: (
+            f"{r['cached']['step_seconds'] * 1000:,.0f} ms",
+            f"{r['live']['step_seconds'] * 1000:,.0f} ms",
+            r["step_time_ratio"],
+        ),
+    )
+    add(
+        "zero3_memory",
+        "per-rank peak RSS, ZeRO-3 on 2 CPU processes (vs one process)",
+        ("<= 0.6x", 0.6, False),
+        lambda r: (
+            f"{max(r['zero3_peak_rss_mb']):,.0f} MB ({r['parameters'] / 1e6:.0f}M params)",
+            f"{r['one_process_peak_rss_mb']:,.0f} MB",
+            r["ratio"],
+        ),
+    )
     return out
 
 
@@ -147,18 +215,22 @@ def machine() -> str:
     except (OSError, StopIteration):
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{os.cpu_count()} CPUs ({cpu}), {gpu}; Python {platform.python_version()}, torch {torch.__version__}, "
-            f"transformers {transformers.__version__}")
+    return (
+        f"{os.cpu_count()} CPUs ({cpu}), {gpu}; Python {platform.python_version()}, torch {torch.__version__}, "
+        f"transformers {transformers.__version__}"
+    )
 
 
 def table(results: dict, quick: bool, seconds: float) -> str:
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    lines = [f"Generated by `python bench/run_all.py{' --quick' if quick else ''}` on {stamp}, {machine()}. "
-             f"{'Quick mode (fewer steps and samples, noisier). ' if quick else ''}Wall time {seconds / 60:.1f} min; "
-             f"per bench: " + ", ".join(f"{n} {r.get('bench_seconds', 0):.0f} s" for n, r in results.items()) + ".",
-             "",
-             "| measure | bumblecore | peer | ratio | goal | |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"Generated by `python bench/run_all.py{' --quick' if quick else ''}` on {stamp}, {machine()}. "
+        f"{'Quick mode (fewer steps and samples, noisier). ' if quick else ''}Wall time {seconds / 60:.1f} min; "
+        f"per bench: " + ", ".join(f"{n} {r.get('bench_seconds', 0):.0f} s" for n, r in results.items()) + ".",
+        "",
+        "| measure | bumblecore | peer | ratio | goal | |",
+        "|---|---|---|---|---|---|",
+    ]
     lines += ["| " + " | ".join(row) + " |" for row in rows(results)]
     return "\n".join(lines)
 
@@ -167,7 +239,7 @@ def write_doc(text: str) -> None:
     doc = DOC.read_text(encoding="utf-8")
     block = f"{BEGIN}\n{text}\n{END}"
     if BEGIN in doc and END in doc:
-        doc = doc[: doc.index(BEGIN)] + block + doc[doc.index(END) + len(END):]
+        doc = doc[: doc.index(BEGIN)] + block + doc[doc.index(END) + len(END) :]
     else:  # first run: a Summary section after the intro paragraph
         head, sep, rest = doc.partition("\n## ")
         doc = head.rstrip() + "\n\n## Summary\n\n" + block + "\n\n" + sep.lstrip("\n") + rest
@@ -179,9 +251,15 @@ def main() -> None:
     if len(sys.argv) > 2 and sys.argv[1] == "--child":
         child(sys.argv[2], "--quick" in sys.argv[3:])
         return
-    parser = argparse.ArgumentParser(description="run every benchmark and rewrite the summary table in docs/BENCHMARKS.md")
-    parser.add_argument("--quick", action="store_true", help="each bench in its quick mode (under 10 min on 2 CPU cores)")
-    parser.add_argument("--only", nargs="*", choices=list(BENCHES), help="a subset (the table marks the rest 'not run')")
+    parser = argparse.ArgumentParser(
+        description="run every benchmark and rewrite the summary table in docs/BENCHMARKS.md"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="each bench in its quick mode (under 10 min on 2 CPU cores)"
+    )
+    parser.add_argument(
+        "--only", nargs="*", choices=list(BENCHES), help="a subset (the table marks the rest 'not run')"
+    )
     parser.add_argument("--no-write", action="store_true", help="print the table, leave docs/BENCHMARKS.md alone")
     args = parser.parse_args()
     started = time.perf_counter()
@@ -190,7 +268,10 @@ def main() -> None:
         print(f"[run_all] {name} ...", flush=True)
         results[name] = run_one(name, args.quick, timeout=420 if args.quick else 3600)
         r = results[name]
-        print(f"[run_all] {name}: {'failed: ' + r['failed'] if 'failed' in r else 'done'} in {r.get('bench_seconds', 0):.0f} s", flush=True)
+        print(
+            f"[run_all] {name}: {'failed: ' + r['failed'] if 'failed' in r else 'done'} in {r.get('bench_seconds', 0):.0f} s",
+            flush=True,
+        )
     text = table(results, args.quick, time.perf_counter() - started)
     print(text)
     if not args.no_write:

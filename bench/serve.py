@@ -36,17 +36,31 @@ def build_model(directory: Path) -> None:
 
     tokenizer = load_tokenizer(ROOT / "bumblecore" / "demo_data" / "tokenizer")
     torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=-(-len(tokenizer) // 64) * 64, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
-                         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True)
+    config = Qwen2Config(
+        vocab_size=-(-len(tokenizer) // 64) * 64,
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+    )
     Qwen2ForCausalLM(config).save_pretrained(directory)
     tokenizer.save_pretrained(str(directory))
 
 
 def stream_one(url: str, index: int, max_tokens: int) -> int:
     """One streaming request; returns its completion tokens (from the usage chunk)."""
-    body = {"model": "bumblebee", "messages": [{"role": "user", "content": f"Request {index}: tell me about bees."}],
-            "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
-            "stream_options": {"include_usage": True}}
+    body = {
+        "model": "bumblebee",
+        "messages": [{"role": "user", "content": f"Request {index}: tell me about bees."}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     tokens = 0
     with requests.post(url + "/v1/chat/completions", json=body, stream=True, timeout=300) as reply:
         reply.raise_for_status()
@@ -70,7 +84,9 @@ def measure(url: str, clients: int, max_tokens: int, at_once: bool) -> tuple[flo
     return seconds, sum(counts)
 
 
-def run(quick: bool = False, clients: int | None = None, max_tokens: int | None = None, repeats: int | None = None) -> dict:
+def run(
+    quick: bool = False, clients: int | None = None, max_tokens: int | None = None, repeats: int | None = None
+) -> dict:
     """Sequential vs concurrent completion tokens/s; --quick defaults: 8 clients, 16 tokens, one run."""
     clients = clients or (8 if quick else 16)
     max_tokens = max_tokens or (16 if quick else 64)
@@ -81,9 +97,26 @@ def run(quick: bool = False, clients: int | None = None, max_tokens: int | None 
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        process = subprocess.Popen([sys.executable, "-m", "bumblecore", "serve", "--model_path", str(model_dir), "--port", str(port),
-                                    "--max_batch_size", str(clients), "--log_level", "warning"],
-                                   cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "bumblecore",
+                "serve",
+                "--model_path",
+                str(model_dir),
+                "--port",
+                str(port),
+                "--max_batch_size",
+                str(clients),
+                "--log_level",
+                "warning",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         try:
             wait_until_healthy(url, lambda: process.poll() is None, timeout=180)
             measure(url, 2, 8, at_once=False)  # warm-up
@@ -96,23 +129,34 @@ def run(quick: bool = False, clients: int | None = None, max_tokens: int | None 
             except subprocess.TimeoutExpired:
                 process.kill()
     tokens = clients * max_tokens
-    return {"clients": clients, "max_tokens": max_tokens, "repeats": repeats, "sequential_seconds": sequential,
-            "concurrent_seconds": together, "sequential_tok_s": tokens / sequential, "concurrent_tok_s": tokens / together,
-            "ratio": sequential / together}
+    return {
+        "clients": clients,
+        "max_tokens": max_tokens,
+        "repeats": repeats,
+        "sequential_seconds": sequential,
+        "concurrent_seconds": together,
+        "sequential_tok_s": tokens / sequential,
+        "concurrent_tok_s": tokens / together,
+        "ratio": sequential / together,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--clients", type=int, default=None, help="default 16 (quick 8)")
     parser.add_argument("--max_tokens", type=int, default=None, help="default 64 (quick 16)")
-    parser.add_argument("--repeats", type=int, default=None, help="runs of each mode; the best is reported (default 3, quick 1)")
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="runs of each mode; the best is reported (default 3, quick 1)"
+    )
     parser.add_argument("--quick", action="store_true", help="8 clients, 16 tokens, one run")
     args = parser.parse_args()
     r = run(args.quick, args.clients, args.max_tokens, args.repeats)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads default")
     print(f"{r['clients']} requests x {r['max_tokens']} tokens (streaming, greedy, ignore_eos), best of {r['repeats']}")
     print(f"one at a time: {r['sequential_seconds']:.2f} s, {r['sequential_tok_s']:.1f} completion tokens/s")
-    print(f"{r['clients']} concurrent: {r['concurrent_seconds']:.2f} s, {r['concurrent_tok_s']:.1f} completion tokens/s")
+    print(
+        f"{r['clients']} concurrent: {r['concurrent_seconds']:.2f} s, {r['concurrent_tok_s']:.1f} completion tokens/s"
+    )
     print(f"ratio: {r['ratio']:.2f}x (goal: >= 4x with the defaults, 16 clients x 64 tokens)")
 
 

@@ -28,7 +28,9 @@ DEMO = ROOT / "bumblecore" / "demo_data"
 VOCAB = 151936
 
 
-def write_model(directory: Path, hidden_size: int = 128, intermediate_size: int = 512, num_hidden_layers: int = 2) -> None:
+def write_model(
+    directory: Path, hidden_size: int = 128, intermediate_size: int = 512, num_hidden_layers: int = 2
+) -> None:
     """A random Qwen2-shaped model at the 151,936-token vocabulary, with the demo tokenizer."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -36,9 +38,17 @@ def write_model(directory: Path, hidden_size: int = 128, intermediate_size: int 
     from bumblecore.tokenizer import load_tokenizer
 
     torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=VOCAB, hidden_size=hidden_size, intermediate_size=intermediate_size,
-                         num_hidden_layers=num_hidden_layers, num_attention_heads=4, num_key_value_heads=2,
-                         tie_word_embeddings=True, max_position_embeddings=4096, pad_token_id=0)
+    config = Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        max_position_embeddings=4096,
+        pad_token_id=0,
+    )
     Qwen2ForCausalLM(config).save_pretrained(directory)
     load_tokenizer(DEMO / "tokenizer").save_pretrained(directory)
 
@@ -53,8 +63,8 @@ def write_data(directory: Path, samples: int, long: bool) -> Path:
         else:
             stories = [json.loads(l)["text"] for l in open(DEMO / "pretrain.jsonl", encoding="utf-8")]
             for i in range(samples):
-                text = " ".join(stories[i * 40:(i + 1) * 40])
-                f.write(json.dumps({"instruction": text[: len(text) // 2], "output": text[len(text) // 2:]}) + "\n")
+                text = " ".join(stories[i * 40 : (i + 1) * 40])
+                f.write(json.dumps({"instruction": text[: len(text) // 2], "output": text[len(text) // 2 :]}) + "\n")
     return path
 
 
@@ -64,10 +74,37 @@ def write_data(directory: Path, samples: int, long: bool) -> Path:
 def run_bumblecore(model: str, data: str, out: str, micro: int, cutoff: int) -> dict:
     from bumblecore.cli import main
 
-    main(["train", "--training_stage", "sft", "--model_name_or_path", model, "--dataset_path", data, "--output_dir", out,
-          "--cutoff_len", str(cutoff), "--num_epochs", "1", "--train_micro_batch_size_per_gpu", str(micro),
-          "--gradient_accumulation_steps", "1", "--train_model_precision", "fp32", "--learning_rate", "1e-4",
-          "--save_steps", "100000", "--accelerator", "cpu", "--cache_dir", str(Path(out) / "cache")])
+    main(
+        [
+            "train",
+            "--training_stage",
+            "sft",
+            "--model_name_or_path",
+            model,
+            "--dataset_path",
+            data,
+            "--output_dir",
+            out,
+            "--cutoff_len",
+            str(cutoff),
+            "--num_epochs",
+            "1",
+            "--train_micro_batch_size_per_gpu",
+            str(micro),
+            "--gradient_accumulation_steps",
+            "1",
+            "--train_model_precision",
+            "fp32",
+            "--learning_rate",
+            "1e-4",
+            "--save_steps",
+            "100000",
+            "--accelerator",
+            "cpu",
+            "--cache_dir",
+            str(Path(out) / "cache"),
+        ]
+    )
     history = [json.loads(l) for l in open(Path(out) / "metrics.jsonl")]
     history = history[1:] if len(history) > 1 else history  # the first step pays one-time warm-up
     tokens = sum(r["tokens"] for r in history)
@@ -93,9 +130,11 @@ def run_trainer(model: str, data: str, out: str, micro: int, cutoff: int) -> dic
     def collate(batch):
         width = max(len(r["input_ids"]) for r in batch)
         pad = lambda seq, value: seq + [value] * (width - len(seq))  # noqa: E731
-        return {"input_ids": torch.tensor([pad(r["input_ids"], 0) for r in batch]),
-                "labels": torch.tensor([pad(r["labels"], -100) for r in batch]),
-                "attention_mask": torch.tensor([pad([1] * len(r["input_ids"]), 0) for r in batch])}
+        return {
+            "input_ids": torch.tensor([pad(r["input_ids"], 0) for r in batch]),
+            "labels": torch.tensor([pad(r["labels"], -100) for r in batch]),
+            "attention_mask": torch.tensor([pad([1] * len(r["input_ids"]), 0) for r in batch]),
+        }
 
     class StepTimer(TrainerCallback):
         durations: list = []
@@ -106,17 +145,35 @@ def run_trainer(model: str, data: str, out: str, micro: int, cutoff: int) -> dic
         def on_step_end(self, args, state, control, **kwargs):
             StepTimer.durations.append(time.perf_counter() - self.started)
 
-    args = TrainingArguments(output_dir=out, per_device_train_batch_size=micro, num_train_epochs=1, learning_rate=1e-4,
-                             use_cpu=True, report_to=[], save_strategy="no", logging_strategy="no", dataloader_num_workers=0,
-                             remove_unused_columns=False)
-    trainer = Trainer(model=AutoModelForCausalLM.from_pretrained(model, torch_dtype=torch.float32), args=args,
-                      train_dataset=rows, data_collator=collate, callbacks=[StepTimer()])
+    args = TrainingArguments(
+        output_dir=out,
+        per_device_train_batch_size=micro,
+        num_train_epochs=1,
+        learning_rate=1e-4,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+    )
+    trainer = Trainer(
+        model=AutoModelForCausalLM.from_pretrained(model, torch_dtype=torch.float32),
+        args=args,
+        train_dataset=rows,
+        data_collator=collate,
+        callbacks=[StepTimer()],
+    )
     trainer.train()
     # As for bumblecore, the first step (one-time warm-up) is left out. The random sampler's order is
     # not recorded, so the timed steps' tokens are the epoch's tokens pro rata (exact in expectation).
     timed = StepTimer.durations[1:] or StepTimer.durations
     total = sum(len(r["input_ids"]) for r in rows)
-    return {"tokens": total * len(timed) / len(StepTimer.durations), "seconds": sum(timed), "steps": len(StepTimer.durations)}
+    return {
+        "tokens": total * len(timed) / len(StepTimer.durations),
+        "seconds": sum(timed),
+        "steps": len(StepTimer.durations),
+    }
 
 
 def child(which: str, model: str, data: str, out: str, micro: int, cutoff: int) -> None:
@@ -133,7 +190,7 @@ def measure(which: str, model: Path, data: Path, work: Path, micro: int, cutoff:
     if done.returncode != 0:
         raise RuntimeError(f"{which} failed:\n{done.stderr[-3000:]}")
     line = [l for l in done.stdout.splitlines() if l.startswith("RESULT ")][-1]
-    result = json.loads(line[len("RESULT "):])
+    result = json.loads(line[len("RESULT ") :])
     result["tokens_per_sec"] = result["tokens"] / result["seconds"]
     return result
 
@@ -149,7 +206,9 @@ def run(quick: bool = False) -> dict:
         for which in ("bumblecore", "trainer"):
             results[f"throughput/{which}"] = measure(which, model, short, work / "t", micro=8, cutoff=1024)
             results[f"memory/{which}"] = measure(which, model, long, work / "m", micro=1, cutoff=2048)
-    results["throughput_ratio"] = results["throughput/bumblecore"]["tokens_per_sec"] / results["throughput/trainer"]["tokens_per_sec"]
+    results["throughput_ratio"] = (
+        results["throughput/bumblecore"]["tokens_per_sec"] / results["throughput/trainer"]["tokens_per_sec"]
+    )
     results["memory_ratio"] = results["memory/bumblecore"]["peak_rss_mb"] / results["memory/trainer"]["peak_rss_mb"]
     return results
 
@@ -165,10 +224,14 @@ def main() -> None:
     results = run(args.quick)
     for key in ("throughput/bumblecore", "throughput/trainer", "memory/bumblecore", "memory/trainer"):
         r = results[key]
-        print(f"{key:24s} {r['tokens']:>8,.0f} tokens in {r['seconds']:7.2f}s of steps = {r['tokens_per_sec']:8.0f} tok/s, "
-              f"{r['steps']} steps, peak RSS {r['peak_rss_mb']:.0f} MB")
+        print(
+            f"{key:24s} {r['tokens']:>8,.0f} tokens in {r['seconds']:7.2f}s of steps = {r['tokens_per_sec']:8.0f} tok/s, "
+            f"{r['steps']} steps, peak RSS {r['peak_rss_mb']:.0f} MB"
+        )
     print(f"effective tokens/s bumblecore / Trainer = {results['throughput_ratio']:.2f}x (goal >= 2x)")
-    print(f"peak memory bumblecore / Trainer at vocab {VOCAB}, seq 2048 = {results['memory_ratio']:.2f}x (goal <= 0.4x)")
+    print(
+        f"peak memory bumblecore / Trainer at vocab {VOCAB}, seq 2048 = {results['memory_ratio']:.2f}x (goal <= 0.4x)"
+    )
 
 
 if __name__ == "__main__":

@@ -27,8 +27,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "bumblecore" / "demo_data"
-SHAPE = dict(hidden_size=1024, num_hidden_layers=24, intermediate_size=2816, num_attention_heads=16,
-             num_key_value_heads=4, vocab_size=32000)
+SHAPE = dict(
+    hidden_size=1024,
+    num_hidden_layers=24,
+    intermediate_size=2816,
+    num_attention_heads=16,
+    num_key_value_heads=4,
+    vocab_size=32000,
+)
 QUICK_SHAPE = dict(SHAPE, num_hidden_layers=8)
 PRECISION = "bf16"
 
@@ -47,11 +53,35 @@ def write_model(directory: Path, shape: dict) -> int:
 
 
 def train(model: Path, out: Path, steps: int, extra: list[str], env: dict | None = None) -> tuple[list[float], float]:
-    command = [sys.executable, "-m", "bumblecore", "train", "--training_stage", "continue_pretrain",
-               "--model_name_or_path", str(model), "--dataset_path", str(DEMO / "pretrain.jsonl"), "--output_dir", str(out),
-               "--cutoff_len", "128", "--max_steps", str(steps), "--train_micro_batch_size_per_gpu", "1",
-               "--train_model_precision", PRECISION, "--save_steps", str(steps * 10), "--accelerator", "cpu",
-               "--cache_dir", str(out.parent / "cache"), *extra]
+    command = [
+        sys.executable,
+        "-m",
+        "bumblecore",
+        "train",
+        "--training_stage",
+        "continue_pretrain",
+        "--model_name_or_path",
+        str(model),
+        "--dataset_path",
+        str(DEMO / "pretrain.jsonl"),
+        "--output_dir",
+        str(out),
+        "--cutoff_len",
+        "128",
+        "--max_steps",
+        str(steps),
+        "--train_micro_batch_size_per_gpu",
+        "1",
+        "--train_model_precision",
+        PRECISION,
+        "--save_steps",
+        str(steps * 10),
+        "--accelerator",
+        "cpu",
+        "--cache_dir",
+        str(out.parent / "cache"),
+        *extra,
+    ]
     started = time.perf_counter()
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env={**os.environ, **(env or {})})
     seconds = time.perf_counter() - started
@@ -72,12 +102,32 @@ def run(quick: bool = False, steps: int = 2, trim_malloc: bool = False) -> dict:
         work = Path(tmp)
         parameters = write_model(work / "model", shape)
         one, one_seconds = train(work / "model", work / "one", steps, ["--gradient_accumulation_steps", "2"], env)
-        zero3, zero3_seconds = train(work / "model", work / "zero3", steps,
-                                     ["--gradient_accumulation_steps", "1", "--devices", "2",
-                                      "--deepspeed_config_path", str(ROOT / "configs" / "deepspeed" / "ds_z3_config.json")], env)
-    return {"parameters": parameters, "steps": steps, "one_process_peak_rss_mb": one[0], "zero3_peak_rss_mb": zero3,
-            "ratio": max(zero3) / one[0], "one_process_seconds": one_seconds, "zero3_seconds": zero3_seconds,
-            "fp32_states_mb": parameters * 16 / 2**20, "trim_malloc": trim_malloc, "precision": PRECISION}
+        zero3, zero3_seconds = train(
+            work / "model",
+            work / "zero3",
+            steps,
+            [
+                "--gradient_accumulation_steps",
+                "1",
+                "--devices",
+                "2",
+                "--deepspeed_config_path",
+                str(ROOT / "configs" / "deepspeed" / "ds_z3_config.json"),
+            ],
+            env,
+        )
+    return {
+        "parameters": parameters,
+        "steps": steps,
+        "one_process_peak_rss_mb": one[0],
+        "zero3_peak_rss_mb": zero3,
+        "ratio": max(zero3) / one[0],
+        "one_process_seconds": one_seconds,
+        "zero3_seconds": zero3_seconds,
+        "fp32_states_mb": parameters * 16 / 2**20,
+        "trim_malloc": trim_malloc,
+        "precision": PRECISION,
+    }
 
 
 def main() -> None:
@@ -87,11 +137,15 @@ def main() -> None:
     parser.add_argument("--trim_malloc", action="store_true", help="fixed glibc malloc thresholds in both runs")
     args = parser.parse_args()
     r = run(args.quick, args.steps, args.trim_malloc)
-    print(f"model: {r['parameters'] / 1e6:.0f}M parameters, {r['precision']}; fp32 weights + gradients + Adam = "
-          f"{r['fp32_states_mb']:,.0f} MB; fixed malloc thresholds: {r['trim_malloc']}")
+    print(
+        f"model: {r['parameters'] / 1e6:.0f}M parameters, {r['precision']}; fp32 weights + gradients + Adam = "
+        f"{r['fp32_states_mb']:,.0f} MB; fixed malloc thresholds: {r['trim_malloc']}"
+    )
     print(f"one process: peak RSS {r['one_process_peak_rss_mb']:,.0f} MB ({r['one_process_seconds']:.0f}s)")
-    print(f"ZeRO-3, 2 processes: peak RSS per rank {', '.join(f'{v:,.0f} MB' for v in r['zero3_peak_rss_mb'])} "
-          f"({r['zero3_seconds']:.0f}s)")
+    print(
+        f"ZeRO-3, 2 processes: peak RSS per rank {', '.join(f'{v:,.0f} MB' for v in r['zero3_peak_rss_mb'])} "
+        f"({r['zero3_seconds']:.0f}s)"
+    )
     print(f"worst rank / one process = {r['ratio']:.2f}x (goal <= 0.6x)")
 
 

@@ -227,25 +227,33 @@ class TrainArgs:
         # not ignored: a run given a reference model should not silently train without it.
         loss = preference.pref_loss
         if preference.ref_model_path:
-            raise ValueError(f"ref_model_path is set, but pref_loss {loss} uses no reference model; "
-                             "drop ref_model_path, or use pref_loss sigmoid or ipo")
+            raise ValueError(
+                f"ref_model_path is set, but pref_loss {loss} uses no reference model; "
+                "drop ref_model_path, or use pref_loss sigmoid or ipo"
+            )
         if preference.dpo_label_smoothing:
             raise ValueError(f"dpo_label_smoothing (conservative DPO) is for pref_loss sigmoid, not {loss}")
         if preference.ld_alpha != 1.0:
-            raise ValueError(f"ld_alpha (LD-DPO) weighs summed log-probs; pref_loss {loss} already uses per-token means")
+            raise ValueError(
+                f"ld_alpha (LD-DPO) weighs summed log-probs; pref_loss {loss} already uses per-token means"
+            )
         if loss == "orpo" and preference.sft_weight:
-            raise ValueError("pref_loss orpo already includes the chosen response's NLL (weight 1); leave sft_weight at 0 "
-                             "and weigh the odds-ratio term with pref_beta")
+            raise ValueError(
+                "pref_loss orpo already includes the chosen response's NLL (weight 1); leave sft_weight at 0 "
+                "and weigh the odds-ratio term with pref_beta"
+            )
 
     @classmethod
-    def from_flat(cls, **values) -> "TrainArgs":
+    def from_flat(cls, **values) -> TrainArgs:
         """A run from the original's flat keys (Python values, as a YAML file would give them)."""
         groups = {}
         for name, group in group_types(cls).items():
             names = {f.name for f in dataclasses.fields(group)}
             renamed = {old: new for old, new in getattr(group, "aliases", {}).items() if old in values}
-            groups[name] = group(**{key: values[key] for key in names if key in values},
-                                 **{new: values[old] for old, new in renamed.items()})
+            groups[name] = group(
+                **{key: values[key] for key in names if key in values},
+                **{new: values[old] for old, new in renamed.items()},
+            )
             values = {k: v for k, v in values.items() if k not in names and k not in renamed}
         if values:
             raise TypeError(f"unknown keys: {', '.join(sorted(values))}")
@@ -295,7 +303,13 @@ class SamplingArgs:
 
     def __post_init__(self) -> None:
         # NaN fails every comparison: it is refused too.
-        if not (0 <= self.temperature <= 100 and 0 < self.top_p <= 1 and self.top_k >= 0
-                and MIN_REPETITION_PENALTY <= self.repetition_penalty <= 10):
-            raise ValueError(f"expected 0 <= temperature <= 100, 0 < top_p <= 1, top_k >= 0 and "
-                             f"{MIN_REPETITION_PENALTY} <= repetition_penalty <= 10")
+        if not (
+            0 <= self.temperature <= 100
+            and 0 < self.top_p <= 1
+            and self.top_k >= 0
+            and MIN_REPETITION_PENALTY <= self.repetition_penalty <= 10
+        ):
+            raise ValueError(
+                f"expected 0 <= temperature <= 100, 0 < top_p <= 1, top_k >= 0 and "
+                f"{MIN_REPETITION_PENALTY} <= repetition_penalty <= 10"
+            )

@@ -16,16 +16,43 @@ import sys
 
 # name -> (module:function, one-line summary shown by `bumblecore --help`)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("bumblecore.train.run:train", "train a model: pretrain, continue_pretrain, sft or dpo; full or LoRA (flat YAML keys)"),
-    "init_model": ("bumblecore.model.init:init_model", "write a model dir (config.json + tokenizer, no weights) for pretraining from scratch"),
-    "train_tokenizer": ("bumblecore.tokenizer:train_tokenizer", "train a byte-level BPE tokenizer with the ChatML specials and chat template"),
-    "generate": ("bumblecore.inference.commands:generate", "generate text from a model (stdout: the text; stderr: tokens/s)"),
+    "train": (
+        "bumblecore.train.run:train",
+        "train a model: pretrain, continue_pretrain, sft or dpo; full or LoRA (flat YAML keys)",
+    ),
+    "init_model": (
+        "bumblecore.model.init:init_model",
+        "write a model dir (config.json + tokenizer, no weights) for pretraining from scratch",
+    ),
+    "train_tokenizer": (
+        "bumblecore.tokenizer:train_tokenizer",
+        "train a byte-level BPE tokenizer with the ChatML specials and chat template",
+    ),
+    "generate": (
+        "bumblecore.inference.commands:generate",
+        "generate text from a model (stdout: the text; stderr: tokens/s)",
+    ),
     "chat": ("bumblecore.inference.commands:chat", "terminal chat that streams replies (/clear, /exit)"),
-    "serve": ("bumblecore.inference.serve:serve", "OpenAI-compatible API (/v1/chat/completions, streaming, batched) and a web chat page"),
-    "merge_lora": ("bumblecore.model.lora:merge_lora", "merge a LoRA adapter into its base and save a full model, checked against the unmerged one"),
-    "inspect_data": ("bumblecore.data.commands:inspect_data", "validate a dataset and show how samples are tokenized and which tokens are trained"),
-    "prepare_data": ("bumblecore.data.commands:prepare_data", "tokenize a run's datasets into the token cache ahead of training"),
-    "demo": ("bumblecore.demo:demo", "the whole pipeline on the shipped demo data: pretrain -> SFT -> DPO -> merge -> evaluate"),
+    "serve": (
+        "bumblecore.inference.serve:serve",
+        "OpenAI-compatible API (/v1/chat/completions, streaming, batched) and a web chat page",
+    ),
+    "merge_lora": (
+        "bumblecore.model.lora:merge_lora",
+        "merge a LoRA adapter into its base and save a full model, checked against the unmerged one",
+    ),
+    "inspect_data": (
+        "bumblecore.data.commands:inspect_data",
+        "validate a dataset and show how samples are tokenized and which tokens are trained",
+    ),
+    "prepare_data": (
+        "bumblecore.data.commands:prepare_data",
+        "tokenize a run's datasets into the token cache ahead of training",
+    ),
+    "demo": (
+        "bumblecore.demo:demo",
+        "the whole pipeline on the shipped demo data: pretrain -> SFT -> DPO -> merge -> evaluate",
+    ),
 }
 
 
@@ -36,7 +63,10 @@ def load_command(name: str):
 
 
 def print_usage(stream=sys.stdout) -> None:
-    print("usage: bumblecore <command> [--config FILE.yaml] [--key value ...] [--flag] [--print_config] [--help]\n", file=stream)
+    print(
+        "usage: bumblecore <command> [--config FILE.yaml] [--key value ...] [--flag] [--print_config] [--help]\n",
+        file=stream,
+    )
     print("commands:", file=stream)
     width = max(len(name) for name in COMMANDS)
     for name, (_, summary) in COMMANDS.items():
@@ -69,7 +99,10 @@ def _parameter_types(function) -> dict[str, object]:
     import inspect
 
     hints = _type_hints(function)
-    return {name: hints.get(name, parameter.annotation) for name, parameter in inspect.signature(function).parameters.items()}
+    return {
+        name: hints.get(name, parameter.annotation)
+        for name, parameter in inspect.signature(function).parameters.items()
+    }
 
 
 def option_paths(function) -> tuple[dict[str, object], dict[str, str]]:
@@ -125,8 +158,9 @@ def flat_options(function) -> dict[str, object]:
 def _is_bool(annotation) -> bool:
     import typing
 
-    return annotation is bool or (typing.get_origin(annotation) is typing.Union
-                                  and set(typing.get_args(annotation)) == {bool, type(None)})
+    return annotation is bool or (
+        typing.get_origin(annotation) is typing.Union and set(typing.get_args(annotation)) == {bool, type(None)}
+    )
 
 
 def _is_list(annotation) -> bool:
@@ -280,7 +314,9 @@ class _Spelled:
         """` (did you mean 'learning_rate'?)`: the closest option, spelled as `name` is (flat or grouped)."""
         import difflib
 
-        options = [tail for tail, path in self.spellings.items() if path in self.options and tail.count(".") == name.count(".")]
+        options = [
+            tail for tail, path in self.spellings.items() if path in self.options and tail.count(".") == name.count(".")
+        ]
         close = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
         return f" (did you mean {close[0]!r}?)" if close else ""
 
@@ -293,8 +329,9 @@ class _Spelled:
         if path not in self.options:
             return ValueError(str(err).strip().replace("\n", " "))
         where, value = self.given.get(path, ("config", None))
-        return ValueError(f"{where}: key {self.flat.get(path, path)!r} expects {_type_name(self.options[path])}, "
-                          f"got {value!r}")
+        return ValueError(
+            f"{where}: key {self.flat.get(path, path)!r} expects {_type_name(self.options[path])}, got {value!r}"
+        )
 
 
 def flat_values(values: dict) -> dict:
@@ -324,10 +361,17 @@ def parse_grouped(name: str, function, args: list[str]) -> tuple[dict, bool]:
         from_files.update(spelled.file_values(_read_yaml(file), file))
     command_line = spelled.command_line(rest)
     description = (function.__doc__ or "").strip().split("\n")[0]
-    parser = ArgumentParser(prog=f"bumblecore {name}", exit_on_error=False, description=(
-        f"{description}\n\nEvery key below also takes its flat name (its last part), on the command line "
-        "(--key value) and in YAML files (key: value), as --print_config writes them; --yaml_config F is --config F."))
-    parser.add_argument("--config", action="config", help="YAML file of flat (or grouped) keys; the command line overrides it")
+    parser = ArgumentParser(
+        prog=f"bumblecore {name}",
+        exit_on_error=False,
+        description=(
+            f"{description}\n\nEvery key below also takes its flat name (its last part), on the command line "
+            "(--key value) and in YAML files (key: value), as --print_config writes them; --yaml_config F is --config F."
+        ),
+    )
+    parser.add_argument(
+        "--config", action="config", help="YAML file of flat (or grouped) keys; the command line overrides it"
+    )
     parser.add_function_arguments(function, as_group=False)
     nested: dict = {}
     for path, value in from_files.items():
@@ -386,7 +430,7 @@ def main(argv: list[str] | None = None) -> None:
         if os.environ.get("BUMBLECORE_DEBUG"):
             raise
         print(f"bumblecore {name}: error: {err}", file=sys.stderr)
-        raise SystemExit(1)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

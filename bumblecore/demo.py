@@ -29,13 +29,31 @@ DEMO_DATA = PACKAGE / "demo_data"
 DEMO_CONFIGS = PACKAGE / "demo_configs"
 
 # The demo model: Qwen2.5-shaped, ~3M parameters at the demo tokenizer's vocabulary (768).
-MODEL_SHAPE = dict(num_hidden_layers=4, hidden_size=256, intermediate_size=768, num_attention_heads=4,
-                   num_key_value_heads=2, vocab_size=768)
+MODEL_SHAPE = dict(
+    num_hidden_layers=4,
+    hidden_size=256,
+    intermediate_size=768,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=768,
+)
 # On a GPU the same pipeline with a wider, deeper model (~25M parameters), in bf16.
-GPU_SHAPE = dict(num_hidden_layers=8, hidden_size=512, intermediate_size=1536, num_attention_heads=8,
-                 num_key_value_heads=2, vocab_size=768)
-QUICK_SHAPE = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                   num_key_value_heads=2, vocab_size=768)
+GPU_SHAPE = dict(
+    num_hidden_layers=8,
+    hidden_size=512,
+    intermediate_size=1536,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    vocab_size=768,
+)
+QUICK_SHAPE = dict(
+    num_hidden_layers=2,
+    hidden_size=64,
+    intermediate_size=128,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=768,
+)
 
 
 def stage_config(name: str, output_dir: Path, model: Path, device: str, quick: bool, **overrides) -> dict:
@@ -48,8 +66,13 @@ def stage_config(name: str, output_dir: Path, model: Path, device: str, quick: b
         elif key in config:
             config[key] = str(DEMO_DATA / config[key])
     # The demo owns its stage directories: a rerun (full or --quick) replaces the previous one's outputs.
-    config.update(model_name_or_path=str(model), output_dir=str(output_dir / name), accelerator=device,
-                  cache_dir=str(output_dir / "token_cache"), overwrite_output_dir=True)
+    config.update(
+        model_name_or_path=str(model),
+        output_dir=str(output_dir / name),
+        accelerator=device,
+        cache_dir=str(output_dir / "token_cache"),
+        overwrite_output_dir=True,
+    )
     if device == "cuda":
         config["train_model_precision"] = "bf16"
     if quick:
@@ -69,7 +92,9 @@ def run_stage(config: dict) -> list[dict]:
     file.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     arguments, _ = parse_grouped("train", train, ["--config", str(file)])
     train(**arguments)
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [
+        json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()
+    ]
 
 
 # ---------------------------------------------------------------------------- measurements
@@ -92,8 +117,10 @@ def exact_match(model_dir, questions: list[dict], device: str, batch_size: int =
     engine = GenerationEngine(model, tokenizer, max_batch_size=batch_size, max_len=256, eos_token_ids=eos)
     prompts = [render_prompt(tokenizer, [{"role": "user", "content": q["instruction"]}]) for q in questions]
     results = engine.generate(prompts, SamplingParams(max_new_tokens=24))
-    answers = [{"question": q["instruction"], "expected": q["output"], "answer": r["text"].strip()}
-               for q, r in zip(questions, results)]
+    answers = [
+        {"question": q["instruction"], "expected": q["output"], "answer": r["text"].strip()}
+        for q, r in zip(questions, results)
+    ]
     from bumblecore.train.metrics import exact_match as exact_match_score
 
     return exact_match_score([a["answer"] for a in answers], [a["expected"] for a in answers]), answers
@@ -102,14 +129,16 @@ def exact_match(model_dir, questions: list[dict], device: str, batch_size: int =
 @torch.no_grad()
 def preferred_rate(model_dir, cache_dir: Path, device: str) -> float:
     """Share of dpo_eval pairs whose chosen answer has a higher log-probability than the rejected one."""
+    from bumblecore.args import DataArgs
     from bumblecore.data.commands import dataset_units
     from bumblecore.data.loader import eval_batches
     from bumblecore.inference.loading import load_for_inference
-    from bumblecore.args import DataArgs
     from bumblecore.train.dpo import response_token_logps
 
     model, tokenizer, _ = load_for_inference(str(model_dir), dtype="float32", device_map=device)
-    data = DataArgs(dataset_path=str(DEMO_DATA / "dpo_eval.jsonl"), cutoff_len=256, cache_dir=str(cache_dir), packing=False)
+    data = DataArgs(
+        dataset_path=str(DEMO_DATA / "dpo_eval.jsonl"), cutoff_len=256, cache_dir=str(cache_dir), packing=False
+    )
     _, units = dataset_units(data, "dpo", 42, tokenizer, data.dataset_path, progress=False)
     preferred, device = 0, next(model.parameters()).device
     for batch in eval_batches(units, 32, tokenizer.pad_token_id or 0, packing=False):
@@ -123,7 +152,9 @@ def preferred_rate(model_dir, cache_dir: Path, device: str) -> float:
 # ---------------------------------------------------------------------------- the command
 
 
-def demo(output_dir: str = "checkpoints/demo", device: str = "cpu", quick: bool = False, eval_questions: int = 200) -> dict:
+def demo(
+    output_dir: str = "checkpoints/demo", device: str = "cpu", quick: bool = False, eval_questions: int = 200
+) -> dict:
     """Run the whole pipeline on the shipped demo data: init -> pretrain -> SFT -> DPO (LoRA) -> merge -> evaluate.
 
     Writes each stage's output under output_dir (init/, pretrain/, sft/, dpo/, dpo_merged/), their
@@ -156,8 +187,15 @@ def demo(output_dir: str = "checkpoints/demo", device: str = "cpu", quick: bool 
         return result
 
     shape = QUICK_SHAPE if quick else GPU_SHAPE if device == "cuda" else MODEL_SHAPE
-    timed("init", init_model, preset="0.5B", tokenizer_path=str(DEMO_DATA / "tokenizer"), output_dir=str(out / "init"),
-          torch_dtype="float32", **shape)
+    timed(
+        "init",
+        init_model,
+        preset="0.5B",
+        tokenizer_path=str(DEMO_DATA / "tokenizer"),
+        output_dir=str(out / "init"),
+        torch_dtype="float32",
+        **shape,
+    )
     pretrain = timed("pretrain", run_stage, stage_config("pretrain", out, out / "init", device, quick))
     evals = [r["eval/loss"] for r in pretrain if "eval/loss" in r]
     before_sft, _ = timed("exact match (pretrained base)", exact_match, out / "pretrain", questions, device)
@@ -165,7 +203,13 @@ def demo(output_dir: str = "checkpoints/demo", device: str = "cpu", quick: bool 
     after_sft, _ = timed("exact match (sft)", exact_match, out / "sft", questions, device)
     preferred_before = timed("preferred rate (sft)", preferred_rate, out / "sft", out / "token_cache", device)
     dpo = timed("dpo", run_stage, stage_config("dpo", out, out / "sft", device, quick))
-    timed("merge", merge_lora, base_model_path=str(out / "sft"), lora_model_path=str(out / "dpo"), save_path=str(out / "dpo_merged"))
+    timed(
+        "merge",
+        merge_lora,
+        base_model_path=str(out / "sft"),
+        lora_model_path=str(out / "dpo"),
+        save_path=str(out / "dpo_merged"),
+    )
     preferred_after = timed("preferred rate (dpo)", preferred_rate, out / "dpo_merged", out / "token_cache", device)
     final_match, answers = timed("exact match (dpo)", exact_match, out / "dpo_merged", questions, device)
     dpo_evals = [r for r in dpo if "eval/rewards/accuracies" in r]
@@ -173,9 +217,12 @@ def demo(output_dir: str = "checkpoints/demo", device: str = "cpu", quick: bool 
     report = {
         "pretrain": {"eval_loss_start": evals[0], "eval_loss_end": evals[-1]},
         "sft": {"exact_match_before": before_sft, "exact_match_after": after_sft, "questions": len(questions)},
-        "dpo": {"reward_accuracy": dpo_evals[-1]["eval/rewards/accuracies"] if dpo_evals else None,
-                "preferred_rate_before": preferred_before, "preferred_rate_after": preferred_after,
-                "exact_match_after": final_match},
+        "dpo": {
+            "reward_accuracy": dpo_evals[-1]["eval/rewards/accuracies"] if dpo_evals else None,
+            "preferred_rate_before": preferred_before,
+            "preferred_rate_after": preferred_after,
+            "exact_match_after": final_match,
+        },
         "seconds": round(time.perf_counter() - started, 1),
         "stage_seconds": timings,
         "samples": answers[:5],
@@ -190,10 +237,14 @@ def print_summary(report: dict, out: Path) -> None:
     fall = 1 - p["eval_loss_end"] / p["eval_loss_start"]
     print("\n===== BumbleCore demo: summary =====")
     print(f"pretrain  eval loss {p['eval_loss_start']:.3f} -> {p['eval_loss_end']:.3f} ({fall:.0%} lower)")
-    print(f"sft       held-out exact match {s['exact_match_before']:.2f} -> {s['exact_match_after']:.2f} ({s['questions']} questions)")
+    print(
+        f"sft       held-out exact match {s['exact_match_before']:.2f} -> {s['exact_match_after']:.2f} ({s['questions']} questions)"
+    )
     accuracy = "n/a" if d["reward_accuracy"] is None else f"{d['reward_accuracy']:.2f}"
-    print(f"dpo       eval reward accuracy {accuracy}; preferred rate {d['preferred_rate_before']:.2f} -> "
-          f"{d['preferred_rate_after']:.2f}; exact match after DPO {d['exact_match_after']:.2f}")
+    print(
+        f"dpo       eval reward accuracy {accuracy}; preferred rate {d['preferred_rate_before']:.2f} -> "
+        f"{d['preferred_rate_after']:.2f}; exact match after DPO {d['exact_match_after']:.2f}"
+    )
     for sample in report["samples"][:3]:
         print(f"  Q: {sample['question']}\n  A: {sample['answer']}   (expected: {sample['expected']})")
     print(f"total {report['seconds']:.0f}s; outputs and demo_report.json in {out}")

@@ -7,12 +7,12 @@ one with its own keeps it (docs/DATA_FORMAT.md, "The chat template and the mask 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Union
 
 # The chat format (ChatML and its tokens) lives with its renderer, in one module.
-from bumblecore.data.template import (  # noqa: E402  (re-exported: the public names of the tokenizer module)
-    CHAT_TEMPLATE, CHATML_TOKENS, DEFAULT_SYSTEM_PROMPT, ENDOFTEXT, IM_END, IM_START)
+from bumblecore.data.template import CHAT_TEMPLATE, CHATML_TOKENS, ENDOFTEXT, IM_END  # noqa: E402  (re-exported: the public names of the tokenizer module)
 
 SPECIAL_TOKENS = CHATML_TOKENS
 
@@ -62,7 +62,8 @@ def check_fits_model(tokenizer, model_dir: Union[str, Path], tokenizer_dir: Unio
         raise ValueError(
             f"tokenizer {source} has {max(len(tokenizer), largest + 1)} tokens but the model "
             f"({config_file}) has vocab_size {vocab_size}: ids >= {vocab_size} have no embedding. "
-            "Use the tokenizer the model was trained with, or resize the model's embeddings first.")
+            "Use the tokenizer the model was trained with, or resize the model's embeddings first."
+        )
 
 
 def _strings_in(value) -> Iterator[str]:
@@ -184,15 +185,19 @@ def train_tokenizer(
 
     minimum = 256 + len(SPECIAL_TOKENS)
     if vocab_size < minimum:
-        raise ValueError(f"vocab_size {vocab_size} is too small: the 256 byte symbols and {len(SPECIAL_TOKENS)} special tokens need {minimum}")
+        raise ValueError(
+            f"vocab_size {vocab_size} is too small: the 256 byte symbols and {len(SPECIAL_TOKENS)} special tokens need {minimum}"
+        )
     files = _corpus_files(corpus)
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.normalizer = normalizers.NFC()
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -218,5 +223,7 @@ def train_tokenizer(
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     wrapped.save_pretrained(output_dir)
     _make_portable(Path(output_dir))
-    print(f"trained a byte-level BPE tokenizer: {len(wrapped)} tokens (asked for {vocab_size}) from {len(files)} file(s), saved to {output_dir}")
+    print(
+        f"trained a byte-level BPE tokenizer: {len(wrapped)} tokens (asked for {vocab_size}) from {len(files)} file(s), saved to {output_dir}"
+    )
     return output_dir

@@ -26,10 +26,44 @@ import json
 import random
 from pathlib import Path
 
-ANIMALS = ["fox", "bee", "cat", "dog", "owl", "frog", "bear", "deer", "duck", "goat", "wolf", "hare", "mole", "crow", "swan", "lion"]
+ANIMALS = [
+    "fox",
+    "bee",
+    "cat",
+    "dog",
+    "owl",
+    "frog",
+    "bear",
+    "deer",
+    "duck",
+    "goat",
+    "wolf",
+    "hare",
+    "mole",
+    "crow",
+    "swan",
+    "lion",
+]
 COLOURS = ["red", "blue", "green", "gold", "gray", "pink", "black", "white", "brown", "purple"]
 PLACES = ["river", "forest", "hill", "garden", "lake", "meadow", "village", "valley", "field", "cave"]
-OBJECTS = ["apple", "stone", "leaf", "basket", "flower", "book", "lamp", "honey", "bell", "cup", "kite", "shell", "seed", "key", "ring", "map"]
+OBJECTS = [
+    "apple",
+    "stone",
+    "leaf",
+    "basket",
+    "flower",
+    "book",
+    "lamp",
+    "honey",
+    "bell",
+    "cup",
+    "kite",
+    "shell",
+    "seed",
+    "key",
+    "ring",
+    "map",
+]
 VERBS = ["saw", "found", "carried", "painted", "hid", "dropped", "shared", "counted", "kept", "lost"]
 ADJECTIVES = ["small", "big", "old", "quiet", "happy", "brave", "tiny", "kind", "lazy", "clever"]
 NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
@@ -42,13 +76,17 @@ def story(rng: random.Random) -> str:
     sentences = []
     for _ in range(rng.randint(3, 7)):
         a, b = rng.sample(ANIMALS, 2)
-        sentences.append(rng.choice([
-            f"The {rng.choice(ADJECTIVES)} {a} {rng.choice(VERBS)} a {rng.choice(COLOURS)} {rng.choice(OBJECTS)} near the {rng.choice(PLACES)}.",
-            f"In the {rng.choice(PLACES)}, the {a} and the {b} {rng.choice(VERBS)} {rng.randint(2, 9)} {rng.choice(OBJECTS)}s.",
-            f"Every morning the {a} walks to the {rng.choice(PLACES)} to find a {rng.choice(OBJECTS)}.",
-            f"The {a} said to the {b}: \"My {rng.choice(OBJECTS)} is {rng.choice(COLOURS)}.\"",
-            f"When the sky turned {rng.choice(COLOURS)}, the {rng.choice(ADJECTIVES)} {a} went home to the {rng.choice(PLACES)}.",
-        ]))
+        sentences.append(
+            rng.choice(
+                [
+                    f"The {rng.choice(ADJECTIVES)} {a} {rng.choice(VERBS)} a {rng.choice(COLOURS)} {rng.choice(OBJECTS)} near the {rng.choice(PLACES)}.",
+                    f"In the {rng.choice(PLACES)}, the {a} and the {b} {rng.choice(VERBS)} {rng.randint(2, 9)} {rng.choice(OBJECTS)}s.",
+                    f"Every morning the {a} walks to the {rng.choice(PLACES)} to find a {rng.choice(OBJECTS)}.",
+                    f'The {a} said to the {b}: "My {rng.choice(OBJECTS)} is {rng.choice(COLOURS)}."',
+                    f"When the sky turned {rng.choice(COLOURS)}, the {rng.choice(ADJECTIVES)} {a} went home to the {rng.choice(PLACES)}.",
+                ]
+            )
+        )
     return " ".join(sentences)
 
 
@@ -86,11 +124,13 @@ def prose_fact(rng: random.Random) -> str:
     listed = " ".join(words)
     name = rng.choice(list(KINDS))
     n = sum(w in KINDS[name] for w in words)
-    return rng.choice([
-        f"There are {NUMBER_WORDS[len(words)]} words in \"{listed}\".",
-        f"There are {NUMBER_WORDS[n]} {name} in \"{listed}\".",
-        f"In \"{listed}\" there {'is one of the' if n else 'is none of the'} {name}.",
-    ])
+    return rng.choice(
+        [
+            f'There are {NUMBER_WORDS[len(words)]} words in "{listed}".',
+            f'There are {NUMBER_WORDS[n]} {name} in "{listed}".',
+            f'In "{listed}" there {"is one of the" if n else "is none of the"} {name}.',
+        ]
+    )
 
 
 def write_jsonl(path: Path, records: list[dict]) -> None:
@@ -143,19 +183,27 @@ def make(out: Path, seed: int = 1234, vocab_size: int = 768) -> None:
         dialogues.append({"conversations": [{"from": "system", "value": SYSTEM}] + turns})
     write_jsonl(out / "sft_multiturn.jsonl", dialogues)
 
-    tool = {"name": "count_words", "description": "Count the words of a text",
-            "parameters": {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}}
+    tool = {
+        "name": "count_words",
+        "description": "Count the words of a text",
+        "parameters": {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]},
+    }
     tool_calls = []
     for _ in range(40):
         words = fresh_list()
         listed = " ".join(words)
         call = json.dumps({"name": "count_words", "arguments": {"text": listed}})
-        tool_calls.append({"conversations": [
-            {"from": "human", "value": f"Use the tool to count the words of: {listed}"},
-            {"from": "function_call", "value": call},
-            {"from": "observation", "value": json.dumps({"count": len(words)})},
-            {"from": "gpt", "value": f"There are {NUMBER_WORDS[len(words)]} words."},
-        ], "tools": json.dumps([tool])})
+        tool_calls.append(
+            {
+                "conversations": [
+                    {"from": "human", "value": f"Use the tool to count the words of: {listed}"},
+                    {"from": "function_call", "value": call},
+                    {"from": "observation", "value": json.dumps({"count": len(words)})},
+                    {"from": "gpt", "value": f"There are {NUMBER_WORDS[len(words)]} words."},
+                ],
+                "tools": json.dumps([tool]),
+            }
+        )
     write_jsonl(out / "sft_toolcall.jsonl", tool_calls)
 
     def pairs(n: int) -> list[dict]:
@@ -170,7 +218,16 @@ def make(out: Path, seed: int = 1234, vocab_size: int = 768) -> None:
 
     from bumblecore.tokenizer import train_tokenizer
 
-    corpus = [str(out / name) for name in ("pretrain.jsonl", "sft_train.jsonl", "sft_multiturn.jsonl", "sft_toolcall.jsonl", "dpo_train.jsonl")]
+    corpus = [
+        str(out / name)
+        for name in (
+            "pretrain.jsonl",
+            "sft_train.jsonl",
+            "sft_multiturn.jsonl",
+            "sft_toolcall.jsonl",
+            "dpo_train.jsonl",
+        )
+    ]
     train_tokenizer(corpus, vocab_size=vocab_size, output_dir=str(out / "tokenizer"))
 
 

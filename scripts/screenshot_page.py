@@ -27,8 +27,16 @@ def tiny_random_model(directory: Path) -> None:
 
     tokenizer = load_tokenizer(ROOT / "bumblecore" / "demo_data" / "tokenizer")
     torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=-(-len(tokenizer) // 64) * 64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2, max_position_embeddings=1024)
+    config = Qwen2Config(
+        vocab_size=-(-len(tokenizer) // 64) * 64,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        initializer_range=0.2,
+        max_position_embeddings=1024,
+    )
     Qwen2ForCausalLM(config).save_pretrained(directory)
     tokenizer.save_pretrained(str(directory))
 
@@ -68,8 +76,12 @@ def main() -> None:
                     element.send_keys(value, Keys.TAB)
                 for question in QUESTIONS:
                     driver.find_element(By.ID, "input").send_keys(question, Keys.ENTER)
-                    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".message.assistant")) >= 1
-                               and not d.find_elements(By.CSS_SELECTOR, ".message.streaming"))
+                    wait.until(
+                        lambda d: (
+                            len(d.find_elements(By.CSS_SELECTOR, ".message.assistant")) >= 1
+                            and not d.find_elements(By.CSS_SELECTOR, ".message.streaming")
+                        )
+                    )
                     time.sleep(0.3)
                 driver.find_element(By.ID, "input").send_keys("再问一个问题…")
                 driver.save_screenshot(args.output)

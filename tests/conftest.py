@@ -8,7 +8,6 @@ import shutil
 import tempfile
 
 import pytest
-
 from tiny import DEMO_TOKENIZER, make_tiny_model, write_tiny_checkpoint
 
 
@@ -21,9 +20,19 @@ def pytest_configure(config):
 def pytest_unconfigure(config):
     shutil.rmtree(os.environ.pop("BUMBLECORE_CACHE", ""), ignore_errors=True)
 
+
 SUBJECTS = ["The bee", "A small model", "The teacher", "My friend", "The engine", "蜜蜂", "小模型", "老师"]
 VERBS = ["reads", "writes", "trains on", "counts", "learns from", "喜欢", "学习", "计算"]
-OBJECTS = ["the data.", "a long story!", "42 tokens?", "the answer: 7", "花园里的花。", "一本书，很好。", "🐝 and 🚀", "numbers 1, 2, 3"]
+OBJECTS = [
+    "the data.",
+    "a long story!",
+    "42 tokens?",
+    "the answer: 7",
+    "花园里的花。",
+    "一本书，很好。",
+    "🐝 and 🚀",
+    "numbers 1, 2, 3",
+]
 
 
 def corpus_lines():
@@ -75,5 +84,5 @@ def tiny_model():
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint():
-    """write_tiny_checkpoint, as a fixture: `tiny_checkpoint(out_dir, vocab_size=None) -> out_dir`."""
+    """write_tiny_checkpoint, as a fixture: `tiny_checkpoint(out_dir, vocab_size=None, max_position_embeddings=4096) -> out_dir`."""
     return write_tiny_checkpoint

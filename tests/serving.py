@@ -5,8 +5,9 @@ import socket
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Optional
 
 from bumblecore.inference.serve import BumbleServer
 from bumblecore.inference.serve_settings import ServeSettings
@@ -19,13 +20,19 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_server(model_path: str, port: Optional[int] = None, startup_timeout: float = 180, **options) -> Iterator[str]:
+def running_server(
+    model_path: str, port: Optional[int] = None, startup_timeout: float = 180, **options
+) -> Iterator[str]:
     """Serve from a background thread of this process; yields the base URL and shuts everything
     down (HTTP server, worker process) on exit. `options` are ServeSettings fields."""
     port = port or free_port()
     server = BumbleServer(ServeSettings(model_path, **options))
-    thread = threading.Thread(target=server.run, name="bumblecore-serve", daemon=True,
-                              kwargs=dict(host=server.settings.host, port=port, log_level="warning"))
+    thread = threading.Thread(
+        target=server.run,
+        name="bumblecore-serve",
+        daemon=True,
+        kwargs=dict(host=server.settings.host, port=port, log_level="warning"),
+    )
     thread.start()
     url = f"http://127.0.0.1:{port}"
     try:

@@ -6,7 +6,12 @@ import pytest
 import torch
 
 from bumblecore.train.checkpoint import (
-    complete_checkpoints, resolve_resume_dir, restore_rng_state, rng_state, rotate_checkpoints, save_checkpoint,
+    complete_checkpoints,
+    resolve_resume_dir,
+    restore_rng_state,
+    rng_state,
+    rotate_checkpoints,
+    save_checkpoint,
 )
 from bumblecore.train.monitor import Monitor, ema, read_history
 
@@ -60,7 +65,17 @@ def test_rng_state_round_trip():
 def test_monitor_writes_history_and_plots(tmp_path):
     monitor = Monitor(tmp_path, use_tensorboard=True, save_train_log=True)
     for step in range(1, 6):
-        monitor.log({"step": step, "epoch": step / 5, "loss": 2.0 / step, "lr": 1e-3, "grad_norm": 1.0, "tokens": 100, "tokens_per_sec": 50.0})
+        monitor.log(
+            {
+                "step": step,
+                "epoch": step / 5,
+                "loss": 2.0 / step,
+                "lr": 1e-3,
+                "grad_norm": 1.0,
+                "tokens": 100,
+                "tokens_per_sec": 50.0,
+            }
+        )
     monitor.log({"step": 5, "eval/loss": 0.7})
     monitor.log({"step": 5, "rewards/accuracies": 0.75})
     monitor.close()

@@ -40,7 +40,10 @@ def test_init_model_preset_equals_transformers(tmp_path, tokenizer_dir):
     assert load_tokenizer(out).chat_template  # tokenizer travels with the model dir
     generation = json.loads((out / "generation_config.json").read_text())
     tok = load_tokenizer(tokenizer_dir)
-    assert set(generation["eos_token_id"]) == {tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")}
+    assert set(generation["eos_token_id"]) == {
+        tok.convert_tokens_to_ids("<|im_end|>"),
+        tok.convert_tokens_to_ids("<|endoftext|>"),
+    }
     with torch.device("meta"):
         hf = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(out))
         ours = Bumblebee(BumblebeeConfig.from_preset("0.5B"))
@@ -49,14 +52,27 @@ def test_init_model_preset_equals_transformers(tmp_path, tokenizer_dir):
 
 def test_config_file_overrides_and_print_config(tmp_path, tokenizer_dir):
     config = tmp_path / "init.yaml"
-    config.write_text(yaml.safe_dump({"preset": "0.5B", "tokenizer_path": str(tokenizer_dir), "output_dir": str(tmp_path / "m"),
-                                      "num_hidden_layers": 3, "vocab_size": 1024}))
-    printed = run_cli("init_model", "--config", config, "--hidden_size", 128, "--num_attention_heads", 4, "--print_config")
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "preset": "0.5B",
+                "tokenizer_path": str(tokenizer_dir),
+                "output_dir": str(tmp_path / "m"),
+                "num_hidden_layers": 3,
+                "vocab_size": 1024,
+            }
+        )
+    )
+    printed = run_cli(
+        "init_model", "--config", config, "--hidden_size", 128, "--num_attention_heads", 4, "--print_config"
+    )
     assert printed.returncode == 0, printed.stderr
     resolved = yaml.safe_load(printed.stdout)
     assert resolved["num_hidden_layers"] == 3 and resolved["hidden_size"] == 128  # file, then command line
     assert not (tmp_path / "m").exists()  # --print_config only prints
-    made = run_cli("init_model", "--config", config, "--hidden_size", 128, "--num_attention_heads", 4, "--num_key_value_heads", 2)
+    made = run_cli(
+        "init_model", "--config", config, "--hidden_size", 128, "--num_attention_heads", 4, "--num_key_value_heads", 2
+    )
     assert made.returncode == 0, made.stderr
     raw = json.loads((tmp_path / "m" / "config.json").read_text())
     assert (raw["num_hidden_layers"], raw["hidden_size"], raw["vocab_size"]) == (3, 128, 1024)
@@ -65,7 +81,17 @@ def test_config_file_overrides_and_print_config(tmp_path, tokenizer_dir):
 
 
 def test_tokenizer_larger_than_vocab_is_a_clear_error(tmp_path, tokenizer_dir):
-    result = run_cli("init_model", "--preset", "0.5B", "--tokenizer_path", tokenizer_dir, "--output_dir", tmp_path / "m", "--vocab_size", 64)
+    result = run_cli(
+        "init_model",
+        "--preset",
+        "0.5B",
+        "--tokenizer_path",
+        tokenizer_dir,
+        "--output_dir",
+        tmp_path / "m",
+        "--vocab_size",
+        64,
+    )
     assert result.returncode == 1
     assert "vocab_size is 64" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "m").exists()
@@ -80,8 +106,15 @@ def test_train_tokenizer_command_takes_several_files(tmp_path, corpus_files):
 
 
 def test_public_api_forward(tmp_path):
-    cfg = BumblebeeConfig.from_preset("0.5B", num_hidden_layers=2, hidden_size=64, intermediate_size=128,
-                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
+    cfg = BumblebeeConfig.from_preset(
+        "0.5B",
+        num_hidden_layers=2,
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+    )
     model = Bumblebee(cfg)
     logits = model(torch.randint(0, 128, (2, 5)))
     assert logits.shape == (2, 5, 128)
@@ -104,8 +137,12 @@ def _required(function):
     import inspect
 
     groups = option_groups(function)  # a group of options (train's run) is given by its keys, each with a default
-    return [a for name, p in inspect.signature(function).parameters.items()
-            if p.default is inspect.Parameter.empty and name not in groups for a in (f"--{name}", "x")]
+    return [
+        a
+        for name, p in inspect.signature(function).parameters.items()
+        if p.default is inspect.Parameter.empty and name not in groups
+        for a in (f"--{name}", "x")
+    ]
 
 
 def _other_option(function) -> tuple[str, object]:
@@ -134,7 +171,7 @@ def test_every_boolean_option_takes_the_bare_form(monkeypatch, name):
     def parsed(*argv):
         calls.clear()
         cli.main([name, *_required(function), *map(str, argv)])
-        (args, kwargs), = calls
+        ((args, kwargs),) = calls
         return flat_values(kwargs)  # train's run opened up into its flat keys
 
     other, value = _other_option(function)
@@ -143,8 +180,13 @@ def test_every_boolean_option_takes_the_bare_form(monkeypatch, name):
         values = parsed(*argv)
         assert all(values[flag] is True for flag in flags), argv
         assert values[other] == value
-    forms = [(["--{}=true"], True), (["--{}=false"], False), (["--{}", "false"], False), (["--{}", "true"], True),
-             (["--{}"], True)]
+    forms = [
+        (["--{}=true"], True),
+        (["--{}=false"], False),
+        (["--{}", "false"], False),
+        (["--{}", "true"], True),
+        (["--{}"], True),
+    ]
     for turn in range(len(forms)):  # every written form on every flag
         argv, expected = [], {}
         for i, flag in enumerate(flags):
@@ -164,14 +206,18 @@ def test_bare_flags_beside_lists_and_print_config(tmp_path, capsys):
             assert stop.code in (None, 0)
         return yaml.safe_load(capsys.readouterr().out)
 
-    resolved = printed("generate", "--model_path", "m", "--prompt", "hi", "--stop", "a", "b", "--ignore_eos", "--do_sample")
+    resolved = printed(
+        "generate", "--model_path", "m", "--prompt", "hi", "--stop", "a", "b", "--ignore_eos", "--do_sample"
+    )
     assert resolved["stop"] == ["a", "b"] and resolved["ignore_eos"] is True and resolved["do_sample"] is True
     assert resolved["trust_remote_code"] is False
     resolved = printed("init_model", "--tie_word_embeddings", "--attention_bias", "null")
     assert resolved["tie_word_embeddings"] is True and resolved["attention_bias"] is None  # Optional[bool] keeps null
     config = tmp_path / "run.yaml"
     config.write_text("packing: false\nsave_last: false\n")
-    resolved = printed("train", "--config", config, "--packing", "--lora_target_modules", "q_proj", "v_proj", "--save_last")
+    resolved = printed(
+        "train", "--config", config, "--packing", "--lora_target_modules", "q_proj", "v_proj", "--save_last"
+    )
     assert resolved["packing"] is True and resolved["save_last"] is True  # the command line over the file
     assert resolved["lora_target_modules"] == ["q_proj", "v_proj"]
 
@@ -181,15 +227,31 @@ def test_a_list_option_given_null_or_empty_means_none(capsys):
     from bumblecore.cli import gather_list_values
 
     for value in ("null", "None", ""):
-        assert gather_list_values(print, ["--eval_dataset_path", value, "--x", "1"], {"eval_dataset_path"}) == \
-            ["--eval_dataset_path", "null", "--x", "1"]
-    main(["train", "--dataset_path", "d.jsonl", "--model_name_or_path", "m", "--eval_dataset_path", "null", "--print_config"])
+        assert gather_list_values(print, ["--eval_dataset_path", value, "--x", "1"], {"eval_dataset_path"}) == [
+            "--eval_dataset_path",
+            "null",
+            "--x",
+            "1",
+        ]
+    main(
+        [
+            "train",
+            "--dataset_path",
+            "d.jsonl",
+            "--model_name_or_path",
+            "m",
+            "--eval_dataset_path",
+            "null",
+            "--print_config",
+        ]
+    )
     assert yaml.safe_load(capsys.readouterr().out)["eval_dataset_path"] is None
 
 
 def test_train_keys_flat_or_grouped_give_the_same_run(tmp_path, capsys):
     """Flat keys (the original's), grouped ones and the full path name the same settings, in files and
     on the command line; YAML 1.1's string `5e-5` is the float it means."""
+
     def printed(*argv):
         capsys.readouterr()
         main(["train", *map(str, argv), "--print_config"])
@@ -197,17 +259,34 @@ def test_train_keys_flat_or_grouped_give_the_same_run(tmp_path, capsys):
 
     flat, grouped = tmp_path / "flat.yaml", tmp_path / "grouped.yaml"
     flat.write_text("learning_rate: 5e-5\nlora_rank: 8\nlabel_smoothing: 0.1\ndataset_path: [a.jsonl, b.jsonl]\n")
-    grouped.write_text("optimization:\n  learning_rate: 5e-5\nlora: {lora_rank: 8}\npreference: {label_smoothing: 0.1}\n"
-                       "data: {dataset_path: [a.jsonl, b.jsonl]}\n")
+    grouped.write_text(
+        "optimization:\n  learning_rate: 5e-5\nlora: {lora_rank: 8}\npreference: {label_smoothing: 0.1}\n"
+        "data: {dataset_path: [a.jsonl, b.jsonl]}\n"
+    )
     from_flat = printed("--config", flat)
     assert from_flat["learning_rate"] == 5e-5 and isinstance(from_flat["learning_rate"], float)
     assert from_flat["lora_rank"] == 8 and from_flat["dpo_label_smoothing"] == 0.1
     assert printed("--config", grouped) == from_flat
-    assert printed("--optimization.learning_rate", "5e-5", "--lora.lora_rank", "8", "--run.preference.dpo_label_smoothing",
-                   "0.1", "--dataset_path", "a.jsonl", "b.jsonl") == from_flat
+    assert (
+        printed(
+            "--optimization.learning_rate",
+            "5e-5",
+            "--lora.lora_rank",
+            "8",
+            "--run.preference.dpo_label_smoothing",
+            "0.1",
+            "--dataset_path",
+            "a.jsonl",
+            "b.jsonl",
+        )
+        == from_flat
+    )
     with pytest.raises(SystemExit):
         main(["train", "--optimization.learnig_rate", "1"])
-    assert "unknown option --optimization.learnig_rate (did you mean 'optimization.learning_rate'?)" in capsys.readouterr().err
+    assert (
+        "unknown option --optimization.learnig_rate (did you mean 'optimization.learning_rate'?)"
+        in capsys.readouterr().err
+    )
 
 
 def test_train_help_shows_every_key_with_its_docstring():
@@ -251,19 +330,59 @@ def test_sampling_options_flat_or_grouped_with_each_commands_defaults(name, tmp_
 
     defaults = _printed(capsys, name, "--model_path", "m")
     assert {key: defaults[key] for key in SAMPLING_COMMANDS[name]} == SAMPLING_COMMANDS[name]
-    assert (defaults["temperature"], defaults["top_k"], defaults["top_p"], defaults["repetition_penalty"]) == (1.0, 0, 1.0, 1.0)
-    flat = _printed(capsys, name, "--model_path", "m", "--max_new_tokens", 24, "--do_sample", "--temperature", 0.9,
-                    "--top_p", 0.9, "--top_k", 20, "--repetition_penalty", 1.1)
-    grouped = _printed(capsys, name, "--model_path", "m", "--sampling.max_new_tokens", 24, "--sampling.do_sample", "true",
-                       "--sampling.temperature", 0.9, "--sampling.top_p", 0.9, "--sampling.top_k", 20,
-                       "--sampling.repetition_penalty", 1.1)
+    assert (defaults["temperature"], defaults["top_k"], defaults["top_p"], defaults["repetition_penalty"]) == (
+        1.0,
+        0,
+        1.0,
+        1.0,
+    )
+    flat = _printed(
+        capsys,
+        name,
+        "--model_path",
+        "m",
+        "--max_new_tokens",
+        24,
+        "--do_sample",
+        "--temperature",
+        0.9,
+        "--top_p",
+        0.9,
+        "--top_k",
+        20,
+        "--repetition_penalty",
+        1.1,
+    )
+    grouped = _printed(
+        capsys,
+        name,
+        "--model_path",
+        "m",
+        "--sampling.max_new_tokens",
+        24,
+        "--sampling.do_sample",
+        "true",
+        "--sampling.temperature",
+        0.9,
+        "--sampling.top_p",
+        0.9,
+        "--sampling.top_k",
+        20,
+        "--sampling.repetition_penalty",
+        1.1,
+    )
     config = tmp_path / "sampling.yaml"
-    config.write_text("model_path: m\nmax_new_tokens: 24\ndo_sample: true\ntemperature: 0.9\ntop_p: 0.9\ntop_k: 20\n"
-                      "repetition_penalty: 1.1\n")
+    config.write_text(
+        "model_path: m\nmax_new_tokens: 24\ndo_sample: true\ntemperature: 0.9\ntop_p: 0.9\ntop_k: 20\n"
+        "repetition_penalty: 1.1\n"
+    )
     assert flat == grouped == _printed(capsys, name, "--config", config)
-    assert {key: flat[key] for key in vars(SamplingArgs())} == dict(max_new_tokens=24, do_sample=True, temperature=0.9,
-                                                                    top_p=0.9, top_k=20, repetition_penalty=1.1)
-    assert _printed(capsys, name, "--model_path", "m", "--temperature", 0.2, "--do_sample", "false")["do_sample"] is False
+    assert {key: flat[key] for key in vars(SamplingArgs())} == dict(
+        max_new_tokens=24, do_sample=True, temperature=0.9, top_p=0.9, top_k=20, repetition_penalty=1.1
+    )
+    assert (
+        _printed(capsys, name, "--model_path", "m", "--temperature", 0.2, "--do_sample", "false")["do_sample"] is False
+    )
 
 
 @pytest.mark.parametrize("name", list(SAMPLING_COMMANDS))
@@ -292,8 +411,11 @@ def test_sampling_help_shows_every_option_with_its_docstring(name, capsys):
     assert stop.value.code == 0
     shown = " ".join(capsys.readouterr().out.split())
     body = ast.parse(inspect.getsource(SamplingArgs)).body[0].body
-    documented = {field.target.id: " ".join(doc.value.value.split()) for field, doc in zip(body, body[1:])
-                  if isinstance(field, ast.AnnAssign) and isinstance(doc, ast.Expr)}
+    documented = {
+        field.target.id: " ".join(doc.value.value.split())
+        for field, doc in zip(body, body[1:])
+        if isinstance(field, ast.AnnAssign) and isinstance(doc, ast.Expr)
+    }
     assert set(documented) == set(vars(SamplingArgs()))
     for key, doc in documented.items():
         assert f"--sampling.{key} " in shown and doc in shown, key

@@ -11,8 +11,9 @@ import yaml
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # The demo's stage configs are package data (bumblecore/demo_configs), so a wheel runs the demo.
 DEMO_CONFIGS = Path(__file__).resolve().parents[1] / "bumblecore" / "demo_configs"
-TRAIN_YAMLS = sorted([*(p for p in CONFIGS.rglob("*.yaml") if p.parent.name in ("pretrain", "sft", "dpo")),
-                      *DEMO_CONFIGS.glob("*.yaml")])
+TRAIN_YAMLS = sorted(
+    [*(p for p in CONFIGS.rglob("*.yaml") if p.parent.name in ("pretrain", "sft", "dpo")), *DEMO_CONFIGS.glob("*.yaml")]
+)
 
 
 def test_there_are_configs():
@@ -21,8 +22,11 @@ def test_there_are_configs():
 
 @pytest.mark.parametrize("path", TRAIN_YAMLS, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_train_yaml_parses(path):
-    result = subprocess.run([sys.executable, "-m", "bumblecore", "train", "--config", str(path), "--print_config"],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "bumblecore", "train", "--config", str(path), "--print_config"],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     resolved = yaml.safe_load(result.stdout)
     for key, value in yaml.safe_load(path.read_text()).items():

@@ -7,14 +7,12 @@ import sys
 import numpy as np
 import pytest
 import torch
+from tiny import make_tiny_model
 
-from bumblecore import Bumblebee, BumblebeeConfig
 from bumblecore.data.cache import build_cache, default_cache_dir
 from bumblecore.data.loader import BatchLoader
 from bumblecore.data.packing import IGNORE_INDEX, build_units, collate
-from bumblecore.tokenizer import load_tokenizer
 from bumblecore.train.losses import shift_targets
-from tiny import make_tiny_model
 
 
 def sft_file(path, n=24, seed=0):
@@ -76,7 +74,9 @@ def tiny_model(vocab):
 def per_token_losses(model, batch):
     logits = model(batch["input_ids"], position_ids=batch["position_ids"], segment_ids=batch.get("segment_ids"))
     targets = shift_targets(batch["labels"], batch.get("segment_ids"))
-    losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
+    losses = torch.nn.functional.cross_entropy(
+        logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
+    )
     return losses[targets != IGNORE_INDEX]
 
 
@@ -103,7 +103,7 @@ def test_pretraining_blocks_keep_every_token(tmp_path, tok):
     data.write_text("".join(json.dumps({"text": f"document {i} " + "bee " * i}) + "\n" for i in range(30)))
     cache = build_cache(data, tok, "pretrain", 16, cache_dir=tmp_path / "c", progress=False)
     units = build_units(cache, "pretrain", 16, packing=True, seed=0)
-    stream = np.concatenate([cache.ids[p.start:p.end] for row in units.rows for p in row])
+    stream = np.concatenate([cache.ids[p.start : p.end] for row in units.rows for p in row])
     assert np.array_equal(stream, cache.ids) and all(units.length(i) <= 16 for i in range(len(units)))
     eot = tok.convert_tokens_to_ids("<|endoftext|>")
     assert int((cache.ids == eot).sum()) == 30  # one end-of-text per document
@@ -145,12 +145,20 @@ def test_unpacked_batches_pad_to_their_longest_row(tmp_path, tok):
 
 def test_preference_pairs_batch_chosen_then_rejected(tmp_path, tok):
     data = tmp_path / "p.jsonl"
-    data.write_text("".join(json.dumps({"instruction": f"q{i}", "chosen": "good " * (i + 1), "rejected": "bad"}) + "\n" for i in range(4)))
+    data.write_text(
+        "".join(
+            json.dumps({"instruction": f"q{i}", "chosen": "good " * (i + 1), "rejected": "bad"}) + "\n"
+            for i in range(4)
+        )
+    )
     cache = build_cache(data, tok, "dpo", 128, cache_dir=tmp_path / "c", progress=False)
     units = build_units(cache, "dpo", 128, packing=False, seed=0)
     batch = collate(units, [0, 2], tok.pad_token_id, packing=False)
     assert batch["num_pairs"] == 2 and batch["input_ids"].shape[0] == 4
-    texts = [tok.decode([t for t, l in zip(r, lab) if l != IGNORE_INDEX]) for r, lab in zip(batch["input_ids"].tolist(), batch["labels"].tolist())]
+    texts = [
+        tok.decode([t for t, l in zip(r, lab) if l != IGNORE_INDEX])
+        for r, lab in zip(batch["input_ids"].tolist(), batch["labels"].tolist())
+    ]
     assert texts == ["good <|im_end|>", "good good good <|im_end|>", "bad<|im_end|>", "bad<|im_end|>"]
 
 

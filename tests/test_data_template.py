@@ -9,7 +9,6 @@ import pytest
 from bumblecore.data.cache import build_cache
 from bumblecore.data.formats import read_samples
 from bumblecore.data.template import encode_conversation, encode_preference, render_prompt
-from bumblecore.tokenizer import load_tokenizer
 
 # The original system's demo datasets are not part of this repo; tests read them only from a folder
 # named explicitly: BUMBLECORE_ORIGINAL_DATA=../shared/original-demo-data python -m pytest -k original
@@ -49,25 +48,40 @@ def test_alpaca_input_joined_after_newline(tmp_path, tok):
 
 
 def test_sharegpt_multi_turn_with_system_trains_every_assistant_turn(tok):
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2"},
-                {"role": "user", "content": "蜜蜂？"}, {"role": "assistant", "content": "🐝 bee"}]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "1+1?"},
+        {"role": "assistant", "content": "2"},
+        {"role": "user", "content": "蜜蜂？"},
+        {"role": "assistant", "content": "🐝 bee"},
+    ]
     ids, mask = check(tok, messages)
     assert tok.decode([i for i, m in zip(ids, mask) if m]) == "2<|im_end|>🐝 bee<|im_end|>"
 
 
 def test_tool_calls_render_per_qwen25_and_train_calls(tok):
     tools = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
-    messages = [{"role": "user", "content": "Oslo?"},
-                {"role": "assistant", "content": "", "tool_calls": [{"name": "weather", "arguments": {"city": "Oslo"}}]},
-                {"role": "tool", "content": "rain"}, {"role": "assistant", "content": "It rains."}]
+    messages = [
+        {"role": "user", "content": "Oslo?"},
+        {"role": "assistant", "content": "", "tool_calls": [{"name": "weather", "arguments": {"city": "Oslo"}}]},
+        {"role": "tool", "content": "rain"},
+        {"role": "assistant", "content": "It rains."},
+    ]
     ids, mask = check(tok, messages, tools)
     trained = tok.decode([i for i, m in zip(ids, mask) if m])
-    assert trained == '<tool_call>\n{"name": "weather", "arguments": {"city": "Oslo"}}\n</tool_call><|im_end|>It rains.<|im_end|>'
+    assert (
+        trained
+        == '<tool_call>\n{"name": "weather", "arguments": {"city": "Oslo"}}\n</tool_call><|im_end|>It rains.<|im_end|>'
+    )
     assert "<tool_response>\nrain\n</tool_response>" in tok.decode(ids)
 
 
 def test_preference_trains_only_the_reply(tok):
-    history = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]
+    history = [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "b"},
+        {"role": "user", "content": "c"},
+    ]
     for reply in ("good answer", "bad answer"):
         messages = history + [{"role": "assistant", "content": reply}]
         ids, mask = encode_preference(tok, history, {"role": "assistant", "content": reply})
@@ -89,9 +103,16 @@ def test_truncation_that_leaves_no_target_is_dropped_and_counted(tmp_path, tok):
 
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason="set BUMBLECORE_ORIGINAL_DATA to the original demo datasets folder")
-@pytest.mark.parametrize("name,stage", [("alpaca_zh_demo.json", "sft"), ("duolun_train.json", "sft"),
-                                        ("glaive_toolcall_zh_demo.json", "sft"), ("dpo_zh_demo.json", "dpo"),
-                                        ("pretrain_zh_demo.json", "pretrain")])
+@pytest.mark.parametrize(
+    "name,stage",
+    [
+        ("alpaca_zh_demo.json", "sft"),
+        ("duolun_train.json", "sft"),
+        ("glaive_toolcall_zh_demo.json", "sft"),
+        ("dpo_zh_demo.json", "dpo"),
+        ("pretrain_zh_demo.json", "pretrain"),
+    ],
+)
 def test_original_demo_datasets_read_and_render(tok, name, stage):
     samples = list(read_samples(SHARED / name, stage))  # validates every record
     assert len(samples) >= 300
@@ -103,7 +124,12 @@ def test_original_demo_datasets_read_and_render(tok, name, stage):
             check(tok, c.messages, c.tools)
         else:
             ids, mask = encode_preference(tok, c.messages, sample.chosen, c.tools)
-            assert (ids, mask) == oracle(tok, c.messages + [sample.chosen], c.tools, trained_replies={len([m for m in c.messages if m["role"] == "assistant"])})
+            assert (ids, mask) == oracle(
+                tok,
+                c.messages + [sample.chosen],
+                c.tools,
+                trained_replies={len([m for m in c.messages if m["role"] == "assistant"])},
+            )
 
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason="set BUMBLECORE_ORIGINAL_DATA to the original demo datasets folder")
@@ -111,11 +137,28 @@ def test_inspect_data_on_original_tool_calls_trains_only_assistant_turns(tokeniz
     import subprocess
     import sys
 
-    result = subprocess.run([sys.executable, "-m", "bumblecore", "inspect_data", "--model_name_or_path", str(tokenizer_dir),
-                             "--dataset_path", str(SHARED / "glaive_toolcall_zh_demo.json"), "--num_samples", "1",
-                             "--cutoff_len", "4096"], capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bumblecore",
+            "inspect_data",
+            "--model_name_or_path",
+            str(tokenizer_dir),
+            "--dataset_path",
+            str(SHARED / "glaive_toolcall_zh_demo.json"),
+            "--num_samples",
+            "1",
+            "--cutoff_len",
+            "4096",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert '[[<tool_call>\n{"name": "generate_invoice"' in out  # the function call is trained
     assert "<|im_start|>user\n<tool_response>\n{" in out and "[[<tool_response>" not in out  # the observation is not
-    assert "<|im_start|>assistant\n[[" in out and "[[<|im_start|>" not in out and "validated 300 records" in result.stderr
+    assert (
+        "<|im_start|>assistant\n[[" in out and "[[<|im_start|>" not in out and "validated 300 records" in result.stderr
+    )

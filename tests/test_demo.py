@@ -14,7 +14,11 @@ def test_quick_demo_runs_every_stage_and_writes_the_report(tmp_path):
     assert report["pretrain"]["eval_loss_end"] < report["pretrain"]["eval_loss_start"]
     assert set(report["sft"]) >= {"exact_match_before", "exact_match_after"}
     assert set(report["dpo"]) >= {"reward_accuracy", "preferred_rate_before", "preferred_rate_after"}
-    for value in (report["sft"]["exact_match_before"], report["dpo"]["preferred_rate_after"], report["dpo"]["reward_accuracy"]):
+    for value in (
+        report["sft"]["exact_match_before"],
+        report["dpo"]["preferred_rate_after"],
+        report["dpo"]["reward_accuracy"],
+    ):
         assert 0.0 <= value <= 1.0
     # each stage's output is the next stage's model
     assert (tmp_path / "init" / "config.json").exists() and not (tmp_path / "init" / "model.safetensors").exists()
@@ -23,5 +27,7 @@ def test_quick_demo_runs_every_stage_and_writes_the_report(tmp_path):
     adapter = json.loads((tmp_path / "dpo" / "adapter_config.json").read_text())
     assert adapter["base_model_name_or_path"] == str((tmp_path / "sft").resolve())
     assert (tmp_path / "dpo" / "rewards_accuracies.png").exists()
-    assert (tmp_path / "dpo_merged" / "model.safetensors").exists() and (tmp_path / "dpo_merged" / "tokenizer.json").exists()
+    assert (tmp_path / "dpo_merged" / "model.safetensors").exists() and (
+        tmp_path / "dpo_merged" / "tokenizer.json"
+    ).exists()
     assert report["samples"] and {"question", "expected", "answer"} <= set(report["samples"][0])

@@ -11,9 +11,16 @@ DEMO = Path(bumblecore.__file__).parent / "demo_data"
 
 
 def test_demo_files_read_in_their_formats():
-    expected = {"pretrain.jsonl": ("pretrain", 2200), "pretrain_eval.jsonl": ("pretrain", 200),
-                "sft_train.jsonl": ("sft", 3000), "sft_eval.jsonl": ("sft", 200), "sft_multiturn.jsonl": ("sft", 60),
-                "sft_toolcall.jsonl": ("sft", 40), "dpo_train.jsonl": ("dpo", 1200), "dpo_eval.jsonl": ("dpo", 100)}
+    expected = {
+        "pretrain.jsonl": ("pretrain", 2200),
+        "pretrain_eval.jsonl": ("pretrain", 200),
+        "sft_train.jsonl": ("sft", 3000),
+        "sft_eval.jsonl": ("sft", 200),
+        "sft_multiturn.jsonl": ("sft", 60),
+        "sft_toolcall.jsonl": ("sft", 40),
+        "dpo_train.jsonl": ("dpo", 1200),
+        "dpo_eval.jsonl": ("dpo", 100),
+    }
     for name, (stage, count) in expected.items():
         assert len(list(read_samples(DEMO / name, stage))) == count, name
     tools = next(read_samples(DEMO / "sft_toolcall.jsonl", "sft"))
@@ -33,4 +40,6 @@ def test_demo_tokenizer_is_small_and_round_trips():
     assert len(tok) <= 4096
     text = "The brave fox found 7 apples near the river."
     assert tok.decode(tok.encode(text)) == text
-    assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False).startswith("<|im_start|>system\nYou are a helpful assistant.")
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False).startswith(
+        "<|im_start|>system\nYou are a helpful assistant."
+    )

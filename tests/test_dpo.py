@@ -9,18 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from tiny import make_tiny_model
 
 import bumblecore
+from bumblecore.args import DataArgs, TrainArgs
 from bumblecore.cli import main
 from bumblecore.data.commands import dataset_units
 from bumblecore.data.formats import read_samples
 from bumblecore.data.loader import eval_batches
 from bumblecore.data.template import encode_preference
 from bumblecore.model.bumblebee import Bumblebee
-from bumblecore.model.config import BumblebeeConfig
 from bumblecore.tokenizer import load_tokenizer
-from tiny import make_tiny_model
-from bumblecore.args import DataArgs, TrainArgs
 from bumblecore.train.dpo import (
     AdapterDisabledReference,
     ModelReference,
@@ -42,13 +41,21 @@ def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("dpo_data")
     lines = open(DEMO / "dpo_train.jsonl", encoding="utf-8").read().splitlines()
     (root / "train.jsonl").write_text("\n".join(lines[:64]) + "\n", encoding="utf-8")
-    (root / "eval.jsonl").write_text("\n".join(open(DEMO / "dpo_eval.jsonl", encoding="utf-8").read().splitlines()[:32]) + "\n")
+    (root / "eval.jsonl").write_text(
+        "\n".join(open(DEMO / "dpo_eval.jsonl", encoding="utf-8").read().splitlines()[:32]) + "\n"
+    )
     # ShareGPT preference records with a system turn and history (multi-turn prompt), as the original's format
     records = [
-        {"conversations": [{"from": "system", "value": "Answer in one word."},
-                           {"from": "human", "value": "Name a colour."}, {"from": "gpt", "value": "red"},
-                           {"from": "human", "value": f"And an animal number {i}?"}],
-         "chosen": {"from": "gpt", "value": "bee" * (1 + i % 3)}, "rejected": {"from": "gpt", "value": f"stone {i} and more words"}}
+        {
+            "conversations": [
+                {"from": "system", "value": "Answer in one word."},
+                {"from": "human", "value": "Name a colour."},
+                {"from": "gpt", "value": "red"},
+                {"from": "human", "value": f"And an animal number {i}?"},
+            ],
+            "chosen": {"from": "gpt", "value": "bee" * (1 + i % 3)},
+            "rejected": {"from": "gpt", "value": f"stone {i} and more words"},
+        }
         for i in range(6)
     ]
     (root / "sharegpt.json").write_text(json.dumps(records), encoding="utf-8")
@@ -106,8 +113,15 @@ def closed_form(policy_tokens, reference_tokens, beta, loss_type, eps, sft_weigh
         loss = -(1 - eps) * logsigmoid(beta * h) - eps * logsigmoid(-beta * h)
     loss += sft_weight * (-sum(pw) / len(pw))
     chosen, rejected = beta * (policy_w - ref_w), beta * (policy_l - ref_l)
-    return {"loss": loss, "rewards/chosen": chosen, "rewards/rejected": rejected, "rewards/margins": chosen - rejected,
-            "rewards/accuracies": float(chosen > rejected), "logps/chosen": policy_w, "logps/rejected": policy_l}
+    return {
+        "loss": loss,
+        "rewards/chosen": chosen,
+        "rewards/rejected": rejected,
+        "rewards/margins": chosen - rejected,
+        "rewards/accuracies": float(chosen > rejected),
+        "logps/chosen": policy_w,
+        "logps/rejected": policy_l,
+    }
 
 
 CASES = {
@@ -133,17 +147,28 @@ def test_loss_and_metrics_equal_the_closed_forms(case, dataset, data, models, tm
         c = sample.conversation
         tokens = {}
         for name in ("policy", "reference"):
-            tokens[name] = [transformers_logps(models / name, *encode_preference(tokenizer, c.messages, reply, c.tools))
-                            for reply in (sample.chosen, sample.rejected)]
+            tokens[name] = [
+                transformers_logps(models / name, *encode_preference(tokenizer, c.messages, reply, c.tools))
+                for reply in (sample.chosen, sample.rejected)
+            ]
         expected.append(closed_form(tokens["policy"], tokens["reference"], beta, **settings))
 
     policy = Bumblebee.from_pretrained(models / "policy")
     reference = ModelReference(Bumblebee.from_pretrained(models / "reference"))
-    stage = PreferenceStage(beta, settings["loss_type"], settings["eps"], settings["sft_weight"], settings["ld_alpha"], reference)
+    stage = PreferenceStage(
+        beta, settings["loss_type"], settings["eps"], settings["sft_weight"], settings["ld_alpha"], reference
+    )
     total, metrics = stage.loss(policy, batch)
     assert stage.count(batch) == 6
     assert float(total) == pytest.approx(sum(e["loss"] for e in expected), rel=1e-4, abs=1e-5)
-    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected"):
+    for key in (
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "rewards/accuracies",
+        "logps/chosen",
+        "logps/rejected",
+    ):
         assert float(metrics[key]) == pytest.approx(sum(e[key] for e in expected), rel=1e-4, abs=1e-5), key
     if settings["sft_weight"]:
         assert "loss/sft" in metrics and float(metrics["loss/dpo"]) < float(total)
@@ -168,7 +193,11 @@ def test_cached_reference_equals_live_and_is_reused(data, models, tmp_path):
         assert live[:n].shape == (n,)
     a = reference_cache_file(units, models / "reference", "fp32")
     assert a == reference_cache_file(units, models / "reference", "fp32")
-    assert a != reference_cache_file(units, models / "policy", "fp32") != reference_cache_file(units, models / "reference", "bf16")
+    assert (
+        a
+        != reference_cache_file(units, models / "policy", "fp32")
+        != reference_cache_file(units, models / "reference", "bf16")
+    )
 
 
 def test_adapter_disabled_reference_equals_the_base(data, models, tmp_path):
@@ -197,11 +226,26 @@ def test_adapter_disabled_reference_equals_the_base(data, models, tmp_path):
 
 
 def run(output_dir, model, data, **keys):
-    config = {"training_stage": "dpo", "model_name_or_path": str(model), "dataset_path": str(data / "train.jsonl"),
-              "output_dir": str(output_dir), "cutoff_len": 128, "max_steps": 4, "learning_rate": 5e-3,
-              "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2, "train_model_precision": "fp32",
-              "save_steps": 2, "warmup_ratio": 0.0, "lora_rank": 4, "lora_alpha": 8, "lora_dropout": 0.0, "pref_beta": 0.5,
-              "cache_dir": str(Path(output_dir).parent / "cache"), **keys}
+    config = {
+        "training_stage": "dpo",
+        "model_name_or_path": str(model),
+        "dataset_path": str(data / "train.jsonl"),
+        "output_dir": str(output_dir),
+        "cutoff_len": 128,
+        "max_steps": 4,
+        "learning_rate": 5e-3,
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": 2,
+        "train_model_precision": "fp32",
+        "save_steps": 2,
+        "warmup_ratio": 0.0,
+        "lora_rank": 4,
+        "lora_alpha": 8,
+        "lora_dropout": 0.0,
+        "pref_beta": 0.5,
+        "cache_dir": str(Path(output_dir).parent / "cache"),
+        **keys,
+    }
     file = Path(output_dir).parent / f"{Path(output_dir).name}.yaml"
     file.write_text(yaml.safe_dump(config))
     main(["train", "--config", str(file)])
@@ -239,19 +283,52 @@ def test_dpo_resume_is_exact(tmp_path, models, data, finetuning_type):
 
 def test_dpo_on_demo_preferences_learns_and_writes_its_outputs(tmp_path, models, data):
     out = tmp_path / "dpo"
-    history = run(out, models / "start", data, max_steps=24, save_steps=12, eval_steps=12, learning_rate=3e-3,
-                  train_micro_batch_size_per_gpu=8, gradient_accumulation_steps=1, sft_weight=0.1,
-                  eval_dataset_path=str(data / "eval.jsonl"), use_tensorboard=True)
+    history = run(
+        out,
+        models / "start",
+        data,
+        max_steps=24,
+        save_steps=12,
+        eval_steps=12,
+        learning_rate=3e-3,
+        train_micro_batch_size_per_gpu=8,
+        gradient_accumulation_steps=1,
+        sft_weight=0.1,
+        eval_dataset_path=str(data / "eval.jsonl"),
+        use_tensorboard=True,
+    )
     record = train_records(history)[-1]
-    for key in ("step", "epoch", "loss", "lr", "grad_norm", "tokens", "tokens_per_sec", "loss/dpo", "loss/sft",
-                "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected"):
+    for key in (
+        "step",
+        "epoch",
+        "loss",
+        "lr",
+        "grad_norm",
+        "tokens",
+        "tokens_per_sec",
+        "loss/dpo",
+        "loss/sft",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "rewards/accuracies",
+        "logps/chosen",
+        "logps/rejected",
+    ):
         assert key in record, key
     evaluations = [r for r in history if "eval/loss" in r]
     assert [r["step"] for r in evaluations] == [0, 12, 24]
     assert evaluations[0]["eval/rewards/accuracies"] == 0.0 and evaluations[-1]["eval/rewards/accuracies"] > 0.5
     assert evaluations[-1]["eval/rewards/margins"] > 0 and evaluations[-1]["eval/loss/dpo"] < math.log(2)
-    for name in ("training_loss.png", "rewards_accuracies.png", "rewards_margins.png", "rewards_chosen.png",
-                 "rewards_rejected.png", "model.safetensors", "training_args.yaml"):
+    for name in (
+        "training_loss.png",
+        "rewards_accuracies.png",
+        "rewards_margins.png",
+        "rewards_chosen.png",
+        "rewards_rejected.png",
+        "model.safetensors",
+        "training_args.yaml",
+    ):
         assert (out / name).exists(), name
     from transformers import AutoModelForCausalLM
 
@@ -269,9 +346,19 @@ def test_ref_model_path_names_another_reference(tmp_path, models, data):
     stage = PreferenceStage(0.5, reference=ModelReference(Bumblebee.from_pretrained(models / "reference")))
     expected = float(stage.loss(policy, step0)[0]) / 4
     for precompute in (True, False):
-        first = train_records(run(tmp_path / f"out{precompute}", models / "policy", data, max_steps=1, save_steps=100,
-                                  train_micro_batch_size_per_gpu=4, gradient_accumulation_steps=1,
-                                  ref_model_path=str(models / "reference"), precompute_ref_log_probs=precompute))[0]
+        first = train_records(
+            run(
+                tmp_path / f"out{precompute}",
+                models / "policy",
+                data,
+                max_steps=1,
+                save_steps=100,
+                train_micro_batch_size_per_gpu=4,
+                gradient_accumulation_steps=1,
+                ref_model_path=str(models / "reference"),
+                precompute_ref_log_probs=precompute,
+            )
+        )[0]
         assert first["loss"] == pytest.approx(expected, abs=1e-5)
         assert abs(first["loss"] - math.log(2)) > 1e-3
 
@@ -293,9 +380,16 @@ def reference_free_closed_form(chosen_tokens, rejected_tokens, beta, loss_type, 
         loss = -logsigmoid(chosen - rejected - gamma)
         terms = {"loss/simpo": loss, **({"loss/sft": -mw} if sft_weight else {})}
         loss += sft_weight * -mw
-    return {"loss": loss, **terms, "rewards/chosen": chosen, "rewards/rejected": rejected,
-            "rewards/margins": chosen - rejected, "rewards/accuracies": float(chosen > rejected),
-            "logps/chosen": sum(chosen_tokens), "logps/rejected": sum(rejected_tokens)}
+    return {
+        "loss": loss,
+        **terms,
+        "rewards/chosen": chosen,
+        "rewards/rejected": rejected,
+        "rewards/margins": chosen - rejected,
+        "rewards/accuracies": float(chosen > rejected),
+        "logps/chosen": sum(chosen_tokens),
+        "logps/rejected": sum(rejected_tokens),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -305,17 +399,26 @@ def policy_pair_tokens(data, models):
     pairs = []
     for sample in list(read_samples(str(data / "sharegpt.json"), "dpo"))[:6]:
         c = sample.conversation
-        pairs.append([transformers_logps(models / "policy", *encode_preference(tokenizer, c.messages, reply, c.tools))
-                      for reply in (sample.chosen, sample.rejected)])
+        pairs.append(
+            [
+                transformers_logps(models / "policy", *encode_preference(tokenizer, c.messages, reply, c.tools))
+                for reply in (sample.chosen, sample.rejected)
+            ]
+        )
     return pairs
 
 
-@pytest.mark.parametrize("loss_type,beta,gamma,sft_weight", [("orpo", 0.25, 0.0, 0.0), ("simpo", 2.0, 0.5, 0.0),
-                                                              ("simpo", 2.5, 1.4, 0.3)])
-def test_reference_free_losses_equal_the_closed_forms(loss_type, beta, gamma, sft_weight, data, models, policy_pair_tokens, tmp_path):
+@pytest.mark.parametrize(
+    "loss_type,beta,gamma,sft_weight", [("orpo", 0.25, 0.0, 0.0), ("simpo", 2.0, 0.5, 0.0), ("simpo", 2.5, 1.4, 0.3)]
+)
+def test_reference_free_losses_equal_the_closed_forms(
+    loss_type, beta, gamma, sft_weight, data, models, policy_pair_tokens, tmp_path
+):
     batch, _ = pairs_batch(data / "sharegpt.json", tmp_path, n=6)
-    expected = [reference_free_closed_form(chosen, rejected, beta, loss_type, gamma, sft_weight)
-                for chosen, rejected in policy_pair_tokens]
+    expected = [
+        reference_free_closed_form(chosen, rejected, beta, loss_type, gamma, sft_weight)
+        for chosen, rejected in policy_pair_tokens
+    ]
 
     stage = PreferenceStage(beta, loss_type, sft_weight=sft_weight, simpo_gamma=gamma)
     total, metrics = stage.loss(Bumblebee.from_pretrained(models / "policy"), batch)
@@ -342,8 +445,10 @@ def test_orpo_log_odds_are_stable_near_probability_one():
     assert torch.isfinite(reference_free_loss(torch.zeros(1), torch.zeros(1), 0.1, "orpo")[0]).all()  # p = 1
 
 
-@pytest.mark.parametrize("keys", [{"ref_model_path": "checkpoints/sft_full"}, {"dpo_label_smoothing": 0.1},
-                                  {"ld_alpha": 0.5}, {"sft_weight": 0.1}])
+@pytest.mark.parametrize(
+    "keys",
+    [{"ref_model_path": "checkpoints/sft_full"}, {"dpo_label_smoothing": 0.1}, {"ld_alpha": 0.5}, {"sft_weight": 0.1}],
+)
 def test_reference_free_losses_refuse_reference_keys(keys):
     losses = ["orpo"] if "sft_weight" in keys else ["orpo", "simpo"]
     for loss in losses:
@@ -371,8 +476,16 @@ def four_pairs(tmp_path, data):
 
 def test_orpo_learns_without_a_reference_and_resumes_exactly(tmp_path, models, data, monkeypatch, capsys):
     no_references(monkeypatch)
-    keys = dict(pref_loss="orpo", dataset_path=four_pairs(tmp_path, data), max_steps=4, save_steps=2, save_total_limit=5,
-                train_micro_batch_size_per_gpu=4, gradient_accumulation_steps=1, precompute_ref_log_probs=False)
+    keys = dict(
+        pref_loss="orpo",
+        dataset_path=four_pairs(tmp_path, data),
+        max_steps=4,
+        save_steps=2,
+        save_total_limit=5,
+        train_micro_batch_size_per_gpu=4,
+        gradient_accumulation_steps=1,
+        precompute_ref_log_probs=False,
+    )
     straight = train_records(run(tmp_path / "a", models / "start", data, **keys))
     banner = capsys.readouterr().out
     assert "no reference model" in banner and "frozen reference" not in banner
@@ -393,9 +506,22 @@ def test_orpo_learns_without_a_reference_and_resumes_exactly(tmp_path, models, d
 
 def test_simpo_lora_learns_without_a_reference(tmp_path, models, data, monkeypatch, capsys):
     no_references(monkeypatch)
-    history = train_records(run(tmp_path / "s", models / "start", data, pref_loss="simpo", pref_beta=2.0, simpo_gamma=0.5,
-                                finetuning_type="lora", dataset_path=four_pairs(tmp_path, data), max_steps=4,
-                                save_steps=100, train_micro_batch_size_per_gpu=4, gradient_accumulation_steps=1))
+    history = train_records(
+        run(
+            tmp_path / "s",
+            models / "start",
+            data,
+            pref_loss="simpo",
+            pref_beta=2.0,
+            simpo_gamma=0.5,
+            finetuning_type="lora",
+            dataset_path=four_pairs(tmp_path, data),
+            max_steps=4,
+            save_steps=100,
+            train_micro_batch_size_per_gpu=4,
+            gradient_accumulation_steps=1,
+        )
+    )
     banner = capsys.readouterr().out
     assert "simpo loss, beta 2.0, gamma 0.5" in banner and "no reference model" in banner
     assert not list((tmp_path / "cache").rglob("reference_logps-*"))

@@ -37,20 +37,40 @@ class SplitLoader:
 
     def micro_batches(self, step):
         ids, labels = self.batches[step % len(self.batches)]
-        return [{"input_ids": i, "labels": l} for i, l in zip(ids.chunk(self.accumulation), labels.chunk(self.accumulation))]
+        return [
+            {"input_ids": i, "labels": l} for i, l in zip(ids.chunk(self.accumulation), labels.chunk(self.accumulation))
+        ]
 
 
 def make_engine(tmp_path, accumulation, total_steps=4, seed=0, optimizer_class=torch.optim.AdamW):
     torch.manual_seed(seed)
     fabric = Fabric(accelerator="cpu", devices=1, precision="32-true")
-    model = Bumblebee(BumblebeeConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, initializer_range=0.1))
+    model = Bumblebee(
+        BumblebeeConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            initializer_range=0.1,
+        )
+    )
     optimizer = optimizer_class(model.parameters(), lr=1e-2, weight_decay=0.01)
     model, optimizer = fabric.setup(model, optimizer)
     scheduler = build_scheduler("cosine", optimizer, warmup_steps=1, total_steps=total_steps)
     loader = SplitLoader(global_batches(total_steps), accumulation)
-    return Engine(fabric, model, optimizer, scheduler, LanguageModelingStage(), loader,
-                  LoopSettings(total_steps=total_steps, max_grad_norm=1.0), Monitor(tmp_path), progress=False)
+    return Engine(
+        fabric,
+        model,
+        optimizer,
+        scheduler,
+        LanguageModelingStage(),
+        loader,
+        LoopSettings(total_steps=total_steps, max_grad_norm=1.0),
+        Monitor(tmp_path),
+        progress=False,
+    )
 
 
 def params(engine):
@@ -79,7 +99,9 @@ def test_resume_continues_exactly(tmp_path):
     losses = [r["loss"] for r in first.fit()]
     checkpoint = save_checkpoint(tmp_path / "b", "checkpoint-3", first.save_state, {"step": 3})
 
-    resumed = make_engine(tmp_path / "c", accumulation=2, total_steps=6, seed=123)  # different init: must be overwritten
+    resumed = make_engine(
+        tmp_path / "c", accumulation=2, total_steps=6, seed=123
+    )  # different init: must be overwritten
     resumed.load_state(checkpoint)
     assert resumed.step == 3
     losses += [r["loss"] for r in resumed.fit()]
@@ -108,9 +130,13 @@ def test_average_tokens_false_is_the_mean_of_micro_batch_means(tmp_path):
     sums = [stage.loss(oracle, b)[0] for b in micro]
     expected = (sums[0] / counts[0] + sums[1] / counts[1]) / 2
     expected.backward()
-    expected_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in oracle.parameters() if p.grad is not None]))
+    expected_norm = torch.linalg.vector_norm(
+        torch.stack([p.grad.norm() for p in oracle.parameters() if p.grad is not None])
+    )
     record = engine.fit()[0]
     assert record["loss"] == pytest.approx(float(expected), rel=1e-6)
-    assert record["grad_norm"] == pytest.approx(float(expected_norm), rel=1e-5)  # clip_gradients reports the norm before clipping
+    assert record["grad_norm"] == pytest.approx(
+        float(expected_norm), rel=1e-5
+    )  # clip_gradients reports the norm before clipping
     token_mean = float((sums[0] + sums[1]) / sum(counts))
     assert abs(record["loss"] - token_mean) > 1e-3  # the default's definition would fail the check above

@@ -2,7 +2,6 @@
 `model(input_ids, labels=...).loss`, and greedy generation through our inference path equals
 transformers' `generate`. Tiny random models built with transformers' own config classes."""
 
-
 import pytest
 import torch
 import transformers
@@ -11,17 +10,25 @@ from transformers import GenerationConfig
 from bumblecore import Bumblebee
 from bumblecore.inference.generate import GenerationEngine, SamplingParams
 from bumblecore.model.transformers_family import TransformersCausalLM
-from bumblecore.train.losses import check_loss_parity
-from bumblecore.train.run import load_transformers_model
-from bumblecore.train.losses import chunked_cross_entropy, shift_targets
-from bumblecore.train.run import _is_bumblebee
+from bumblecore.train.losses import check_loss_parity, chunked_cross_entropy, shift_targets
+from bumblecore.train.run import _is_bumblebee, load_transformers_model
 from bumblecore.train.sft import LanguageModelingStage
 
 VOCAB = 96
 LOSS_RTOL = 1e-4
-SHAPE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.2, pad_token_id=0,
-             bos_token_id=1, eos_token_id=2)
+SHAPE = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    initializer_range=0.2,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
 
 # family -> (config class, model class, extra config, native in Bumblebee)
@@ -30,13 +37,32 @@ FAMILIES = {
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=32), True),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(), False),
     # A small cap, so that softcapping changes the loss a lot (30 barely touches a tiny model's logits).
-    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(head_dim=16, final_logit_softcapping=3.0, sliding_window=6), False),
-    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(head_dim=16, final_logit_softcapping=3.0, sliding_window=6), False),
+    "gemma2": (
+        "Gemma2Config",
+        "Gemma2ForCausalLM",
+        dict(head_dim=16, final_logit_softcapping=3.0, sliding_window=6),
+        False,
+    ),
+    "gemma3_text": (
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
+        dict(head_dim=16, final_logit_softcapping=3.0, sliding_window=6),
+        False,
+    ),
     "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(MOE, shared_expert_intermediate_size=48), False),
     # The family's loss includes the router aux loss when output_router_logits is set: so must ours.
-    "qwen3_moe+aux": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(MOE, output_router_logits=True, router_aux_loss_coef=0.5), False),
-    "mixtral+aux": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2,
-                                                              output_router_logits=True, router_aux_loss_coef=0.5), False),
+    "qwen3_moe+aux": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        dict(MOE, output_router_logits=True, router_aux_loss_coef=0.5),
+        False,
+    ),
+    "mixtral+aux": (
+        "MixtralConfig",
+        "MixtralForCausalLM",
+        dict(num_local_experts=4, num_experts_per_tok=2, output_router_logits=True, router_aux_loss_coef=0.5),
+        False,
+    ),
     "glm4": ("Glm4Config", "Glm4ForCausalLM", dict(head_dim=16), False),
     "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", dict(), False),
     "cohere": ("CohereConfig", "CohereForCausalLM", dict(logit_scale=0.25), False),
@@ -84,7 +110,9 @@ class IdsTokenizer:
 
 def greedy_ours(model, prompts, new_tokens):
     if getattr(model, "is_transformers_fallback", False):
-        model = TransformersCausalLM(model.hf, for_training=False)  # what bumblecore.inference.loading gives a transformers family
+        model = TransformersCausalLM(
+            model.hf, for_training=False
+        )  # what bumblecore.inference.loading gives a transformers family
     engine = GenerationEngine(model, IdsTokenizer(), max_batch_size=len(prompts), eos_token_ids=[])
     results = engine.generate(prompts, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
     return [r["token_ids"] for r in results]
@@ -94,7 +122,7 @@ def greedy_transformers(hf, prompt, new_tokens):
     # No EOS at all (min_new_tokens would instead forbid it, changing the argmax): ours runs with ignore_eos.
     hf.generation_config.eos_token_id = None
     settings = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
-    out = hf.generate(torch.tensor([prompt]), generation_config=settings)[0, len(prompt):].tolist()
+    out = hf.generate(torch.tensor([prompt]), generation_config=settings)[0, len(prompt) :].tolist()
     assert len(out) == new_tokens
     return out
 
@@ -141,7 +169,9 @@ def test_gemma2_fallback_trains_the_softcapped_objective(tmp_path):
     with torch.no_grad():
         expected = hf(ids).logits
         assert (ours(ids) - expected).abs().max().item() < 1e-4 * expected.abs().max().item()
-        assert expected.abs().max().item() < 30.0 < (hf.lm_head(ours(ids, return_hidden_states=True))).abs().max().item()
+        assert (
+            expected.abs().max().item() < 30.0 < (hf.lm_head(ours(ids, return_hidden_states=True))).abs().max().item()
+        )
     ours_loss, reference = check_loss_parity(ours)
     assert abs(ours_loss - reference) <= LOSS_RTOL * reference
 
@@ -187,10 +217,20 @@ def test_gemma2_first_logged_loss_of_a_train_run_is_the_familys(tmp_path, capsys
     hf.save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(str(tmp_path / "model"))
     (tmp_path / "doc.jsonl").write_text(json.dumps({"text": "the quick brown fox jumps over the lazy dog " * 3}) + "\n")
-    run = {"training_stage": "continue_pretrain", "model_name_or_path": str(tmp_path / "model"),
-           "dataset_path": str(tmp_path / "doc.jsonl"), "output_dir": str(tmp_path / "out"), "cutoff_len": 64,
-           "max_steps": 1, "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "packing": False,
-           "train_model_precision": "fp32", "learning_rate": 1e-3, "warmup_ratio": 0.0}
+    run = {
+        "training_stage": "continue_pretrain",
+        "model_name_or_path": str(tmp_path / "model"),
+        "dataset_path": str(tmp_path / "doc.jsonl"),
+        "output_dir": str(tmp_path / "out"),
+        "cutoff_len": 64,
+        "max_steps": 1,
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "packing": False,
+        "train_model_precision": "fp32",
+        "learning_rate": 1e-3,
+        "warmup_ratio": 0.0,
+    }
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(run))
     main(["inspect_data", "--config", str(tmp_path / "run.yaml"), "--num_samples", "1", "--format", "json"])
     sample = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -214,8 +254,8 @@ def test_lora_targets_every_linear_layer_and_the_adapter_generates_and_merges(fa
 
     import bumblecore
     from bumblecore.inference.loading import load_for_inference
-    from bumblecore.tokenizer import load_tokenizer
     from bumblecore.model.lora import linear_layer_names, merge_lora
+    from bumblecore.tokenizer import load_tokenizer
 
     config_name, model_name, extra, _ = FAMILIES[family]
     tok = load_tokenizer(bumblecore.__path__[0] + "/demo_data/tokenizer")
@@ -237,8 +277,13 @@ def test_lora_targets_every_linear_layer_and_the_adapter_generates_and_merges(fa
 
     ids = torch.randint(3, 768, (2, 11), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        expected = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
-                                             str(tmp_path / "adapter")).eval()(ids).logits
+        expected = (
+            PeftModel.from_pretrained(
+                AutoModelForCausalLM.from_pretrained(tmp_path / "base"), str(tmp_path / "adapter")
+            )
+            .eval()(ids)
+            .logits
+        )
         model, _, _ = load_for_inference(str(tmp_path / "adapter"), device_map="cpu")
         got = model.hf(ids).logits if isinstance(model, TransformersCausalLM) else model(ids)
         assert (got - expected).abs().max() < 1e-4

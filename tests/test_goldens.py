@@ -51,17 +51,53 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def base_model(tmp_path_factory):
     out = tmp_path_factory.mktemp("golden_model")
-    main(["init_model", "--preset", "0.5B", "--num_hidden_layers", "2", "--hidden_size", "32", "--intermediate_size", "64",
-          "--num_attention_heads", "4", "--num_key_value_heads", "2", "--vocab_size", "768", "--torch_dtype", "float32",
-          "--tokenizer_path", str(DEMO / "tokenizer"), "--output_dir", str(out)])
+    main(
+        [
+            "init_model",
+            "--preset",
+            "0.5B",
+            "--num_hidden_layers",
+            "2",
+            "--hidden_size",
+            "32",
+            "--intermediate_size",
+            "64",
+            "--num_attention_heads",
+            "4",
+            "--num_key_value_heads",
+            "2",
+            "--vocab_size",
+            "768",
+            "--torch_dtype",
+            "float32",
+            "--tokenizer_path",
+            str(DEMO / "tokenizer"),
+            "--output_dir",
+            str(out),
+        ]
+    )
     return out
 
 
 def train(tmp_path, model, dataset, stage, **keys) -> list[float]:
-    config = {"training_stage": stage, "model_name_or_path": str(model), "dataset_path": str(dataset),
-              "output_dir": str(tmp_path / "run"), "cutoff_len": 96, "max_steps": 3, "learning_rate": 5e-3,
-              "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2, "train_model_precision": "fp32",
-              "save_steps": 100, "warmup_ratio": 0.25, "lora_rank": 4, "lora_alpha": 8, "lora_dropout": 0.0, **keys}
+    config = {
+        "training_stage": stage,
+        "model_name_or_path": str(model),
+        "dataset_path": str(dataset),
+        "output_dir": str(tmp_path / "run"),
+        "cutoff_len": 96,
+        "max_steps": 3,
+        "learning_rate": 5e-3,
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": 2,
+        "train_model_precision": "fp32",
+        "save_steps": 100,
+        "warmup_ratio": 0.25,
+        "lora_rank": 4,
+        "lora_alpha": 8,
+        "lora_dropout": 0.0,
+        **keys,
+    }
     file = tmp_path / "run.yaml"
     file.write_text(yaml.safe_dump(config))
     main(["train", "--config", str(file)])
@@ -72,7 +108,9 @@ def train(tmp_path, model, dataset, stage, **keys) -> list[float]:
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory, base_model, data):
     root = tmp_path_factory.mktemp("golden_pretrain")
-    check("loss/pretrain", train(root, base_model, data / "pretrain.jsonl", "pretrain", max_steps=6, learning_rate=1e-2))
+    check(
+        "loss/pretrain", train(root, base_model, data / "pretrain.jsonl", "pretrain", max_steps=6, learning_rate=1e-2)
+    )
     return root / "run"
 
 
@@ -83,15 +121,19 @@ def decoder(tmp_path_factory, tiny_checkpoint):
     return tiny_checkpoint(tmp_path_factory.mktemp("golden_decoder"))
 
 
-@pytest.mark.parametrize("stage, finetuning_type, keys", [
-    ("sft", "full", {}),
-    ("sft", "lora", {}),
-    ("continue_pretrain", "full", {}),
-    ("dpo", "full", {}),
-    ("dpo", "lora", {"pref_loss": "ipo"}),
-    ("dpo", "full", {"pref_loss": "orpo", "pref_beta": 0.2}),
-    ("dpo", "full", {"pref_loss": "simpo", "pref_beta": 2.0}),
-], ids=["sft-full", "sft-lora", "cpt-full", "dpo-full", "ipo-lora", "orpo", "simpo"])
+@pytest.mark.parametrize(
+    "stage, finetuning_type, keys",
+    [
+        ("sft", "full", {}),
+        ("sft", "lora", {}),
+        ("continue_pretrain", "full", {}),
+        ("dpo", "full", {}),
+        ("dpo", "lora", {"pref_loss": "ipo"}),
+        ("dpo", "full", {"pref_loss": "orpo", "pref_beta": 0.2}),
+        ("dpo", "full", {"pref_loss": "simpo", "pref_beta": 2.0}),
+    ],
+    ids=["sft-full", "sft-lora", "cpt-full", "dpo-full", "ipo-lora", "orpo", "simpo"],
+)
 def test_loss_curves(tmp_path, pretrained, data, stage, finetuning_type, keys):
     dataset = {"dpo": "dpo_train.jsonl", "continue_pretrain": "pretrain.jsonl"}.get(stage, "sft_train.jsonl")
     name = f"loss/{stage}-{finetuning_type}-{keys.get('pref_loss', '')}"
@@ -106,22 +148,87 @@ def generated(capsys, *args) -> str:
 
 def test_greedy_generation(decoder, pretrained, tmp_path, capsys):
     model = str(decoder)
-    check("generate/one", generated(capsys, "--model_path", model, "--prompt", "Count the words: bee, honey, hive",
-                                    "--max_new_tokens", "24", "--dtype", "float32"))
-    check("generate/raw", generated(capsys, "--model_path", str(pretrained), "--prompt", "The bee", "--training_stage", "pretrain",
-                                    "--max_new_tokens", "24", "--dtype", "float32"))
+    check(
+        "generate/one",
+        generated(
+            capsys,
+            "--model_path",
+            model,
+            "--prompt",
+            "Count the words: bee, honey, hive",
+            "--max_new_tokens",
+            "24",
+            "--dtype",
+            "float32",
+        ),
+    )
+    check(
+        "generate/raw",
+        generated(
+            capsys,
+            "--model_path",
+            str(pretrained),
+            "--prompt",
+            "The bee",
+            "--training_stage",
+            "pretrain",
+            "--max_new_tokens",
+            "24",
+            "--dtype",
+            "float32",
+        ),
+    )
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a b c\nList three colours\n" + json.dumps({"prompt": "How many words: red blue?"}) + "\n")
-    check("generate/batch", generated(capsys, "--model_path", model, "--prompts_file", str(prompts),
-                                      "--max_new_tokens", "20", "--batch_size", "2", "--dtype", "float32"))
-    check("generate/seeded", generated(capsys, "--model_path", model, "--prompt", "Name a flower", "--do_sample", "true",
-                                       "--temperature", "0.9", "--top_p", "0.9", "--top_k", "20", "--seed", "7",
-                                       "--max_new_tokens", "16", "--dtype", "float32"))
+    check(
+        "generate/batch",
+        generated(
+            capsys,
+            "--model_path",
+            model,
+            "--prompts_file",
+            str(prompts),
+            "--max_new_tokens",
+            "20",
+            "--batch_size",
+            "2",
+            "--dtype",
+            "float32",
+        ),
+    )
+    check(
+        "generate/seeded",
+        generated(
+            capsys,
+            "--model_path",
+            model,
+            "--prompt",
+            "Name a flower",
+            "--do_sample",
+            "true",
+            "--temperature",
+            "0.9",
+            "--top_p",
+            "0.9",
+            "--top_k",
+            "20",
+            "--seed",
+            "7",
+            "--max_new_tokens",
+            "16",
+            "--dtype",
+            "float32",
+        ),
+    )
 
 
 def post(url, body, key="golden-key"):
-    request = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"})
+    request = urllib.request.Request(
+        url + "/v1/chat/completions",
+        data=json.dumps(body).encode(),
+        method="POST",
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"},
+    )
     try:
         with urllib.request.urlopen(request, timeout=60) as reply:
             return reply.status, reply.read().decode()
@@ -141,14 +248,25 @@ def test_api_replies(decoder):
     with running_server(str(decoder), api_key="golden-key", max_batch_size=2, max_model_len=256) as url:
         status, text = post(url, {"model": "bumblebee", "messages": messages, "max_tokens": 20, "temperature": 0})
         check("api/plain", [status, stable(json.loads(text))])
-        status, text = post(url, {"model": "bumblebee", "messages": messages, "max_tokens": 12, "temperature": 0,
-                                  "stream": True, "stream_options": {"include_usage": True}})
+        status, text = post(
+            url,
+            {
+                "model": "bumblebee",
+                "messages": messages,
+                "max_tokens": 12,
+                "temperature": 0,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            },
+        )
         events = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: {")]
         check("api/stream", [status, [stable(e) for e in events], text.rstrip().endswith("data: [DONE]")])
-        for name, body in (("temperature", {"messages": messages, "temperature": -1}),
-                           ("messages", {"messages": "hello"}),
-                           ("max_tokens", {"messages": messages, "max_tokens": 0}),
-                           ("role", {"messages": [{"role": "robot", "content": "hi"}]})):
+        for name, body in (
+            ("temperature", {"messages": messages, "temperature": -1}),
+            ("messages", {"messages": "hello"}),
+            ("max_tokens", {"messages": messages, "max_tokens": 0}),
+            ("role", {"messages": [{"role": "robot", "content": "hi"}]}),
+        ):
             status, text = post(url, {"model": "bumblebee", **body})
             check(f"api/refused/{name}", [status, json.loads(text)])
         status, text = post(url, {"model": "bumblebee", "messages": messages}, key="wrong")

@@ -41,8 +41,9 @@ def batch():
     logps = -torch.rand(6, 5, generator=g, dtype=torch.float64) * 3
     old = logps + (torch.rand(6, 5, generator=g, dtype=torch.float64) - 0.5) * 0.6  # ratios inside and outside the clip
     ref = logps + (torch.rand(6, 5, generator=g, dtype=torch.float64) - 0.5)
-    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0],
-                         [1, 1, 0, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 1]])
+    mask = torch.tensor(
+        [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
+    )
     rewards = torch.tensor([1.0, 0.0, 0.5, 2.0, 2.0, -1.0], dtype=torch.float64)
     return logps, old, ref, mask, rewards
 
@@ -67,8 +68,18 @@ def test_loss_and_gradient_equal_the_formula(batch, loss_type, beta):
     total, count = aggregate(terms.loss, mask, loss_type, max_len)
     loss = total / count
     loss.backward()
-    expected = direct_loss(logps.tolist(), old.tolist(), ref.tolist(), adv.tolist(), mask.tolist(),
-                           eps_low, eps_high, beta, loss_type, max_len)
+    expected = direct_loss(
+        logps.tolist(),
+        old.tolist(),
+        ref.tolist(),
+        adv.tolist(),
+        mask.tolist(),
+        eps_low,
+        eps_high,
+        beta,
+        loss_type,
+        max_len,
+    )
     assert loss.item() == pytest.approx(expected, rel=1e-12)
     # The gradient of the written-out formula, by central differences on every token's log-prob.
     h = 1e-6
@@ -77,10 +88,32 @@ def test_loss_and_gradient_equal_the_formula(batch, loss_type, beta):
             up, down = logps.tolist(), logps.tolist()
             up[i][t] += h
             down[i][t] -= h
-            numeric = (direct_loss(up, old.tolist(), ref.tolist(), adv.tolist(), mask.tolist(), eps_low, eps_high, beta,
-                                   loss_type, max_len)
-                       - direct_loss(down, old.tolist(), ref.tolist(), adv.tolist(), mask.tolist(), eps_low, eps_high,
-                                     beta, loss_type, max_len)) / (2 * h)
+            numeric = (
+                direct_loss(
+                    up,
+                    old.tolist(),
+                    ref.tolist(),
+                    adv.tolist(),
+                    mask.tolist(),
+                    eps_low,
+                    eps_high,
+                    beta,
+                    loss_type,
+                    max_len,
+                )
+                - direct_loss(
+                    down,
+                    old.tolist(),
+                    ref.tolist(),
+                    adv.tolist(),
+                    mask.tolist(),
+                    eps_low,
+                    eps_high,
+                    beta,
+                    loss_type,
+                    max_len,
+                )
+            ) / (2 * h)
             assert leaf.grad[i, t].item() == pytest.approx(numeric, abs=1e-6), (i, t)
     assert terms.clipped.any() and not terms.clipped.all()
 
@@ -95,8 +128,10 @@ def test_first_iteration_has_ratio_one_and_no_clipping(batch):
 
 def test_reward_functions_from_built_ins_and_a_user_file(tmp_path):
     file = tmp_path / "my_rewards.py"
-    file.write_text("def brevity(prompts, completions, answer, difficulty, **fields):\n"
-                    "    return [1.0 / (1 + len(c)) + d for c, d in zip(completions, difficulty)]\n")
+    file.write_text(
+        "def brevity(prompts, completions, answer, difficulty, **fields):\n"
+        "    return [1.0 / (1 + len(c)) + d for c, d in zip(completions, difficulty)]\n"
+    )
     functions = load_reward_functions(["exact_match", f"{file}:brevity"], [2.0, 1.0])
     prompts = ["How many: a b", "How many: a b", "Colour?"]
     completions = ["two", " Two\n", "blue sky"]
@@ -107,18 +142,25 @@ def test_reward_functions_from_built_ins_and_a_user_file(tmp_path):
     assert total == [2 + 1 / 4, 2 + 1 / 6, 1 / 9 + 1]
 
 
-@pytest.mark.parametrize("source, spec, message", [
-    (None, "nope", "neither a built-in"),
-    (None, "missing_file.py:f", "file missing_file.py does not exist"),
-    (None, "no_such_module_xyz:f", "cannot import module no_such_module_xyz"),
-    ("def g(prompts, completions, **k):\n    return [0.0]\n", "{file}:f", "has no function 'f'"),
-    ("def f(prompts, completions, **k):\n    raise KeyError('answer')\n", "{file}:f", "raised KeyError"),
-    ("def f(prompts, completions, **k):\n    return ['high']\n", "{file}:f", "returned 'high' for completion 0"),
-    ("def f(prompts, completions, **k):\n    return [float('nan')]\n", "{file}:f", "returned nan"),
-    ("def f(prompts, completions, **k):\n    return [1.0, 2.0]\n", "{file}:f", "returned 2 values for 1 completions"),
-    ("def f(prompts, completions, **k):\n    return 1.0\n", "{file}:f", "returned float"),
-    ("def f(x):\n    return [1.0]\n", "{file}:f", "cannot be called as f(prompts=..."),
-])
+@pytest.mark.parametrize(
+    "source, spec, message",
+    [
+        (None, "nope", "neither a built-in"),
+        (None, "missing_file.py:f", "file missing_file.py does not exist"),
+        (None, "no_such_module_xyz:f", "cannot import module no_such_module_xyz"),
+        ("def g(prompts, completions, **k):\n    return [0.0]\n", "{file}:f", "has no function 'f'"),
+        ("def f(prompts, completions, **k):\n    raise KeyError('answer')\n", "{file}:f", "raised KeyError"),
+        ("def f(prompts, completions, **k):\n    return ['high']\n", "{file}:f", "returned 'high' for completion 0"),
+        ("def f(prompts, completions, **k):\n    return [float('nan')]\n", "{file}:f", "returned nan"),
+        (
+            "def f(prompts, completions, **k):\n    return [1.0, 2.0]\n",
+            "{file}:f",
+            "returned 2 values for 1 completions",
+        ),
+        ("def f(prompts, completions, **k):\n    return 1.0\n", "{file}:f", "returned float"),
+        ("def f(x):\n    return [1.0]\n", "{file}:f", "cannot be called as f(prompts=..."),
+    ],
+)
 def test_a_broken_reward_function_is_a_clear_error_naming_it(tmp_path, monkeypatch, source, spec, message):
     monkeypatch.chdir(tmp_path)
     file = tmp_path / "r.py"

@@ -8,26 +8,46 @@ import sys
 
 import pytest
 import torch
-from transformers import (AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM,
-                          RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from bumblecore import Bumblebee
 from bumblecore.args import SamplingArgs
-from bumblecore.inference.generate import (GenerationEngine, SamplingParams, TextStream, apply_repetition_penalty,
-                                           apply_top_k, apply_top_p)
-from bumblecore.tokenizer import load_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tok(tokenizer_dir):
-    return load_tokenizer(tokenizer_dir)
+from bumblecore.inference.generate import (
+    GenerationEngine,
+    SamplingParams,
+    TextStream,
+    apply_repetition_penalty,
+    apply_top_k,
+    apply_top_p,
+)
 
 
 def tiny(family, vocab, tmp_path, tokenizer):
     torch.manual_seed(0)
-    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, initializer_range=0.2, max_position_embeddings=256, rope_theta=10000.0)
-    model = (Qwen2ForCausalLM(Qwen2Config(**common)) if family == "qwen2" else LlamaForCausalLM(LlamaConfig(**common))).eval()
+    common = dict(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        initializer_range=0.2,
+        max_position_embeddings=256,
+        rope_theta=10000.0,
+    )
+    model = (
+        Qwen2ForCausalLM(Qwen2Config(**common)) if family == "qwen2" else LlamaForCausalLM(LlamaConfig(**common))
+    ).eval()
     model.save_pretrained(tmp_path)
     tokenizer.save_pretrained(str(tmp_path))
     return model
@@ -45,8 +65,14 @@ def test_greedy_ids_equal_transformers_generate(tmp_path, tok, family, penalty):
     engine = GenerationEngine(ours, tok, max_batch_size=2, max_len=128, eos_token_ids=[])  # 4 prompts through 2 slots
     results = engine.generate(prompts, SamplingParams(max_new_tokens=12, repetition_penalty=penalty))
     for prompt, result in zip(prompts, results):
-        expected = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, repetition_penalty=penalty,
-                               eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+        expected = hf.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=12,
+            do_sample=False,
+            repetition_penalty=penalty,
+            eos_token_id=None,
+            pad_token_id=0,
+        )[0, len(prompt) :].tolist()
         assert result["token_ids"] == expected and result["finish_reason"] == "length"
 
 
@@ -54,8 +80,12 @@ def test_requests_joining_a_running_batch_get_what_they_get_alone(tmp_path, tok)
     tiny("qwen2", len(tok), tmp_path, tok)
     model = Bumblebee.from_pretrained(tmp_path)
     prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
-    alone = [GenerationEngine(model, tok, 1, 128, eos_token_ids=[]).generate([p], SamplingParams(max_new_tokens=8))[0]["token_ids"]
-             for p in prompts]
+    alone = [
+        GenerationEngine(model, tok, 1, 128, eos_token_ids=[]).generate([p], SamplingParams(max_new_tokens=8))[0][
+            "token_ids"
+        ]
+        for p in prompts
+    ]
     engine = GenerationEngine(model, tok, max_batch_size=4, max_len=128, eos_token_ids=[])
     got = {}
     first = engine.add(prompts[0], SamplingParams(max_new_tokens=8))
@@ -81,7 +111,10 @@ def test_processors_equal_transformers_per_row():
     ours_top_p = apply_top_p(logits, torch.tensor(ps))
     for row in range(4):
         x = logits[row : row + 1]
-        torch.testing.assert_close(ours_penalty[row : row + 1], RepetitionPenaltyLogitsProcessor(penalties[row])(history[row : row + 1], x.clone()))
+        torch.testing.assert_close(
+            ours_penalty[row : row + 1],
+            RepetitionPenaltyLogitsProcessor(penalties[row])(history[row : row + 1], x.clone()),
+        )
         torch.testing.assert_close(x / temps[row], TemperatureLogitsWarper(temps[row])(None, x.clone()))
         if ks[row]:
             assert torch.equal(ours_top_k[row : row + 1], TopKLogitsWarper(ks[row])(None, x.clone()))
@@ -98,11 +131,14 @@ def test_seeded_sampling_is_reproducible_whatever_the_neighbours(tmp_path, tok):
     seeded = SamplingParams(max_new_tokens=10, do_sample=True, temperature=1.5, top_k=40, top_p=0.95, seed=7)
     alone = GenerationEngine(model, tok, 1, 64, eos_token_ids=[]).generate([prompt], seeded)[0]["token_ids"]
     engine = GenerationEngine(model, tok, 3, 64, eos_token_ids=[])
-    mixed = engine.generate([prompt, prompt, prompt],
-                            SamplingParams(max_new_tokens=10, do_sample=True, temperature=1.5, top_k=40, top_p=0.95, seed=7))
+    mixed = engine.generate(
+        [prompt, prompt, prompt],
+        SamplingParams(max_new_tokens=10, do_sample=True, temperature=1.5, top_k=40, top_p=0.95, seed=7),
+    )
     assert all(r["token_ids"] == alone for r in mixed)
     other = GenerationEngine(model, tok, 1, 64, eos_token_ids=[]).generate(
-        [prompt], SamplingParams(max_new_tokens=10, do_sample=True, temperature=1.5, seed=8))[0]["token_ids"]
+        [prompt], SamplingParams(max_new_tokens=10, do_sample=True, temperature=1.5, seed=8)
+    )[0]["token_ids"]
     assert other != alone
 
 
@@ -128,7 +164,7 @@ def test_stop_strings_end_and_are_excluded(tok):
 
 
 def test_eos_from_generation_config_stops(tmp_path, tok):
-    hf = tiny("qwen2", len(tok), tmp_path, tok)
+    tiny("qwen2", len(tok), tmp_path, tok)
     model = Bumblebee.from_pretrained(tmp_path)
     prompt = tok("The bee", add_special_tokens=False)["input_ids"]
     free = GenerationEngine(model, tok, 1, 64, eos_token_ids=[]).generate([prompt], SamplingParams(max_new_tokens=6))[0]
@@ -137,9 +173,16 @@ def test_eos_from_generation_config_stops(tmp_path, tok):
     from bumblecore.inference.generate import default_eos_ids
 
     eos = default_eos_ids(tmp_path, tok)
-    result = GenerationEngine(model, tok, 1, 64, eos_token_ids=eos).generate([prompt], SamplingParams(max_new_tokens=6))[0]
-    assert result["token_ids"] == free["token_ids"][: free["token_ids"].index(stop_token) + 1] and result["finish_reason"] == "stop"
-    ignored = GenerationEngine(model, tok, 1, 64, eos_token_ids=eos).generate([prompt], SamplingParams(max_new_tokens=6, ignore_eos=True))[0]
+    result = GenerationEngine(model, tok, 1, 64, eos_token_ids=eos).generate(
+        [prompt], SamplingParams(max_new_tokens=6)
+    )[0]
+    assert (
+        result["token_ids"] == free["token_ids"][: free["token_ids"].index(stop_token) + 1]
+        and result["finish_reason"] == "stop"
+    )
+    ignored = GenerationEngine(model, tok, 1, 64, eos_token_ids=eos).generate(
+        [prompt], SamplingParams(max_new_tokens=6, ignore_eos=True)
+    )[0]
     assert ignored["token_ids"] == free["token_ids"]
 
 
@@ -148,17 +191,52 @@ def test_generate_command_prints_transformers_greedy_text(tmp_path, tok):
     from bumblecore.data.template import render_prompt
 
     prompt_ids = render_prompt(tok, [{"role": "user", "content": "hello bee"}])
-    expected_ids = hf.generate(torch.tensor([prompt_ids]), max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0)[0, len(prompt_ids):]
-    result = subprocess.run([sys.executable, "-m", "bumblecore", "generate", "--model_path", str(tmp_path), "--prompt", "hello bee",
-                             "--max_new_tokens", "10", "--ignore_eos", "true"], capture_output=True, text=True)
+    expected_ids = hf.generate(
+        torch.tensor([prompt_ids]), max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0
+    )[0, len(prompt_ids) :]
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bumblecore",
+            "generate",
+            "--model_path",
+            str(tmp_path),
+            "--prompt",
+            "hello bee",
+            "--max_new_tokens",
+            "10",
+            "--ignore_eos",
+            "true",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout == tok.decode(expected_ids) + "\n"
     assert "generated 10 tokens in" in result.stderr and "tokens/s" in result.stderr
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("hello bee\n{\"prompt\": \"蜜蜂\"}\n")
-    result = subprocess.run([sys.executable, "-m", "bumblecore", "generate", "--model_path", str(tmp_path), "--prompts_file", str(prompts),
-                             "--max_new_tokens", "4", "--ignore_eos", "true", "--output_file", str(tmp_path / "out.jsonl")],
-                            capture_output=True, text=True)
+    prompts.write_text('hello bee\n{"prompt": "蜜蜂"}\n')
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bumblecore",
+            "generate",
+            "--model_path",
+            str(tmp_path),
+            "--prompts_file",
+            str(prompts),
+            "--max_new_tokens",
+            "4",
+            "--ignore_eos",
+            "true",
+            "--output_file",
+            str(tmp_path / "out.jsonl"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     rows = [json.loads(l) for l in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [r["prompt"] for r in rows] == ["hello bee", "蜜蜂"] and rows[0]["output"] == tok.decode(expected_ids[:4])
@@ -197,7 +275,9 @@ def test_merge_lora_equals_unmerged_and_loads_in_transformers(tmp_path, tok):
                 p.normal_(0, 0.2)  # a trained-looking adapter (peft starts B at zero)
     save_adapter(peft_model, tmp_path / "adapter", str(tmp_path / "base"))
     merge_lora(str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "merged"))
-    unmerged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "adapter").eval()
+    unmerged = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "adapter"
+    ).eval()
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     ids = torch.randint(0, len(tok), (2, 11))
     with torch.no_grad():
@@ -205,7 +285,9 @@ def test_merge_lora_equals_unmerged_and_loads_in_transformers(tmp_path, tok):
         expected = unmerged(ids).logits
         assert (merged(ids).logits - expected).abs().max() < 1e-4
         assert (base_logits - expected).abs().max() > 1e-2  # the adapter matters
-    assert (tmp_path / "merged" / "tokenizer_config.json").exists() and (tmp_path / "merged" / "generation_config.json").exists()
+    assert (tmp_path / "merged" / "tokenizer_config.json").exists() and (
+        tmp_path / "merged" / "generation_config.json"
+    ).exists()
     # generation loads an adapter dir directly too (base from adapter_config, merged in memory)
     from bumblecore.inference.loading import load_for_inference
 
@@ -220,18 +302,30 @@ def test_other_architectures_generate_through_transformers(tmp_path, tok):
     from bumblecore.inference.loading import load_for_inference
 
     torch.manual_seed(0)
-    phi = AutoModelForCausalLM.from_config(Phi3Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=0,
-                                                      max_position_embeddings=128)).eval()
+    phi = AutoModelForCausalLM.from_config(
+        Phi3Config(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            pad_token_id=0,
+            max_position_embeddings=128,
+        )
+    ).eval()
     phi.save_pretrained(tmp_path)
     tok.save_pretrained(str(tmp_path))
     model, tokenizer, _ = load_for_inference(str(tmp_path))
     prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS[:3]]
     results = GenerationEngine(model, tokenizer, max_batch_size=2, max_len=96, eos_token_ids=[]).generate(
-        prompts, SamplingParams(max_new_tokens=6))
+        prompts, SamplingParams(max_new_tokens=6)
+    )
     for prompt, result in zip(prompts, results):
-        expected = phi.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
-        assert result["token_ids"] == expected[0, len(prompt):].tolist()
+        expected = phi.generate(
+            torch.tensor([prompt]), max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0
+        )
+        assert result["token_ids"] == expected[0, len(prompt) :].tolist()
 
 
 def test_greedy_tokens_is_argmax_ties_nan_and_odd_vocab_included():

@@ -17,8 +17,11 @@ VERSION = getattr(ls, "__version__", "?")
 
 
 def moved(name: str, what: str):
-    pytest.fail(f"LitServe {VERSION} moved {name}: {what}. bumblecore/inference/litserve_adapter.py relies on it; "
-                f"update the adapter (and this test) before widening the litserve pin.", pytrace=False)
+    pytest.fail(
+        f"LitServe {VERSION} moved {name}: {what}. bumblecore/inference/litserve_adapter.py relies on it; "
+        f"update the adapter (and this test) before widening the litserve pin.",
+        pytrace=False,
+    )
 
 
 def private(module: str, name: str):
@@ -72,8 +75,10 @@ def test_a_queued_request_reads_back_as_litserves_loops_read_it():
     api = SimpleNamespace(batch_timeout=0, max_batch_size=4, request_timeout=False, stream=True)
     payloads, _ = collate(ls.loops.LitLoop(), api, spec.request_queue, Captured())
     if payloads != [(3, "uid-1", {"prompt_ids": [1, 2]})]:
-        moved("the request-queue message (response_queue_id, uid, timestamp, payload)",
-              f"LitServe's collate_requests read {payloads!r}")
+        moved(
+            "the request-queue message (response_queue_id, uid, timestamp, payload)",
+            f"LitServe's collate_requests read {payloads!r}",
+        )
 
 
 def test_the_spec_is_connected_to_the_request_queue_and_reply_buffers():
@@ -108,7 +113,9 @@ def test_the_reply_reader_fills_a_reply_buffer():
                     return messages.pop()
                 raise asyncio.CancelledError
 
-        await reader(Transport(), spec.response_buffer, 0, SimpleNamespace(lit_apis=[object()], any_stream=lambda: True))
+        await reader(
+            Transport(), spec.response_buffer, 0, SimpleNamespace(lit_apis=[object()], any_stream=lambda: True)
+        )
         await replies.wait(timeout=0.1)
         got = replies.next()
         replies.close()
@@ -130,15 +137,20 @@ def test_a_workers_error_reply_unpickles_to_its_message():
         data = [item[1][0] for _, item in transport.sent]
         pickle.loads(data[0])
     except Exception as err:
-        moved("LitLoop.put_error_response", f"its message is no longer (uid, (pickled error, status, type, worker)): {err!r}")
+        moved(
+            "LitLoop.put_error_response",
+            f"its message is no longer (uid, (pickled error, status, type, worker)): {err!r}",
+        )
     assert [adapter.worker_error_message(d) for d in data] == ["ValueError: boom", "step failed"]
 
 
 def test_the_server_methods_the_adapter_overrides():
     server_class = ls.LitServer
-    expected = {"_start_server": ["port", "num_uvicorn_servers", "log_level", "sockets", "uvicorn_worker_type", "kwargs"],
-                "_perform_graceful_shutdown": ["manager", "uvicorn_workers", "shutdown_reason"],
-                "verify_worker_status": []}
+    expected = {
+        "_start_server": ["port", "num_uvicorn_servers", "log_level", "sockets", "uvicorn_worker_type", "kwargs"],
+        "_perform_graceful_shutdown": ["manager", "uvicorn_workers", "shutdown_reason"],
+        "verify_worker_status": [],
+    }
     for name, params in expected.items():
         method = getattr(server_class, name, None)
         if method is None:
@@ -146,8 +158,13 @@ def test_the_server_methods_the_adapter_overrides():
         if parameters(method) != params:
             moved(f"LitServer.{name}", f"its parameters are now {parameters(method)}, not {params}")
     run = source(server_class.run)
-    for call in ("self.verify_worker_status()", "self._start_server(", "**kwargs", "self._shutdown_event.wait()",
-                 "self._perform_graceful_shutdown("):
+    for call in (
+        "self.verify_worker_status()",
+        "self._start_server(",
+        "**kwargs",
+        "self._shutdown_event.wait()",
+        "self._perform_graceful_shutdown(",
+    ):
         if call not in run:
             moved(f"LitServer.run's use of {call}", "run() no longer makes it")
     init_manager = source(server_class._init_manager)
@@ -181,11 +198,28 @@ def test_an_in_process_server_serves_its_own_index_route():
 def test_the_loop_and_api_hooks_the_worker_overrides():
     """Public, but the worker's loop replaces them whole: their parameters must still be these."""
     loop = ls.loops.ContinuousBatchingLoop
-    expected = {"prefill": ["pending_requests", "lit_api", "lit_spec", "request_queue", "transport", "max_batch_size",
-                            "batch_timeout"],
-                "run": ["lit_api", "device", "worker_id", "request_queue", "transport", "workers_setup_status", "callback_runner"],
-                "add_request": ["uid", "request", "lit_api", "lit_spec", "transport"],
-                "get_request": ["request_queue", "block", "timeout"]}
+    expected = {
+        "prefill": [
+            "pending_requests",
+            "lit_api",
+            "lit_spec",
+            "request_queue",
+            "transport",
+            "max_batch_size",
+            "batch_timeout",
+        ],
+        "run": [
+            "lit_api",
+            "device",
+            "worker_id",
+            "request_queue",
+            "transport",
+            "workers_setup_status",
+            "callback_runner",
+        ],
+        "add_request": ["uid", "request", "lit_api", "lit_spec", "transport"],
+        "get_request": ["request_queue", "block", "timeout"],
+    }
     for name, params in expected.items():
         if parameters(getattr(loop, name)) != params:
             moved(f"ContinuousBatchingLoop.{name}", f"its parameters are now {parameters(getattr(loop, name))}")

@@ -60,11 +60,16 @@ def test_kto_loss_equals_its_closed_form():
     expected_z = max(0.0, sum((mismatched_policy - mismatched_reference).tolist()) / 6)
     assert z.item() == pytest.approx(expected_z, rel=1e-12) and not z.requires_grad
     beta, wd, wu = 0.1, 1.0, 1.33
+
+    def sigmoid(x):
+        return 1 / (1 + math.exp(-x))
+
     got = kto_loss(policy, reference, desirable, z, beta, wd, wu)
     for i in range(6):
         r = policy[i].item() - reference[i].item()
-        sigmoid = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
-        want = wd * (1 - sigmoid(beta * (r - expected_z))) if desirable[i] else wu * (1 - sigmoid(beta * (expected_z - r)))
+        want = (
+            wd * (1 - sigmoid(beta * (r - expected_z))) if desirable[i] else wu * (1 - sigmoid(beta * (expected_z - r)))
+        )
         assert got[i].item() == pytest.approx(want, rel=1e-12)
     # The first step, policy == reference: r = 0 and z = 0, so every loss is half its weight.
     first = kto_loss(policy, policy, desirable, kto_reference_point(policy, policy), beta, wd, wu)

@@ -35,7 +35,10 @@ def test_ratio_of_sums_and_exact_match():
     metric.update(torch.tensor(1.0), 8)
     assert float(metric.compute()) == pytest.approx(0.7)  # (6 + 1) / (2 + 8), not (3 + 0.125) / 2
     aggregate = EvalAggregate("cpu")
-    assert aggregate.compute(["rewards/margins"]) == {"loss": 0.0, "rewards/margins": 0.0}  # an empty share joins with zeros
+    assert aggregate.compute(["rewards/margins"]) == {
+        "loss": 0.0,
+        "rewards/margins": 0.0,
+    }  # an empty share joins with zeros
     matches = ExactMatch()
     matches.update([" yes", "two", "no"], ["yes", "three", "no\n"])
     matches.update(["one"], ["one"])
@@ -48,8 +51,15 @@ def test_ratio_of_sums_and_exact_match():
 def save_model(directory: Path, seed: int) -> Path:
     torch.manual_seed(seed)
     # A wide init: peaked predictions make per-token losses differ, so the two weightings differ clearly.
-    config = BumblebeeConfig(vocab_size=768, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, initializer_range=0.5)
+    config = BumblebeeConfig(
+        vocab_size=768,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        initializer_range=0.5,
+    )
     Bumblebee(config).save_pretrained(directory)
     load_tokenizer(DEMO / "tokenizer").save_pretrained(str(directory))
     return directory
@@ -59,9 +69,18 @@ def save_model(directory: Path, seed: int) -> Path:
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("metrics")
     # 5 rows: rank 0 gets rows 0, 2, 4 and rank 1 rows 1, 3 (the long answers), so shares differ in rows and tokens.
-    sft = [{"instruction": f"Question {i}?", "input": "", "output": answer} for i, answer in enumerate(
-        ["yes", "one two three four five six seven eight nine ten eleven twelve", "no",
-         "a longer answer with many more words than the others have in them", "zero"])]
+    sft = [
+        {"instruction": f"Question {i}?", "input": "", "output": answer}
+        for i, answer in enumerate(
+            [
+                "yes",
+                "one two three four five six seven eight nine ten eleven twelve",
+                "no",
+                "a longer answer with many more words than the others have in them",
+                "zero",
+            ]
+        )
+    ]
     (root / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sft), encoding="utf-8")
     pairs = open(DEMO / "dpo_eval.jsonl", encoding="utf-8").read().splitlines()[:5]
     (root / "dpo.jsonl").write_text("\n".join(pairs) + "\n", encoding="utf-8")
@@ -71,16 +90,61 @@ def setup(tmp_path_factory):
 def run_one_and_two(root: Path, name: str, keys: dict, *two_processes: str) -> tuple[dict, dict]:
     """Step-0 evaluation of the same run on 1 process and on 2 (`--devices 2`, plus `two_processes` flags)."""
     config = root / f"{name}.yaml"
-    config.write_text(yaml.safe_dump({"max_steps": 1, "eval_steps": 1, "cutoff_len": 64, "train_micro_batch_size_per_gpu": 2,
-                                      "gradient_accumulation_steps": 1, "train_model_precision": "fp32", "accelerator": "cpu",
-                                      "save_steps": 100, "packing": False, **keys}))
-    main(["train", "--config", str(config), "--output_dir", str(root / f"{name}_one"), "--gradient_accumulation_steps", "2"])
-    result = subprocess.run([sys.executable, "-m", "bumblecore", "train", "--config", str(config), "--devices", "2",
-                             "--output_dir", str(root / f"{name}_two"), *two_processes],
-                            capture_output=True, text=True, timeout=180, cwd=root)
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "max_steps": 1,
+                "eval_steps": 1,
+                "cutoff_len": 64,
+                "train_micro_batch_size_per_gpu": 2,
+                "gradient_accumulation_steps": 1,
+                "train_model_precision": "fp32",
+                "accelerator": "cpu",
+                "save_steps": 100,
+                "packing": False,
+                **keys,
+            }
+        )
+    )
+    main(
+        [
+            "train",
+            "--config",
+            str(config),
+            "--output_dir",
+            str(root / f"{name}_one"),
+            "--gradient_accumulation_steps",
+            "2",
+        ]
+    )
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bumblecore",
+            "train",
+            "--config",
+            str(config),
+            "--devices",
+            "2",
+            "--output_dir",
+            str(root / f"{name}_two"),
+            *two_processes,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=root,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    first = [next(json.loads(line) for line in (root / f"{name}_{n}" / "metrics.jsonl").read_text().splitlines()
-                  if '"eval/loss"' in line) for n in ("one", "two")]
+    first = [
+        next(
+            json.loads(line)
+            for line in (root / f"{name}_{n}" / "metrics.jsonl").read_text().splitlines()
+            if '"eval/loss"' in line
+        )
+        for n in ("one", "two")
+    ]
     assert first[0]["step"] == first[1]["step"] == 0
     return first[0], first[1]
 
@@ -89,8 +153,9 @@ def per_rank_sums(keys: dict, root: Path, stage, model) -> list[dict]:
     """Each rank's eval sums, as the engine's strided eval share of 2 ranks gives them."""
     run = TrainArgs.from_flat(**{**keys, "cutoff_len": 64, "packing": False, "cache_dir": str(root / "oracle_cache")})
     tokenizer = load_tokenizer(run.model.model_name_or_path)
-    _, units = dataset_units(run.data, run.model.training_stage, run.optimization.seed, tokenizer, run.data.eval_dataset_path,
-                             progress=False)
+    _, units = dataset_units(
+        run.data, run.model.training_stage, run.optimization.seed, tokenizer, run.data.eval_dataset_path, progress=False
+    )
     shares = []
     with torch.no_grad():
         for rank in (0, 1):
@@ -118,8 +183,12 @@ def test_sft_eval_loss_over_two_zero3_processes_equals_one_process(setup):
     """Under DeepSpeed ZeRO-3 (gloo on CPU): the metric syncs over DeepSpeed's process group, and the rank
     with fewer eval batches runs extra forwards so the other's parameter gathers are not left waiting."""
     root, policy, _ = setup
-    keys = {"training_stage": "sft", "model_name_or_path": str(policy), "dataset_path": str(root / "sft.jsonl"),
-            "eval_dataset_path": str(root / "sft.jsonl")}
+    keys = {
+        "training_stage": "sft",
+        "model_name_or_path": str(policy),
+        "dataset_path": str(root / "sft.jsonl"),
+        "eval_dataset_path": str(root / "sft.jsonl"),
+    }
     one, two = run_one_and_two(root, "sft", keys, "--deepspeed_config_path", ZERO3)
     model = Bumblebee.from_pretrained(policy).eval()
     check(one, two, per_rank_sums(keys, root, LanguageModelingStage(), model), ["loss"])
@@ -128,8 +197,14 @@ def test_sft_eval_loss_over_two_zero3_processes_equals_one_process(setup):
 
 def test_dpo_eval_rewards_over_two_ddp_processes_equal_one_process(setup):
     root, policy, reference = setup
-    keys = {"training_stage": "dpo", "model_name_or_path": str(policy), "ref_model_path": str(reference),
-            "dataset_path": str(root / "dpo.jsonl"), "eval_dataset_path": str(root / "dpo.jsonl"), "pref_beta": BETA}
+    keys = {
+        "training_stage": "dpo",
+        "model_name_or_path": str(policy),
+        "ref_model_path": str(reference),
+        "dataset_path": str(root / "dpo.jsonl"),
+        "eval_dataset_path": str(root / "dpo.jsonl"),
+        "pref_beta": BETA,
+    }
     one, two = run_one_and_two(root, "dpo", keys)
     stage = PreferenceStage(beta=BETA, reference=ModelReference(Bumblebee.from_pretrained(reference).eval()))
     shares = per_rank_sums(keys, root, stage, Bumblebee.from_pretrained(policy).eval())

@@ -5,8 +5,17 @@ import json
 
 import pytest
 import torch
-from transformers import (AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
-                          Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 from bumblecore import Bumblebee, BumblebeeConfig
 from bumblecore.inference.decode import DecodingBumblebee, SlotCache
@@ -20,12 +29,24 @@ TOL = 1e-4
 def tiny_hf(family="qwen2", tie=False, kv_heads=2, heads=4, **extra):
     torch.manual_seed(0)
     common = dict(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=heads,
-        num_key_value_heads=kv_heads, initializer_range=0.2, tie_word_embeddings=tie, rope_theta=10000.0,
-        max_position_embeddings=256, **extra,
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        initializer_range=0.2,
+        tie_word_embeddings=tie,
+        rope_theta=10000.0,
+        max_position_embeddings=256,
+        **extra,
     )
-    classes = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM),
-               "qwen3": (Qwen3Config, Qwen3ForCausalLM), "mistral": (MistralConfig, MistralForCausalLM)}
+    classes = {
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+        "llama": (LlamaConfig, LlamaForCausalLM),
+        "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+        "mistral": (MistralConfig, MistralForCausalLM),
+    }
     config_class, model_class = classes[family]
     model = model_class(config_class(**common))
     # Norm weights start at 1; perturb them so a norm slip (e.g. a missing weight) shows.
@@ -94,7 +115,8 @@ def test_qwen3_mistral_and_windows_equal_transformers(tmp_path, family, extra):
     window = hf.config.sliding_window
     types = getattr(hf.config, "layer_types", None) or ["sliding_attention"] * 2  # Mistral: every layer
     assert [layer.self_attn.window for layer in ours.model.layers] == [
-        window if t == "sliding_attention" else None for t in types]
+        window if t == "sliding_attention" else None for t in types
+    ]
     assert hasattr(ours.model.layers[0].self_attn, "q_norm") == (family == "qwen3")
     x = ids()
     with torch.no_grad():
@@ -111,8 +133,10 @@ def test_qwen3_mistral_and_windows_equal_transformers(tmp_path, family, extra):
             assert diff < TOL, f"{family} {backend}: max abs diff {diff}"
         # Prefill 4 tokens, then one at a time past the window: each step equals the full forward,
         # through the model's KV cache and through the decode-time path.
-        for model, cache in ((ours, KVCache(ours.config, batch_size=2, max_len=32)),
-                             (DecodingBumblebee(ours), SlotCache(ours.config, batch_size=2, max_len=32))):
+        for model, cache in (
+            (ours, KVCache(ours.config, batch_size=2, max_len=32)),
+            (DecodingBumblebee(ours), SlotCache(ours.config, batch_size=2, max_len=32)),
+        ):
             step_logits = [model(x[:, :4], kv_cache=cache)]
             step_logits += [model(x[:, t : t + 1], kv_cache=cache) for t in range(4, x.shape[1])]
             assert (torch.cat(step_logits, dim=1) - expected).abs().max().item() < TOL, type(model).__name__
@@ -145,8 +169,11 @@ def test_sliding_window_with_padding_and_packing_equals_transformers(tmp_path, f
         expected = hf(x, attention_mask=mask, position_ids=position_ids).logits
         got = ours(x, attention_mask=mask, position_ids=position_ids)
         assert (got[mask.bool()] - expected[mask.bool()]).abs().max().item() < TOL
-        packed = ours(torch.cat(docs, dim=1), position_ids=torch.cat([torch.arange(n) for n in lengths])[None],
-                      segment_ids=segment_ids)
+        packed = ours(
+            torch.cat(docs, dim=1),
+            position_ids=torch.cat([torch.arange(n) for n in lengths])[None],
+            segment_ids=segment_ids,
+        )
         assert (packed - torch.cat([hf(d).logits for d in docs], dim=1)).abs().max().item() < TOL
 
 
@@ -154,9 +181,16 @@ def test_mistral_layer_types_are_mistrals_not_qwens():
     """transformers' Mistral slides every layer whatever layer_types says; Qwen3 with o_proj bias is refused."""
     from bumblecore.model.hf_io import config_from_hf_dict
 
-    base = {"vocab_size": 32, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2}
-    mistral = config_from_hf_dict({**base, "model_type": "mistral", "sliding_window": 8,
-                                   "layer_types": ["full_attention", "full_attention"]})
+    base = {
+        "vocab_size": 32,
+        "hidden_size": 16,
+        "intermediate_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+    }
+    mistral = config_from_hf_dict(
+        {**base, "model_type": "mistral", "sliding_window": 8, "layer_types": ["full_attention", "full_attention"]}
+    )
     assert [mistral.layer_window(i) for i in range(2)] == [8, 8]
     with pytest.raises(ValueError, match="qwen3 attention_bias"):
         config_from_hf_dict({**base, "model_type": "qwen3", "attention_bias": True})
@@ -194,8 +228,13 @@ def test_packed_documents_do_not_attend_across(tmp_path):
 
 
 def test_llama3_rope_scaling_matches_transformers(tmp_path):
-    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 32}
+    scaling = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32,
+    }
     hf = tiny_hf("llama", rope_scaling=scaling)
     hf.save_pretrained(tmp_path)
     ours = Bumblebee.from_pretrained(tmp_path).eval()
@@ -223,8 +262,17 @@ def test_save_loads_in_transformers_same_logits(tmp_path, family):
 
 
 def test_sharded_save_loads_everywhere(tmp_path):
-    ours = Bumblebee(BumblebeeConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                     num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2)).eval()
+    ours = Bumblebee(
+        BumblebeeConfig(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            initializer_range=0.2,
+        )
+    ).eval()
     ours.save_pretrained(tmp_path, max_shard_size="40KB")
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
@@ -238,7 +286,9 @@ def test_sharded_save_loads_everywhere(tmp_path):
     # Saving again unsharded removes the old shards and index.
     ours.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").exists()
-    assert not list(tmp_path.glob("model-*-of-*.safetensors")) and not (tmp_path / "model.safetensors.index.json").exists()
+    assert (
+        not list(tmp_path.glob("model-*-of-*.safetensors")) and not (tmp_path / "model.safetensors.index.json").exists()
+    )
 
 
 def test_truncated_safetensors_gives_clear_error(tmp_path):
@@ -258,10 +308,19 @@ def test_other_architecture_refused_with_model_type(tmp_path):
 def test_transformers4_and_5_config_layouts_read_alike(tmp_path):
     from bumblecore.model.hf_io import config_from_hf_dict
 
-    base = {"model_type": "qwen2", "vocab_size": 32, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
-            "num_attention_heads": 2, "num_key_value_heads": 1}
+    base = {
+        "model_type": "qwen2",
+        "vocab_size": 32,
+        "hidden_size": 16,
+        "intermediate_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+    }
     v4 = config_from_hf_dict({**base, "rope_theta": 5e5, "rope_scaling": None, "torch_dtype": "bfloat16"})
-    v5 = config_from_hf_dict({**base, "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}, "dtype": "bfloat16"})
+    v5 = config_from_hf_dict(
+        {**base, "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}, "dtype": "bfloat16"}
+    )
     assert v4.to_dict() == v5.to_dict()
     assert v4.rope_theta == 5e5 and v4.rope_scaling is None and v4.torch_dtype == "bfloat16"
 
@@ -271,10 +330,17 @@ def test_preset_parameter_counts_equal_transformers(preset):
     cfg = BumblebeeConfig.from_preset(preset)
     with torch.device("meta"):
         ours = Bumblebee(cfg)
-        hf = Qwen2ForCausalLM(Qwen2Config(
-            vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-            num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
-            num_key_value_heads=cfg.num_key_value_heads, tie_word_embeddings=cfg.tie_word_embeddings))
+        hf = Qwen2ForCausalLM(
+            Qwen2Config(
+                vocab_size=cfg.vocab_size,
+                hidden_size=cfg.hidden_size,
+                intermediate_size=cfg.intermediate_size,
+                num_hidden_layers=cfg.num_hidden_layers,
+                num_attention_heads=cfg.num_attention_heads,
+                num_key_value_heads=cfg.num_key_value_heads,
+                tie_word_embeddings=cfg.tie_word_embeddings,
+            )
+        )
     ours_count = ours.num_parameters()
     assert ours_count == hf.num_parameters() == cfg.num_parameters_estimate
     if preset == "0.5B":
@@ -282,8 +348,16 @@ def test_preset_parameter_counts_equal_transformers(preset):
 
 
 def test_bf16_forward_on_cpu():
-    model = Bumblebee(BumblebeeConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2)).to(torch.bfloat16)
+    model = Bumblebee(
+        BumblebeeConfig(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    ).to(torch.bfloat16)
     fp32 = Bumblebee(model.config)
     fp32.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
     x = ids()
@@ -301,8 +375,17 @@ def _grads(model, x):
 
 def test_activation_checkpointing_same_gradients():
     torch.manual_seed(0)
-    model = Bumblebee(BumblebeeConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                                      num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2)).train()
+    model = Bumblebee(
+        BumblebeeConfig(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            initializer_range=0.2,
+        )
+    ).train()
     x = ids()
     plain = _grads(model, x)
     model.set_gradient_checkpointing(True)
@@ -313,9 +396,17 @@ def test_activation_checkpointing_same_gradients():
 
 def test_layernorm_gelu_trains_and_round_trips_as_bumblebee(tmp_path):
     torch.manual_seed(0)
-    cfg = BumblebeeConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, norm_type="layernorm", hidden_act="gelu",
-                          initializer_range=0.2)
+    cfg = BumblebeeConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        norm_type="layernorm",
+        hidden_act="gelu",
+        initializer_range=0.2,
+    )
     model = Bumblebee(cfg)
     assert isinstance(model.model.norm, torch.nn.LayerNorm)
     x = ids()
@@ -380,8 +471,17 @@ def test_kv_cache_decoding_equals_full_forward(tmp_path, path):
 
 def small_model():
     torch.manual_seed(0)
-    return Bumblebee(BumblebeeConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                     num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2)).eval()
+    return Bumblebee(
+        BumblebeeConfig(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            initializer_range=0.2,
+        )
+    ).eval()
 
 
 def prefill(decoder, x):
@@ -444,8 +544,10 @@ def test_kv_cache_rows_as_a_slice_equal_rows_as_a_tensor(tmp_path):
     with torch.no_grad():
         for step in range(3):
             tokens = prompts if step == 0 else torch.tensor([[3], [7]])
-            torch.testing.assert_close(model(tokens, kv_cache=by_slice, cache_rows=slice(2, 4)),
-                                       model(tokens, kv_cache=by_tensor, cache_rows=torch.tensor([2, 3])))
+            torch.testing.assert_close(
+                model(tokens, kv_cache=by_slice, cache_rows=slice(2, 4)),
+                model(tokens, kv_cache=by_tensor, cache_rows=torch.tensor([2, 3])),
+            )
 
 
 def test_supported_family_with_a_feature_bumblebee_lacks_is_refused_and_not_native(tmp_path):
@@ -453,8 +555,14 @@ def test_supported_family_with_a_feature_bumblebee_lacks_is_refused_and_not_nati
     bumblebee_expresses sends it to the transformers fallback instead."""
     from bumblecore.model.hf_io import bumblebee_expresses
 
-    cases = [("qwen2", dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}), "yarn"),
-             ("llama", dict(mlp_bias=True), "mlp_bias")]
+    cases = [
+        (
+            "qwen2",
+            dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}),
+            "yarn",
+        ),
+        ("llama", dict(mlp_bias=True), "mlp_bias"),
+    ]
     for family, extra, reason in cases:
         tiny_hf(family, **extra).save_pretrained(tmp_path / family)
         assert not bumblebee_expresses(tmp_path / family)

@@ -37,8 +37,9 @@ def free_port() -> int:
 
 
 def run(command, cwd, env=None, timeout=300) -> str:
-    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=cwd,
-                            env={**os.environ, **(env or {})})
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=timeout, cwd=cwd, env={**os.environ, **(env or {})}
+    )
     assert result.returncode == 0, f"{command[:4]}: {result.stderr[-4000:]}"
     return result.stdout + result.stderr
 
@@ -61,17 +62,65 @@ def metrics(output: Path) -> list[dict]:
 def job(tmp_path_factory):
     """A tiny pretrained base, the run config, and the one-process reference run (accumulation 4)."""
     root = tmp_path_factory.mktemp("scale")
-    main(["init_model", "--preset", "0.5B", "--num_hidden_layers", "2", "--hidden_size", "32", "--intermediate_size", "64",
-          "--num_attention_heads", "4", "--num_key_value_heads", "2", "--vocab_size", "768", "--torch_dtype", "float32",
-          "--tokenizer_path", str(DEMO / "tokenizer"), "--output_dir", str(root / "init")])
+    main(
+        [
+            "init_model",
+            "--preset",
+            "0.5B",
+            "--num_hidden_layers",
+            "2",
+            "--hidden_size",
+            "32",
+            "--intermediate_size",
+            "64",
+            "--num_attention_heads",
+            "4",
+            "--num_key_value_heads",
+            "2",
+            "--vocab_size",
+            "768",
+            "--torch_dtype",
+            "float32",
+            "--tokenizer_path",
+            str(DEMO / "tokenizer"),
+            "--output_dir",
+            str(root / "init"),
+        ]
+    )
     config = root / "run.yaml"
-    config.write_text(yaml.safe_dump({
-        "training_stage": "continue_pretrain", "model_name_or_path": str(root / "base"),
-        "dataset_path": str(DEMO / "pretrain_eval.jsonl"), "cutoff_len": 64, "max_steps": STEPS, "learning_rate": 5e-3,
-        "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2, "train_model_precision": "fp32",
-        "accelerator": "cpu", "save_steps": 2, "save_total_limit": 5, "cache_dir": str(root / "cache")}))
-    main(train_line(config, root / "base", "--training_stage", "pretrain", "--model_name_or_path", str(root / "init"),
-                    "--max_steps", "1", "--save_steps", "100"))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "training_stage": "continue_pretrain",
+                "model_name_or_path": str(root / "base"),
+                "dataset_path": str(DEMO / "pretrain_eval.jsonl"),
+                "cutoff_len": 64,
+                "max_steps": STEPS,
+                "learning_rate": 5e-3,
+                "train_micro_batch_size_per_gpu": 2,
+                "gradient_accumulation_steps": 2,
+                "train_model_precision": "fp32",
+                "accelerator": "cpu",
+                "save_steps": 2,
+                "save_total_limit": 5,
+                "cache_dir": str(root / "cache"),
+            }
+        )
+    )
+    main(
+        train_line(
+            config,
+            root / "base",
+            "--training_stage",
+            "pretrain",
+            "--model_name_or_path",
+            str(root / "init"),
+            "--max_steps",
+            "1",
+            "--save_steps",
+            "100",
+        )
+    )
     main(train_line(config, root / "one", "--gradient_accumulation_steps", "4"))
     return root, config
 
@@ -84,11 +133,32 @@ def test_zero_stage_equals_one_process_and_resumes_exactly(job, stage):
     if stage <= 1:  # bumblecore starts the 2 processes itself
         log = run([sys.executable, "-m", "bumblecore", *train_line(config, out, "--devices", "2", *extra)], root)
     elif stage == 2:
-        log = run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "bumblecore",
-                   *train_line(config, out, *extra)], root)
+        log = run(
+            [
+                str(BIN / "torchrun"),
+                "--nproc_per_node",
+                "2",
+                "--master_port",
+                str(free_port()),
+                "-m",
+                "bumblecore",
+                *train_line(config, out, *extra),
+            ],
+            root,
+        )
     else:
-        log = run([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
-                   str(REPO / "bumblecore" / "__main__.py"), *train_line(config, out, *extra)], root)
+        log = run(
+            [
+                str(BIN / "deepspeed"),
+                "--num_gpus",
+                "2",
+                "--master_port",
+                str(free_port()),
+                str(REPO / "bumblecore" / "__main__.py"),
+                *train_line(config, out, *extra),
+            ],
+            root,
+        )
     assert f"CPUDeepSpeedStrategy (ZeRO-{stage})" in log and "processes: 2" in log
     assert worst_difference(root / "one", out) < 1e-4
     records = metrics(out)
@@ -103,8 +173,17 @@ def test_zero_stage_equals_one_process_and_resumes_exactly(job, stage):
         return
 
     resumed = root / f"zero{stage}_resumed"
-    run([sys.executable, "-m", "bumblecore", *train_line(config, resumed, "--devices", "2", *extra,
-                                                         "--resume_from_checkpoint", str(out / "checkpoint-2"))], root)
+    run(
+        [
+            sys.executable,
+            "-m",
+            "bumblecore",
+            *train_line(
+                config, resumed, "--devices", "2", *extra, "--resume_from_checkpoint", str(out / "checkpoint-2")
+            ),
+        ],
+        root,
+    )
     assert worst_difference(out, resumed) == 0.0
     assert [r["loss"] for r in metrics(resumed)] == [r["loss"] for r in records[2:]]
     if stage == 3:  # the consolidated 16-bit save (fp32 here) is a plain transformers checkpoint
@@ -129,12 +208,35 @@ def test_zero3_pretraining_from_scratch_under_srun(job):
     port = str(free_port())
     tasks = []
     for rank in range(2):
-        env = {**os.environ, "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODES": "1", "SLURM_PROCID": str(rank),
-               "SLURM_LOCALID": str(rank), "SLURM_NODEID": "0", "SLURM_JOB_NAME": "bumblecore", "SLURM_JOB_ID": "4242",
-               "SLURM_NODELIST": "127.0.0.1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
-        tasks.append(subprocess.Popen([sys.executable, "-m", "bumblecore",
-                                       *train_line(config, out, *common, "--deepspeed_config_path", ZERO[3])],
-                                      cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        env = {
+            **os.environ,
+            "SLURM_NTASKS": "2",
+            "SLURM_NTASKS_PER_NODE": "2",
+            "SLURM_NNODES": "1",
+            "SLURM_PROCID": str(rank),
+            "SLURM_LOCALID": str(rank),
+            "SLURM_NODEID": "0",
+            "SLURM_JOB_NAME": "bumblecore",
+            "SLURM_JOB_ID": "4242",
+            "SLURM_NODELIST": "127.0.0.1",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+        }
+        tasks.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "bumblecore",
+                    *train_line(config, out, *common, "--deepspeed_config_path", ZERO[3]),
+                ],
+                cwd=root,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     logs = [task.communicate(timeout=300)[0] for task in tasks]
     assert all(task.returncode == 0 for task in tasks), logs[0][-3000:] + logs[1][-3000:]
     assert "started by srun" in logs[0]
@@ -143,10 +245,28 @@ def test_zero3_pretraining_from_scratch_under_srun(job):
 
 def test_lora_under_zero3_saves_the_whole_adapter(job):
     root, config = job
-    lora = ["--finetuning_type", "lora", "--lora_rank", "4", "--lora_alpha", "8", "--lora_dropout", "0", "--save_steps", "100"]
+    lora = [
+        "--finetuning_type",
+        "lora",
+        "--lora_rank",
+        "4",
+        "--lora_alpha",
+        "8",
+        "--lora_dropout",
+        "0",
+        "--save_steps",
+        "100",
+    ]
     main(train_line(config, root / "lora_one", *lora, "--gradient_accumulation_steps", "4"))
-    run([sys.executable, "-m", "bumblecore", *train_line(config, root / "lora_zero3", *lora, "--devices", "2",
-                                                         "--deepspeed_config_path", ZERO[3])], root)
+    run(
+        [
+            sys.executable,
+            "-m",
+            "bumblecore",
+            *train_line(config, root / "lora_zero3", *lora, "--devices", "2", "--deepspeed_config_path", ZERO[3]),
+        ],
+        root,
+    )
     plain = load_file(root / "lora_one" / "adapter_model.safetensors")
     sharded = load_file(root / "lora_zero3" / "adapter_model.safetensors")
     assert sorted(sharded) == sorted(plain) and all(sharded[k].shape == plain[k].shape for k in plain)
@@ -158,11 +278,33 @@ def test_two_nodes_with_fabric_run_equal_one_process_and_build_their_own_cache(j
     cache directory, as a node without a shared filesystem would."""
     root, config = job
     out, port = root / "two_nodes", str(free_port())
-    nodes = [subprocess.Popen(
-        [str(BIN / "fabric"), "run", "--accelerator", "cpu", "--devices", "1", "--num-nodes", "2", "--node-rank", str(rank),
-         "--main-address", "127.0.0.1", "--main-port", port, str(REPO / "bumblecore" / "__main__.py"),
-         *train_line(config, out, "--cache_dir", str(root / f"node{rank}_cache"), "--save_steps", "100")],
-        cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in range(2)]
+    nodes = [
+        subprocess.Popen(
+            [
+                str(BIN / "fabric"),
+                "run",
+                "--accelerator",
+                "cpu",
+                "--devices",
+                "1",
+                "--num-nodes",
+                "2",
+                "--node-rank",
+                str(rank),
+                "--main-address",
+                "127.0.0.1",
+                "--main-port",
+                port,
+                str(REPO / "bumblecore" / "__main__.py"),
+                *train_line(config, out, "--cache_dir", str(root / f"node{rank}_cache"), "--save_steps", "100"),
+            ],
+            cwd=root,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in range(2)
+    ]
     logs = [node.communicate(timeout=300)[0] for node in nodes]
     assert all(node.returncode == 0 for node in nodes), logs[0][-3000:] + logs[1][-3000:]
     assert "1 per node x 2 node(s), started by fabric run" in logs[0]
@@ -185,11 +327,37 @@ def test_an_unsupported_launcher_is_refused_before_anything_is_written(job, monk
 
 def test_a_run_that_cannot_fit_is_refused_before_allocating(tmp_path, capsys):
     """72B in fp32 with Adam needs ~1.2 TB per process without ZeRO: the plan refuses it at once."""
-    main(["init_model", "--preset", "72B", "--tokenizer_path", str(DEMO / "tokenizer"), "--output_dir", str(tmp_path / "big")])
+    main(
+        [
+            "init_model",
+            "--preset",
+            "72B",
+            "--tokenizer_path",
+            str(DEMO / "tokenizer"),
+            "--output_dir",
+            str(tmp_path / "big"),
+        ]
+    )
     with pytest.raises(SystemExit):
-        main(["train", "--training_stage", "pretrain", "--model_name_or_path", str(tmp_path / "big"), "--dataset_path",
-              str(DEMO / "pretrain_eval.jsonl"), "--output_dir", str(tmp_path / "out"), "--accelerator", "cpu",
-              "--train_model_precision", "fp32", "--cache_dir", str(tmp_path / "cache")])
+        main(
+            [
+                "train",
+                "--training_stage",
+                "pretrain",
+                "--model_name_or_path",
+                str(tmp_path / "big"),
+                "--dataset_path",
+                str(DEMO / "pretrain_eval.jsonl"),
+                "--output_dir",
+                str(tmp_path / "out"),
+                "--accelerator",
+                "cpu",
+                "--train_model_precision",
+                "fp32",
+                "--cache_dir",
+                str(tmp_path / "cache"),
+            ]
+        )
     error = capsys.readouterr().err
     assert "cannot fit" in error and "ZeRO-3" in error
     assert not (tmp_path / "out").exists()
@@ -210,9 +378,27 @@ def test_a_non_finite_step_stops_every_rank_before_deepspeed_updates(job, stage)
     weights["model.norm.weight"][0] = float("inf")
     save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
     out = root / f"nonfinite{stage}"
-    result = subprocess.run([sys.executable, "-m", "bumblecore", *train_line(config, out, "--devices", "2", "--model_name_or_path",
-                                                                             str(broken), "--deepspeed_config_path", ZERO[stage])],
-                            capture_output=True, text=True, timeout=300, cwd=root)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bumblecore",
+            *train_line(
+                config,
+                out,
+                "--devices",
+                "2",
+                "--model_name_or_path",
+                str(broken),
+                "--deepspeed_config_path",
+                ZERO[stage],
+            ),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=root,
+    )
     assert result.returncode != 0
     assert "at step 1 " in result.stderr and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert not list(out.glob("checkpoint-*"))

@@ -7,7 +7,9 @@ from transformers import get_scheduler
 from bumblecore.train.schedulers import SCHEDULERS, build_scheduler
 
 LR, WARMUP, TOTAL = 3e-4, 7, 60
-CASES = [(name, {}) for name in SCHEDULERS if name not in ("reduce_on_plateau", "cosine_with_min_lr", "warmup_stable_decay")] + [
+CASES = [
+    (name, {}) for name in SCHEDULERS if name not in ("reduce_on_plateau", "cosine_with_min_lr", "warmup_stable_decay")
+] + [
     ("cosine_with_min_lr", {"min_lr_rate": 0.1}),
     ("cosine_with_min_lr", {"min_lr": 1e-5}),
     ("cosine_with_restarts", {"num_cycles": 3}),
@@ -34,7 +36,11 @@ def test_schedule_matches_transformers(name, kwargs):
     hf_kwargs = dict(kwargs)
     if name == "warmup_stable_decay":
         hf_kwargs.setdefault("num_stable_steps", TOTAL - WARMUP - hf_kwargs["num_decay_steps"])
-    theirs = lrs(lambda opt: get_scheduler(name, opt, num_warmup_steps=WARMUP, num_training_steps=TOTAL, scheduler_specific_kwargs=hf_kwargs))
+    theirs = lrs(
+        lambda opt: get_scheduler(
+            name, opt, num_warmup_steps=WARMUP, num_training_steps=TOTAL, scheduler_specific_kwargs=hf_kwargs
+        )
+    )
     assert ours == pytest.approx(theirs, rel=1e-9, abs=1e-15)
 
 

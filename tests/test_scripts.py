@@ -20,7 +20,9 @@ def command_lines(script: Path) -> list[list[str]]:
     found = []
     for line in script.read_text().splitlines():
         line = re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", line.lstrip("# "))
-        match = re.search(r"(?:^|\|\| |srun )bumblecore (\w+.*)$", line) or re.search(r"bumblecore/__main__\.py (\w+.*)$", line)
+        match = re.search(r"(?:^|\|\| |srun )bumblecore (\w+.*)$", line) or re.search(
+            r"bumblecore/__main__\.py (\w+.*)$", line
+        )
         if match:
             found.append([a.strip('"') for a in match.group(1).split() if a != '"$@"'])
     return found
@@ -28,8 +30,19 @@ def command_lines(script: Path) -> list[list[str]]:
 
 def test_every_workflow_has_a_script():
     names = {p.stem for p in SCRIPTS}
-    assert {"pretrain", "sft_full", "sft_lora", "dpo_full", "dpo_lora", "orpo", "simpo", "merge_lora", "chat", "bumblechat",
-            "demo"} <= names
+    assert {
+        "pretrain",
+        "sft_full",
+        "sft_lora",
+        "dpo_full",
+        "dpo_lora",
+        "orpo",
+        "simpo",
+        "merge_lora",
+        "chat",
+        "bumblechat",
+        "demo",
+    } <= names
 
 
 def print_config(args: list[str]) -> dict:
@@ -83,7 +96,12 @@ def test_every_preset_has_a_model_config(tmp_path, monkeypatch):
 
 
 # The keys naming what a command reads and what it writes.
-INPUTS = {"train": ["model_name_or_path"], "merge_lora": ["base_model_path", "lora_model_path"], "chat": ["model_path"], "serve": ["model_path"]}
+INPUTS = {
+    "train": ["model_name_or_path"],
+    "merge_lora": ["base_model_path", "lora_model_path"],
+    "chat": ["model_path"],
+    "serve": ["model_path"],
+}
 OUTPUTS = {"train": "output_dir", "merge_lora": "save_path", "init_model": "output_dir"}
 
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 import requests
-import torch
+from serving import running_server
 
 from bumblecore.args import SamplingArgs
 from bumblecore.inference.commands import build_prompt_ids, generate
@@ -17,36 +17,29 @@ from bumblecore.inference.generate import GenerationEngine, SamplingParams
 from bumblecore.inference.loading import load_for_inference
 from bumblecore.inference.serve_settings import ServeSettings
 from bumblecore.inference.serving_worker import EngineAPI
-from serving import running_server
 
 openai = pytest.importorskip("openai")
 
 KEY = "test-key"
 CONTEXT = 512
 DEMO_TOKENIZER = "bumblecore/demo_data/tokenizer"
-PROMPTS = ["hello bee", "蜜蜂喜欢花园里的花。", "The teacher counts 42 tokens?", "A small model", "你好", "numbers 1, 2, 3",
-           "My friend learns from a long story!", "小模型学习"]
+PROMPTS = [
+    "hello bee",
+    "蜜蜂喜欢花园里的花。",
+    "The teacher counts 42 tokens?",
+    "A small model",
+    "你好",
+    "numbers 1, 2, 3",
+    "My friend learns from a long story!",
+    "小模型学习",
+]
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
+def model_dir(tmp_path_factory, tiny_checkpoint):
     """A tiny random Qwen2 with the demo tokenizer; its own context is long (for the slot test),
-    the main server uses 256 tokens of it."""
-    from pathlib import Path
-
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    from bumblecore.tokenizer import load_tokenizer
-
-    out = tmp_path_factory.mktemp("serve_model")
-    tokenizer = load_tokenizer(Path(__file__).resolve().parents[1] / DEMO_TOKENIZER)
-    torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=-(-len(tokenizer) // 64) * 64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2, max_position_embeddings=32768,
-                         tie_word_embeddings=True)
-    Qwen2ForCausalLM(config).save_pretrained(out)
-    tokenizer.save_pretrained(str(out))
-    return out
+    the main server uses 512 tokens of it."""
+    return tiny_checkpoint(tmp_path_factory.mktemp("serve_model"), max_position_embeddings=32768)
 
 
 @pytest.fixture(scope="module")
@@ -103,11 +96,22 @@ def test_answers_equal_bumblecore_generate(server, client, model_dir, capsys, re
     assert reply.choices[0].message.content == expected and reply.choices[0].message.role == "assistant"
     oracle = reference("hello bee", 12)
     assert reply.choices[0].finish_reason == oracle["finish_reason"]
-    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (oracle["prompt_tokens"], len(oracle["token_ids"]))
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (
+        oracle["prompt_tokens"],
+        len(oracle["token_ids"]),
+    )
     assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
 
-    chunks = list(client.chat.completions.create(model="bumblebee", messages=user("hello bee"), max_tokens=12, temperature=0,
-                                                 stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model="bumblebee",
+            messages=user("hello bee"),
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == expected
@@ -116,29 +120,60 @@ def test_answers_equal_bumblecore_generate(server, client, model_dir, capsys, re
 
 
 def test_roles_tools_and_list_content_go_through_the_chat_template(client, reference):
-    tools = [{"type": "function", "function": {"name": "count_words", "description": "count words",
-                                               "parameters": {"type": "object", "properties": {"text": {"type": "string"}}}}}]
-    messages = [{"role": "system", "content": "You count words."},
-                {"role": "user", "content": "How many words: fox owl cup"},
-                {"role": "assistant", "content": None, "tool_calls": [
-                    {"id": "call_1", "type": "function", "function": {"name": "count_words", "arguments": '{"text": "fox owl cup"}'}}]},
-                {"role": "tool", "tool_call_id": "call_1", "content": "3"},
-                {"role": "user", "content": [{"type": "text", "text": "And in "}, {"type": "text", "text": "中文?"}]}]
-    reply = client.chat.completions.create(model="bumblebee", messages=messages, tools=tools, max_tokens=10, temperature=0)
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "count_words",
+                "description": "count words",
+                "parameters": {"type": "object", "properties": {"text": {"type": "string"}}},
+            },
+        }
+    ]
+    messages = [
+        {"role": "system", "content": "You count words."},
+        {"role": "user", "content": "How many words: fox owl cup"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "count_words", "arguments": '{"text": "fox owl cup"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": "3"},
+        {"role": "user", "content": [{"type": "text", "text": "And in "}, {"type": "text", "text": "中文?"}]},
+    ]
+    reply = client.chat.completions.create(
+        model="bumblebee", messages=messages, tools=tools, max_tokens=10, temperature=0
+    )
     template_messages = messages[:2] + [
-        {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": messages[2]["tool_calls"][0]["function"]}]},
-        {"role": "tool", "content": "3"}, {"role": "user", "content": "And in 中文?"}]
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"type": "function", "function": messages[2]["tool_calls"][0]["function"]}],
+        },
+        {"role": "tool", "content": "3"},
+        {"role": "user", "content": "And in 中文?"},
+    ]
     expected = reference(template_messages, 10, tools=tools)["text"]
     assert reply.choices[0].message.content == expected
-    chunks = client.chat.completions.create(model="bumblebee", messages=messages, tools=tools, max_tokens=10, temperature=0, stream=True)
+    chunks = client.chat.completions.create(
+        model="bumblebee", messages=messages, tools=tools, max_tokens=10, temperature=0, stream=True
+    )
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
 
 
 def test_tool_call_blocks_become_tool_calls_however_the_text_is_split():
     from bumblecore.inference.openai_api import ToolCallStream, merge_deltas
 
-    text = ('Let me count.\n<tool_call>\n{"name": "count_words", "arguments": {"text": "狐狸 owl"}}\n</tool_call>\n'
-            '<tool_call>\nnot json\n</tool_call> done <tool')
+    text = (
+        'Let me count.\n<tool_call>\n{"name": "count_words", "arguments": {"text": "狐狸 owl"}}\n</tool_call>\n'
+        "<tool_call>\nnot json\n</tool_call> done <tool"
+    )
 
     def reply(pieces):
         stream = ToolCallStream()
@@ -148,8 +183,11 @@ def test_tool_call_blocks_become_tool_calls_however_the_text_is_split():
             assert call.pop("id").startswith("call_")
         return message
 
-    expected = {"role": "assistant", "content": "Let me count.\n\n<tool_call>\nnot json\n</tool_call> done <tool",
-                "tool_calls": [{"type": "function", "function": {"name": "count_words", "arguments": '{"text": "狐狸 owl"}'}}]}
+    expected = {
+        "role": "assistant",
+        "content": "Let me count.\n\n<tool_call>\nnot json\n</tool_call> done <tool",
+        "tool_calls": [{"type": "function", "function": {"name": "count_words", "arguments": '{"text": "狐狸 owl"}'}}],
+    }
     assert reply([text]) == expected
     assert reply(list(text)) == expected  # one character at a time, as a stream may deliver it
     for cut in range(len(text) + 1):
@@ -160,24 +198,38 @@ def test_tool_call_blocks_become_tool_calls_however_the_text_is_split():
 def test_extras_and_limits_reach_the_engine(client, reference):
     sampled = dict(temperature=0.8, top_p=0.9, seed=5, extra_body={"top_k": 20, "repetition_penalty": 1.3})
     reply = client.chat.completions.create(model="bumblebee", messages=user("蜜蜂"), max_tokens=16, **sampled)
-    expected = reference("蜜蜂", 16, do_sample=True, temperature=0.8, top_p=0.9, top_k=20, repetition_penalty=1.3, seed=5)
+    expected = reference(
+        "蜜蜂", 16, do_sample=True, temperature=0.8, top_p=0.9, top_k=20, repetition_penalty=1.3, seed=5
+    )
     assert reply.choices[0].message.content == expected["text"]
     again = client.chat.completions.create(model="bumblebee", messages=user("蜜蜂"), max_tokens=16, **sampled)
     assert again.choices[0].message.content == expected["text"]  # seeded: reproducible
 
-    reply = client.chat.completions.create(model="bumblebee", messages=user("A small model"), max_completion_tokens=7,
-                                           temperature=0, extra_body={"ignore_eos": True})
+    reply = client.chat.completions.create(
+        model="bumblebee",
+        messages=user("A small model"),
+        max_completion_tokens=7,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
     assert reply.usage.completion_tokens == 7 and reply.choices[0].finish_reason == "length"
 
     free = reference("A small model", 30, ignore_eos=True)["text"]
     stop = free[8:11]
-    reply = client.chat.completions.create(model="bumblebee", messages=user("A small model"), max_tokens=30, temperature=0,
-                                           stop=[stop], extra_body={"ignore_eos": True})
+    reply = client.chat.completions.create(
+        model="bumblebee",
+        messages=user("A small model"),
+        max_tokens=30,
+        temperature=0,
+        stop=[stop],
+        extra_body={"ignore_eos": True},
+    )
     assert reply.choices[0].message.content == free[: free.index(stop)] and reply.choices[0].finish_reason == "stop"
 
     # More than the context leaves: generate to the context's end, finish_reason "length".
-    reply = client.chat.completions.create(model="bumblebee", messages=user("hi"), max_tokens=100_000, temperature=0,
-                                           extra_body={"ignore_eos": True})
+    reply = client.chat.completions.create(
+        model="bumblebee", messages=user("hi"), max_tokens=100_000, temperature=0, extra_body={"ignore_eos": True}
+    )
     assert reply.usage.total_tokens == CONTEXT and reply.choices[0].finish_reason == "length"
 
 
@@ -197,7 +249,10 @@ def test_models_health_page_and_api_key(server, client):
         for method, path in (("post", "/v1/chat/completions"), ("get", "/v1/models")):
             reply = getattr(requests, method)(server + path, json={"messages": user("hi")}, headers=headers, timeout=10)
             assert reply.status_code == 401
-            assert reply.json()["error"]["type"] == "invalid_request_error" and "Bearer" in reply.json()["error"]["message"]
+            assert (
+                reply.json()["error"]["type"] == "invalid_request_error"
+                and "Bearer" in reply.json()["error"]["message"]
+            )
 
 
 def test_with_a_key_the_api_docs_need_it_too(server):
@@ -231,23 +286,34 @@ def test_server_flags_are_defaults_for_fields_a_request_leaves_out(monkeypatch):
     from bumblecore.inference.openai_api import parse_chat_request
     from bumblecore.inference.serving_http import sampling_params
 
-    settings = ServeSettings("unused", sampling=SamplingArgs(max_new_tokens=40, do_sample=False, top_k=7, repetition_penalty=1.2))
+    settings = ServeSettings(
+        "unused", sampling=SamplingArgs(max_new_tokens=40, do_sample=False, top_k=7, repetition_penalty=1.2)
+    )
     omitted = sampling_params(parse_chat_request({"messages": MESSAGES}), settings, CONTEXT)
     assert (omitted.max_new_tokens, omitted.do_sample, omitted.top_k, omitted.repetition_penalty) == (40, False, 7, 1.2)
-    given = sampling_params(parse_chat_request({"messages": MESSAGES, "max_tokens": 5, "temperature": 0.5, "top_k": 0}),
-                                  settings, CONTEXT)
+    given = sampling_params(
+        parse_chat_request({"messages": MESSAGES, "max_tokens": 5, "temperature": 0.5, "top_k": 0}), settings, CONTEXT
+    )
     assert (given.max_new_tokens, given.do_sample, given.temperature, given.top_k) == (5, True, 0.5, 0)
-    greedy = sampling_params(parse_chat_request({"messages": MESSAGES, "temperature": 0}), ServeSettings("unused"), CONTEXT)
+    greedy = sampling_params(
+        parse_chat_request({"messages": MESSAGES, "temperature": 0}), ServeSettings("unused"), CONTEXT
+    )
     assert not greedy.do_sample and greedy.max_new_tokens == CONTEXT  # no max_tokens anywhere: to the context's end
 
     started = []
     monkeypatch.setattr(serve, "context_length", lambda *args: CONTEXT)
     monkeypatch.setattr(serve, "check_tokenizer_fits", lambda *args: None)
-    monkeypatch.setattr(serve, "BumbleServer", lambda settings: type("S", (), {"run": lambda self, **kw: started.append((settings, kw))})())
+    monkeypatch.setattr(
+        serve,
+        "BumbleServer",
+        lambda settings: type("S", (), {"run": lambda self, **kw: started.append((settings, kw))})(),
+    )
     monkeypatch.setattr(serve.signal, "signal", lambda *args: None)  # keep this process's SIGTERM handler
     monkeypatch.setenv("BUMBLECORE_API_KEY", "from-env")
     serve.serve("unused")
-    assert started[0][0].api_key == "from-env" and started[0][1]["host"] == "127.0.0.1" and started[0][1]["port"] == 8000
+    assert (
+        started[0][0].api_key == "from-env" and started[0][1]["host"] == "127.0.0.1" and started[0][1]["port"] == 8000
+    )
     with pytest.raises(ValueError, match="0 < top_p <= 1"):
         serve.serve("unused", sampling=SamplingArgs(top_p=0))
 
@@ -261,7 +327,12 @@ BAD_REQUESTS = [
     ({"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages[0].role", "invalid_value"),
     ({"messages": [{"role": "user"}]}, 400, "messages[0].content", "missing_field"),
     ({"messages": [{"role": "user", "content": 42}]}, 400, "messages[0].content", "invalid_type"),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]}, 400, "messages[0].content[0]", "invalid_value"),
+    (
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]},
+        400,
+        "messages[0].content[0]",
+        "invalid_value",
+    ),
     ({"messages": ["hi"]}, 400, "messages[0]", "invalid_type"),
     ({"messages": MESSAGES, "max_tokens": 0}, 400, "max_tokens", "invalid_value"),
     ({"messages": MESSAGES, "max_tokens": -5}, 400, "max_tokens", "invalid_value"),
@@ -284,7 +355,11 @@ BAD_REQUESTS = [
 def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, client, reference):
     auth = {"Authorization": f"Bearer {KEY}"}
     for body, status, param, code in BAD_REQUESTS:
-        kwargs = {"data": body, "headers": {**auth, "Content-Type": "application/json"}} if isinstance(body, bytes) else {"json": body, "headers": auth}
+        kwargs = (
+            {"data": body, "headers": {**auth, "Content-Type": "application/json"}}
+            if isinstance(body, bytes)
+            else {"json": body, "headers": auth}
+        )
         reply = requests.post(server + "/v1/chat/completions", timeout=10, **kwargs)
         assert reply.status_code == status, (body if len(str(body)) < 200 else param, reply.text)
         error = reply.json()["error"]
@@ -300,9 +375,13 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, cli
 
 def ask(client, prompt, max_tokens, stream):
     if not stream:
-        reply = client.chat.completions.create(model="bumblebee", messages=user(prompt), max_tokens=max_tokens, temperature=0)
+        reply = client.chat.completions.create(
+            model="bumblebee", messages=user(prompt), max_tokens=max_tokens, temperature=0
+        )
         return reply.choices[0].message.content
-    chunks = client.chat.completions.create(model="bumblebee", messages=user(prompt), max_tokens=max_tokens, temperature=0, stream=True)
+    chunks = client.chat.completions.create(
+        model="bumblebee", messages=user(prompt), max_tokens=max_tokens, temperature=0, stream=True
+    )
     return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
 
 
@@ -315,8 +394,17 @@ def test_concurrent_requests_each_get_their_own_answer(client, reference):
 
 
 def open_stream(server, prompt, max_tokens, extra=None):
-    body = {"model": "bumblebee", "messages": user(prompt), "max_tokens": max_tokens, "temperature": 0, "stream": True, **(extra or {})}
-    return requests.post(server + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, stream=True, timeout=60)
+    body = {
+        "model": "bumblebee",
+        "messages": user(prompt),
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        **(extra or {}),
+    }
+    return requests.post(
+        server + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, stream=True, timeout=60
+    )
 
 
 def read_stream(reply) -> tuple[str, list]:
@@ -356,25 +444,40 @@ def test_a_disconnected_stream_frees_its_slot(model_dir):
     Also: --training_stage pretrain serves raw-text completion, and with no key any key works."""
     with running_server(str(model_dir), training_stage="pretrain", max_batch_size=1, max_model_len=32768) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="dummy", max_retries=0, timeout=60)
-        chunks = client.chat.completions.create(model="bumblebee", messages=user("The brave fox"), max_tokens=32000, stream=True,
-                                                temperature=0, extra_body={"ignore_eos": True})
+        chunks = client.chat.completions.create(
+            model="bumblebee",
+            messages=user("The brave fox"),
+            max_tokens=32000,
+            stream=True,
+            temperature=0,
+            extra_body={"ignore_eos": True},
+        )
         for _, _ in zip(range(3), chunks):
             pass
         chunks.close()
         started = time.monotonic()
-        reply = client.chat.completions.create(model="bumblebee", messages=user("The brave fox"), max_tokens=8, temperature=0)
+        reply = client.chat.completions.create(
+            model="bumblebee", messages=user("The brave fox"), max_tokens=8, temperature=0
+        )
         assert time.monotonic() - started < 15
         # A non-streaming client that gives up frees the slot too (the server polls for the hang-up).
         with pytest.raises(requests.exceptions.ReadTimeout):
-            requests.post(url + "/v1/chat/completions", timeout=1.5, json={
-                "messages": user("The brave fox"), "max_tokens": 32000, "ignore_eos": True, "temperature": 0})
+            requests.post(
+                url + "/v1/chat/completions",
+                timeout=1.5,
+                json={"messages": user("The brave fox"), "max_tokens": 32000, "ignore_eos": True, "temperature": 0},
+            )
         started = time.monotonic()
-        again = client.chat.completions.create(model="bumblebee", messages=user("The brave fox"), max_tokens=8, temperature=0)
+        again = client.chat.completions.create(
+            model="bumblebee", messages=user("The brave fox"), max_tokens=8, temperature=0
+        )
         assert time.monotonic() - started < 15 and again.choices[0].message.content == reply.choices[0].message.content
 
     model, tokenizer, eos = load_for_inference(str(model_dir), device_map="cpu")
     ids = build_prompt_ids(tokenizer, "The brave fox", "pretrain")
-    expected = GenerationEngine(model, tokenizer, 1, 64, eos_token_ids=eos).generate([ids], SamplingParams(max_new_tokens=8))[0]
+    expected = GenerationEngine(model, tokenizer, 1, 64, eos_token_ids=eos).generate(
+        [ids], SamplingParams(max_new_tokens=8)
+    )[0]
     assert reply.choices[0].message.content == expected["text"] and reply.usage.prompt_tokens == len(ids)
 
 
@@ -401,8 +504,14 @@ def chromium_driver():
         pytest.skip("no Chromium and chromedriver on this machine (apt-get install chromium chromium-driver)")
     options = webdriver.ChromeOptions()
     options.binary_location = browser
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1100,760",
-                 "--lang=zh-CN"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--window-size=1100,760",
+        "--lang=zh-CN",
+    ):
         options.add_argument(flag)
     return webdriver.Chrome(service=Service(driver_path), options=options)
 
@@ -414,8 +523,9 @@ def test_chat_page_in_a_real_browser(server, reference):
 
     # A question whose greedy reply is long enough to arrive in many pieces.
     candidates = ["你好，蜜蜂！", "蜜蜂喜欢花园里的花。", "The bee reads the data.", "老师计算 42 tokens?"]
-    question, expected = max(zip(candidates, reference.many([(q, 100) for q in candidates])),
-                             key=lambda pair: len(pair[1]["token_ids"]))
+    question, expected = max(
+        zip(candidates, reference.many([(q, 100) for q in candidates])), key=lambda pair: len(pair[1]["token_ids"])
+    )
     expected = expected["text"]
     driver = chromium_driver()
     try:
@@ -435,13 +545,19 @@ def test_chat_page_in_a_real_browser(server, reference):
               if (bodies.length) window.replyLengths.add(bodies[bodies.length - 1].textContent.length);
             }).observe(document.getElementById('messages'), {subtree: true, childList: true, characterData: true});""")
         driver.find_element(By.ID, "input").send_keys(question, Keys.ENTER)
-        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".message.assistant")
-                   and not d.find_elements(By.CSS_SELECTOR, ".message.streaming"))
+        wait.until(
+            lambda d: (
+                d.find_elements(By.CSS_SELECTOR, ".message.assistant")
+                and not d.find_elements(By.CSS_SELECTOR, ".message.streaming")
+            )
+        )
         assert driver.find_element(By.CSS_SELECTOR, ".message.user .body").text == question
         stored = json.loads(driver.execute_script("return localStorage.getItem('bumblecore.chat.v1')"))
         assert [m["role"] for m in stored["messages"]] == ["user", "assistant"]
         assert stored["messages"][1]["content"] == expected
-        assert len(driver.execute_script("return [...window.replyLengths].filter(n => n > 0)")) >= 3  # streamed, not at once
+        assert (
+            len(driver.execute_script("return [...window.replyLengths].filter(n => n > 0)")) >= 3
+        )  # streamed, not at once
 
         driver.refresh()  # the conversation and the key live in this browser
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#messages .message")) == 2)
@@ -457,8 +573,10 @@ def test_chat_page_in_a_real_browser(server, reference):
         wait.until(lambda d: not d.find_elements(By.CSS_SELECTOR, "#messages .message"))
         assert json.loads(driver.execute_script("return localStorage.getItem('bumblecore.chat.v1')"))["messages"] == []
 
-        html = driver.execute_script("return renderMarkdown(arguments[0])",
-                                     "<img src=x onerror=alert(1)> **bold** `a<b>`\n```\n<script>x()</script>\n```\n- one\n- 二")
+        html = driver.execute_script(
+            "return renderMarkdown(arguments[0])",
+            "<img src=x onerror=alert(1)> **bold** `a<b>`\n```\n<script>x()</script>\n```\n- one\n- 二",
+        )
         assert "<img" not in html and "<script" not in html and "&lt;img src=x onerror=alert(1)&gt;" in html
         assert "<strong>bold</strong>" in html and "<code>a&lt;b&gt;</code>" in html
         assert "<pre><code>&lt;script&gt;x()&lt;/script&gt;</code></pre>" in html and "<li>one</li><li>二</li>" in html

@@ -13,13 +13,13 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
+from serving import free_port, running_server
+from tiny import write_tiny_checkpoint
 
 from bumblecore.inference.generate import GenerationEngine, SamplingParams
 from bumblecore.inference.loading import load_for_inference
 from bumblecore.inference.serve_settings import ServeSettings
 from bumblecore.inference.serving_worker import EngineAPI
-from serving import free_port, running_server
 
 openai = pytest.importorskip("openai")
 
@@ -29,31 +29,23 @@ CONTEXT = 256
 TRUSTED = "http://trusted.example"
 
 
-def tiny_model(out: Path, vocab_size=None) -> Path:
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    from bumblecore.tokenizer import load_tokenizer
-
-    tokenizer = load_tokenizer(DEMO_TOKENIZER)
-    torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=vocab_size or -(-len(tokenizer) // 64) * 64, hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2,
-                         max_position_embeddings=4096, tie_word_embeddings=True)
-    Qwen2ForCausalLM(config).save_pretrained(out)
-    tokenizer.save_pretrained(str(out))
-    return out
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    return tiny_model(tmp_path_factory.mktemp("hardening_model"))
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("hardening_model"))
 
 
 @pytest.fixture(scope="module")
 def server(model_dir):
     """No API key (the default, where cross-site requests matter most)."""
-    with running_server(str(model_dir), max_batch_size=4, max_model_len=CONTEXT, max_request_bytes=2_000_000,
-                        allowed_origins=(TRUSTED,), allowed_hosts=("bee.internal",), header_timeout=2) as url:
+    with running_server(
+        str(model_dir),
+        max_batch_size=4,
+        max_model_len=CONTEXT,
+        max_request_bytes=2_000_000,
+        allowed_origins=(TRUSTED,),
+        allowed_hosts=("bee.internal",),
+        header_timeout=2,
+    ) as url:
         yield url
 
 
@@ -121,8 +113,13 @@ def test_poison_numbers_are_400s_and_the_server_keeps_serving(server, client):
     # Each used to fail the engine's step, and every request after it: now nothing reached the engine.
     reply = client.chat.completions.create(model="bumblebee", messages=user("hello bee"), max_tokens=5, temperature=0)
     assert reply.choices[0].finish_reason in ("stop", "length") and reply.usage.completion_tokens >= 1
-    sampled = client.chat.completions.create(model="bumblebee", messages=user("hello bee"), max_tokens=5, seed=-3,
-                                             extra_body={"repetition_penalty": 0.5, "top_k": 2**31 - 1})
+    sampled = client.chat.completions.create(
+        model="bumblebee",
+        messages=user("hello bee"),
+        max_tokens=5,
+        seed=-3,
+        extra_body={"repetition_penalty": 0.5, "top_k": 2**31 - 1},
+    )
     assert sampled.usage.completion_tokens >= 1
     assert raw(server, "GET", "/health")[0] == 200
 
@@ -134,12 +131,19 @@ MALFORMED = [
     ('{"messages": [{"role": "user", "content": "hi"}], "x": ' + "[" * 500 + "]" * 500 + "}", "x" + "[0]" * 64),
     ('{"messages": [{"role": "user", "content": "hi"}], "tools": [1]}', "tools[0]"),
     ('{"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}', "tools[0].function"),
-    ('{"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": {"name": 3}}]}',
-     "tools[0].function.name"),
-    ('{"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": {"name": "f", '
-     '"parameters": "x"}}]}', "tools[0].function.parameters"),
-    ('{"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "retrieval", "function": {"name": "f"}}]}',
-     "tools[0].type"),
+    (
+        '{"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": {"name": 3}}]}',
+        "tools[0].function.name",
+    ),
+    (
+        '{"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": {"name": "f", '
+        '"parameters": "x"}}]}',
+        "tools[0].function.parameters",
+    ),
+    (
+        '{"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "retrieval", "function": {"name": "f"}}]}',
+        "tools[0].type",
+    ),
     ('{"messages": [{"role": "user", "content": "hi"}], "tools": {"name": "f"}}', "tools"),
 ]
 
@@ -186,22 +190,33 @@ def test_a_request_the_engine_fails_on_fails_alone(engine_api, model_dir):
 
     model, tokenizer, eos = load_for_inference(str(model_dir), device_map="cpu")
     prompts = [render_prompt(tokenizer, user(text)) for text in ("hello bee", "蜜蜂", "A small model")]
-    good = [SamplingParams(max_new_tokens=12, ignore_eos=True), SamplingParams(max_new_tokens=9, do_sample=True, seed=4),
-            SamplingParams(max_new_tokens=7, do_sample=True, seed=1, top_k=5, repetition_penalty=1.3)]
+    good = [
+        SamplingParams(max_new_tokens=12, ignore_eos=True),
+        SamplingParams(max_new_tokens=9, do_sample=True, seed=4),
+        SamplingParams(max_new_tokens=7, do_sample=True, seed=1, top_k=5, repetition_penalty=1.3),
+    ]
     oracle = GenerationEngine(model, tokenizer, 4, 128, eos_token_ids=eos)
     expected = [oracle.generate([p], params)[0]["text"] for p, params in zip(prompts, good)]
 
     # What validation now refuses, handed to the engine directly: each made the whole step raise.
-    poison = {"nan_penalty": SamplingParams(max_new_tokens=5, do_sample=True, repetition_penalty=float("nan")),
-              "tiny_penalty": SamplingParams(max_new_tokens=5, do_sample=True, repetition_penalty=1e-300),
-              "huge_top_k": SamplingParams(max_new_tokens=5, do_sample=True, top_k=2**63)}
-    for rounds in range(2):  # and again: nothing of the failed requests stayed behind
+    poison = {
+        "nan_penalty": SamplingParams(max_new_tokens=5, do_sample=True, repetition_penalty=float("nan")),
+        "tiny_penalty": SamplingParams(max_new_tokens=5, do_sample=True, repetition_penalty=1e-300),
+        "huge_top_k": SamplingParams(max_new_tokens=5, do_sample=True, top_k=2**63),
+    }
+    for _ in range(2):  # and again: nothing of the failed requests stayed behind
         requests = {f"good{i}": {"prompt_ids": p, "params": params} for i, (p, params) in enumerate(zip(prompts, good))}
         requests.update({name: {"prompt_ids": prompts[0], "params": params} for name, params in poison.items()})
-        requests["past_vocab"] = {"prompt_ids": [5, 10**6], "params": SamplingParams(max_new_tokens=5)}  # fails in prefill
+        requests["past_vocab"] = {
+            "prompt_ids": [5, 10**6],
+            "params": SamplingParams(max_new_tokens=5),
+        }  # fails in prefill
         results = drive(engine_api, requests)
         for i, text in enumerate(expected):
-            assert results[f"good{i}"] == (text, [LitAPIStatus.OK] * good[i].max_new_tokens + [LitAPIStatus.FINISH_STREAMING])
+            assert results[f"good{i}"] == (
+                text,
+                [LitAPIStatus.OK] * good[i].max_new_tokens + [LitAPIStatus.FINISH_STREAMING],
+            )
         for name in [*poison, "past_vocab"]:
             assert results[name][1] == [LitAPIStatus.ERROR], name
         assert engine_api.engine.free_slots == 4 and not engine_api.has_active_requests() and engine_api.healthy
@@ -252,16 +267,26 @@ def test_cross_site_requests_and_foreign_hosts_are_refused(server):
     port = server.rsplit(":", 1)[1]
     body = {"messages": user("hi"), "max_tokens": 2}
     # A page's form or fetch without CORS may send text/plain: never executed.
-    assert_error(raw(server, "POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "text/plain"}),
-                 415, None, "unsupported_media_type")
+    assert_error(
+        raw(server, "POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "text/plain"}),
+        415,
+        None,
+        "unsupported_media_type",
+    )
     assert_error(raw(server, "POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": ""}), 415, None)
     for method, path in (("POST", "/v1/chat/completions"), ("GET", "/v1/models"), ("GET", "/")):
-        assert_error(raw(server, method, path, body, {"Origin": "http://evil.example"}), 403, None, "origin_not_allowed")
+        assert_error(
+            raw(server, method, path, body, {"Origin": "http://evil.example"}), 403, None, "origin_not_allowed"
+        )
         assert_error(raw(server, method, path, body, {"Origin": "null"}), 403, None, "origin_not_allowed")
         # DNS rebinding: evil.example now resolves to 127.0.0.1, so the browser sends its name as Host.
         for host in (f"evil.example:{port}", "evil.example", "127.0.0.1.evil.example"):
-            assert_error(raw(server, method, path, body, {"Host": host, "Origin": f"http://{host}"}), 403, None,
-                         "host_not_allowed")
+            assert_error(
+                raw(server, method, path, body, {"Host": host, "Origin": f"http://{host}"}),
+                403,
+                None,
+                "host_not_allowed",
+            )
             assert_error(raw(server, method, path, body, {"Host": host}), 403, None, "host_not_allowed")
     # The server's own page, under each loopback name, and --allowed_hosts / --allowed_origins.
     for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}", "bee.internal"):
@@ -269,8 +294,17 @@ def test_cross_site_requests_and_foreign_hosts_are_refused(server):
         assert status == 200 and reply["choices"][0]["message"]["role"] == "assistant", reply
     status, headers, reply = raw(server, "POST", "/v1/chat/completions", body, {"Origin": TRUSTED})
     assert status == 200 and headers["access-control-allow-origin"] == TRUSTED
-    status, headers, _ = raw(server, "OPTIONS", "/v1/chat/completions", None, {
-        "Origin": TRUSTED, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization,content-type"})
+    status, headers, _ = raw(
+        server,
+        "OPTIONS",
+        "/v1/chat/completions",
+        None,
+        {
+            "Origin": TRUSTED,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,content-type",
+        },
+    )
     assert status == 200 and headers["access-control-allow-origin"] == TRUSTED
     assert "authorization" in headers["access-control-allow-headers"].lower()
     status, _, page = raw(server, "GET", "/", None, {"Host": f"localhost:{port}"})
@@ -303,8 +337,14 @@ def test_a_huge_prompt_does_not_stall_other_streams(server, client):
     arrivals = []
 
     def stream():
-        chunks = client.chat.completions.create(model="bumblebee", messages=user("The brave fox"), max_tokens=CONTEXT - 40,
-                                                temperature=0, stream=True, extra_body={"ignore_eos": True})
+        chunks = client.chat.completions.create(
+            model="bumblebee",
+            messages=user("The brave fox"),
+            max_tokens=CONTEXT - 40,
+            temperature=0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
         for _ in chunks:
             arrivals.append(time.monotonic())
 
@@ -314,8 +354,12 @@ def test_a_huge_prompt_does_not_stall_other_streams(server, client):
             time.sleep(0.01)
         started = time.monotonic()
         # ~1.8 MB of text: its tokenization alone takes about a second on this CPU.
-        assert_error(raw(server, "POST", "/v1/chat/completions", {"messages": user("bee " * 450_000)}), 400, "messages",
-                     "context_length_exceeded")
+        assert_error(
+            raw(server, "POST", "/v1/chat/completions", {"messages": user("bee " * 450_000)}),
+            400,
+            "messages",
+            "context_length_exceeded",
+        )
         took = time.monotonic() - started
         streaming.result(timeout=120)
     during = [b - a for a, b in zip(arrivals, arrivals[1:]) if started <= b <= started + took]
@@ -347,13 +391,18 @@ def test_message_text_never_becomes_special_tokens(server, client, model_dir):
 
 
 def test_a_tokenizer_larger_than_the_model_is_refused_at_start(tmp_path):
-    small = tiny_model(tmp_path / "small_vocab", vocab_size=512)  # the demo tokenizer has 729 tokens
+    small = write_tiny_checkpoint(tmp_path / "small_vocab", vocab_size=512)  # the demo tokenizer has 729 tokens
     with pytest.raises(ValueError, match="vocab_size 512"):
         load_for_inference(str(small), device_map="cpu")
     port = free_port()
     started = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "bumblecore", "serve", "--model_path", str(small), "--port", str(port)],
-                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    done = subprocess.run(
+        [sys.executable, "-m", "bumblecore", "serve", "--model_path", str(small), "--port", str(port)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
     assert done.returncode != 0 and "vocab_size 512" in done.stderr and "Traceback" not in done.stderr, done.stderr
     assert time.monotonic() - started < 60
 
@@ -362,7 +411,7 @@ def test_an_adapter_is_checked_against_its_base_model(tmp_path, model_dir):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    small = tiny_model(tmp_path / "small_base", vocab_size=512)
+    small = write_tiny_checkpoint(tmp_path / "small_base", vocab_size=512)
     adapter = tmp_path / "adapter"
     peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(small), LoraConfig(r=2, target_modules=["q_proj"]))
     peft_model.save_pretrained(adapter)

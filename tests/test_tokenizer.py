@@ -13,11 +13,15 @@ from bumblecore.tokenizer import CHAT_TEMPLATE, iter_corpus_texts, load_tokenize
 
 SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
 
-ENGLISH = ("the a small bee model friend teacher engine reads writes learns counts trains garden flower story data "
-           "token answer question morning evening river mountain city music happy quickly slowly bright green "
-           "isn't it's we're they've").split()
-CHINESE = ("你好 世界 训练 一个 小模型 蜜蜂 喜欢 花园 里的 花 老师 计算 数字 我们 学习 中文 英文 今天 天气 "
-           "很好 明天 下雨 朋友 读书 写字 音乐 山 河 城市 快乐").split()
+ENGLISH = (
+    "the a small bee model friend teacher engine reads writes learns counts trains garden flower story data "
+    "token answer question morning evening river mountain city music happy quickly slowly bright green "
+    "isn't it's we're they've"
+).split()
+CHINESE = (
+    "你好 世界 训练 一个 小模型 蜜蜂 喜欢 花园 里的 花 老师 计算 数字 我们 学习 中文 英文 今天 天气 "
+    "很好 明天 下雨 朋友 读书 写字 音乐 山 河 城市 快乐"
+).split()
 PUNCTUATION = [".", "!", "?", ",", "。", "！", "？", "，", ":", "…"]
 EMOJI = ["🐝", "🚀", "🌸", "👍", "😀", "🎉", "🍵", "🌧️"]
 
@@ -29,8 +33,10 @@ def mixed_lines(seed: int, count: int) -> list[str]:
     for _ in range(count):
         english = " ".join(rng.choices(ENGLISH, k=rng.randint(3, 8))).capitalize()
         chinese = "".join(rng.choices(CHINESE, k=rng.randint(2, 6)))
-        lines.append(f"{english} {rng.randint(0, 99999)}{rng.choice(PUNCTUATION)} {chinese}{rng.choice(PUNCTUATION)} "
-                     f"{''.join(rng.choices(EMOJI, k=rng.randint(1, 3)))} ok")
+        lines.append(
+            f"{english} {rng.randint(0, 99999)}{rng.choice(PUNCTUATION)} {chinese}{rng.choice(PUNCTUATION)} "
+            f"{''.join(rng.choices(EMOJI, k=rng.randint(1, 3)))} ok"
+        )
     return lines
 
 
@@ -47,7 +53,9 @@ def corpus(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained_dir(corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("trained") / "tok"
-    returned = train_tokenizer([str(corpus / "mixed.txt"), str(corpus / "docs.jsonl")], vocab_size=800, output_dir=str(out))
+    returned = train_tokenizer(
+        [str(corpus / "mixed.txt"), str(corpus / "docs.jsonl")], vocab_size=800, output_dir=str(out)
+    )
     assert returned == str(out)
     return out
 
@@ -60,13 +68,16 @@ def tok(trained_dir):
 # ---------------------------------------------------------------------------- encoding
 
 
-@pytest.mark.parametrize("text", [
-    "The bee reads the data, it's 2026!",
-    "你好，世界！训练一个小模型。",
-    "🐝🚀 ok",
-    "  two spaces\n\n\ttab, trailing  ",
-    "unseen: ÅØ 👩‍👩‍👧 混合 ∑ 0123456789",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "The bee reads the data, it's 2026!",
+        "你好，世界！训练一个小模型。",
+        "🐝🚀 ok",
+        "  two spaces\n\n\ttab, trailing  ",
+        "unseen: ÅØ 👩‍👩‍👧 混合 ∑ 0123456789",
+    ],
+)
 def test_round_trip_is_exact(tok, text):
     assert tok.decode(tok.encode(text)) == text
 
@@ -124,7 +135,11 @@ def test_chatml_inserts_the_default_system_message(tok):
 
 
 def test_chatml_explicit_system(tok):
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "yo"},
+    ]
     assert render(tok, messages) == (
         "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nyo<|im_end|>\n"
     )
@@ -136,20 +151,34 @@ def test_chatml_multi_turn_and_generation_prompt(tok):
         {"role": "assistant", "content": "2"},
         {"role": "user", "content": "蜜蜂？\n🐝"},
     ]
-    body = "<|im_start|>user\n1+1?<|im_end|>\n<|im_start|>assistant\n2<|im_end|>\n<|im_start|>user\n蜜蜂？\n🐝<|im_end|>\n"
+    body = (
+        "<|im_start|>user\n1+1?<|im_end|>\n<|im_start|>assistant\n2<|im_end|>\n<|im_start|>user\n蜜蜂？\n🐝<|im_end|>\n"
+    )
     assert render(tok, messages) == SYSTEM + body
     assert render(tok, messages, add_generation_prompt=True) == SYSTEM + body + "<|im_start|>assistant\n"
 
 
 def test_tools_calls_and_results_in_qwen25_convention(tok):
-    tools = [{"type": "function", "function": {"name": "weather", "description": "天气",
-                                               "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "weather",
+                "description": "天气",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+            },
+        }
+    ]
     messages = [
         {"role": "user", "content": "Weather in 北京 and Paris?"},
-        {"role": "assistant", "content": "", "tool_calls": [
-            {"type": "function", "function": {"name": "weather", "arguments": {"city": "北京"}}},
-            {"name": "weather", "arguments": '{"city": "Paris"}'},  # already JSON: emitted as is
-        ]},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {"type": "function", "function": {"name": "weather", "arguments": {"city": "北京"}}},
+                {"name": "weather", "arguments": '{"city": "Paris"}'},  # already JSON: emitted as is
+            ],
+        },
         {"role": "tool", "content": "晴"},
         {"role": "tool", "content": "rain"},
         {"role": "assistant", "content": "北京 is sunny, Paris rainy."},
@@ -175,7 +204,11 @@ def test_tools_with_explicit_system_and_a_call_after_text(tok):
     messages = [
         {"role": "system", "content": "Use tools."},
         {"role": "user", "content": "2+3, and the time"},
-        {"role": "assistant", "content": "Let me check.", "tool_calls": [{"name": "add", "arguments": {"a": 2, "b": 3}}]},
+        {
+            "role": "assistant",
+            "content": "Let me check.",
+            "tool_calls": [{"name": "add", "arguments": {"a": 2, "b": 3}}],
+        },
         {"role": "tool", "content": "5"},
     ]
     expected = (
@@ -211,7 +244,9 @@ def test_load_tokenizer_fills_in_template_and_pad(tmp_path, trained_dir):
 
     other = Tokenizer(models.WordLevel({"</s>": 0, "hi": 1, "[UNK]": 2}, unk_token="[UNK]"))
     other.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=other, eos_token="</s>", chat_template="{{ messages[0]['content'] }}").save_pretrained(tmp_path / "other")
+    PreTrainedTokenizerFast(
+        tokenizer_object=other, eos_token="</s>", chat_template="{{ messages[0]['content'] }}"
+    ).save_pretrained(tmp_path / "other")
     loaded = load_tokenizer(str(tmp_path / "other"))
     assert loaded.pad_token == "</s>"  # no <|endoftext|>: pad with eos
     assert loaded.chat_template == "{{ messages[0]['content'] }}"  # its own template is kept
@@ -233,14 +268,28 @@ def test_corpus_records_of_every_format_give_their_strings(tmp_path):
     alpaca = tmp_path / "alpaca.jsonl"
     alpaca.write_text(json.dumps({"instruction": "Add", "input": "", "output": "5"}) + "\n\n", encoding="utf-8")
     sharegpt = tmp_path / "sharegpt.jsonl"
-    sharegpt.write_text(json.dumps({"conversations": [{"from": "human", "value": "你好"}, {"from": "gpt", "value": "🐝"}]},
-                                   ensure_ascii=False) + "\n", encoding="utf-8")
+    sharegpt.write_text(
+        json.dumps(
+            {"conversations": [{"from": "human", "value": "你好"}, {"from": "gpt", "value": "🐝"}]}, ensure_ascii=False
+        )
+        + "\n",
+        encoding="utf-8",
+    )
     array = tmp_path / "array.json"
     array.write_text(json.dumps([{"text": "one", "n": 3}, {"text": "two"}]), encoding="utf-8")
     plain = tmp_path / "plain.txt"
     plain.write_text("line 1\nline 2", encoding="utf-8")
     assert list(iter_corpus_texts([alpaca, sharegpt, array, plain])) == [
-        "Add", "5", "human", "你好", "gpt", "🐝", "one", "two", "line 1\n", "line 2",
+        "Add",
+        "5",
+        "human",
+        "你好",
+        "gpt",
+        "🐝",
+        "one",
+        "two",
+        "line 1\n",
+        "line 2",
     ]
 
 
@@ -258,7 +307,19 @@ def test_train_tokenizer_command(tmp_path, corpus, capsys):
 
     assert load_command("train_tokenizer") is train_tokenizer
     out = tmp_path / "cli_tok"
-    main(["train_tokenizer", "--corpus", str(corpus), "--vocab_size", "400", "--output_dir", str(out), "--min_frequency", "3"])
+    main(
+        [
+            "train_tokenizer",
+            "--corpus",
+            str(corpus),
+            "--vocab_size",
+            "400",
+            "--output_dir",
+            str(out),
+            "--min_frequency",
+            "3",
+        ]
+    )
     summary = capsys.readouterr().out.strip().splitlines()
     assert len(summary) == 1 and "400 tokens" in summary[0] and "2 file(s)" in summary[0] and str(out) in summary[0]
     cli_tok = AutoTokenizer.from_pretrained(out)

@@ -12,8 +12,8 @@ import torch
 import yaml
 
 import bumblecore
-from bumblecore.cli import main
 from bumblecore.args import TrainArgs, flat_defaults
+from bumblecore.cli import main
 
 DEMO = Path(bumblecore.__file__).parent / "demo_data"
 REPO = Path(__file__).resolve().parents[1]
@@ -22,7 +22,12 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
-    for name, count in (("pretrain.jsonl", 48), ("sft_train.jsonl", 96), ("sft_eval.jsonl", 16), ("sft_toolcall.jsonl", 8)):
+    for name, count in (
+        ("pretrain.jsonl", 48),
+        ("sft_train.jsonl", 96),
+        ("sft_eval.jsonl", 16),
+        ("sft_toolcall.jsonl", 8),
+    ):
         lines = open(DEMO / name, encoding="utf-8").read().splitlines()[:count]
         (root / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
     return root
@@ -31,17 +36,53 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def base_model(tmp_path_factory):
     out = tmp_path_factory.mktemp("model")
-    main(["init_model", "--preset", "0.5B", "--num_hidden_layers", "2", "--hidden_size", "32", "--intermediate_size", "64",
-          "--num_attention_heads", "4", "--num_key_value_heads", "2", "--vocab_size", "768", "--torch_dtype", "float32",
-          "--tokenizer_path", str(DEMO / "tokenizer"), "--output_dir", str(out)])
+    main(
+        [
+            "init_model",
+            "--preset",
+            "0.5B",
+            "--num_hidden_layers",
+            "2",
+            "--hidden_size",
+            "32",
+            "--intermediate_size",
+            "64",
+            "--num_attention_heads",
+            "4",
+            "--num_key_value_heads",
+            "2",
+            "--vocab_size",
+            "768",
+            "--torch_dtype",
+            "float32",
+            "--tokenizer_path",
+            str(DEMO / "tokenizer"),
+            "--output_dir",
+            str(out),
+        ]
+    )
     return out
 
 
 def run(output_dir, model, dataset, stage="sft", **keys):
-    config = {"training_stage": stage, "model_name_or_path": str(model), "dataset_path": str(dataset),
-              "output_dir": str(output_dir), "cutoff_len": 128, "max_steps": 4, "learning_rate": 5e-3,
-              "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2, "train_model_precision": "fp32",
-              "save_steps": 2, "warmup_ratio": 0.25, "lora_rank": 4, "lora_alpha": 8, "lora_dropout": 0.0, **keys}
+    config = {
+        "training_stage": stage,
+        "model_name_or_path": str(model),
+        "dataset_path": str(dataset),
+        "output_dir": str(output_dir),
+        "cutoff_len": 128,
+        "max_steps": 4,
+        "learning_rate": 5e-3,
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": 2,
+        "train_model_precision": "fp32",
+        "save_steps": 2,
+        "warmup_ratio": 0.25,
+        "lora_rank": 4,
+        "lora_alpha": 8,
+        "lora_dropout": 0.0,
+        **keys,
+    }
     file = Path(output_dir).parent / f"{Path(output_dir).name}.yaml"
     file.write_text(yaml.safe_dump(config))
     main(["train", "--config", str(file)])
@@ -55,8 +96,15 @@ def losses(history):
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory, base_model, data):
     out = tmp_path_factory.mktemp("runs") / "pretrain"
-    history = run(out, base_model, data / "pretrain.jsonl", stage="pretrain", eval_dataset_path=str(data / "pretrain.jsonl"),
-                  use_tensorboard=True, save_train_log=True)
+    history = run(
+        out,
+        base_model,
+        data / "pretrain.jsonl",
+        stage="pretrain",
+        eval_dataset_path=str(data / "pretrain.jsonl"),
+        use_tensorboard=True,
+        save_train_log=True,
+    )
     return out, history
 
 
@@ -74,17 +122,34 @@ def test_pretrain_writes_everything_design_lists(pretrained):
     evaluations = [r for r in history if "eval/loss" in r]
     assert [r["step"] for r in evaluations] == [0, 2, 4] and all("eval/perplexity" in r for r in evaluations)
     assert evaluations[-1]["eval/loss"] < evaluations[0]["eval/loss"]
-    for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "training_args.yaml",
-                 "training_loss.png", "logs/train.log"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "generation_config.json",
+        "tokenizer.json",
+        "training_args.yaml",
+        "training_loss.png",
+        "logs/train.log",
+    ):
         assert (out / name).exists(), name
     log = (out / "logs" / "train.log").read_text(encoding="utf-8")
-    config_in_log = log[log.index("resolved configuration:\n") + len("resolved configuration:\n"):log.index("\n", log.index("lora_rank:"))]
-    assert yaml.safe_load(config_in_log)["max_steps"] == 4 and log.index("resolved configuration") < log.index('"step": 1,')
+    config_in_log = log[
+        log.index("resolved configuration:\n") + len("resolved configuration:\n") : log.index(
+            "\n", log.index("lora_rank:")
+        )
+    ]
+    assert yaml.safe_load(config_in_log)["max_steps"] == 4 and log.index("resolved configuration") < log.index(
+        '"step": 1,'
+    )
     assert list((out / "runs").iterdir())  # TensorBoard events
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     assert (out / "checkpoint-4" / "model.safetensors").exists() and (out / "checkpoint-4" / "training_state").exists()
     resolved = yaml.safe_load((out / "training_args.yaml").read_text())
-    assert resolved["training_stage"] == "pretrain" and resolved["max_steps"] == 4 and set(resolved) == set(flat_defaults())
+    assert (
+        resolved["training_stage"] == "pretrain"
+        and resolved["max_steps"] == 4
+        and set(resolved) == set(flat_defaults())
+    )
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(out)
@@ -97,10 +162,17 @@ def test_pretrain_writes_everything_design_lists(pretrained):
 @pytest.mark.parametrize("finetuning_type", ["full", "lora"])
 def test_sft_and_continue_pretrain_full_and_lora(tmp_path, pretrained, data, finetuning_type):
     base = pretrained[0]
-    sft = run(tmp_path / "sft", base, data / "sft_train.jsonl", finetuning_type=finetuning_type,
-              eval_dataset_path=str(data / "sft_eval.jsonl"))
+    sft = run(
+        tmp_path / "sft",
+        base,
+        data / "sft_train.jsonl",
+        finetuning_type=finetuning_type,
+        eval_dataset_path=str(data / "sft_eval.jsonl"),
+    )
     assert len(losses(sft)) == 4 and all(0 < l < 10 for l in losses(sft))
-    cpt = run(tmp_path / "cpt", base, data / "pretrain.jsonl", stage="continue_pretrain", finetuning_type=finetuning_type)
+    cpt = run(
+        tmp_path / "cpt", base, data / "pretrain.jsonl", stage="continue_pretrain", finetuning_type=finetuning_type
+    )
     assert losses(cpt)[0] < GOLDEN_PRETRAIN[0] - 0.05  # starts from the pretrained weights, not from scratch
     if finetuning_type == "lora":
         from peft import PeftModel
@@ -142,11 +214,15 @@ def test_resume_gives_the_same_losses_and_bitwise_weights(tmp_path, pretrained, 
 def test_unknown_key_and_wrong_type_are_named(tmp_path, base_model, data):
     bad = tmp_path / "bad.yaml"
     bad.write_text("training_stage: sft\nlearnig_rate: 1e-4\n")
-    result = subprocess.run([sys.executable, "-m", "bumblecore", "train", "--config", str(bad)], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "bumblecore", "train", "--config", str(bad)], capture_output=True, text=True
+    )
     assert result.returncode == 1 and "unknown key 'learnig_rate' (did you mean 'learning_rate'?)" in result.stderr
     assert "Traceback" not in result.stderr
     bad.write_text("training_stage: sft\nnum_epochs: lots\n")
-    result = subprocess.run([sys.executable, "-m", "bumblecore", "train", "--config", str(bad)], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "bumblecore", "train", "--config", str(bad)], capture_output=True, text=True
+    )
     assert result.returncode == 1 and "'num_epochs' expects float" in result.stderr
     result = subprocess.run([sys.executable, "-m", "bumblecore", "train", "--lr", "3"], capture_output=True, text=True)
     assert result.returncode == 1 and "--lr" in result.stderr
@@ -154,20 +230,51 @@ def test_unknown_key_and_wrong_type_are_named(tmp_path, base_model, data):
 
 def test_every_original_key_is_accepted(tmp_path):
     original = {
-        "yaml_config": "x.yaml", "training_stage": "sft", "finetuning_type": "lora", "output_dir": "./output",
-        "model_name_or_path": "m", "trust_remote_code": False, "tokenizer_use_fast": False, "dataset_path": "d.json",
-        "cutoff_len": 1024, "num_epochs": 3.0, "learning_rate": 5e-5, "weight_decay": 0.01, "warmup_ratio": 0.1,
-        "lr_scheduler_type": "cosine", "enable_gradient_checkpointing": False, "train_micro_batch_size_per_gpu": 4,
-        "gradient_accumulation_steps": 8, "train_model_precision": "bf16", "deepspeed_config_path": None,
-        "num_local_io_workers": None, "average_tokens_across_devices": False, "local_rank": -1, "save_steps": 500,
-        "save_total_limit": 3, "save_last": False, "logging_steps": 1, "save_train_log": False, "use_tensorboard": False,
-        "lora_rank": 64, "lora_alpha": 128, "lora_dropout": 0.1, "lora_target_modules": ["q_proj", "v_proj"],
-        "pref_beta": 0.1, "label_smoothing": 0.1, "dpo_label_smoothing": 0.0, "sft_weight": 0.0, "ld_alpha": 1.0,
+        "yaml_config": "x.yaml",
+        "training_stage": "sft",
+        "finetuning_type": "lora",
+        "output_dir": "./output",
+        "model_name_or_path": "m",
+        "trust_remote_code": False,
+        "tokenizer_use_fast": False,
+        "dataset_path": "d.json",
+        "cutoff_len": 1024,
+        "num_epochs": 3.0,
+        "learning_rate": 5e-5,
+        "weight_decay": 0.01,
+        "warmup_ratio": 0.1,
+        "lr_scheduler_type": "cosine",
+        "enable_gradient_checkpointing": False,
+        "train_micro_batch_size_per_gpu": 4,
+        "gradient_accumulation_steps": 8,
+        "train_model_precision": "bf16",
+        "deepspeed_config_path": None,
+        "num_local_io_workers": None,
+        "average_tokens_across_devices": False,
+        "local_rank": -1,
+        "save_steps": 500,
+        "save_total_limit": 3,
+        "save_last": False,
+        "logging_steps": 1,
+        "save_train_log": False,
+        "use_tensorboard": False,
+        "lora_rank": 64,
+        "lora_alpha": 128,
+        "lora_dropout": 0.1,
+        "lora_target_modules": ["q_proj", "v_proj"],
+        "pref_beta": 0.1,
+        "label_smoothing": 0.1,
+        "dpo_label_smoothing": 0.0,
+        "sft_weight": 0.0,
+        "ld_alpha": 1.0,
     }
     file = tmp_path / "original.yaml"
     file.write_text(yaml.safe_dump({k: v for k, v in original.items() if k != "dpo_label_smoothing"}))
-    result = subprocess.run([sys.executable, "-m", "bumblecore", "train", "--config", str(file), "--print_config"],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "bumblecore", "train", "--config", str(file), "--print_config"],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     resolved = yaml.safe_load(result.stdout)
     assert resolved["dpo_label_smoothing"] == 0.1 and resolved["lora_target_modules"] == ["q_proj", "v_proj"]
@@ -194,9 +301,18 @@ main(["train", "--config", sys.argv[1]])
 
 def test_kill_during_save_keeps_previous_checkpoint(tmp_path, pretrained, data):
     base = pretrained[0]
-    config = {"training_stage": "sft", "model_name_or_path": str(base), "dataset_path": str(data / "sft_train.jsonl"),
-              "output_dir": str(tmp_path / "out"), "cutoff_len": 128, "max_steps": 6, "save_steps": 2,
-              "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "train_model_precision": "fp32"}
+    config = {
+        "training_stage": "sft",
+        "model_name_or_path": str(base),
+        "dataset_path": str(data / "sft_train.jsonl"),
+        "output_dir": str(tmp_path / "out"),
+        "cutoff_len": 128,
+        "max_steps": 6,
+        "save_steps": 2,
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": 1,
+        "train_model_precision": "fp32",
+    }
     file = tmp_path / "run.yaml"
     file.write_text(yaml.safe_dump(config))
     result = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, str(file)], capture_output=True, text=True)
@@ -226,9 +342,18 @@ def test_phi3_trains_through_the_transformers_fallback(tmp_path, data):
 
     torch.manual_seed(0)
     model_dir = tmp_path / "phi3"
-    phi = AutoModelForCausalLM.from_config(Phi3Config(vocab_size=768, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=0,
-                                                      max_position_embeddings=256))
+    phi = AutoModelForCausalLM.from_config(
+        Phi3Config(
+            vocab_size=768,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            pad_token_id=0,
+            max_position_embeddings=256,
+        )
+    )
     phi.save_pretrained(model_dir)
     from bumblecore.tokenizer import load_tokenizer
 
@@ -246,18 +371,28 @@ def test_resume_with_a_larger_max_steps_follows_the_new_schedule(tmp_path, pretr
     keys = dict(lr_scheduler_type="linear", learning_rate=peak, save_steps=2, gradient_accumulation_steps=1)
     first = run(tmp_path / "out", base, data / "sft_train.jsonl", max_steps=2, **keys)
     assert [r["lr"] for r in first] == pytest.approx([0.0, peak])  # warmup ceil(0.25 x 2) = 1: step 0 is 0
-    history = run(tmp_path / "out", base, data / "sft_train.jsonl", max_steps=4, resume_from_checkpoint="latest", **keys)
+    history = run(
+        tmp_path / "out", base, data / "sft_train.jsonl", max_steps=4, resume_from_checkpoint="latest", **keys
+    )
     total, warmup = 4, 1
     closed_form = {s + 1: peak * (total - s) / (total - warmup) for s in (2, 3)}  # record step = 0-based step + 1
-    assert {r["step"]: r["lr"] for r in history if r["step"] > 2} == pytest.approx(closed_form, abs=1e-8)  # metrics.jsonl keeps 8 decimals
+    assert {r["step"]: r["lr"] for r in history if r["step"] > 2} == pytest.approx(
+        closed_form, abs=1e-8
+    )  # metrics.jsonl keeps 8 decimals
 
 
 def test_reduce_on_plateau_without_eval_data_is_refused_and_ignored_keys_are_said(base_model, data):
     from bumblecore.train.run import config_notes, train
 
-    keys = {"model_name_or_path": str(base_model), "dataset_path": str(data / "sft_train.jsonl"),
-            "lr_scheduler_type": "reduce_on_plateau"}
+    keys = {
+        "model_name_or_path": str(base_model),
+        "dataset_path": str(data / "sft_train.jsonl"),
+        "lr_scheduler_type": "reduce_on_plateau",
+    }
     with pytest.raises(ValueError, match="reduce_on_plateau .* needs eval_dataset_path"):
         train(TrainArgs.from_flat(**keys))
     assert config_notes(TrainArgs.from_flat(**keys)) == []
-    assert "num_local_io_workers 4 is accepted and ignored" in config_notes(TrainArgs.from_flat(**keys, num_local_io_workers=4))[0]
+    assert (
+        "num_local_io_workers 4 is accepted and ignored"
+        in config_notes(TrainArgs.from_flat(**keys, num_local_io_workers=4))[0]
+    )

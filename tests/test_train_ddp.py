@@ -5,7 +5,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
 import yaml
 from safetensors.torch import load_file
 
@@ -17,20 +16,79 @@ DEMO = REPO / "bumblecore" / "demo_data"
 
 def test_ddp_two_processes_equal_one_process(tmp_path):
     model = tmp_path / "model"
-    main(["init_model", "--preset", "0.5B", "--num_hidden_layers", "2", "--hidden_size", "32", "--intermediate_size", "64",
-          "--num_attention_heads", "4", "--num_key_value_heads", "2", "--vocab_size", "768", "--torch_dtype", "float32",
-          "--tokenizer_path", str(DEMO / "tokenizer"), "--output_dir", str(model)])
+    main(
+        [
+            "init_model",
+            "--preset",
+            "0.5B",
+            "--num_hidden_layers",
+            "2",
+            "--hidden_size",
+            "32",
+            "--intermediate_size",
+            "64",
+            "--num_attention_heads",
+            "4",
+            "--num_key_value_heads",
+            "2",
+            "--vocab_size",
+            "768",
+            "--torch_dtype",
+            "float32",
+            "--tokenizer_path",
+            str(DEMO / "tokenizer"),
+            "--output_dir",
+            str(model),
+        ]
+    )
     config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump({
-        "training_stage": "pretrain", "model_name_or_path": str(model), "dataset_path": str(DEMO / "pretrain_eval.jsonl"),
-        "cutoff_len": 64, "max_steps": 3, "learning_rate": 5e-3, "train_micro_batch_size_per_gpu": 2,
-        "gradient_accumulation_steps": 1, "train_model_precision": "fp32", "accelerator": "cpu", "save_steps": 100}))
-    main(["train", "--config", str(config), "--output_dir", str(tmp_path / "one"), "--gradient_accumulation_steps", "2"])
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "training_stage": "pretrain",
+                "model_name_or_path": str(model),
+                "dataset_path": str(DEMO / "pretrain_eval.jsonl"),
+                "cutoff_len": 64,
+                "max_steps": 3,
+                "learning_rate": 5e-3,
+                "train_micro_batch_size_per_gpu": 2,
+                "gradient_accumulation_steps": 1,
+                "train_model_precision": "fp32",
+                "accelerator": "cpu",
+                "save_steps": 100,
+            }
+        )
+    )
+    main(
+        ["train", "--config", str(config), "--output_dir", str(tmp_path / "one"), "--gradient_accumulation_steps", "2"]
+    )
     launches = {
-        "devices": [sys.executable, "-m", "bumblecore", "train", "--config", str(config), "--devices", "2",
-                    "--output_dir", str(tmp_path / "devices")],
-        "fabric_run": [str(Path(sys.executable).parent / "fabric"), "run", "--accelerator", "cpu", "--devices", "2",
-                       str(REPO / "bumblecore" / "__main__.py"), "train", "--config", str(config), "--output_dir", str(tmp_path / "fabric_run")],
+        "devices": [
+            sys.executable,
+            "-m",
+            "bumblecore",
+            "train",
+            "--config",
+            str(config),
+            "--devices",
+            "2",
+            "--output_dir",
+            str(tmp_path / "devices"),
+        ],
+        "fabric_run": [
+            str(Path(sys.executable).parent / "fabric"),
+            "run",
+            "--accelerator",
+            "cpu",
+            "--devices",
+            "2",
+            str(REPO / "bumblecore" / "__main__.py"),
+            "train",
+            "--config",
+            str(config),
+            "--output_dir",
+            str(tmp_path / "fabric_run"),
+        ],
     }
     expected = load_file(tmp_path / "one" / "model.safetensors")
     for name, command in launches.items():
@@ -46,23 +104,106 @@ def test_dpo_ddp_equals_one_process_and_shares_the_reference_table(tmp_path):
     """DPO over 2 processes: the reference log-probs are computed in strided shares and all-reduced,
     the loss is normalised by the pairs of the whole step; the result equals 1 process x accumulation 2."""
     model = tmp_path / "model"
-    main(["init_model", "--preset", "0.5B", "--num_hidden_layers", "2", "--hidden_size", "32", "--intermediate_size", "64",
-          "--num_attention_heads", "4", "--num_key_value_heads", "2", "--vocab_size", "768", "--torch_dtype", "float32",
-          "--tokenizer_path", str(DEMO / "tokenizer"), "--output_dir", str(tmp_path / "init")])
-    main(["train", "--training_stage", "pretrain", "--model_name_or_path", str(tmp_path / "init"), "--dataset_path",
-          str(DEMO / "pretrain_eval.jsonl"), "--output_dir", str(model), "--max_steps", "1", "--cutoff_len", "64",
-          "--train_model_precision", "fp32", "--accelerator", "cpu", "--save_steps", "100"])
+    main(
+        [
+            "init_model",
+            "--preset",
+            "0.5B",
+            "--num_hidden_layers",
+            "2",
+            "--hidden_size",
+            "32",
+            "--intermediate_size",
+            "64",
+            "--num_attention_heads",
+            "4",
+            "--num_key_value_heads",
+            "2",
+            "--vocab_size",
+            "768",
+            "--torch_dtype",
+            "float32",
+            "--tokenizer_path",
+            str(DEMO / "tokenizer"),
+            "--output_dir",
+            str(tmp_path / "init"),
+        ]
+    )
+    main(
+        [
+            "train",
+            "--training_stage",
+            "pretrain",
+            "--model_name_or_path",
+            str(tmp_path / "init"),
+            "--dataset_path",
+            str(DEMO / "pretrain_eval.jsonl"),
+            "--output_dir",
+            str(model),
+            "--max_steps",
+            "1",
+            "--cutoff_len",
+            "64",
+            "--train_model_precision",
+            "fp32",
+            "--accelerator",
+            "cpu",
+            "--save_steps",
+            "100",
+        ]
+    )
     config = tmp_path / "dpo.yaml"
-    config.write_text(yaml.safe_dump({
-        "training_stage": "dpo", "model_name_or_path": str(model), "dataset_path": str(DEMO / "dpo_eval.jsonl"),
-        "cutoff_len": 128, "max_steps": 3, "learning_rate": 5e-3, "train_micro_batch_size_per_gpu": 2,
-        "gradient_accumulation_steps": 1, "train_model_precision": "fp32", "accelerator": "cpu", "save_steps": 100,
-        "pref_beta": 0.5}))
-    main(["train", "--config", str(config), "--output_dir", str(tmp_path / "one"), "--gradient_accumulation_steps", "2",
-          "--cache_dir", str(tmp_path / "cache_one")])
-    result = subprocess.run([sys.executable, "-m", "bumblecore", "train", "--config", str(config), "--devices", "2",
-                             "--output_dir", str(tmp_path / "two"), "--cache_dir", str(tmp_path / "cache_two")],
-                            capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "training_stage": "dpo",
+                "model_name_or_path": str(model),
+                "dataset_path": str(DEMO / "dpo_eval.jsonl"),
+                "cutoff_len": 128,
+                "max_steps": 3,
+                "learning_rate": 5e-3,
+                "train_micro_batch_size_per_gpu": 2,
+                "gradient_accumulation_steps": 1,
+                "train_model_precision": "fp32",
+                "accelerator": "cpu",
+                "save_steps": 100,
+                "pref_beta": 0.5,
+            }
+        )
+    )
+    main(
+        [
+            "train",
+            "--config",
+            str(config),
+            "--output_dir",
+            str(tmp_path / "one"),
+            "--gradient_accumulation_steps",
+            "2",
+            "--cache_dir",
+            str(tmp_path / "cache_one"),
+        ]
+    )
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bumblecore",
+            "train",
+            "--config",
+            str(config),
+            "--devices",
+            "2",
+            "--output_dir",
+            str(tmp_path / "two"),
+            "--cache_dir",
+            str(tmp_path / "cache_two"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     expected, got = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
     worst = max((got[k] - expected[k]).abs().max().item() for k in expected)

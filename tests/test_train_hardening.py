@@ -25,24 +25,73 @@ LONG_PROMPT = {"instruction": "word " * 300, "output": "answer"}  # every target
 def root(tmp_path_factory):
     root = tmp_path_factory.mktemp("hardening")
     lines = open(DEMO / "sft_train.jsonl", encoding="utf-8").read().splitlines()[:40]
-    (root / "sft.jsonl").write_text("\n".join(lines[:20] + [json.dumps(LONG_PROMPT)] + lines[20:]) + "\n", encoding="utf-8")
-    main(["init_model", "--preset", "0.5B", "--num_hidden_layers", "2", "--hidden_size", "32", "--intermediate_size", "64",
-          "--num_attention_heads", "4", "--num_key_value_heads", "2", "--vocab_size", "768", "--torch_dtype", "float32",
-          "--tokenizer_path", str(DEMO / "tokenizer"), "--output_dir", str(root / "init")])
+    (root / "sft.jsonl").write_text(
+        "\n".join(lines[:20] + [json.dumps(LONG_PROMPT)] + lines[20:]) + "\n", encoding="utf-8"
+    )
+    main(
+        [
+            "init_model",
+            "--preset",
+            "0.5B",
+            "--num_hidden_layers",
+            "2",
+            "--hidden_size",
+            "32",
+            "--intermediate_size",
+            "64",
+            "--num_attention_heads",
+            "4",
+            "--num_key_value_heads",
+            "2",
+            "--vocab_size",
+            "768",
+            "--torch_dtype",
+            "float32",
+            "--tokenizer_path",
+            str(DEMO / "tokenizer"),
+            "--output_dir",
+            str(root / "init"),
+        ]
+    )
     pretrain = root / "pretrain.jsonl"
     pretrain.write_text("".join(open(DEMO / "pretrain.jsonl", encoding="utf-8").readlines()[:16]), encoding="utf-8")
     file = root / "base.yaml"
-    file.write_text(yaml.safe_dump({**config(root, root / "model", training_stage="pretrain", dataset_path=str(pretrain),
-                                             model_name_or_path=str(root / "init")), "max_steps": 1, "save_steps": 0}))
+    file.write_text(
+        yaml.safe_dump(
+            {
+                **config(
+                    root,
+                    root / "model",
+                    training_stage="pretrain",
+                    dataset_path=str(pretrain),
+                    model_name_or_path=str(root / "init"),
+                ),
+                "max_steps": 1,
+                "save_steps": 0,
+            }
+        )
+    )
     main(["train", "--config", str(file)])  # the model every test starts from: weights, tokenizer
     return root
 
 
 def config(root, output_dir, **keys):
-    return {"training_stage": "sft", "model_name_or_path": str(root / "model"), "dataset_path": str(root / "sft.jsonl"),
-            "output_dir": str(output_dir), "cutoff_len": 128, "max_steps": 4, "learning_rate": 5e-3, "save_steps": 2,
-            "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "train_model_precision": "fp32",
-            "warmup_ratio": 0.0, "cache_dir": str(root / "cache"), **keys}
+    return {
+        "training_stage": "sft",
+        "model_name_or_path": str(root / "model"),
+        "dataset_path": str(root / "sft.jsonl"),
+        "output_dir": str(output_dir),
+        "cutoff_len": 128,
+        "max_steps": 4,
+        "learning_rate": 5e-3,
+        "save_steps": 2,
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": 1,
+        "train_model_precision": "fp32",
+        "warmup_ratio": 0.0,
+        "cache_dir": str(root / "cache"),
+        **keys,
+    }
 
 
 def train(root, output_dir, capsys=None, **keys) -> tuple[int, str]:
@@ -69,7 +118,9 @@ def finished(root):
     file = root / "prepare.yaml"
     file.write_text(yaml.safe_dump(config(root, out, cache_dir=str(out / "token_cache"))))
     main(["prepare_data", "--config", str(file)])  # output_dir now holds only the token cache: still free
-    status, _ = train(root, out, cache_dir=str(out / "token_cache"), resume_from_checkpoint="latest")  # nothing to resume: fresh
+    status, _ = train(
+        root, out, cache_dir=str(out / "token_cache"), resume_from_checkpoint="latest"
+    )  # nothing to resume: fresh
     assert status == 0
     return out
 
@@ -101,7 +152,9 @@ def test_another_run_is_refused_and_the_first_runs_outputs_stay_intact(root, fin
 def test_the_same_run_again_and_overwrite_output_dir(root, finished, capsys, tmp_path):
     copy = tmp_path / "again"
     shutil.copytree(finished, copy, ignore=shutil.ignore_patterns("token_cache"))
-    (copy / "training_args.yaml").write_text((finished / "training_args.yaml").read_text().replace(str(finished), str(copy)))
+    (copy / "training_args.yaml").write_text(
+        (finished / "training_args.yaml").read_text().replace(str(finished), str(copy))
+    )
     status, output = train(root, copy, capsys)  # the same config: the same run, started again
     assert status == 0 and "earlier attempt of this run" in output
     # The banner counts what the data lost and says where.
@@ -116,7 +169,11 @@ def test_the_same_run_again_and_overwrite_output_dir(root, finished, capsys, tmp
 def test_a_checkpoint_of_another_kind_of_run_is_not_resumed(root, finished, capsys, tmp_path):
     shutil.copytree(finished / "checkpoint-4", tmp_path / "out" / "checkpoint-4")
     status, output = train(root, tmp_path / "out", capsys, finetuning_type="lora", resume_from_checkpoint="latest")
-    assert status == 1 and "was saved by a different run" in output and "finetuning_type 'full' (this run: 'lora')" in output
+    assert (
+        status == 1
+        and "was saved by a different run" in output
+        and "finetuning_type 'full' (this run: 'lora')" in output
+    )
     assert not (tmp_path / "out" / "metrics.jsonl").exists()
 
 
@@ -128,9 +185,16 @@ def test_divergence_stops_before_the_update_and_nothing_non_finite_is_saved(root
 
     out = tmp_path / "diverged"
     file = tmp_path / "diverge.yaml"
-    file.write_text(yaml.safe_dump(config(root, out, learning_rate=1e3, max_grad_norm=0, save_steps=1, max_steps=6,
-                                          lr_scheduler_type="constant")))
-    result = subprocess.run([sys.executable, "-m", "bumblecore", "train", "--config", str(file)], capture_output=True, text=True)
+    file.write_text(
+        yaml.safe_dump(
+            config(
+                root, out, learning_rate=1e3, max_grad_norm=0, save_steps=1, max_steps=6, lr_scheduler_type="constant"
+            )
+        )
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "bumblecore", "train", "--config", str(file)], capture_output=True, text=True
+    )
     assert result.returncode == 1 and "Traceback" not in result.stderr
     message = [line for line in result.stderr.splitlines() if "error:" in line][0]
     step = int(message.split(" at step ")[1].split()[0])
@@ -169,13 +233,17 @@ def flip(file: Path, at: int, size: int = 4096) -> None:
 def test_damaged_checkpoints_are_named_and_latest_falls_back(root, finished, capsys, tmp_path):
     out = tmp_path / "resume"
     shutil.copytree(finished, out, ignore=shutil.ignore_patterns("token_cache"))
-    (out / "training_args.yaml").write_text((finished / "training_args.yaml").read_text().replace(str(finished), str(out)))
+    (out / "training_args.yaml").write_text(
+        (finished / "training_args.yaml").read_text().replace(str(finished), str(out))
+    )
     state = out / "checkpoint-4" / "training_state"
     flip(state, at=state.stat().st_size // 2)
     status, output = train(root, out, capsys, resume_from_checkpoint=str(out / "checkpoint-4"))
     assert status == 1 and "checkpoint-4 is damaged: training_state does not match its checksum" in output
     status, output = train(root, out, capsys, resume_from_checkpoint="latest")
-    assert status == 0 and "skipped damaged checkpoint-4" in output and "resumed from" in output and "at step 2" in output
+    assert (
+        status == 0 and "skipped damaged checkpoint-4" in output and "resumed from" in output and "at step 2" in output
+    )
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in history] == [1, 2, 3, 4]
     reference = [json.loads(line) for line in (finished / "metrics.jsonl").read_text().splitlines()]
@@ -193,19 +261,31 @@ def test_damaged_checkpoints_are_named_and_latest_falls_back(root, finished, cap
 # ---------------------------------------------------------------------------- 8. undecodable and empty data
 
 
-@pytest.mark.parametrize("content,expected", [
-    (b'{"text": "ok"}\n{"text": "caf\xe9"}\n', "line 2: not UTF-8 text (byte 0xe9 at column 14)"),
-    (b'[\n {"text": "ok"},\n {"text": "caf\xe9"}\n]\n', "line 3: not UTF-8 text (byte 0xe9"),
-    (b"", "the file is empty"),
-    (b"[]\n", "the JSON array holds no records"),
-    (b"\n\n", "the file holds only blank lines"),
-])
+@pytest.mark.parametrize(
+    "content,expected",
+    [
+        (b'{"text": "ok"}\n{"text": "caf\xe9"}\n', "line 2: not UTF-8 text (byte 0xe9 at column 14)"),
+        (b'[\n {"text": "ok"},\n {"text": "caf\xe9"}\n]\n', "line 3: not UTF-8 text (byte 0xe9"),
+        (b"", "the file is empty"),
+        (b"[]\n", "the JSON array holds no records"),
+        (b"\n\n", "the file holds only blank lines"),
+    ],
+)
 def test_undecodable_and_empty_files_name_file_line_and_reason(root, tmp_path, capsys, content, expected):
     data = tmp_path / ("d.json" if content.lstrip().startswith(b"[") else "d.jsonl")
     data.write_bytes(content)
     file = tmp_path / "p.yaml"
-    file.write_text(yaml.safe_dump(config(root, tmp_path / "out", dataset_path=str(data), training_stage="pretrain",
-                                          cache_dir=str(tmp_path / "cache"))))
+    file.write_text(
+        yaml.safe_dump(
+            config(
+                root,
+                tmp_path / "out",
+                dataset_path=str(data),
+                training_stage="pretrain",
+                cache_dir=str(tmp_path / "cache"),
+            )
+        )
+    )
     error = _prepare_error(file, capsys)
     assert str(data) in error and expected in error and "Traceback" not in error
 
@@ -220,7 +300,9 @@ def test_a_file_whose_only_record_is_too_long_says_so(root, tmp_path, capsys):
     data = tmp_path / "long.jsonl"
     data.write_text(json.dumps(LONG_PROMPT) + "\n")
     file = tmp_path / "p.yaml"
-    file.write_text(yaml.safe_dump(config(root, tmp_path / "out", dataset_path=str(data), cache_dir=str(tmp_path / "cache"))))
+    file.write_text(
+        yaml.safe_dump(config(root, tmp_path / "out", dataset_path=str(data), cache_dir=str(tmp_path / "cache")))
+    )
     error = _prepare_error(file, capsys)
     assert f"{data}: no usable samples: {data} line 1: has no trained token within cutoff_len 128" in error
 

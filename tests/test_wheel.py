@@ -40,8 +40,11 @@ def build_wheel(tmp_path: Path) -> Path:
     # Offline with this environment's setuptools when it can build wheels by itself (>= 70.1, or with the
     # wheel package); else pip fetches pyproject's build requirements into an isolated build env.
     offline = ["--no-build-isolation", "--no-index"] if can_build_wheels_here() else []
-    subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", *offline, "-q", "-w", str(tmp_path / "dist")],
-                   check=True, timeout=300)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", *offline, "-q", "-w", str(tmp_path / "dist")],
+        check=True,
+        timeout=300,
+    )
     (wheel,) = (tmp_path / "dist").glob("bumblecore-*.whl")
     return wheel
 
@@ -55,20 +58,39 @@ def test_installed_wheel_runs_the_quick_demo_outside_the_repository(tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
     python = venv / "bin" / "python"
-    site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                               check=True, capture_output=True, text=True).stdout.strip())
+    site = Path(
+        subprocess.run(
+            [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    )
     # A plain path entry: the dependencies (and pip) are found, the editable install's finder is not loaded.
     (site / "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(wheel)], check=True, timeout=300)
+    subprocess.run(
+        [str(python), "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(wheel)], check=True, timeout=300
+    )
 
     cwd = tmp_path / "elsewhere"
     cwd.mkdir()
-    located = subprocess.run([str(python), "-c", "import bumblecore; print(bumblecore.__file__)"], cwd=cwd,
-                             check=True, capture_output=True, text=True).stdout.strip()
+    located = subprocess.run(
+        [str(python), "-c", "import bumblecore; print(bumblecore.__file__)"],
+        cwd=cwd,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     assert Path(located).is_relative_to(site), located
     # One thread: the quick demo's model is tiny, and on a shared 2-core machine extra threads only wait.
-    result = subprocess.run([str(venv / "bin" / "bumblecore"), "demo", "--quick", "true"], cwd=cwd,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [str(venv / "bin" / "bumblecore"), "demo", "--quick", "true"],
+        cwd=cwd,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "BumbleCore demo: summary" in result.stdout
     assert (cwd / "checkpoints" / "demo" / "demo_report.json").is_file()

@@ -21,11 +21,41 @@ import requests
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--preset", "0.5B", "--num_hidden_layers", "2", "--hidden_size", "64", "--intermediate_size", "128",
-        "--num_attention_heads", "4", "--num_key_value_heads", "2", "--vocab_size", "768", "--torch_dtype", "float32"]
+TINY = [
+    "--preset",
+    "0.5B",
+    "--num_hidden_layers",
+    "2",
+    "--hidden_size",
+    "64",
+    "--intermediate_size",
+    "128",
+    "--num_attention_heads",
+    "4",
+    "--num_key_value_heads",
+    "2",
+    "--vocab_size",
+    "768",
+    "--torch_dtype",
+    "float32",
+]
 # A few CPU steps on short rows; every other key is the shipped config's.
-FEW_STEPS = ["--max_steps", "2", "--save_steps", "2", "--eval_steps", "2", "--cutoff_len", "64", "--train_model_precision", "fp32",
-             "--train_micro_batch_size_per_gpu", "4", "--gradient_accumulation_steps", "1"]
+FEW_STEPS = [
+    "--max_steps",
+    "2",
+    "--save_steps",
+    "2",
+    "--eval_steps",
+    "2",
+    "--cutoff_len",
+    "64",
+    "--train_model_precision",
+    "fp32",
+    "--train_micro_batch_size_per_gpu",
+    "4",
+    "--gradient_accumulation_steps",
+    "1",
+]
 LORA = ["--lora_rank", "4", "--lora_alpha", "8"]
 
 
@@ -40,11 +70,14 @@ def workdir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def env(workdir):
-    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-            "BUMBLECORE_CACHE": str(workdir / "cache"),
-            # One thread: a tiny model gains nothing from more, and on a shared 2-core machine more
-            # threads than free cores made each step 5x slower.
-            "OMP_NUM_THREADS": "1"}
+    return {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "BUMBLECORE_CACHE": str(workdir / "cache"),
+        # One thread: a tiny model gains nothing from more, and on a shared 2-core machine more
+        # threads than free cores made each step 5x slower.
+        "OMP_NUM_THREADS": "1",
+    }
 
 
 def run(workdir, env, *command, input=None):
@@ -56,8 +89,17 @@ def run(workdir, env, *command, input=None):
 @pytest.fixture(scope="module")
 def chain(workdir, env):
     """The tutorial's chain with the scripts' default paths; returns the checkpoints dir."""
-    run(workdir, env, "bumblecore", "init_model", *TINY, "--tokenizer_path", "bumblecore/demo_data/tokenizer",
-        "--output_dir", "checkpoints/init")
+    run(
+        workdir,
+        env,
+        "bumblecore",
+        "init_model",
+        *TINY,
+        "--tokenizer_path",
+        "bumblecore/demo_data/tokenizer",
+        "--output_dir",
+        "checkpoints/init",
+    )
     run(workdir, env, "bash", "scripts/pretrain.sh", *FEW_STEPS)
     run(workdir, env, "bash", "scripts/sft_full.sh", *FEW_STEPS)
     run(workdir, env, "bash", "scripts/dpo_lora.sh", *FEW_STEPS, *LORA)
@@ -76,16 +118,33 @@ def test_the_scripts_chain_end_to_end(chain):
 
 
 def test_chat_script_talks_to_the_merged_model(chain, workdir, env):
-    result = run(workdir, env, "bash", "scripts/chat.sh", "--max_new_tokens", "4", input="How many words are in: fox owl cup\n/clear\n/exit\n")
-    assert "(history cleared)" in result.stdout, result.stdout + result.stderr  # one turn answered, then the next command read
+    result = run(
+        workdir,
+        env,
+        "bash",
+        "scripts/chat.sh",
+        "--max_new_tokens",
+        "4",
+        input="How many words are in: fox owl cup\n/clear\n/exit\n",
+    )
+    assert "(history cleared)" in result.stdout, (
+        result.stdout + result.stderr
+    )  # one turn answered, then the next command read
 
 
 def test_serve_script_answers_one_request(chain, workdir, env):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    server = subprocess.Popen(["bash", "scripts/serve.sh", "--port", str(port), "--max_batch_size", "2"], cwd=workdir, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    server = subprocess.Popen(
+        ["bash", "scripts/serve.sh", "--port", str(port), "--max_batch_size", "2"],
+        cwd=workdir,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 120
@@ -98,8 +157,16 @@ def test_serve_script_answers_one_request(chain, workdir, env):
                 pass
             assert time.monotonic() < deadline, "serve.sh did not come up"
             time.sleep(0.5)
-        reply = requests.post(url + "/v1/chat/completions", timeout=60, json={
-            "model": "bumblebee", "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 4, "temperature": 0})
+        reply = requests.post(
+            url + "/v1/chat/completions",
+            timeout=60,
+            json={
+                "model": "bumblebee",
+                "messages": [{"role": "user", "content": "Hello!"}],
+                "max_tokens": 4,
+                "temperature": 0,
+            },
+        )
         assert reply.status_code == 200, reply.text
         assert reply.json()["choices"][0]["message"]["role"] == "assistant"
     finally:
@@ -113,12 +180,37 @@ def test_serve_script_answers_one_request(chain, workdir, env):
 
 def test_original_merge_script_takes_its_flags(workdir, env):
     """tools/run_merge_lora.sh with the original's flag set resolves to merge_lora's arguments."""
-    result = run(workdir, env, "bash", "tools/run_merge_lora.sh", "--base_model_path", "checkpoints/sft_full",
-                 "--lora_model_path", "checkpoints/dpo_lora", "--save_path", "checkpoints/aligned", "--dtype", "auto",
-                 "--device_map", "auto", "--trust_remote_code", "--low_cpu_mem_usage", "--print_config")
+    result = run(
+        workdir,
+        env,
+        "bash",
+        "tools/run_merge_lora.sh",
+        "--base_model_path",
+        "checkpoints/sft_full",
+        "--lora_model_path",
+        "checkpoints/dpo_lora",
+        "--save_path",
+        "checkpoints/aligned",
+        "--dtype",
+        "auto",
+        "--device_map",
+        "auto",
+        "--trust_remote_code",
+        "--low_cpu_mem_usage",
+        "--print_config",
+    )
     resolved = yaml.safe_load(result.stdout)
-    assert resolved["base_model_path"] == "checkpoints/sft_full" and resolved["lora_model_path"] == "checkpoints/dpo_lora"
-    assert resolved["save_path"] == "checkpoints/aligned" and resolved["dtype"] == "auto" and resolved["trust_remote_code"] is True
+    assert (
+        resolved["base_model_path"] == "checkpoints/sft_full" and resolved["lora_model_path"] == "checkpoints/dpo_lora"
+    )
+    assert (
+        resolved["save_path"] == "checkpoints/aligned"
+        and resolved["dtype"] == "auto"
+        and resolved["trust_remote_code"] is True
+    )
     defaults = yaml.safe_load(run(workdir, env, "bash", "tools/run_merge_lora.sh", "--print_config").stdout)
-    assert (defaults["base_model_path"], defaults["lora_model_path"], defaults["save_path"]) == \
-        ("checkpoints/sft_full", "checkpoints/dpo_lora", "checkpoints/dpo_merged")
+    assert (defaults["base_model_path"], defaults["lora_model_path"], defaults["save_path"]) == (
+        "checkpoints/sft_full",
+        "checkpoints/dpo_lora",
+        "checkpoints/dpo_merged",
+    )

@@ -17,13 +17,19 @@ def make_tiny_model(vocab_size: int = 768, seed: int = 0, **config):
     from bumblecore.model.bumblebee import Bumblebee
     from bumblecore.model.config import BumblebeeConfig
 
-    shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 initializer_range=0.2)
+    shape = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        initializer_range=0.2,
+    )
     torch.manual_seed(seed)
     return Bumblebee(BumblebeeConfig(vocab_size=vocab_size, **{**shape, **config})).eval()
 
 
-def write_tiny_checkpoint(out, vocab_size=None):
+def write_tiny_checkpoint(out, vocab_size=None, max_position_embeddings=4096):
     """A Qwen2 model directory written by transformers itself (2 layers, hidden 64, init std 0.2) with
     the demo tokenizer: what a user's downloaded checkpoint looks like, in miniature."""
     import torch
@@ -33,9 +39,17 @@ def write_tiny_checkpoint(out, vocab_size=None):
 
     tokenizer = load_tokenizer(DEMO_TOKENIZER)
     torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=vocab_size or -(-len(tokenizer) // 64) * 64, hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2,
-                         max_position_embeddings=4096, tie_word_embeddings=True)
+    config = Qwen2Config(
+        vocab_size=vocab_size or -(-len(tokenizer) // 64) * 64,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        initializer_range=0.2,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=True,
+    )
     Qwen2ForCausalLM(config).save_pretrained(out)
     tokenizer.save_pretrained(str(out))
     return out

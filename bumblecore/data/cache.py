@@ -22,9 +22,9 @@ import os
 import shutil
 import socket
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
 
 import numpy as np
 
@@ -63,17 +63,22 @@ class CacheSummary:
             why.append(f"{self.dropped_no_targets} with no trained token within cutoff_len")
         if self.dropped_untrained:
             why.append(f"{self.dropped_untrained} with no trained token at all")
-        line = (f"{self.records} records -> {self.samples} samples, {self.tokens:,} tokens ({self.target_share:.1%} trained); "
-                f"{dropped} dropped{' (' + ', '.join(why) + ')' if why else ''}, {self.truncated} truncated to cutoff_len, "
-                f"{self.skipped_bad_records} bad records skipped")
+        line = (
+            f"{self.records} records -> {self.samples} samples, {self.tokens:,} tokens ({self.target_share:.1%} trained); "
+            f"{dropped} dropped{' (' + ', '.join(why) + ')' if why else ''}, {self.truncated} truncated to cutoff_len, "
+            f"{self.skipped_bad_records} bad records skipped"
+        )
         if self.empty_files:
             line += f", {len(self.empty_files)} file(s) without records"
         return line
 
     def examples(self, limit: int = 5) -> list[str]:
         """Where the dropped, skipped and empty come from: file and line and why."""
-        return ([f"dropped: {e}" for e in self.dropped_examples[:limit]] + [f"skipped: {e}" for e in self.skipped_examples[:limit]]
-                + [f"no records: {e}" for e in self.empty_files[:limit]])
+        return (
+            [f"dropped: {e}" for e in self.dropped_examples[:limit]]
+            + [f"skipped: {e}" for e in self.skipped_examples[:limit]]
+            + [f"no records: {e}" for e in self.empty_files[:limit]]
+        )
 
     def describe(self) -> str:
         rate = self.bytes_read / 1e6 / max(self.seconds, 1e-9)
@@ -128,8 +133,16 @@ class TokenCache:
         self.meta = json.loads((self.directory / "meta.json").read_text(encoding="utf-8"))
         self.offsets = np.fromfile(self.directory / "offsets.bin", dtype=np.int64)
         size = int(self.offsets[-1])
-        self.ids = np.memmap(self.directory / "ids.bin", dtype=np.uint32, mode="r", shape=(size,)) if size else np.zeros(0, np.uint32)
-        self.mask = np.memmap(self.directory / "mask.bin", dtype=np.uint8, mode="r", shape=(size,)) if size else np.zeros(0, np.uint8)
+        self.ids = (
+            np.memmap(self.directory / "ids.bin", dtype=np.uint32, mode="r", shape=(size,))
+            if size
+            else np.zeros(0, np.uint32)
+        )
+        self.mask = (
+            np.memmap(self.directory / "mask.bin", dtype=np.uint8, mode="r", shape=(size,))
+            if size
+            else np.zeros(0, np.uint8)
+        )
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -147,7 +160,9 @@ class TokenCache:
         return self.ids[start:end], self.mask[start:end]
 
 
-def _encode_batch(tokenizer, samples: list[Sample], cutoff_len: int, summary: CacheSummary) -> Iterator[tuple[list[int], list[bool]]]:
+def _encode_batch(
+    tokenizer, samples: list[Sample], cutoff_len: int, summary: CacheSummary
+) -> Iterator[tuple[list[int], list[bool]]]:
     """Entries for a batch of samples (two per preference pair), truncated to cutoff_len; a sample or
     pair left without any target is dropped, counted and (the first few) named with file and line."""
     if samples[0].kind == "text":
@@ -159,7 +174,11 @@ def _encode_batch(tokenizer, samples: list[Sample], cutoff_len: int, summary: Ca
     prepared = []
     for s in samples:
         c = s.conversation
-        replies = [(c.messages, "all")] if s.kind == "conversation" else [(c.messages + [r], "last") for r in (s.chosen, s.rejected)]
+        replies = (
+            [(c.messages, "all")]
+            if s.kind == "conversation"
+            else [(c.messages + [r], "last") for r in (s.chosen, s.rejected)]
+        )
         for messages, train in replies:
             try:
                 prepared.append(fmt.prepare(messages, c.tools, train))
@@ -176,8 +195,11 @@ def _encode_batch(tokenizer, samples: list[Sample], cutoff_len: int, summary: Ca
                 reason = reason or (f"{name}has no trained token at all", "untrained")
             elif len(ids) > cutoff_len and not any(mask[:cutoff_len]):
                 first = mask.index(True)
-                reason = reason or (f"{name}has no trained token within cutoff_len {cutoff_len} (the prompt alone "
-                                    f"is {first} tokens; raise cutoff_len or shorten the record)", "cutoff")
+                reason = reason or (
+                    f"{name}has no trained token within cutoff_len {cutoff_len} (the prompt alone "
+                    f"is {first} tokens; raise cutoff_len or shorten the record)",
+                    "cutoff",
+                )
             if len(ids) > cutoff_len:
                 summary.truncated += 1
                 ids, mask = ids[:cutoff_len], mask[:cutoff_len]
@@ -253,9 +275,13 @@ def build_cache(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    summary = CacheSummary(records=report.records, skipped_bad_records=len(report.skipped),
-                           skipped_examples=report.skipped[:10], empty_files=report.empty_files[:10],
-                           bytes_read=sum(f.stat().st_size for f in data_files(paths)))
+    summary = CacheSummary(
+        records=report.records,
+        skipped_bad_records=len(report.skipped),
+        skipped_examples=report.skipped[:10],
+        empty_files=report.empty_files[:10],
+        bytes_read=sum(f.stat().st_size for f in data_files(paths)),
+    )
     started = time.perf_counter()
     bar = None
     if progress:
@@ -263,8 +289,11 @@ def build_cache(
 
         bar = tqdm(total=report.records, desc="tokenize", unit="rec", dynamic_ncols=True)
     try:
-        with open(tmp / "ids.bin", "wb") as ids_file, open(tmp / "mask.bin", "wb") as mask_file, \
-                open(tmp / "offsets.bin", "wb") as offsets_file:
+        with (
+            open(tmp / "ids.bin", "wb") as ids_file,
+            open(tmp / "mask.bin", "wb") as mask_file,
+            open(tmp / "offsets.bin", "wb") as offsets_file,
+        ):
             offsets_file.write(np.zeros(1, np.int64).tobytes())
             position = 0
             batch: list[Sample] = []
@@ -290,8 +319,13 @@ def build_cache(
             if batch:
                 flush()
         summary.seconds = time.perf_counter() - started
-        meta = {"format_version": FORMAT_VERSION, "stage": stage, "cutoff_len": cutoff_len,
-                "files": [str(f) for f in data_files(paths)], "summary": asdict(summary)}
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "stage": stage,
+            "cutoff_len": cutoff_len,
+            "files": [str(f) for f in data_files(paths)],
+            "summary": asdict(summary),
+        }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         if final.exists():  # a concurrent build finished first; its entry is identical
             shutil.rmtree(tmp)

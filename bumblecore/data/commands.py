@@ -16,11 +16,14 @@ from bumblecore.data.template import chat_format, encode_conversation, encode_do
 from bumblecore.tokenizer import load_tokenizer
 
 
-def dataset_units(data: DataArgs, stage: str, seed: int, tokenizer, paths, progress: bool = True,
-                  label: str = "dataset_path") -> tuple[TokenCache, Units]:
+def dataset_units(
+    data: DataArgs, stage: str, seed: int, tokenizer, paths, progress: bool = True, label: str = "dataset_path"
+) -> tuple[TokenCache, Units]:
     """Validate, tokenize (or reuse the cache) and arrange `paths` into training units for a run of `stage`.
     Data that gives no sample at all is an error that says which files and lines, and why."""
-    cache = build_cache(paths, tokenizer, stage, data.cutoff_len, data.cache_dir, data.skip_bad_records, progress=progress)
+    cache = build_cache(
+        paths, tokenizer, stage, data.cutoff_len, data.cache_dir, data.skip_bad_records, progress=progress
+    )
     units = build_units(cache, stage, data.cutoff_len, bool(data.packing), seed)
     if len(units) == 0:
         shown = ", ".join(str(f) for f in data_files(paths))
@@ -57,8 +60,10 @@ def prepare_data(run: TrainArgs) -> None:
         cache, units = dataset_units(data, run.model.training_stage, run.optimization.seed, tokenizer, paths)
         summary = cache.summary
         print(f"{label}: {summary.describe()}")
-        print(f"{label}: {len(units)} training units ({'packed rows' if data.packing else 'rows'} of <= {data.cutoff_len} tokens) "
-              f"in {cache.directory}")
+        print(
+            f"{label}: {len(units)} training units ({'packed rows' if data.packing else 'rows'} of <= {data.cutoff_len} tokens) "
+            f"in {cache.directory}"
+        )
         for example in summary.examples(limit=10):
             print(f"  {example}")
 
@@ -100,8 +105,10 @@ def inspect_data(run: TrainArgs, num_samples: int = 3, format: str = "text") -> 
         elif sample.kind == "conversation":
             entries = [("conversation", *encode_conversation(tokenizer, c.messages, c.tools))]
         else:
-            entries = [(name, *encode_preference(tokenizer, c.messages, reply, c.tools))
-                       for name, reply in (("chosen", sample.chosen), ("rejected", sample.rejected))]
+            entries = [
+                (name, *encode_preference(tokenizer, c.messages, reply, c.tools))
+                for name, reply in (("chosen", sample.chosen), ("rejected", sample.rejected))
+            ]
         for name, ids, mask in entries:
             if mask is None:
                 mask = [True] * len(ids)

@@ -8,11 +8,20 @@ place (`line N` for JSONL, `record N` for a JSON array, 1-based) and the field.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import Optional, Union
 
-FORMATS = ("pretrain", "alpaca", "sharegpt", "messages", "preference_alpaca", "preference_sharegpt", "preference_messages")
+FORMATS = (
+    "pretrain",
+    "alpaca",
+    "sharegpt",
+    "messages",
+    "preference_alpaca",
+    "preference_sharegpt",
+    "preference_messages",
+)
 USER_SIDE = ("human", "observation")
 ASSISTANT_SIDE = ("gpt", "function_call")
 SHAREGPT_ROLES = ("system",) + USER_SIDE + ASSISTANT_SIDE
@@ -90,14 +99,18 @@ def iter_json_records(file: Path) -> Iterator[tuple[str, object]]:
             return
         for number, raw in enumerate(handle, 1):
             if number == 1:
-                raw = raw[len(UTF8_BOM):] if raw.startswith(UTF8_BOM) else raw
+                raw = raw[len(UTF8_BOM) :] if raw.startswith(UTF8_BOM) else raw
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as err:
                 # Handed on, not raised: like a broken line, one bad record that skip_bad_records may skip.
-                yield f"{file} line {number}", DataError(
-                    f"{file} line {number}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column {err.start + 1}); "
-                    "save the file as UTF-8")
+                yield (
+                    f"{file} line {number}",
+                    DataError(
+                        f"{file} line {number}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column {err.start + 1}); "
+                        "save the file as UTF-8"
+                    ),
+                )
                 continue
             if not line.strip():
                 continue
@@ -125,7 +138,7 @@ class _Utf8Reader:
     def read(self, size: int) -> str:
         data = self.handle.read(size)
         if self.first:
-            data, self.first = (data[len(UTF8_BOM):] if data.startswith(UTF8_BOM) else data), False
+            data, self.first = (data[len(UTF8_BOM) :] if data.startswith(UTF8_BOM) else data), False
         try:
             text = self.decoder.decode(data, final=not data)
         except UnicodeDecodeError as err:
@@ -133,8 +146,10 @@ class _Utf8Reader:
             position = err.start - pending
             line = self.lines_before + data[: max(0, position)].count(b"\n") + 1
             bad = err.object[err.start] if err.start < len(err.object) else 0
-            raise DataError(f"{self.file} line {line}: not UTF-8 text (byte 0x{bad:02x} at byte "
-                            f"{self.offset + position} of the file); save the file as UTF-8") from None
+            raise DataError(
+                f"{self.file} line {line}: not UTF-8 text (byte 0x{bad:02x} at byte "
+                f"{self.offset + position} of the file); save the file as UTF-8"
+            ) from None
         self.lines_before += data.count(b"\n")
         self.offset += len(data)
         return text
@@ -309,7 +324,9 @@ def sharegpt_conversation(record: dict, where: str, end_on_assistant: bool = Tru
             raise DataError(f'{where}: field "conversations" turn {number} must be an object with "from" and "value"')
         role, value = turn["from"], turn["value"]
         if role not in SHAREGPT_ROLES:
-            raise DataError(f'{where}: field "conversations" turn {number} has role "{role}"; expected {", ".join(SHAREGPT_ROLES)}')
+            raise DataError(
+                f'{where}: field "conversations" turn {number} has role "{role}"; expected {", ".join(SHAREGPT_ROLES)}'
+            )
         if not isinstance(value, str):
             raise DataError(f'{where}: field "conversations" turn {number} value must be a string')
         if role == "system":
@@ -320,11 +337,21 @@ def sharegpt_conversation(record: dict, where: str, end_on_assistant: bool = Tru
         user_turn = role in USER_SIDE
         same_side = previous is not None and (previous in USER_SIDE) == user_turn
         if (previous is None and not user_turn) or (same_side and user_turn and not previous == role == "observation"):
-            side = "user side (human, observation)" if previous is None or not user_turn else "assistant side (gpt, function_call)"
-            raise DataError(f'{where}: field "conversations" turn {number} has role "{role}" out of order; expected the {side}')
+            side = (
+                "user side (human, observation)"
+                if previous is None or not user_turn
+                else "assistant side (gpt, function_call)"
+            )
+            raise DataError(
+                f'{where}: field "conversations" turn {number} has role "{role}" out of order; expected the {side}'
+            )
         if same_side and not user_turn and role == "gpt":
-            what = ("a function_call turn: text after a call needs the call's observation first (an assistant turn "
-                    "renders its text before its calls)" if previous == "function_call" else "another gpt turn")
+            what = (
+                "a function_call turn: text after a call needs the call's observation first (an assistant turn "
+                "renders its text before its calls)"
+                if previous == "function_call"
+                else "another gpt turn"
+            )
             raise DataError(f'{where}: field "conversations" turn {number} (gpt) follows {what}')
         if role in ASSISTANT_SIDE and not value.strip():
             raise DataError(f'{where}: field "conversations" turn {number} ({role}) is an empty assistant turn')
@@ -337,10 +364,14 @@ def sharegpt_conversation(record: dict, where: str, end_on_assistant: bool = Tru
         elif same_side:  # calls joining the assistant message before them
             messages[-1].setdefault("tool_calls", []).extend(parse_function_call(value, where, number))
         else:
-            messages.append({"role": "assistant", "content": "", "tool_calls": parse_function_call(value, where, number)})
+            messages.append(
+                {"role": "assistant", "content": "", "tool_calls": parse_function_call(value, where, number)}
+            )
         previous = role
     if previous is None or (previous in ASSISTANT_SIDE) != end_on_assistant:
-        wanted = "an assistant turn (gpt or function_call)" if end_on_assistant else "a user turn (human or observation)"
+        wanted = (
+            "an assistant turn (gpt or function_call)" if end_on_assistant else "a user turn (human or observation)"
+        )
         raise DataError(f'{where}: field "conversations" must end on {wanted}')
     return Conversation(messages, parse_tools(record.get("tools"), where))
 
@@ -351,8 +382,9 @@ def _message_text(content, place: str) -> str:
         return ""
     if isinstance(content, str):
         return content
-    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                                         for p in content):
+    if isinstance(content, list) and all(
+        isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content
+    ):
         return "".join(p["text"] for p in content)
     raise DataError(f'{place} content must be a string or a list of text parts ({{"type": "text", "text": ...}})')
 
@@ -365,8 +397,10 @@ def _message(message: object, place: str) -> dict:
     if role not in MESSAGE_ROLES:
         raise DataError(f'{place} has role "{role}"; expected {", ".join(MESSAGE_ROLES)}')
     if message.get("weight", 1) != 1:  # OpenAI's weight 0 asks for an untrained turn, which we cannot honour
-        raise DataError(f'{place} has "weight": {message["weight"]!r}; every assistant message is trained (drop the '
-                        "message, or the field)")
+        raise DataError(
+            f'{place} has "weight": {message["weight"]!r}; every assistant message is trained (drop the '
+            "message, or the field)"
+        )
     content = _message_text(message.get("content"), place)
     parsed = {"role": role, "content": content}
     calls = message.get("tool_calls")
@@ -388,8 +422,11 @@ def message_list(value, where: str, key: str, end: str = "assistant") -> list[di
     a tool message answers an assistant's tool_calls (several in a row for parallel calls); the list
     ends on an assistant message (end="assistant") or on a user or tool message (end="prompt")."""
     if not isinstance(value, list) or not value:
-        raise DataError(f'{where}: missing field "{key}"' if value is None else
-                        f'{where}: field "{key}" must be a non-empty list of messages')
+        raise DataError(
+            f'{where}: missing field "{key}"'
+            if value is None
+            else f'{where}: field "{key}" must be a non-empty list of messages'
+        )
     messages: list[dict] = []
     for number, raw in enumerate(value, 1):
         place = f'{where}: field "{key}" message {number}'
@@ -413,7 +450,9 @@ def message_list(value, where: str, key: str, end: str = "assistant") -> list[di
 
 
 def messages_conversation(record: dict, where: str) -> Conversation:
-    return Conversation(message_list(record.get("messages"), where, "messages"), parse_tools(record.get("tools"), where))
+    return Conversation(
+        message_list(record.get("messages"), where, "messages"), parse_tools(record.get("tools"), where)
+    )
 
 
 def trl_preference(record: dict, where: str) -> tuple[Conversation, dict, dict]:
@@ -422,19 +461,27 @@ def trl_preference(record: dict, where: str) -> tuple[Conversation, dict, dict]:
     their last (assistant) message."""
     for key in ("prompt", "chosen", "rejected"):
         if isinstance(record.get(key), str):
-            raise DataError(f'{where}: field "{key}" is a string; records of "prompt"/"chosen"/"rejected" take lists of '
-                            "messages (TRL's conversational form); for plain strings use "
-                            '{"instruction", "chosen", "rejected"}')
+            raise DataError(
+                f'{where}: field "{key}" is a string; records of "prompt"/"chosen"/"rejected" take lists of '
+                "messages (TRL's conversational form); for plain strings use "
+                '{"instruction", "chosen", "rejected"}'
+            )
     tools = parse_tools(record.get("tools"), where)
     if "prompt" in record:
         prompt = message_list(record["prompt"], where, "prompt", end="prompt")
-        return Conversation(prompt, tools), _reply(record.get("chosen"), where, "chosen"), _reply(record.get("rejected"), where, "rejected")
+        return (
+            Conversation(prompt, tools),
+            _reply(record.get("chosen"), where, "chosen"),
+            _reply(record.get("rejected"), where, "rejected"),
+        )
     chosen = message_list(record.get("chosen"), where, "chosen")
     rejected = message_list(record.get("rejected"), where, "rejected")
     if chosen[:-1] != rejected[:-1]:
         differ = next(i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b) + 1
-        raise DataError(f'{where}: fields "chosen" and "rejected" differ at message {differ}, before their last; without '
-                        '"prompt" they must be one conversation up to their last (assistant) message')
+        raise DataError(
+            f'{where}: fields "chosen" and "rejected" differ at message {differ}, before their last; without '
+            '"prompt" they must be one conversation up to their last (assistant) message'
+        )
     return Conversation(chosen[:-1], tools), chosen[-1], rejected[-1]
 
 
@@ -443,10 +490,15 @@ def _reply(value, where: str, key: str) -> dict:
     if isinstance(value, dict):
         value = [value]
     if not isinstance(value, list) or not value:
-        raise DataError(f'{where}: missing field "{key}"' if value is None else
-                        f'{where}: field "{key}" must be a list holding one assistant message')
+        raise DataError(
+            f'{where}: missing field "{key}"'
+            if value is None
+            else f'{where}: field "{key}" must be a list holding one assistant message'
+        )
     if len(value) != 1:
-        raise DataError(f'{where}: field "{key}" holds {len(value)} messages; a preference pair compares one assistant reply')
+        raise DataError(
+            f'{where}: field "{key}" holds {len(value)} messages; a preference pair compares one assistant reply'
+        )
     message = _message(value[0], f'{where}: field "{key}" message 1')
     if message["role"] != "assistant":
         raise DataError(f'{where}: field "{key}" message 1 has role "{message["role"]}"; expected assistant')
@@ -464,7 +516,9 @@ def _preference_reply(record: dict, key: str, where: str) -> dict:
     elif isinstance(value, str):
         text = value
     else:
-        raise DataError(f'{where}: missing field "{key}"' if value is None else f'{where}: field "{key}" must be a string')
+        raise DataError(
+            f'{where}: missing field "{key}"' if value is None else f'{where}: field "{key}" must be a string'
+        )
     if not text.strip():
         raise DataError(f'{where}: field "{key}" is empty')
     return {"role": "assistant", "content": text}
@@ -491,12 +545,18 @@ def record_to_sample(record: object, fmt: str, where: str) -> Sample:
         prompt = sharegpt_conversation(record, where, end_on_assistant=False)
     else:
         raise DataError(f"unknown format {fmt!r}")
-    return Sample("preference", conversation=prompt, chosen=_preference_reply(record, "chosen", where),
-                  rejected=_preference_reply(record, "rejected", where), where=where)
+    return Sample(
+        "preference",
+        conversation=prompt,
+        chosen=_preference_reply(record, "chosen", where),
+        rejected=_preference_reply(record, "rejected", where),
+        where=where,
+    )
 
 
-def read_samples(paths, stage: Optional[str] = None, skip_bad_records: bool = False,
-                 report: Optional[ReadReport] = None) -> Iterator[Sample]:
+def read_samples(
+    paths, stage: Optional[str] = None, skip_bad_records: bool = False, report: Optional[ReadReport] = None
+) -> Iterator[Sample]:
     """Validated samples of every file, streamed. The format of each file is detected from its first
     record and must suit `stage`; later records must be in the same format. By default the first bad
     record raises; with skip_bad_records it is reported in `report.skipped` and skipped."""
@@ -512,8 +572,10 @@ def read_samples(paths, stage: Optional[str] = None, skip_bad_records: bool = Fa
                 if fmt is None:
                     fmt = detect_format(record, where)
                     if stage and fmt not in STAGE_FORMATS[stage]:
-                        raise DataError(f"{where}: {fmt} records do not suit training_stage {stage} "
-                                        f"(expects {' or '.join(STAGE_FORMATS[stage])})")
+                        raise DataError(
+                            f"{where}: {fmt} records do not suit training_stage {stage} "
+                            f"(expects {' or '.join(STAGE_FORMATS[stage])})"
+                        )
                 sample = record_to_sample(record, fmt, where)
             except DataError as err:
                 if not skip_bad_records or (fmt is None and not isinstance(record, DataError)):

@@ -18,8 +18,18 @@ from bumblecore.data.packing import Units, collate, unit_order
 
 
 class BatchLoader:
-    def __init__(self, units: Units, micro_batch_size: int, accumulation: int = 1, world_size: int = 1, rank: int = 0,
-                 seed: int = 42, pad_id: int = 0, packing: bool = False, group_by_length: bool = False):
+    def __init__(
+        self,
+        units: Units,
+        micro_batch_size: int,
+        accumulation: int = 1,
+        world_size: int = 1,
+        rank: int = 0,
+        seed: int = 42,
+        pad_id: int = 0,
+        packing: bool = False,
+        group_by_length: bool = False,
+    ):
         if len(units) == 0:
             raise ValueError("the dataset has no usable samples")
         self.units, self.micro, self.accumulation = units, micro_batch_size, accumulation
@@ -28,7 +38,7 @@ class BatchLoader:
         self.steps_per_epoch = max(1, math.ceil(len(units) / self.global_size))
         self.lengths = np.array([units.length(i) for i in range(len(units))]) if group_by_length else None
 
-    @lru_cache(maxsize=2)
+    @lru_cache(maxsize=2)  # noqa: B019 (one loader per run: caching on self keeps it alive no longer than the run)
     def _order(self, epoch: int) -> np.ndarray:
         return unit_order(len(self.units), epoch, self.seed, self.lengths, self.global_size)
 
@@ -40,8 +50,10 @@ class BatchLoader:
     def micro_batches(self, step: int) -> list[dict]:
         share = self.global_size // self.world_size
         mine = self.global_indices(step)[self.rank * share : (self.rank + 1) * share]
-        return [collate(self.units, mine[i * self.micro : (i + 1) * self.micro], self.pad_id, self.packing)
-                for i in range(self.accumulation)]
+        return [
+            collate(self.units, mine[i * self.micro : (i + 1) * self.micro], self.pad_id, self.packing)
+            for i in range(self.accumulation)
+        ]
 
     def total_steps(self, num_epochs: float, max_steps: int | None = None) -> int:
         if max_steps:
@@ -49,7 +61,9 @@ class BatchLoader:
         return max(1, math.ceil(num_epochs * self.steps_per_epoch))
 
 
-def eval_batches(units: Units, batch_size: int, pad_id: int, packing: bool, world_size: int = 1, rank: int = 0) -> list[dict]:
+def eval_batches(
+    units: Units, batch_size: int, pad_id: int, packing: bool, world_size: int = 1, rank: int = 0
+) -> list[dict]:
     """Every unit once, in order, this rank's share (the engine sums over ranks)."""
     mine = list(range(rank, len(units), world_size))
     return [collate(units, mine[i : i + batch_size], pad_id, packing) for i in range(0, len(mine), batch_size)]

@@ -98,9 +98,15 @@ def build_units(cache: TokenCache, stage: str, cutoff_len: int, packing: bool, s
     if stage in ("pretrain", "continue_pretrain"):
         return Units(cache, pretraining_blocks(cache, cutoff_len))
     if stage == "dpo":
-        return Units(cache, [[sample_pieces(cache, 2 * i), sample_pieces(cache, 2 * i + 1)] for i in range(len(cache) // 2)], pairs=True)
+        return Units(
+            cache,
+            [[sample_pieces(cache, 2 * i), sample_pieces(cache, 2 * i + 1)] for i in range(len(cache) // 2)],
+            pairs=True,
+        )
     if packing:
-        return Units(cache, [[sample_pieces(cache, i) for i in row] for row in packed_rows(cache.lengths, cutoff_len, seed)])
+        return Units(
+            cache, [[sample_pieces(cache, i) for i in row] for row in packed_rows(cache.lengths, cutoff_len, seed)]
+        )
     return Units(cache, [[sample_pieces(cache, i)] for i in range(len(cache))])
 
 
@@ -147,7 +153,9 @@ def _collate_rows(cache: TokenCache, rows: list[list[Piece]], pad_id: int, segme
     return batch
 
 
-def unit_order(num_units: int, epoch: int, seed: int, lengths: Optional[np.ndarray] = None, group: int = 0) -> np.ndarray:
+def unit_order(
+    num_units: int, epoch: int, seed: int, lengths: Optional[np.ndarray] = None, group: int = 0
+) -> np.ndarray:
     """The order of units in an epoch: a permutation seeded by seed + epoch; with `lengths`, units of
     similar length are brought together inside windows of `group` units (less padding)."""
     order = np.random.default_rng(seed + epoch).permutation(num_units)

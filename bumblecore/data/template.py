@@ -40,7 +40,7 @@ CHAT_TEMPLATE = (
     "You are provided with function signatures within <tools></tools> XML tags:\\n<tools>' -}}"
     "{%- for tool in tools -%}{{- '\\n' + (tool | tojson) -}}{%- endfor -%}"
     "{{- '\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within "
-    "<tool_call></tool_call> XML tags:\\n<tool_call>\\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\\n</tool_call><|im_end|>\\n' -}}"
+    '<tool_call></tool_call> XML tags:\\n<tool_call>\\n{"name": <function-name>, "arguments": <args-json-object>}\\n</tool_call><|im_end|>\\n\' -}}'
     "{%- else -%}"
     "{{- '<|im_start|>system\\n' + system_text + '<|im_end|>\\n' -}}"
     "{%- endif -%}"
@@ -88,7 +88,9 @@ class ChatFormat:
         self.tokenizer = tokenizer
         self.template = template
         self.supports_tools = "tools" in template
-        self.markers = sorted({t.content for t in tokenizer.added_tokens_decoder.values() if t.special}, key=len, reverse=True)
+        self.markers = sorted(
+            {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}, key=len, reverse=True
+        )
         self._marker_ids = {m: tokenizer.convert_tokens_to_ids(m) for m in self.markers}
         self._to_placeholder = {m: chr(_PLACEHOLDER_BASE + i) for i, m in enumerate(self.markers)}
         self._from_placeholder = {p: m for m, p in self._to_placeholder.items()}
@@ -112,7 +114,11 @@ class ChatFormat:
     def _escape(self, value):
         """`value` with every special-token string in its text replaced by a placeholder."""
         if isinstance(value, str):
-            return self._marker_pattern.sub(lambda m: self._to_placeholder[m.group(0)], value) if self._marker_pattern else value
+            return (
+                self._marker_pattern.sub(lambda m: self._to_placeholder[m.group(0)], value)
+                if self._marker_pattern
+                else value
+            )
         if isinstance(value, dict):
             return {k: self._escape(v) for k, v in value.items()}
         if isinstance(value, (list, tuple)):
@@ -134,14 +140,21 @@ class ChatFormat:
         return out
 
     def _unescape(self, text: str) -> str:
-        return self._placeholder_pattern.sub(lambda m: self._from_placeholder[m.group(0)], text) if self._placeholder_pattern else text
+        return (
+            self._placeholder_pattern.sub(lambda m: self._from_placeholder[m.group(0)], text)
+            if self._placeholder_pattern
+            else text
+        )
 
     def _render(self, messages: list[dict], tools, add_generation_prompt: bool) -> str:
         if tools and not self.supports_tools:
-            raise ChatFormatError("this model's chat template does not render tools; drop `tools` or use a template that has them")
+            raise ChatFormatError(
+                "this model's chat template does not render tools; drop `tools` or use a template that has them"
+            )
         try:
-            return self.tokenizer.apply_chat_template(messages, tools=tools or None, add_generation_prompt=add_generation_prompt,
-                                                      tokenize=False)
+            return self.tokenizer.apply_chat_template(
+                messages, tools=tools or None, add_generation_prompt=add_generation_prompt, tokenize=False
+            )
         except Exception as err:  # the template's own raise_exception, or a Jinja error
             raise ChatFormatError(f"the chat template cannot render this conversation: {err}") from err
 
@@ -153,16 +166,21 @@ class ChatFormat:
         spans = []
         for i in turns:
             prompt = self._render(messages[:i], tools, add_generation_prompt=True)
-            through = full if i == len(messages) - 1 else self._render(messages[: i + 1], tools, add_generation_prompt=False)
+            through = (
+                full if i == len(messages) - 1 else self._render(messages[: i + 1], tools, add_generation_prompt=False)
+            )
             if not (through.startswith(prompt) and full.startswith(through)):
                 raise ChatFormatError(
                     f"the chat template's assistant turn {i} cannot be found: rendering the conversation up to it does not "
                     "extend the prompt for it (the template rewrites earlier turns); train with a template whose turns "
-                    "render as prefixes, e.g. tokenizer_config.json's chat_template replaced by ChatML")
+                    "render as prefixes, e.g. tokenizer_config.json's chat_template replaced by ChatML"
+                )
             end = len(through.rstrip())
             content = messages[i].get("content") or ""
             if content.strip() and content.strip() not in through[len(prompt) : end]:
-                raise ChatFormatError(f"the chat template rewrites assistant turn {i}'s content; its trained tokens cannot be found")
+                raise ChatFormatError(
+                    f"the chat template rewrites assistant turn {i}'s content; its trained tokens cannot be found"
+                )
             if end > len(prompt):
                 spans.append((len(prompt), end))
         return spans
@@ -189,7 +207,9 @@ class ChatFormat:
         gives); one with placeholders is tokenized between the template's markers with special
         tokens off, so a special-token string typed in a message stays text."""
         results: list = [None] * len(texts)
-        plain = [i for i, t in enumerate(texts) if not (self._placeholder_pattern and self._placeholder_pattern.search(t))]
+        plain = [
+            i for i, t in enumerate(texts) if not (self._placeholder_pattern and self._placeholder_pattern.search(t))
+        ]
         if plain:
             batch = self.tokenizer([texts[i] for i in plain], add_special_tokens=False, return_offsets_mapping=True)
             for i, ids, offsets in zip(plain, batch["input_ids"], batch["offset_mapping"]):
@@ -211,8 +231,9 @@ class ChatFormat:
                     original = self._from_placeholder.get(char, char)
                     restored.append(original)
                     where.extend([position + j] * len(original))
-                encoded = self.tokenizer("".join(restored), add_special_tokens=False, split_special_tokens=True,
-                                         return_offsets_mapping=True)
+                encoded = self.tokenizer(
+                    "".join(restored), add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True
+                )
                 ids.extend(encoded["input_ids"])
                 for a, b in encoded["offset_mapping"]:
                     if b > a:
@@ -223,7 +244,9 @@ class ChatFormat:
             position += len(piece)
         return ids, offsets
 
-    def prepare(self, messages: list[dict], tools: Optional[list] = None, train: str = "all") -> tuple[str, list[tuple[int, int]]]:
+    def prepare(
+        self, messages: list[dict], tools: Optional[list] = None, train: str = "all"
+    ) -> tuple[str, list[tuple[int, int]]]:
         """A conversation's rendered (escaped) text and its trained character spans: every assistant
         turn (train="all", SFT) or only the final reply (train="last", preference pairs)."""
         messages, tools = self._escape(self._standard(messages)), self._escape(tools)
@@ -235,7 +258,9 @@ class ChatFormat:
         encoded = self.tokenize([text for text, _ in prepared])
         return [(ids, target_mask(offsets, spans)) for (ids, offsets), (_, spans) in zip(encoded, prepared)]
 
-    def encode(self, messages: list[dict], tools: Optional[list] = None, train: str = "all") -> tuple[list[int], list[bool]]:
+    def encode(
+        self, messages: list[dict], tools: Optional[list] = None, train: str = "all"
+    ) -> tuple[list[int], list[bool]]:
         return self.encode_prepared([self.prepare(messages, tools, train)])[0]
 
     def prompt_ids(self, messages: list[dict], tools: Optional[list] = None) -> list[int]:
@@ -253,7 +278,7 @@ class ChatFormat:
             text = self._render(probe, None, add_generation_prompt=False)
         except ChatFormatError:
             return []
-        after = text[text.rfind("pong") + len("pong"):] if "pong" in text else ""
+        after = text[text.rfind("pong") + len("pong") :] if "pong" in text else ""
         match = self._marker_pattern.search(after) if self._marker_pattern else None
         return [match.group(0)] if match else []
 
@@ -264,11 +289,13 @@ class ChatFormat:
                 f"{source}: the tokenizer has no chat template of its own and no {IM_START}/{IM_END} special tokens, so "
                 "ChatML turns would be trained as plain text pieces and the model could not learn where a reply ends. "
                 "Use a tokenizer with a chat template (tokenizer_config.json's chat_template), or add the ChatML "
-                "special tokens and resize the model's embeddings")
+                "special tokens and resize the model's embeddings"
+            )
         if not self.end_of_turn:
             raise ChatFormatError(
                 f"{source}: the chat template closes an assistant turn with no special token (after a reply it renders "
-                "only text), so the model could not learn where a reply ends; use a template that ends turns with one")
+                "only text), so the model could not learn where a reply ends; use a template that ends turns with one"
+            )
 
     @property
     def end_of_turn_ids(self) -> list[int]:
@@ -303,7 +330,9 @@ def encode_conversation(tokenizer, messages: list[dict], tools: Optional[list] =
     return chat_format(tokenizer).encode(messages, tools, train="all")
 
 
-def encode_preference(tokenizer, messages: list[dict], reply: dict, tools: Optional[list] = None) -> tuple[list[int], list[bool]]:
+def encode_preference(
+    tokenizer, messages: list[dict], reply: dict, tools: Optional[list] = None
+) -> tuple[list[int], list[bool]]:
     """Prompt history plus one candidate reply; only the reply is trained (earlier assistant turns are context)."""
     return chat_format(tokenizer).encode(messages + [reply], tools, train="last")
 
@@ -343,4 +372,7 @@ def parse_tool_call(block: str) -> Optional[dict]:
     if not isinstance(call, dict) or not isinstance(call.get("name"), str):
         return None
     arguments = call.get("arguments", {})
-    return {"name": call["name"], "arguments": arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)}
+    return {
+        "name": call["name"],
+        "arguments": arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False),
+    }

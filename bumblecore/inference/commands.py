@@ -13,8 +13,13 @@ from bumblecore.inference.generate import GenerationEngine, SamplingParams
 from bumblecore.inference.loading import load_for_inference
 
 
-def build_prompt_ids(tokenizer, prompt_or_messages, training_stage: str = "sft", system_prompt: Optional[str] = None,
-                     tools: Optional[list] = None) -> list[int]:
+def build_prompt_ids(
+    tokenizer,
+    prompt_or_messages,
+    training_stage: str = "sft",
+    system_prompt: Optional[str] = None,
+    tools: Optional[list] = None,
+) -> list[int]:
     """Raw text for pretrain models; the chat template (docs/DATA_FORMAT.md) for sft/dpo models, with tool
     definitions when given."""
     from bumblecore.data.template import render_prompt
@@ -22,7 +27,11 @@ def build_prompt_ids(tokenizer, prompt_or_messages, training_stage: str = "sft",
     if training_stage in ("pretrain", "continue_pretrain"):
         # The prompt is text: "<|endoftext|>" typed in it stays text, as in a chat template's content.
         return tokenizer(prompt_or_messages, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-    messages = prompt_or_messages if isinstance(prompt_or_messages, list) else [{"role": "user", "content": prompt_or_messages}]
+    messages = (
+        prompt_or_messages
+        if isinstance(prompt_or_messages, list)
+        else [{"role": "user", "content": prompt_or_messages}]
+    )
     if system_prompt is not None and not (messages and messages[0]["role"] == "system"):
         # "" asks for no system text: ChatML always has a system turn (its default when a conversation
         # has none), so there it is an empty one; other templates get no system message at all.
@@ -99,7 +108,9 @@ def generate(
     ids = [build_prompt_ids(tokenizer, p, training_stage, system_prompt) for p in prompts]
     # max_new_tokens None: the model's context, as the engine takes no max_len
     max_len = None if sampling.max_new_tokens is None else max(len(i) for i in ids) + sampling.max_new_tokens
-    engine = GenerationEngine(model, tokenizer, max_batch_size=min(batch_size, len(ids)), max_len=max_len, eos_token_ids=eos)
+    engine = GenerationEngine(
+        model, tokenizer, max_batch_size=min(batch_size, len(ids)), max_len=max_len, eos_token_ids=eos
+    )
     started = time.perf_counter()
     results = engine.generate(ids, params)
     seconds = time.perf_counter() - started
@@ -109,8 +120,18 @@ def generate(
     else:
         out = open(output_file, "w", encoding="utf-8") if output_file else sys.stdout
         for p, r in zip(prompts, results):
-            out.write(json.dumps({"prompt": p, "output": r["text"], "finish_reason": r["finish_reason"],
-                                  "num_tokens": len(r["token_ids"])}, ensure_ascii=False) + "\n")
+            out.write(
+                json.dumps(
+                    {
+                        "prompt": p,
+                        "output": r["text"],
+                        "finish_reason": r["finish_reason"],
+                        "num_tokens": len(r["token_ids"]),
+                    },
+                    ensure_ascii=False,
+                )
+                + "\n"
+            )
         if output_file:
             out.close()
     sys.stdout.flush()
@@ -164,11 +185,15 @@ def chat(
         if not text.strip():
             continue
         messages = history + [{"role": "user", "content": text}]
-        ids = build_prompt_ids(tokenizer, messages if training_stage not in ("pretrain", "continue_pretrain") else text,
-                               training_stage, system_prompt)
+        ids = build_prompt_ids(
+            tokenizer,
+            messages if training_stage not in ("pretrain", "continue_pretrain") else text,
+            training_stage,
+            system_prompt,
+        )
         print("assistant> " if interactive else "", end="", flush=True)
         reply = ""
-        for delta in engine.stream(ids[-(engine.max_len - 1):], params):
+        for delta in engine.stream(ids[-(engine.max_len - 1) :], params):
             reply += delta
             print(delta, end="", flush=True)
         print(flush=True)

@@ -22,8 +22,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bumblecore.model.bumblebee import (Attention, AttentionMask, Bumblebee, DecoderLayer, KVCache, MLP, apply_rope,
-                                        eager_attention, sdpa_attention, window_band)
+from bumblecore.model.bumblebee import (
+    MLP,
+    Attention,
+    AttentionMask,
+    Bumblebee,
+    DecoderLayer,
+    KVCache,
+    apply_rope,
+    eager_attention,
+    sdpa_attention,
+    window_band,
+)
 
 CacheRows = Union[None, slice, torch.Tensor]
 """The cache rows (slots) a forward continues, in order: all (None), a range (slice) or a tensor of row numbers."""
@@ -169,8 +179,11 @@ def prepare_attention(attn: Attention) -> Optional[PreparedAttention]:
 def prepare_mlp(mlp: MLP) -> Optional[PreparedMLP]:
     if not _plain(*_mlp_linears(mlp)):
         return None
-    return PreparedMLP(_in_out(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])), _in_out(mlp.down_proj.weight),
-                       _versions(*_mlp_linears(mlp)))
+    return PreparedMLP(
+        _in_out(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])),
+        _in_out(mlp.down_proj.weight),
+        _versions(*_mlp_linears(mlp)),
+    )
 
 
 def prepare_head(lm_head: nn.Linear) -> Optional[PreparedHead]:
@@ -207,8 +220,14 @@ class DecodingBumblebee(nn.Module):
         parameter = next(self.bumblebee.parameters())
         return SlotCache(self.config, batch_size, max_len, dtype=parameter.dtype, device=parameter.device)
 
-    def forward(self, input_ids: torch.Tensor, kv_cache: SlotCache, attention_mask: Optional[torch.Tensor] = None,
-                cache_rows: CacheRows = None, return_hidden_states: bool = False) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        kv_cache: SlotCache,
+        attention_mask: Optional[torch.Tensor] = None,
+        cache_rows: CacheRows = None,
+        return_hidden_states: bool = False,
+    ) -> torch.Tensor:
         """Logits (or final-norm hidden states) of the new tokens, which are appended to the cache rows
         `cache_rows`. attention_mask marks the right-padding of the new tokens, as in Bumblebee.forward."""
         model = self.bumblebee
@@ -280,8 +299,9 @@ def attend_every_key(attn: Attention, q, k, v) -> torch.Tensor:
     if attn.attn_implementation != "eager" and heads != attn.num_kv_heads:
         # The query heads sharing a kv head are, to the kernel, that head's queries: a plain (non-GQA)
         # call with heads/kv_heads queries per row, ~2x faster on CPU.
-        out = F.scaled_dot_product_attention(q.reshape(b, attn.num_kv_heads, heads // attn.num_kv_heads, d), k, v,
-                                             scale=attn.scale)
+        out = F.scaled_dot_product_attention(
+            q.reshape(b, attn.num_kv_heads, heads // attn.num_kv_heads, d), k, v, scale=attn.scale
+        )
         return out.reshape(b, 1, heads * d)
     kernel = eager_attention if attn.attn_implementation == "eager" else sdpa_attention
     return kernel(q, k, v, SEES_EVERY_KEY, attn.scale).transpose(1, 2).reshape(b, 1, heads * d)

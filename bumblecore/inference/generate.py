@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 
@@ -44,7 +45,7 @@ class SamplingParams(SamplingArgs):
         pass
 
     @classmethod
-    def from_group(cls, sampling: SamplingArgs, **per_request) -> "SamplingParams":
+    def from_group(cls, sampling: SamplingArgs, **per_request) -> SamplingParams:
         """The group's values, with this request's stop, ignore_eos and seed."""
         shared = {f.name: getattr(sampling, f.name) for f in dataclasses.fields(SamplingArgs)}
         return cls(**shared, **per_request)
@@ -125,10 +126,10 @@ class TextStream:
         self.emitted = 0  # characters of self.text already handed out
 
     def _decode_new(self) -> None:
-        before = self.tokenizer.decode(self.tokens[self.prefix_offset:self.read_offset], skip_special_tokens=False)
-        after = self.tokenizer.decode(self.tokens[self.prefix_offset:], skip_special_tokens=False)
+        before = self.tokenizer.decode(self.tokens[self.prefix_offset : self.read_offset], skip_special_tokens=False)
+        after = self.tokenizer.decode(self.tokens[self.prefix_offset :], skip_special_tokens=False)
         if len(after) > len(before) and not after.endswith("\ufffd"):
-            self.text += after[len(before):]
+            self.text += after[len(before) :]
             self.prefix_offset, self.read_offset = self.read_offset, len(self.tokens)
 
     def push(self, token_id: int) -> tuple[str, bool]:
@@ -147,17 +148,17 @@ class TextStream:
 
     def finish(self) -> str:
         """Everything left, including an incomplete character at the very end (as decode shows it)."""
-        before = self.tokenizer.decode(self.tokens[self.prefix_offset:self.read_offset], skip_special_tokens=False)
-        after = self.tokenizer.decode(self.tokens[self.prefix_offset:], skip_special_tokens=False)
+        before = self.tokenizer.decode(self.tokens[self.prefix_offset : self.read_offset], skip_special_tokens=False)
+        after = self.tokenizer.decode(self.tokens[self.prefix_offset :], skip_special_tokens=False)
         if len(after) > len(before):
-            self.text += after[len(before):]
+            self.text += after[len(before) :]
             self.prefix_offset = self.read_offset = len(self.tokens)
         return self._take(len(self.text))
 
     def _take(self, upto: int) -> str:
         if upto <= self.emitted:
             return ""
-        out = self.text[self.emitted:upto]
+        out = self.text[self.emitted : upto]
         self.emitted = upto
         return out
 
@@ -176,8 +177,14 @@ class _Request:
 
 
 class GenerationEngine:
-    def __init__(self, model, tokenizer, max_batch_size: int = 8, max_len: Optional[int] = None,
-                 eos_token_ids: Optional[list[int]] = None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        max_batch_size: int = 8,
+        max_len: Optional[int] = None,
+        eos_token_ids: Optional[list[int]] = None,
+    ):
         # A Bumblebee (or a peft model over one) decodes over a KV cache with slots; a model that brings
         # its own cache (model/transformers_family.py) recomputes the whole sequence every step.
         self.recomputes = hasattr(model, "new_cache")
@@ -220,7 +227,9 @@ class GenerationEngine:
         if params.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
         self._ids += 1
-        self.slots[slot] = _Request(self._ids, list(prompt_ids), params, TextStream(self.tokenizer, params.stop, live_text), generator)
+        self.slots[slot] = _Request(
+            self._ids, list(prompt_ids), params, TextStream(self.tokenizer, params.stop, live_text), generator
+        )
         self.cache.reset(torch.tensor([slot], device=self.device))
         if params.repetition_penalty != 1.0:
             self.seen[slot] = False
@@ -270,7 +279,7 @@ class GenerationEngine:
     def _restore_cache(self, state, slots: Optional[list[int]] = None) -> None:
         for slot in range(len(self.slots)) if slots is None else slots:
             if self.recomputes:
-                del self.cache.rows[slot][state[slot]:]
+                del self.cache.rows[slot][state[slot] :]
             else:
                 self.cache.lengths[slot] = state[slot]
 
@@ -290,7 +299,9 @@ class GenerationEngine:
         if self.recomputes:
             logits = self.model(ids, attention_mask=mask, kv_cache=self.cache, cache_rows=rows)[pick]
         else:  # the LM head only where the next token is read (a 64-token prompt: 1/64 of its FLOPs)
-            hidden = self.model(ids, attention_mask=mask, kv_cache=self.cache, cache_rows=rows, return_hidden_states=True)
+            hidden = self.model(
+                ids, attention_mask=mask, kv_cache=self.cache, cache_rows=rows, return_hidden_states=True
+            )
             logits = self.model.logits(hidden[pick])
         self.next_logits[rows] = logits.float()
 
@@ -318,8 +329,10 @@ class GenerationEngine:
             if bad and len(slots) > 1:
                 raise ValueError("non-finite sampling probabilities")  # redone alone: only the bad rows fail
             if bad:
-                raise ValueError("sampling probabilities are not finite (temperature, top_p or repetition_penalty "
-                                 "out of range for this model's logits)")
+                raise ValueError(
+                    "sampling probabilities are not finite (temperature, top_p or repetition_penalty "
+                    "out of range for this model's logits)"
+                )
             picked.update(zip(slots, tokens.tolist()))
 
         failed += self._isolated(active, choose)
@@ -338,8 +351,12 @@ class GenerationEngine:
                 text, hit_stop = request.stream.push(token)
                 if hit_stop:
                     reason = "stop"
-                elif ((request.params.max_new_tokens is not None and len(request.generated) >= request.params.max_new_tokens)
-                      or len(request.prompt) + len(request.generated) >= self.max_len):  # max_new_tokens None: the context's end
+                elif (
+                    request.params.max_new_tokens is not None
+                    and len(request.generated) >= request.params.max_new_tokens
+                ) or len(request.prompt) + len(
+                    request.generated
+                ) >= self.max_len:  # max_new_tokens None: the context's end
                     text, reason = text + request.stream.finish(), "length"
             events.append(Event(request.request_id, token, text, reason is not None, reason))
             if reason is None:
@@ -357,7 +374,9 @@ class GenerationEngine:
         if self.recomputes:
             logits = self.model(tokens, kv_cache=self.cache, cache_rows=rows)[:, -1]
         else:  # logits straight into next_logits (the model's may be a transposed view: one copy, not two)
-            logits = self.model.logits(self.model(tokens, kv_cache=self.cache, cache_rows=rows, return_hidden_states=True)[:, -1])
+            logits = self.model.logits(
+                self.model(tokens, kv_cache=self.cache, cache_rows=rows, return_hidden_states=True)[:, -1]
+            )
         self.next_logits[rows] = logits.float()
 
     def _choose(self, rows, requests: list[_Request]) -> tuple[torch.Tensor, list[int]]:
@@ -375,9 +394,11 @@ class GenerationEngine:
         index = torch.tensor(sampled_rows, device=self.device)
         subset = [params[i] for i in sampled_rows]
         filtered = warp_logits(
-            logits[index], torch.tensor([max(p.temperature, 1e-5) for p in subset], device=self.device),
+            logits[index],
+            torch.tensor([max(p.temperature, 1e-5) for p in subset], device=self.device),
             torch.tensor([p.top_k for p in subset], device=self.device),
-            torch.tensor([p.top_p for p in subset], device=self.device))
+            torch.tensor([p.top_p for p in subset], device=self.device),
+        )
         probs = filtered.softmax(dim=-1)
         # What torch.multinomial would refuse, found before any row draws (a draw advances a seeded
         # generator: a batch redone after a refused draw would not give the same tokens).

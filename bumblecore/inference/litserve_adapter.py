@@ -122,8 +122,9 @@ class InProcessLitServer(ls.LitServer):
         # LitServe sets these ids per server it starts: ours is its only one.
         self.app.response_queue_id = 0
         self.lit_api.spec.response_queue_id = 0
-        config = uvicorn.Config(app=self.app, log_level=log_level, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
-                                **kwargs)
+        config = uvicorn.Config(
+            app=self.app, log_level=log_level, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS, **kwargs
+        )
         thread = HTTPThread(uvicorn.Server(config), sockets)
         thread.start()
         return {0: thread}

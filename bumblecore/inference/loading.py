@@ -17,15 +17,16 @@ def resolve_device(device_map: str) -> torch.device:
     return torch.device(device_map)
 
 
-def load_for_inference(model_path: str, dtype: str = "auto", device_map: str = "auto", merge: bool = True,
-                       trust_remote_code: bool = False):
+def load_for_inference(
+    model_path: str, dtype: str = "auto", device_map: str = "auto", merge: bool = True, trust_remote_code: bool = False
+):
     """(model, tokenizer, eos ids). A dir with adapter_config.json is a LoRA adapter (any peft
     task_type): its base is loaded from base_model_name_or_path, the adapter applied and (by
     default) merged."""
     from bumblecore.inference.generate import default_eos_ids
+    from bumblecore.model.lora import adapter_base_dir, attach_adapter
     from bumblecore.model.transformers_family import TransformersCausalLM
     from bumblecore.tokenizer import check_fits_model, load_tokenizer
-    from bumblecore.model.lora import adapter_base_dir, attach_adapter
 
     path = Path(model_path)
     device = resolve_device(device_map)

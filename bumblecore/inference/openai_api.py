@@ -15,10 +15,19 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Optional, Union
 
-from pydantic import BaseModel, BeforeValidator, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from bumblecore.args import MIN_REPETITION_PENALTY  # the server's flags and the requests share the range
+
 # The <tool_call> convention and its parser live with the chat template (one chat-format module).
 from bumblecore.data.template import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, parse_tool_call
 
@@ -31,8 +40,14 @@ LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 class APIError(Exception):
     """An error the client caused; becomes `{"error": {...}}` with this HTTP status."""
 
-    def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None,
-                 error_type: str = "invalid_request_error"):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: Optional[str] = None,
+        code: Optional[str] = None,
+        error_type: str = "invalid_request_error",
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.error_type = status, message, param, code, error_type
 
@@ -80,6 +95,7 @@ def _is_integer(value) -> bool:
 
 def number(low: float, high: float, low_open: bool = False) -> BeforeValidator:
     """A number in [low, high] ((low, high] with low_open), or null."""
+
     def check(value) -> Optional[float]:
         if value is None:
             return None
@@ -91,6 +107,7 @@ def number(low: float, high: float, low_open: bool = False) -> BeforeValidator:
         if value < low or (low_open and value == low) or value > high:
             raise _invalid(f"{value} is outside {'(' if low_open else '['}{low}, {high}]")
         return float(value)
+
     return BeforeValidator(check)
 
 
@@ -237,7 +254,11 @@ class Message(BaseModel):
     def template_form(self) -> dict:
         text = "".join(part.text for part in self.content)
         if self.tool_calls:
-            return {"role": self.role, "tool_calls": [call.template_form() for call in self.tool_calls], "content": text}
+            return {
+                "role": self.role,
+                "tool_calls": [call.template_form() for call in self.tool_calls],
+                "content": text,
+            }
         return {"role": self.role, "content": text}
 
 
@@ -378,6 +399,7 @@ def check_json_values(body, limit: int = MAX_NESTING) -> None:
     """Refuse what JSON can carry but no field may hold: nesting deeper than `limit` and lone UTF-16
     surrogates ("\\ud800"), which no tokenizer (and no UTF-8 reply) can encode. Iterative, so a deep
     body cannot overflow the stack here either. Runs before the model: over the fields it ignores too."""
+
     def not_text(where: str, message: str) -> APIError:
         return APIError(400, f"{where}: {message}", param=where, code="invalid_value")
 
@@ -385,8 +407,12 @@ def check_json_values(body, limit: int = MAX_NESTING) -> None:
     while stack:
         value, where, depth = stack.pop()
         if depth > limit:
-            raise APIError(400, f"The request body is nested more than {limit} levels deep.", param=where or None,
-                           code="invalid_json")
+            raise APIError(
+                400,
+                f"The request body is nested more than {limit} levels deep.",
+                param=where or None,
+                code="invalid_json",
+            )
         if isinstance(value, str):
             if LONE_SURROGATE.search(value):
                 raise not_text(where or "body", "contains a lone UTF-16 surrogate, which is not text")
@@ -433,22 +459,44 @@ def completion_id() -> str:
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
 def chat_completion(request_id: str, model: str, message: dict, finish_reason: str, usage_counts: dict) -> dict:
-    return {"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}],
-            "usage": usage_counts}
+    return {
+        "id": request_id,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}],
+        "usage": usage_counts,
+    }
 
 
-def chat_chunk(request_id: str, model: str, delta: dict, finish_reason: Optional[str] = None,
-               usage_counts: Optional[dict] = None, created: Optional[int] = None) -> dict:
-    choices = [] if usage_counts is not None else [
-        {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
-    chunk: dict[str, Any] = {"id": request_id, "object": "chat.completion.chunk", "created": created or int(time.time()),
-                             "model": model, "choices": choices}
+def chat_chunk(
+    request_id: str,
+    model: str,
+    delta: dict,
+    finish_reason: Optional[str] = None,
+    usage_counts: Optional[dict] = None,
+    created: Optional[int] = None,
+) -> dict:
+    choices = (
+        []
+        if usage_counts is not None
+        else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
+    )
+    chunk: dict[str, Any] = {
+        "id": request_id,
+        "object": "chat.completion.chunk",
+        "created": created or int(time.time()),
+        "model": model,
+        "choices": choices,
+    }
     if usage_counts is not None:
         chunk["usage"] = usage_counts
     return chunk
@@ -463,7 +511,6 @@ def model_card(model: str, created: int) -> dict:
 
 
 # ---------------------------------------------------------------------------- tool calls in replies
-
 
 
 class ToolCallStream:
@@ -482,17 +529,23 @@ class ToolCallStream:
         while True:
             start = self.pending.find(TOOL_CALL_OPEN)
             if start == -1:
-                keep = next((n for n in range(min(len(TOOL_CALL_OPEN) - 1, len(self.pending)), 0, -1)
-                             if TOOL_CALL_OPEN.startswith(self.pending[-n:])), 0)
+                keep = next(
+                    (
+                        n
+                        for n in range(min(len(TOOL_CALL_OPEN) - 1, len(self.pending)), 0, -1)
+                        if TOOL_CALL_OPEN.startswith(self.pending[-n:])
+                    ),
+                    0,
+                )
                 deltas += self._content(self.pending[: len(self.pending) - keep])
-                self.pending = self.pending[len(self.pending) - keep:]
+                self.pending = self.pending[len(self.pending) - keep :]
                 return deltas
             deltas += self._content(self.pending[:start])
             self.pending = self.pending[start:]
             end = self.pending.find(TOOL_CALL_CLOSE)
             if end == -1:
                 return deltas  # the block is still arriving
-            block, self.pending = self.pending[: end + len(TOOL_CALL_CLOSE)], self.pending[end + len(TOOL_CALL_CLOSE):]
+            block, self.pending = self.pending[: end + len(TOOL_CALL_CLOSE)], self.pending[end + len(TOOL_CALL_CLOSE) :]
             deltas.append(self._tool_call(block) or {"content": block})
 
     def finish(self) -> list[dict]:
@@ -504,12 +557,15 @@ class ToolCallStream:
         return [{"content": text}] if text else []
 
     def _tool_call(self, block: str) -> Optional[dict]:
-        call = parse_tool_call(block[len(TOOL_CALL_OPEN): -len(TOOL_CALL_CLOSE)])
+        call = parse_tool_call(block[len(TOOL_CALL_OPEN) : -len(TOOL_CALL_CLOSE)])
         if call is None:
             return None
         self.calls += 1
-        return {"tool_calls": [{"index": self.calls - 1, "id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-                                "function": call}]}
+        return {
+            "tool_calls": [
+                {"index": self.calls - 1, "id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": call}
+            ]
+        }
 
 
 def merge_deltas(deltas: list[dict]) -> dict:
@@ -519,5 +575,8 @@ def merge_deltas(deltas: list[dict]) -> dict:
     if not calls:
         return {"role": "assistant", "content": content}
     # The template writes "content\n<tool_call>...": the newline belongs to the template, not the content.
-    return {"role": "assistant", "content": content.strip() or None,
-            "tool_calls": [{k: v for k, v in call.items() if k != "index"} for call in calls]}
+    return {
+        "role": "assistant",
+        "content": content.strip() or None,
+        "tool_calls": [{k: v for k, v in call.items() if k != "index"} for call in calls],
+    }

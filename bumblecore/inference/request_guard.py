@@ -28,11 +28,13 @@ async def read_json(request: Request, limit: int, timeout: float = 30.0):
     `limit` bytes before reading them whole, and a body that takes longer than `timeout` to arrive."""
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type != "application/json":
-        raise APIError(415, f"Content-Type must be application/json, got {media_type or 'none'!r}.",
-                       code="unsupported_media_type")
+        raise APIError(
+            415, f"Content-Type must be application/json, got {media_type or 'none'!r}.", code="unsupported_media_type"
+        )
     declared = request.headers.get("content-length", "")
-    too_large = APIError(413, f"The request body is larger than this server's limit of {limit} bytes.",
-                         code="request_too_large")
+    too_large = APIError(
+        413, f"The request body is larger than this server's limit of {limit} bytes.", code="request_too_large"
+    )
     if declared.isdigit() and int(declared) > limit:
         raise too_large
     body = bytearray()
@@ -57,8 +59,9 @@ def check_key(key: Optional[str], authorization: str) -> None:
         return
     scheme, _, token = authorization.partition(" ")
     if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), key.encode()):
-        raise APIError(401, "Incorrect or missing API key: send the header `Authorization: Bearer <key>`.",
-                       code="invalid_api_key")
+        raise APIError(
+            401, "Incorrect or missing API key: send the header `Authorization: Bearer <key>`.", code="invalid_api_key"
+        )
 
 
 def host_name(host_header: str) -> str:
@@ -112,15 +115,22 @@ class RequestGuard:
         host = headers.get("host", "")
         name = host_name(host)
         if host and not (self.any_host or name in self.hosts or (self.loopback and is_loopback(name))):
-            raise APIError(403, f"Host {host!r} is not served here; start the server with --allowed_hosts {name} to serve it.",
-                           code="host_not_allowed")
+            raise APIError(
+                403,
+                f"Host {host!r} is not served here; start the server with --allowed_hosts {name} to serve it.",
+                code="host_not_allowed",
+            )
         origin = headers.get("origin")
         if origin is not None and not self.any_origin:
             origin = origin.lower().rstrip("/")
             own = origin.partition("://")[2] == host.lower() and origin.partition("://")[0] in ("http", "https")
             if not own and origin not in self.origins:
-                raise APIError(403, f"Requests from the web origin {origin!r} are refused; start the server with "
-                                    f"--allowed_origins {origin} to allow its pages.", code="origin_not_allowed")
+                raise APIError(
+                    403,
+                    f"Requests from the web origin {origin!r} are refused; start the server with "
+                    f"--allowed_origins {origin} to allow its pages.",
+                    code="origin_not_allowed",
+                )
         if scope["path"] in DOCS_PATHS:
             check_key(self.settings.api_key, headers.get("authorization", ""))
 

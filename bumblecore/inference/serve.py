@@ -24,8 +24,12 @@ from bumblecore.inference.litserve_adapter import InProcessLitServer
 from bumblecore.inference.openai_api import APIError
 from bumblecore.inference.request_guard import HeadTimeoutH11Protocol, RequestGuard
 from bumblecore.inference.serve_settings import SERVE_SAMPLING, ServeSettings, context_length, model_dirs
-from bumblecore.inference.serving_http import (ChatCompletionsSpec, api_error_response, http_error_response,
-                                               server_error_response)
+from bumblecore.inference.serving_http import (
+    ChatCompletionsSpec,
+    api_error_response,
+    http_error_response,
+    server_error_response,
+)
 from bumblecore.inference.serving_worker import EngineAPI
 
 WEB_DIR = Path(__file__).parent / "web"
@@ -50,8 +54,13 @@ class BumbleServer(InProcessLitServer):
         app.add_exception_handler(StarletteHTTPException, http_error_response)
         app.add_exception_handler(Exception, server_error_response)
         if settings.allowed_origins:  # their pages call the API cross-origin: answer the browser's CORS checks
-            app.add_middleware(CORSMiddleware, allow_origins=list(settings.allowed_origins), allow_methods=["GET", "POST"],
-                               allow_headers=["Authorization", "Content-Type"], max_age=600)
+            app.add_middleware(
+                CORSMiddleware,
+                allow_origins=list(settings.allowed_origins),
+                allow_methods=["GET", "POST"],
+                allow_headers=["Authorization", "Content-Type"],
+                max_age=600,
+            )
         app.add_middleware(RequestGuard, settings=settings)  # added last: outermost, before any other work
 
     async def page(self):
@@ -62,8 +71,15 @@ class BumbleServer(InProcessLitServer):
         # uvicorn options, through LitServer.run: a deadline for each request head, and the idle
         # time between kept-alive requests, both --header_timeout.
         protocol = type("HeadTimeoutH11", (HeadTimeoutH11Protocol,), {"head_timeout": self.settings.header_timeout})
-        super().run(host=host, port=port, log_level=log_level, generate_client_file=False, http=protocol,
-                    timeout_keep_alive=self.settings.header_timeout, h11_max_incomplete_event_size=MAX_HEADER_BYTES)
+        super().run(
+            host=host,
+            port=port,
+            log_level=log_level,
+            generate_client_file=False,
+            http=protocol,
+            timeout_keep_alive=self.settings.header_timeout,
+            h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+        )
 
 
 def serve(
@@ -114,20 +130,39 @@ def serve(
     if max_batch_size < 1:
         raise ValueError("max_batch_size must be at least 1")
     if api_key and any(arg == "--api_key" or arg.startswith("--api_key=") for arg in sys.argv):
-        print("bumblecore serve: note: --api_key is visible to every user of this machine (ps, /proc); "
-              "set BUMBLECORE_API_KEY in the environment instead.", file=sys.stderr, flush=True)
+        print(
+            "bumblecore serve: note: --api_key is visible to every user of this machine (ps, /proc); "
+            "set BUMBLECORE_API_KEY in the environment instead.",
+            file=sys.stderr,
+            flush=True,
+        )
     api_key = api_key or os.environ.get("BUMBLECORE_API_KEY") or None
     settings = ServeSettings(
-        model_path, model_name=model_name, api_key=api_key, training_stage=training_stage, system_prompt=system_prompt,
-        max_batch_size=max_batch_size, max_model_len=max_model_len, max_request_bytes=max_request_bytes, dtype=dtype,
-        device_map=device_map, trust_remote_code=trust_remote_code, sampling=sampling, host=host,
-        allowed_hosts=tuple(allowed_hosts or ()), allowed_origins=tuple(allowed_origins or ()))
+        model_path,
+        model_name=model_name,
+        api_key=api_key,
+        training_stage=training_stage,
+        system_prompt=system_prompt,
+        max_batch_size=max_batch_size,
+        max_model_len=max_model_len,
+        max_request_bytes=max_request_bytes,
+        dtype=dtype,
+        device_map=device_map,
+        trust_remote_code=trust_remote_code,
+        sampling=sampling,
+        host=host,
+        allowed_hosts=tuple(allowed_hosts or ()),
+        allowed_origins=tuple(allowed_origins or ()),
+    )
     context_length(model_path, max_model_len)  # a wrong path fails here, in one line, before any process starts
     check_tokenizer_fits(model_path, trust_remote_code)  # as would every request, later, in the worker
     server = BumbleServer(settings)
     shown = "localhost" if host in ("127.0.0.1", "::1") else host
-    print(f"bumblecore serve: http://{shown}:{port}/ (chat page), http://{shown}:{port}/v1 (OpenAI API, model "
-          f"{model_name!r}{', API key required' if api_key else ''})", flush=True)
+    print(
+        f"bumblecore serve: http://{shown}:{port}/ (chat page), http://{shown}:{port}/v1 (OpenAI API, model "
+        f"{model_name!r}{', API key required' if api_key else ''})",
+        flush=True,
+    )
     # SIGTERM (docker stop, kill, systemd) shuts down like Ctrl+C does: LitServe then stops the worker
     # process too, instead of leaving it orphaned.
     signal.signal(signal.SIGTERM, stop_like_ctrl_c)

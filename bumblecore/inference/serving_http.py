@@ -22,8 +22,19 @@ from starlette.responses import StreamingResponse
 
 from bumblecore.inference.generate import SamplingParams
 from bumblecore.inference.litserve_adapter import ReplyBuffer, send_to_worker, worker_error_message
-from bumblecore.inference.openai_api import (APIError, ChatRequest, ToolCallStream, chat_chunk, chat_completion, completion_id,
-                                             merge_deltas, model_card, model_list, parse_chat_request, usage)
+from bumblecore.inference.openai_api import (
+    APIError,
+    ChatRequest,
+    ToolCallStream,
+    chat_chunk,
+    chat_completion,
+    completion_id,
+    merge_deltas,
+    model_card,
+    model_list,
+    parse_chat_request,
+    usage,
+)
 from bumblecore.inference.request_guard import read_json
 from bumblecore.inference.serve_settings import ServeSettings, context_length, model_dirs
 from bumblecore.inference.serving_worker import CANCEL
@@ -34,6 +45,7 @@ log = logging.getLogger("bumblecore.serve")
 @dataclass
 class Submission:
     """One request handed to the worker: its uid and the buffer LitServe fills with its deltas."""
+
     uid: str
     replies: ReplyBuffer
     prompt_tokens: int
@@ -72,7 +84,9 @@ class ChatCompletionsSpec(LitSpec):
         from bumblecore.tokenizer import load_tokenizer
 
         super().setup(server)
-        self.tokenizer = load_tokenizer(model_dirs(self.settings.model_path)[1], trust_remote_code=self.settings.trust_remote_code)
+        self.tokenizer = load_tokenizer(
+            model_dirs(self.settings.model_path)[1], trust_remote_code=self.settings.trust_remote_code
+        )
         self.tokenizing = ThreadPoolExecutor(1, thread_name_prefix="bumblecore-tokenize")
 
     def decode_request(self, request, context_kwargs=None):
@@ -90,8 +104,12 @@ class ChatCompletionsSpec(LitSpec):
 
     def check_model(self, name: str) -> None:
         if name != self.settings.model_name:
-            raise APIError(404, f"The model {name!r} does not exist; this server serves {self.settings.model_name!r}.",
-                           param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"The model {name!r} does not exist; this server serves {self.settings.model_name!r}.",
+                param="model",
+                code="model_not_found",
+            )
 
     # -- a chat completion
 
@@ -102,12 +120,21 @@ class ChatCompletionsSpec(LitSpec):
         # Off the event loop (a 1 MB prompt takes ~1 s): the other clients' streams keep flowing.
         prompt = await asyncio.get_running_loop().run_in_executor(self.tokenizing, self.prompt_ids, chat)
         if len(prompt) >= self.max_len:
-            raise APIError(400, f"The prompt is {len(prompt)} tokens; this server's context is {self.max_len} tokens "
-                                f"for prompt and reply together.", param="messages", code="context_length_exceeded")
+            raise APIError(
+                400,
+                f"The prompt is {len(prompt)} tokens; this server's context is {self.max_len} tokens "
+                f"for prompt and reply together.",
+                param="messages",
+                code="context_length_exceeded",
+            )
         submission = self.submit(prompt, sampling_params(chat, self.settings, self.max_len))
         if chat.stream:
-            return CleanupStreamingResponse(self.stream_chunks(chat, submission), on_close=lambda: self.release(submission),
-                                            media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            return CleanupStreamingResponse(
+                self.stream_chunks(chat, submission),
+                on_close=lambda: self.release(submission),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache"},
+            )
         try:
             replies = ReplyDeltas(chat)
             deltas, finish_reason, tokens = [], None, 0
@@ -117,8 +144,13 @@ class ChatCompletionsSpec(LitSpec):
                     deltas += replies.finish()
                     finish_reason = replies.finish_reason(piece["finish_reason"])
                 tokens = piece["completion_tokens"]
-            return chat_completion(completion_id(), self.settings.model_name, merge_deltas(deltas), finish_reason,
-                                   usage(submission.prompt_tokens, tokens))
+            return chat_completion(
+                completion_id(),
+                self.settings.model_name,
+                merge_deltas(deltas),
+                finish_reason,
+                usage(submission.prompt_tokens, tokens),
+            )
         finally:
             self.release(submission)
 
@@ -210,7 +242,11 @@ class ReplyDeltas:
         return self.tool_calls.finish() if self.tool_calls is not None else []
 
     def finish_reason(self, engine_reason: str) -> str:
-        return "tool_calls" if self.tool_calls is not None and self.tool_calls.calls and engine_reason == "stop" else engine_reason
+        return (
+            "tool_calls"
+            if self.tool_calls is not None and self.tool_calls.calls and engine_reason == "stop"
+            else engine_reason
+        )
 
 
 class CleanupStreamingResponse(StreamingResponse):
@@ -235,6 +271,7 @@ def sse(payload: dict) -> str:
 def sampling_params(chat: ChatRequest, settings: ServeSettings, max_len: int) -> SamplingParams:
     """The request's values, else the server's defaults. A request's temperature 0 is greedy; without
     any max_tokens a reply may run to the end of the context."""
+
     def pick(value, default):
         return default if value is None else value
 
@@ -243,12 +280,17 @@ def sampling_params(chat: ChatRequest, settings: ServeSettings, max_len: int) ->
         do_sample, temperature = defaults.do_sample and defaults.temperature > 0, defaults.temperature
     else:
         do_sample, temperature = chat.temperature > 0, chat.temperature
-    return SamplingParams(max_new_tokens=chat.max_tokens or defaults.max_new_tokens or max_len, do_sample=do_sample,
-                          temperature=temperature if temperature > 0 else 1.0, top_k=pick(chat.top_k, defaults.top_k),
-                          top_p=pick(chat.top_p, defaults.top_p),
-                          repetition_penalty=pick(chat.repetition_penalty, defaults.repetition_penalty),
-                          stop=chat.stop, ignore_eos=chat.ignore_eos, seed=chat.seed)
-
+    return SamplingParams(
+        max_new_tokens=chat.max_tokens or defaults.max_new_tokens or max_len,
+        do_sample=do_sample,
+        temperature=temperature if temperature > 0 else 1.0,
+        top_k=pick(chat.top_k, defaults.top_k),
+        top_p=pick(chat.top_p, defaults.top_p),
+        repetition_penalty=pick(chat.repetition_penalty, defaults.repetition_penalty),
+        stop=chat.stop,
+        ignore_eos=chat.ignore_eos,
+        seed=chat.seed,
+    )
 
 
 # ---------------------------------------------------------------------------- error replies
@@ -261,11 +303,21 @@ async def api_error_response(request, err: APIError):
 async def server_error_response(request, err: Exception):
     # Anything unforeseen still answers in OpenAI's shape, not Starlette's plain-text 500.
     log.error("error serving %s %s: %r", request.method, request.url.path, err)
-    return JSONResponse(APIError(500, "The server failed to handle this request; see its log.", error_type="server_error",
-                                 code="internal_error").body(), status_code=500)
+    return JSONResponse(
+        APIError(
+            500,
+            "The server failed to handle this request; see its log.",
+            error_type="server_error",
+            code="internal_error",
+        ).body(),
+        status_code=500,
+    )
 
 
 async def http_error_response(request, err: StarletteHTTPException):
     code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code)
-    return JSONResponse(APIError(err.status_code, str(err.detail), code=code).body(), status_code=err.status_code,
-                        headers=getattr(err, "headers", None))
+    return JSONResponse(
+        APIError(err.status_code, str(err.detail), code=code).body(),
+        status_code=err.status_code,
+        headers=getattr(err, "headers", None),
+    )

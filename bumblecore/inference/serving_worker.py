@@ -44,8 +44,9 @@ class EngineLoop(ContinuousBatchingLoop):
         if self.work_arrived is not None:
             self.work_arrived.set()
 
-    async def prefill(self, pending_requests, lit_api, lit_spec, request_queue, transport,
-                      max_batch_size=None, batch_timeout=None):
+    async def prefill(
+        self, pending_requests, lit_api, lit_spec, request_queue, transport, max_batch_size=None, batch_timeout=None
+    ):
         """Take one message from the request queue: a new request joins (or waits for a slot), a
         cancellation acts at once, even when every slot is busy."""
         while pending_requests and lit_api.has_capacity():
@@ -109,8 +110,9 @@ class EngineAPI(ls.LitAPI):
 
         settings = self.settings
         device = device if settings.device_map == "auto" else settings.device_map
-        model, tokenizer, eos = load_for_inference(settings.model_path, settings.dtype, device,
-                                                   trust_remote_code=settings.trust_remote_code)
+        model, tokenizer, eos = load_for_inference(
+            settings.model_path, settings.dtype, device, trust_remote_code=settings.trust_remote_code
+        )
         max_len = context_length(settings.model_path, settings.max_model_len)
         self.engine = GenerationEngine(model, tokenizer, settings.max_batch_size, max_len, eos_token_ids=eos)
         # add_request runs on the loop's event-loop thread, step() on another: hand over through deques.
@@ -194,8 +196,13 @@ class EngineAPI(ls.LitAPI):
                 continue
             self.failures_in_a_row = 0
             state[1] += 1
-            outputs.append(Output(uid, {"text": event.text, "finish_reason": event.finish_reason,
-                                        "completion_tokens": state[1]}, LitAPIStatus.OK))
+            outputs.append(
+                Output(
+                    uid,
+                    {"text": event.text, "finish_reason": event.finish_reason, "completion_tokens": state[1]},
+                    LitAPIStatus.OK,
+                )
+            )
             if event.finished:
                 outputs.append(Output(uid, "", LitAPIStatus.FINISH_STREAMING))
                 del self.requests[event.request_id], self.engine_ids[uid]

@@ -202,11 +202,15 @@ def sdpa_attention(q, k, v, mask: AttentionMask, scale: float) -> torch.Tensor:
         mask = AttentionMask(dense=_dense_for(mask, q.shape[2], k.shape[2], q.device), causal=mask.causal)
     if mask.dense is None:
         # No mask tensor: lets PyTorch pick its flash / memory-efficient kernel, GQA native.
-        return F.scaled_dot_product_attention(q, k, v, is_causal=mask.causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+        return F.scaled_dot_product_attention(
+            q, k, v, is_causal=mask.causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+        )
     n_rep = q.shape[1] // k.shape[1]
     if q.device.type == "cpu":  # the CPU kernel takes grouped heads directly: no copy of the cache per step
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense, scale=scale, enable_gqa=n_rep > 1)
-    return F.scaled_dot_product_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), attn_mask=mask.dense, scale=scale)
+    return F.scaled_dot_product_attention(
+        q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), attn_mask=mask.dense, scale=scale
+    )
 
 
 def _flash_kernels():
@@ -247,9 +251,15 @@ def flash_attention(q, k, v, mask: AttentionMask, scale: float) -> torch.Tensor:
     if mask.cu_seqlens is not None:
         b, s = q.shape[:2]
         out = varlen_fn(
-            q.reshape(b * s, *q.shape[2:]), k.reshape(b * s, *k.shape[2:]), v.reshape(b * s, *v.shape[2:]),
-            cu_seqlens_q=mask.cu_seqlens, cu_seqlens_k=mask.cu_seqlens,
-            max_seqlen_q=mask.max_seqlen, max_seqlen_k=mask.max_seqlen, softmax_scale=scale, causal=True,
+            q.reshape(b * s, *q.shape[2:]),
+            k.reshape(b * s, *k.shape[2:]),
+            v.reshape(b * s, *v.shape[2:]),
+            cu_seqlens_q=mask.cu_seqlens,
+            cu_seqlens_k=mask.cu_seqlens,
+            max_seqlen_q=mask.max_seqlen,
+            max_seqlen_k=mask.max_seqlen,
+            softmax_scale=scale,
+            causal=True,
             **_window_kwargs(mask),
         )
         out = out[0] if isinstance(out, tuple) else out  # flash-attn-4 also returns the log-sum-exp
@@ -280,8 +290,15 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask: AttentionMask, kv_cache: Optional[KVCache] = None,
-                cache_write: Optional[CacheWrite] = None) -> torch.Tensor:
+    def forward(
+        self,
+        x,
+        cos,
+        sin,
+        mask: AttentionMask,
+        kv_cache: Optional[KVCache] = None,
+        cache_write: Optional[CacheWrite] = None,
+    ) -> torch.Tensor:
         q, k, v = self.qkv(x, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.write(self.layer_idx, k, v, cache_write)
@@ -376,7 +393,7 @@ class Bumblebee(nn.Module):
         self.gradient_checkpointing = enabled
 
     @classmethod
-    def from_pretrained(cls, path, dtype=None, device=None) -> "Bumblebee":
+    def from_pretrained(cls, path, dtype=None, device=None) -> Bumblebee:
         from bumblecore.model.hf_io import load_pretrained
 
         return load_pretrained(path, dtype=dtype, device=device)
@@ -430,8 +447,10 @@ class Bumblebee(nn.Module):
                 raise ValueError(f"KV cache overflow: needs {visible} positions, holds {kv_cache.max_len}")
             cache_write = CacheWrite(positions, visible)
             key_positions = torch.arange(visible, device=device)
-            masks = {w: AttentionMask(dense=window_band(positions, key_positions, w)[:, None], window=w)
-                     for w in self._windows()}
+            masks = {
+                w: AttentionMask(dense=window_band(positions, key_positions, w)[:, None], window=w)
+                for w in self._windows()
+            }
         else:
             positions = steps[None].expand(batch, seq)
             masks = {w: self._build_mask(seq, device, attention_mask, segment_ids, w) for w in self._windows()}
@@ -456,7 +475,7 @@ class Bumblebee(nn.Module):
     def _build_mask(self, seq, device, attention_mask, segment_ids, window=None) -> AttentionMask:
         if window is not None and seq <= window:
             window = None  # no query reaches past the window: plain causal, the fast kernels
-        flash = (self.config.attn_implementation == "flash_attn" and device.type == "cuda" and flash_available(window))
+        flash = self.config.attn_implementation == "flash_attn" and device.type == "cuda" and flash_available(window)
         if attention_mask is None and segment_ids is None:
             if window is None or flash:
                 return AttentionMask(window=window)

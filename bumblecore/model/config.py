@@ -15,13 +15,69 @@ LAYER_TYPES = ("full_attention", "sliding_attention")
 # Qwen2.5 shapes (REFERENCE.md §4). Common to all: silu, RMSNorm 1e-6, rope_theta 1e6,
 # 32768 positions, qkv bias, no sliding window.
 PRESETS: dict[str, dict[str, Any]] = {
-    "0.5B": dict(hidden_size=896, intermediate_size=4864, num_attention_heads=14, num_hidden_layers=24, num_key_value_heads=2, tie_word_embeddings=True, vocab_size=151936),
-    "1.5B": dict(hidden_size=1536, intermediate_size=8960, num_attention_heads=12, num_hidden_layers=28, num_key_value_heads=2, tie_word_embeddings=True, vocab_size=151936),
-    "3B": dict(hidden_size=2048, intermediate_size=11008, num_attention_heads=16, num_hidden_layers=36, num_key_value_heads=2, tie_word_embeddings=True, vocab_size=151936),
-    "7B": dict(hidden_size=3584, intermediate_size=18944, num_attention_heads=28, num_hidden_layers=28, num_key_value_heads=4, tie_word_embeddings=False, vocab_size=152064),
-    "14B": dict(hidden_size=5120, intermediate_size=13824, num_attention_heads=40, num_hidden_layers=48, num_key_value_heads=8, tie_word_embeddings=False, vocab_size=152064),
-    "32B": dict(hidden_size=5120, intermediate_size=27648, num_attention_heads=40, num_hidden_layers=64, num_key_value_heads=8, tie_word_embeddings=False, vocab_size=152064),
-    "72B": dict(hidden_size=8192, intermediate_size=29568, num_attention_heads=64, num_hidden_layers=80, num_key_value_heads=8, tie_word_embeddings=False, vocab_size=152064),
+    "0.5B": dict(
+        hidden_size=896,
+        intermediate_size=4864,
+        num_attention_heads=14,
+        num_hidden_layers=24,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        vocab_size=151936,
+    ),
+    "1.5B": dict(
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_attention_heads=12,
+        num_hidden_layers=28,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        vocab_size=151936,
+    ),
+    "3B": dict(
+        hidden_size=2048,
+        intermediate_size=11008,
+        num_attention_heads=16,
+        num_hidden_layers=36,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        vocab_size=151936,
+    ),
+    "7B": dict(
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_attention_heads=28,
+        num_hidden_layers=28,
+        num_key_value_heads=4,
+        tie_word_embeddings=False,
+        vocab_size=152064,
+    ),
+    "14B": dict(
+        hidden_size=5120,
+        intermediate_size=13824,
+        num_attention_heads=40,
+        num_hidden_layers=48,
+        num_key_value_heads=8,
+        tie_word_embeddings=False,
+        vocab_size=152064,
+    ),
+    "32B": dict(
+        hidden_size=5120,
+        intermediate_size=27648,
+        num_attention_heads=40,
+        num_hidden_layers=64,
+        num_key_value_heads=8,
+        tie_word_embeddings=False,
+        vocab_size=152064,
+    ),
+    "72B": dict(
+        hidden_size=8192,
+        intermediate_size=29568,
+        num_attention_heads=64,
+        num_hidden_layers=80,
+        num_key_value_heads=8,
+        tie_word_embeddings=False,
+        vocab_size=152064,
+    ),
 }
 
 
@@ -71,10 +127,14 @@ class BumblebeeConfig:
     def __post_init__(self) -> None:
         if self.head_dim is None:
             if self.hidden_size % self.num_attention_heads:
-                raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}; set head_dim")
+                raise ValueError(
+                    f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}; set head_dim"
+                )
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"num_attention_heads {self.num_attention_heads} must be a multiple of num_key_value_heads {self.num_key_value_heads}")
+            raise ValueError(
+                f"num_attention_heads {self.num_attention_heads} must be a multiple of num_key_value_heads {self.num_key_value_heads}"
+            )
         if self.head_dim % 2:
             raise ValueError(f"head_dim {self.head_dim} must be even for RoPE")
         _check_choice("hidden_act", self.hidden_act, ACTIVATIONS)
@@ -92,7 +152,7 @@ class BumblebeeConfig:
             _check_choice("rope_scaling.rope_type", rope_type, ROPE_TYPES)
 
     @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> "BumblebeeConfig":
+    def from_preset(cls, name: str, **overrides: Any) -> BumblebeeConfig:
         """A Qwen2.5-shaped config ("0.5B" ... "72B"); any field can be overridden."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")

@@ -11,8 +11,9 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Union
+from typing import Optional, Union
 
 import torch
 
@@ -20,24 +21,59 @@ from bumblecore.model.bumblebee import Bumblebee
 from bumblecore.model.config import ACTIVATIONS, ROPE_TYPES, BumblebeeConfig
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama", "mistral", "bumblebee")
-ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM",
-                 "mistral": "MistralForCausalLM", "bumblebee": "BumblebeeForCausalLM"}
+ARCHITECTURES = {
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "bumblebee": "BumblebeeForCausalLM",
+}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 
 # config.json keys that map 1:1 onto BumblebeeConfig fields.
 _SHARED_KEYS = (
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "head_dim", "rms_norm_eps", "max_position_embeddings", "tie_word_embeddings",
-    "hidden_act", "initializer_range", "bos_token_id", "eos_token_id", "pad_token_id",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "rms_norm_eps",
+    "max_position_embeddings",
+    "tie_word_embeddings",
+    "hidden_act",
+    "initializer_range",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
 )
 # Keys we write or interpret ourselves; anything else read from config.json is carried in `extra`.
 _HANDLED_KEYS = set(_SHARED_KEYS) | {
-    "model_type", "architectures", "rope_theta", "rope_scaling", "rope_parameters", "attention_bias",
-    "mlp_bias", "norm_type", "attn_implementation", "torch_dtype", "dtype", "use_sliding_window",
-    "sliding_window", "max_window_layers", "layer_types", "transformers_version", "use_cache",
-    "attention_dropout", "pretraining_tp", "_name_or_path", "qk_norm", "family",
+    "model_type",
+    "architectures",
+    "rope_theta",
+    "rope_scaling",
+    "rope_parameters",
+    "attention_bias",
+    "mlp_bias",
+    "norm_type",
+    "attn_implementation",
+    "torch_dtype",
+    "dtype",
+    "use_sliding_window",
+    "sliding_window",
+    "max_window_layers",
+    "layer_types",
+    "transformers_version",
+    "use_cache",
+    "attention_dropout",
+    "pretraining_tp",
+    "_name_or_path",
+    "qk_norm",
+    "family",
 }
 
 
@@ -127,14 +163,17 @@ def _read_window(model_type: str, raw: dict, source: str) -> tuple:
             raise ValueError(f"{source}: use_sliding_window=true needs sliding_window")
         if layer_types is None:  # older files: layers from max_window_layers on slide
             first = raw.get("max_window_layers", raw.get("num_hidden_layers"))
-            layer_types = ["sliding_attention" if i >= first else "full_attention" for i in range(raw["num_hidden_layers"])]
+            layer_types = [
+                "sliding_attention" if i >= first else "full_attention" for i in range(raw["num_hidden_layers"])
+            ]
         return window, layer_types
     return window, layer_types
 
 
 def _slides_everywhere(config: BumblebeeConfig) -> bool:
     return config.sliding_window is not None and all(
-        config.layer_window(i) is not None for i in range(config.num_hidden_layers))
+        config.layer_window(i) is not None for i in range(config.num_hidden_layers)
+    )
 
 
 def hf_model_type(config: BumblebeeConfig) -> str:
@@ -160,7 +199,9 @@ def _window_keys(config: BumblebeeConfig) -> dict:
     # max_window_layers for transformers versions that read it instead of layer_types; exact when the
     # sliding layers are the last ones (the only pattern it can say), layer_types says any pattern.
     first = types.index("sliding_attention")
-    return dict(use_sliding_window=True, sliding_window=config.sliding_window, max_window_layers=first, layer_types=types)
+    return dict(
+        use_sliding_window=True, sliding_window=config.sliding_window, max_window_layers=first, layer_types=types
+    )
 
 
 def config_to_hf_dict(config: BumblebeeConfig, dtype: Optional[torch.dtype] = None) -> dict:
@@ -181,8 +222,13 @@ def config_to_hf_dict(config: BumblebeeConfig, dtype: Optional[torch.dtype] = No
     elif model_type == "mistral":
         out.update(sliding_window=config.sliding_window, head_dim=config.head_dim)
     else:
-        out.update(attention_bias=config.attention_bias, norm_type=config.norm_type, qk_norm=config.qk_norm,
-                   sliding_window=config.sliding_window, layer_types=config.layer_types)
+        out.update(
+            attention_bias=config.attention_bias,
+            norm_type=config.norm_type,
+            qk_norm=config.qk_norm,
+            sliding_window=config.sliding_window,
+            layer_types=config.layer_types,
+        )
     if config.attn_implementation != "sdpa":
         out["attn_implementation"] = config.attn_implementation
     name = dtype_name(dtype) if dtype is not None else config.torch_dtype
@@ -262,7 +308,9 @@ def _file_tensors(file: Path) -> Iterator[tuple[str, tuple, Callable[[], torch.T
         raise ValueError(f"{file}: unreadable safetensors file (truncated or corrupt?): {err}") from err
 
 
-def iter_checkpoint(path, config: BumblebeeConfig, expected_shapes: dict[str, tuple]) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
+def iter_checkpoint(
+    path, config: BumblebeeConfig, expected_shapes: dict[str, tuple]
+) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
     """Every weight of a checkpoint directory as (name, load), shard file by shard file, checked
     against the model's names and shapes; a missing tensor is an error once all files are read."""
     path = Path(path)
@@ -274,7 +322,9 @@ def iter_checkpoint(path, config: BumblebeeConfig, expected_shapes: dict[str, tu
             if name not in expected_shapes:
                 raise ValueError(f"{file}: unexpected tensor {name!r} for a {hf_model_type(config)} model")
             if shape != tuple(expected_shapes[name]):
-                raise ValueError(f"{path}: tensor {name!r} has shape {shape}, config.json implies {tuple(expected_shapes[name])}")
+                raise ValueError(
+                    f"{path}: tensor {name!r} has shape {shape}, config.json implies {tuple(expected_shapes[name])}"
+                )
             seen.add(name)
             yield name, load
     missing = sorted(set(expected_shapes) - seen)
@@ -285,7 +335,9 @@ def iter_checkpoint(path, config: BumblebeeConfig, expected_shapes: dict[str, tu
 
 def expected_tensors(model: Bumblebee) -> dict[str, tuple]:
     """The checkpoint tensors a model needs, name -> shape (ZeRO-3 partitioned weights keep theirs in ds_shape)."""
-    shapes = {name: tuple(getattr(p, "ds_shape", p.shape)) for name, p in model.named_parameters(remove_duplicate=False)}
+    shapes = {
+        name: tuple(getattr(p, "ds_shape", p.shape)) for name, p in model.named_parameters(remove_duplicate=False)
+    }
     if model.config.tie_word_embeddings:
         shapes.pop("lm_head.weight", None)
     return shapes
@@ -299,8 +351,10 @@ def load_pretrained(path, dtype=None, device=None) -> Bumblebee:
     target_dtype = resolve_dtype(dtype, config)
     with torch.device("meta"):
         model = Bumblebee(config)
-    state = {name: load().to(device=device or "cpu", dtype=target_dtype)
-             for name, load in iter_checkpoint(path, config, expected_tensors(model))}
+    state = {
+        name: load().to(device=device or "cpu", dtype=target_dtype)
+        for name, load in iter_checkpoint(path, config, expected_tensors(model))
+    }
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -328,7 +382,17 @@ def parse_size(size: Union[int, str]) -> int:
     if not match:
         raise ValueError(f"cannot read size {size!r}; write e.g. 5GB or 500MiB")
     number, unit = float(match.group(1)), (match.group(2) or "B").upper()
-    powers = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    powers = {
+        "B": 1,
+        "KB": 10**3,
+        "MB": 10**6,
+        "GB": 10**9,
+        "TB": 10**12,
+        "KIB": 2**10,
+        "MIB": 2**20,
+        "GIB": 2**30,
+        "TIB": 2**40,
+    }
     return int(number * powers[unit])
 
 
@@ -416,7 +480,12 @@ def write_generation_config(path, config: BumblebeeConfig, eos_token_ids: Option
         except json.JSONDecodeError:
             existing = {}
     eos = eos_token_ids if eos_token_ids is not None else existing.get("eos_token_id", config.eos_token_id)
-    generation = {**existing, "bos_token_id": config.bos_token_id, "eos_token_id": eos, "pad_token_id": config.pad_token_id}
+    generation = {
+        **existing,
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": eos,
+        "pad_token_id": config.pad_token_id,
+    }
     generation.setdefault("do_sample", False)
     generation = {k: v for k, v in generation.items() if v is not None}
     _atomic_write_text(file, json.dumps(generation, indent=2) + "\n")

@@ -69,7 +69,9 @@ def init_model(
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     tokenizer_size = len(tokenizer)
-    eos_ids = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>") if t in tokenizer.get_vocab()]
+    eos_ids = [
+        tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>") if t in tokenizer.get_vocab()
+    ]
     # A tokenizer with its own template (Llama-3 ...): replies end at its end-of-turn token and its EOS.
     from bumblecore.data.template import ChatFormatError, chat_format
 

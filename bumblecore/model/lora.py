@@ -9,6 +9,7 @@ from typing import Optional
 
 from torch import nn
 
+
 def linear_layer_names(model) -> list[str]:
     """peft's "all-linear" for any family: the last name of every linear layer except the output head
     (Qwen2/Llama: q/k/v/o_proj, gate/up/down_proj; Phi-3: qkv_proj, o_proj, gate_up_proj, down_proj)."""
@@ -95,8 +96,14 @@ def _logits(model, ids):
     return (out.logits if hasattr(out, "logits") else out).float()  # transformers returns an output object
 
 
-def merge_lora(base_model_path: str, lora_model_path: str, save_path: str, max_shard_size: str = "5GB",
-               dtype: str = "auto", trust_remote_code: bool = False) -> None:
+def merge_lora(
+    base_model_path: str,
+    lora_model_path: str,
+    save_path: str,
+    max_shard_size: str = "5GB",
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+) -> None:
     """Merge a LoRA adapter into its base and save a full Hugging Face model, then check it.
 
     Works for any family and any peft task_type. The merged model's logits are compared with the
@@ -119,7 +126,9 @@ def merge_lora(base_model_path: str, lora_model_path: str, save_path: str, max_s
     from bumblecore.tokenizer import load_tokenizer
 
     adapter_base_dir(lora_model_path)  # a readable adapter dir, or a clear error
-    unmerged = attach_adapter(load_model(base_model_path, dtype, trust_remote_code=trust_remote_code), lora_model_path).eval()
+    unmerged = attach_adapter(
+        load_model(base_model_path, dtype, trust_remote_code=trust_remote_code), lora_model_path
+    ).eval()
     torch_dtype = next(unmerged.parameters()).dtype
     vocab_size = unmerged.get_base_model().config.vocab_size
     probe = torch.randint(0, vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -136,6 +145,10 @@ def merge_lora(base_model_path: str, lora_model_path: str, save_path: str, max_s
     with torch.no_grad():
         got = _logits(load_model(out, name, trust_remote_code=trust_remote_code).eval(), probe)
     difference = (got - expected).abs().max().item()
-    print(f"merged {lora_model_path} into {base_model_path} -> {save_path}; max logit difference merged vs unmerged: {difference:.3g} ({name})")
+    print(
+        f"merged {lora_model_path} into {base_model_path} -> {save_path}; max logit difference merged vs unmerged: {difference:.3g} ({name})"
+    )
     if difference > MERGE_TOLERANCE[name]:
-        raise ValueError(f"merge check failed: max logit difference {difference:.3g} exceeds {MERGE_TOLERANCE[name]} for {name}")
+        raise ValueError(
+            f"merge check failed: max logit difference {difference:.3g} exceeds {MERGE_TOLERANCE[name]} for {name}"
+        )

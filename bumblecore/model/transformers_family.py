@@ -19,7 +19,8 @@ whole forward over the whole sequence: exact and simple, slower than Bumblebee's
 from __future__ import annotations
 
 import sys
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import torch
 from torch import nn
@@ -41,8 +42,10 @@ def logit_transform(config) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
     text = _text_config(config)
     for name in UNSUPPORTED_POST_HEAD:
         if getattr(text, name, None) not in (None, 1, 1.0):
-            raise ValueError(f"{type(config).__name__}.{name}={getattr(text, name)!r} changes the logits after lm_head "
-                             "in a way BumbleCore's chunked loss does not reproduce; this family is not supported")
+            raise ValueError(
+                f"{type(config).__name__}.{name}={getattr(text, name)!r} changes the logits after lm_head "
+                "in a way BumbleCore's chunked loss does not reproduce; this family is not supported"
+            )
     scale = getattr(text, "logit_scale", None)
     divisor = getattr(text, "logits_scaling", None)
     cap = getattr(text, "final_logit_softcapping", None)
@@ -113,10 +116,14 @@ class TransformersCausalLM(nn.Module):
         self.router_aux = for_training and bool(getattr(_text_config(model.config), "output_router_logits", False))
         if self.router_aux:
             self._load_balancing = getattr(sys.modules[type(model).__module__], "load_balancing_loss_func", None)
-            missing = [a for a in ("num_experts", "num_experts_per_tok", "router_aux_loss_coef") if not hasattr(model, a)]
+            missing = [
+                a for a in ("num_experts", "num_experts_per_tok", "router_aux_loss_coef") if not hasattr(model, a)
+            ]
             if self._load_balancing is None or missing:
-                raise ValueError(f"{type(model).__name__}: output_router_logits is set but its router loss is not the "
-                                 "load_balancing_loss_func BumbleCore knows; set output_router_logits false to train without it")
+                raise ValueError(
+                    f"{type(model).__name__}: output_router_logits is set but its router loss is not the "
+                    "load_balancing_loss_func BumbleCore knows; set output_router_logits false to train without it"
+                )
         self._extra_loss: Optional[torch.Tensor] = None
 
     @property
@@ -132,17 +139,28 @@ class TransformersCausalLM(nn.Module):
         extra, self._extra_loss = self._extra_loss, None
         return extra
 
-    def forward(self, input_ids, position_ids=None, attention_mask=None, segment_ids=None, return_hidden_states=False,
-                kv_cache: Optional[TokenHistory] = None, cache_rows: Optional[torch.Tensor] = None):
+    def forward(
+        self,
+        input_ids,
+        position_ids=None,
+        attention_mask=None,
+        segment_ids=None,
+        return_hidden_states=False,
+        kv_cache: Optional[TokenHistory] = None,
+        cache_rows: Optional[torch.Tensor] = None,
+    ):
         if kv_cache is not None:
             return self._continue(input_ids, attention_mask, kv_cache, cache_rows)
         if segment_ids is not None:
             raise ValueError("packed rows (segment_ids) are not supported for transformers models; set packing: false")
         extra = {"output_router_logits": True} if self.router_aux else {}
-        out = self.hf.get_decoder()(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-                                    use_cache=False, **extra)
+        out = self.hf.get_decoder()(
+            input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False, **extra
+        )
         if self.router_aux:
-            aux = self._load_balancing(out.router_logits, self.hf.num_experts, self.hf.num_experts_per_tok, attention_mask)
+            aux = self._load_balancing(
+                out.router_logits, self.hf.num_experts, self.hf.num_experts_per_tok, attention_mask
+            )
             self._extra_loss = self.hf.router_aux_loss_coef * aux
         hidden = out.last_hidden_state
         return hidden if return_hidden_states else self.lm_head(hidden)

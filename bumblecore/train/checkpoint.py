@@ -16,8 +16,9 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -44,7 +45,9 @@ def complete_checkpoints(output_dir) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def resolve_resume_dir(output_dir, resume_from_checkpoint: Optional[str], notes: Optional[list] = None) -> Optional[Path]:
+def resolve_resume_dir(
+    output_dir, resume_from_checkpoint: Optional[str], notes: Optional[list] = None
+) -> Optional[Path]:
     """`latest` -> the newest intact checkpoint of output_dir (None if there is none yet; each damaged
     newer one skipped is said in `notes`); a path -> itself, checked complete and intact."""
     notes = notes if notes is not None else []
@@ -60,12 +63,15 @@ def resolve_resume_dir(output_dir, resume_from_checkpoint: Optional[str], notes:
             damaged.append(f"{path}: {problem}")
             notes.append(f"skipped damaged {path.name}: {problem}")
         if damaged:
-            raise DamagedCheckpoint(f"resume_from_checkpoint latest: every checkpoint in {output_dir} is damaged: "
-                                    + "; ".join(damaged))
+            raise DamagedCheckpoint(
+                f"resume_from_checkpoint latest: every checkpoint in {output_dir} is damaged: " + "; ".join(damaged)
+            )
         return None
     path = Path(resume_from_checkpoint)
     if not (path / COMPLETE_MARKER).is_file() or not (path / STATE_DIR).exists():
-        raise ValueError(f"resume_from_checkpoint {path} is not a complete checkpoint (no {COMPLETE_MARKER} / {STATE_DIR})")
+        raise ValueError(
+            f"resume_from_checkpoint {path} is not a complete checkpoint (no {COMPLETE_MARKER} / {STATE_DIR})"
+        )
     problem = checkpoint_problem(path, notes)
     if problem is not None:
         raise DamagedCheckpoint(f"resume_from_checkpoint {path} is damaged: {problem}")
@@ -83,14 +89,17 @@ def file_sha256(path: Path) -> str:
 def checkpoint_files(directory: Path) -> list[str]:
     """Every file of a checkpoint (relative, sorted), the completion marker excepted."""
     directory = Path(directory)
-    return sorted(str(p.relative_to(directory)) for p in directory.rglob("*")
-                  if p.is_file() and p.name != COMPLETE_MARKER)
+    return sorted(
+        str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file() and p.name != COMPLETE_MARKER
+    )
 
 
 def checksums(directory: Path) -> dict:
     """{relative path: [size, sha256]} of every file of the checkpoint: computed once, at save."""
     directory = Path(directory)
-    return {name: [(directory / name).stat().st_size, file_sha256(directory / name)] for name in checkpoint_files(directory)}
+    return {
+        name: [(directory / name).stat().st_size, file_sha256(directory / name)] for name in checkpoint_files(directory)
+    }
 
 
 def checkpoint_problem(directory: Path, notes: Optional[list] = None) -> Optional[str]:

@@ -26,7 +26,6 @@ import hashlib
 import os
 import socket
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -113,19 +112,25 @@ def model_fingerprint(model_dir) -> str:
 def reference_cache_file(units, reference_dir, precision: str) -> Path:
     """Where the reference log-probs of these pairs live: inside their token cache entry, keyed by
     the reference model's content and the precision they were computed in."""
-    key = hashlib.sha256(f"v{REFERENCE_FORMAT_VERSION}|{model_fingerprint(reference_dir)}|{precision}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(
+        f"v{REFERENCE_FORMAT_VERSION}|{model_fingerprint(reference_dir)}|{precision}".encode()
+    ).hexdigest()[:16]
     return Path(units.cache.directory) / f"reference_logps-{key}.npy"
 
 
 @torch.no_grad()
-def compute_reference_logps(fabric, reference, units, batch_size: int, pad_id: int, progress: bool = False) -> np.ndarray:
+def compute_reference_logps(
+    fabric, reference, units, batch_size: int, pad_id: int, progress: bool = False
+) -> np.ndarray:
     """(pairs, 2) summed reference log-probs [chosen, rejected] for every pair; each rank computes a
     strided share, then one all-reduce gives every rank the whole table."""
     from bumblecore.data.loader import eval_batches
     from bumblecore.train.engine import in_lockstep
 
     table = torch.zeros(len(units), 2, dtype=torch.float64, device=fabric.device)
-    batches = eval_batches(units, batch_size, pad_id, packing=False, world_size=fabric.world_size, rank=fabric.global_rank)
+    batches = eval_batches(
+        units, batch_size, pad_id, packing=False, world_size=fabric.world_size, rank=fabric.global_rank
+    )
     if progress and fabric.is_global_zero:
         from tqdm.auto import tqdm
 
@@ -142,7 +147,9 @@ def compute_reference_logps(fabric, reference, units, batch_size: int, pad_id: i
     return table.cpu().numpy()
 
 
-def cached_reference_logps(fabric, reference_factory, units, cache_file: Path, batch_size: int, pad_id: int) -> np.ndarray:
+def cached_reference_logps(
+    fabric, reference_factory, units, cache_file: Path, batch_size: int, pad_id: int
+) -> np.ndarray:
     """The table from cache_file, or computed (reference_factory() builds the reference) and saved atomically.
 
     Rank 0 decides and broadcasts the table it found, so every rank computes or none does (a node
@@ -199,8 +206,16 @@ class PreferenceStage:
     """count(batch) = pairs; loss(model, batch) = summed per-pair loss and summed metrics, which the
     engine divides by the pairs of the whole step (across accumulation and devices)."""
 
-    def __init__(self, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
-                 sft_weight: float = 0.0, ld_alpha: float = 1.0, reference=None, simpo_gamma: float = 0.5):
+    def __init__(
+        self,
+        beta: float = 0.1,
+        loss_type: str = "sigmoid",
+        label_smoothing: float = 0.0,
+        sft_weight: float = 0.0,
+        ld_alpha: float = 1.0,
+        reference=None,
+        simpo_gamma: float = 0.5,
+    ):
         self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
         self.sft_weight, self.ld_alpha, self.reference = sft_weight, ld_alpha, reference
         self.simpo_gamma = simpo_gamma
@@ -228,11 +243,18 @@ class PreferenceStage:
             reference = self.reference.logps(batch).float()
 
         if self.loss_type == "ipo":  # IPO compares per-token means
-            pair_losses = preference_loss(policy[:n] / lengths[:n], policy[n:] / lengths[n:], reference[:n] / lengths[:n],
-                                          reference[n:] / lengths[n:], self.beta, "ipo")
+            pair_losses = preference_loss(
+                policy[:n] / lengths[:n],
+                policy[n:] / lengths[n:],
+                reference[:n] / lengths[:n],
+                reference[n:] / lengths[n:],
+                self.beta,
+                "ipo",
+            )
         else:
-            pair_losses = preference_loss(policy[:n], policy[n:], reference[:n], reference[n:], self.beta,
-                                          "sigmoid", self.label_smoothing)
+            pair_losses = preference_loss(
+                policy[:n], policy[n:], reference[:n], reference[n:], self.beta, "sigmoid", self.label_smoothing
+            )
         total = pair_losses.sum()
         metrics = {f"loss/{'ipo' if self.loss_type == 'ipo' else 'dpo'}": total.detach()}
         if self.sft_weight:
@@ -241,20 +263,26 @@ class PreferenceStage:
             metrics["loss/sft"] = chosen_nll.detach()
 
         with torch.no_grad():
-            metrics.update(reward_metrics(self.beta * (policy[:n] - reference[:n]), self.beta * (policy[n:] - reference[n:]),
-                                          policy, n))
+            metrics.update(
+                reward_metrics(
+                    self.beta * (policy[:n] - reference[:n]), self.beta * (policy[n:] - reference[n:]), policy, n
+                )
+            )
         return total, metrics
 
     def _reference_free_loss(self, n: int, logps: torch.Tensor, lengths: torch.Tensor):
         """ORPO / SimPO from per-token means; the rewards are what each loss compares inside its sigmoid."""
         means = logps / lengths
         pair_losses, chosen_rewards, rejected_rewards = reference_free_loss(
-            means[:n], means[n:], self.beta, self.loss_type, self.simpo_gamma)
+            means[:n], means[n:], self.beta, self.loss_type, self.simpo_gamma
+        )
         total = pair_losses.sum()
         chosen_nll = (-means[:n]).sum()
         if self.loss_type == "orpo":  # its two terms apart: the NLL, and the odds-ratio term before lambda
-            metrics = {"loss/nll": chosen_nll.detach(),
-                       "loss/orpo": -torch.nn.functional.logsigmoid(chosen_rewards - rejected_rewards).detach().sum()}
+            metrics = {
+                "loss/nll": chosen_nll.detach(),
+                "loss/orpo": -torch.nn.functional.logsigmoid(chosen_rewards - rejected_rewards).detach().sum(),
+            }
         else:
             metrics = {"loss/simpo": total.detach()}
         if self.sft_weight:  # simpo only: orpo's NLL term is already there
@@ -285,10 +313,17 @@ def build_preference_stage(fabric, run, model, units, eval_units, pad_id: int, r
     full fine-tuning when the policy no longer equals its starting weights (a resumed run)."""
     preference = run.preference
     if preference.reference_free:
-        stage = PreferenceStage(preference.pref_beta, preference.pref_loss, sft_weight=preference.sft_weight,
-                                simpo_gamma=preference.simpo_gamma)
-        terms = (f"lambda (pref_beta) {preference.pref_beta}" if preference.pref_loss == "orpo" else
-                 f"beta {preference.pref_beta}, gamma {preference.simpo_gamma}, sft_weight {preference.sft_weight}")
+        stage = PreferenceStage(
+            preference.pref_beta,
+            preference.pref_loss,
+            sft_weight=preference.sft_weight,
+            simpo_gamma=preference.simpo_gamma,
+        )
+        terms = (
+            f"lambda (pref_beta) {preference.pref_beta}"
+            if preference.pref_loss == "orpo"
+            else f"beta {preference.pref_beta}, gamma {preference.simpo_gamma}, sft_weight {preference.sft_weight}"
+        )
         stage.summary = f"preference: {preference.pref_loss} loss, {terms}; no reference model (reference-free)"
         return stage, lambda batches, split="train": batches
 
@@ -307,14 +342,24 @@ def build_preference_stage(fabric, run, model, units, eval_units, pad_id: int, r
     elif precompute and not preference.ref_model_path and not resuming:
         reference_for_table = ModelReference(model, freeze=False)
 
-    stage = PreferenceStage(preference.pref_beta, preference.pref_loss, preference.dpo_label_smoothing, preference.sft_weight,
-                            preference.ld_alpha)
-    kind = ("the base with the LoRA adapter disabled" if lora and not preference.ref_model_path else
-            f"{'frozen ' if not precompute else ''}{reference_dir}")
-    stage.summary = (f"preference: {preference.pref_loss} loss, beta {preference.pref_beta}, "
-                     f"label smoothing {preference.dpo_label_smoothing}, "
-                     f"sft_weight {preference.sft_weight}, ld_alpha {preference.ld_alpha}; reference {kind}"
-                     f"{', log-probs precomputed and cached' if precompute else ', computed live'}")
+    stage = PreferenceStage(
+        preference.pref_beta,
+        preference.pref_loss,
+        preference.dpo_label_smoothing,
+        preference.sft_weight,
+        preference.ld_alpha,
+    )
+    kind = (
+        "the base with the LoRA adapter disabled"
+        if lora and not preference.ref_model_path
+        else f"{'frozen ' if not precompute else ''}{reference_dir}"
+    )
+    stage.summary = (
+        f"preference: {preference.pref_loss} loss, beta {preference.pref_beta}, "
+        f"label smoothing {preference.dpo_label_smoothing}, "
+        f"sft_weight {preference.sft_weight}, ld_alpha {preference.ld_alpha}; reference {kind}"
+        f"{', log-probs precomputed and cached' if precompute else ', computed live'}"
+    )
     if not precompute:
         stage.reference = reference_for_table or separate_reference()
         return stage, lambda batches, split="train": batches
@@ -332,7 +377,11 @@ def build_preference_stage(fabric, run, model, units, eval_units, pad_id: int, r
     for split, pairs in (("train", units), ("eval", eval_units)):
         if pairs is not None:
             tables[split] = cached_reference_logps(
-                fabric, table_reference, pairs,
+                fabric,
+                table_reference,
+                pairs,
                 reference_cache_file(pairs, reference_dir, run.optimization.train_model_precision),
-                run.optimization.train_micro_batch_size_per_gpu, pad_id)
+                run.optimization.train_micro_batch_size_per_gpu,
+                pad_id,
+            )
     return stage, lambda batches, split="train": StepsWithReference(batches, tables[split])

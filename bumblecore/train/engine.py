@@ -19,8 +19,9 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Protocol
+from typing import Optional, Protocol
 
 import torch
 
@@ -110,8 +111,9 @@ class Engine:
             resume_schedule(self.scheduler, self.step)  # this run's schedule (its total steps) from here on
         except Exception as err:  # unreadable, or a state of another shape: one clear line, not a traceback
             reason = (str(err).strip().splitlines() or [""])[0][:300]
-            raise ValueError(f"resume_from_checkpoint {directory}: {STATE_DIR} cannot be restored "
-                             f"({type(err).__name__}: {reason})") from err
+            raise ValueError(
+                f"resume_from_checkpoint {directory}: {STATE_DIR} cannot be restored ({type(err).__name__}: {reason})"
+            ) from err
 
     # ------------------------------------------------------------------ loop
 
@@ -142,7 +144,9 @@ class Engine:
             # DDP averages gradients over ranks; multiplying back makes the result a global sum / global count.
             scales = [fabric.world_size / denominator] * len(micro_batches)
         if settings.runtime_owns_accumulation:
-            scales = [scale * len(micro_batches) for scale in scales]  # DeepSpeed divides by its accumulation steps again
+            scales = [
+                scale * len(micro_batches) for scale in scales
+            ]  # DeepSpeed divides by its accumulation steps again
         report_count = len(micro_batches) if per_micro_mean else local_count  # what the reported sums are divided by
 
         self.model.train()
@@ -155,8 +159,11 @@ class Engine:
             batch = fabric.to_device(batch)
             last = index == len(micro_batches) - 1
             # DDP: all-reduce gradients only on the last micro-batch; DeepSpeed does its own accumulation.
-            skip_sync = (contextlib.nullcontext() if settings.runtime_owns_accumulation
-                         else fabric.no_backward_sync(self.model, enabled=not last))
+            skip_sync = (
+                contextlib.nullcontext()
+                if settings.runtime_owns_accumulation
+                else fabric.no_backward_sync(self.model, enabled=not last)
+            )
             with skip_sync:
                 with fabric.autocast():  # the stage may apply the LM head outside the wrapped forward
                     loss_sum, metrics = self.stage.loss(self.model, batch)
@@ -186,8 +193,11 @@ class Engine:
             grad_norm = reported if reported is not None else own_norm
         else:
             if settings.max_grad_norm:
-                grad_norm = float(fabric.clip_gradients(self.model, self.optimizer, max_norm=settings.max_grad_norm,
-                                                        error_if_nonfinite=False))
+                grad_norm = float(
+                    fabric.clip_gradients(
+                        self.model, self.optimizer, max_norm=settings.max_grad_norm, error_if_nonfinite=False
+                    )
+                )
             else:
                 grad_norm = float(_grad_norm(self.model))
             # fp16 with a grad scaler: an overflowing step is skipped by the scaler, not a divergence.
@@ -222,15 +232,30 @@ class Engine:
         """The step's sums over every rank, in one all-reduce (none on a single process)."""
         keys = sorted(metric_totals)
         if self.fabric.world_size == 1:
-            return {"count": float(count), "tokens": float(tokens), "loss": float(loss_total),
-                    "nonfinite_grads": 0.0 if grads_finite else 1.0,
-                    "metrics": {k: float(metric_totals[k]) for k in keys}}
-        local = torch.stack([torch.tensor(float(count), dtype=torch.float64), torch.tensor(float(tokens), dtype=torch.float64),
-                             loss_total.detach().double().cpu(), torch.tensor(0.0 if grads_finite else 1.0, dtype=torch.float64),
-                             *[torch.as_tensor(metric_totals[k]).detach().double().cpu() for k in keys]])
+            return {
+                "count": float(count),
+                "tokens": float(tokens),
+                "loss": float(loss_total),
+                "nonfinite_grads": 0.0 if grads_finite else 1.0,
+                "metrics": {k: float(metric_totals[k]) for k in keys},
+            }
+        local = torch.stack(
+            [
+                torch.tensor(float(count), dtype=torch.float64),
+                torch.tensor(float(tokens), dtype=torch.float64),
+                loss_total.detach().double().cpu(),
+                torch.tensor(0.0 if grads_finite else 1.0, dtype=torch.float64),
+                *[torch.as_tensor(metric_totals[k]).detach().double().cpu() for k in keys],
+            ]
+        )
         summed = self.fabric.all_reduce(local.to(self.fabric.device), reduce_op="sum").cpu().tolist()
-        return {"count": summed[0], "tokens": summed[1], "loss": summed[2], "nonfinite_grads": summed[3],
-                "metrics": dict(zip(keys, summed[4:]))}
+        return {
+            "count": summed[0],
+            "tokens": summed[1],
+            "loss": summed[2],
+            "nonfinite_grads": summed[3],
+            "metrics": dict(zip(keys, summed[4:])),
+        }
 
     def _stop_if_not_finite(self, totals: dict, grad_norm: Optional[float]) -> None:
         """Every rank sees the same totals, so every rank stops here together, before the optimiser step."""
@@ -239,12 +264,16 @@ class Engine:
             return
         step = self.step + 1
         epoch, batch = divmod(self.step, max(1, self.loader.steps_per_epoch))
-        what = (f"loss became {loss}" if not math.isfinite(loss)
-                else f"gradient norm became {grad_norm if grad_norm is not None and not math.isfinite(grad_norm) else 'non-finite'}")
+        what = (
+            f"loss became {loss}"
+            if not math.isfinite(loss)
+            else f"gradient norm became {grad_norm if grad_norm is not None and not math.isfinite(grad_norm) else 'non-finite'}"
+        )
         raise NonFiniteTraining(
             f"{what} at step {step} (epoch {epoch}, global batch {batch} of the epoch's order); stopped before that "
             f"step's optimiser update, so the weights and every saved checkpoint are those of step {self.step} "
-            "(try a lower learning_rate, gradient clipping (max_grad_norm), or fp32/bf16 instead of fp16)")
+            "(try a lower learning_rate, gradient clipping (max_grad_norm), or fp32/bf16 instead of fp16)"
+        )
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -336,8 +365,11 @@ def _deepspeed_grads_finite(model) -> bool:
     elif isinstance(getattr(optimizer, "averaged_gradients", None), dict):
         grads = [g for group in optimizer.averaged_gradients.values() for g in (group or [])]
     else:
-        grads = [getattr(p, "_hp_grad", None) if getattr(p, "_hp_grad", None) is not None else p.grad
-                 for p in engine.module.parameters() if p.requires_grad]
+        grads = [
+            getattr(p, "_hp_grad", None) if getattr(p, "_hp_grad", None) is not None else p.grad
+            for p in engine.module.parameters()
+            if p.requires_grad
+        ]
     grads = [g for g in grads if g is not None]
     if not grads:
         return True

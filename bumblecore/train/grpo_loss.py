@@ -21,7 +21,9 @@ import torch
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: bool = True, eps: float = 1e-4) -> torch.Tensor:
+def group_advantages(
+    rewards: torch.Tensor, group_size: int, scale_rewards: bool = True, eps: float = 1e-4
+) -> torch.Tensor:
     """rewards: (prompts x group_size,), grouped consecutively -> advantages of the same shape."""
     groups = rewards.view(-1, group_size)
     centred = groups - groups.mean(dim=1, keepdim=True)
@@ -40,8 +42,16 @@ class TokenTerms:
     """(batch, tokens): the k3 estimate against the reference (zeros without one)."""
 
 
-def token_terms(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                epsilon: float, epsilon_high: float, beta: float = 0.0, ref_logps=None) -> TokenTerms:
+def token_terms(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    epsilon: float,
+    epsilon_high: float,
+    beta: float = 0.0,
+    ref_logps=None,
+) -> TokenTerms:
     """logps, old_logps, ref_logps, mask: (batch, tokens); advantages: (batch,)."""
     ratio = torch.exp(logps - old_logps)
     advantage = advantages.unsqueeze(1)

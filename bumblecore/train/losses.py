@@ -4,13 +4,14 @@ exist all at once: with a 151,936-token vocabulary they would dominate training 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from bumblecore.data.packing import IGNORE_INDEX  # the label of positions that are not trained
+
 # Bytes of fp32 logits one chunk may hold: 256 MB is ~440 tokens at a 151,936 vocabulary.
 LOGITS_BUDGET_BYTES = 1 << 28
 
@@ -95,7 +96,9 @@ def _chunk_logps(hidden: torch.Tensor, lm_head: Callable, targets: torch.Tensor)
     return -F.cross_entropy(_head(lm_head, hidden).float(), targets, reduction="none")
 
 
-def chunked_token_logps(hidden: torch.Tensor, lm_head: Callable, targets: torch.Tensor, chunk_tokens: int | None = None) -> torch.Tensor:
+def chunked_token_logps(
+    hidden: torch.Tensor, lm_head: Callable, targets: torch.Tensor, chunk_tokens: int | None = None
+) -> torch.Tensor:
     """log p(target) at every position, 0 where targets is -100; shaped like targets.
 
     Same chunking as chunked_cross_entropy: only target positions meet the LM head, chunk by chunk,
@@ -152,8 +155,9 @@ def preference_loss(
         return -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
     if loss_type == "ipo":
         return (h - 1 / (2 * beta)) ** 2
-    raise ValueError(f"pref_loss {loss_type!r} is not supported here; choose sigmoid or ipo "
-                     "(orpo and simpo: reference_free_loss)")
+    raise ValueError(
+        f"pref_loss {loss_type!r} is not supported here; choose sigmoid or ipo (orpo and simpo: reference_free_loss)"
+    )
 
 
 # Mean log-probs are capped just below 0: a response predicted with p = 1 in fp32 would have infinite
@@ -210,11 +214,16 @@ def kto_loss(
     """
     r = policy_logps - reference_logps
     z = kl_reference_point
-    return torch.where(desirable, desirable_weight * (1 - torch.sigmoid(beta * (r - z))),
-                       undesirable_weight * (1 - torch.sigmoid(beta * (z - r))))
+    return torch.where(
+        desirable,
+        desirable_weight * (1 - torch.sigmoid(beta * (r - z))),
+        undesirable_weight * (1 - torch.sigmoid(beta * (z - r))),
+    )
 
 
-def kto_reference_point(policy_mismatched_logps: torch.Tensor, reference_mismatched_logps: torch.Tensor) -> torch.Tensor:
+def kto_reference_point(
+    policy_mismatched_logps: torch.Tensor, reference_mismatched_logps: torch.Tensor
+) -> torch.Tensor:
     """z: the mean over mismatched pairs of (policy - reference) summed log-probs, at least 0, with no
     gradient (KTO treats it as a constant of the step)."""
     return (policy_mismatched_logps - reference_mismatched_logps).mean().clamp(min=0).detach()
@@ -252,5 +261,6 @@ def check_loss_parity(model, tokens: int = 12) -> tuple[float, float]:
         raise ValueError(
             f"{type(model.hf).__name__}: BumbleCore's loss {ours:.6g} differs from the family's own {reference:.6g}: its "
             "forward changes the logits after the hidden states (or adds to the loss) in a way not reproduced here "
-            f"(known: {', '.join(LOGIT_TRANSFORMS)}, MoE output_router_logits); refusing to train another objective")
+            f"(known: {', '.join(LOGIT_TRANSFORMS)}, MoE output_router_logits); refusing to train another objective"
+        )
     return ours, reference

@@ -39,9 +39,16 @@ class MemoryPlan:
         return self.parameters + self.gradients + self.optimizer + sum(self.extra.values())
 
     def lines(self) -> list[str]:
-        parts = [f"parameters {_gib(self.parameters)}", f"gradients {_gib(self.gradients)}",
-                 f"optimizer states {_gib(self.optimizer)}"] + [f"{k} {_gib(v)}" for k, v in self.extra.items()]
-        where = f"{_gib(self.available)} available on {self.device_name}" if self.available is not None else f"{self.device_name}"
+        parts = [
+            f"parameters {_gib(self.parameters)}",
+            f"gradients {_gib(self.gradients)}",
+            f"optimizer states {_gib(self.optimizer)}",
+        ] + [f"{k} {_gib(v)}" for k, v in self.extra.items()]
+        where = (
+            f"{_gib(self.available)} available on {self.device_name}"
+            if self.available is not None
+            else f"{self.device_name}"
+        )
         text = f"  memory plan per rank ({self.strategy}): {', '.join(parts)} = {_gib(self.total)} before activations; {where}"
         lines = [text]
         if self.host_offload:
@@ -54,7 +61,8 @@ class MemoryPlan:
                 f"this run cannot fit: each rank needs {_gib(self.total)} for parameters, gradients and optimizer states "
                 f"alone ({self.strategy}), but {self.device_name} has {_gib(self.available)} available. Shard more: "
                 "ZeRO-3 (--deepspeed_config_path configs/deepspeed/ds_z3_config.json) over more devices, bf16, "
-                "or LoRA (--finetuning_type lora)")
+                "or LoRA (--finetuning_type lora)"
+            )
 
 
 def _gib(size: Optional[int]) -> str:
@@ -63,9 +71,16 @@ def _gib(size: Optional[int]) -> str:
     return f"{size / GIB:.2f} GiB" if size >= GIB else f"{size / 2**20:.1f} MiB"
 
 
-def plan_memory(total_params: int, trainable_params: int, precision: str, world_size: int,
-                deepspeed_config: Optional[dict], device_name: str, available: Optional[int],
-                frozen_copy_params: int = 0) -> MemoryPlan:
+def plan_memory(
+    total_params: int,
+    trainable_params: int,
+    precision: str,
+    world_size: int,
+    deepspeed_config: Optional[dict],
+    device_name: str,
+    available: Optional[int],
+    frozen_copy_params: int = 0,
+) -> MemoryPlan:
     """Per-rank bytes of the run's states; `frozen_copy_params`: a second model held without gradients
     (a frozen DPO reference), at the weights' width."""
     zero = (deepspeed_config or {}).get("zero_optimization") or {}
@@ -90,7 +105,7 @@ def plan_memory(total_params: int, trainable_params: int, precision: str, world_
     if stage == 3 and _offloaded(zero.get("offload_param")):
         host += parameters
         parameters = 0
-    strategy = (f"DeepSpeed ZeRO-{stage}" if stage is not None else ("DDP" if world_size > 1 else "single process"))
+    strategy = f"DeepSpeed ZeRO-{stage}" if stage is not None else ("DDP" if world_size > 1 else "single process")
     strategy += f", {world_size} rank(s), {precision}"
     extra = {"frozen reference": frozen_copy_params * 4} if frozen_copy_params else {}
     return MemoryPlan(parameters, gradients, optimizer, device_name, available, strategy, host, extra)

@@ -9,7 +9,7 @@ set up) in `compute()`; on a single process nothing is synchronised.
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torchmetrics import Metric

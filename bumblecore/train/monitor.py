@@ -16,8 +16,14 @@ PLOTTED_METRICS = ("rewards/accuracies", "rewards/margins", "rewards/chosen", "r
 
 
 class Monitor:
-    def __init__(self, output_dir, use_tensorboard: bool = False, save_train_log: bool = False,
-                 is_rank_zero: bool = True, resume_step: Optional[int] = None):
+    def __init__(
+        self,
+        output_dir,
+        use_tensorboard: bool = False,
+        save_train_log: bool = False,
+        is_rank_zero: bool = True,
+        resume_step: Optional[int] = None,
+    ):
         self.output_dir = Path(output_dir)
         self.enabled = is_rank_zero
         self.metrics_file = self.output_dir / "metrics.jsonl"
@@ -46,8 +52,11 @@ class Monitor:
         """On resume, drop lines the resumed run will write again (steps after the checkpoint)."""
         if not self.metrics_file.exists():
             return
-        kept = [line for line in self.metrics_file.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+        kept = [
+            line
+            for line in self.metrics_file.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step
+        ]
         self.metrics_file.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
     def info(self, message: str) -> None:

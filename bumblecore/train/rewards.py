@@ -14,9 +14,10 @@ import inspect
 import math
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 
 def normalised_answer(text: str) -> str:
@@ -57,15 +58,20 @@ class RewardFunction:
         try:
             values = list(values)
         except TypeError:
-            raise ValueError(f"reward function {self.name} returned {type(values).__name__}; "
-                             f"expected a list of {len(completions)} numbers") from None
+            raise ValueError(
+                f"reward function {self.name} returned {type(values).__name__}; "
+                f"expected a list of {len(completions)} numbers"
+            ) from None
         if len(values) != len(completions):
-            raise ValueError(f"reward function {self.name} returned {len(values)} values for {len(completions)} completions")
+            raise ValueError(
+                f"reward function {self.name} returned {len(values)} values for {len(completions)} completions"
+            )
         rewards = []
         for index, value in enumerate(values):
             if not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"reward function {self.name} returned {value!r} for completion {index}; "
-                                 "expected a finite number")
+                raise ValueError(
+                    f"reward function {self.name} returned {value!r} for completion {index}; expected a finite number"
+                )
             rewards.append(float(value))
         return rewards
 
@@ -75,8 +81,10 @@ def load_function(spec: str) -> Callable:
     if spec in BUILT_IN:
         return BUILT_IN[spec]
     if ":" not in spec:
-        raise ValueError(f"reward function {spec!r} is neither a built-in ({', '.join(BUILT_IN)}) "
-                         "nor of the form module:function or file.py:function")
+        raise ValueError(
+            f"reward function {spec!r} is neither a built-in ({', '.join(BUILT_IN)}) "
+            "nor of the form module:function or file.py:function"
+        )
     where, name = spec.rsplit(":", 1)
     if where.endswith(".py"):
         path = Path(where)
@@ -101,7 +109,9 @@ def load_function(spec: str) -> Callable:
     try:
         inspect.signature(function).bind_partial(prompts=[], completions=[])
     except TypeError as err:
-        raise ValueError(f"reward function {spec} cannot be called as f(prompts=..., completions=..., **fields): {err}") from None
+        raise ValueError(
+            f"reward function {spec} cannot be called as f(prompts=..., completions=..., **fields): {err}"
+        ) from None
     return function
 
 
@@ -110,8 +120,10 @@ def load_reward_functions(specs: list[str], weights: Optional[list[float]] = Non
         raise ValueError("training_stage grpo needs reward_functions (e.g. [exact_match] or [my_rewards.py:score])")
     if weights is not None and len(weights) != len(specs):
         raise ValueError(f"reward_weights has {len(weights)} values for {len(specs)} reward_functions")
-    return [RewardFunction(spec, load_function(spec), 1.0 if weights is None else float(w))
-            for spec, w in zip(specs, weights or [None] * len(specs))]
+    return [
+        RewardFunction(spec, load_function(spec), 1.0 if weights is None else float(w))
+        for spec, w in zip(specs, weights or [None] * len(specs))
+    ]
 
 
 def score(functions: list[RewardFunction], prompts: list, completions: list[str], fields: dict[str, list]):

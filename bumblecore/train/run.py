@@ -23,7 +23,13 @@ def train(run: TrainArgs) -> None:
     command line. `devices: N` starts N processes; under a launcher (`fabric run`, `torchrun`,
     `deepspeed`, SLURM `srun`) the processes, world size and nodes are the launcher's.
     """
-    from bumblecore.train.runtime import build_fabric, detect_launch, fill_deepspeed_config, launch_processes, load_deepspeed_config
+    from bumblecore.train.runtime import (
+        build_fabric,
+        detect_launch,
+        fill_deepspeed_config,
+        launch_processes,
+        load_deepspeed_config,
+    )
 
     _check_inputs(run)
     scale, optimization = run.runtime, run.optimization
@@ -32,11 +38,17 @@ def train(run: TrainArgs) -> None:
     if scale.deepspeed_config_path:
         hidden = json.loads((Path(run.model.model_name_or_path) / "config.json").read_text()).get("hidden_size", 0)
         deepspeed = fill_deepspeed_config(
-            load_deepspeed_config(scale.deepspeed_config_path), micro_batch_size=optimization.train_micro_batch_size_per_gpu,
-            gradient_accumulation_steps=optimization.gradient_accumulation_steps, world_size=launch.world_size,
-            precision=optimization.train_model_precision, max_grad_norm=optimization.max_grad_norm, hidden_size=hidden)
-    fabric = build_fabric(scale.accelerator, scale.devices, scale.num_nodes, optimization.train_model_precision, deepspeed,
-                          launch=launch)
+            load_deepspeed_config(scale.deepspeed_config_path),
+            micro_batch_size=optimization.train_micro_batch_size_per_gpu,
+            gradient_accumulation_steps=optimization.gradient_accumulation_steps,
+            world_size=launch.world_size,
+            precision=optimization.train_model_precision,
+            max_grad_norm=optimization.max_grad_norm,
+            hidden_size=hidden,
+        )
+    fabric = build_fabric(
+        scale.accelerator, scale.devices, scale.num_nodes, optimization.train_model_precision, deepspeed, launch=launch
+    )
     if launch.launcher != "fabric run":  # fabric run has set Fabric up itself
         launch_processes(fabric, ours=launch.launcher is None)
     main(fabric, run, deepspeed_config=deepspeed, launcher=launch.launcher)
@@ -53,29 +65,39 @@ def _check_inputs(run: TrainArgs) -> None:
     if not run.model.model_name_or_path:
         raise ValueError("model_name_or_path is required")
     if not (Path(run.model.model_name_or_path) / "config.json").is_file():
-        raise FileNotFoundError(f"model_name_or_path {run.model.model_name_or_path}: no config.json (expected a model directory)")
+        raise FileNotFoundError(
+            f"model_name_or_path {run.model.model_name_or_path}: no config.json (expected a model directory)"
+        )
     if not run.data.dataset_path:
         raise ValueError("dataset_path is required")
     if run.optimization.lr_scheduler_type == "reduce_on_plateau" and not run.data.eval_dataset_path:
         # It steps on the eval loss only: without an eval set the lr would silently stay constant.
-        raise ValueError("lr_scheduler_type reduce_on_plateau lowers the lr when the eval loss stops improving, "
-                         "so it needs eval_dataset_path; give one, or choose another schedule (e.g. cosine)")
+        raise ValueError(
+            "lr_scheduler_type reduce_on_plateau lowers the lr when the eval loss stops improving, "
+            "so it needs eval_dataset_path; give one, or choose another schedule (e.g. cosine)"
+        )
 
 
 def config_notes(run: TrainArgs) -> list[str]:
     """Keys that are accepted but change nothing, said once at start rather than silently ignored."""
     notes = []
     if run.data.num_local_io_workers is not None:
-        notes.append(f"num_local_io_workers {run.data.num_local_io_workers} is accepted and ignored: the Rust tokenizer "
-                     "already tokenizes the cache on every core, and batches are read in-process from the "
-                     "memory-mapped cache (no loader workers)")
+        notes.append(
+            f"num_local_io_workers {run.data.num_local_io_workers} is accepted and ignored: the Rust tokenizer "
+            "already tokenizes the cache on every core, and batches are read in-process from the "
+            "memory-mapped cache (no loader workers)"
+        )
     if run.model.training_stage == "dpo" and run.preference.reference_free:
         if run.preference.precompute_ref_log_probs is not None:
-            notes.append(f"precompute_ref_log_probs {run.preference.precompute_ref_log_probs} is ignored: pref_loss "
-                         f"{run.preference.pref_loss} uses no reference model")
+            notes.append(
+                f"precompute_ref_log_probs {run.preference.precompute_ref_log_probs} is ignored: pref_loss "
+                f"{run.preference.pref_loss} uses no reference model"
+            )
         if run.preference.pref_loss == "simpo" and run.preference.pref_beta < 1.0:
-            notes.append(f"pref_beta {run.preference.pref_beta} is SimPO's beta here; SimPO's papers use ~2.0 "
-                         "(0.1 is DPO's default, kept as the key's default)")
+            notes.append(
+                f"pref_beta {run.preference.pref_beta} is SimPO's beta here; SimPO's papers use ~2.0 "
+                "(0.1 is DPO's default, kept as the key's default)"
+            )
     return notes
 
 
@@ -95,14 +117,16 @@ def load_model(run: TrainArgs, fabric, dtype: torch.dtype = torch.float32, parti
     Pretrained weights are read tensor by tensor straight into `dtype` on the run's device.
     `partitioned` (ZeRO-3): the model is built under DeepSpeed's ZeRO-3 init, so each rank only ever
     holds its slice of every weight, and the checkpoint is scattered into those slices."""
-    from bumblecore.model.hf_io import load_pretrained, read_config
     from bumblecore.model.bumblebee import Bumblebee
+    from bumblecore.model.hf_io import load_pretrained, read_config
 
     if _is_bumblebee(run.model.model_name_or_path):
         model_config = read_config(run.model.model_name_or_path)
         if run.model.training_stage == "pretrain":
             with fabric.init_module(empty_init=True) if partitioned else contextlib.nullcontext():
-                torch.manual_seed(run.optimization.seed)  # the same random init on every rank (ZeRO-3: DeepSpeed broadcasts rank 0's)
+                torch.manual_seed(
+                    run.optimization.seed
+                )  # the same random init on every rank (ZeRO-3: DeepSpeed broadcasts rank 0's)
                 model = Bumblebee(model_config)
         elif partitioned:
             from bumblecore.train.runtime import load_into_partitioned
@@ -115,13 +139,22 @@ def load_model(run: TrainArgs, fabric, dtype: torch.dtype = torch.float32, parti
         if run.optimization.enable_gradient_checkpointing:
             model.set_gradient_checkpointing(True)
         return model
-    return load_transformers_model(run.model.model_name_or_path, from_scratch=run.model.training_stage == "pretrain",
-                                   trust_remote_code=run.model.trust_remote_code, seed=run.optimization.seed,
-                                   gradient_checkpointing=run.optimization.enable_gradient_checkpointing)
+    return load_transformers_model(
+        run.model.model_name_or_path,
+        from_scratch=run.model.training_stage == "pretrain",
+        trust_remote_code=run.model.trust_remote_code,
+        seed=run.optimization.seed,
+        gradient_checkpointing=run.optimization.enable_gradient_checkpointing,
+    )
 
 
-def load_transformers_model(model_dir: str, from_scratch: bool = False, trust_remote_code: bool = False, seed: int = 0,
-                            gradient_checkpointing: bool = False) :
+def load_transformers_model(
+    model_dir: str,
+    from_scratch: bool = False,
+    trust_remote_code: bool = False,
+    seed: int = 0,
+    gradient_checkpointing: bool = False,
+):
     """A transformers family for training: its weights from model_dir, or (from_scratch, pretraining) a
     random init from its config.json, seeded."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -134,7 +167,9 @@ def load_transformers_model(model_dir: str, from_scratch: bool = False, trust_re
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=trust_remote_code)
     else:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=torch.float32, trust_remote_code=trust_remote_code
+        )
     wrapped = TransformersCausalLM(model)
     check_loss_parity(wrapped)
     if gradient_checkpointing:
@@ -155,15 +190,20 @@ def count_parameters(run: TrainArgs) -> tuple[int, int]:
     else:
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        hf_config = AutoConfig.from_pretrained(run.model.model_name_or_path, trust_remote_code=run.model.trust_remote_code)
+        hf_config = AutoConfig.from_pretrained(
+            run.model.model_name_or_path, trust_remote_code=run.model.trust_remote_code
+        )
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=run.model.trust_remote_code)
     total = sum(p.numel() for p in model.parameters())
     if run.model.finetuning_type != "lora":
         return total, total
     targets = set(run.lora.lora_target_modules or linear_layer_names(model))
-    adapters = sum(run.lora.lora_rank * (m.in_features + m.out_features) for name, m in model.named_modules()
-                   if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets)
+    adapters = sum(
+        run.lora.lora_rank * (m.in_features + m.out_features)
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets
+    )
     return total + adapters, adapters
 
 
@@ -171,7 +211,7 @@ def optimizer_groups(model, weight_decay: float) -> list[dict]:
     """AdamW groups: no weight decay for biases and norm weights (1-D tensors; ZeRO-3 keeps a
     partitioned weight's real shape in ds_shape)."""
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         if p.requires_grad:
             (no_decay if len(getattr(p, "ds_shape", p.shape)) < 2 else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -202,25 +242,60 @@ def memory_plan(fabric, run: TrainArgs, deepspeed_config, local_processes: int):
 
     total, trainable = count_parameters(run)
     frozen_copy = 0
-    if run.model.training_stage == "dpo" and not run.preference.reference_free and (
-            run.preference.ref_model_path or (run.model.finetuning_type == "full" and run.preference.precompute_ref_log_probs is False)):
+    if (
+        run.model.training_stage == "dpo"
+        and not run.preference.reference_free
+        and (
+            run.preference.ref_model_path
+            or (run.model.finetuning_type == "full" and run.preference.precompute_ref_log_probs is False)
+        )
+    ):
         frozen_copy = total - (trainable if run.model.finetuning_type == "lora" else 0)
     name, available = available_memory(fabric.device, local_processes)
-    return plan_memory(total, trainable, run.optimization.train_model_precision, fabric.world_size, deepspeed_config, name,
-                       available, frozen_copy)
+    return plan_memory(
+        total,
+        trainable,
+        run.optimization.train_model_precision,
+        fabric.world_size,
+        deepspeed_config,
+        name,
+        available,
+        frozen_copy,
+    )
 
 
 # ---------------------------------------------------------------------------- output_dir
 
 # Keys that may change between attempts of one run without making it another run (how it is launched,
 # logged and checkpointed, where caches live); every other key of training_args.yaml names the run.
-OPERATIONAL_KEYS = frozenset({
-    "output_dir", "resume_from_checkpoint", "overwrite_output_dir", "local_rank", "num_local_io_workers", "cache_dir",
-    "logging_steps", "save_train_log", "use_tensorboard", "tokenizer_use_fast", "save_steps", "save_total_limit",
-    "save_last", "eval_steps"})
+OPERATIONAL_KEYS = frozenset(
+    {
+        "output_dir",
+        "resume_from_checkpoint",
+        "overwrite_output_dir",
+        "local_rank",
+        "num_local_io_workers",
+        "cache_dir",
+        "logging_steps",
+        "save_train_log",
+        "use_tensorboard",
+        "tokenizer_use_fast",
+        "save_steps",
+        "save_total_limit",
+        "save_last",
+        "eval_steps",
+    }
+)
 PATH_KEYS = ("model_name_or_path", "dataset_path", "eval_dataset_path", "ref_model_path", "deepspeed_config_path")
-MODEL_SHAPE_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                    "num_attention_heads", "num_key_value_heads")
+MODEL_SHAPE_KEYS = (
+    "model_type",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+)
 RUN_RECORD = "training_args.yaml"
 
 
@@ -245,8 +320,11 @@ def checkpoint_identity(run: TrainArgs) -> dict:
     """Recorded in every checkpoint and compared on resume: a checkpoint continues only the kind of run that wrote it."""
     raw = json.loads((Path(run.model.model_name_or_path) / "config.json").read_text(encoding="utf-8"))
     raw = {**raw.get("text_config", {}), **raw}
-    identity = {"training_stage": run.model.training_stage, "finetuning_type": run.model.finetuning_type,
-                "model_shape": {k: raw[k] for k in MODEL_SHAPE_KEYS if k in raw}}
+    identity = {
+        "training_stage": run.model.training_stage,
+        "finetuning_type": run.model.finetuning_type,
+        "model_shape": {k: raw[k] for k in MODEL_SHAPE_KEYS if k in raw},
+    }
     if run.model.finetuning_type == "lora":
         identity["lora"] = {"rank": run.lora.lora_rank, "target_modules": sorted(run.lora.lora_target_modules or [])}
     return identity
@@ -262,14 +340,19 @@ def check_checkpoint_matches(checkpoint_dir: Path, run: TrainArgs) -> None:
         if key not in saved:  # an older checkpoint records less
             continue
         if isinstance(value, dict):
-            differences += [f"{key}.{k} {saved[key].get(k)!r} (this run: {v!r})" for k, v in value.items()
-                            if isinstance(saved[key], dict) and k in saved[key] and saved[key][k] != v]
+            differences += [
+                f"{key}.{k} {saved[key].get(k)!r} (this run: {v!r})"
+                for k, v in value.items()
+                if isinstance(saved[key], dict) and k in saved[key] and saved[key][k] != v
+            ]
         elif saved[key] != value:
             differences.append(f"{key} {saved[key]!r} (this run: {value!r})")
     if differences:
-        raise ValueError(f"resume_from_checkpoint: {checkpoint_dir} was saved by a different run: "
-                         f"{'; '.join(differences)}. Resume it with the config that wrote it, or start afresh "
-                         "in another output_dir")
+        raise ValueError(
+            f"resume_from_checkpoint: {checkpoint_dir} was saved by a different run: "
+            f"{'; '.join(differences)}. Resume it with the config that wrote it, or start afresh "
+            "in another output_dir"
+        )
 
 
 def _run_outputs(output_dir: Path) -> list[str]:
@@ -278,7 +361,10 @@ def _run_outputs(output_dir: Path) -> list[str]:
     for path in sorted(output_dir.iterdir()):
         if path.name.startswith("checkpoint-") and path.is_dir():
             found.append(path.name)
-        elif path.name in ("config.json", "adapter_config.json", "model.safetensors.index.json") or path.suffix == ".safetensors":
+        elif (
+            path.name in ("config.json", "adapter_config.json", "model.safetensors.index.json")
+            or path.suffix == ".safetensors"
+        ):
             found.append(path.name)
         elif path.name == "metrics.jsonl" and path.stat().st_size > 0:
             found.append(path.name)
@@ -287,7 +373,12 @@ def _run_outputs(output_dir: Path) -> list[str]:
 
 def _protected(run: TrainArgs) -> list[Path]:
     """Inputs that may live inside output_dir and are never deleted by overwrite_output_dir."""
-    paths = [run.data.cache_dir, run.model.model_name_or_path, run.preference.ref_model_path, run.runtime.deepspeed_config_path]
+    paths = [
+        run.data.cache_dir,
+        run.model.model_name_or_path,
+        run.preference.ref_model_path,
+        run.runtime.deepspeed_config_path,
+    ]
     for value in (run.data.dataset_path, run.data.eval_dataset_path):
         paths += value if isinstance(value, list) else [value]
     return [Path(p).resolve() for p in paths if p]
@@ -297,14 +388,16 @@ def prepare_output_dir(run: TrainArgs, notes: list) -> Optional[Path]:
     """On rank 0, before any rank writes: clean up what killed saves left, find the checkpoint to resume
     (intact and of this run), and make sure a fresh run does not mix with another run's outputs.
     Returns the checkpoint to resume from, or None."""
-    from bumblecore.train.checkpoint import remove_stale_temporaries, resolve_resume_dir
-
     import yaml
+
+    from bumblecore.train.checkpoint import remove_stale_temporaries, resolve_resume_dir
 
     output_dir = Path(run.output.output_dir)
     if output_dir.resolve() == Path(run.model.model_name_or_path).resolve():
-        raise ValueError(f"output_dir {output_dir} is the model directory model_name_or_path: the run would overwrite "
-                         "the model it starts from; choose another output_dir")
+        raise ValueError(
+            f"output_dir {output_dir} is the model directory model_name_or_path: the run would overwrite "
+            "the model it starts from; choose another output_dir"
+        )
     for path in remove_stale_temporaries(output_dir):
         notes.append(f"removed {path}, left by a save that did not finish")
     resume_dir = resolve_resume_dir(output_dir, run.output.resume_from_checkpoint, notes)
@@ -329,27 +422,37 @@ def prepare_output_dir(run: TrainArgs, notes: list) -> Optional[Path]:
         return None
     shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
     checkpoints = [name for name in found if name.startswith("checkpoint-")]
-    remedy = ("set overwrite_output_dir: true to replace them"
-              + (", resume_from_checkpoint: latest to continue that run" if checkpoints else "")
-              + ", or choose another output_dir")
+    remedy = (
+        "set overwrite_output_dir: true to replace them"
+        + (", resume_from_checkpoint: latest to continue that run" if checkpoints else "")
+        + ", or choose another output_dir"
+    )
     record = output_dir / RUN_RECORD
     if not record.is_file():
-        raise ValueError(f"output_dir {output_dir} holds outputs of another run ({shown}) and no {RUN_RECORD} "
-                         f"that says which run wrote them; {remedy}")
+        raise ValueError(
+            f"output_dir {output_dir} holds outputs of another run ({shown}) and no {RUN_RECORD} "
+            f"that says which run wrote them; {remedy}"
+        )
     try:
         previous = yaml.safe_load(record.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-        raise ValueError(f"output_dir {output_dir}: {RUN_RECORD} is unreadable ({type(err).__name__}) and the "
-                         f"directory holds a run's outputs ({shown}); {remedy}") from None
+        raise ValueError(
+            f"output_dir {output_dir}: {RUN_RECORD} is unreadable ({type(err).__name__}) and the "
+            f"directory holds a run's outputs ({shown}); {remedy}"
+        ) from None
     before, now = run_identity(previous if isinstance(previous, dict) else {}), run_identity(run.flat())
     differences = [f"{k} {before[k]!r} -> {now[k]!r}" for k in now if before.get(k) != now[k]]
     if differences:
         more = f" and {len(differences) - 4} more" if len(differences) > 4 else ""
-        raise ValueError(f"output_dir {output_dir} holds another run's outputs ({shown}): its {RUN_RECORD} differs "
-                         f"in {', '.join(differences[:4])}{more}; {remedy}")
+        raise ValueError(
+            f"output_dir {output_dir} holds another run's outputs ({shown}): its {RUN_RECORD} differs "
+            f"in {', '.join(differences[:4])}{more}; {remedy}"
+        )
     if checkpoints:  # the same run again from the start: it rewrites the same steps, so nothing mixes
-        notes.append(f"{output_dir} holds checkpoints of an earlier attempt of this run ({', '.join(checkpoints)}); "
-                     "starting afresh (resume_from_checkpoint: latest continues from them instead)")
+        notes.append(
+            f"{output_dir} holds checkpoints of an earlier attempt of this run ({', '.join(checkpoints)}); "
+            "starting afresh (resume_from_checkpoint: latest continues from them instead)"
+        )
     return None
 
 
@@ -379,10 +482,10 @@ def agreed_on_rank_zero(fabric, decide):
 def main(fabric, run: TrainArgs, deepspeed_config: dict | None = None, launcher: str | None = None) -> None:
     from bumblecore.data.commands import dataset_units, run_tokenizer
     from bumblecore.data.loader import BatchLoader, eval_batches
+    from bumblecore.model.lora import apply_lora, trainable_share
     from bumblecore.tokenizer import check_fits_model
     from bumblecore.train.checkpoint import in_place_checkpoint_io, read_trainer_state
     from bumblecore.train.engine import Engine, LoopSettings
-    from bumblecore.model.lora import apply_lora, trainable_share
     from bumblecore.train.memory import release_freed_host_memory
     from bumblecore.train.monitor import Monitor
     from bumblecore.train.runtime import zero_stage
@@ -395,7 +498,9 @@ def main(fabric, run: TrainArgs, deepspeed_config: dict | None = None, launcher:
     output_dir = Path(output.output_dir)
     # The model's own chat template (ours, ChatML, where it has none): what is trained is what is served.
     tokenizer = run_tokenizer(run.model)
-    check_fits_model(tokenizer, run.model.model_name_or_path, run.model.model_name_or_path)  # before anything is written
+    check_fits_model(
+        tokenizer, run.model.model_name_or_path, run.model.model_name_or_path
+    )  # before anything is written
     resume_dir, notes = agreed_on_rank_zero(fabric, lambda notes: prepare_output_dir(run, notes))
     for note in notes + config_notes(run):
         fabric.print(f"note: {note}")
@@ -416,64 +521,134 @@ def main(fabric, run: TrainArgs, deepspeed_config: dict | None = None, launcher:
         fabric.print("note: packing is off for transformers models (their CPU attention would cross documents)")
         run.data = dataclasses.replace(run.data, packing=False)
     if run.model.finetuning_type == "lora":
-        model = apply_lora(model, run.lora.lora_rank, run.lora.lora_alpha, run.lora.lora_dropout, run.lora.lora_target_modules)
+        model = apply_lora(
+            model, run.lora.lora_rank, run.lora.lora_alpha, run.lora.lora_dropout, run.lora.lora_target_modules
+        )
     trainable, total = trainable_share(model)
 
     def tokenized():  # the token cache, built once (see build_once) and memory-mapped by every rank
         def units_of(paths, progress, label):
-            return dataset_units(run.data, run.model.training_stage, optimization.seed, tokenizer, paths, progress, label)
+            return dataset_units(
+                run.data, run.model.training_stage, optimization.seed, tokenizer, paths, progress, label
+            )
 
         train_data = units_of(run.data.dataset_path, fabric.is_global_zero, "dataset_path")
-        held_out = units_of(run.data.eval_dataset_path, False, "eval_dataset_path") if run.data.eval_dataset_path else (None, None)
+        held_out = (
+            units_of(run.data.eval_dataset_path, False, "eval_dataset_path")
+            if run.data.eval_dataset_path
+            else (None, None)
+        )
         return train_data, held_out
 
     (train_cache, units), (eval_cache, eval_units) = build_once(fabric, tokenized)
     if eval_units is not None and len(eval_units) < fabric.world_size:  # every rank evaluates a share of its own
-        raise ValueError(f"eval_dataset_path: {len(eval_units)} eval units for {fabric.world_size} processes; "
-                         "give at least one per process")
+        raise ValueError(
+            f"eval_dataset_path: {len(eval_units)} eval units for {fabric.world_size} processes; "
+            "give at least one per process"
+        )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    loader = BatchLoader(units, optimization.train_micro_batch_size_per_gpu, optimization.gradient_accumulation_steps,
-                         fabric.world_size, fabric.global_rank, optimization.seed, pad_id, bool(run.data.packing), run.data.group_by_length)
-    eval_loader = (eval_batches(eval_units, optimization.train_micro_batch_size_per_gpu, pad_id, bool(run.data.packing),
-                                fabric.world_size, fabric.global_rank) if eval_units is not None else None)
+    loader = BatchLoader(
+        units,
+        optimization.train_micro_batch_size_per_gpu,
+        optimization.gradient_accumulation_steps,
+        fabric.world_size,
+        fabric.global_rank,
+        optimization.seed,
+        pad_id,
+        bool(run.data.packing),
+        run.data.group_by_length,
+    )
+    eval_loader = (
+        eval_batches(
+            eval_units,
+            optimization.train_micro_batch_size_per_gpu,
+            pad_id,
+            bool(run.data.packing),
+            fabric.world_size,
+            fabric.global_rank,
+        )
+        if eval_units is not None
+        else None
+    )
     total_steps = loader.total_steps(optimization.num_epochs, optimization.max_steps)
     warmup_steps = math.ceil(optimization.warmup_ratio * total_steps)
 
-    adamw = torch.optim.AdamW(optimizer_groups(model, optimization.weight_decay), lr=optimization.learning_rate, betas=(0.9, 0.999), eps=1e-8, fused=True)
+    adamw = torch.optim.AdamW(
+        optimizer_groups(model, optimization.weight_decay),
+        lr=optimization.learning_rate,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        fused=True,
+    )
     model, optimizer = fabric.setup(model, adamw)
     release_freed_host_memory()  # DeepSpeed's setup copies every partition once more
     # The schedule drives AdamW's own param groups: under DeepSpeed the ZeRO optimizer wraps it and steps it.
-    scheduler = build_scheduler(optimization.lr_scheduler_type, adamw, warmup_steps, total_steps, **optimization.lr_scheduler_kwargs)
+    scheduler = build_scheduler(
+        optimization.lr_scheduler_type, adamw, warmup_steps, total_steps, **optimization.lr_scheduler_kwargs
+    )
 
     stage = LanguageModelingStage()
     if run.model.training_stage == "dpo":
         from bumblecore.train.dpo import build_preference_stage
 
         def load_reference(path):
-            return load_model(dataclasses.replace(
-                run, model=dataclasses.replace(run.model, model_name_or_path=path),
-                optimization=dataclasses.replace(run.optimization, enable_gradient_checkpointing=False)), fabric)
+            return load_model(
+                dataclasses.replace(
+                    run,
+                    model=dataclasses.replace(run.model, model_name_or_path=path),
+                    optimization=dataclasses.replace(run.optimization, enable_gradient_checkpointing=False),
+                ),
+                fabric,
+            )
 
-        stage, attach_reference = build_preference_stage(fabric, run, model, units, eval_units, pad_id,
-                                                         resuming=resume_dir is not None, load_reference_model=load_reference)
+        stage, attach_reference = build_preference_stage(
+            fabric,
+            run,
+            model,
+            units,
+            eval_units,
+            pad_id,
+            resuming=resume_dir is not None,
+            load_reference_model=load_reference,
+        )
         loader = attach_reference(loader, "train")
         eval_loader = attach_reference(eval_loader, "eval") if eval_loader is not None else None
-    monitor = Monitor(output_dir, output.use_tensorboard, output.save_train_log, fabric.is_global_zero,
-                      resume_step=read_trainer_state(resume_dir)["step"] if resume_dir else None)
+    monitor = Monitor(
+        output_dir,
+        output.use_tensorboard,
+        output.save_train_log,
+        fabric.is_global_zero,
+        resume_step=read_trainer_state(resume_dir)["step"] if resume_dir else None,
+    )
     # The log starts with what this attempt ran with (a resume may change keys such as max_steps).
     monitor.info("resolved configuration:\n" + to_yaml(run).rstrip())
     for note in notes + config_notes(run):
         monitor.info(f"note: {note}")
     settings = LoopSettings(
-        total_steps=total_steps, max_grad_norm=optimization.max_grad_norm, logging_steps=output.logging_steps,
-        eval_steps=output.eval_steps or (output.save_steps if eval_loader else None), save_steps=output.save_steps,
-        save_total_limit=output.save_total_limit, save_last=output.save_last,
+        total_steps=total_steps,
+        max_grad_norm=optimization.max_grad_norm,
+        logging_steps=output.logging_steps,
+        eval_steps=output.eval_steps or (output.save_steps if eval_loader else None),
+        save_steps=output.save_steps,
+        save_total_limit=output.save_total_limit,
+        save_last=output.save_last,
         average_tokens_across_devices=optimization.average_tokens_across_devices,
         runtime_owns_accumulation=deepspeed_config is not None,
-        skips_overflow_steps=optimization.train_model_precision == "fp16")
+        skips_overflow_steps=optimization.train_model_precision == "fp16",
+    )
     exporter = Exporter(fabric, run, tokenizer, monitor)
-    engine = Engine(fabric, model, optimizer, scheduler, stage, loader, settings, monitor,
-                    save_fn=lambda step, final: exporter.checkpoint(engine, step, final), eval_loader=eval_loader)
+    engine = Engine(
+        fabric,
+        model,
+        optimizer,
+        scheduler,
+        stage,
+        loader,
+        settings,
+        monitor,
+        save_fn=lambda step, final: exporter.checkpoint(engine, step, final),
+        eval_loader=eval_loader,
+    )
     if resume_dir is not None:
         engine.load_state(resume_dir)
         fabric.print(f"resumed from {resume_dir} at step {engine.step}")
@@ -538,7 +713,9 @@ class Exporter:
         self.fabric, self.run, self.tokenizer, self.monitor = fabric, run, tokenizer, monitor
 
     def _save_dtype(self) -> torch.dtype:
-        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.run.optimization.train_model_precision, torch.float32)
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
+            self.run.optimization.train_model_precision, torch.float32
+        )
 
     def write_model(self, model, directory: Path) -> None:
         """The HF-format model (or peft adapter) and tokenizer; rank 0 writes, all ranks join (sharded states)."""
@@ -569,7 +746,9 @@ class Exporter:
             engine.save_state(tmp)
 
         state = {"step": step, "tokens_seen": engine.tokens_seen, **checkpoint_identity(self.run)}
-        path = save_checkpoint(self.run.output.output_dir, name, contents, state, self.fabric.is_global_zero, self.fabric.barrier)
+        path = save_checkpoint(
+            self.run.output.output_dir, name, contents, state, self.fabric.is_global_zero, self.fabric.barrier
+        )
         if self.fabric.is_global_zero:
             if not final:
                 rotate_checkpoints(self.run.output.output_dir, self.run.output.save_total_limit)

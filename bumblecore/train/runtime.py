@@ -18,9 +18,10 @@ import copy
 import json
 import os
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Optional
 
 PRECISIONS = {"fp32": "32-true", "fp16": "16-mixed", "bf16": "bf16-mixed"}
 
@@ -87,8 +88,9 @@ def launch_processes(fabric, ours: bool) -> None:
         os.environ.pop(SELF_LAUNCHED, None)  # later commands of this process (the Python API) start afresh
 
 
-def detect_launch(devices: int = 1, num_nodes: int = 1, accelerator: str = "auto",
-                  environ: Optional[Mapping[str, str]] = None) -> Launch:
+def detect_launch(
+    devices: int = 1, num_nodes: int = 1, accelerator: str = "auto", environ: Optional[Mapping[str, str]] = None
+) -> Launch:
     """The job's shape from the launcher's environment, else from the config's devices/num_nodes."""
     env = os.environ if environ is None else environ
     if env.get(SELF_LAUNCHED) == "1":  # a rank that `bumblecore train --devices N` started: the same config
@@ -96,8 +98,13 @@ def detect_launch(devices: int = 1, num_nodes: int = 1, accelerator: str = "auto
     if env.get("LT_CLI_USED") == "1":  # `fabric run` (it starts the processes through torchrun)
         local = _int_env(env, "LOCAL_WORLD_SIZE") or _int_env(env, "LT_DEVICES") or devices
         world = _int_env(env, "WORLD_SIZE") or local * (_int_env(env, "LT_NUM_NODES") or num_nodes)
-        return Launch("fabric run", local, max(1, world // local), env.get("LT_ACCELERATOR", accelerator),
-                      env.get("LT_PRECISION") or None)
+        return Launch(
+            "fabric run",
+            local,
+            max(1, world // local),
+            env.get("LT_ACCELERATOR", accelerator),
+            env.get("LT_PRECISION") or None,
+        )
     if env.get("TORCHELASTIC_RUN_ID") is not None:  # torchrun (also accelerate launch, torch.distributed.run)
         local = _int_env(env, "LOCAL_WORLD_SIZE") or 1
         world = _int_env(env, "WORLD_SIZE") or local
@@ -105,24 +112,41 @@ def detect_launch(devices: int = 1, num_nodes: int = 1, accelerator: str = "auto
     if "CROSS_RANK" in env and "LOCAL_SIZE" in env and "RANK" in env:  # the deepspeed launcher
         local = _int_env(env, "LOCAL_SIZE") or 1
         world = _int_env(env, "WORLD_SIZE") or local
-        return Launch("deepspeed", local, max(1, world // local), accelerator,
-                      cluster_environment=_env_variables_environment(node_rank_variable="CROSS_RANK"))
+        return Launch(
+            "deepspeed",
+            local,
+            max(1, world // local),
+            accelerator,
+            cluster_environment=_env_variables_environment(node_rank_variable="CROSS_RANK"),
+        )
     if "SLURM_NTASKS" in env and env.get("SLURM_JOB_NAME") not in ("bash", "interactive"):
         tasks = _int_env(env, "SLURM_NTASKS") or 1
         nodes = _int_env(env, "SLURM_NNODES") or 1
-        per_node = _slurm_tasks_per_node(env["SLURM_NTASKS_PER_NODE"]) if env.get("SLURM_NTASKS_PER_NODE") else tasks // nodes
+        per_node = (
+            _slurm_tasks_per_node(env["SLURM_NTASKS_PER_NODE"]) if env.get("SLURM_NTASKS_PER_NODE") else tasks // nodes
+        )
         if tasks > 1 and "SLURM_PROCID" not in env:
-            raise ValueError(f"SLURM allocated {tasks} tasks but this process was not started by srun: put `srun` before "
-                             "the command (see scripts/slurm_train.sbatch), or run with --devices N inside one task")
+            raise ValueError(
+                f"SLURM allocated {tasks} tasks but this process was not started by srun: put `srun` before "
+                "the command (see scripts/slurm_train.sbatch), or run with --devices N inside one task"
+            )
         if per_node * nodes != tasks:
-            raise ValueError(f"SLURM job with {tasks} tasks on {nodes} node(s) is uneven; use --ntasks-per-node so every "
-                             "node runs the same number of processes")
+            raise ValueError(
+                f"SLURM job with {tasks} tasks on {nodes} node(s) is uneven; use --ntasks-per-node so every "
+                "node runs the same number of processes"
+            )
         return Launch("srun", per_node, nodes, accelerator)
-    for variable, name in (("OMPI_COMM_WORLD_SIZE", "mpirun (Open MPI)"), ("PMI_SIZE", "an MPI launcher (PMI)"),
-                           ("PMIX_SIZE", "an MPI launcher (PMIx)"), ("WORLD_SIZE", "an unknown launcher (WORLD_SIZE is set)")):
+    for variable, name in (
+        ("OMPI_COMM_WORLD_SIZE", "mpirun (Open MPI)"),
+        ("PMI_SIZE", "an MPI launcher (PMI)"),
+        ("PMIX_SIZE", "an MPI launcher (PMIx)"),
+        ("WORLD_SIZE", "an unknown launcher (WORLD_SIZE is set)"),
+    ):
         if (_int_env(env, variable) or 1) > 1:
-            raise ValueError(f"this process was started by {name}, which bumblecore does not support: it would run "
-                             f"independent copies of the same training. Run one of these instead:\n  {SUPPORTED_LAUNCH_LINES}")
+            raise ValueError(
+                f"this process was started by {name}, which bumblecore does not support: it would run "
+                f"independent copies of the same training. Run one of these instead:\n  {SUPPORTED_LAUNCH_LINES}"
+            )
     return Launch(None, int(devices), int(num_nodes), accelerator)
 
 
@@ -225,7 +249,8 @@ def fill_deepspeed_config(
         if config["train_batch_size"] != micro * accumulation * world_size:
             raise ValueError(
                 f"DeepSpeed config: train_batch_size {config['train_batch_size']} != micro batch {micro} x accumulation "
-                f"{accumulation} x world size {world_size}; set it to \"auto\"")
+                f'{accumulation} x world size {world_size}; set it to "auto"'
+            )
     return config
 
 
@@ -260,9 +285,8 @@ def _cpu_deepspeed_strategy(config: dict):
 
         def _setup_distributed(self) -> None:
             # Fabric's, less its check that CUDA device indices match local ranks (CPU devices have none).
-            from lightning.fabric.utilities.seed import reset_seed
-
             import deepspeed.ops
+            from lightning.fabric.utilities.seed import reset_seed
 
             # Plain gloo collectives: DeepSpeed's optional shared-memory kernel would be compiled on first
             # use on every fresh machine, and a run killed while compiling leaves a lock the next waits on forever.
@@ -281,9 +305,14 @@ def _cpu_deepspeed_strategy(config: dict):
             import deepspeed
 
             engine, ds_optimizer, _, ds_scheduler = deepspeed.initialize(
-                args=argparse.Namespace(device_rank=self.local_rank), config=self.config, model=model,
-                model_parameters=[p for p in model.parameters() if p.requires_grad], optimizer=optimizer,
-                lr_scheduler=scheduler, dist_init_required=False)
+                args=argparse.Namespace(device_rank=self.local_rank),
+                config=self.config,
+                model=model,
+                model_parameters=[p for p in model.parameters() if p.requires_grad],
+                optimizer=optimizer,
+                lr_scheduler=scheduler,
+                dist_init_required=False,
+            )
             return engine, ds_optimizer, ds_scheduler
 
     return CPUDeepSpeedStrategy(config=config, process_group_backend="gloo")
@@ -325,8 +354,14 @@ def build_fabric(
         strategy = "ddp"
     else:
         strategy = "auto"
-    return Fabric(accelerator=accelerator, devices=launch.devices, num_nodes=launch.num_nodes, precision=precision,
-                  strategy=strategy, plugins=plugins)
+    return Fabric(
+        accelerator=accelerator,
+        devices=launch.devices,
+        num_nodes=launch.num_nodes,
+        precision=precision,
+        strategy=strategy,
+        plugins=plugins,
+    )
 
 
 def deepspeed_engine(model):
@@ -345,8 +380,12 @@ def runtime_keeps_no_grad_norm(model) -> bool:
     """DeepSpeed ZeRO-0 in fp32 clips in its step (torch's clip_grad_norm_) but keeps no gradient
     norm, so the loop measures it there itself; every other DeepSpeed mode keeps one in its optimizer."""
     engine = deepspeed_engine(model)
-    return (engine is not None and engine.zero_optimization_stage() == 0
-            and not engine.bfloat16_enabled() and not engine.fp16_enabled())
+    return (
+        engine is not None
+        and engine.zero_optimization_stage() == 0
+        and not engine.bfloat16_enabled()
+        and not engine.fp16_enabled()
+    )
 
 
 def runtime_grad_norm(model) -> Optional[float]:

@@ -12,13 +12,22 @@ steps (a larger max_steps, say) and `resume_schedule` sets the lr of the resumed
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import torch
 
 SCHEDULERS = (
-    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
-    "inverse_sqrt", "reduce_on_plateau", "cosine_with_min_lr", "warmup_stable_decay",
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+    "reduce_on_plateau",
+    "cosine_with_min_lr",
+    "warmup_stable_decay",
 )
 
 
@@ -26,7 +35,9 @@ def _warmup(step: int, warmup: int) -> Optional[float]:
     return step / max(1, warmup) if step < warmup else None
 
 
-def lr_factor_fn(name: str, warmup_steps: int, total_steps: int, peak_lr: float = 1.0, **kwargs) -> Callable[[int], float]:
+def lr_factor_fn(
+    name: str, warmup_steps: int, total_steps: int, peak_lr: float = 1.0, **kwargs
+) -> Callable[[int], float]:
     """The multiplier of the peak learning rate at each optimiser step (0-based)."""
     w, total = warmup_steps, total_steps
 
@@ -41,7 +52,9 @@ def lr_factor_fn(name: str, warmup_steps: int, total_steps: int, peak_lr: float 
         return lambda step: _warmup(step, w) if step < w else max(0.0, (total - step) / max(1, total - w))
     if name == "cosine":
         cycles = kwargs.get("num_cycles", 0.5)
-        return lambda step: _warmup(step, w) if step < w else max(0.0, 0.5 * (1 + math.cos(math.pi * 2 * cycles * progress(step))))
+        return lambda step: (
+            _warmup(step, w) if step < w else max(0.0, 0.5 * (1 + math.cos(math.pi * 2 * cycles * progress(step))))
+        )
     if name == "cosine_with_restarts":
         cycles = kwargs.get("num_cycles", 1)
 
@@ -112,7 +125,9 @@ def build_scheduler(name: str, optimizer: torch.optim.Optimizer, warmup_steps: i
     if name == "reduce_on_plateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, **kwargs)
     peak_lr = optimizer.param_groups[0]["lr"]
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor_fn(name, warmup_steps, total_steps, peak_lr, **kwargs))
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_factor_fn(name, warmup_steps, total_steps, peak_lr, **kwargs)
+    )
 
 
 def resume_schedule(scheduler, step: int) -> None:
