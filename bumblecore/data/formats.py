@@ -1,4 +1,4 @@
-"""Read the original's data formats (REFERENCE.md §3) and turn each record into a normalised sample.
+"""Read the original's data formats (docs/DATA_FORMAT.md) and turn each record into a normalised sample.
 
 Files are JSON arrays or JSONL, told apart by their first character, streamed record by record.
 The format is detected from the first record's fields. Every error names the file, the record's

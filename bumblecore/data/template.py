@@ -1,5 +1,6 @@
-"""The chat format, one module from training to serving (DESIGN.md §4): the template, the renderer
-that yields token ids plus the trained-token mask, the end-of-turn tokens, the tool-call parser.
+"""The chat format, one module from training to serving (docs/DATA_FORMAT.md, "The chat template and
+the mask rule"): the template, the renderer that yields token ids plus the trained-token mask, the
+end-of-turn tokens, the tool-call parser.
 
 There is one copy of each template: the Jinja text the tokenizer carries (`tokenizer.chat_template`:
 the model's own, or our ChatML below for a tokenizer without one), rendered by transformers exactly

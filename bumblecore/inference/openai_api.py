@@ -516,7 +516,7 @@ def model_card(model: str, created: int) -> dict:
 class ToolCallStream:
     """Turns a reply's text, as it streams in, into OpenAI deltas: plain text as `content`, and each
     `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` block (the chat template's convention,
-    DESIGN.md §4) as a `tool_calls` entry. Text that may be the start of a block is held back until
+    docs/DATA_FORMAT.md) as a `tool_calls` entry. Text that may be the start of a block is held back until
     the block closes; a block that is not valid JSON stays text."""
 
     def __init__(self):

@@ -12,7 +12,7 @@ ATTENTION_IMPLEMENTATIONS = ("sdpa", "flash_attn", "eager")
 ROPE_TYPES = ("default", "linear", "llama3")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
-# Qwen2.5 shapes (REFERENCE.md §4). Common to all: silu, RMSNorm 1e-6, rope_theta 1e6,
+# Qwen2.5 shapes (their config.json files). Common to all: silu, RMSNorm 1e-6, rope_theta 1e6,
 # 32768 positions, qkv bias, no sliding window.
 PRESETS: dict[str, dict[str, Any]] = {
     "0.5B": dict(

@@ -756,6 +756,6 @@ class Exporter:
             self.monitor.info(f"saved {path}")
 
     def export_final(self, engine) -> None:
-        """The trained model at output_dir's root (DESIGN.md §3)."""
+        """The trained model at output_dir's root (docs/ARCHITECTURE.md, "What a training run writes")."""
         self.write_model(engine.model, Path(self.run.output.output_dir))
         self.fabric.barrier()
