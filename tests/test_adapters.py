@@ -146,6 +146,7 @@ def test_a_causal_lm_adapter_from_other_tools_generates_and_merges(tmp_path, tok
         assert (AutoModelForCausalLM.from_pretrained(tmp_path / "merged")(ids).logits - expected).abs().max() < 1e-4
 
 
+@pytest.mark.slow
 def test_lora_on_a_transformers_family_trains_merges_generates_and_serves(tmp_path, tok):
     from bumblecore.inference.generate import GenerationEngine, SamplingParams
     from bumblecore.inference.loading import load_for_inference

@@ -163,6 +163,7 @@ def test_cache_key_follows_the_template(tmp_path, chatml, llama3):
     )  # no template involved
 
 
+@pytest.mark.slow
 def test_llama3_template_end_to_end(tmp_path, llama3, capsys):
     """inspect_data masks, a short SFT, then `generate` and `serve` prompted with the model's own
     template, stopping on its end-of-turn token (not EOS, not ChatML's <|im_end|>)."""

@@ -50,6 +50,7 @@ def test_init_model_preset_equals_transformers(tmp_path, tokenizer_dir):
     assert hf.num_parameters() == ours.num_parameters() == 494_032_768
 
 
+@pytest.mark.slow
 def test_config_file_overrides_and_print_config(tmp_path, tokenizer_dir):
     config = tmp_path / "init.yaml"
     config.write_text(

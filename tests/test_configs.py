@@ -20,6 +20,7 @@ def test_there_are_configs():
     assert TRAIN_YAMLS and list((CONFIGS / "deepspeed").glob("ds_z*_config.json"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", TRAIN_YAMLS, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_train_yaml_parses(path):
     result = subprocess.run(

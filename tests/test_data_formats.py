@@ -148,6 +148,7 @@ def test_wrong_stage_is_named(tmp_path):
         list(read_samples(write_jsonl(tmp_path / "a.jsonl", [ALPACA]), "dpo"))
 
 
+@pytest.mark.slow
 def test_cli_bad_record_exits_nonzero_without_traceback(tmp_path, tokenizer_dir):
     data = tmp_path / "bad.jsonl"
     data.write_text(json.dumps(ALPACA) + "\n" + json.dumps({"instruction": "x"}) + "\n")

@@ -3,7 +3,11 @@ holds the measurements the README promises (the full-size numbers are recorded i
 
 import json
 
+import pytest
+
 from bumblecore.cli import main
+
+pytestmark = pytest.mark.slow  # starts processes, servers or whole pipelines
 
 
 def test_quick_demo_runs_every_stage_and_writes_the_report(tmp_path):

@@ -241,6 +241,7 @@ def stable(reply: dict) -> dict:
     return {k: v for k, v in reply.items() if k not in ("id", "created", "system_fingerprint")}
 
 
+@pytest.mark.slow
 def test_api_replies(decoder):
     from serving import running_server
 

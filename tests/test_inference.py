@@ -186,6 +186,7 @@ def test_eos_from_generation_config_stops(tmp_path, tok):
     assert ignored["token_ids"] == free["token_ids"]
 
 
+@pytest.mark.slow
 def test_generate_command_prints_transformers_greedy_text(tmp_path, tok):
     hf = tiny("llama", len(tok), tmp_path, tok)
     from bumblecore.data.template import render_prompt

@@ -179,6 +179,7 @@ def check(one: dict, two: dict, shares: list[dict], keys: list[str]) -> None:
         assert abs(two[f"eval/{key}"] - mean_of_means) > 1e-3, f"{key}: indistinguishable from a mean of per-rank means"
 
 
+@pytest.mark.slow
 def test_sft_eval_loss_over_two_zero3_processes_equals_one_process(setup):
     """Under DeepSpeed ZeRO-3 (gloo on CPU): the metric syncs over DeepSpeed's process group, and the rank
     with fewer eval batches runs extra forwards so the other's parameter gathers are not left waiting."""
@@ -195,6 +196,7 @@ def test_sft_eval_loss_over_two_zero3_processes_equals_one_process(setup):
     assert two["eval/perplexity"] == pytest.approx(math.exp(one["eval/loss"]), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_dpo_eval_rewards_over_two_ddp_processes_equal_one_process(setup):
     root, policy, reference = setup
     keys = {

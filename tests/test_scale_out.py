@@ -23,6 +23,8 @@ from safetensors.torch import load_file
 
 from bumblecore.cli import main
 
+pytestmark = pytest.mark.slow  # starts processes, servers or whole pipelines
+
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "bumblecore" / "demo_data"
 ZERO = {stage: str(REPO / "configs" / "deepspeed" / f"ds_z{stage}_config.json") for stage in (0, 1, 2, 3)}

@@ -18,6 +18,8 @@ from bumblecore.inference.loading import load_for_inference
 from bumblecore.inference.serve_settings import ServeSettings
 from bumblecore.inference.serving_worker import EngineAPI
 
+pytestmark = pytest.mark.slow  # starts processes, servers or whole pipelines
+
 openai = pytest.importorskip("openai")
 
 KEY = "test-key"

@@ -211,6 +211,7 @@ def test_resume_gives_the_same_losses_and_bitwise_weights(tmp_path, pretrained, 
     assert (tmp_path / "a" / weights).read_bytes() == (resumed_dir / weights).read_bytes()
 
 
+@pytest.mark.slow
 def test_unknown_key_and_wrong_type_are_named(tmp_path, base_model, data):
     bad = tmp_path / "bad.yaml"
     bad.write_text("training_stage: sft\nlearnig_rate: 1e-4\n")
@@ -299,6 +300,7 @@ main(["train", "--config", sys.argv[1]])
 """
 
 
+@pytest.mark.slow
 def test_kill_during_save_keeps_previous_checkpoint(tmp_path, pretrained, data):
     base = pretrained[0]
     config = {

@@ -5,10 +5,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from safetensors.torch import load_file
 
 from bumblecore.cli import main
+
+pytestmark = pytest.mark.slow  # starts processes, servers or whole pipelines
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "bumblecore" / "demo_data"

@@ -180,6 +180,7 @@ def test_a_checkpoint_of_another_kind_of_run_is_not_resumed(root, finished, caps
 # ---------------------------------------------------------------------------- 6. non-finite steps
 
 
+@pytest.mark.slow
 def test_divergence_stops_before_the_update_and_nothing_non_finite_is_saved(root, tmp_path):
     from safetensors.torch import load_file
 

@@ -13,6 +13,10 @@ import sysconfig
 import zipfile
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # starts processes, servers or whole pipelines
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -20,6 +20,8 @@ import pytest
 import requests
 import yaml
 
+pytestmark = pytest.mark.slow  # starts processes, servers or whole pipelines
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
     "--preset",
