@@ -20,6 +20,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from tiny import init_tiny_model_dir
 
 from bumblecore.cli import main
 
@@ -64,31 +65,7 @@ def metrics(output: Path) -> list[dict]:
 def job(tmp_path_factory):
     """A tiny pretrained base, the run config, and the one-process reference run (accumulation 4)."""
     root = tmp_path_factory.mktemp("scale")
-    main(
-        [
-            "init_model",
-            "--preset",
-            "0.5B",
-            "--num_hidden_layers",
-            "2",
-            "--hidden_size",
-            "32",
-            "--intermediate_size",
-            "64",
-            "--num_attention_heads",
-            "4",
-            "--num_key_value_heads",
-            "2",
-            "--vocab_size",
-            "768",
-            "--torch_dtype",
-            "float32",
-            "--tokenizer_path",
-            str(DEMO / "tokenizer"),
-            "--output_dir",
-            str(root / "init"),
-        ]
-    )
+    init_tiny_model_dir(str(root / "init"))
     config = root / "run.yaml"
     config.write_text(
         yaml.safe_dump(

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from tiny import init_tiny_model_dir
 
 import bumblecore
 from bumblecore.args import TrainArgs, flat_defaults
@@ -36,31 +37,7 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def base_model(tmp_path_factory):
     out = tmp_path_factory.mktemp("model")
-    main(
-        [
-            "init_model",
-            "--preset",
-            "0.5B",
-            "--num_hidden_layers",
-            "2",
-            "--hidden_size",
-            "32",
-            "--intermediate_size",
-            "64",
-            "--num_attention_heads",
-            "4",
-            "--num_key_value_heads",
-            "2",
-            "--vocab_size",
-            "768",
-            "--torch_dtype",
-            "float32",
-            "--tokenizer_path",
-            str(DEMO / "tokenizer"),
-            "--output_dir",
-            str(out),
-        ]
-    )
+    init_tiny_model_dir(str(out))
     return out
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 from safetensors.torch import load_file
+from tiny import init_tiny_model_dir
 
 from bumblecore.cli import main
 
@@ -19,31 +20,7 @@ DEMO = REPO / "bumblecore" / "demo_data"
 
 def test_ddp_two_processes_equal_one_process(tmp_path):
     model = tmp_path / "model"
-    main(
-        [
-            "init_model",
-            "--preset",
-            "0.5B",
-            "--num_hidden_layers",
-            "2",
-            "--hidden_size",
-            "32",
-            "--intermediate_size",
-            "64",
-            "--num_attention_heads",
-            "4",
-            "--num_key_value_heads",
-            "2",
-            "--vocab_size",
-            "768",
-            "--torch_dtype",
-            "float32",
-            "--tokenizer_path",
-            str(DEMO / "tokenizer"),
-            "--output_dir",
-            str(model),
-        ]
-    )
+    init_tiny_model_dir(str(model))
     config = tmp_path / "run.yaml"
     config.write_text(
         yaml.safe_dump(
@@ -107,31 +84,7 @@ def test_dpo_ddp_equals_one_process_and_shares_the_reference_table(tmp_path):
     """DPO over 2 processes: the reference log-probs are computed in strided shares and all-reduced,
     the loss is normalised by the pairs of the whole step; the result equals 1 process x accumulation 2."""
     model = tmp_path / "model"
-    main(
-        [
-            "init_model",
-            "--preset",
-            "0.5B",
-            "--num_hidden_layers",
-            "2",
-            "--hidden_size",
-            "32",
-            "--intermediate_size",
-            "64",
-            "--num_attention_heads",
-            "4",
-            "--num_key_value_heads",
-            "2",
-            "--vocab_size",
-            "768",
-            "--torch_dtype",
-            "float32",
-            "--tokenizer_path",
-            str(DEMO / "tokenizer"),
-            "--output_dir",
-            str(tmp_path / "init"),
-        ]
-    )
+    init_tiny_model_dir(str(tmp_path / "init"))
     main(
         [
             "train",

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from tiny import init_tiny_model_dir
 
 import bumblecore
 from bumblecore.cli import main
@@ -28,31 +29,7 @@ def root(tmp_path_factory):
     (root / "sft.jsonl").write_text(
         "\n".join(lines[:20] + [json.dumps(LONG_PROMPT)] + lines[20:]) + "\n", encoding="utf-8"
     )
-    main(
-        [
-            "init_model",
-            "--preset",
-            "0.5B",
-            "--num_hidden_layers",
-            "2",
-            "--hidden_size",
-            "32",
-            "--intermediate_size",
-            "64",
-            "--num_attention_heads",
-            "4",
-            "--num_key_value_heads",
-            "2",
-            "--vocab_size",
-            "768",
-            "--torch_dtype",
-            "float32",
-            "--tokenizer_path",
-            str(DEMO / "tokenizer"),
-            "--output_dir",
-            str(root / "init"),
-        ]
-    )
+    init_tiny_model_dir(str(root / "init"))
     pretrain = root / "pretrain.jsonl"
     pretrain.write_text("".join(open(DEMO / "pretrain.jsonl", encoding="utf-8").readlines()[:16]), encoding="utf-8")
     file = root / "base.yaml"

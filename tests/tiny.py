@@ -53,3 +53,17 @@ def write_tiny_checkpoint(out, vocab_size=None, max_position_embeddings=4096):
     Qwen2ForCausalLM(config).save_pretrained(out)
     tokenizer.save_pretrained(str(out))
     return out
+
+
+# The shape the training tests share: the 0.5B preset cut to 2 layers, hidden 32, vocab 768, fp32.
+TINY_INIT_ARGS = ["--preset", "0.5B", "--num_hidden_layers", "2", "--hidden_size", "32", "--intermediate_size", "64",
+                  "--num_attention_heads", "4", "--num_key_value_heads", "2", "--vocab_size", "768",
+                  "--torch_dtype", "float32"]  # fmt: skip
+
+
+def init_tiny_model_dir(out) -> Path:
+    """`bumblecore init_model` of that shape with the demo tokenizer (config + tokenizer, no weights)."""
+    from bumblecore.cli import main
+
+    main(["init_model", *TINY_INIT_ARGS, "--tokenizer_path", str(DEMO_TOKENIZER), "--output_dir", str(out)])
+    return Path(out)
