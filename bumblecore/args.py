@@ -16,7 +16,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import ClassVar, Optional, Union
 
-STAGES = ("pretrain", "continue_pretrain", "sft", "dpo")
+STAGES = ("pretrain", "continue_pretrain", "sft", "dpo", "kto")
 FINETUNING_TYPES = ("full", "lora")
 PREF_LOSSES = ("sigmoid", "ipo", "orpo", "simpo")
 # Preference losses of the policy alone: no reference model is built, loaded or cached for them.
@@ -33,7 +33,7 @@ class ModelArgs:
     """What to train: the stage, the model and how it is tuned"""
 
     training_stage: str = "sft"
-    """pretrain (random init from a model dir holding config.json + tokenizer), continue_pretrain, sft or dpo."""
+    """pretrain (random init from a model dir holding config.json + tokenizer), continue_pretrain, sft, dpo or kto."""
     finetuning_type: str = "full"
     """full or lora."""
     model_name_or_path: str = ""
@@ -59,7 +59,7 @@ class DataArgs:
     cutoff_len: int = 1024
     """Max tokens per sample (pretraining: per block)."""
     packing: Optional[bool] = None
-    """Pack samples into full rows without cross-sample attention; default on for pretrain/sft, off for dpo."""
+    """Pack samples into full rows without cross-sample attention; default on for pretrain/sft, off for dpo/kto."""
     group_by_length: bool = False
     """Without packing: batch samples of similar length together (less padding)."""
     skip_bad_records: bool = False
@@ -124,15 +124,15 @@ class LoraArgs:
 
 @dataclass
 class PreferenceArgs:
-    """Preference training (training_stage dpo): the loss and its reference"""
+    """Preference training (training_stage dpo or kto): the loss and its reference"""
 
     # The original's spellings of our keys (its YAML files say label_smoothing).
     aliases: ClassVar[dict[str, str]] = {"label_smoothing": "dpo_label_smoothing"}
 
     pref_beta: float = 0.1
-    """DPO beta; ORPO's lambda (weight of the odds-ratio term); SimPO's beta (its papers use ~2.0: set it)."""
+    """DPO's and KTO's beta; ORPO's lambda (weight of the odds-ratio term); SimPO's beta (its papers use ~2.0: set it)."""
     pref_loss: str = "sigmoid"
-    """sigmoid (DPO), ipo, orpo or simpo (orpo and simpo use no reference model)."""
+    """sigmoid (DPO), ipo, orpo or simpo (orpo and simpo use no reference model); kto takes sigmoid only."""
     simpo_gamma: float = 0.5
     """SimPO's target reward margin gamma (pref_loss simpo only)."""
     dpo_label_smoothing: float = 0.0
@@ -141,8 +141,12 @@ class PreferenceArgs:
     """Weight of an SFT term (mean NLL of the chosen response) added to the DPO loss."""
     ld_alpha: float = 1.0
     """LD-DPO: weight of the longer response's tokens beyond the shorter one's length (1.0 = plain DPO)."""
+    kto_desirable_weight: float = 1.0
+    """KTO: weight of a desirable example's loss, lambda_D in lambda_D (1 - sigmoid(beta (r - z)))."""
+    kto_undesirable_weight: float = 1.0
+    """KTO: weight of an undesirable example's loss, lambda_U in lambda_U (1 - sigmoid(beta (z - r)))."""
     ref_model_path: Optional[str] = None
-    """DPO reference model (default: the starting model)."""
+    """DPO's and KTO's reference model (default: the starting model)."""
     precompute_ref_log_probs: Optional[bool] = None
     """Compute reference log-probs once before training and keep them beside the token cache, reused
     across epochs and runs (default: on for full fine-tuning; LoRA uses the base with its adapter disabled)."""
@@ -210,10 +214,10 @@ class TrainArgs:
     preference: PreferenceArgs = field(default_factory=PreferenceArgs)
 
     def __post_init__(self) -> None:
-        if self.model.training_stage == "dpo":
+        if self.model.training_stage in ("dpo", "kto"):
             self._check_preference()
         if self.data.packing is None:  # a copy: the caller's DataArgs stays as given
-            self.data = dataclasses.replace(self.data, packing=self.model.training_stage != "dpo")
+            self.data = dataclasses.replace(self.data, packing=self.model.training_stage not in ("dpo", "kto"))
 
     def _check_preference(self) -> None:
         preference = self.preference
@@ -221,6 +225,9 @@ class TrainArgs:
             raise ValueError(f"pref_beta must be > 0, got {preference.pref_beta}")
         if not 0.0 <= preference.dpo_label_smoothing < 0.5:
             raise ValueError(f"dpo_label_smoothing must be in [0, 0.5), got {preference.dpo_label_smoothing}")
+        if self.model.training_stage == "kto":
+            self._check_kto()
+            return
         if not preference.reference_free:
             return
         # Keys that mean nothing without a reference (or that these losses define otherwise) are refused,
@@ -242,6 +249,27 @@ class TrainArgs:
                 "pref_loss orpo already includes the chosen response's NLL (weight 1); leave sft_weight at 0 "
                 "and weigh the odds-ratio term with pref_beta"
             )
+
+    def _check_kto(self) -> None:
+        """KTO has its own loss: the DPO family's variants are refused, not ignored."""
+        preference = self.preference
+        if preference.pref_loss != "sigmoid":
+            raise ValueError(
+                f"pref_loss {preference.pref_loss} is a DPO-family loss; training_stage kto has its own loss "
+                "(leave pref_loss at sigmoid)"
+            )
+        for key, value, neutral in (
+            ("dpo_label_smoothing", preference.dpo_label_smoothing, 0.0),
+            ("sft_weight", preference.sft_weight, 0.0),
+            ("ld_alpha", preference.ld_alpha, 1.0),
+        ):
+            if value != neutral:
+                raise ValueError(
+                    f"{key} {value} is for training_stage dpo; kto does not use it (leave it at {neutral})"
+                )
+        for key in ("kto_desirable_weight", "kto_undesirable_weight"):
+            if not getattr(preference, key) > 0:
+                raise ValueError(f"{key} must be > 0, got {getattr(preference, key)}")
 
     @classmethod
     def from_flat(cls, **values) -> TrainArgs:

@@ -12,7 +12,10 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # The demo's stage configs are package data (bumblecore/demo_configs), so a wheel runs the demo.
 DEMO_CONFIGS = Path(__file__).resolve().parents[1] / "bumblecore" / "demo_configs"
 TRAIN_YAMLS = sorted(
-    [*(p for p in CONFIGS.rglob("*.yaml") if p.parent.name in ("pretrain", "sft", "dpo")), *DEMO_CONFIGS.glob("*.yaml")]
+    [
+        *(p for p in CONFIGS.rglob("*.yaml") if p.parent.name in ("pretrain", "sft", "dpo", "kto")),
+        *DEMO_CONFIGS.glob("*.yaml"),
+    ]
 )
 
 

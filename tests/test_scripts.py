@@ -38,6 +38,7 @@ def test_every_workflow_has_a_script():
         "dpo_lora",
         "orpo",
         "simpo",
+        "kto",
         "merge_lora",
         "chat",
         "bumblechat",
@@ -121,7 +122,7 @@ def script_paths(script: Path, monkeypatch) -> tuple[set[str], set[str]]:
 
 def test_each_script_reads_the_previous_scripts_default_output(monkeypatch):
     """pretrain -> sft_full -> dpo_lora -> merge_lora -> chat / bumblechat (serve), as the tutorial chains them;
-    sft_lora, dpo_full, orpo and simpo branch off it. tests/test_workflow.py runs the main line for real."""
+    sft_lora, dpo_full, orpo, simpo and kto branch off it. tests/test_workflow.py runs the main line for real."""
     paths = {s.stem: script_paths(s, monkeypatch) for s in SCRIPTS if s.stem != "demo" and command_lines(s)}
     expected = {
         "pretrain": (set(), {"checkpoints/init", "checkpoints/pretrain"}),
@@ -131,6 +132,7 @@ def test_each_script_reads_the_previous_scripts_default_output(monkeypatch):
         "dpo_full": ({"checkpoints/sft_full"}, {"checkpoints/dpo_full"}),
         "orpo": ({"checkpoints/pretrain"}, {"checkpoints/orpo"}),  # ORPO needs no SFT stage before it
         "simpo": ({"checkpoints/sft_full"}, {"checkpoints/simpo"}),
+        "kto": ({"checkpoints/sft_full"}, {"checkpoints/kto_lora"}),
         "merge_lora": ({"checkpoints/sft_full", "checkpoints/dpo_lora"}, {"checkpoints/dpo_merged"}),
         "chat": ({"checkpoints/dpo_merged"}, set()),
         "bumblechat": ({"checkpoints/dpo_merged"}, set()),

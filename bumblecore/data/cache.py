@@ -6,6 +6,8 @@ Layout of one cache entry `<cache_dir>/<key>/`:
     offsets.bin  int64, n + 1 sample boundaries into ids.bin
     meta.json    counts and the summary; written last: an entry without it is never used
 Preference data stores two entries per pair: 2i = prompt + chosen, 2i + 1 = prompt + rejected.
+KTO data stores two entries per example, 2i = prompt + completion, 2i + 1 = the KL row (prompt + the
+next record's completion), and desirable.bin (uint8, 1 = desirable) with one flag per example.
 
 The key hashes the data files' bytes, the tokenizer, the chat template, cutoff_len and the stage,
 so the same inputs reuse the entry at once and any change builds a new one. Building streams:
@@ -143,6 +145,8 @@ class TokenCache:
             if size
             else np.zeros(0, np.uint8)
         )
+        labels = self.directory / "desirable.bin"
+        self.desirable = np.fromfile(labels, dtype=np.uint8).astype(bool) if labels.is_file() else None
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -161,10 +165,11 @@ class TokenCache:
 
 
 def _encode_batch(
-    tokenizer, samples: list[Sample], cutoff_len: int, summary: CacheSummary
+    tokenizer, samples: list[Sample], cutoff_len: int, summary: CacheSummary, labels: list | None = None
 ) -> Iterator[tuple[list[int], list[bool]]]:
-    """Entries for a batch of samples (two per preference pair), truncated to cutoff_len; a sample or
-    pair left without any target is dropped, counted and (the first few) named with file and line."""
+    """Entries for a batch of samples (two per preference pair or KTO example), truncated to cutoff_len;
+    a sample or pair left without any target is dropped, counted and (the first few) named with file and
+    line. `labels` receives each kept KTO example's desirable flag."""
     if samples[0].kind == "text":
         texts = [s.text for s in samples]
         for ids in _batch_ids(tokenizer, texts):
@@ -174,11 +179,11 @@ def _encode_batch(
     prepared = []
     for s in samples:
         c = s.conversation
-        replies = (
-            [(c.messages, "all")]
-            if s.kind == "conversation"
-            else [(c.messages + [r], "last") for r in (s.chosen, s.rejected)]
-        )
+        if s.kind == "conversation":
+            replies = [(c.messages, "all")]
+        else:
+            pair = (s.completion, s.kl_completion) if s.kind == "kto" else (s.chosen, s.rejected)
+            replies = [(c.messages + [r], "last") for r in pair]
         for messages, train in replies:
             try:
                 prepared.append(fmt.prepare(messages, c.tools, train))
@@ -186,11 +191,12 @@ def _encode_batch(
                 raise ChatFormatError(f"{s.where}: {err}") from None
     # One batched call: the Rust tokenizer spreads the batch over every core.
     encoded = fmt.encode_prepared(prepared)
-    group = 2 if samples[0].kind == "preference" else 1
+    group = 1 if samples[0].kind == "conversation" else 2
+    sides = ("completion", "KL row") if samples[0].kind == "kto" else ("chosen", "rejected")
     for start in range(0, len(encoded), group):
         entries, reason = [], None
         for side, (ids, mask) in enumerate(encoded[start : start + group]):
-            name = ("chosen", "rejected")[side] + " " if group == 2 else ""
+            name = sides[side] + " " if group == 2 else ""
             if not any(mask):
                 reason = reason or (f"{name}has no trained token at all", "untrained")
             elif len(ids) > cutoff_len and not any(mask[:cutoff_len]):
@@ -212,6 +218,8 @@ def _encode_batch(
             if len(summary.dropped_examples) < 10:
                 summary.dropped_examples.append(f"{samples[start // group].where}: {reason[0]}")
             continue
+        if labels is not None:
+            labels.append(samples[start // group].desirable)
         yield from entries
 
 
@@ -297,10 +305,11 @@ def build_cache(
             offsets_file.write(np.zeros(1, np.int64).tobytes())
             position = 0
             batch: list[Sample] = []
+            labels: list | None = [] if stage == "kto" else None
 
             def flush():
                 nonlocal position
-                for ids, mask in _encode_batch(tokenizer, batch, cutoff_len, summary):
+                for ids, mask in _encode_batch(tokenizer, batch, cutoff_len, summary, labels):
                     ids_file.write(np.asarray(ids, dtype=np.uint32).tobytes())
                     mask_file.write(np.asarray(mask, dtype=np.uint8).tobytes())
                     position += len(ids)
@@ -318,6 +327,8 @@ def build_cache(
                     flush()
             if batch:
                 flush()
+        if labels is not None:
+            np.asarray(labels, dtype=np.uint8).tofile(tmp / "desirable.bin")
         summary.seconds = time.perf_counter() - started
         meta = {
             "format_version": FORMAT_VERSION,

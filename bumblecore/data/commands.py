@@ -34,7 +34,7 @@ def dataset_units(
 def run_tokenizer(model: ModelArgs):
     """The run's tokenizer (from the model dir) with its own chat template, checked for the chat stages."""
     tokenizer = load_tokenizer(model.model_name_or_path, trust_remote_code=model.trust_remote_code)
-    if model.training_stage in ("sft", "dpo"):
+    if model.training_stage in ("sft", "dpo", "kto"):
         chat_format(tokenizer).check_trainable(model.model_name_or_path)
     return tokenizer
 
@@ -104,6 +104,12 @@ def inspect_data(run: TrainArgs, num_samples: int = 3, format: str = "text") -> 
             entries = [("document", encode_document(tokenizer, sample.text), None)]
         elif sample.kind == "conversation":
             entries = [("conversation", *encode_conversation(tokenizer, c.messages, c.tools))]
+        elif sample.kind == "kto":
+            label = "desirable" if sample.desirable else "undesirable"
+            entries = [
+                (name, *encode_preference(tokenizer, c.messages, reply, c.tools))
+                for name, reply in ((label, sample.completion), ("KL row", sample.kl_completion))
+            ]
         else:
             entries = [
                 (name, *encode_preference(tokenizer, c.messages, reply, c.tools))

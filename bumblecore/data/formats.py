@@ -21,7 +21,11 @@ FORMATS = (
     "preference_alpaca",
     "preference_sharegpt",
     "preference_messages",
+    "unpaired_prompt",
 )
+# KTO reads every conversation format with a boolean `label` (its own name for it), and splits each
+# preference pair into a desirable and an undesirable example.
+KTO_FORMATS = {"alpaca": "kto_alpaca", "sharegpt": "kto_sharegpt", "messages": "kto_messages"}
 USER_SIDE = ("human", "observation")
 ASSISTANT_SIDE = ("gpt", "function_call")
 SHAREGPT_ROLES = ("system",) + USER_SIDE + ASSISTANT_SIDE
@@ -43,12 +47,17 @@ class Conversation:
 
 @dataclass
 class Sample:
-    kind: str  # "text", "conversation" or "preference"
+    kind: str  # "text", "conversation", "preference" or "kto"
     text: str = ""
     conversation: Optional[Conversation] = None
     chosen: Optional[dict] = None  # the preferred final assistant message
     rejected: Optional[dict] = None
     where: str = ""
+    # kto: the prompt (conversation) with its completion, labelled desirable or not, and the completion
+    # of the next record (the KL row: a mismatched prompt/completion pair, see kto_examples)
+    completion: Optional[dict] = None
+    desirable: Optional[bool] = None
+    kl_completion: Optional[dict] = None
 
 
 @dataclass
@@ -206,12 +215,15 @@ def detect_format(record: object, where: str) -> str:
         return "messages"
     if {"chosen", "rejected"} <= keys:
         return "preference_messages"  # TRL's: `prompt` + replies, or two whole conversations
+    if {"prompt", "completion"} <= keys:
+        return "unpaired_prompt"  # TRL's unpaired (KTO) records: `prompt`, `completion`, `label`
     if "text" in keys:
         return "pretrain"
     raise DataError(
         f"{where}: cannot tell the format from fields {sorted(keys)}; expected 'text' (pretraining), "
         "'instruction'/'output' (Alpaca), 'conversations' (ShareGPT), 'messages' (OpenAI-style), with 'chosen'/'rejected' "
-        "for preference data ('prompt'/'chosen'/'rejected' message lists as TRL writes them)"
+        "for preference data ('prompt'/'chosen'/'rejected' message lists as TRL writes them), 'prompt'/'completion'/"
+        "'label' for KTO"
     )
 
 
@@ -220,6 +232,13 @@ STAGE_FORMATS = {
     "continue_pretrain": ("pretrain",),
     "sft": ("alpaca", "sharegpt", "messages"),
     "dpo": ("preference_alpaca", "preference_sharegpt", "preference_messages"),
+    "kto": (
+        *KTO_FORMATS.values(),
+        "unpaired_prompt",
+        "preference_alpaca",
+        "preference_sharegpt",
+        "preference_messages",
+    ),
 }
 
 
@@ -497,7 +516,12 @@ def _reply(value, where: str, key: str) -> dict:
         )
     if len(value) != 1:
         raise DataError(
-            f'{where}: field "{key}" holds {len(value)} messages; a preference pair compares one assistant reply'
+            f'{where}: field "{key}" holds {len(value)} messages; '
+            + (
+                "a completion is one assistant reply"
+                if key == "completion"
+                else "a preference pair compares one assistant reply"
+            )
         )
     message = _message(value[0], f'{where}: field "{key}" message 1')
     if message["role"] != "assistant":
@@ -524,6 +548,65 @@ def _preference_reply(record: dict, key: str, where: str) -> dict:
     return {"role": "assistant", "content": text}
 
 
+def _label(record: dict, where: str) -> bool:
+    if record.get("label") is None:
+        raise DataError(f'{where}: missing field "label" (true: a desirable completion, false: an undesirable one)')
+    if not isinstance(record["label"], bool):
+        raise DataError(f'{where}: field "label" must be true or false, got {type(record["label"]).__name__}')
+    return record["label"]
+
+
+def kto_record(record: dict, fmt: str, where: str) -> Sample:
+    """One labelled completion: its prompt (a conversation), the completion (an assistant message) and
+    whether it is desirable. Alpaca takes `output` or `completion`; ShareGPT and `messages` end on the
+    completion; TRL's unpaired records give `prompt` and `completion` as strings or message lists."""
+    desirable = _label(record, where)
+    if fmt == "kto_alpaca":
+        key = "output" if "output" in record or "completion" not in record else "completion"
+        if key not in record:
+            raise DataError(f'{where}: missing field "output" (or "completion")')
+        prompt = alpaca_conversation(record, where, with_answer=False)
+        completion = {"role": "assistant", "content": _string(record, key, where)}
+    elif fmt in ("kto_sharegpt", "kto_messages"):
+        whole = sharegpt_conversation(record, where) if fmt == "kto_sharegpt" else messages_conversation(record, where)
+        prompt, completion = Conversation(whole.messages[:-1], whole.tools), whole.messages[-1]
+    else:  # unpaired_prompt
+        if isinstance(record.get("prompt"), str):
+            messages = [{"role": "user", "content": _string(record, "prompt", where)}]
+        else:
+            messages = message_list(record.get("prompt"), where, "prompt", end="prompt")
+        prompt = Conversation(messages, parse_tools(record.get("tools"), where))
+        if isinstance(record.get("completion"), str):
+            completion = {"role": "assistant", "content": _string(record, "completion", where)}
+        else:
+            completion = _reply(record.get("completion"), where, "completion")
+    return Sample("kto", conversation=prompt, completion=completion, desirable=desirable, where=where)
+
+
+def kto_examples(samples: Iterator[Sample]) -> Iterator[Sample]:
+    """KTO's examples in the data's order: a preference pair becomes a desirable (chosen) and an
+    undesirable (rejected) example. Each carries its KL completion, the first completion of the next
+    record (the last record's: the first record's), so a KL row pairs a prompt with a completion written
+    for another prompt, fixed by the data alone (deterministic, cacheable). Streams, one record ahead."""
+    first, pending = None, []
+    for sample in samples:
+        if sample.kind == "preference":
+            examples = [
+                Sample("kto", conversation=sample.conversation, completion=reply, desirable=good, where=sample.where)
+                for reply, good in ((sample.chosen, True), (sample.rejected, False))
+            ]
+        else:
+            examples = [sample]
+        first = first or examples[0].completion
+        for example in pending:
+            example.kl_completion = examples[0].completion
+            yield example
+        pending = examples
+    for example in pending:
+        example.kl_completion = first
+        yield example
+
+
 def record_to_sample(record: object, fmt: str, where: str) -> Sample:
     """Validate one record of a known format; raises DataError naming where and which field."""
     if not isinstance(record, dict):
@@ -536,6 +619,8 @@ def record_to_sample(record: object, fmt: str, where: str) -> Sample:
         return Sample("conversation", conversation=sharegpt_conversation(record, where), where=where)
     if fmt == "messages":
         return Sample("conversation", conversation=messages_conversation(record, where), where=where)
+    if fmt.startswith("kto_") or fmt == "unpaired_prompt":
+        return kto_record(record, fmt, where)
     if fmt == "preference_messages":
         prompt, chosen, rejected = trl_preference(record, where)
         return Sample("preference", conversation=prompt, chosen=chosen, rejected=rejected, where=where)
@@ -559,8 +644,13 @@ def read_samples(
 ) -> Iterator[Sample]:
     """Validated samples of every file, streamed. The format of each file is detected from its first
     record and must suit `stage`; later records must be in the same format. By default the first bad
-    record raises; with skip_bad_records it is reported in `report.skipped` and skipped."""
-    report = report if report is not None else ReadReport()
+    record raises; with skip_bad_records it is reported in `report.skipped` and skipped. Stage kto gives
+    its examples (kto_examples)."""
+    samples = _read_records(paths, stage, skip_bad_records, report if report is not None else ReadReport())
+    return kto_examples(samples) if stage == "kto" else samples
+
+
+def _read_records(paths, stage: Optional[str], skip_bad_records: bool, report: ReadReport) -> Iterator[Sample]:
     for file in data_files(paths):
         fmt = None
         seen = 0
@@ -571,6 +661,8 @@ def read_samples(
                     raise record
                 if fmt is None:
                     fmt = detect_format(record, where)
+                    if stage == "kto":
+                        fmt = KTO_FORMATS.get(fmt, fmt)
                     if stage and fmt not in STAGE_FORMATS[stage]:
                         raise DataError(
                             f"{where}: {fmt} records do not suit training_stage {stage} "

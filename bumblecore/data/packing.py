@@ -6,6 +6,8 @@
   its own positions and attends only to itself, so a row computes what its samples would alone.
 - SFT without packing: one sample per row, batches padded to their longest row (not to cutoff_len).
 - preference pairs: one unit = (chosen, rejected); a batch holds all chosen rows then all rejected rows.
+- KTO: one unit = (prompt + completion, KL row) and its desirable flag; rows as for pairs, with
+  `desirable` (n,) bool in the batch.
 
 Batches: input_ids (B, T), labels (B, T) unshifted with -100 where not trained, position_ids (B, T),
 segment_ids (B, T) when packed (padding is its own segment), num_tokens (non-padding tokens).
@@ -36,8 +38,10 @@ class Piece:
 class Units:
     """The dataset as indexable training units; `unit(i)` gives a list of pieces (one packed row)."""
 
-    def __init__(self, cache: TokenCache, rows: list[list[Piece]], pairs: bool = False):
-        self.cache, self.rows, self.pairs = cache, rows, pairs
+    def __init__(
+        self, cache: TokenCache, rows: list[list[Piece]], pairs: bool = False, desirable: Optional[np.ndarray] = None
+    ):
+        self.cache, self.rows, self.pairs, self.desirable = cache, rows, pairs, desirable
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -97,11 +101,12 @@ def packed_rows(lengths: np.ndarray, cutoff_len: int, seed: int) -> list[list[in
 def build_units(cache: TokenCache, stage: str, cutoff_len: int, packing: bool, seed: int) -> Units:
     if stage in ("pretrain", "continue_pretrain"):
         return Units(cache, pretraining_blocks(cache, cutoff_len))
-    if stage == "dpo":
+    if stage in ("dpo", "kto"):
         return Units(
             cache,
             [[sample_pieces(cache, 2 * i), sample_pieces(cache, 2 * i + 1)] for i in range(len(cache) // 2)],
             pairs=True,
+            desirable=cache.desirable if stage == "kto" else None,
         )
     if packing:
         return Units(
@@ -117,6 +122,8 @@ def collate(units: Units, indices: list[int], pad_id: int, packing: bool) -> dic
         batch = _collate_rows(units.cache, rows, pad_id, segments=False)
         batch["num_pairs"] = len(indices)
         batch["unit_indices"] = torch.tensor(indices, dtype=torch.long)  # finds the pairs' cached reference log-probs
+        if units.desirable is not None:
+            batch["desirable"] = torch.from_numpy(units.desirable[indices])
         return batch
     return _collate_rows(units.cache, [units.rows[i] for i in indices], pad_id, segments=packing)
 

@@ -327,6 +327,29 @@ def build_preference_stage(fabric, run, model, units, eval_units, pad_id: int, r
         stage.summary = f"preference: {preference.pref_loss} loss, {terms}; no reference model (reference-free)"
         return stage, lambda batches, split="train": batches
 
+    stage = PreferenceStage(
+        preference.pref_beta,
+        preference.pref_loss,
+        preference.dpo_label_smoothing,
+        preference.sft_weight,
+        preference.ld_alpha,
+    )
+    stage.reference, attach, kind = build_reference(
+        fabric, run, model, units, eval_units, pad_id, resuming, load_reference_model
+    )
+    stage.summary = (
+        f"preference: {preference.pref_loss} loss, beta {preference.pref_beta}, "
+        f"label smoothing {preference.dpo_label_smoothing}, "
+        f"sft_weight {preference.sft_weight}, ld_alpha {preference.ld_alpha}; reference {kind}"
+    )
+    return stage, attach
+
+
+def build_reference(fabric, run, model, units, eval_units, pad_id: int, resuming: bool, load_reference_model):
+    """The reference of a stage whose units are two rows (DPO's pairs, KTO's example and KL row):
+    (live reference or None, attach(batches, split), what it is in words). With precomputed log-probs
+    the live reference is None and attach gives the batches their cached table's rows."""
+    preference = run.preference
     lora = run.model.finetuning_type == "lora"
     precompute = preference.precompute_ref_log_probs if preference.precompute_ref_log_probs is not None else not lora
     reference_dir = preference.ref_model_path or run.model.model_name_or_path
@@ -342,27 +365,13 @@ def build_preference_stage(fabric, run, model, units, eval_units, pad_id: int, r
     elif precompute and not preference.ref_model_path and not resuming:
         reference_for_table = ModelReference(model, freeze=False)
 
-    stage = PreferenceStage(
-        preference.pref_beta,
-        preference.pref_loss,
-        preference.dpo_label_smoothing,
-        preference.sft_weight,
-        preference.ld_alpha,
-    )
     kind = (
         "the base with the LoRA adapter disabled"
         if lora and not preference.ref_model_path
         else f"{'frozen ' if not precompute else ''}{reference_dir}"
-    )
-    stage.summary = (
-        f"preference: {preference.pref_loss} loss, beta {preference.pref_beta}, "
-        f"label smoothing {preference.dpo_label_smoothing}, "
-        f"sft_weight {preference.sft_weight}, ld_alpha {preference.ld_alpha}; reference {kind}"
-        f"{', log-probs precomputed and cached' if precompute else ', computed live'}"
-    )
+    ) + (", log-probs precomputed and cached" if precompute else ", computed live")
     if not precompute:
-        stage.reference = reference_for_table or separate_reference()
-        return stage, lambda batches, split="train": batches
+        return reference_for_table or separate_reference(), lambda batches, split="train": batches, kind
 
     built = []
 
@@ -384,4 +393,4 @@ def build_preference_stage(fabric, run, model, units, eval_units, pad_id: int, r
                 run.optimization.train_micro_batch_size_per_gpu,
                 pad_id,
             )
-    return stage, lambda batches, split="train": StepsWithReference(batches, tables[split])
+    return None, lambda batches, split="train": StepsWithReference(batches, tables[split]), kind

@@ -17,7 +17,7 @@ from bumblecore.args import TrainArgs, flat_defaults
 
 
 def train(run: TrainArgs) -> None:
-    """Train a model: pretrain, continue_pretrain, sft or dpo; full fine-tuning or LoRA.
+    """Train a model: pretrain, continue_pretrain, sft, dpo or kto; full fine-tuning or LoRA.
 
     Takes the original's flat YAML keys (`--config F` or `--yaml_config F`), each overridable on the
     command line. `devices: N` starts N processes; under a launcher (`fabric run`, `torchrun`,
@@ -243,7 +243,7 @@ def memory_plan(fabric, run: TrainArgs, deepspeed_config, local_processes: int):
     total, trainable = count_parameters(run)
     frozen_copy = 0
     if (
-        run.model.training_stage == "dpo"
+        run.model.training_stage in ("dpo", "kto")
         and not run.preference.reference_free
         and (
             run.preference.ref_model_path
@@ -588,8 +588,9 @@ def main(fabric, run: TrainArgs, deepspeed_config: dict | None = None, launcher:
     )
 
     stage = LanguageModelingStage()
-    if run.model.training_stage == "dpo":
+    if run.model.training_stage in ("dpo", "kto"):
         from bumblecore.train.dpo import build_preference_stage
+        from bumblecore.train.kto import build_kto_stage
 
         def load_reference(path):
             return load_model(
@@ -601,7 +602,8 @@ def main(fabric, run: TrainArgs, deepspeed_config: dict | None = None, launcher:
                 fabric,
             )
 
-        stage, attach_reference = build_preference_stage(
+        build_stage = build_kto_stage if run.model.training_stage == "kto" else build_preference_stage
+        stage, attach_reference = build_stage(
             fabric,
             run,
             model,
