@@ -220,6 +220,17 @@ def test_the_cache_keeps_labels_and_kl_rows(data, tmp_path):
     assert batch["input_ids"].shape[0] == 16  # 8 examples, then their 8 KL rows
 
 
+def test_inspect_data_shows_each_example_and_its_kl_row(tmp_path, capsys):
+    records = [{"instruction": f"q{i}", "output": f"a{i}", "label": i == 0} for i in range(2)]
+    file = write_jsonl(tmp_path / "k.jsonl", records)
+    main(
+        ["inspect_data", "--training_stage", "kto", "--model_name_or_path", str(TOKENIZER), "--dataset_path", str(file)]
+    )
+    out = capsys.readouterr().out
+    assert "line 1 (desirable)" in out and "line 2 (undesirable)" in out and out.count("(KL row)") == 2
+    assert "[[a1<|im_end|>]]" in out.split("line 1 (KL row)")[1].split("=====")[1]  # the next record's completion
+
+
 @pytest.mark.parametrize(
     "keys, message",
     [
