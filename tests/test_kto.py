@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from statistics import mean
 
 import pytest
 import torch
@@ -100,10 +101,10 @@ def closed_form(examples, models, beta, desirable_weight, undesirable_weight, po
         "loss": sum(losses),
         "kl": z * len(examples),
         "share/desirable": float(sum(s.desirable for s in examples)),
-        "rewards/chosen": sum(beta * ri for s, ri in zip(examples, r) if s.desirable),
-        "rewards/rejected": sum(beta * ri for s, ri in zip(examples, r) if not s.desirable),
-        "logps/chosen": sum(p for s, p in zip(examples, policy) if s.desirable),
-        "logps/rejected": sum(p for s, p in zip(examples, policy) if not s.desirable),
+        "rewards/chosen": mean(beta * ri for s, ri in zip(examples, r) if s.desirable),
+        "rewards/rejected": mean(beta * ri for s, ri in zip(examples, r) if not s.desirable),
+        "logps/chosen": mean(p for s, p in zip(examples, policy) if s.desirable),
+        "logps/rejected": mean(p for s, p in zip(examples, policy) if not s.desirable),
     }
 
 
@@ -126,8 +127,11 @@ def test_loss_and_metrics_equal_the_closed_form(dataset, data, models, tmp_path)
     total, metrics = stage.loss(Bumblebee.from_pretrained(models / names[0]), batch)
     assert stage.count(batch) == n
     assert float(total.detach()) == pytest.approx(expected["loss"], rel=1e-4)
-    for key in ("kl", "share/desirable", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"):
+    for key in ("kl", "share/desirable"):
         assert float(metrics[key]) == pytest.approx(expected[key], rel=1e-4), key
+    for key in ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"):  # means of their own
+        total, count = metrics[key]
+        assert float(total) / float(count) == pytest.approx(expected[key], rel=1e-4), key
 
 
 def test_the_kl_rows_gradient_is_zero(data, models, tmp_path):
@@ -305,7 +309,7 @@ def test_kto_learns_on_pairs_and_evaluates(tmp_path, models, data):
     evaluations = [r for r in history if "eval/loss" in r]
     assert [r["step"] for r in evaluations] == [0, 24] and evaluations[-1]["eval/loss"] < evaluations[0]["eval/loss"]
     last = evaluations[-1]
-    assert last["eval/rewards/chosen"] > last["eval/rewards/rejected"]  # (each is a sum per example of half the set)
+    assert last["eval/rewards/chosen"] > last["eval/rewards/rejected"]  # each the mean over its own examples
     assert last["eval/share/desirable"] == 0.5 and "eval/kl" in last and "eval/perplexity" not in last
 
 

@@ -5,6 +5,9 @@ forward -> loss -> backward -> accumulate -> clip -> step -> schedule -> log -> 
 A stage supplies two functions over its own batches:
     count(batch) -> int           how many units (target tokens, pairs) the batch's loss sums over
     loss(model, batch) -> (sum, metrics)   the summed loss and summed metrics, as tensors
+A metric is a sum the engine divides by the step's count like the loss, or a (sum, count) pair for a
+mean over units of its own (KTO's rewards of its desirable examples): the sums and the counts are
+added over the step (and ranks) and divided once; a step with none of those units does not log it.
 The engine divides by the count of the whole optimiser step, across accumulation steps and
 devices, so a global batch gives the same update however it is split. With
 average_tokens_across_devices false it is the original's loss instead: the mean over the step's
@@ -152,6 +155,7 @@ class Engine:
         self.model.train()
         loss_total = torch.zeros((), device=fabric.device)
         metric_totals: dict[str, torch.Tensor] = {}
+        metric_counts: dict[str, torch.Tensor] = {}  # the own units of (sum, count) metrics
         tokens = 0
         own_norm = float("nan")
         totals = None
@@ -172,7 +176,11 @@ class Engine:
             weight = 1.0 / max(1, counts[index]) if per_micro_mean else 1.0
             loss_total += loss_sum.detach() * weight
             for key, value in metrics.items():
-                metric_totals[key] = metric_totals.get(key, 0) + value.detach() * weight
+                if isinstance(value, tuple):  # a mean over units of its own: plain sums in either loss mode
+                    metric_counts[key] = metric_counts.get(key, 0) + torch.as_tensor(value[1]).detach()
+                    metric_totals[key] = metric_totals.get(key, 0) + value[0].detach()
+                else:
+                    metric_totals[key] = metric_totals.get(key, 0) + value.detach() * weight
             tokens += int(batch.get("num_tokens", batch["input_ids"].numel()))
             if settings.runtime_owns_accumulation:
                 if last:  # the accumulation boundary: DeepSpeed's step below is the real one
@@ -181,7 +189,7 @@ class Engine:
                         finite = math.isfinite(own_norm)
                     else:
                         finite = settings.skips_overflow_steps or _deepspeed_grads_finite(self.model)
-                    totals = self._step_totals(report_count, tokens, loss_total, metric_totals, finite)
+                    totals = self._step_totals(report_count, tokens, loss_total, metric_totals, metric_counts, finite)
                     self._stop_if_not_finite(totals, None if finite else own_norm)
                 # The engine's own step after every micro-batch, as DeepSpeed requires: it counts them, and
                 # only at the boundary reduces, clips and updates. (Fabric's optimizer.step() would call the
@@ -202,7 +210,7 @@ class Engine:
                 grad_norm = float(_grad_norm(self.model))
             # fp16 with a grad scaler: an overflowing step is skipped by the scaler, not a divergence.
             finite = settings.skips_overflow_steps or math.isfinite(grad_norm)
-            totals = self._step_totals(report_count, tokens, loss_total, metric_totals, finite)
+            totals = self._step_totals(report_count, tokens, loss_total, metric_totals, metric_counts, finite)
             self._stop_if_not_finite(totals, grad_norm)
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -225,12 +233,17 @@ class Engine:
             "tokens_per_sec": global_tokens / elapsed if elapsed > 0 else 0.0,
         }
         for key in metric_totals:
-            record[key] = totals["metrics"][key] / global_count
+            if key not in metric_counts:
+                record[key] = totals["metrics"][key] / global_count
+            elif totals["metric_counts"][key] > 0:
+                record[key] = totals["metrics"][key] / totals["metric_counts"][key]
         return record
 
-    def _step_totals(self, count: int, tokens: int, loss_total, metric_totals: dict, grads_finite: bool) -> dict:
+    def _step_totals(
+        self, count: int, tokens: int, loss_total, metric_totals: dict, metric_counts: dict, grads_finite: bool
+    ) -> dict:
         """The step's sums over every rank, in one all-reduce (none on a single process)."""
-        keys = sorted(metric_totals)
+        keys, count_keys = sorted(metric_totals), sorted(metric_counts)
         if self.fabric.world_size == 1:
             return {
                 "count": float(count),
@@ -238,6 +251,7 @@ class Engine:
                 "loss": float(loss_total),
                 "nonfinite_grads": 0.0 if grads_finite else 1.0,
                 "metrics": {k: float(metric_totals[k]) for k in keys},
+                "metric_counts": {k: float(metric_counts[k]) for k in count_keys},
             }
         local = torch.stack(
             [
@@ -246,6 +260,7 @@ class Engine:
                 loss_total.detach().double().cpu(),
                 torch.tensor(0.0 if grads_finite else 1.0, dtype=torch.float64),
                 *[torch.as_tensor(metric_totals[k]).detach().double().cpu() for k in keys],
+                *[torch.as_tensor(metric_counts[k]).detach().double().cpu() for k in count_keys],
             ]
         )
         summed = self.fabric.all_reduce(local.to(self.fabric.device), reduce_op="sum").cpu().tolist()
@@ -254,7 +269,8 @@ class Engine:
             "tokens": summed[1],
             "loss": summed[2],
             "nonfinite_grads": summed[3],
-            "metrics": dict(zip(keys, summed[4:])),
+            "metrics": dict(zip(keys, summed[4 : 4 + len(keys)])),
+            "metric_counts": dict(zip(count_keys, summed[4 + len(keys) :])),
         }
 
     def _stop_if_not_finite(self, totals: dict, grad_norm: Optional[float]) -> None:

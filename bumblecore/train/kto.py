@@ -59,15 +59,16 @@ class KTOStage:
         with torch.no_grad():
             rewards = self.beta * (policy - reference[:n])
             undesirable = ~desirable
-            # Sums over the micro-batch's examples; the engine divides by the step's examples, so
-            # rewards/chosen / share/desirable is the mean reward of the desirable examples.
+            # kl and share/desirable: per example (the engine divides by the step's examples); the rewards and
+            # log-probs: (sum, count) over the desirable or the undesirable examples, means of their own.
+            chosen, rejected = desirable.sum(), undesirable.sum()
             metrics = {
                 "kl": z * n,
                 "share/desirable": desirable.float().sum(),
-                "rewards/chosen": (rewards * desirable).sum(),
-                "rewards/rejected": (rewards * undesirable).sum(),
-                "logps/chosen": (policy.detach() * desirable).sum(),
-                "logps/rejected": (policy.detach() * undesirable).sum(),
+                "rewards/chosen": ((rewards * desirable).sum(), chosen),
+                "rewards/rejected": ((rewards * undesirable).sum(), rejected),
+                "logps/chosen": ((policy.detach() * desirable).sum(), chosen),
+                "logps/rejected": ((policy.detach() * undesirable).sum(), rejected),
             }
         return losses.sum(), metrics
 

@@ -80,7 +80,10 @@ class EvalAggregate:
     def update(self, loss_sum, count: int, metrics: dict) -> None:
         self.loss.update(loss_sum, count)
         for key, value in metrics.items():
-            self._metric(key).update(value, count)
+            if isinstance(value, tuple):  # (sum, count): a mean over units of its own (the engine's Stage protocol)
+                self._metric(key).update(*value)
+            else:
+                self._metric(key).update(value, count)
 
     def _metric(self, key: str) -> RatioOfSums:
         if key not in self.metrics:
