@@ -4,8 +4,6 @@ data formats and their errors, the KL rows, r = 0 on the first step, exact resum
 import json
 import math
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from statistics import mean
 
@@ -14,7 +12,7 @@ import torch
 import yaml
 from test_dpo import run as dpo_run
 from test_dpo import train_records, transformers_logps
-from tiny import make_tiny_model
+from tiny import make_tiny_model, max_weight_difference, train_on_two_processes
 
 import bumblecore
 from bumblecore.args import DataArgs, TrainArgs
@@ -336,19 +334,8 @@ def test_kto_ddp_equals_one_process_accumulating(tmp_path, models, data):
     file.write_text(yaml.safe_dump(config))
     one = ["--output_dir", str(tmp_path / "one"), "--gradient_accumulation_steps", "2"]
     main(["train", "--config", str(file), *one, "--cache_dir", str(tmp_path / "cache_one")])
-    two = ["--devices", "2", "--output_dir", str(tmp_path / "two"), "--cache_dir", str(tmp_path / "cache_two")]
-    result = subprocess.run(
-        [sys.executable, "-m", "bumblecore", "train", "--config", str(file), *two],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    from safetensors.torch import load_file
-
-    expected, got = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
-    worst = max((got[k] - expected[k]).abs().max().item() for k in expected)
+    train_on_two_processes(file, tmp_path / "two", "--cache_dir", str(tmp_path / "cache_two"), cwd=tmp_path)
+    worst = max_weight_difference(tmp_path / "one", tmp_path / "two")
     assert worst < 1e-5, f"max weight difference {worst}"
     losses = [
         [r["loss"] for r in train_records(json.loads(x) for x in (tmp_path / d / "metrics.jsonl").open())]

@@ -4,13 +4,12 @@ rewards), and not the mean of per-rank means (computed here as the wrong answer)
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from tiny import train_on_two_processes
 
 import bumblecore
 from bumblecore.args import TrainArgs
@@ -117,26 +116,7 @@ def run_one_and_two(root: Path, name: str, keys: dict, *two_processes: str) -> t
             "2",
         ]
     )
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bumblecore",
-            "train",
-            "--config",
-            str(config),
-            "--devices",
-            "2",
-            "--output_dir",
-            str(root / f"{name}_two"),
-            *two_processes,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        cwd=root,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    train_on_two_processes(config, root / f"{name}_two", *two_processes, cwd=root, timeout=180)
     first = [
         next(
             json.loads(line)

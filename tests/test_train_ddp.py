@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 from safetensors.torch import load_file
-from tiny import init_tiny_model_dir
+from tiny import init_tiny_model_dir, max_weight_difference, train_on_two_processes
 
 from bumblecore.cli import main
 
@@ -140,29 +140,8 @@ def test_dpo_ddp_equals_one_process_and_shares_the_reference_table(tmp_path):
             str(tmp_path / "cache_one"),
         ]
     )
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bumblecore",
-            "train",
-            "--config",
-            str(config),
-            "--devices",
-            "2",
-            "--output_dir",
-            str(tmp_path / "two"),
-            "--cache_dir",
-            str(tmp_path / "cache_two"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    expected, got = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
-    worst = max((got[k] - expected[k]).abs().max().item() for k in expected)
+    train_on_two_processes(config, tmp_path / "two", "--cache_dir", str(tmp_path / "cache_two"), cwd=tmp_path)
+    worst = max_weight_difference(tmp_path / "one", tmp_path / "two")
     assert worst < 1e-5, f"max weight difference {worst}"
     import numpy as np
 

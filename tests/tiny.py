@@ -67,3 +67,25 @@ def init_tiny_model_dir(out) -> Path:
 
     main(["init_model", *TINY_INIT_ARGS, "--tokenizer_path", str(DEMO_TOKENIZER), "--output_dir", str(out)])
     return Path(out)
+
+
+def train_on_two_processes(config, output_dir, *options, cwd, timeout: int = 240) -> str:
+    """`bumblecore train --config F --devices 2` (2 gloo ranks) in a child process; its stderr on success,
+    its stderr's tail as the failure otherwise."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "bumblecore", "train", "--config", str(config), "--devices", "2"]
+    result = subprocess.run(
+        [*command, "--output_dir", str(output_dir), *options], capture_output=True, text=True, timeout=timeout, cwd=cwd
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stderr
+
+
+def max_weight_difference(model_dir, other_dir, file: str = "model.safetensors") -> float:
+    """The largest absolute difference between two saved models' tensors."""
+    from safetensors.torch import load_file
+
+    expected, got = load_file(Path(model_dir) / file), load_file(Path(other_dir) / file)
+    return max((got[k] - expected[k]).abs().max().item() for k in expected)
