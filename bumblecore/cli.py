@@ -149,6 +149,21 @@ def _flat_names(options: dict, spellings: dict) -> dict[str, str]:
     return names
 
 
+def flat_help(text: str, function) -> str:
+    """jsonargparse's help with every option and group under its shortest spelling (`--learning_rate`, not
+    `--run.optimization.learning_rate`): what users type and what YAML files and --print_config write."""
+    import re
+
+    options, spellings = option_paths(function)
+    shortest = _flat_names(options, spellings)  # an option: its own field name, not an older alias
+    for tail, path in spellings.items():  # a group: its shortest spelling
+        if path not in options and (path not in shortest or len(tail) < len(shortest[path])):
+            shortest[path] = tail
+    for path in sorted(shortest, key=len, reverse=True):
+        text = re.sub(rf"--{re.escape(path)}(?=[\s\],=+]|$)", f"--{shortest[path]}", text)
+    return text
+
+
 def flat_options(function) -> dict[str, object]:
     """Each option's flat name -> its annotation."""
     options, spellings = option_paths(function)
@@ -365,14 +380,18 @@ def parse_grouped(name: str, function, args: list[str]) -> tuple[dict, bool]:
         prog=f"bumblecore {name}",
         exit_on_error=False,
         description=(
-            f"{description}\n\nEvery key below also takes its flat name (its last part), on the command line "
-            "(--key value) and in YAML files (key: value), as --print_config writes them; --yaml_config F is --config F."
+            f"{description}\n\nKeys are shown by their flat names, as YAML files (key: value) and --print_config "
+            "spell them; the grouped spelling works too (--optimization.learning_rate, or the whole path "
+            "--run.optimization.learning_rate); --yaml_config F is --config F."
         ),
     )
     parser.add_argument(
         "--config", action="config", help="YAML file of flat (or grouped) keys; the command line overrides it"
     )
     parser.add_function_arguments(function, as_group=False)
+    if any(arg in ("-h", "--help") for arg in command_line):
+        print(flat_help(parser.format_help(), function), end="")
+        raise SystemExit(0)
     nested: dict = {}
     for path, value in from_files.items():
         *groups, key = path.split(".")
