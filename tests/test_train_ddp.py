@@ -80,9 +80,11 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
         assert worst < 1e-5, f"{name}: max weight difference {worst}"
 
 
-def test_dpo_ddp_equals_one_process_and_shares_the_reference_table(tmp_path):
+@pytest.mark.parametrize("pref_loss", ["sigmoid", "orpo", "simpo"])
+def test_dpo_ddp_equals_one_process_and_shares_the_reference_table(tmp_path, pref_loss):
     """DPO over 2 processes: the reference log-probs are computed in strided shares and all-reduced,
-    the loss is normalised by the pairs of the whole step; the result equals 1 process x accumulation 2."""
+    the loss is normalised by the pairs of the whole step; the result equals 1 process x accumulation 2.
+    The reference-free losses (ORPO, SimPO) likewise, with no reference table at all."""
     model = tmp_path / "model"
     init_tiny_model_dir(str(tmp_path / "init"))
     main(
@@ -124,6 +126,7 @@ def test_dpo_ddp_equals_one_process_and_shares_the_reference_table(tmp_path):
                 "accelerator": "cpu",
                 "save_steps": 100,
                 "pref_beta": 0.5,
+                "pref_loss": pref_loss,
             }
         )
     )
@@ -145,5 +148,8 @@ def test_dpo_ddp_equals_one_process_and_shares_the_reference_table(tmp_path):
     assert worst < 1e-5, f"max weight difference {worst}"
     import numpy as np
 
+    if pref_loss != "sigmoid":
+        assert not list(tmp_path.rglob("reference_logps-*.npy"))
+        return
     tables = [np.load(next((tmp_path / name).rglob("reference_logps-*.npy"))) for name in ("cache_one", "cache_two")]
     assert tables[0].shape == (100, 2) and np.allclose(tables[0], tables[1], atol=1e-5)
