@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from tiny import make_tiny_model
 from transformers import (
     AutoModelForCausalLM,
     LlamaConfig,
@@ -262,17 +263,7 @@ def test_save_loads_in_transformers_same_logits(tmp_path, family):
 
 
 def test_sharded_save_loads_everywhere(tmp_path):
-    ours = Bumblebee(
-        BumblebeeConfig(
-            vocab_size=VOCAB,
-            hidden_size=64,
-            intermediate_size=96,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            initializer_range=0.2,
-        )
-    ).eval()
+    ours = small_model()
     ours.save_pretrained(tmp_path, max_shard_size="40KB")
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
@@ -470,18 +461,7 @@ def test_kv_cache_decoding_equals_full_forward(tmp_path, path):
 
 
 def small_model():
-    torch.manual_seed(0)
-    return Bumblebee(
-        BumblebeeConfig(
-            vocab_size=VOCAB,
-            hidden_size=64,
-            intermediate_size=96,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            initializer_range=0.2,
-        )
-    ).eval()
+    return make_tiny_model(VOCAB, intermediate_size=96)
 
 
 def prefill(decoder, x):
