@@ -420,7 +420,8 @@ def run_grouped_command(name: str, function, args: list[str]) -> None:
 def main(argv: list[str] | None = None) -> None:
     from jsonargparse import CLI
 
-    argv = list(sys.argv[1:] if argv is None else argv)
+    as_program = argv is None  # run as the program, not called from Python
+    argv = list(sys.argv[1:] if as_program else argv)
     # The deepspeed launcher (and torch.distributed.launch) put `--local_rank=N` before the command;
     # the rank is in the LOCAL_RANK variable too.
     while argv and argv[0].split("=", 1)[0] in ("--local_rank", "--local-rank"):
@@ -450,6 +451,25 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"bumblecore {name}: error: {err}", file=sys.stderr)
         raise SystemExit(1) from None
+    if as_program:
+        leave_finished_rank()
+
+
+def leave_finished_rank() -> None:
+    """A rank of a multi-process run whose command has finished leaves with os._exit(0). At a normal
+    exit gloo's worker threads can still be releasing the last collective's tensors while Python
+    finalises; the thread then cannot take the GIL, and the C++ runtime aborts the process (exit -6,
+    "terminate called without an active exception", 1 run in 6 under CPU load). The run has closed
+    its files and passed its last barrier by now; the streams are flushed here."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
