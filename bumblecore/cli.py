@@ -18,7 +18,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": (
         "bumblecore.train.run:train",
-        "train a model: pretrain, continue_pretrain, sft, dpo or kto; full or LoRA (flat YAML keys)",
+        "train a model: pretrain, continue_pretrain, sft, dpo, kto or grpo; full or LoRA (flat YAML keys)",
     ),
     "init_model": (
         "bumblecore.model.init:init_model",

@@ -11,7 +11,9 @@ What is measured (demo_report.json), all on held-out data:
   training), by the pretrained base (before) and the SFT model (after);
 - dpo: eval rewards/accuracies of the DPO run, and the preferred rate (the share of dpo_eval pairs
   whose chosen answer the model gives a higher log-probability than the rejected one) of the SFT
-  model (before) and of the merged DPO model (after).
+  model (before) and of the merged DPO model (after);
+- grpo (--with_grpo): exact match on the held-out count questions of sft_eval.jsonl by the merged
+  DPO model (before) and by the GRPO model (after), and the training reward at the start and end.
 """
 
 from __future__ import annotations
@@ -149,15 +151,37 @@ def preferred_rate(model_dir, cache_dir: Path, device: str) -> float:
     return preferred / max(1, len(units))
 
 
+def count_questions(name: str) -> list[dict]:
+    return [r for r in load_records(name) if r["instruction"].startswith("How many")]
+
+
+def write_grpo_prompts(out: Path) -> Path:
+    """The training count questions as GRPO prompts: the instruction, and the answer the reward checks."""
+    path = out / "grpo_prompts.jsonl"
+    lines = [
+        json.dumps({"instruction": r["instruction"], "answer": r["output"]}) for r in count_questions("sft_train.jsonl")
+    ]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def mean_reward(records: list[dict]) -> float:
+    return sum(r["reward"] for r in records) / max(1, len(records))
+
+
 # ---------------------------------------------------------------------------- the command
 
 
 def demo(
-    output_dir: str = "checkpoints/demo", device: str = "cpu", quick: bool = False, eval_questions: int = 200
+    output_dir: str = "checkpoints/demo",
+    device: str = "cpu",
+    quick: bool = False,
+    eval_questions: int = 200,
+    with_grpo: bool = False,
 ) -> dict:
     """Run the whole pipeline on the shipped demo data: init -> pretrain -> SFT -> DPO (LoRA) -> merge -> evaluate.
 
-    Writes each stage's output under output_dir (init/, pretrain/, sft/, dpo/, dpo_merged/), their
+    Writes each stage's output under output_dir (init/, pretrain/, sft/, dpo/, dpo_merged/, grpo/), their
     loss plots, and demo_report.json with the held-out measurements; prints a short summary.
 
     Args:
@@ -165,6 +189,7 @@ def demo(
         device: cpu, or cuda (bf16, and a bigger model: 8 layers, hidden 512).
         quick: a few steps per stage and a tiny model (seconds; for tests); the numbers then mean nothing.
         eval_questions: how many held-out SFT questions the exact match is measured on (at most 200).
+        with_grpo: a fourth stage: GRPO with the exact-match reward on the count questions (~1 minute on 2 cores).
     """
     from bumblecore.model.init import init_model
     from bumblecore.model.lora import merge_lora
@@ -213,6 +238,24 @@ def demo(
     preferred_after = timed("preferred rate (dpo)", preferred_rate, out / "dpo_merged", out / "token_cache", device)
     final_match, answers = timed("exact match (dpo)", exact_match, out / "dpo_merged", questions, device)
     dpo_evals = [r for r in dpo if "eval/rewards/accuracies" in r]
+    grpo_report = None
+    if with_grpo:
+        held_out = count_questions("sft_eval.jsonl")[: 8 if quick else None]
+        before, _ = timed("exact match, count questions (dpo)", exact_match, out / "dpo_merged", held_out, device)
+        config = stage_config("grpo", out, out / "dpo_merged", device, quick, dataset_path=str(write_grpo_prompts(out)))
+        if quick:
+            config.update(train_micro_batch_size_per_gpu=4, gradient_accumulation_steps=2, num_generations=4)
+        rounds = [r for r in timed("grpo", run_stage, config) if "reward" in r]
+        after, _ = timed("exact match, count questions (grpo)", exact_match, out / "grpo", held_out, device)
+        tenth = max(1, len(rounds) // 10)
+        grpo_report = {
+            "count_exact_match_before": before,
+            "count_exact_match_after": after,
+            "questions": len(held_out),
+            "reward_start": mean_reward(rounds[:tenth]),
+            "reward_end": mean_reward(rounds[-tenth:]),
+            "reward_curve": [[r["step"], round(r["reward"], 4)] for r in rounds],
+        }
 
     report = {
         "pretrain": {"eval_loss_start": evals[0], "eval_loss_end": evals[-1]},
@@ -223,6 +266,7 @@ def demo(
             "preferred_rate_after": preferred_after,
             "exact_match_after": final_match,
         },
+        **({"grpo": grpo_report} if grpo_report else {}),
         "seconds": round(time.perf_counter() - started, 1),
         "stage_seconds": timings,
         "samples": answers[:5],
@@ -245,6 +289,13 @@ def print_summary(report: dict, out: Path) -> None:
         f"dpo       eval reward accuracy {accuracy}; preferred rate {d['preferred_rate_before']:.2f} -> "
         f"{d['preferred_rate_after']:.2f}; exact match after DPO {d['exact_match_after']:.2f}"
     )
+    if "grpo" in report:
+        g = report["grpo"]
+        print(
+            f"grpo      held-out count questions exact match {g['count_exact_match_before']:.2f} -> "
+            f"{g['count_exact_match_after']:.2f} ({g['questions']} questions); training reward "
+            f"{g['reward_start']:.2f} -> {g['reward_end']:.2f}"
+        )
     for sample in report["samples"][:3]:
         print(f"  Q: {sample['question']}\n  A: {sample['answer']}   (expected: {sample['expected']})")
     print(f"total {report['seconds']:.0f}s; outputs and demo_report.json in {out}")

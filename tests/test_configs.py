@@ -13,7 +13,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DEMO_CONFIGS = Path(__file__).resolve().parents[1] / "bumblecore" / "demo_configs"
 TRAIN_YAMLS = sorted(
     [
-        *(p for p in CONFIGS.rglob("*.yaml") if p.parent.name in ("pretrain", "sft", "dpo", "kto")),
+        *(p for p in CONFIGS.rglob("*.yaml") if p.parent.name in ("pretrain", "sft", "dpo", "kto", "grpo")),
         *DEMO_CONFIGS.glob("*.yaml"),
     ]
 )

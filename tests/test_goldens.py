@@ -79,7 +79,7 @@ def base_model(tmp_path_factory):
     return out
 
 
-def train(tmp_path, model, dataset, stage, **keys) -> list[float]:
+def train(tmp_path, model, dataset, stage, read=("loss",), **keys) -> list[float]:
     config = {
         "training_stage": stage,
         "model_name_or_path": str(model),
@@ -102,7 +102,7 @@ def train(tmp_path, model, dataset, stage, **keys) -> list[float]:
     file.write_text(yaml.safe_dump(config))
     main(["train", "--config", str(file)])
     history = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    return [round(r["loss"], 7) for r in history if "loss" in r]
+    return [round(r[key], 7) for r in history if "loss" in r for key in read]
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +141,20 @@ def test_loss_curves(tmp_path, pretrained, data, stage, finetuning_type, keys):
     )
     name = f"loss/{stage}-{finetuning_type}-{keys.get('pref_loss', '')}"
     check(name, train(tmp_path, pretrained, data / dataset, stage, finetuning_type=finetuning_type, **keys))
+
+
+def test_grpo_curve(tmp_path, pretrained, data):
+    """Loss, reward and KL per step: sampled rollouts (a seed per completion) rewarded by exact match
+    against the Alpaca output and a user's function (vowels), two steps per round (the second weighs
+    its ratio against the round's log-probs), a KL to a frozen copy."""
+    rewards = tmp_path / "vowels.py"
+    rewards.write_text(
+        "def vowels(prompts, completions, **fields):\n    return [float(sum(ch in 'aeiou' for ch in c)) for c in completions]\n"
+    )
+    keys = dict(num_generations=2, max_completion_length=6, num_iterations=2, beta=0.1, max_steps=4)
+    keys |= dict(reward_functions=["exact_match", f"{rewards}:vowels"], learning_rate=2e-2)
+    curve = train(tmp_path, pretrained, data / "sft_train.jsonl", "grpo", read=("loss", "reward", "kl"), **keys)
+    check("loss/grpo-full-", curve)
 
 
 def generated(capsys, *args) -> str:

@@ -110,6 +110,14 @@ def test_reward_functions_from_built_ins_and_a_user_file(tmp_path):
     assert total == [2 + 1 / 4, 2 + 1 / 6, 1 / 9 + 1]
 
 
+def test_exact_match_takes_answer_else_alpacas_output():
+    functions = load_reward_functions(["exact_match"])
+    fields = {"answer": ["two", None], "output": ["three", "one"]}
+    assert score(functions, [[], []], ["two", "ONE "], fields)[0] == [[1.0, 1.0]]
+    with pytest.raises(ValueError, match="neither an `answer` nor an `output`"):
+        score(functions, [[]], ["two"], {"id": [3]})
+
+
 @pytest.mark.parametrize(
     "source, spec, message",
     [

@@ -34,7 +34,7 @@ def dataset_units(
 def run_tokenizer(model: ModelArgs):
     """The run's tokenizer (from the model dir) with its own chat template, checked for the chat stages."""
     tokenizer = load_tokenizer(model.model_name_or_path, trust_remote_code=model.trust_remote_code)
-    if model.training_stage in ("sft", "dpo", "kto"):
+    if model.training_stage in ("sft", "dpo", "kto", "grpo"):
         chat_format(tokenizer).check_trainable(model.model_name_or_path)
     return tokenizer
 
@@ -54,6 +54,9 @@ def prepare_data(run: TrainArgs) -> None:
     """
     _require_data(run)
     tokenizer, data = run_tokenizer(run.model), run.data
+    if run.model.training_stage == "grpo":
+        show_prompts(run, tokenizer, 0)
+        return
     for label, paths in (("train", data.dataset_path), ("eval", data.eval_dataset_path)):
         if not paths:
             continue
@@ -93,6 +96,9 @@ def inspect_data(run: TrainArgs, num_samples: int = 3, format: str = "text") -> 
         raise ValueError(f"format {format!r} is not supported; choose text or json")
     _require_data(run)
     tokenizer, data = run_tokenizer(run.model), run.data
+    if run.model.training_stage == "grpo":
+        show_prompts(run, tokenizer, num_samples, format)
+        return
     report = ReadReport()
     shown = []
     for sample in read_samples(data.dataset_path, run.model.training_stage, data.skip_bad_records, report):
@@ -129,3 +135,27 @@ def inspect_data(run: TrainArgs, num_samples: int = 3, format: str = "text") -> 
         print(f"validated {report.records} records; {len(report.skipped)} bad records skipped", file=sys.stderr)
         for message in report.skipped[:10]:
             print(f"  skipped: {message}", file=sys.stderr)
+
+
+def show_prompts(run: TrainArgs, tokenizer, num_samples: int, format: str = "text") -> None:
+    """GRPO's data: prompts (validated, rendered as the rollouts see them) and the fields the rewards get.
+    Nothing is cached: the completions come from the policy during training."""
+    from bumblecore.data.prompts import read_prompts, tokenize_prompts
+
+    report = ReadReport()
+    prompts = read_prompts(run.data.dataset_path, run.data.skip_bad_records, report)
+    kept, too_long = tokenize_prompts(prompts, tokenizer, run.data.cutoff_len)
+    for prompt in kept[:num_samples]:
+        if format == "json":
+            print(json.dumps({"input_ids": prompt.ids, "fields": prompt.fields}, ensure_ascii=False))
+        else:
+            print(f"===== {prompt.where}: {len(prompt.ids)} prompt tokens; fields {json.dumps(prompt.fields)} =====")
+            print(tokenizer.decode(prompt.ids))
+    print(
+        f"grpo: {len(kept)} prompts of {report.records} records ({too_long} longer than cutoff_len "
+        f"{run.data.cutoff_len}, {len(report.skipped)} bad records skipped); nothing to cache: the "
+        "completions are sampled from the policy while it trains",
+        file=sys.stderr,
+    )
+    for message in report.skipped[:10]:
+        print(f"  skipped: {message}", file=sys.stderr)

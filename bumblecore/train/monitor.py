@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Optional
 
-PLOTTED_METRICS = ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected")
+PLOTTED_METRICS = ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "reward")
 
 
 class Monitor:
@@ -106,7 +106,7 @@ def ema(values: list[float], weight: float = 0.9) -> list[float]:
 
 
 def plot_history(history: list[dict], output_dir, smooth: bool = True) -> list[Path]:
-    """training_loss.png (with eval loss when present) and one PNG per DPO reward metric."""
+    """training_loss.png (with eval loss when present), one PNG per DPO reward metric, and GRPO's reward."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -1,8 +1,9 @@
 """Reward functions for GRPO: the built-ins and the user's own, named in the config.
 
-A reward function takes the step's prompts and completions (lists of strings, one entry per completion)
-and, as keyword arguments, the other fields of each completion's record (`answer=[...]`, ...), and
-returns one number per completion. `reward_functions: [exact_match, my_rewards.py:brevity]` names them:
+A reward function takes the round's prompts (each a list of messages, `[{"role": "user", "content": ...}]`)
+and completions (strings), one entry per completion, and, as keyword arguments, the other fields of
+each completion's record (`answer=[...]`, ...; None where a record lacks the field), and returns one
+number per completion. `reward_functions: [exact_match, my_rewards.py:brevity]` names them:
 a built-in by name, else `module:function` (an importable module) or `path/to/file.py:function`.
 """
 
@@ -25,11 +26,18 @@ def normalised_answer(text: str) -> str:
     return " ".join(str(text).split()).casefold()
 
 
-def exact_match(prompts: list, completions: list[str], answer: Optional[list] = None, **fields) -> list[float]:
-    """1.0 where the completion is the record's `answer` (whitespace and case aside), else 0.0."""
-    if answer is None:
-        raise ValueError("the record has no `answer` field, which exact_match compares the completion with")
-    return [float(normalised_answer(c) == normalised_answer(a)) for c, a in zip(completions, answer)]
+def exact_match(
+    prompts: list, completions: list[str], answer: Optional[list] = None, output: Optional[list] = None, **fields
+) -> list[float]:
+    """1.0 where the completion is the record's `answer` (whitespace and case aside), else 0.0. A record
+    without `answer` is compared with its Alpaca `output`, so SFT data with short answers serves as is."""
+    expected = [
+        a if a is not None else o
+        for a, o in zip(answer or [None] * len(completions), output or [None] * len(completions))
+    ]
+    if any(e is None for e in expected):
+        raise ValueError("a record has neither an `answer` nor an `output` field for exact_match to compare with")
+    return [float(normalised_answer(c) == normalised_answer(e)) for c, e in zip(completions, expected)]
 
 
 SINGLE_LINE = re.compile(r"\S[^\n]*")

@@ -17,7 +17,7 @@ from bumblecore.args import TrainArgs, flat_defaults
 
 
 def train(run: TrainArgs) -> None:
-    """Train a model: pretrain, continue_pretrain, sft, dpo or kto; full fine-tuning or LoRA.
+    """Train a model: pretrain, continue_pretrain, sft, dpo, kto or grpo; full fine-tuning or LoRA.
 
     Takes the original's flat YAML keys (`--config F` or `--yaml_config F`), each overridable on the
     command line. `devices: N` starts N processes; under a launcher (`fabric run`, `torchrun`,
