@@ -212,6 +212,33 @@ def test_a_run_logs_its_rewards_and_starts_with_zero_kl(setup, tmp_path, monkeyp
         assert call["answer"][0] == answers[call["prompt"]] and len(set(call["answer"][:4])) == 1
 
 
+def test_evaluation_scores_the_policys_greedy_answers(setup, tmp_path, monkeypatch, demo_tok):
+    history = run(
+        setup,
+        tmp_path / "eval",
+        monkeypatch,
+        finetuning_type="full",
+        eval_dataset_path=str(setup / "prompts.jsonl"),
+        eval_steps=2,
+        max_steps=2,
+    )
+    evaluations = [r for r in history if "eval/reward" in r]
+    assert [r["step"] for r in evaluations] == [0, 2]
+    # step 0: the starting model's greedy answers, generated and scored here independently
+    from bumblecore.inference.loading import load_for_inference
+
+    model, tokenizer, eos = load_for_inference(str(setup / "model"), dtype="float32")
+    prompts, _ = tokenize_prompts(read_prompts(setup / "prompts.jsonl"), tokenizer, 64)
+    engine = GenerationEngine(model, tokenizer, max_batch_size=8, eos_token_ids=eos)
+    texts = [r["text"] for r in engine.generate([p.ids for p in prompts], SamplingParams(max_new_tokens=6))]
+    start = evaluations[0]
+    assert start["eval/rewards/brevity/mean"] == pytest.approx(-sum(map(len, texts)) / len(texts), abs=1e-5)
+    assert start["eval/loss"] == 0.0 and 0 <= start["eval/rewards/exact_match/mean"] <= 1
+    assert start["eval/reward"] == pytest.approx(
+        start["eval/rewards/exact_match/mean"] + 0.1 * start["eval/rewards/brevity/mean"], abs=1e-5
+    )
+
+
 @pytest.mark.parametrize("at", [1, 2])
 def test_resume_within_and_between_rounds_is_exact(setup, tmp_path, monkeypatch, at):
     keys = dict(finetuning_type="lora", max_steps=4, save_steps=1, save_total_limit=5, num_iterations=2, beta=0.05)

@@ -233,11 +233,10 @@ class RolloutLoader:
 
     @torch.no_grad()
     def roll_out(self, round_index: int) -> dict:
-        from bumblecore.inference.generate import GenerationEngine, SamplingParams
+        from bumblecore.inference.generate import SamplingParams
 
         grpo, group = self.grpo, self.grpo.num_generations
-        chosen = self.round_prompts(round_index)
-        rows = [(position, prompt, g) for position, prompt in chosen for g in range(group)]
+        rows = [(position, prompt, g) for position, prompt in self.round_prompts(round_index) for g in range(group)]
         params = [
             SamplingParams(
                 max_new_tokens=grpo.max_completion_length,
@@ -249,44 +248,48 @@ class RolloutLoader:
             )
             for position, _, g in rows
         ]
-        policy = unwrapped(self.model)
-        longest = max(len(prompt.ids) for _, prompt, _ in rows)
-        with evaluating(policy):
-            engine = GenerationEngine(
-                policy,
-                self.tokenizer,
-                max_batch_size=len(rows),
-                max_len=longest + grpo.max_completion_length,
-                eos_token_ids=self.eos_ids,
-            )
-            results = engine.generate([prompt.ids for _, prompt, _ in rows], params)
-            del engine  # its prepared weights are of this round's policy
-        for result in results:
-            if "error" in result:
-                raise RuntimeError(f"a GRPO rollout failed: {result['error']}")
-        keys = sorted({key for _, prompt, _ in rows for key in prompt.fields})
-        fields = {key: [prompt.fields.get(key) for _, prompt, _ in rows] for key in keys}
-        table, total = score(
-            self.functions, [prompt.messages for _, prompt, _ in rows], [r["text"] for r in results], fields
-        )
-        table = torch.tensor(table, dtype=torch.float64).T.reshape(len(rows), -1)  # rows x functions
-        total = torch.tensor(total, dtype=torch.float64)
-        spread = torch.cat([table, total[:, None]], dim=1).view(-1, group, table.shape[1] + 1).std(dim=1)
-        rollouts = {
-            "round": round_index,
-            "prompt_ids": [list(prompt.ids) for _, prompt, _ in rows],
-            "completion_ids": [list(r["token_ids"]) for r in results],
-            "truncated": torch.tensor([r["finish_reason"] == "length" for r in results]),
-            "reward_table": table.float(),
-            "rewards": total.float(),
-            "group_std": spread.repeat_interleave(group, dim=0).float(),
-            "advantages": group_advantages(total, group, grpo.scale_rewards).float(),
-        }
+        rollouts = {"round": round_index, **self.sample([prompt for _, prompt, _ in rows], params, group)}
         if grpo.num_iterations > 1:  # later steps of the round weigh their ratio against these
             rollouts["old_logps"] = self._row_logps(rollouts, self.model)
         if grpo.beta:
             rollouts["ref_logps"] = self._row_logps(rollouts, None)
         return rollouts
+
+    @torch.no_grad()
+    def sample(self, prompts: list, params: list, group: int) -> dict:
+        """Completions of `prompts` (consecutive groups of `group` rows) by the current policy, scored."""
+        from bumblecore.inference.generate import GenerationEngine
+
+        policy = unwrapped(self.model)
+        with evaluating(policy):
+            engine = GenerationEngine(
+                policy,
+                self.tokenizer,
+                max_batch_size=len(prompts),
+                max_len=max(len(prompt.ids) for prompt in prompts) + self.grpo.max_completion_length,
+                eos_token_ids=self.eos_ids,
+            )
+            results = engine.generate([prompt.ids for prompt in prompts], params)
+            del engine  # its prepared weights are of this round's policy
+        for result in results:
+            if "error" in result:
+                raise RuntimeError(f"a GRPO rollout failed: {result['error']}")
+        keys = sorted({key for prompt in prompts for key in prompt.fields})
+        fields = {key: [prompt.fields.get(key) for prompt in prompts] for key in keys}
+        table, total = score(self.functions, [p.messages for p in prompts], [r["text"] for r in results], fields)
+        table = torch.tensor(table, dtype=torch.float64).T.reshape(len(prompts), -1)  # rows x functions
+        total = torch.tensor(total, dtype=torch.float64)
+        columns = torch.cat([table, total[:, None]], dim=1).view(-1, group, table.shape[1] + 1)
+        spread = columns.std(dim=1) if group > 1 else torch.zeros_like(columns[:, 0])
+        return {
+            "prompt_ids": [list(prompt.ids) for prompt in prompts],
+            "completion_ids": [list(r["token_ids"]) for r in results],
+            "truncated": torch.tensor([r["finish_reason"] == "length" for r in results]),
+            "reward_table": table.float(),
+            "rewards": total.float(),
+            "group_std": spread.repeat_interleave(group, dim=0).float(),
+            "advantages": group_advantages(total, group, self.grpo.scale_rewards).float(),
+        }
 
     def _row_logps(self, rollouts: dict, model) -> list[torch.Tensor]:
         """Each row's completion-token log-probs under `model` (None: the reference), without dropout."""
@@ -378,6 +381,27 @@ class RolloutLoader:
         self.rollouts = {key: (value if key == "round" else value[rows]) for key, value in saved.items()}
 
 
+class GreedyEvaluation:
+    """Eval batches of GRPO: this rank's share of the eval prompts, answered greedily by the current
+    policy at each evaluation and scored; the stage then logs eval/reward, eval/rewards/<f>/mean, ...
+    (the eval loss is 0: one completion per prompt has no advantage)."""
+
+    def __init__(self, loader: RolloutLoader, prompts: list, world_size: int, rank: int):
+        self.loader, self.prompts = loader, prompts[rank::world_size]  # every rank has some when there are enough
+
+    def __len__(self) -> int:
+        return -(-len(self.prompts) // self.loader.micro_batch_size)
+
+    def __iter__(self):
+        from bumblecore.inference.generate import SamplingParams
+
+        greedy = SamplingParams(max_new_tokens=self.loader.grpo.max_completion_length)
+        rollouts = self.loader.sample(self.prompts, [greedy] * len(self.prompts), 1)
+        size = self.loader.micro_batch_size
+        for start in range(0, len(self.prompts), size):
+            yield self.loader.collate(rollouts, range(start, min(start + size, len(self.prompts))))
+
+
 # ---------------------------------------------------------------------------- references
 
 
@@ -397,23 +421,24 @@ class LiveReference:
             return completion_token_logps(peft_model, batch, temperature)[0]
 
 
-def read_grpo_prompts(run, tokenizer) -> tuple[list, list[str]]:
-    """The run's prompts with their ids, and the banner's lines about them."""
+def read_grpo_prompts(run, tokenizer, paths, label: str = "dataset_path") -> tuple[list, list[str]]:
+    """The prompts of `paths` with their ids, and the banner's lines about them."""
     from bumblecore.data.formats import ReadReport
     from bumblecore.data.prompts import read_prompts, tokenize_prompts
 
     report = ReadReport()
-    prompts = read_prompts(run.data.dataset_path, run.data.skip_bad_records, report)
+    prompts = read_prompts(paths, run.data.skip_bad_records, report)
     prompts, too_long = tokenize_prompts(prompts, tokenizer, run.data.cutoff_len)
     if not prompts:
         raise ValueError(
-            f"dataset_path: no usable prompt ({report.records} records, {too_long} longer than cutoff_len "
+            f"{label}: no usable prompt ({report.records} records, {too_long} longer than cutoff_len "
             f"{run.data.cutoff_len}, {len(report.skipped)} bad records skipped)"
         )
     lengths = sorted(len(p.ids) for p in prompts)
     fields = sorted({key for p in prompts for key in p.fields})
+    name = "data" if label == "dataset_path" else "eval data"
     lines = [
-        f"  data: {len(prompts)} prompts ({report.records} records; {too_long} longer than cutoff_len "
+        f"  {name}: {len(prompts)} prompts ({report.records} records; {too_long} longer than cutoff_len "
         f"{run.data.cutoff_len} dropped, {len(report.skipped)} bad records skipped), prompt tokens median "
         f"{lengths[len(lengths) // 2]}, max {lengths[-1]}; fields for the rewards: {', '.join(fields) or 'none'}",
         *[f"    skipped: {reason}" for reason in report.skipped[:3]],

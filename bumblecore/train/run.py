@@ -81,11 +81,6 @@ def _check_inputs(run: TrainArgs) -> None:
 
 
 def _check_grpo(run: TrainArgs) -> None:
-    if run.data.eval_dataset_path:
-        raise ValueError(
-            "eval_dataset_path: training_stage grpo has no eval loss; measure held-out prompts with "
-            "`bumblecore generate` (the demo's --with_grpo reports exact match before and after)"
-        )
     if run.runtime.deepspeed_config_path and load_zero_stage(run.runtime.deepspeed_config_path) == 3:
         raise ValueError(
             "training_stage grpo with ZeRO-3: the rollouts decode with whole weights on every process; "
@@ -565,11 +560,19 @@ def main(fabric, run: TrainArgs, deepspeed_config: dict | None = None, launcher:
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     if run.model.training_stage == "grpo":  # prompts, not token units: the rollouts make the batches
-        from bumblecore.train.grpo import build_grpo, read_grpo_prompts
+        from bumblecore.train.grpo import GreedyEvaluation, build_grpo, read_grpo_prompts
 
-        units, data_lines = read_grpo_prompts(run, tokenizer)
-        eval_units = eval_loader = None
+        units, data_lines = read_grpo_prompts(run, tokenizer, run.data.dataset_path)
         stage, loader = build_grpo(fabric, run, units, tokenizer, pad_id)
+        eval_units = eval_loader = None
+        if run.data.eval_dataset_path:
+            eval_units, eval_lines = read_grpo_prompts(run, tokenizer, run.data.eval_dataset_path, "eval_dataset_path")
+            if len(eval_units) < fabric.world_size:
+                raise ValueError(
+                    f"eval_dataset_path: {len(eval_units)} prompts for {fabric.world_size} processes; give one per process"
+                )
+            eval_loader = GreedyEvaluation(loader, eval_units, fabric.world_size, fabric.global_rank)
+            data_lines += eval_lines
     else:
         (train_cache, units), (eval_cache, eval_units) = build_once(fabric, tokenized)
         if eval_units is not None and len(eval_units) < fabric.world_size:  # every rank evaluates a share
