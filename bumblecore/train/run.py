@@ -663,6 +663,7 @@ def main(fabric, run: TrainArgs, deepspeed_config: dict | None = None, launcher:
         f"  data: {len(units)} training units ({'packed' if run.data.packing else 'padded'} rows of <= {run.data.cutoff_len} tokens)"
         + (f", {len(eval_units)} eval units" if eval_units is not None else ""),
         f"  dataset: {train_cache.summary.counts()}",
+        *_source_lines(run, train_cache, units),
         *([f"  eval dataset: {eval_cache.summary.counts()}"] if eval_cache is not None else []),
         *[f"    {example}" for example in train_cache.summary.examples()],
         f"  processes: {fabric.world_size} ({_processes_per_node(fabric)} per node x {fabric.world_size // _processes_per_node(fabric)} node(s), "
@@ -688,6 +689,15 @@ def main(fabric, run: TrainArgs, deepspeed_config: dict | None = None, launcher:
     monitor.close(smooth=run.model.training_stage != "pretrain")
     _report_peak_memory(fabric, monitor)
     fabric.print(f"done in {time.perf_counter() - started:.1f}s: {output.output_dir}")
+
+
+def _source_lines(run: TrainArgs, cache, units) -> list[str]:
+    """A mixture's sources in the banner: records, share of the trained tokens, weights."""
+    from bumblecore.data.commands import run_sources
+    from bumblecore.data.mixture import source_records, source_report
+
+    sources = run_sources(run.data, run.data.dataset_path)
+    return source_report(units, sources, source_records(cache, sources))
 
 
 def _report_peak_memory(fabric, monitor) -> None:
