@@ -13,7 +13,13 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from tiny import init_tiny_model_dir, make_tiny_model, write_tiny_checkpoint
+from tiny import (
+    init_tiny_model_dir,
+    make_tiny_model,
+    max_weight_difference,
+    train_on_two_processes,
+    write_tiny_checkpoint,
+)
 
 import bumblecore
 from bumblecore.args import DataArgs, TrainArgs
@@ -392,3 +398,38 @@ def test_resume_mid_mixture_is_exact_and_eval_logs_each_source(tmp_path, data, s
     events = EventAccumulator(str(tmp_path / "a" / "runs"))
     events.Reload()
     assert {"loss/tasks", "eval/loss/text", "train/loss"} <= set(events.Tags()["scalars"])
+
+
+@pytest.mark.slow
+def test_weighted_mixture_over_two_processes_equals_one_process_accumulating_two(tmp_path, data, sft_base):
+    keys = {
+        "training_stage": "sft",
+        "model_name_or_path": str(sft_base),
+        "dataset_path": {
+            "tasks": {"path": str(data / "tasks.jsonl"), "weight": 2},
+            "replay": {"path": str(data / "text.jsonl"), "weight": 1, "loss_weight": 0.1},
+        },
+        "mix_strategy": "interleave_over",
+        "cutoff_len": 128,
+        "max_steps": 3,
+        "learning_rate": 5e-3,
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": 1,
+        "train_model_precision": "fp32",
+        "accelerator": "cpu",
+        "save_steps": 100,
+    }
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(keys))
+    main(
+        ["train", "--config", str(config), "--output_dir", str(tmp_path / "one"), "--gradient_accumulation_steps", "2"]
+    )
+    train_on_two_processes(config, tmp_path / "two", cwd=tmp_path)
+    assert max_weight_difference(tmp_path / "one", tmp_path / "two") < 1e-5
+
+    def logged(name):
+        return [r for r in map(json.loads, (tmp_path / name / "metrics.jsonl").read_text().splitlines())]
+
+    for one, two in zip(logged("one"), logged("two"), strict=True):
+        for key in ("loss", "loss/tasks", "loss/replay"):
+            assert (key in one) == (key in two) and two.get(key, 0) == pytest.approx(one.get(key, 0), rel=1e-5)
