@@ -11,7 +11,7 @@ import sys
 from bumblecore.args import DataArgs, DataSource, ModelArgs, TrainArgs, data_sources
 from bumblecore.data.cache import TokenCache, build_cache
 from bumblecore.data.formats import DataError, ReadReport, data_files, read_samples
-from bumblecore.data.mixture import all_paths, mixture_units
+from bumblecore.data.mixture import all_paths, mixture_units, source_records, source_report
 from bumblecore.data.packing import IGNORE_INDEX, Units
 from bumblecore.data.template import chat_format, encode_conversation, encode_document, encode_preference
 from bumblecore.tokenizer import load_tokenizer
@@ -80,6 +80,9 @@ def prepare_data(run: TrainArgs) -> None:
             f"{label}: {len(units)} training units ({'packed rows' if data.packing else 'rows'} of <= {data.cutoff_len} tokens) "
             f"in {cache.directory}"
         )
+        sources = run_sources(data, paths, key)
+        for line in source_report(units, sources, source_records(cache, sources)):
+            print(f"{label}:{line}")
         for example in summary.examples(limit=10):
             print(f"  {example}")
 

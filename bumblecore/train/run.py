@@ -302,6 +302,8 @@ RUN_RECORD = "training_args.yaml"
 def _resolved(value):
     if isinstance(value, list):
         return [_resolved(v) for v in value]
+    if isinstance(value, dict):  # a mixture's mapping: {name: path or {path, weight, loss_weight}}
+        return {k: _resolved(v) if not isinstance(v, (int, float)) else v for k, v in value.items()}
     return str(Path(value).expanduser().resolve()) if isinstance(value, str) and value else value
 
 
