@@ -153,8 +153,10 @@ def data_sources(
         loss = _weights(f"{key} loss_weight", [e[3] for e in entries], len(entries), allow_zero=True)
     else:
         paths = value if isinstance(value, list) else [value]
-        entries = [(_source_name(p), [p]) for p in paths]
-        names = [e[0] for e in entries]
+        names = [_source_name(p) for p in paths]
+        # Files of one stem in different folders (en/train.jsonl, zh/train.jsonl) are named folder/stem.
+        names = [f"{_source_name(Path(p).parent)}/{n}" if names.count(n) > 1 else n for p, n in zip(paths, names)]
+        entries = [(n, [p]) for n, p in zip(names, paths)]
         sampling = _weights("dataset_weights", weights, len(entries), allow_zero=True)
         loss = _weights("dataset_loss_weights", loss_weights, len(entries), allow_zero=True)
     duplicates = sorted({n for n in names if names.count(n) > 1})

@@ -70,9 +70,11 @@ def test_sources_are_named_and_bad_weights_are_refused_naming_the_key():
         ("a", ("z.jsonl",), 1.0),
         ("b", ("x.jsonl", "y.jsonl"), 0.1),
     ]
+    same_stem = DataArgs(dataset_path=["data/en/train.jsonl", "data/zh/train.jsonl", "data/dev.jsonl"]).sources()
+    assert [s.name for s in same_stem] == ["en/train", "zh/train", "dev"]
     two = ["a/x.jsonl", "b/y.jsonl"]
     refused = [
-        (dict(dataset_path=["a/x.jsonl", "b/x.jsonl"]), "two sources are named 'x'"),
+        (dict(dataset_path=["a/x.jsonl", "a/x.json"]), "two sources are named 'a/x'"),
         (dict(dataset_path=two, dataset_weights=[1], mix_strategy="interleave_over"), "dataset_weights has 1 weights"),
         (dict(dataset_path=two, dataset_weights=[1, -1], mix_strategy="interleave_over"), "dataset_weights: each"),
         (dict(dataset_path=two, dataset_weights=[1, math.nan], mix_strategy="interleave_over"), "dataset_weights"),
@@ -167,6 +169,28 @@ def test_loader_serves_the_interleaved_epoch_and_a_fresh_loader_resumes_it(data,
             torch.equal(a["source_ids"], b["source_ids"]) and torch.equal(a["input_ids"], b["input_ids"])
             for a, b in zip(late.micro_batches(step), loader.micro_batches(step))
         )
+
+
+def test_interleaved_pretraining_cuts_each_sources_own_stream_into_blocks(data, demo_tok, tmp_path):
+    (tmp_path / "more.jsonl").write_text(lines_of("pretrain.jsonl", 20, start=100))
+    cache, units = mixture_units(
+        data,
+        demo_tok,
+        tmp_path,
+        stage="pretrain",
+        cutoff_len=32,
+        dataset_path=[str(data / "text.jsonl"), str(tmp_path / "more.jsonl")],
+        dataset_weights=[1, 1],
+        mix_strategy="interleave_over",
+    )
+    info = units.sources
+    for source in (0, 1):
+        samples = np.flatnonzero(info.of_sample == source)
+        own = cache.ids[cache.offsets[samples[0]] : cache.offsets[samples[-1] + 1]]
+        rows = [units.rows[i] for i in np.flatnonzero(info.of_unit == source)]
+        stream = np.concatenate([cache.ids[p.start : p.end] for row in rows for p in row])
+        assert np.array_equal(stream, own) and all(sum(p.end - p.start for p in row) <= 32 for row in rows)
+    assert info.draws.tolist() == [max(np.bincount(info.of_unit))] * 2  # over: the larger source once
 
 
 # ---------------------------------------------------------------------------- losses
