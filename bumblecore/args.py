@@ -1,4 +1,4 @@
-"""The training run's settings: seven typed groups and the run that holds them (TrainArgs); and the
+"""The training run's settings: eight typed groups and the run that holds them (TrainArgs); and the
 sampling options that generate, chat and serve share (SamplingArgs).
 
 Each field's attribute docstring is its `--help` line. jsonargparse parses and type-checks them
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Optional, Union
 
-STAGES = ("pretrain", "continue_pretrain", "sft", "dpo", "kto")
+STAGES = ("pretrain", "continue_pretrain", "sft", "dpo", "kto", "grpo")
 FINETUNING_TYPES = ("full", "lora")
 PREF_LOSSES = ("sigmoid", "ipo", "orpo", "simpo")
 # Preference losses of the policy alone: no reference model is built, loaded or cached for them.
@@ -36,7 +36,7 @@ class ModelArgs:
     """What to train: the stage, the model and how it is tuned"""
 
     training_stage: str = "sft"
-    """pretrain (random init from a model dir holding config.json + tokenizer), continue_pretrain, sft, dpo or kto."""
+    """pretrain (random init from a model dir holding config.json + tokenizer), continue_pretrain, sft, dpo, kto or grpo."""
     finetuning_type: str = "full"
     """full or lora."""
     model_name_or_path: str = ""
@@ -71,7 +71,7 @@ class DataArgs:
     cutoff_len: int = 1024
     """Max tokens per sample (pretraining: per block)."""
     packing: Optional[bool] = None
-    """Pack samples into full rows without cross-sample attention; default on for pretrain/sft, off for dpo/kto."""
+    """Pack samples into full rows without cross-sample attention; default on for pretrain/sft, off for dpo/kto/grpo."""
     group_by_length: bool = False
     """Without packing: batch samples of similar length together (less padding)."""
     skip_bad_records: bool = False
@@ -262,6 +262,67 @@ class PreferenceArgs:
         return self.pref_loss in REFERENCE_FREE_LOSSES
 
 
+GRPO_LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
+
+
+@dataclass
+class GRPOArgs:
+    """Reinforcement learning (training_stage grpo): rollouts, rewards and the clipped objective"""
+
+    aliases: ClassVar[dict[str, str]] = {"max_new_tokens": "max_completion_length"}
+
+    num_generations: int = 8
+    """Completions sampled per prompt (the group whose rewards are compared)."""
+    max_completion_length: int = 64
+    """Most tokens a completion may have (also spelled max_new_tokens); dr_grpo divides by it."""
+    temperature: float = 1.0
+    """Rollout sampling temperature; the policy's log-probs use the same temperature."""
+    top_p: float = 1.0
+    """Rollout nucleus sampling (1: off)."""
+    top_k: int = 0
+    """Rollout top-k sampling (0: off)."""
+    reward_functions: list[str] = field(default_factory=lambda: ["exact_match"])
+    """Built-ins (exact_match against the record's `answer`, single_line) or module:function / file.py:function."""
+    reward_weights: Optional[list[float]] = None
+    """One weight per reward function (default: 1 each); the reward is their weighted sum."""
+    scale_rewards: bool = True
+    """Advantages (r - mean) / (std + 1e-4) within each group; false: r - mean (Dr. GRPO)."""
+    epsilon: float = 0.2
+    """Clip range of the importance ratio: [1 - epsilon, 1 + epsilon_high]."""
+    epsilon_high: Optional[float] = None
+    """Upper clip (DAPO's clip-higher; default: epsilon)."""
+    beta: float = 0.0
+    """Weight of the k3 KL term against the reference (the starting model; the LoRA base with its adapter
+    disabled); 0: no reference is built."""
+    loss_type: str = "grpo"
+    """grpo (mean per sequence, then over sequences), dapo (mean over the step's tokens) or dr_grpo
+    (sum / (sequences x max_completion_length))."""
+    num_iterations: int = 1
+    """Optimiser steps per generation round, each over the same rollouts (ratios against their old log-probs)."""
+
+    def __post_init__(self) -> None:
+        _one_of("loss_type", self.loss_type, GRPO_LOSS_TYPES)
+        if self.num_generations < 2:
+            raise ValueError(
+                f"num_generations must be >= 2 (a group of one has no advantage), got {self.num_generations}"
+            )
+        for key in ("max_completion_length", "num_iterations"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if not (0 < self.temperature <= 100 and 0 < self.top_p <= 1 and self.top_k >= 0):
+            raise ValueError("expected 0 < temperature <= 100, 0 < top_p <= 1 and top_k >= 0 for the rollouts")
+        if not 0 <= self.epsilon < 1 or (self.epsilon_high is not None and not self.epsilon_high >= 0):
+            raise ValueError(
+                f"expected 0 <= epsilon < 1 and epsilon_high >= 0, got {self.epsilon}, {self.epsilon_high}"
+            )
+        if not self.beta >= 0:
+            raise ValueError(f"beta must be >= 0, got {self.beta}")
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_functions):
+            raise ValueError(
+                f"reward_weights has {len(self.reward_weights)} values for {len(self.reward_functions)} reward_functions"
+            )
+
+
 @dataclass
 class RuntimeArgs:
     """Scale: processes, nodes, accelerator, DeepSpeed"""
@@ -315,12 +376,15 @@ class TrainArgs:
     output: OutputArgs = field(default_factory=OutputArgs)
     lora: LoraArgs = field(default_factory=LoraArgs)
     preference: PreferenceArgs = field(default_factory=PreferenceArgs)
+    grpo: GRPOArgs = field(default_factory=GRPOArgs)
 
     def __post_init__(self) -> None:
         if self.model.training_stage in ("dpo", "kto"):
             self._check_preference()
         if self.data.packing is None:  # a copy: the caller's DataArgs stays as given
-            self.data = dataclasses.replace(self.data, packing=self.model.training_stage not in ("dpo", "kto"))
+            self.data = dataclasses.replace(
+                self.data, packing=self.model.training_stage in ("pretrain", "continue_pretrain", "sft")
+            )
 
     def _check_preference(self) -> None:
         preference = self.preference

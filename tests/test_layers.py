@@ -15,8 +15,9 @@ MAY_IMPORT = {
     "tokenizer": {"args", "data.template"},
     "data": {"args", "tokenizer", "data.template"},
     "model": {"args", "tokenizer", "data.template"},
-    "train": {"args", "tokenizer", "data", "data.template", "model"},
     "inference": {"args", "tokenizer", "data", "data.template", "model"},
+    # GRPO's rollouts are the inference engine's generation (never a second decode loop)
+    "train": {"args", "tokenizer", "data", "data.template", "model", "inference"},
     "top": {"args", "tokenizer", "data", "data.template", "model", "train", "inference"},  # cli, demo, __init__
 }
 

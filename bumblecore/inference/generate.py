@@ -409,14 +409,15 @@ class GenerationEngine:
             greedy[i] = torch.multinomial(probs[j], 1, generator=requests[i].generator)[0]
         return greedy, []
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[dict]:
-        """Every prompt to completion (continuous batching over the slots); results in prompt order."""
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[dict]:
+        """Every prompt to completion (continuous batching over the slots); results in prompt order.
+        `params` is one for all, or one per prompt (say, each its own seed)."""
         results: dict[int, dict] = {}
         order: list[int] = []
-        queue = list(prompts)
+        queue = list(zip(prompts, params if isinstance(params, list) else [params] * len(prompts), strict=True))
         while queue or self.active:
             while queue and self.free_slots:
-                order.append(self.add(queue.pop(0), params, live_text=False))
+                order.append(self.add(*queue.pop(0), live_text=False))
             for event in self.step():
                 result = results.setdefault(event.request_id, {"text": "", "token_ids": [], "finish_reason": None})
                 result["text"] += event.text

@@ -99,6 +99,8 @@ class Engine:
             "step": self.step,
             "tokens_seen": self.tokens_seen,
             "rng": rng_state(),
+            # a loader with state of its own (GRPO's current rollouts; the others are indexed by step alone)
+            **({"loader": self.loader.state_dict()} if hasattr(self.loader, "state_dict") else {}),
         }
 
     def save_state(self, directory) -> None:
@@ -111,6 +113,8 @@ class Engine:
             self.scheduler.load_state_dict(rest["scheduler"])
             self.step, self.tokens_seen = rest["step"], rest["tokens_seen"]
             restore_rng_state(rest["rng"])
+            if "loader" in rest and hasattr(self.loader, "load_state_dict"):
+                self.loader.load_state_dict(rest["loader"])
             resume_schedule(self.scheduler, self.step)  # this run's schedule (its total steps) from here on
         except Exception as err:  # unreadable, or a state of another shape: one clear line, not a traceback
             reason = (str(err).strip().splitlines() or [""])[0][:300]

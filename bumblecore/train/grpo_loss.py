@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
+from bumblecore.args import GRPO_LOSS_TYPES as LOSS_TYPES
 
 
 def group_advantages(
@@ -69,14 +69,22 @@ def token_terms(
     return TokenTerms(loss * mask, was_clipped, kl * mask)
 
 
+def unit_count(mask: torch.Tensor, loss_type: str, max_completion_length: int) -> int:
+    """What the step's summed loss is divided by, for this micro-batch's share: sequences, completion
+    tokens, or sequences x max_completion_length."""
+    if loss_type == "grpo":
+        return mask.shape[0]
+    if loss_type == "dapo":
+        return int(mask.sum().item())
+    if loss_type == "dr_grpo":
+        return mask.shape[0] * max_completion_length
+    raise ValueError(f"loss_type {loss_type!r} is not one of {', '.join(LOSS_TYPES)}")
+
+
 def aggregate(token_loss: torch.Tensor, mask: torch.Tensor, loss_type: str, max_completion_length: int):
     """(summed loss, count) for the engine: loss / count over the step is the normalisation above."""
-    mask = mask.to(token_loss.dtype)
+    count = unit_count(mask, loss_type, max_completion_length)
     if loss_type == "grpo":
-        per_sequence = token_loss.sum(-1) / mask.sum(-1).clamp(min=1)
-        return per_sequence.sum(), token_loss.shape[0]
-    if loss_type == "dapo":
-        return token_loss.sum(), int(mask.sum().item())
-    if loss_type == "dr_grpo":
-        return token_loss.sum(), token_loss.shape[0] * max_completion_length
-    raise ValueError(f"loss_type {loss_type!r} is not one of {', '.join(LOSS_TYPES)}")
+        per_sequence = token_loss.sum(-1) / mask.to(token_loss.dtype).sum(-1).clamp(min=1)
+        return per_sequence.sum(), count
+    return token_loss.sum(), count

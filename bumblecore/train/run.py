@@ -70,12 +70,33 @@ def _check_inputs(run: TrainArgs) -> None:
         )
     if not run.data.dataset_path:
         raise ValueError("dataset_path is required")
+    if run.model.training_stage == "grpo":
+        _check_grpo(run)
     if run.optimization.lr_scheduler_type == "reduce_on_plateau" and not run.data.eval_dataset_path:
         # It steps on the eval loss only: without an eval set the lr would silently stay constant.
         raise ValueError(
             "lr_scheduler_type reduce_on_plateau lowers the lr when the eval loss stops improving, "
             "so it needs eval_dataset_path; give one, or choose another schedule (e.g. cosine)"
         )
+
+
+def _check_grpo(run: TrainArgs) -> None:
+    if run.data.eval_dataset_path:
+        raise ValueError(
+            "eval_dataset_path: training_stage grpo has no eval loss; measure held-out prompts with "
+            "`bumblecore generate` (the demo's --with_grpo reports exact match before and after)"
+        )
+    if run.runtime.deepspeed_config_path and load_zero_stage(run.runtime.deepspeed_config_path) == 3:
+        raise ValueError(
+            "training_stage grpo with ZeRO-3: the rollouts decode with whole weights on every process; "
+            "use ZeRO-0/1/2 or DDP"
+        )
+
+
+def load_zero_stage(path) -> int:
+    from bumblecore.train.runtime import load_deepspeed_config
+
+    return int(load_deepspeed_config(path).get("zero_optimization", {}).get("stage", 0))
 
 
 def config_notes(run: TrainArgs) -> list[str]:
@@ -242,7 +263,9 @@ def memory_plan(fabric, run: TrainArgs, deepspeed_config, local_processes: int):
 
     total, trainable = count_parameters(run)
     frozen_copy = 0
-    if (
+    if run.model.training_stage == "grpo" and run.grpo.beta and run.model.finetuning_type == "full":
+        frozen_copy = total
+    elif (
         run.model.training_stage in ("dpo", "kto")
         and not run.preference.reference_free
         and (
@@ -542,36 +565,51 @@ def main(fabric, run: TrainArgs, deepspeed_config: dict | None = None, launcher:
         )
         return train_data, held_out
 
-    (train_cache, units), (eval_cache, eval_units) = build_once(fabric, tokenized)
-    if eval_units is not None and len(eval_units) < fabric.world_size:  # every rank evaluates a share of its own
-        raise ValueError(
-            f"eval_dataset_path: {len(eval_units)} eval units for {fabric.world_size} processes; "
-            "give at least one per process"
-        )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    loader = BatchLoader(
-        units,
-        optimization.train_micro_batch_size_per_gpu,
-        optimization.gradient_accumulation_steps,
-        fabric.world_size,
-        fabric.global_rank,
-        optimization.seed,
-        pad_id,
-        bool(run.data.packing),
-        run.data.group_by_length,
-    )
-    eval_loader = (
-        eval_batches(
-            eval_units,
+    if run.model.training_stage == "grpo":  # prompts, not token units: the rollouts make the batches
+        from bumblecore.train.grpo import build_grpo, read_grpo_prompts
+
+        units, data_lines = read_grpo_prompts(run, tokenizer)
+        eval_units = eval_loader = None
+        stage, loader = build_grpo(fabric, run, units, tokenizer, pad_id)
+    else:
+        (train_cache, units), (eval_cache, eval_units) = build_once(fabric, tokenized)
+        if eval_units is not None and len(eval_units) < fabric.world_size:  # every rank evaluates a share
+            raise ValueError(
+                f"eval_dataset_path: {len(eval_units)} eval units for {fabric.world_size} processes; "
+                "give at least one per process"
+            )
+        loader = BatchLoader(
+            units,
             optimization.train_micro_batch_size_per_gpu,
-            pad_id,
-            bool(run.data.packing),
+            optimization.gradient_accumulation_steps,
             fabric.world_size,
             fabric.global_rank,
+            optimization.seed,
+            pad_id,
+            bool(run.data.packing),
+            run.data.group_by_length,
         )
-        if eval_units is not None
-        else None
-    )
+        eval_loader = (
+            eval_batches(
+                eval_units,
+                optimization.train_micro_batch_size_per_gpu,
+                pad_id,
+                bool(run.data.packing),
+                fabric.world_size,
+                fabric.global_rank,
+            )
+            if eval_units is not None
+            else None
+        )
+        data_lines = [
+            f"  data: {len(units)} training units ({'packed' if run.data.packing else 'padded'} rows of <= {run.data.cutoff_len} tokens)"
+            + (f", {len(eval_units)} eval units" if eval_units is not None else ""),
+            f"  dataset: {train_cache.summary.counts()}",
+            *_source_lines(run, train_cache, units),
+            *([f"  eval dataset: {eval_cache.summary.counts()}"] if eval_cache is not None else []),
+            *[f"    {example}" for example in train_cache.summary.examples()],
+        ]
     total_steps = loader.total_steps(optimization.num_epochs, optimization.max_steps)
     warmup_steps = math.ceil(optimization.warmup_ratio * total_steps)
 
@@ -589,7 +627,10 @@ def main(fabric, run: TrainArgs, deepspeed_config: dict | None = None, launcher:
         optimization.lr_scheduler_type, adamw, warmup_steps, total_steps, **optimization.lr_scheduler_kwargs
     )
 
-    stage = LanguageModelingStage()
+    if run.model.training_stage == "grpo":
+        loader.bind(model, grpo_reference(fabric, run, model, load_model), fabric.device, fabric.autocast)
+    else:
+        stage = LanguageModelingStage()
     if run.model.training_stage in ("dpo", "kto"):
         from bumblecore.train.dpo import build_preference_stage
         from bumblecore.train.kto import build_kto_stage
@@ -662,12 +703,7 @@ def main(fabric, run: TrainArgs, deepspeed_config: dict | None = None, launcher:
         (output_dir / "training_args.yaml").write_text(to_yaml(run), encoding="utf-8")
     banner = [
         f"BumbleCore train: stage {run.model.training_stage}, {run.model.finetuning_type} fine-tuning, model {run.model.model_name_or_path}",
-        f"  data: {len(units)} training units ({'packed' if run.data.packing else 'padded'} rows of <= {run.data.cutoff_len} tokens)"
-        + (f", {len(eval_units)} eval units" if eval_units is not None else ""),
-        f"  dataset: {train_cache.summary.counts()}",
-        *_source_lines(run, train_cache, units),
-        *([f"  eval dataset: {eval_cache.summary.counts()}"] if eval_cache is not None else []),
-        *[f"    {example}" for example in train_cache.summary.examples()],
+        *data_lines,
         f"  processes: {fabric.world_size} ({_processes_per_node(fabric)} per node x {fabric.world_size // _processes_per_node(fabric)} node(s), "
         f"started by {launcher or ('bumblecore' if fabric.world_size > 1 else 'this command')}), {fabric.device.type}",
         f"  batch: {optimization.train_micro_batch_size_per_gpu} micro x {fabric.world_size} device(s) x {optimization.gradient_accumulation_steps} "
@@ -700,6 +736,20 @@ def _source_lines(run: TrainArgs, cache, units) -> list[str]:
 
     sources = run_sources(run.data, run.data.dataset_path)
     return source_report(units, sources, source_records(cache, sources))
+
+
+def grpo_reference(fabric, run: TrainArgs, model, load):
+    """GRPO's KL reference (beta > 0): the LoRA base with its adapter disabled, else a frozen copy of the start."""
+    from bumblecore.train.grpo import LiveReference
+
+    if not run.grpo.beta:
+        return None
+    if run.model.finetuning_type == "lora":
+        return LiveReference(policy=model)
+    frozen = dataclasses.replace(
+        run, optimization=dataclasses.replace(run.optimization, enable_gradient_checkpointing=False)
+    )
+    return LiveReference(frozen=fabric.to_device(load(frozen, fabric)))
 
 
 def _report_peak_memory(fabric, monitor) -> None:
