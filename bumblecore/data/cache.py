@@ -4,7 +4,8 @@ Layout of one cache entry `<cache_dir>/<key>/`:
     ids.bin      uint32, every sample's token ids back to back
     mask.bin     uint8, 1 where the token is a training target (aligned with ids.bin)
     offsets.bin  int64, n + 1 sample boundaries into ids.bin
-    meta.json    counts and the summary; written last: an entry without it is never used
+    files.bin    uint32, for each sample the index of its data file (data_files order): a mixture's sources
+    meta.json    counts, the summary and each file's record count; written last: an entry without it is never used
 Preference data stores two entries per pair: 2i = prompt + chosen, 2i + 1 = prompt + rejected.
 KTO data stores two entries per example, 2i = prompt + completion, 2i + 1 = the KL row (prompt + the
 next record's completion), and desirable.bin (uint8, 1 = desirable) with one flag per example.
@@ -33,7 +34,7 @@ import numpy as np
 from bumblecore.data.formats import ReadReport, Sample, data_files, read_samples
 from bumblecore.data.template import ChatFormatError, chat_format, end_of_text_id
 
-FORMAT_VERSION = 1  # bump when the cache layout or rendering rules change
+FORMAT_VERSION = 2  # bump when the cache layout or rendering rules change
 BATCH_RECORDS = 256
 
 
@@ -147,6 +148,7 @@ class TokenCache:
         )
         labels = self.directory / "desirable.bin"
         self.desirable = np.fromfile(labels, dtype=np.uint8).astype(bool) if labels.is_file() else None
+        self.file_of_sample = np.fromfile(self.directory / "files.bin", dtype=np.uint32).astype(np.int64)
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -165,15 +167,24 @@ class TokenCache:
 
 
 def _encode_batch(
-    tokenizer, samples: list[Sample], cutoff_len: int, summary: CacheSummary, labels: list | None = None
-) -> Iterator[tuple[list[int], list[bool]]]:
-    """Entries for a batch of samples (two per preference pair or KTO example), truncated to cutoff_len;
-    a sample or pair left without any target is dropped, counted and (the first few) named with file and
-    line. `labels` receives each kept KTO example's desirable flag."""
+    tokenizer,
+    samples: list[Sample],
+    cutoff_len: int,
+    summary: CacheSummary,
+    labels: list | None = None,
+    split_text: bool = False,
+) -> Iterator[tuple[list[int], list[bool], int]]:
+    """Entries (ids, mask, file index) for a batch of samples of one kind (two per preference pair or KTO
+    example), truncated to cutoff_len; a sample or pair left without any target is dropped, counted and
+    (the first few) named with file and line. `labels` receives each kept KTO example's desirable flag.
+    Text is one entry per document (pretraining cuts blocks later) or, with `split_text` (text in an
+    SFT run), one per cutoff_len piece, so nothing is truncated away."""
     if samples[0].kind == "text":
         texts = [s.text for s in samples]
-        for ids in _batch_ids(tokenizer, texts):
-            yield ids, [True] * len(ids)
+        for sample, ids in zip(samples, _batch_ids(tokenizer, texts)):
+            pieces = [ids[i : i + cutoff_len] for i in range(0, len(ids), cutoff_len)] if split_text else [ids]
+            for piece in pieces:
+                yield piece, [True] * len(piece), sample.file_index
         return
     fmt = chat_format(tokenizer)
     prepared = []
@@ -209,7 +220,7 @@ def _encode_batch(
             if len(ids) > cutoff_len:
                 summary.truncated += 1
                 ids, mask = ids[:cutoff_len], mask[:cutoff_len]
-            entries.append((ids, mask))
+            entries.append((ids, mask, samples[start // group].file_index))
         if reason is not None:
             if reason[1] == "cutoff":
                 summary.dropped_no_targets += 1
@@ -298,6 +309,7 @@ def build_cache(
         bar = tqdm(total=report.records, desc="tokenize", unit="rec", dynamic_ncols=True)
     try:
         with (
+            open(tmp / "files.bin", "wb") as files_file,
             open(tmp / "ids.bin", "wb") as ids_file,
             open(tmp / "mask.bin", "wb") as mask_file,
             open(tmp / "offsets.bin", "wb") as offsets_file,
@@ -306,10 +318,13 @@ def build_cache(
             position = 0
             batch: list[Sample] = []
             labels: list | None = [] if stage == "kto" else None
+            split_text = stage not in ("pretrain", "continue_pretrain")
+            file_records = [0] * len(data_files(paths))
 
             def flush():
                 nonlocal position
-                for ids, mask in _encode_batch(tokenizer, batch, cutoff_len, summary, labels):
+                for ids, mask, file_index in _encode_batch(tokenizer, batch, cutoff_len, summary, labels, split_text):
+                    files_file.write(np.array([file_index], np.uint32).tobytes())
                     ids_file.write(np.asarray(ids, dtype=np.uint32).tobytes())
                     mask_file.write(np.asarray(mask, dtype=np.uint8).tobytes())
                     position += len(ids)
@@ -322,6 +337,9 @@ def build_cache(
                 batch.clear()
 
             for sample in read_samples(paths, stage, skip_bad_records):
+                file_records[sample.file_index] += 1
+                if batch and sample.kind != batch[0].kind:  # files of different formats: one kind per batch
+                    flush()
                 batch.append(sample)
                 if len(batch) >= BATCH_RECORDS:
                     flush()
@@ -335,6 +353,7 @@ def build_cache(
             "stage": stage,
             "cutoff_len": cutoff_len,
             "files": [str(f) for f in data_files(paths)],
+            "file_records": file_records,
             "summary": asdict(summary),
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

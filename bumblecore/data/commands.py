@@ -8,10 +8,11 @@ from __future__ import annotations
 import json
 import sys
 
-from bumblecore.args import DataArgs, ModelArgs, TrainArgs
+from bumblecore.args import DataArgs, DataSource, ModelArgs, TrainArgs, data_sources
 from bumblecore.data.cache import TokenCache, build_cache
 from bumblecore.data.formats import DataError, ReadReport, data_files, read_samples
-from bumblecore.data.packing import IGNORE_INDEX, Units, build_units
+from bumblecore.data.mixture import all_paths, mixture_units, source_records, source_report
+from bumblecore.data.packing import IGNORE_INDEX, Units
 from bumblecore.data.template import chat_format, encode_conversation, encode_document, encode_preference
 from bumblecore.tokenizer import load_tokenizer
 
@@ -19,16 +20,28 @@ from bumblecore.tokenizer import load_tokenizer
 def dataset_units(
     data: DataArgs, stage: str, seed: int, tokenizer, paths, progress: bool = True, label: str = "dataset_path"
 ) -> tuple[TokenCache, Units]:
-    """Validate, tokenize (or reuse the cache) and arrange `paths` into training units for a run of `stage`.
-    Data that gives no sample at all is an error that says which files and lines, and why."""
+    """Validate, tokenize (or reuse the cache) and arrange `paths` (the value of the key `label`: one path,
+    a list, or a mixture's mapping) into training units for a run of `stage`; several sources are a
+    mixture (data/mixture.py). Data that gives no sample at all is an error that says which files and
+    lines, and why."""
+    sources = run_sources(data, paths, label)
+    paths = all_paths(sources)
     cache = build_cache(
         paths, tokenizer, stage, data.cutoff_len, data.cache_dir, data.skip_bad_records, progress=progress
     )
-    units = build_units(cache, stage, data.cutoff_len, bool(data.packing), seed)
+    strategy = data.mix_strategy if label == "dataset_path" else "concat"  # eval data: every record once
+    units = mixture_units(cache, sources, stage, data.cutoff_len, bool(data.packing), seed, strategy)
     if len(units) == 0:
         shown = ", ".join(str(f) for f in data_files(paths))
         raise DataError(f"{label} {shown}: no usable samples: {cache.summary.why_nothing()}")
     return cache, units
+
+
+def run_sources(data: DataArgs, paths, label: str = "dataset_path") -> list[DataSource]:
+    """`paths` (dataset_path's value, with its weights, or another key's) as named sources."""
+    if label == "dataset_path":
+        return data_sources(paths, data.dataset_weights, data.dataset_loss_weights, data.mix_strategy)
+    return data_sources(paths, key=label)
 
 
 def run_tokenizer(model: ModelArgs):
@@ -57,16 +70,22 @@ def prepare_data(run: TrainArgs) -> None:
     if run.model.training_stage == "grpo":
         show_prompts(run, tokenizer, 0)
         return
-    for label, paths in (("train", data.dataset_path), ("eval", data.eval_dataset_path)):
+    for label, key, paths in (
+        ("train", "dataset_path", data.dataset_path),
+        ("eval", "eval_dataset_path", data.eval_dataset_path),
+    ):
         if not paths:
             continue
-        cache, units = dataset_units(data, run.model.training_stage, run.optimization.seed, tokenizer, paths)
+        cache, units = dataset_units(data, run.model.training_stage, run.optimization.seed, tokenizer, paths, label=key)
         summary = cache.summary
         print(f"{label}: {summary.describe()}")
         print(
             f"{label}: {len(units)} training units ({'packed rows' if data.packing else 'rows'} of <= {data.cutoff_len} tokens) "
             f"in {cache.directory}"
         )
+        sources = run_sources(data, paths, key)
+        for line in source_report(units, sources, source_records(cache, sources)):
+            print(f"{label}:{line}")
         for example in summary.examples(limit=10):
             print(f"  {example}")
 
@@ -101,7 +120,8 @@ def inspect_data(run: TrainArgs, num_samples: int = 3, format: str = "text") -> 
         return
     report = ReadReport()
     shown = []
-    for sample in read_samples(data.dataset_path, run.model.training_stage, data.skip_bad_records, report):
+    paths = all_paths(run_sources(data, data.dataset_path))
+    for sample in read_samples(paths, run.model.training_stage, data.skip_bad_records, report):
         if len(shown) < num_samples:
             shown.append(sample)
     for sample in shown:
@@ -140,10 +160,10 @@ def inspect_data(run: TrainArgs, num_samples: int = 3, format: str = "text") -> 
 def show_prompts(run: TrainArgs, tokenizer, num_samples: int, format: str = "text") -> None:
     """GRPO's data: prompts (validated, rendered as the rollouts see them) and the fields the rewards get.
     Nothing is cached: the completions come from the policy during training."""
-    from bumblecore.data.prompts import read_prompts, tokenize_prompts
+    from bumblecore.data.prompts import prompt_paths, read_prompts, tokenize_prompts
 
     report = ReadReport()
-    prompts = read_prompts(run.data.dataset_path, run.data.skip_bad_records, report)
+    prompts = read_prompts(prompt_paths(run.data, run.data.dataset_path), run.data.skip_bad_records, report)
     kept, too_long = tokenize_prompts(prompts, tokenizer, run.data.cutoff_len)
     for prompt in kept[:num_samples]:
         if format == "json":

@@ -7,6 +7,7 @@ place (`line N` for JSONL, `record N` for a JSON array, 1-based) and the field.
 
 from __future__ import annotations
 
+import glob
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -58,6 +59,7 @@ class Sample:
     completion: Optional[dict] = None
     desirable: Optional[bool] = None
     kl_completion: Optional[dict] = None
+    file_index: int = 0  # which of the dataset's files (data_files order) it comes from
 
 
 @dataclass
@@ -71,7 +73,7 @@ class ReadReport:
 
 
 def data_files(paths: Union[str, list[str]]) -> list[Path]:
-    """Expand files and directories (their .json/.jsonl files, sorted) into a list of files."""
+    """Expand files, globs and directories (their .json/.jsonl files, sorted) into a list of files."""
     if isinstance(paths, (str, Path)):
         paths = [paths]
     files: list[Path] = []
@@ -84,6 +86,11 @@ def data_files(paths: Union[str, list[str]]) -> list[Path]:
             files += found
         elif path.is_file():
             files.append(path)
+        elif any(c in str(entry) for c in "*?["):  # a glob: its files, sorted (** reaches into folders)
+            found = sorted(Path(p) for p in glob.glob(str(entry), recursive=True) if Path(p).is_file())
+            if not found:
+                raise FileNotFoundError(f"dataset glob {entry} matches no file")
+            files += found
         else:
             raise FileNotFoundError(f"dataset file {path} does not exist")
     if not files:
@@ -230,7 +237,7 @@ def detect_format(record: object, where: str) -> str:
 STAGE_FORMATS = {
     "pretrain": ("pretrain",),
     "continue_pretrain": ("pretrain",),
-    "sft": ("alpaca", "sharegpt", "messages"),
+    "sft": ("alpaca", "sharegpt", "messages", "pretrain"),  # text: all trained, e.g. replay in a mixture
     "dpo": ("preference_alpaca", "preference_sharegpt", "preference_messages"),
     "kto": (
         *KTO_FORMATS.values(),
@@ -592,7 +599,14 @@ def kto_examples(samples: Iterator[Sample]) -> Iterator[Sample]:
     for sample in samples:
         if sample.kind == "preference":
             examples = [
-                Sample("kto", conversation=sample.conversation, completion=reply, desirable=good, where=sample.where)
+                Sample(
+                    "kto",
+                    conversation=sample.conversation,
+                    completion=reply,
+                    desirable=good,
+                    where=sample.where,
+                    file_index=sample.file_index,
+                )
                 for reply, good in ((sample.chosen, True), (sample.rejected, False))
             ]
         else:
@@ -651,7 +665,7 @@ def read_samples(
 
 
 def _read_records(paths, stage: Optional[str], skip_bad_records: bool, report: ReadReport) -> Iterator[Sample]:
-    for file in data_files(paths):
+    for file_index, file in enumerate(data_files(paths)):
         fmt = None
         seen = 0
         for where, record in iter_json_records(file):
@@ -669,6 +683,7 @@ def _read_records(paths, stage: Optional[str], skip_bad_records: bool, report: R
                             f"(expects {' or '.join(STAGE_FORMATS[stage])})"
                         )
                 sample = record_to_sample(record, fmt, where)
+                sample.file_index = file_index
             except DataError as err:
                 if not skip_bad_records or (fmt is None and not isinstance(record, DataError)):
                     raise  # (a first record whose format cannot be told stops the run even when skipping)

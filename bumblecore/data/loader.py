@@ -1,7 +1,7 @@
 """Step-indexed batches: optimiser step s always gets the same global batch, however it is split.
 
 The global batch of step s is G = micro_batch_size x world_size x accumulation units, taken in order
-from the epoch's seeded permutation (the last batch of an epoch wraps to its start, so every batch
+from the epoch's seeded permutation (a mixture's interleaved draws, data/mixture.py) (the last batch of an epoch wraps to its start, so every batch
 is full). Rank r takes its contiguous share and cuts it into `accumulation` micro-batches. The
 position in the data is the step number itself: a checkpoint stores it and a resumed run asks for
 step s + 1 directly, without replaying anything.
@@ -14,6 +14,7 @@ from functools import lru_cache
 
 import numpy as np
 
+from bumblecore.data.mixture import interleaved_order
 from bumblecore.data.packing import Units, collate, unit_order
 
 
@@ -35,11 +36,18 @@ class BatchLoader:
         self.units, self.micro, self.accumulation = units, micro_batch_size, accumulation
         self.world_size, self.rank, self.seed, self.pad_id, self.packing = world_size, rank, seed, pad_id, packing
         self.global_size = micro_batch_size * accumulation * world_size
-        self.steps_per_epoch = max(1, math.ceil(len(units) / self.global_size))
+        sources = units.sources
+        self.draws = sources.draws if sources is not None else None  # interleaved mixture: units per epoch
+        if self.draws is not None and group_by_length:
+            raise ValueError("group_by_length does not combine with an interleaved mixture (mix_strategy concat does)")
+        epoch_units = int(self.draws.sum()) if self.draws is not None else len(units)
+        self.steps_per_epoch = max(1, math.ceil(epoch_units / self.global_size))
         self.lengths = np.array([units.length(i) for i in range(len(units))]) if group_by_length else None
 
     @lru_cache(maxsize=2)  # noqa: B019 (one loader per run: caching on self keeps it alive no longer than the run)
     def _order(self, epoch: int) -> np.ndarray:
+        if self.draws is not None:
+            return interleaved_order(self.units.sources.of_unit, self.draws, epoch, self.seed)
         return unit_order(len(self.units), epoch, self.seed, self.lengths, self.global_size)
 
     def global_indices(self, step: int) -> list[int]:

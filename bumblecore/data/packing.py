@@ -10,7 +10,8 @@
   `desirable` (n,) bool in the batch.
 
 Batches: input_ids (B, T), labels (B, T) unshifted with -100 where not trained, position_ids (B, T),
-segment_ids (B, T) when packed (padding is its own segment), num_tokens (non-padding tokens).
+segment_ids (B, T) when packed (padding is its own segment), num_tokens (non-padding tokens); a mixture
+(data/mixture.py) adds source_ids (B, T) (-1 on padding), source_names and source_loss_weights (S,).
 """
 
 from __future__ import annotations
@@ -35,6 +36,18 @@ class Piece:
     end: int
 
 
+@dataclass
+class UnitSources:
+    """A mixture's sources (data/mixture.py): which source each cache sample comes from and, for the
+    interleaving strategies, each unit's source and how many units an epoch draws from each."""
+
+    names: tuple[str, ...]
+    loss_weights: tuple[float, ...]
+    of_sample: np.ndarray  # (cache samples,) source index
+    of_unit: Optional[np.ndarray] = None  # (units,) source index; None for concat (a packed row may mix)
+    draws: Optional[np.ndarray] = None  # (sources,) units per epoch; None: every unit once (concat)
+
+
 class Units:
     """The dataset as indexable training units; `unit(i)` gives a list of pieces (one packed row)."""
 
@@ -42,6 +55,7 @@ class Units:
         self, cache: TokenCache, rows: list[list[Piece]], pairs: bool = False, desirable: Optional[np.ndarray] = None
     ):
         self.cache, self.rows, self.pairs, self.desirable = cache, rows, pairs, desirable
+        self.sources: Optional[UnitSources] = None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -54,12 +68,16 @@ def sample_pieces(cache: TokenCache, index: int) -> Piece:
     return Piece(int(cache.offsets[index]), int(cache.offsets[index + 1]))
 
 
-def pretraining_blocks(cache: TokenCache, cutoff_len: int) -> list[list[Piece]]:
-    """The document stream cut into blocks; each block lists its document pieces."""
-    total = int(cache.offsets[-1])
+def pretraining_blocks(
+    cache: TokenCache, cutoff_len: int, first_doc: int = 0, end_doc: Optional[int] = None
+) -> list[list[Piece]]:
+    """The document stream (documents first_doc .. end_doc - 1, default all) cut into blocks; each block
+    lists its document pieces."""
+    begin = int(cache.offsets[first_doc])
+    total = int(cache.offsets[len(cache) if end_doc is None else end_doc])
     starts = cache.offsets[:-1]
     blocks = []
-    for block_start in range(0, total, cutoff_len):
+    for block_start in range(begin, total, cutoff_len):
         block_end = min(block_start + cutoff_len, total)
         first = int(np.searchsorted(starts, block_start, side="right")) - 1
         pieces, position = [], block_start
@@ -125,7 +143,25 @@ def collate(units: Units, indices: list[int], pad_id: int, packing: bool) -> dic
         if units.desirable is not None:
             batch["desirable"] = torch.from_numpy(units.desirable[indices])
         return batch
-    return _collate_rows(units.cache, [units.rows[i] for i in indices], pad_id, segments=packing)
+    batch = _collate_rows(units.cache, [units.rows[i] for i in indices], pad_id, segments=packing)
+    if units.sources is not None:
+        batch["source_ids"] = _source_ids(units, [units.rows[i] for i in indices], batch["input_ids"].shape)
+        batch["source_names"] = units.sources.names
+        batch["source_loss_weights"] = torch.tensor(units.sources.loss_weights, dtype=torch.float32)
+    return batch
+
+
+def _source_ids(units: Units, rows: list[list[Piece]], shape) -> torch.Tensor:
+    """Each token's source (-1 on padding), laid out as _collate_rows lays out the pieces."""
+    offsets, of_sample = units.cache.offsets, units.sources.of_sample
+    source_ids = torch.full(shape, -1, dtype=torch.long)
+    for r, row in enumerate(rows):
+        column = 0
+        for piece in row:
+            sample = int(np.searchsorted(offsets, piece.start, side="right")) - 1
+            source_ids[r, column : column + piece.end - piece.start] = int(of_sample[sample])
+            column += piece.end - piece.start
+    return source_ids
 
 
 def _collate_rows(cache: TokenCache, rows: list[list[Piece]], pad_id: int, segments: bool) -> dict:

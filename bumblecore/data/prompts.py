@@ -102,6 +102,24 @@ def read_prompts(paths, skip_bad_records: bool = False, report: Optional[ReadRep
     return prompts
 
 
+def prompt_paths(data, paths, label: str = "dataset_path") -> list[str]:
+    """The files of `paths` (any form dataset_path takes: files, globs, a list or a named mapping); GRPO
+    reads its sources as one set of prompts, so sampling and loss weights are refused."""
+    from bumblecore.args import data_sources
+    from bumblecore.data.mixture import all_paths
+
+    if label == "dataset_path":
+        sources = data_sources(paths, data.dataset_weights, data.dataset_loss_weights, data.mix_strategy)
+    else:
+        sources = data_sources(paths, key=label)
+    if data.mix_strategy != "concat" or any(s.weight != 1.0 or s.loss_weight != 1.0 for s in sources):
+        raise ValueError(
+            f"{label}: training_stage grpo reads its files as one set of prompts (mix_strategy concat, "
+            "no dataset_weights or loss weights)"
+        )
+    return all_paths(sources)
+
+
 def tokenize_prompts(prompts: list[PromptRecord], tokenizer, cutoff_len: int) -> tuple[list[PromptRecord], int]:
     """The prompts with their chat-template ids, and how many were dropped for being longer than
     cutoff_len (a cut prompt would ask another question)."""

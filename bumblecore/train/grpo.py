@@ -424,10 +424,10 @@ class LiveReference:
 def read_grpo_prompts(run, tokenizer, paths, label: str = "dataset_path") -> tuple[list, list[str]]:
     """The prompts of `paths` with their ids, and the banner's lines about them."""
     from bumblecore.data.formats import ReadReport
-    from bumblecore.data.prompts import read_prompts, tokenize_prompts
+    from bumblecore.data.prompts import prompt_paths, read_prompts, tokenize_prompts
 
     report = ReadReport()
-    prompts = read_prompts(paths, run.data.skip_bad_records, report)
+    prompts = read_prompts(prompt_paths(run.data, paths, label), run.data.skip_bad_records, report)
     prompts, too_long = tokenize_prompts(prompts, tokenizer, run.data.cutoff_len)
     if not prompts:
         raise ValueError(

@@ -92,6 +92,60 @@ def chunked_cross_entropy(
     return total, count
 
 
+def _chunk_loss_by_source(
+    hidden: torch.Tensor, lm_head: Callable, targets: torch.Tensor, sources: torch.Tensor, weights, num_sources: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = _head(lm_head, hidden).float()
+    per_token = F.cross_entropy(logits, targets, reduction="none")
+    sums = per_token.new_zeros(num_sources).index_add(0, sources, per_token)
+    if weights is None:  # the optimised sum exactly as chunked_cross_entropy computes it
+        return F.cross_entropy(logits, targets, reduction="sum"), sums.detach()
+    return (sums * weights).sum(), sums.detach()
+
+
+def chunked_cross_entropy_by_source(
+    hidden: torch.Tensor,
+    lm_head: Callable,
+    targets: torch.Tensor,
+    sources: torch.Tensor,
+    num_sources: int,
+    weights: torch.Tensor | None = None,
+    chunk_tokens: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """chunked_cross_entropy over a mixture: (optimised sum, per-source sums (S,), per-source counts (S,)).
+
+    sources: each target position's source index, shaped like targets. The optimised sum is
+    sum_s weights[s] * (sum of source s's token losses); without weights (every loss weight 1) it is
+    chunked_cross_entropy's own sum, computed the same way, bit for bit. The per-source sums carry no
+    gradient: they are what the run logs as loss/<name>."""
+    take_extra = getattr(lm_head, "take_extra_loss", None)
+    extra = take_extra() if take_extra is not None else None
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    targets, sources = targets.reshape(-1), sources.reshape(-1)
+    keep = targets != IGNORE_INDEX
+    hidden, targets, sources = hidden[keep], targets[keep], sources[keep]
+    counts = torch.bincount(sources, minlength=num_sources)
+    count = int(targets.numel())
+    sums = hidden.new_zeros(num_sources, dtype=torch.float32)
+    if count == 0:
+        zero = hidden.sum() * 0.0
+        return (zero + extra * 0.0 if extra is not None else zero), sums, counts
+    chunk_tokens = chunk_tokens or tokens_per_chunk(lm_head)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, count, chunk_tokens):
+        piece = slice(start, start + chunk_tokens)
+        args = (hidden[piece], lm_head, targets[piece], sources[piece], weights, num_sources)
+        if _recompute_in_backward(hidden[piece], lm_head):
+            loss, chunk_sums = checkpoint(_chunk_loss_by_source, *args, use_reentrant=False)
+        else:
+            loss, chunk_sums = _chunk_loss_by_source(*args)
+        total = total + loss
+        sums = sums + chunk_sums
+    if extra is not None:
+        total = total + extra.float() * count
+    return total, sums, counts
+
+
 def _chunk_logps(hidden: torch.Tensor, lm_head: Callable, targets: torch.Tensor) -> torch.Tensor:
     return -F.cross_entropy(_head(lm_head, hidden).float(), targets, reduction="none")
 

@@ -106,7 +106,8 @@ def ema(values: list[float], weight: float = 0.9) -> list[float]:
 
 
 def plot_history(history: list[dict], output_dir, smooth: bool = True) -> list[Path]:
-    """training_loss.png (with eval loss when present), one PNG per DPO reward metric, and GRPO's reward."""
+    """training_loss.png (with eval loss when present), one PNG per DPO reward metric, GRPO's reward and,
+    for a mixture, loss_per_source.png (every loss/<name> and eval/loss/<name>)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -143,4 +144,22 @@ def plot_history(history: list[dict], output_dir, smooth: bool = True) -> list[P
     figure("loss", "training loss", "training_loss.png", eval_key="eval/loss")
     for key in PLOTTED_METRICS:
         figure(key, key, key.replace("/", "_") + ".png", eval_key=f"eval/{key}")
+    # A mixture's per-source losses (loss/<name>), train and eval, in one figure.
+    per_source = sorted({k for r in history for k in r if k.startswith(("loss/", "eval/loss/"))})
+    if per_source:
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        for key in per_source:
+            steps, values = series(key)
+            evaluated = key.startswith("eval/")
+            ax.plot(steps, ema(values) if smooth and not evaluated and len(values) > 1 else values,
+                    "o-" if evaluated else "-", label=key)  # fmt: skip
+        ax.set_xlabel("step")
+        ax.set_title("loss per source" + (" (train smoothed)" if smooth else ""))
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        path = Path(output_dir) / "loss_per_source.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
     return written

@@ -320,6 +320,8 @@ RUN_RECORD = "training_args.yaml"
 def _resolved(value):
     if isinstance(value, list):
         return [_resolved(v) for v in value]
+    if isinstance(value, dict):  # a mixture's mapping: {name: path or {path, weight, loss_weight}}
+        return {k: _resolved(v) if not isinstance(v, (int, float)) else v for k, v in value.items()}
     return str(Path(value).expanduser().resolve()) if isinstance(value, str) and value else value
 
 
@@ -607,6 +609,7 @@ def main(fabric, run: TrainArgs, deepspeed_config: dict | None = None, launcher:
             f"  data: {len(units)} training units ({'packed' if run.data.packing else 'padded'} rows of <= {run.data.cutoff_len} tokens)"
             + (f", {len(eval_units)} eval units" if eval_units is not None else ""),
             f"  dataset: {train_cache.summary.counts()}",
+            *_source_lines(run, train_cache, units),
             *([f"  eval dataset: {eval_cache.summary.counts()}"] if eval_cache is not None else []),
             *[f"    {example}" for example in train_cache.summary.examples()],
         ]
@@ -727,6 +730,15 @@ def main(fabric, run: TrainArgs, deepspeed_config: dict | None = None, launcher:
     monitor.close(smooth=run.model.training_stage != "pretrain")
     _report_peak_memory(fabric, monitor)
     fabric.print(f"done in {time.perf_counter() - started:.1f}s: {output.output_dir}")
+
+
+def _source_lines(run: TrainArgs, cache, units) -> list[str]:
+    """A mixture's sources in the banner: records, share of the trained tokens, weights."""
+    from bumblecore.data.commands import run_sources
+    from bumblecore.data.mixture import source_records, source_report
+
+    sources = run_sources(run.data, run.data.dataset_path)
+    return source_report(units, sources, source_records(cache, sources))
 
 
 def grpo_reference(fabric, run: TrainArgs, model, load):
