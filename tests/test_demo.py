@@ -11,7 +11,7 @@ pytestmark = pytest.mark.slow  # starts processes, servers or whole pipelines
 
 
 def test_quick_demo_runs_every_stage_and_writes_the_report(tmp_path):
-    main(["demo", "--output_dir", str(tmp_path), "--quick", "true"])
+    main(["demo", "--output_dir", str(tmp_path), "--quick", "true", "--with_grpo", "true"])
     report = json.loads((tmp_path / "demo_report.json").read_text())
     assert set(report) >= {"pretrain", "sft", "dpo", "seconds"}
     assert set(report["pretrain"]) >= {"eval_loss_start", "eval_loss_end"}
@@ -35,3 +35,7 @@ def test_quick_demo_runs_every_stage_and_writes_the_report(tmp_path):
         tmp_path / "dpo_merged" / "tokenizer.json"
     ).exists()
     assert report["samples"] and {"question", "expected", "answer"} <= set(report["samples"][0])
+    grpo = report["grpo"]  # the fourth stage: GRPO from the merged DPO model
+    assert 0 <= grpo["count_exact_match_before"] <= 1 and 0 <= grpo["count_exact_match_after"] <= 1
+    assert grpo["questions"] == 8 and [step for step, _ in grpo["reward_curve"]] == [1, 2, 3, 4]
+    assert (tmp_path / "grpo" / "model.safetensors").exists() and (tmp_path / "grpo" / "reward.png").exists()
