@@ -21,7 +21,6 @@ beta = pref_beta, ORPO's lambda):
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import socket
@@ -39,6 +38,7 @@ from bumblecore.train.losses import (
     reference_free_loss,
     shift_targets,
 )
+from bumblecore.train.runtime import evaluating
 
 REFERENCE_FORMAT_VERSION = 1
 
@@ -58,16 +58,6 @@ def _bare(model):
     return getattr(model, "module", model)
 
 
-@contextlib.contextmanager
-def _evaluating(model):
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
 class AdapterDisabledReference:
     """LoRA: the reference is the policy with its adapter switched off, so no second model exists."""
 
@@ -77,7 +67,7 @@ class AdapterDisabledReference:
     @torch.no_grad()
     def logps(self, batch: dict) -> torch.Tensor:
         peft_model = _bare(self.policy)
-        with _evaluating(peft_model), peft_model.disable_adapter():
+        with evaluating(peft_model), peft_model.disable_adapter():
             token_logps, _ = response_token_logps(peft_model, batch)
         return token_logps.sum(-1)
 
@@ -91,7 +81,7 @@ class ModelReference:
 
     @torch.no_grad()
     def logps(self, batch: dict) -> torch.Tensor:
-        with _evaluating(self.model):
+        with evaluating(self.model):
             token_logps, _ = response_token_logps(self.model, batch)
         return token_logps.sum(-1)
 

@@ -29,6 +29,7 @@ from bumblecore.data.packing import IGNORE_INDEX
 from bumblecore.train.grpo_loss import aggregate, group_advantages, token_terms, unit_count
 from bumblecore.train.losses import chunked_token_logps, shift_targets
 from bumblecore.train.rewards import RewardFunction, score
+from bumblecore.train.runtime import evaluating
 
 
 def unwrapped(model):
@@ -37,16 +38,6 @@ def unwrapped(model):
     while hasattr(model, "module") and not hasattr(model, "lm_head"):
         model = model.module
     return model
-
-
-@contextlib.contextmanager
-def evaluating(model):
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 class TemperatureHead:

@@ -14,6 +14,7 @@ strategy refuses; that is how the tests exercise ZeRO-1/2/3 without a GPU.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -30,6 +31,17 @@ def fabric_precision(train_model_precision: str) -> str:
     if train_model_precision not in PRECISIONS:
         raise ValueError(f"train_model_precision {train_model_precision!r} is not supported; choose fp32, fp16 or bf16")
     return PRECISIONS[train_model_precision]
+
+
+@contextlib.contextmanager
+def evaluating(model):
+    """The model in eval mode (no dropout) inside the block, back in the mode it had after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 # ---------------------------------------------------------------------------- launchers
