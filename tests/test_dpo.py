@@ -266,9 +266,11 @@ def test_first_step_loss_is_ln2(tmp_path, models, data, finetuning_type, precomp
     assert first["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
 
 
-@pytest.mark.parametrize("finetuning_type", ["full", "lora"])
-def test_dpo_resume_is_exact(tmp_path, models, data, finetuning_type):
-    keys = dict(finetuning_type=finetuning_type, max_steps=6, save_steps=3, save_total_limit=5)
+@pytest.mark.parametrize(
+    "finetuning_type,loss", [("full", {}), ("lora", {}), ("lora", {"pref_loss": "simpo", "pref_beta": 2.0})]
+)
+def test_dpo_resume_is_exact(tmp_path, models, data, finetuning_type, loss):
+    keys = dict(finetuning_type=finetuning_type, max_steps=6, save_steps=3, save_total_limit=5, **loss)
     straight = run(tmp_path / "a", models / "policy", data, **keys)
     resumed_dir = tmp_path / "c"
     resumed_dir.mkdir()
