@@ -132,6 +132,24 @@ def test_rollouts_are_the_generation_engines_samples_for_their_seeds(setup, demo
     assert rollouts["prompt_ids"][0] == rollouts["prompt_ids"][3] != rollouts["prompt_ids"][4]
 
 
+def test_lora_rollouts_sample_from_the_adapted_policy(setup, demo_tok):
+    """With LoRA the rollouts come from base + adapter: the same tokens as the merged model gives for
+    the same seeds (and not the base's)."""
+    import copy
+
+    from bumblecore.model.lora import apply_lora
+
+    policy = apply_lora(make_tiny_model(768), 4, 8, 0.0)
+    torch.manual_seed(5)
+    for name, parameter in policy.named_parameters():
+        if "lora_B" in name:
+            parameter.data.normal_(0, 0.5)
+    merged = copy.deepcopy(policy).merge_and_unload()
+    adapted = make_loader(setup, demo_tok, policy).roll_out(0)["completion_ids"]
+    assert make_loader(setup, demo_tok, merged).roll_out(0)["completion_ids"] == adapted
+    assert make_loader(setup, demo_tok, make_tiny_model(768)).roll_out(0)["completion_ids"] != adapted
+
+
 def test_old_log_probs_are_the_samplers_and_the_batch_targets_only_completions(setup, demo_tok):
     model = make_tiny_model(768)
     loader = make_loader(setup, demo_tok, model, num_iterations=2, temperature=0.7)

@@ -20,6 +20,7 @@ The policy's log-probs use the rollout temperature, logits / temperature, as the
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -194,10 +195,11 @@ class RolloutLoader:
         self.device = device or self.device
         self.autocast = autocast or contextlib.nullcontext
 
-    def total_steps(self, num_epochs: float, max_steps) -> int:
-        if max_steps is not None and max_steps > 0:
-            return int(max_steps)
-        return max(1, int(round(num_epochs * self.steps_per_epoch)))
+    def total_steps(self, num_epochs: float, max_steps=None) -> int:
+        """As the other stages' loader counts them (data/loader.py)."""
+        if max_steps:
+            return max_steps
+        return max(1, math.ceil(num_epochs * self.steps_per_epoch))
 
     # ------------------------------------------------------------------ the step
 
