@@ -140,3 +140,48 @@ def test_average_tokens_false_is_the_mean_of_micro_batch_means(tmp_path):
     )  # clip_gradients reports the norm before clipping
     token_mean = float((sums[0] + sums[1]) / sum(counts))
     assert abs(record["loss"] - token_mean) > 1e-3  # the default's definition would fail the check above
+
+
+class TwoTermStage:
+    """Each row's loss is a term of its own source (rows 0-2: `a`, the rest: `b`), weighted 0.5 and 2."""
+
+    weights = {"a": 0.5, "b": 2.0}
+
+    def _rows(self, batch):
+        rows = batch["row"]
+        return {"a": rows < 3, "b": rows >= 3}
+
+    def count(self, batch):
+        per_row = (batch["labels"][:, 1:] != -100).sum(-1)
+        return {t: int(per_row[m].sum()) for t, m in self._rows(batch).items()}
+
+    def loss(self, model, batch):
+        logits = model(batch["input_ids"])[:, :-1].float()
+        token = torch.nn.functional.cross_entropy(
+            logits.transpose(1, 2), batch["labels"][:, 1:], reduction="none", ignore_index=-100
+        )
+        per_row = token.sum(-1)
+        return {t: self.weights[t] * per_row[m].sum() for t, m in self._rows(batch).items()}, {}
+
+
+def test_several_loss_terms_are_each_divided_by_their_own_units_over_the_step(tmp_path):
+    """2 micro-batches whose rows belong to two terms: the logged loss and the update are those of
+    L = sum_t w_t S_t / N_t with S_t and N_t summed over the whole step, computed here directly."""
+    engine = make_engine(tmp_path, accumulation=2, total_steps=1, optimizer_class=torch.optim.SGD)
+    oracle = make_engine(tmp_path / "oracle", accumulation=2, total_steps=1).model
+    engine.stage = TwoTermStage()
+    split = engine.loader.micro_batches
+    engine.loader.micro_batches = lambda step: [
+        {**b, "row": torch.arange(4) + 4 * i} for i, b in enumerate(split(step))
+    ]  # rows 0-3, then 4-7: term `a` lies in the first micro-batch, `b` in both
+    ids, labels = engine.loader.batches[0]
+    token = torch.nn.functional.cross_entropy(
+        oracle(ids)[:, :-1].float().transpose(1, 2), labels[:, 1:], reduction="none", ignore_index=-100
+    )
+    counts = (labels[:, 1:] != -100).sum(-1)
+    expected = 0.5 * token[:3].sum() / counts[:3].sum() + 2.0 * token[3:].sum() / counts[3:].sum()
+    expected.backward()
+    record = engine.fit()[0]
+    assert record["loss"] == pytest.approx(float(expected), rel=1e-5)
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in oracle.parameters() if p.grad is not None]))
+    assert record["grad_norm"] == pytest.approx(float(norm), rel=1e-4)

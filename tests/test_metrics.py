@@ -191,3 +191,15 @@ def test_dpo_eval_rewards_over_two_ddp_processes_equal_one_process(setup):
     stage = PreferenceStage(beta=BETA, reference=ModelReference(Bumblebee.from_pretrained(reference).eval()))
     shares = per_rank_sums(keys, root, stage, Bumblebee.from_pretrained(policy).eval())
     check(one, two, shares, ["loss", "rewards/margins", "rewards/chosen", "rewards/accuracies", "logps/chosen"])
+
+
+def test_eval_of_several_loss_terms_adds_each_terms_own_mean():
+    """Two eval batches of a stage with two terms: eval loss = sum over terms of (its sums / its units)."""
+    from bumblecore.train.metrics import EvalAggregate
+
+    aggregate = EvalAggregate(torch.device("cpu"))
+    aggregate.update({"a": torch.tensor(3.0), "b": torch.tensor(10.0)}, {"a": 2, "b": 5}, {"m": torch.tensor(4.0)})
+    aggregate.update({"a": torch.tensor(1.0), "b": torch.tensor(2.0)}, {"a": 2, "b": 1}, {"m": torch.tensor(2.0)})
+    values = aggregate.compute()
+    assert values["loss"] == pytest.approx((3 + 1) / (2 + 2) + (10 + 2) / (5 + 1))
+    assert values["m"] == pytest.approx((4 + 2) / (2 + 2))  # plain metrics go by the first term's units

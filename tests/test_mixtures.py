@@ -261,27 +261,33 @@ def test_weighted_loss_equals_its_closed_form_on_a_fixed_batch(demo_tok):
         "source_names": ("replay", "sft", "extra"),
         "source_loss_weights": weights,
     }
-    total, metrics = LanguageModelingStage().loss(model, batch)
-    # Directly: every target token's loss, the source of the token it predicts, the weighted sum.
+    stage = LanguageModelingStage()
+    terms, metrics = stage.loss(model, batch)
+    units = stage.count(batch)
+    # Directly: every target token's loss, the source of the token it predicts, each source's mean.
     logits = model(ids, position_ids=batch["position_ids"], segment_ids=segments)
     targets = shift_targets(labels, segments)
     token_loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
     trained = targets != IGNORE_INDEX
     target_source = torch.cat([sources[:, 1:], torch.full((2, 1), -1)], dim=1)
-    closed = sum(weights[s] * token_loss[trained & (target_source == s)].sum() for s in range(3))
-    torch.testing.assert_close(total, closed, rtol=1e-5, atol=1e-6)
+    of = [trained & (target_source == s) for s in range(3)]
+    assert units == {name: int(of[s].sum()) for s, name in enumerate(batch["source_names"])}
+    # The engine divides each term by its own units: L = sum_s w_s S_s / N_s.
+    closed = sum(weights[s] * token_loss[of[s]].mean() for s in range(3))
+    torch.testing.assert_close(sum(terms[n] / units[n] for n in units), closed, rtol=1e-5, atol=1e-6)
     for s, name in enumerate(batch["source_names"]):
-        torch.testing.assert_close(metrics[f"loss/{name}"][0], token_loss[trained & (target_source == s)].sum())
-        assert int(metrics[f"loss/{name}"][1]) == int((trained & (target_source == s)).sum())
-    # The engine divides by the step's target count N: L = sum_s w_s S_s / N, the per-token mean when w = 1.
-    count = int(trained.sum())
-    unweighted, _ = LanguageModelingStage().loss(model, {**batch, "source_loss_weights": torch.ones(3)})
+        torch.testing.assert_close(metrics[f"loss/{name}"][0], token_loss[of[s]].sum())
+        assert int(metrics[f"loss/{name}"][1]) == int(of[s].sum())
+    # Every loss weight 1: one term, the plain token sum (the engine divides it by the step's N), bit for bit.
+    plain_batch = {**batch, "source_loss_weights": torch.ones(3)}
+    unweighted, _ = stage.loss(model, plain_batch)
     plain, n = chunked_cross_entropy(model(ids, position_ids=batch["position_ids"], segment_ids=segments,
                                            return_hidden_states=True), model.lm_head, targets)  # fmt: skip
-    assert n == count and torch.equal(unweighted, plain)
+    assert stage.count(plain_batch) == n == int(trained.sum()) and torch.equal(unweighted, plain)
     # Gradients follow the weights: a zero loss weight leaves a source's tokens out of the update.
-    zero = LanguageModelingStage().loss(model, {**batch, "source_loss_weights": torch.tensor([0.0, 1.0, 1.0])})[0]
-    torch.testing.assert_close(zero, token_loss[trained & (target_source > 0)].sum())
+    zero = stage.loss(model, {**batch, "source_loss_weights": torch.tensor([0.0, 1.0, 1.0])})[0]
+    torch.testing.assert_close(zero["replay"], torch.zeros(()))
+    torch.testing.assert_close(zero["sft"], token_loss[of[1]].sum())
 
 
 def test_banner_lists_each_source_with_its_records_share_and_weights(data, demo_tok, tmp_path):

@@ -5,6 +5,10 @@ forward -> loss -> backward -> accumulate -> clip -> step -> schedule -> log -> 
 A stage supplies two functions over its own batches:
     count(batch) -> int           how many units (target tokens, pairs) the batch's loss sums over
     loss(model, batch) -> (sum, metrics)   the summed loss and summed metrics, as tensors
+A stage with several loss terms (a mixture with loss weights: one per source) gives count a dict
+{term: units} and loss a dict {term: summed, weighted loss}, the same names in the same order on every
+rank; the engine divides each term by its own units over the step and adds them:
+L = sum_t sum_t / units_t (docs/CONFIG.md, "Mixtures and loss weights").
 A metric is a sum the engine divides by the step's count like the loss, or a (sum, count) pair for a
 mean over units of its own (KTO's rewards of its desirable examples): the sums and the counts are
 added over the step (and ranks) and divided once; a step with none of those units does not log it.
@@ -140,21 +144,28 @@ class Engine:
         started = time.perf_counter()
         micro_batches = self.loader.micro_batches(self.step)
         counts = [self.stage.count(b) for b in micro_batches]
-        local_count = sum(counts)
         per_micro_mean = not settings.average_tokens_across_devices
-        if per_micro_mean:
-            # The original's loss: the mean over the step's micro-batches (of every rank) of each one's own
-            # mean over its units; DDP's gradient average over ranks supplies the 1/world_size.
-            scales = [1.0 / (max(1, c) * len(micro_batches)) for c in counts]
+        terms = list(counts[0]) if isinstance(counts[0], dict) else None
+        if terms:  # each term over its own units
+            scales, report_weights, divided = self._term_scales(counts, terms, per_micro_mean)
+            local_count = sum(c[terms[0]] for c in counts)  # what the stage's plain metrics are divided by
         else:
-            denominator = max(1.0, self._global_sum(local_count))
-            # DDP averages gradients over ranks; multiplying back makes the result a global sum / global count.
-            scales = [fabric.world_size / denominator] * len(micro_batches)
-        if settings.runtime_owns_accumulation:
-            scales = [
-                scale * len(micro_batches) for scale in scales
-            ]  # DeepSpeed divides by its accumulation steps again
+            divided = True  # the reported loss sum is divided by the step's count below
+            local_count = sum(counts)
+            if per_micro_mean:
+                # The original's loss: the mean over the step's micro-batches (of every rank) of each one's own
+                # mean over its units; DDP's gradient average over ranks supplies the 1/world_size.
+                scales = [1.0 / (max(1, c) * len(micro_batches)) for c in counts]
+            else:
+                denominator = max(1.0, self._global_sum(local_count))
+                # DDP averages gradients over ranks; multiplying back makes the result a global sum / global count.
+                scales = [fabric.world_size / denominator] * len(micro_batches)
+            # The report sums what the step averages: units, or each micro-batch's mean (x 1.0 is exact).
+            report_weights = [1.0 / max(1, c) if per_micro_mean else 1.0 for c in counts]
         report_count = len(micro_batches) if per_micro_mean else local_count  # what the reported sums are divided by
+        if settings.runtime_owns_accumulation:  # DeepSpeed divides by its accumulation steps again
+            n = len(micro_batches)
+            scales = [{t: v * n for t, v in s.items()} if terms else s * n for s in scales]
 
         self.model.train()
         loss_total = torch.zeros((), device=fabric.device)
@@ -175,10 +186,16 @@ class Engine:
             with skip_sync:
                 with fabric.autocast():  # the stage may apply the LM head outside the wrapped forward
                     loss_sum, metrics = self.stage.loss(self.model, batch)
-                fabric.backward(loss_sum * scales[index])
-            # The report sums what the step averages: units, or each micro-batch's mean (x 1.0 is exact).
-            weight = 1.0 / max(1, counts[index]) if per_micro_mean else 1.0
-            loss_total += loss_sum.detach() * weight
+                if terms:
+                    fabric.backward(sum(loss_sum[t] * scales[index][t] for t in terms))
+                else:
+                    fabric.backward(loss_sum * scales[index])
+            if terms:
+                loss_total += sum(loss_sum[t].detach() * report_weights[index][t] for t in terms)
+                weight = 1.0 / max(1, counts[index][terms[0]]) if per_micro_mean else 1.0
+            else:
+                weight = report_weights[index]
+                loss_total += loss_sum.detach() * weight
             for key, value in metrics.items():
                 if isinstance(value, tuple):  # a mean over units of its own: plain sums in either loss mode
                     metric_counts[key] = metric_counts.get(key, 0) + torch.as_tensor(value[1]).detach()
@@ -194,7 +211,7 @@ class Engine:
                     else:
                         finite = settings.skips_overflow_steps or _deepspeed_grads_finite(self.model)
                     totals = self._step_totals(report_count, tokens, loss_total, metric_totals, metric_counts, finite)
-                    self._stop_if_not_finite(totals, None if finite else own_norm)
+                    self._stop_if_not_finite(totals, None if finite else own_norm, divided)
                 # The engine's own step after every micro-batch, as DeepSpeed requires: it counts them, and
                 # only at the boundary reduces, clips and updates. (Fabric's optimizer.step() would call the
                 # ZeRO optimizer directly, skipping that count: it would update after every micro-batch.)
@@ -215,7 +232,7 @@ class Engine:
             # fp16 with a grad scaler: an overflowing step is skipped by the scaler, not a divergence.
             finite = settings.skips_overflow_steps or math.isfinite(grad_norm)
             totals = self._step_totals(report_count, tokens, loss_total, metric_totals, metric_counts, finite)
-            self._stop_if_not_finite(totals, grad_norm)
+            self._stop_if_not_finite(totals, grad_norm, divided)
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         lr = self.optimizer.param_groups[0]["lr"]
@@ -230,7 +247,7 @@ class Engine:
         record = {
             "step": self.step,
             "epoch": round(self.step / max(1, self.loader.steps_per_epoch), 4),
-            "loss": totals["loss"] / global_count,
+            "loss": totals["loss"] / global_count if divided else totals["loss"],
             "lr": lr,
             "grad_norm": grad_norm,
             "tokens": global_tokens,
@@ -277,9 +294,23 @@ class Engine:
             "metric_counts": dict(zip(count_keys, summed[4 + len(keys) :])),
         }
 
-    def _stop_if_not_finite(self, totals: dict, grad_norm: Optional[float]) -> None:
+    def _term_scales(self, counts: list[dict], terms: list[str], per_micro_mean: bool):
+        """Per micro-batch, each term's gradient scale and report weight, and whether the reported loss
+        sum still needs dividing by the step's count: each term over its own units of the whole step
+        (every micro-batch of every rank, all-reduced in one go), or of each micro-batch (the original's mean)."""
+        n, world = len(counts), self.fabric.world_size
+        if per_micro_mean:
+            report = [{t: 1.0 / max(1, c[t]) for t in terms} for c in counts]
+            return [{t: w / n for t, w in r.items()} for r in report], report, True
+        local = torch.tensor([float(sum(c[t] for c in counts)) for t in terms], dtype=torch.float64)
+        if world > 1:
+            local = self.fabric.all_reduce(local.to(self.fabric.device), reduce_op="sum").cpu()
+        units = {t: max(1.0, float(u)) for t, u in zip(terms, local.tolist())}
+        return [{t: world / units[t] for t in terms}] * n, [{t: 1.0 / units[t] for t in terms}] * n, False
+
+    def _stop_if_not_finite(self, totals: dict, grad_norm: Optional[float], divided: bool = True) -> None:
         """Every rank sees the same totals, so every rank stops here together, before the optimiser step."""
-        loss = totals["loss"] / max(1.0, totals["count"])
+        loss = totals["loss"] / max(1.0, totals["count"]) if divided else totals["loss"]
         if math.isfinite(loss) and not totals["nonfinite_grads"]:
             return
         step = self.step + 1

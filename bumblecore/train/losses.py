@@ -93,14 +93,19 @@ def chunked_cross_entropy(
 
 
 def _chunk_loss_by_source(
-    hidden: torch.Tensor, lm_head: Callable, targets: torch.Tensor, sources: torch.Tensor, weights, num_sources: int
+    hidden: torch.Tensor,
+    lm_head: Callable,
+    targets: torch.Tensor,
+    sources: torch.Tensor,
+    per_source: bool,
+    num_sources: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     logits = _head(lm_head, hidden).float()
     per_token = F.cross_entropy(logits, targets, reduction="none")
     sums = per_token.new_zeros(num_sources).index_add(0, sources, per_token)
-    if weights is None:  # the optimised sum exactly as chunked_cross_entropy computes it
+    if not per_source:  # the optimised sum exactly as chunked_cross_entropy computes it
         return F.cross_entropy(logits, targets, reduction="sum"), sums.detach()
-    return (sums * weights).sum(), sums.detach()
+    return sums, sums.detach()
 
 
 def chunked_cross_entropy_by_source(
@@ -109,15 +114,15 @@ def chunked_cross_entropy_by_source(
     targets: torch.Tensor,
     sources: torch.Tensor,
     num_sources: int,
-    weights: torch.Tensor | None = None,
+    per_source: bool = False,
     chunk_tokens: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """chunked_cross_entropy over a mixture: (optimised sum, per-source sums (S,), per-source counts (S,)).
+    """chunked_cross_entropy over a mixture: (optimised sum(s), per-source sums (S,), per-source counts (S,)).
 
-    sources: each target position's source index, shaped like targets. The optimised sum is
-    sum_s weights[s] * (sum of source s's token losses); without weights (every loss weight 1) it is
-    chunked_cross_entropy's own sum, computed the same way, bit for bit. The per-source sums carry no
-    gradient: they are what the run logs as loss/<name>."""
+    sources: each target position's source index, shaped like targets. The optimised value is
+    chunked_cross_entropy's own sum, computed the same way, bit for bit; with per_source, the (S,)
+    vector of each source's summed token losses instead (loss weights make each its own term). The
+    second value carries no gradient: it is what the run logs as loss/<name>."""
     take_extra = getattr(lm_head, "take_extra_loss", None)
     extra = take_extra() if take_extra is not None else None
     hidden = hidden.reshape(-1, hidden.shape[-1])
@@ -127,22 +132,22 @@ def chunked_cross_entropy_by_source(
     counts = torch.bincount(sources, minlength=num_sources)
     count = int(targets.numel())
     sums = hidden.new_zeros(num_sources, dtype=torch.float32)
+    total = hidden.new_zeros(num_sources if per_source else (), dtype=torch.float32)
     if count == 0:
-        zero = hidden.sum() * 0.0
+        zero = total + hidden.sum() * 0.0
         return (zero + extra * 0.0 if extra is not None else zero), sums, counts
     chunk_tokens = chunk_tokens or tokens_per_chunk(lm_head)
-    total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, count, chunk_tokens):
         piece = slice(start, start + chunk_tokens)
-        args = (hidden[piece], lm_head, targets[piece], sources[piece], weights, num_sources)
+        args = (hidden[piece], lm_head, targets[piece], sources[piece], per_source, num_sources)
         if _recompute_in_backward(hidden[piece], lm_head):
             loss, chunk_sums = checkpoint(_chunk_loss_by_source, *args, use_reentrant=False)
         else:
             loss, chunk_sums = _chunk_loss_by_source(*args)
         total = total + loss
         sums = sums + chunk_sums
-    if extra is not None:
-        total = total + extra.float() * count
+    if extra is not None:  # a per-token auxiliary loss (MoE routers): each source's tokens carry their share
+        total = total + extra.float() * (counts.to(total.dtype) if per_source else count)
     return total, sums, counts
 
 

@@ -75,10 +75,16 @@ class EvalAggregate:
     def __init__(self, device):
         self.device = device
         self.loss = RatioOfSums().to(device)
+        self.terms: dict[str, RatioOfSums] = {}  # a stage with several loss terms: each over its own units
         self.metrics: dict[str, RatioOfSums] = {}
 
-    def update(self, loss_sum, count: int, metrics: dict) -> None:
-        self.loss.update(loss_sum, count)
+    def update(self, loss_sum, count, metrics: dict) -> None:
+        if isinstance(count, dict):  # the loss is the sum of each term's own mean
+            for term, units in count.items():
+                self.terms.setdefault(term, RatioOfSums().to(self.device)).update(loss_sum[term], units)
+            count = next(iter(count.values()))  # the stage's plain metrics go by its first term's units
+        else:
+            self.loss.update(loss_sum, count)
         for key, value in metrics.items():
             if isinstance(value, tuple):  # (sum, count): a mean over units of its own (the engine's Stage protocol)
                 self._metric(key).update(*value)
@@ -93,9 +99,12 @@ class EvalAggregate:
     def compute(self, names: list[str] | None = None) -> dict[str, float]:
         """{"loss": ..., key: ...}; `names`: the metric names every rank computes (default: this rank's)."""
         names = sorted(self.metrics) if names is None else names
-        if not self.loss.update_called:
-            self.loss.update(0.0, 0)
-        result = {"loss": float(self.loss.compute())}
+        if self.terms:  # every rank has the same terms, in the same order (the stage names them)
+            result = {"loss": sum(float(term.compute()) for term in self.terms.values())}
+        else:
+            if not self.loss.update_called:
+                self.loss.update(0.0, 0)
+            result = {"loss": float(self.loss.compute())}
         for key in names:
             metric = self._metric(key)
             if not metric.update_called:

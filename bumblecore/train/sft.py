@@ -1,10 +1,11 @@
 """SFT (and pretraining's) loss: next-token cross-entropy on the target tokens, summed; the engine
 normalises by the step's global target count.
 
-A mixture's batch (data/mixture.py) carries each token's source: the loss is then
-sum_s loss_weight_s * (sum of source s's token losses), still over the step's global target count N
-(docs/CONFIG.md, "Mixtures and loss weights"), and each source's own mean is logged as loss/<name>,
-a (sum, count) metric over its target tokens."""
+A mixture's batch (data/mixture.py) carries each token's source, and each source's own mean is logged
+as loss/<name>, a (sum, count) metric over its target tokens. With loss weights each source is a term
+of its own, loss_weight_s * (sum of its token losses), which the engine divides by the source's target
+tokens of the step: L = sum_s w_s S_s / N_s (docs/CONFIG.md, "Mixtures and loss weights"). With every
+loss weight 1 the loss is the plain token sum over the step's N, bit for bit."""
 
 from __future__ import annotations
 
@@ -17,8 +18,14 @@ from bumblecore.train.losses import chunked_cross_entropy, chunked_cross_entropy
 class LanguageModelingStage:
     """Batches: input_ids, labels (unshifted, -100 = not trained), optional position_ids / segment_ids."""
 
-    def count(self, batch: dict) -> int:
-        return int((shift_targets(batch["labels"], batch.get("segment_ids")) != IGNORE_INDEX).sum())
+    def count(self, batch: dict):
+        """Target tokens; with loss weights, per source ({name: its target tokens}: each term's own units)."""
+        targets = shift_targets(batch["labels"], batch.get("segment_ids"))
+        if not _weighted(batch):
+            return int((targets != IGNORE_INDEX).sum())
+        sources = _target_sources(batch)[targets != IGNORE_INDEX]
+        counts = torch.bincount(sources, minlength=len(batch["source_names"])).tolist()
+        return dict(zip(batch["source_names"], counts))
 
     def loss(self, model, batch: dict):
         hidden = model(
@@ -32,9 +39,22 @@ class LanguageModelingStage:
         if "source_ids" not in batch:
             total, _ = chunked_cross_entropy(hidden, head, targets)
             return total, {}
-        sources = torch.full_like(batch["source_ids"], -1)
-        sources[:, :-1] = batch["source_ids"][:, 1:]  # a target's source is that of the token it predicts
         names, weights = batch["source_names"], batch["source_loss_weights"]
-        weighted = weights if bool((weights != 1.0).any()) else None
-        total, sums, counts = chunked_cross_entropy_by_source(hidden, head, targets, sources, len(names), weighted)
-        return total, {f"loss/{name}": (sums[i], counts[i]) for i, name in enumerate(names)}
+        terms, sums, counts = chunked_cross_entropy_by_source(
+            hidden, head, targets, _target_sources(batch), len(names), per_source=_weighted(batch)
+        )
+        metrics = {f"loss/{name}": (sums[i], counts[i]) for i, name in enumerate(names)}
+        if terms.ndim == 0:  # every loss weight 1: one term, the plain token sum
+            return terms, metrics
+        return {name: weights[i] * terms[i] for i, name in enumerate(names)}, metrics
+
+
+def _weighted(batch: dict) -> bool:
+    return "source_loss_weights" in batch and bool((batch["source_loss_weights"] != 1.0).any())
+
+
+def _target_sources(batch: dict) -> torch.Tensor:
+    """Each target position's source: that of the token it predicts (-1 where nothing is predicted)."""
+    sources = torch.full_like(batch["source_ids"], -1)
+    sources[:, :-1] = batch["source_ids"][:, 1:]
+    return sources
