@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from tiny import make_tiny_model
+from tiny import make_tiny_model, max_weight_difference, train_on_two_processes
 
 import bumblecore
 from bumblecore.args import DataArgs, TrainArgs
@@ -530,3 +530,89 @@ def test_simpo_lora_learns_without_a_reference(tmp_path, models, data, monkeypat
     losses = [r["loss"] for r in history]
     assert losses[-1] < losses[0], losses
     assert history[-1]["rewards/margins"] > history[0]["rewards/margins"]
+
+
+# ---------------------------------------------------------------------------- an SFT source beside the pairs
+
+
+def sft_source(tmp_path):
+    lines = (DEMO / "sft_train.jsonl").read_text(encoding="utf-8").splitlines()[:24]
+    (tmp_path / "chat.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return tmp_path / "chat.jsonl"
+
+
+@pytest.mark.parametrize("finetuning_type", ["full", "lora"])
+def test_an_sft_source_beside_the_pairs_is_a_loss_term_of_its_own(tmp_path, models, data, capsys, finetuning_type):
+    """dpo with a mixture {pairs, chat (loss weight 0.5)}: at the first step (policy = reference) the
+    DPO term is ln 2, so the loss is ln 2 + 0.5 x the chat source's own mean over its tokens."""
+    mixture = {
+        "pairs": {"path": str(data / "train.jsonl")},
+        "chat": {"path": str(sft_source(tmp_path)), "loss_weight": 0.5},
+    }
+    keys = dict(finetuning_type=finetuning_type, max_steps=3, save_steps=100, dataset_path=mixture, learning_rate=1e-3)
+    history = train_records(run(tmp_path / "out", models / "policy", data, **keys))
+    banner = capsys.readouterr().out
+    assert "beside the pairs: SFT source chat" in banner and "loss weight 0.5" in banner
+    first = history[0]
+    assert first["loss/dpo"] == pytest.approx(math.log(2), abs=1e-6)
+    assert first["loss"] == pytest.approx(math.log(2) + 0.5 * first["loss/chat"], rel=1e-6)
+    assert all("loss/chat" in r and r["loss/chat"] > 0 for r in history)
+
+
+def test_an_sft_source_at_loss_weight_zero_leaves_the_dpo_run_as_it_was(tmp_path, models, data):
+    """Its term adds a zero gradient: the weights are those of the pairs alone, bit for bit; at 0.5 they move."""
+    keys = dict(finetuning_type="lora", max_steps=2, save_steps=100)
+    run(tmp_path / "plain", models / "policy", data, **keys)
+    weights = "adapter_model.safetensors"
+    for weight in (0.0, 0.5):
+        mixture = {
+            "pairs": str(data / "train.jsonl"),
+            "chat": {"path": str(sft_source(tmp_path)), "loss_weight": weight},
+        }
+        run(tmp_path / f"w{weight}", models / "policy", data, **keys, dataset_path=mixture)
+        same = (tmp_path / "plain" / weights).read_bytes() == (tmp_path / f"w{weight}" / weights).read_bytes()
+        assert same == (weight == 0.0), weight
+
+
+def test_pairs_beside_sft_sources_take_no_weights(tmp_path, models, data, capsys):
+    mixture = {
+        "pairs": {"path": str(data / "train.jsonl"), "loss_weight": 2.0},
+        "chat": {"path": str(sft_source(tmp_path)), "loss_weight": 0.5},
+    }
+    with pytest.raises(SystemExit):
+        run(tmp_path / "out", models / "policy", data, dataset_path=mixture, max_steps=1)
+    assert "the preference sources are one dataset" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_an_sft_source_beside_pairs_over_two_processes_equals_accumulation(tmp_path, models, data):
+    keys = {
+        "training_stage": "dpo",
+        "model_name_or_path": str(models / "start"),
+        "dataset_path": {
+            "pairs": {"path": str(data / "train.jsonl")},
+            "chat": {"path": str(sft_source(tmp_path)), "loss_weight": 0.3},
+        },
+        "cutoff_len": 128,
+        "max_steps": 3,
+        "learning_rate": 5e-3,
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": 1,
+        "train_model_precision": "fp32",
+        "accelerator": "cpu",
+        "save_steps": 100,
+        "pref_beta": 0.5,
+    }
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(keys))
+    main(
+        ["train", "--config", str(config), "--output_dir", str(tmp_path / "one"), "--gradient_accumulation_steps", "2"]
+    )
+    train_on_two_processes(config, tmp_path / "two", cwd=tmp_path)
+    assert max_weight_difference(tmp_path / "one", tmp_path / "two") < 1e-5
+    logged = [
+        [json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("one", "two")
+    ]
+    for one, two in zip(*logged, strict=True):
+        for key in ("loss", "loss/dpo", "loss/chat"):
+            assert two[key] == pytest.approx(one[key], rel=1e-5), key

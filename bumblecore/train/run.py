@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from bumblecore.args import TrainArgs, flat_defaults
+from bumblecore.args import TrainArgs, data_sources, flat_defaults
 
 
 def train(run: TrainArgs) -> None:
@@ -399,8 +399,9 @@ def _protected(run: TrainArgs) -> list[Path]:
         run.preference.ref_model_path,
         run.runtime.deepspeed_config_path,
     ]
-    for value in (run.data.dataset_path, run.data.eval_dataset_path):
-        paths += value if isinstance(value, list) else [value]
+    for key in ("dataset_path", "eval_dataset_path"):  # a file, a list, or a mixture's mapping
+        if getattr(run.data, key):
+            paths += [path for source in data_sources(getattr(run.data, key), key=key) for path in source.paths]
     return [Path(p).resolve() for p in paths if p]
 
 
@@ -547,18 +548,26 @@ def main(fabric, run: TrainArgs, deepspeed_config: dict | None = None, launcher:
     trainable, total = trainable_share(model)
 
     def tokenized():  # the token cache, built once (see build_once) and memory-mapped by every rank
-        def units_of(paths, progress, label):
-            return dataset_units(
-                run.data, run.model.training_stage, optimization.seed, tokenizer, paths, progress, label
-            )
+        def units_of(paths, progress, label, stage=run.model.training_stage, data=run.data):
+            return dataset_units(data, stage, optimization.seed, tokenizer, paths, progress, label)
 
-        train_data = units_of(run.data.dataset_path, fabric.is_global_zero, "dataset_path")
+        progress = fabric.is_global_zero
+        beside = {}  # a dpo/kto mixture's SFT sources: {name: (source, (cache, units))}, packed as for sft
+        train_paths, label = run.data.dataset_path, "dataset_path"
+        if run.model.training_stage in ("dpo", "kto"):
+            pairs, conversations = sft_beside(run)
+            if conversations:  # the pairs as one dataset, each SFT source its own
+                train_paths, label = [path for source in pairs for path in source.paths], "dataset_path pairs"
+                packed = dataclasses.replace(run.data, packing=True)
+                for s in conversations:
+                    beside[s.name] = (s, units_of(list(s.paths), progress, f"dataset_path {s.name}", "sft", packed))
+        train_data = units_of(train_paths, progress, label)
         held_out = (
             units_of(run.data.eval_dataset_path, False, "eval_dataset_path")
             if run.data.eval_dataset_path
             else (None, None)
         )
-        return train_data, held_out
+        return train_data, held_out, beside
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     if run.model.training_stage == "grpo":  # prompts, not token units: the rollouts make the batches
@@ -576,7 +585,7 @@ def main(fabric, run: TrainArgs, deepspeed_config: dict | None = None, launcher:
             eval_loader = GreedyEvaluation(loader, eval_units, fabric.world_size, fabric.global_rank)
             data_lines += eval_lines
     else:
-        (train_cache, units), (eval_cache, eval_units) = build_once(fabric, tokenized)
+        (train_cache, units), (eval_cache, eval_units), beside = build_once(fabric, tokenized)
         if eval_units is not None and len(eval_units) < fabric.world_size:  # every rank evaluates a share
             raise ValueError(
                 f"eval_dataset_path: {len(eval_units)} eval units for {fabric.world_size} processes; "
@@ -612,6 +621,12 @@ def main(fabric, run: TrainArgs, deepspeed_config: dict | None = None, launcher:
             *_source_lines(run, train_cache, units),
             *([f"  eval dataset: {eval_cache.summary.counts()}"] if eval_cache is not None else []),
             *[f"    {example}" for example in train_cache.summary.examples()],
+            *[
+                f"  beside the pairs: SFT source {name}, {len(u)} units (packed rows of <= {run.data.cutoff_len} "
+                f"tokens; {cache.summary.counts()}), loss weight {source.loss_weight}: a term of its own, its mean "
+                "over its target tokens of the step"
+                for name, (source, (cache, u)) in beside.items()
+            ],
         ]
     total_steps = loader.total_steps(optimization.num_epochs, optimization.max_steps)
     warmup_steps = math.ceil(optimization.warmup_ratio * total_steps)
@@ -661,6 +676,25 @@ def main(fabric, run: TrainArgs, deepspeed_config: dict | None = None, launcher:
         )
         loader = attach_reference(loader, "train")
         eval_loader = attach_reference(eval_loader, "eval") if eval_loader is not None else None
+        if beside:
+            from bumblecore.train.auxiliary import StepsWithSFT, WithSFT
+
+            sft_loaders = {
+                name: BatchLoader(
+                    u,
+                    optimization.train_micro_batch_size_per_gpu,
+                    optimization.gradient_accumulation_steps,
+                    fabric.world_size,
+                    fabric.global_rank,
+                    optimization.seed,
+                    pad_id,
+                    packing=True,
+                )
+                for name, (_, (_, u)) in beside.items()
+            }
+            loader = StepsWithSFT(loader, sft_loaders)
+            weights = {name: source.loss_weight for name, (source, _) in beside.items()}
+            stage = WithSFT(stage, weights, main=run.model.training_stage)
     monitor = Monitor(
         output_dir,
         output.use_tensorboard,
@@ -739,6 +773,22 @@ def _source_lines(run: TrainArgs, cache, units) -> list[str]:
 
     sources = run_sources(run.data, run.data.dataset_path)
     return source_report(units, sources, source_records(cache, sources))
+
+
+def sft_beside(run: TrainArgs) -> tuple[list, list]:
+    """A dpo/kto run's (preference sources, SFT sources); the pairs take no sampling or loss weights."""
+    from bumblecore.data.commands import run_sources
+    from bumblecore.train.auxiliary import split_sft_sources
+
+    pairs, conversations = split_sft_sources(run_sources(run.data, run.data.dataset_path))
+    if conversations and (
+        run.data.mix_strategy != "concat" or any(s.weight != 1.0 or s.loss_weight != 1.0 for s in pairs)
+    ):
+        raise ValueError(
+            "dataset_path: beside SFT sources, the preference sources are one dataset (mix_strategy concat, "
+            "loss weight 1); the SFT sources take loss weights"
+        )
+    return pairs, conversations
 
 
 def grpo_reference(fabric, run: TrainArgs, model, load):
