@@ -541,21 +541,26 @@ def sft_source(tmp_path):
     return tmp_path / "chat.jsonl"
 
 
-@pytest.mark.parametrize("finetuning_type", ["full", "lora"])
-def test_an_sft_source_beside_the_pairs_is_a_loss_term_of_its_own(tmp_path, models, data, capsys, finetuning_type):
-    """dpo with a mixture {pairs, chat (loss weight 0.5)}: at the first step (policy = reference) the
-    DPO term is ln 2, so the loss is ln 2 + 0.5 x the chat source's own mean over its tokens."""
+@pytest.mark.parametrize("stage,finetuning_type", [("dpo", "full"), ("dpo", "lora"), ("kto", "lora")])
+def test_an_sft_source_beside_the_pairs_is_a_loss_term_of_its_own(
+    tmp_path, models, data, capsys, stage, finetuning_type
+):
+    """A mixture {pairs, chat (loss weight 0.5)}: at the first step (policy = reference) the DPO term is
+    ln 2 (KTO's: 0.5, half of each example's weight 1), so the loss is that plus 0.5 x the chat source's
+    own mean over its tokens."""
     mixture = {
         "pairs": {"path": str(data / "train.jsonl")},
         "chat": {"path": str(sft_source(tmp_path)), "loss_weight": 0.5},
     }
     keys = dict(finetuning_type=finetuning_type, max_steps=3, save_steps=100, dataset_path=mixture, learning_rate=1e-3)
-    history = train_records(run(tmp_path / "out", models / "policy", data, **keys))
+    history = train_records(run(tmp_path / "out", models / "policy", data, training_stage=stage, **keys))
     banner = capsys.readouterr().out
     assert "beside the pairs: SFT source chat" in banner and "loss weight 0.5" in banner
     first = history[0]
-    assert first["loss/dpo"] == pytest.approx(math.log(2), abs=1e-6)
-    assert first["loss"] == pytest.approx(math.log(2) + 0.5 * first["loss/chat"], rel=1e-6)
+    start = math.log(2) if stage == "dpo" else 0.5
+    if stage == "dpo":
+        assert first["loss/dpo"] == pytest.approx(start, abs=1e-6)
+    assert first["loss"] == pytest.approx(start + 0.5 * first["loss/chat"], rel=1e-6)
     assert all("loss/chat" in r and r["loss/chat"] > 0 for r in history)
 
 
