@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from tiny import make_tiny_model, max_weight_difference, train_on_two_processes
+from tiny import make_tiny_model, one_process_and_two
 
 import bumblecore
 from bumblecore.args import DataArgs, TrainArgs
@@ -602,22 +602,10 @@ def test_an_sft_source_beside_pairs_over_two_processes_equals_accumulation(tmp_p
         "max_steps": 3,
         "learning_rate": 5e-3,
         "train_micro_batch_size_per_gpu": 2,
-        "gradient_accumulation_steps": 1,
         "train_model_precision": "fp32",
-        "accelerator": "cpu",
         "save_steps": 100,
         "pref_beta": 0.5,
     }
-    config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump(keys))
-    main(
-        ["train", "--config", str(config), "--output_dir", str(tmp_path / "one"), "--gradient_accumulation_steps", "2"]
-    )
-    train_on_two_processes(config, tmp_path / "two", cwd=tmp_path)
-    assert max_weight_difference(tmp_path / "one", tmp_path / "two") < 1e-5
-    logged = [
-        [json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("one", "two")
-    ]
-    for one, two in zip(*logged, strict=True):
+    for one, two in zip(*one_process_and_two(keys, tmp_path), strict=True):
         for key in ("loss", "loss/dpo", "loss/chat"):
             assert two[key] == pytest.approx(one[key], rel=1e-5), key

@@ -13,13 +13,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from tiny import (
-    init_tiny_model_dir,
-    make_tiny_model,
-    max_weight_difference,
-    train_on_two_processes,
-    write_tiny_checkpoint,
-)
+from tiny import init_tiny_model_dir, make_tiny_model, one_process_and_two, write_tiny_checkpoint
 
 import bumblecore
 from bumblecore.args import DataArgs, TrainArgs
@@ -446,20 +440,9 @@ def test_weighted_mixture_over_two_processes_equals_one_process_accumulating_two
         "train_micro_batch_size_per_gpu": 2,
         "gradient_accumulation_steps": 1,
         "train_model_precision": "fp32",
-        "accelerator": "cpu",
         "save_steps": 100,
     }
-    config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump(keys))
-    main(
-        ["train", "--config", str(config), "--output_dir", str(tmp_path / "one"), "--gradient_accumulation_steps", "2"]
-    )
-    train_on_two_processes(config, tmp_path / "two", cwd=tmp_path)
-    assert max_weight_difference(tmp_path / "one", tmp_path / "two") < 1e-5
-
-    def logged(name):
-        return [r for r in map(json.loads, (tmp_path / name / "metrics.jsonl").read_text().splitlines())]
-
-    for one, two in zip(logged("one"), logged("two"), strict=True):
+    records = one_process_and_two(keys, tmp_path)
+    for one, two in zip(*records, strict=True):
         for key in ("loss", "loss/tasks", "loss/replay"):
             assert (key in one) == (key in two) and two.get(key, 0) == pytest.approx(one.get(key, 0), rel=1e-5)

@@ -89,3 +89,27 @@ def max_weight_difference(model_dir, other_dir, file: str = "model.safetensors")
 
     expected, got = load_file(Path(model_dir) / file), load_file(Path(other_dir) / file)
     return max((got[k] - expected[k]).abs().max().item() for k in expected)
+
+
+def one_process_and_two(config: dict, root, tolerance: float = 1e-5) -> tuple[list[dict], list[dict]]:
+    """`config` (gradient_accumulation_steps 1) trained by 1 process accumulating 2 micro-batches, in
+    root/one, and by 2 gloo processes of 1 micro-batch each, in root/two: asserts they end with the same
+    weights and returns both metrics histories (the DDP-equals-accumulation check of every stage)."""
+    import json
+
+    import yaml
+
+    from bumblecore.cli import main
+
+    file = Path(root) / "ddp.yaml"
+    file.write_text(yaml.safe_dump({**config, "accelerator": "cpu", "gradient_accumulation_steps": 1}))
+    main(
+        ["train", "--config", str(file), "--output_dir", str(Path(root) / "one"), "--gradient_accumulation_steps", "2"]
+    )
+    train_on_two_processes(file, Path(root) / "two", cwd=root)
+    worst = max_weight_difference(Path(root) / "one", Path(root) / "two")
+    assert worst < tolerance, f"max weight difference {worst}"
+    return tuple(
+        [json.loads(line) for line in (Path(root) / name / "metrics.jsonl").read_text().splitlines()]
+        for name in ("one", "two")
+    )

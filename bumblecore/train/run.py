@@ -570,6 +570,14 @@ def main(fabric, run: TrainArgs, deepspeed_config: dict | None = None, launcher:
         return train_data, held_out, beside
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def step_loader(units, packing: bool, group_by_length: bool = False):  # this rank's share of each step
+        micro, accumulation = optimization.train_micro_batch_size_per_gpu, optimization.gradient_accumulation_steps
+        return BatchLoader(
+            units, micro, accumulation, fabric.world_size, fabric.global_rank, optimization.seed, pad_id, packing,
+            group_by_length,
+        )  # fmt: skip
+
     if run.model.training_stage == "grpo":  # prompts, not token units: the rollouts make the batches
         from bumblecore.train.grpo import GreedyEvaluation, build_grpo, read_grpo_prompts
 
@@ -591,17 +599,7 @@ def main(fabric, run: TrainArgs, deepspeed_config: dict | None = None, launcher:
                 f"eval_dataset_path: {len(eval_units)} eval units for {fabric.world_size} processes; "
                 "give at least one per process"
             )
-        loader = BatchLoader(
-            units,
-            optimization.train_micro_batch_size_per_gpu,
-            optimization.gradient_accumulation_steps,
-            fabric.world_size,
-            fabric.global_rank,
-            optimization.seed,
-            pad_id,
-            bool(run.data.packing),
-            run.data.group_by_length,
-        )
+        loader = step_loader(units, bool(run.data.packing), run.data.group_by_length)
         eval_loader = (
             eval_batches(
                 eval_units,
@@ -679,20 +677,7 @@ def main(fabric, run: TrainArgs, deepspeed_config: dict | None = None, launcher:
         if beside:
             from bumblecore.train.auxiliary import StepsWithSFT, WithSFT
 
-            sft_loaders = {
-                name: BatchLoader(
-                    u,
-                    optimization.train_micro_batch_size_per_gpu,
-                    optimization.gradient_accumulation_steps,
-                    fabric.world_size,
-                    fabric.global_rank,
-                    optimization.seed,
-                    pad_id,
-                    packing=True,
-                )
-                for name, (_, (_, u)) in beside.items()
-            }
-            loader = StepsWithSFT(loader, sft_loaders)
+            loader = StepsWithSFT(loader, {name: step_loader(u, True) for name, (_, (_, u)) in beside.items()})
             weights = {name: source.loss_weight for name, (source, _) in beside.items()}
             stage = WithSFT(stage, weights, main=run.model.training_stage)
     monitor = Monitor(
