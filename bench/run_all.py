@@ -58,6 +58,13 @@ def bench_resume(quick):
     return importlib.import_module("resume").run(quick)
 
 
+def bench_prefix_cache(quick):
+    import torch
+
+    torch.set_num_threads(1)  # as bench/generate.py: a two-thread team stalls on a shared box
+    return importlib.import_module("prefix_cache").run(quick)
+
+
 def bench_zero3_memory(quick):
     return importlib.import_module("zero3_memory").run(quick)
 
@@ -66,6 +73,7 @@ BENCHES = {
     "train_sft": bench_train_sft,
     "generate": bench_generate,
     "serve": bench_serve,
+    "prefix_cache": bench_prefix_cache,
     "pretokenize": bench_pretokenize,
     "dpo_reference": bench_dpo_reference,
     "resume": bench_resume,
@@ -99,8 +107,13 @@ def run_one(name: str, quick: bool, timeout: float) -> dict:
     return result
 
 
+class Missing(Exception):
+    """A figure a bench could not produce, with the reason."""
+
+
 def rows(results: dict) -> list[tuple]:
-    """(measure, bumblecore, peer, ratio, goal, met) per goal; a failed bench gives its rows as failed."""
+    """(measure, bumblecore, peer, ratio, goal, met) per goal; a failed bench, or a figure a bench did
+    not produce (an optional peer that is not installed), gives its row as failed with the reason."""
 
     def fmt(x, unit):
         return f"{x:,.1f} {unit}" if x < 100 else f"{x:,.0f} {unit}"
@@ -113,27 +126,56 @@ def rows(results: dict) -> list[tuple]:
             status = "not run" if r["failed"] == "not run" else f"failed: {r['failed']}".replace("|", "/")
             out.append((measure, "", "", "", goal[0], status))
             return
-        ours, peer, ratio = build(r)
+        try:
+            ours, peer, ratio = build(r)
+        except Missing as why:
+            out.append((measure, "", "", "", goal[0], f"failed: {why}".replace("|", "/")))
+            return
+        except KeyError as key:  # a bench of an older version, or one that stopped short
+            out.append((measure, "", "", "", goal[0], f"failed: no {key} in its result"))
+            return
         limit, above = goal[1], goal[2]
+        if limit is None:  # reported, no goal set
+            out.append((measure, ours, peer, f"**{ratio}**", goal[0], "reported"))
+            return
         met = ratio >= limit if above else ratio <= limit
         out.append((measure, ours, peer, f"**{ratio:.2f}x**", goal[0], "met" if met else "**missed**"))
 
+    def tok_s(part):
+        if "failed" in part:  # one peer could not run (e.g. TRL not installed): its rows say why
+            raise Missing(part["failed"])
+        return fmt(part["tokens_per_sec"], "tok/s")
+
     add(
         "train_sft",
-        "SFT effective tokens/s (packed vs Trainer padded)",
+        "SFT tokens/s, h256 x 4, vocab 4,000 (LM head ~1/3 of compute), packed vs Trainer padded",
+        (">= 1.5x", 1.5, True),
+        lambda r: (tok_s(r["realistic/bumblecore"]), tok_s(r["realistic/trainer"]), r["realistic_trainer_ratio"]),
+    )
+    add(
+        "train_sft",
+        "the same vs TRL SFTTrainer with packing",
         (">= 2x", 2.0, True),
-        lambda r: (
-            fmt(r["throughput/bumblecore"]["tokens_per_sec"], "tok/s"),
-            fmt(r["throughput/trainer"]["tokens_per_sec"], "tok/s"),
-            r["throughput_ratio"],
-        ),
+        lambda r: (tok_s(r["realistic/bumblecore"]), tok_s(r["realistic/trl"]), r["realistic_trl_ratio"]),
+    )
+    add(
+        "train_sft",
+        "SFT tokens/s, 2-layer h128 body under vocab 151,936 (flatters packing), vs Trainer padded",
+        (">= 2x", 2.0, True),
+        lambda r: (tok_s(r["throughput/bumblecore"]), tok_s(r["throughput/trainer"]), r["throughput_ratio"]),
+    )
+    add(
+        "train_sft",
+        "CPU training MFU (achieved FLOP/s / measured fp32 matmul peak)",
+        ("reported (was ~60%)", None, True),
+        lambda r: ("", f"peak {r['matmul_peak_gflops']:,.0f} GFLOP/s", f"{100 * r['mfu']:.0f}%"),
     )
     add(
         "train_sft",
         "peak training RSS, vocab 151,936, seq 2048 (vs Trainer)",
         ("<= 0.4x", 0.4, False),
         lambda r: (
-            fmt(r["memory/bumblecore"]["peak_rss_mb"], "MB"),
+            fmt(r["memory/bumblecore"]["peak_rss_mb"], "MB") + f" (floor {r['memory_floor_mb']:,.0f} MB)",
             fmt(r["memory/trainer"]["peak_rss_mb"], "MB"),
             r["memory_ratio"],
         ),
@@ -142,11 +184,21 @@ def rows(results: dict) -> list[tuple]:
     add(
         "generate",
         "greedy decode, batch 1 (vs transformers generate)",
-        (">= 3x (GPU)", 3.0, True) if gpu else (">= 1.3x (CPU)", 1.3, True),
+        (">= 3x (GPU)", 3.0, True) if gpu else (">= 1.5x (CPU)", 1.5, True),
         lambda r: (
             fmt(r["bumblecore_b1_step_tok_s"], "tok/s"),
             fmt(r["transformers_b1_step_tok_s"], "tok/s"),
             r["b1_ratio_step_tok_s"],
+        ),
+    )
+    add(
+        "generate",
+        "greedy decode, batch 16 (vs transformers generate at batch 16, left-padded)",
+        (">= 2x", 2.0, True),
+        lambda r: (
+            fmt(r["bumblecore_b16_step_tok_s"], "tok/s"),
+            fmt(r["transformers_b16_step_tok_s"], "tok/s"),
+            r["b16_ratio_step_tok_s"],
         ),
     )
     add(
@@ -161,9 +213,35 @@ def rows(results: dict) -> list[tuple]:
     )
     add(
         "serve",
+        "serving efficiency, streaming: 16 API clients (vs the engine's own batch), h64 x 2",
+        (">= 0.5x", 0.5, True),
+        lambda r: (fmt(r["served_stream_tok_s"], "tok/s"), fmt(r["engine_tok_s"], "tok/s"), r["efficiency_stream"]),
+    )
+    add(
+        "serve",
+        "serving efficiency, non-streaming (the same)",
+        (">= 0.5x", 0.5, True),
+        lambda r: (
+            fmt(r["served_nonstream_tok_s"], "tok/s"),
+            fmt(r["engine_tok_s"], "tok/s"),
+            r["efficiency_nonstream"],
+        ),
+    )
+    add(
+        "serve",
         "served completion tokens/s, 16 concurrent (vs one at a time)",
         (">= 4x", 4.0, True),
         lambda r: (fmt(r["concurrent_tok_s"], "tok/s"), fmt(r["sequential_tok_s"], "tok/s"), r["ratio"]),
+    )
+    add(
+        "prefix_cache",
+        "second-turn time to first token, ~1,000-token history (vs a cold prefill)",
+        ("<= 0.3x", 0.3, False),
+        lambda r: (
+            f"{r['warm_ttft_s'] * 1000:,.1f} ms ({r['history_tokens']} tokens)",
+            f"{r['cold_ttft_s'] * 1000:,.1f} ms",
+            r["ratio"],
+        ),
     )
     add(
         "pretokenize",
@@ -202,6 +280,12 @@ def rows(results: dict) -> list[tuple]:
             r["ratio"],
         ),
     )
+    if not gpu:  # the GPU goals, which this machine cannot measure (bench/gpu.py on a GPU machine)
+        for measure, goal in (
+            ("GPU: greedy decode, batch 1 (vs transformers generate)", ">= 3x"),
+            ("GPU: served throughput, 64 streams", "reported"),
+        ):
+            out.append((measure, "", "", "", goal, "not measured: no GPU on this machine (bench/gpu.py)"))
     return out
 
 
