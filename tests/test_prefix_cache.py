@@ -214,3 +214,30 @@ def test_serve_and_chat_take_the_budget():
     assert ServeSettings("m").prefix_cache_mb == DEFAULT_PREFIX_CACHE_MB == 256
     assert inspect.signature(serve.serve).parameters["prefix_cache_mb"].default == 256
     assert inspect.signature(commands.chat).parameters["prefix_cache_mb"].default == 256
+
+
+def test_a_multi_turn_chat_through_the_server_answers_as_a_cold_engine(tmp_path, tiny_checkpoint):
+    """serve keeps a prefix cache by default: each turn, history included, gets a cold run's reply."""
+    import openai
+
+    from bumblecore.inference.commands import build_prompt_ids
+    from bumblecore.inference.loading import load_for_inference
+    from tests.serving import running_server
+
+    model_dir = str(tiny_checkpoint(tmp_path / "model", max_position_embeddings=512))
+    model, tokenizer, eos = load_for_inference(model_dir, device_map="cpu")
+    oracle = GenerationEngine(model, tokenizer, 1, 512, eos_token_ids=eos)
+    mirror = GenerationEngine(model, tokenizer, 1, 512, eos_token_ids=eos, prefix_cache_mb=1)  # as the worker's
+    messages = [{"role": "system", "content": "You are a bee. " * 8}]
+    with running_server(model_dir, max_batch_size=2, max_model_len=512) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="dummy", max_retries=0, timeout=60)
+        for question in ("hello bee", "and the hive?", "what about honey"):
+            messages.append({"role": "user", "content": question})
+            reply = client.chat.completions.create(model="bumblebee", messages=messages, max_tokens=10, temperature=0)
+            ids = build_prompt_ids(tokenizer, messages, "sft")
+            expected = oracle.generate([ids], SamplingParams(max_new_tokens=10))[0]["text"]
+            assert reply.choices[0].message.content == expected and reply.usage.prompt_tokens == len(ids)
+            messages.append({"role": "assistant", "content": expected})
+            mirror.generate([ids], SamplingParams(max_new_tokens=10))
+    # The re-rendered history matched the stored prompts and replies: turns 2 and 3 reused most of it.
+    assert mirror.prefix_cache.stats["hit_tokens"] >= len(ids) // 2
