@@ -1,6 +1,6 @@
 """Prefix reuse: time to first token of a chat's second turn, cold vs continuing the cached history.
 
-    python bench/prefix_cache.py [--quick] [--threads N]
+    python bench/prefix_cache.py [--quick] [--threads N] [--server]
 
 A random Qwen2-shaped model (4 layers, hidden 256, vocabulary 32,000: bench/generate.py's build()).
 Turn 1 is a system prompt and a long user message rendered with the chat template (~900 tokens);
@@ -14,6 +14,7 @@ first token's choice and that step's decode, as a server sees it), and this proc
 the same span (`time.process_time`, which other processes on a shared machine do not inflate; with
 one thread it is the work done). Each repeat uses a new conversation and an emptied store, cold and
 warm in alternating order; reported are medians, and the goal is warm <= 0.3x cold.
+`--server` measures the same through `bumblecore serve` too (run_server).
 """
 
 from __future__ import annotations
@@ -115,12 +116,78 @@ def run(quick: bool = False, threads: int = 1) -> dict:
     }
 
 
+def run_server(quick: bool = False) -> dict:
+    """The same through `bumblecore serve` (one slot, one torch thread in its worker): TTFT is a
+    non-streaming request's wall time with max_tokens 1 (HTTP, rendering and tokenizing included).
+    Cold: a conversation's second turn sent first; warm: the same after its first turn was answered
+    (the client sends the reply's text back, which the template re-tokenizes)."""
+    import os
+
+    import requests
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from serving import running_server
+
+    os.environ["OMP_NUM_THREADS"] = "1"  # the worker process is spawned: it reads this at start
+    repeats, words = (3, 400) if quick else (7, 400)
+    samples = {"cold": [], "warm": []}
+    prompt_tokens = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        build(Path(tmp), torch.device("cpu"))
+        with running_server(tmp, max_batch_size=1, max_model_len=2048, device_map="cpu") as url:
+
+            def ask(messages, max_tokens):
+                started = time.perf_counter()
+                body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+                reply = requests.post(url + "/v1/chat/completions", json=body, timeout=120).json()
+                return time.perf_counter() - started, reply
+
+            def conversation(seed, reverse=False):
+                rng = torch.Generator().manual_seed(seed)
+                pool = ["bee", "hive", "honey", "flower", "data", "model", "token", "garden", "summer", "wax"]
+                chosen = [pool[i] for i in torch.randint(0, len(pool), (words,), generator=rng).tolist()]
+                text = " ".join(chosen[::-1] if reverse else chosen)
+                return [
+                    {"role": "system", "content": "You are a helpful assistant."},
+                    {"role": "user", "content": text},
+                ]
+
+            def second(messages, reply):
+                answer = {"role": "assistant", "content": reply["choices"][0]["message"]["content"]}
+                return messages + [answer, {"role": "user", "content": "And what about the wax?"}]
+
+            first = conversation(0)
+            ask(second(first, ask(first, 64)[1]), 1)  # warm-up
+            for repeat in range(repeats):
+                warm_turn = conversation(100 + repeat)
+                _, reply = ask(warm_turn, 64)
+                # Cold: a second turn whose history the server never saw (only the system prompt's
+                # first block is stored), as long as the warm one (the same words, reversed).
+                cold_turn = second(conversation(100 + repeat, reverse=True), reply)
+                for kind in ("cold", "warm") if repeat % 2 == 0 else ("warm", "cold"):
+                    turn = cold_turn if kind == "cold" else second(warm_turn, reply)
+                    elapsed, answer = ask(turn, 1)
+                    samples[kind].append(elapsed)
+                    prompt_tokens[kind] = answer["usage"]["prompt_tokens"]
+    cold, warm = statistics.median(samples["cold"]), statistics.median(samples["warm"])
+    return {
+        "server_cold_ttft_s": cold,
+        "server_warm_ttft_s": warm,
+        "server_ratio": warm / cold,
+        "server_history_tokens": prompt_tokens["warm"],
+        "server_cold_prompt_tokens": prompt_tokens["cold"],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+    parser.add_argument("--server", action="store_true", help="also measure through bumblecore serve (CPU)")
     args = parser.parse_args()
     result = run(args.quick, args.threads)
+    if args.server:
+        result.update(run_server(args.quick))
     for key, value in result.items():
         print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
     print(f"goal warm/cold <= 0.3: {'met' if result['ratio'] <= 0.3 else 'NOT met'}")
