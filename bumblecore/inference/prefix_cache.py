@@ -17,6 +17,8 @@ deepest block up to the first, so a parent is always more recently used than its
 oldest block is always a leaf: eviction never strands a chain's tail behind a missing parent.
 
 Blocks are copies (the slot's row is reused by the next request), on the cache's device and dtype.
+What this reads and writes of the engine's cache (model/bumblebee.py KVCache): per layer `keys[l]`
+and `values[l]`, (slots, max_len, kv_heads, head_dim), and `lengths` (slots,); nothing else.
 """
 
 from __future__ import annotations
