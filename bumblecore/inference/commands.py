@@ -11,6 +11,7 @@ from typing import Optional
 from bumblecore.args import SamplingArgs
 from bumblecore.inference.generate import GenerationEngine, SamplingParams
 from bumblecore.inference.loading import load_for_inference
+from bumblecore.inference.serve_settings import DEFAULT_PREFIX_CACHE_MB
 
 
 def build_prompt_ids(
@@ -148,6 +149,7 @@ def chat(
     dtype: str = "auto",
     device_map: str = "auto",
     trust_remote_code: bool = False,
+    prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB,
 ) -> None:
     """Terminal chat that streams each reply; /clear resets the history, /exit or end of input quits.
 
@@ -161,9 +163,10 @@ def chat(
         dtype: auto (the checkpoint's), float32, float16 or bfloat16.
         device_map: auto, cpu or cuda:N.
         trust_remote_code: allow a model or tokenizer that ships its own Python code (only for directories you trust).
+        prefix_cache_mb: MiB of KV cache kept from each reply, so the next turn prefills only its new tokens; 0 disables.
     """
     model, tokenizer, eos = load_for_inference(model_path, dtype, device_map, trust_remote_code=trust_remote_code)
-    engine = GenerationEngine(model, tokenizer, max_batch_size=1, eos_token_ids=eos)
+    engine = GenerationEngine(model, tokenizer, max_batch_size=1, eos_token_ids=eos, prefix_cache_mb=prefix_cache_mb)
     params = SamplingParams.from_group(sampling, seed=seed)
     interactive = sys.stdin.isatty()
     history: list[dict] = []

@@ -24,6 +24,7 @@ import torch
 
 from bumblecore.args import SamplingArgs
 from bumblecore.inference.decode import DecodingBumblebee
+from bumblecore.inference.prefix_cache import DEFAULT_BLOCK_SIZE, PrefixCache
 
 
 @dataclass(frozen=True)
@@ -174,6 +175,8 @@ class _Request:
     stream: TextStream
     generator: Optional[torch.Generator]
     generated: list[int] = field(default_factory=list)
+    cached: int = 0
+    """Prompt tokens whose keys and values came from the prefix cache (not prefilled)."""
 
 
 class GenerationEngine:
@@ -184,7 +187,12 @@ class GenerationEngine:
         max_batch_size: int = 8,
         max_len: Optional[int] = None,
         eos_token_ids: Optional[list[int]] = None,
+        prefix_cache_mb: float = 0,
+        prefix_block_size: int = DEFAULT_BLOCK_SIZE,
     ):
+        """prefix_cache_mb: MiB of KV blocks that finished requests leave for later requests starting
+        with the same tokens (inference/prefix_cache.py); 0 (the default) keeps none. Only for models
+        with a slot cache (Bumblebee); a model that recomputes its sequences ignores it."""
         # A Bumblebee (or a peft model over one) decodes over a KV cache with slots; a model that brings
         # its own cache (model/transformers_family.py) recomputes the whole sequence every step.
         self.recomputes = hasattr(model, "new_cache")
@@ -203,6 +211,15 @@ class GenerationEngine:
         self.seen = torch.zeros(max_batch_size, self.vocab, dtype=torch.bool, device=self.device)
         self.next_logits = torch.zeros(max_batch_size, self.vocab, dtype=torch.float32, device=self.device)
         self._ids = 0
+        self.prefix_cache: Optional[PrefixCache] = None
+        if prefix_cache_mb and prefix_cache_mb > 0 and not self.recomputes:
+            self.prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20), prefix_block_size)
+        self._weights = self._weight_versions()
+
+    def _weight_versions(self) -> tuple:
+        """In-place updates of the weights (an optimiser step) bump their version counters: stored
+        keys and values are then stale."""
+        return tuple(p._version for p in self.model.parameters())
 
     @property
     def free_slots(self) -> int:
@@ -231,6 +248,12 @@ class GenerationEngine:
             self._ids, list(prompt_ids), params, TextStream(self.tokenizer, params.stop, live_text), generator
         )
         self.cache.reset(torch.tensor([slot], device=self.device))
+        if self.prefix_cache is not None:
+            if self._weight_versions() != self._weights:
+                self.prefix_cache.clear()
+                self._weights = self._weight_versions()
+            # At least the last prompt token is prefilled: its logits pick the first new token.
+            self.slots[slot].cached = self.prefix_cache.load(self.cache, slot, prompt_ids, len(prompt_ids) - 1)
         if params.repetition_penalty != 1.0:
             self.seen[slot] = False
             self.seen[slot, torch.tensor(prompt_ids, device=self.device)] = True
@@ -240,9 +263,17 @@ class GenerationEngine:
     def cancel(self, request_id: int) -> None:
         for slot, request in enumerate(self.slots):
             if request is not None and request.request_id == request_id:
-                self.slots[slot] = None
                 if slot in self.pending:
                     self.pending.remove(slot)
+                else:  # prefilled: its row holds the prompt and what it generated so far
+                    self._donate(slot, request)
+                self.slots[slot] = None
+
+    def _donate(self, slot: int, request: _Request) -> None:
+        """Leave the row's keys and values (prompt + generated tokens, the last one not yet decoded:
+        the row's length says how many) to the prefix cache for later requests."""
+        if self.prefix_cache is not None:
+            self.prefix_cache.store(self.cache, slot, request.prompt + request.generated)
 
     def _fail(self, slot: int, err: Exception) -> Event:
         request = self.slots[slot]
@@ -283,9 +314,27 @@ class GenerationEngine:
             else:
                 self.cache.lengths[slot] = state[slot]
 
+    def _prefill_groups(self, slots: list[int]) -> list[list[int]]:
+        """Rows prefilled together. Rows that continue a cached prefix apart from those that start
+        from nothing (a short suffix padded to a long cold prompt would cost as much as that prompt);
+        a group whose padding would pass the end of the cache is prefilled row by row."""
+        groups = [
+            g for g in ([s for s in slots if not self.slots[s].cached], [s for s in slots if self.slots[s].cached]) if g
+        ]
+        out = []
+        for group in groups:
+            requests = [self.slots[s] for s in group]
+            width = max(len(r.prompt) - r.cached for r in requests)
+            if max(r.cached for r in requests) + width > self.max_len:
+                out += [[s] for s in group]
+            else:
+                out.append(group)
+        return out
+
     @torch.inference_mode()
     def _prefill(self, slots: list[int]) -> None:
-        prompts = [self.slots[s].prompt for s in slots]
+        # Each row's tokens after its cached prefix; the model continues the row at its length.
+        prompts = [self.slots[s].prompt[self.slots[s].cached :] for s in slots]
         width = max(len(p) for p in prompts)
         ids = torch.zeros(len(slots), width, dtype=torch.long)
         mask = torch.zeros(len(slots), width, dtype=torch.long)
@@ -318,7 +367,8 @@ class GenerationEngine:
         failed: list[Event] = []
         if self.pending:
             slots, self.pending = self.pending, []
-            failed += self._isolated(slots, self._prefill)
+            for group in self._prefill_groups(slots):
+                failed += self._isolated(group, self._prefill)
         active = [i for i, s in enumerate(self.slots) if s is not None]
         if not active:
             return failed
@@ -362,6 +412,7 @@ class GenerationEngine:
             if reason is None:
                 continuing.append(slot)
             else:
+                self._donate(slot, request)
                 self.slots[slot] = None
         if continuing:
             events += self._isolated(continuing, self._decode)

@@ -23,7 +23,13 @@ from bumblecore.args import SamplingArgs
 from bumblecore.inference.litserve_adapter import InProcessLitServer
 from bumblecore.inference.openai_api import APIError
 from bumblecore.inference.request_guard import HeadTimeoutH11Protocol, RequestGuard
-from bumblecore.inference.serve_settings import SERVE_SAMPLING, ServeSettings, context_length, model_dirs
+from bumblecore.inference.serve_settings import (
+    DEFAULT_PREFIX_CACHE_MB,
+    SERVE_SAMPLING,
+    ServeSettings,
+    context_length,
+    model_dirs,
+)
 from bumblecore.inference.serving_http import (
     ChatCompletionsSpec,
     api_error_response,
@@ -99,6 +105,7 @@ def serve(
     device_map: str = "auto",
     trust_remote_code: bool = False,
     sampling: SamplingArgs = SERVE_SAMPLING,
+    prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB,
     log_level: str = "info",
 ) -> None:
     """Serve a model: OpenAI-compatible /v1/chat/completions (streaming too), /v1/models, /health, and a web chat page at /.
@@ -123,12 +130,15 @@ def serve(
         device_map: auto, cpu or cuda:N.
         trust_remote_code: allow a model or tokenizer that ships its own Python code (only for directories you trust).
         sampling: defaults for requests that leave a field out.
+        prefix_cache_mb: MiB of KV cache kept from finished requests, so a conversation's next turn prefills only its new tokens (its history's are reused); 0 disables.
         log_level: uvicorn/LitServe log level (debug, info, warning, error).
     """
     if training_stage not in ("pretrain", "continue_pretrain", "sft", "dpo"):
         raise ValueError(f"training_stage {training_stage!r}: expected pretrain, continue_pretrain, sft or dpo")
     if max_batch_size < 1:
         raise ValueError("max_batch_size must be at least 1")
+    if prefix_cache_mb < 0:
+        raise ValueError("prefix_cache_mb must be at least 0 (0 disables the prefix cache)")
     if api_key and any(arg == "--api_key" or arg.startswith("--api_key=") for arg in sys.argv):
         print(
             "bumblecore serve: note: --api_key is visible to every user of this machine (ps, /proc); "
@@ -150,6 +160,7 @@ def serve(
         device_map=device_map,
         trust_remote_code=trust_remote_code,
         sampling=sampling,
+        prefix_cache_mb=prefix_cache_mb,
         host=host,
         allowed_hosts=tuple(allowed_hosts or ()),
         allowed_origins=tuple(allowed_origins or ()),

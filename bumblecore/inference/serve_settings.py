@@ -12,6 +12,9 @@ DEFAULT_CONTEXT_CAP = 4096
 # serve's defaults for requests that leave a field out: replies up to the end of the context, and
 # sampling, as OpenAI does for a request without temperature.
 SERVE_SAMPLING = SamplingArgs(max_new_tokens=None, do_sample=True)
+# A chat's next turn reuses its history's keys and values (inference/prefix_cache.py). 256 MiB holds
+# ~20k tokens of a 0.5B Qwen2 in bfloat16 (12 KiB a token), ~128k of the benchmark's small model.
+DEFAULT_PREFIX_CACHE_MB = 256.0
 
 
 @dataclass
@@ -38,6 +41,8 @@ class ServeSettings:
     """Seconds a client may take to send a request's body."""
     sampling: SamplingArgs = SERVE_SAMPLING
     """Defaults for requests that leave a field out (the original's generation flags)."""
+    prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB
+    """MiB of KV cache kept from finished requests for later ones that start the same (a chat's history); 0: none."""
 
 
 def model_dirs(model_path: str) -> tuple[Path, Path]:

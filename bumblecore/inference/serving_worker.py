@@ -114,7 +114,14 @@ class EngineAPI(ls.LitAPI):
             settings.model_path, settings.dtype, device, trust_remote_code=settings.trust_remote_code
         )
         max_len = context_length(settings.model_path, settings.max_model_len)
-        self.engine = GenerationEngine(model, tokenizer, settings.max_batch_size, max_len, eos_token_ids=eos)
+        self.engine = GenerationEngine(
+            model,
+            tokenizer,
+            settings.max_batch_size,
+            max_len,
+            eos_token_ids=eos,
+            prefix_cache_mb=settings.prefix_cache_mb,
+        )
         # add_request runs on the loop's event-loop thread, step() on another: hand over through deques.
         self.arrivals: deque = deque()
         self.cancellations: deque = deque()
