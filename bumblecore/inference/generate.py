@@ -373,10 +373,12 @@ class GenerationEngine:
         tokens = torch.tensor([self.slots[s].generated[-1] for s in slots], device=self.device)[:, None]
         if self.recomputes:
             logits = self.model(tokens, kv_cache=self.cache, cache_rows=rows)[:, -1]
-        else:  # logits straight into next_logits (the model's may be a transposed view: one copy, not two)
-            logits = self.model.logits(
-                self.model(tokens, kv_cache=self.cache, cache_rows=rows, return_hidden_states=True)[:, -1]
-            )
+        else:
+            hidden = self.model(tokens, kv_cache=self.cache, cache_rows=rows, return_hidden_states=True)[:, -1]
+            if isinstance(rows, slice):  # logits written straight into next_logits (a view): no copy
+                self.model.logits(hidden, out=self.next_logits[rows])
+                return
+            logits = self.model.logits(hidden)
         self.next_logits[rows] = logits.float()
 
     def _choose(self, rows, requests: list[_Request]) -> tuple[torch.Tensor, list[int]]:
