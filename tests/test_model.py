@@ -501,7 +501,7 @@ def test_inference_lm_head_layouts_equal_the_lm_head_and_go_stale_safely():
         torch.testing.assert_close(decoder.logits(hidden), model.lm_head(hidden))
 
 
-def test_inference_lm_head_writes_into_out_bit_identical_for_every_row_count():
+def test_decode_logits_written_into_out_bit_identical_for_every_row_count():
     model = small_model()
     decoder = DecodingBumblebee(model)
     with torch.no_grad():
