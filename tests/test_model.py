@@ -501,6 +501,66 @@ def test_inference_lm_head_layouts_equal_the_lm_head_and_go_stale_safely():
         torch.testing.assert_close(decoder.logits(hidden), model.lm_head(hidden))
 
 
+def test_decode_logits_written_into_out_bit_identical_for_every_row_count():
+    model = small_model()
+    decoder = DecodingBumblebee(model)
+    with torch.no_grad():
+        for rows in (1, 2, 4, 16, 17):
+            hidden = torch.randn(rows, 64)
+            out = torch.full((rows, model.config.vocab_size), float("nan"))
+            assert decoder.logits(hidden, out=out) is out
+            assert torch.equal(out, decoder.logits(hidden).contiguous())
+        assert set(decoder._head_layouts) == {2, 4, 16}
+
+
+def test_decode_time_rms_norm_is_bit_identical_to_the_module():
+    from bumblecore.inference.decode import _norm
+    from bumblecore.model.bumblebee import RMSNorm
+
+    torch.manual_seed(0)
+    for dim in (64, 1000):
+        norm = RMSNorm(dim, 1e-6)
+        with torch.no_grad():
+            norm.weight.copy_(torch.randn(dim))
+            for rows in (1, 16):
+                x = torch.randn(rows, 1, dim) * 3
+                assert torch.equal(_norm(norm, x), norm(x))
+
+
+@pytest.mark.parametrize("vocab", [4096, 4000])  # by blocks of 128, and not
+def test_greedy_screening_is_the_argmax_of_the_fp32_logits(vocab):
+    """DecodingBumblebee.greedy (an fp16 screen, then the candidates in fp32) picks each row's first
+    maximum of the full logits: random rows, near-ties, exact ties (the first wins), duplicated
+    vocabulary rows; non-finite inputs, too few rows and stale weights fall back (None)."""
+    torch.manual_seed(0)
+    config = BumblebeeConfig(
+        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4
+    )
+    model = Bumblebee(config).eval()
+    decoder = DecodingBumblebee(model)
+    if decoder.screen is None:
+        pytest.skip("no FBGEMM fp16 product in this torch build")
+    weight = model.lm_head.weight
+    with torch.no_grad():
+        weight[100] = weight[3000]  # identical rows: always tied, 100 must win
+        weight[101] = weight[3001] * (1 + 2**-20)  # a near-tie
+        decoder = DecodingBumblebee(model)
+        for trial in range(20):
+            hidden = torch.randn(16, 64) * (1 + trial)
+            hidden[0] = weight[3000] * 5  # row 0's maximum is the tied pair
+            hidden[1] = weight[3001] * 5
+            picked = decoder.greedy(hidden)
+            assert picked is not None
+            assert picked.tolist() == torch.nn.functional.linear(hidden, weight).argmax(-1).tolist()
+        assert picked[0] == 100
+        assert decoder.greedy(torch.randn(4, 64)) is None  # below SCREEN_ROWS
+        bad = torch.randn(16, 64)
+        bad[3, 5] = float("nan")
+        assert decoder.greedy(bad) is None
+        weight.mul_(2.0)  # stale fp16 copy: not used
+        assert decoder.greedy(torch.randn(16, 64)) is None
+
+
 def test_kv_cache_rows_as_a_slice_equal_rows_as_a_tensor(tmp_path):
     """A range of cache rows passed as a slice (the cache read as a view) gives the tensor-rows logits,
     for equally long rows (slice writes) and for rows of different lengths (indexed writes)."""

@@ -210,6 +210,10 @@ class GenerationEngine:
         self.pending: list[int] = []  # slots added since the last step: prefill them next
         self.seen = torch.zeros(max_batch_size, self.vocab, dtype=torch.bool, device=self.device)
         self.next_logits = torch.zeros(max_batch_size, self.vocab, dtype=torch.float32, device=self.device)
+        # Slots whose next token the last decode already picked (greedy, DecodingBumblebee.greedy): their
+        # next_logits are stale; the token is in next_tokens until the next step chooses it.
+        self.next_tokens = torch.zeros(max_batch_size, dtype=torch.long, device=self.device)
+        self._screened: set[int] = set()
         self._ids = 0
         self.prefix_cache: Optional[PrefixCache] = None
         if prefix_cache_mb and prefix_cache_mb > 0 and not self.recomputes:
@@ -367,6 +371,7 @@ class GenerationEngine:
         failed: list[Event] = []
         if self.pending:
             slots, self.pending = self.pending, []
+            self._screened.difference_update(slots)  # prefill writes their next_logits
             for group in self._prefill_groups(slots):
                 failed += self._isolated(group, self._prefill)
         active = [i for i, s in enumerate(self.slots) if s is not None]
@@ -375,7 +380,7 @@ class GenerationEngine:
         picked: dict[int, int] = {}
 
         def choose(slots: list[int]) -> None:
-            tokens, bad = self._choose(self._rows(slots), [self.slots[i] for i in slots])
+            tokens, bad = self._choose(self._rows(slots), [self.slots[i] for i in slots], slots)
             if bad and len(slots) > 1:
                 raise ValueError("non-finite sampling probabilities")  # redone alone: only the bad rows fail
             if bad:
@@ -384,6 +389,7 @@ class GenerationEngine:
                     "out of range for this model's logits)"
                 )
             picked.update(zip(slots, tokens.tolist()))
+            self._screened.difference_update(slots)  # their tokens are taken
 
         failed += self._isolated(active, choose)
         active = [i for i in active if i in picked]
@@ -424,21 +430,38 @@ class GenerationEngine:
         tokens = torch.tensor([self.slots[s].generated[-1] for s in slots], device=self.device)[:, None]
         if self.recomputes:
             logits = self.model(tokens, kv_cache=self.cache, cache_rows=rows)[:, -1]
-        else:  # logits straight into next_logits (the model's may be a transposed view: one copy, not two)
-            logits = self.model.logits(
-                self.model(tokens, kv_cache=self.cache, cache_rows=rows, return_hidden_states=True)[:, -1]
-            )
+        else:
+            hidden = self.model(tokens, kv_cache=self.cache, cache_rows=rows, return_hidden_states=True)[:, -1]
+            params = [self.slots[s].params for s in slots]
+            if not any(p.do_sample or p.repetition_penalty != 1.0 for p in params):
+                # Greedy rows only need the argmax: found without the full fp32 logits where the model can.
+                greedy = self.model.greedy(hidden)
+                if greedy is not None:
+                    self.next_tokens[rows] = greedy
+                    self._screened.update(slots)
+                    return
+            if isinstance(rows, slice):  # logits written straight into next_logits (a view): no copy
+                self.model.logits(hidden, out=self.next_logits[rows])
+                return
+            logits = self.model.logits(hidden)
         self.next_logits[rows] = logits.float()
 
-    def _choose(self, rows, requests: list[_Request]) -> tuple[torch.Tensor, list[int]]:
+    def _choose(self, rows, requests: list[_Request], slots: list[int]) -> tuple[torch.Tensor, list[int]]:
         """Each row's next token, and the rows whose sampling distribution is not a distribution
         (NaN or infinite scores after the filters: nothing is drawn for any row then)."""
         logits = self.next_logits[rows]  # a view when rows is a slice: nothing below writes into it
         params = [r.params for r in requests]
+        # Screened slots are greedy without penalty (only such batches are screened): token known.
+        screened = [i for i, slot in enumerate(slots) if slot in self._screened]
+        if len(screened) == len(slots):
+            return self.next_tokens[rows].clone(), []
         if any(p.repetition_penalty != 1.0 for p in params):
             penalty = torch.tensor([p.repetition_penalty for p in params], device=self.device)
             logits = apply_repetition_penalty(logits, self.seen[rows], penalty[:, None])
         greedy = greedy_tokens(logits)
+        if screened:
+            index = torch.tensor(screened, device=self.device)
+            greedy[index] = self.next_tokens[rows][index]
         sampled_rows = [i for i, p in enumerate(params) if p.do_sample]
         if not sampled_rows:
             return greedy, []
