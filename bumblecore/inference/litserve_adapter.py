@@ -24,6 +24,7 @@ from litserve.loops.base import _SENTINEL_VALUE
 from litserve.specs.base import LitSpec
 from litserve.utils import LitAPIStatus, LoopResponseType, ResponseBufferItem, WorkerSetupStatus
 
+_timeout = getattr(asyncio, "timeout", None)  # Python 3.11+
 GRACEFUL_SHUTDOWN_SECONDS = 3  # uvicorn's wait for open connections at shutdown (LitServe's: 30)
 MONITOR_INTERVAL = 0.25  # LitServe's worker-health poll, in seconds (its default: 2)
 
@@ -59,8 +60,14 @@ class ReplyBuffer:
 
     async def wait(self, timeout: float) -> None:
         """Until a message arrives or `timeout` seconds pass."""
+        if self.item.event.is_set():
+            return
         try:
-            await asyncio.wait_for(self.item.event.wait(), timeout=timeout)
+            if _timeout is None:  # Python 3.10
+                await asyncio.wait_for(self.item.event.wait(), timeout=timeout)
+            else:  # no task per wait, as wait_for makes (this runs per request per step)
+                async with _timeout(timeout):
+                    await self.item.event.wait()
         except asyncio.TimeoutError:
             pass
 
