@@ -229,3 +229,47 @@ def test_the_loop_and_api_hooks_the_worker_overrides():
             moved(f"ContinuousBatchingLoop.{name}", "it is no longer a dict")
     if "lit_api.health()" not in source(ls.LitServer._register_internal_endpoints):
         moved("LitAPI.health", "/health no longer asks it")
+
+
+def test_a_steps_one_message_reaches_each_requests_buffer():
+    """send_step's message through LitServe's own reply reader: each (data, status) lands in its
+    request's buffer, in order, as a message per request would; a closed request's are dropped."""
+    reader = private("litserve.server", "response_queue_to_buffer")
+    status = private("litserve.utils", "LitAPIStatus")
+    transport = Captured()
+    items = [
+        ("uid-1", {"text": "a"}, status.OK),
+        ("gone", {"text": "x"}, status.OK),
+        ("uid-2", {"text": "b"}, status.OK),
+    ]
+    items.append(("uid-1", "", status.FINISH_STREAMING))
+    adapter.send_step(ls.loops.LitLoop(), transport, {0: items})
+    assert [consumer for consumer, _ in transport.sent] == [0]
+
+    async def deliver():
+        spec = SimpleNamespace(response_buffer={})
+        adapter.StepFanOut.install(spec)
+        first, second = adapter.ReplyBuffer(spec, "uid-1"), adapter.ReplyBuffer(spec, "uid-2")
+        messages = [item for _, item in transport.sent]
+
+        class Transport:
+            async def areceive(self, consumer_id):
+                if messages:
+                    return messages.pop()
+                raise asyncio.CancelledError
+
+        await reader(
+            Transport(), spec.response_buffer, 0, SimpleNamespace(lit_apis=[object()], any_stream=lambda: True)
+        )
+        await first.wait(timeout=0.1)
+        got = []
+        for replies in (first, second):
+            got.append([])
+            while (message := replies.next()) is not None:
+                got[-1].append(tuple(message))
+        return got
+
+    got = asyncio.run(deliver())
+    if got != [[({"text": "a"}, status.OK), ("", status.FINISH_STREAMING)], [({"text": "b"}, status.OK)]]:
+        moved("litserve.server.response_queue_to_buffer", f"a step's message reached the buffers as {got!r}")
+    assert adapter.worker_error_message({"error": "ValueError: boom"}) == "ValueError: boom"

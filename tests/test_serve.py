@@ -441,6 +441,46 @@ def test_load_64_streams_some_disconnecting(server, client, reference):
     assert ask(client, "hello bee", 8, stream=True) == reference("hello bee", 8)["text"]
 
 
+def test_slow_readers_get_coalesced_deltas_with_the_engines_text(server, client, reference):
+    """Streams read slowly fall behind the engine: the tokens that waited go out as multi-token
+    deltas, and each reply still concatenates to the engine's own greedy text (and usage count);
+    non-streaming replies alongside are equal too."""
+    prompts = PROMPTS[:6]
+    expected = reference.many([(p, 24) for p in prompts], ignore_eos=True)
+
+    def slow(prompt):
+        with open_stream(server, prompt, 24, {"ignore_eos": True, "stream_options": {"include_usage": True}}) as reply:
+            text, chunks, tokens = [], 0, None
+            for line in reply.iter_lines():
+                if not line.startswith(b"data: {"):
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+                for choice in chunk["choices"]:
+                    if choice["delta"].get("content"):
+                        text.append(choice["delta"]["content"])
+                        chunks += 1
+                        time.sleep(0.05)  # a slow reader: the engine runs ahead
+            return "".join(text), chunks, tokens
+
+    def plain(prompt):
+        return (
+            client.chat.completions.create(
+                model="bumblebee", messages=user(prompt), max_tokens=24, temperature=0, extra_body={"ignore_eos": True}
+            )
+            .choices[0]
+            .message.content
+        )
+
+    with concurrent.futures.ThreadPoolExecutor(len(prompts) * 2) as pool:
+        streams = list(pool.map(slow, prompts, timeout=120))
+        replies = list(pool.map(plain, prompts, timeout=120))
+    assert [s[0] for s in streams] == [r["text"] for r in expected] == replies
+    assert all(tokens == 24 for _, _, tokens in streams)
+    assert any(chunks < 24 for _, chunks, _ in streams)  # some deltas held several tokens
+
+
 def test_a_disconnected_stream_frees_its_slot(model_dir):
     """One slot and a 32k context: a stream left running would hold the slot for tens of seconds.
     Also: --training_stage pretrain serves raw-text completion, and with no key any key works."""

@@ -3,9 +3,10 @@ callbacks), in this one module, each with the reason it is needed. tests/test_li
 checks that every name used here still exists with the shape relied on, so a LitServe upgrade that
 moves one fails there, naming it, rather than in a running server.
 
-Two kinds of use. The request queue and the reply buffers are how a LitSpec's own endpoint talks
+Three kinds of use. The request queue and the reply buffers are how a LitSpec's own endpoint talks
 to the inference worker (LitServe's OpenAISpec does the same), for which LitServe has no public
-method. And `InProcessLitServer` runs the HTTP server in a thread of this process and can be
+method. A decode step's replies travel as one transport message (`send_step`, `StepFanOut`):
+LitServe sends one per request per step, each a round trip through its manager process. And `InProcessLitServer` runs the HTTP server in a thread of this process and can be
 stopped from another thread, which LitServer's public `run()` cannot do.
 """
 
@@ -21,8 +22,9 @@ import litserve as ls
 import uvicorn
 from litserve.loops.base import _SENTINEL_VALUE
 from litserve.specs.base import LitSpec
-from litserve.utils import ResponseBufferItem, WorkerSetupStatus
+from litserve.utils import LitAPIStatus, LoopResponseType, ResponseBufferItem, WorkerSetupStatus
 
+_timeout = getattr(asyncio, "timeout", None)  # Python 3.11+
 GRACEFUL_SHUTDOWN_SECONDS = 3  # uvicorn's wait for open connections at shutdown (LitServe's: 30)
 MONITOR_INTERVAL = 0.25  # LitServe's worker-health poll, in seconds (its default: 2)
 
@@ -58,8 +60,14 @@ class ReplyBuffer:
 
     async def wait(self, timeout: float) -> None:
         """Until a message arrives or `timeout` seconds pass."""
+        if self.item.event.is_set():
+            return
         try:
-            await asyncio.wait_for(self.item.event.wait(), timeout=timeout)
+            if _timeout is None:  # Python 3.10
+                await asyncio.wait_for(self.item.event.wait(), timeout=timeout)
+            else:  # no task per wait, as wait_for makes (this runs per request per step)
+                async with _timeout(timeout):
+                    await self.item.event.wait()
         except asyncio.TimeoutError:
             pass
 
@@ -75,9 +83,55 @@ class ReplyBuffer:
         self.spec.response_buffer.pop(self.uid, None)
 
 
+# ---------------------------------------------------------------------------- one message per step
+
+STEP_UID = "bumblecore-step"  # the reply buffer that takes a step's message and hands it out
+
+
+def send_step(loop, transport, replies: dict[int, list]) -> None:
+    """A decode step's replies, [(uid, data, status), ...] per reply-queue id, one message each.
+    Each message through LitServe's transport is a round trip to its manager process and one more
+    read on the HTTP side; per request per token that cost ~10x the tiny model's own step."""
+    for response_queue_id, items in replies.items():
+        loop.put_response(transport, response_queue_id, STEP_UID, items, LitAPIStatus.OK, LoopResponseType.STREAMING)
+
+
+class _FanOutQueue:
+    def __init__(self, response_buffer: dict):
+        self.response_buffer = response_buffer
+
+    def append(self, response) -> None:
+        items, _status = response
+        for uid, data, status in items:
+            item = self.response_buffer.get(uid)
+            if item is not None:  # else its client is gone (its buffer closed): dropped, as LitServe does
+                item.response_queue.append((data, status))
+                item.event.set()
+
+
+class _NoEvent:
+    def set(self) -> None:
+        pass
+
+
+class StepFanOut(ResponseBufferItem):
+    """Registered as the reply buffer of STEP_UID: LitServe's reply reader appends a step's message
+    to it, and it appends each (data, status) to its own request's buffer, as the reader itself
+    would have done for a message per request."""
+
+    def __init__(self, response_buffer: dict):
+        super().__init__(event=_NoEvent(), response_queue=_FanOutQueue(response_buffer))
+
+    @classmethod
+    def install(cls, spec: LitSpec) -> None:
+        spec.response_buffer[STEP_UID] = cls(spec.response_buffer)
+
+
 def worker_error_message(data) -> str:
-    """The message of a worker's error reply. LitServe pickles what the loop reports: our step's
-    `{"error": ...}` (as a JSON line), or an exception of its own."""
+    """The message of a worker's error reply: our step's `{"error": ...}` (a dict in a step's
+    message), or what LitServe pickles: an exception of its own, or a JSON line."""
+    if isinstance(data, dict) and "error" in data:
+        return str(data["error"])
     try:
         data = pickle.loads(data) if isinstance(data, bytes) else data
         return json.loads(data).get("error", str(data)) if isinstance(data, str) else str(data)

@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import StreamingResponse
 
 from bumblecore.inference.generate import SamplingParams
-from bumblecore.inference.litserve_adapter import ReplyBuffer, send_to_worker, worker_error_message
+from bumblecore.inference.litserve_adapter import ReplyBuffer, StepFanOut, send_to_worker, worker_error_message
 from bumblecore.inference.openai_api import (
     APIError,
     ChatRequest,
@@ -84,6 +84,7 @@ class ChatCompletionsSpec(LitSpec):
         from bumblecore.tokenizer import load_tokenizer
 
         super().setup(server)
+        StepFanOut.install(self)  # the worker's one message per step, handed out to each request's buffer
         self.tokenizer = load_tokenizer(
             model_dirs(self.settings.model_path)[1], trust_remote_code=self.settings.trust_remote_code
         )
@@ -182,9 +183,16 @@ class ChatCompletionsSpec(LitSpec):
             send_to_worker(self, submission.uid, CANCEL)
 
     async def pieces(self, submission: Submission, request: Optional[Request] = None):
-        """The worker's messages for one request: {"text", "finish_reason", "completion_tokens"}.
-        With `request` (non-streaming replies), a client that hangs up is noticed within a second;
-        a stream notices through Starlette, which cancels it."""
+        """The worker's messages for one request, one at a time: {"text", "finish_reason",
+        "completion_tokens"}."""
+        async for batch in self.piece_batches(submission, request):
+            for piece in batch:
+                yield piece
+
+    async def piece_batches(self, submission: Submission, request: Optional[Request] = None):
+        """The worker's messages for one request, as lists of those that arrived together (a stream
+        sends each list as one chunk). With `request` (non-streaming replies), a client that hangs
+        up is noticed within a second; a stream notices through Starlette, which cancels it."""
         replies, last_check = submission.replies, time.monotonic()
         while True:
             await replies.wait(timeout=1.0)
@@ -192,38 +200,74 @@ class ChatCompletionsSpec(LitSpec):
                 last_check = time.monotonic()
                 if await request.is_disconnected():
                     return
+            batch = []
             while (message := replies.next()) is not None:
                 data, status = message
                 if status == LitAPIStatus.FINISH_STREAMING:
                     submission.finished = True
+                    if batch:
+                        yield batch
                     return
                 if status == LitAPIStatus.ERROR:
                     submission.finished = True
+                    if batch:
+                        yield batch
                     raise APIError(500, f"generation failed: {worker_error_message(data)}", error_type="server_error")
-                piece = json.loads(data)
-                if piece["finish_reason"]:
+                if data["finish_reason"]:
                     submission.finished = True
-                yield piece
+                batch.append(data)
             replies.clear()
+            if batch:
+                yield batch
 
     async def stream_chunks(self, chat: ChatRequest, submission: Submission):
         request_id, created, model = completion_id(), int(time.time()), self.settings.model_name
         yield sse(chat_chunk(request_id, model, {"role": "assistant", "content": ""}, created=created))
+        content = ContentFrame(request_id, model, created)
         replies = ReplyDeltas(chat)
         try:
-            async for piece in self.pieces(submission):
-                deltas = replies.push(piece["text"]) + (replies.finish() if piece["finish_reason"] else [])
-                for delta in deltas:
-                    yield sse(chat_chunk(request_id, model, delta, created=created))
+            async for batch in self.piece_batches(submission):
+                # Tokens that waited for this stream go out as one delta (OpenAI's deltas may hold
+                # several tokens): a stream that lags catches up in one chunk, not one per token.
+                piece = batch[-1]  # only a batch's last piece can finish the reply
+                text = piece["text"] if len(batch) == 1 else "".join(p["text"] for p in batch)
+                deltas = replies.push(text) + (replies.finish() if piece["finish_reason"] else [])
+                events = [content(delta) for delta in deltas]
                 if piece["finish_reason"]:
                     reason = replies.finish_reason(piece["finish_reason"])
-                    yield sse(chat_chunk(request_id, model, {}, reason, created=created))
+                    events.append(sse(chat_chunk(request_id, model, {}, reason, created=created)))
                     if chat.include_usage:
                         counts = usage(submission.prompt_tokens, piece["completion_tokens"])
-                        yield sse(chat_chunk(request_id, model, {}, usage_counts=counts, created=created))
+                        events.append(sse(chat_chunk(request_id, model, {}, usage_counts=counts, created=created)))
+                    events.append(DONE)
+                    yield "".join(events)  # one write for the reply's end
+                    return
+                if events:
+                    yield events[0] if len(events) == 1 else "".join(events)
         except APIError as err:  # the status line is sent already: report in the stream, as OpenAI does
             yield sse(err.body())
-        yield "data: [DONE]\n\n"
+        yield DONE
+
+
+DONE = "data: [DONE]\n\n"
+
+
+class ContentFrame:
+    """The SSE event of a stream's chunk, filled in from a template made once per stream: a plain
+    `{"content": text}` delta costs one json.dumps of the text instead of one of the whole chunk
+    (the same bytes as sse(chat_chunk(...)))."""
+
+    MARK = "\x00bumblecore\x00"
+
+    def __init__(self, request_id: str, model: str, created: int):
+        self.request_id, self.model, self.created = request_id, model, created
+        whole = sse(chat_chunk(request_id, model, {"content": self.MARK}, created=created))
+        self.head, self.tail = whole.split(json.dumps(self.MARK, ensure_ascii=False))
+
+    def __call__(self, delta: dict) -> str:
+        if len(delta) == 1 and isinstance(delta.get("content"), str):
+            return f"{self.head}{json.dumps(delta['content'], ensure_ascii=False)}{self.tail}"
+        return sse(chat_chunk(self.request_id, self.model, delta, created=self.created))
 
 
 class ReplyDeltas:

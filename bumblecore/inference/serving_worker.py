@@ -5,7 +5,9 @@ through its transport.
 LitServe's `ContinuousBatchingLoop` drives the engine: a new request joins the running batch between
 two decode steps, and each step hands back every active request's text delta. Our subclass adds
 what LitServe's loop lacks: a request whose client went away is cancelled (its slot is free at the
-next step), and an idle worker waits for work instead of spinning. A request the engine fails on
+next step), an idle worker waits for work instead of spinning, and a step's deltas for all requests
+go back as one transport message (LitServe sends one per request, which costs more than a tiny
+model's whole step). A request the engine fails on
 fails alone; the engine never keeps a failed request (else every later step fails too), and /health
 turns 503 while the engine cannot serve.
 """
@@ -21,9 +23,9 @@ import litserve as ls
 from fastapi import Request
 from litserve.loops import ContinuousBatchingLoop, Output
 from litserve.specs.base import LitSpec
-from litserve.utils import LitAPIStatus
+from litserve.utils import LitAPIStatus, LoopResponseType
 
-from bumblecore.inference.litserve_adapter import is_stop_message, unpack_request
+from bumblecore.inference.litserve_adapter import is_stop_message, send_step, unpack_request
 from bumblecore.inference.request_guard import PUBLIC_PATHS, check_key
 from bumblecore.inference.serve_settings import ServeSettings, context_length
 
@@ -89,8 +91,35 @@ class EngineLoop(ContinuousBatchingLoop):
                 pass
             self.work_arrived.clear()
             return
-        await super().run(lit_api, device, worker_id, request_queue, transport, workers_setup_status, callback_runner)
+        await self.run_steps(lit_api, transport)
         lit_api.publish_health()
+
+    async def run_steps(self, lit_api, transport) -> None:
+        """Decode steps while any request is active (LitServe's run(), with one message per step)."""
+        try:
+            while lit_api.has_active_requests():
+                outputs = await asyncio.to_thread(lit_api.step, None)
+                if not outputs:
+                    await asyncio.sleep(0.001)
+                    continue
+                replies: dict[int, list] = {}
+                done = []
+                for out in outputs:
+                    response_queue_id = self.response_queue_ids.get(out.uid)
+                    if response_queue_id is None:
+                        continue
+                    replies.setdefault(response_queue_id, []).append((out.uid, out.output, out.status))
+                    if out.status in (LitAPIStatus.FINISH_STREAMING, LitAPIStatus.ERROR):
+                        done.append(out.uid)
+                send_step(self, transport, replies)
+                for uid in done:
+                    self.mark_completed(uid)
+        except Exception as err:  # as LitServe's loop does: every request it tracks gets the error
+            log.exception("error in the serving loop")
+            for uid, response_queue_id in self.response_queue_ids.items():
+                self.put_error_response(transport, response_queue_id, uid, err, LoopResponseType.STREAMING)
+            self.response_queue_ids.clear()
+            self.active_sequences.clear()
 
 
 class EngineAPI(ls.LitAPI):
@@ -237,7 +266,7 @@ class EngineAPI(ls.LitAPI):
         return list(outputs.values())
 
     def encode_response(self, output):
-        return output  # LitServe sends dicts as JSON lines
+        return output  # unused: EngineLoop sends a step's outputs itself, as they are (pickled)
 
     def decode_request(self, request):
         return request
