@@ -333,7 +333,8 @@ def memory_floor(model: Path, seq: int = 2048) -> dict:
         [
             sys.executable,
             "-c",
-            "import resource, torch, bumblecore; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)",
+            # VmHWM, not ru_maxrss: Linux carries the forking parent's ru_maxrss across exec.
+            "import torch, bumblecore; print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0])",
         ],
         capture_output=True,
         text=True,
@@ -345,7 +346,7 @@ def memory_floor(model: Path, seq: int = 2048) -> dict:
         "gradients": 4 * params * mb,
         "optimizer": 8 * params * mb,
         "activations_without_logits": sum(saved.values()) * mb,
-        "runtime": int(bare.stdout.split()[-1]) / 1024,
+        "runtime": int(bare.stdout.split()[-2]) / 1024,  # "VmHWM:  224364 kB"
     }
     return parts
 
