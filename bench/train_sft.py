@@ -202,13 +202,7 @@ def run_trainer(model: str, data: str, out: str, micro: int, cutoff: int) -> dic
     args = TrainingArguments(
         output_dir=out,
         per_device_train_batch_size=micro,
-        num_train_epochs=1,
-        learning_rate=1e-4,
-        use_cpu=True,
-        report_to=[],
-        save_strategy="no",
-        logging_strategy="no",
-        dataloader_num_workers=0,
+        **PEER_ARGS,
         remove_unused_columns=False,
     )
     trainer = Trainer(
@@ -220,6 +214,19 @@ def run_trainer(model: str, data: str, out: str, micro: int, cutoff: int) -> dic
     )
     trainer.train()
     return timed_tokens(rows)
+
+
+# The same run settings for both peers (the Trainer and TRL's SFTTrainer): one epoch, CPU, no
+# logging, saving or loader workers, so only the training steps differ.
+PEER_ARGS = dict(
+    num_train_epochs=1,
+    learning_rate=1e-4,
+    use_cpu=True,
+    report_to=[],
+    save_strategy="no",
+    logging_strategy="no",
+    dataloader_num_workers=0,
+)
 
 
 def run_trl(model: str, data: str, out: str, micro: int, cutoff: int) -> dict:
@@ -234,13 +241,7 @@ def run_trl(model: str, data: str, out: str, micro: int, cutoff: int) -> dict:
     args = SFTConfig(
         output_dir=out,
         per_device_train_batch_size=micro,
-        num_train_epochs=1,
-        learning_rate=1e-4,
-        use_cpu=True,
-        report_to=[],
-        save_strategy="no",
-        logging_strategy="no",
-        dataloader_num_workers=0,
+        **PEER_ARGS,
         packing=True,
         max_length=cutoff,
         dataset_num_proc=None,
