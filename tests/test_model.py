@@ -228,6 +228,53 @@ def test_packed_documents_do_not_attend_across(tmp_path):
     assert (got - expected).abs().max().item() < TOL
 
 
+@pytest.mark.parametrize("window", [None, 4])
+def test_packed_rows_train_like_separate_documents(window):
+    """CPU packed attention runs per document: logits and every parameter's gradient of a two-row
+    packed batch (a padding segment, documents longer than the window) equal those of the documents
+    run one at a time without packing."""
+    torch.manual_seed(0)
+    config = BumblebeeConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=window,
+    )
+    model = Bumblebee(config)
+    rows = [[6, 3, 7], [9]]  # row 1 ends in 7 padding tokens: a segment of their own
+    width = 16
+    input_ids = torch.zeros(2, width, dtype=torch.long)
+    segment_ids = torch.full((2, width), 1 << 20)
+    position_ids = torch.zeros(2, width, dtype=torch.long)
+    docs = []
+    for r, lengths in enumerate(rows):
+        column = 0
+        for s, n in enumerate(lengths):
+            doc = ids(1, n, seed=20 + 3 * r + s) % 64
+            input_ids[r, column : column + n], segment_ids[r, column : column + n] = doc[0], s
+            position_ids[r, column : column + n] = torch.arange(n)
+            docs.append((r, column, doc))
+            column += n
+    weights = torch.randn(2, width, 64)
+    packed = model(input_ids, position_ids=position_ids, segment_ids=segment_ids)
+    real = torch.zeros(2, width, 1)
+    for r, column, doc in docs:
+        real[r, column : column + doc.shape[1]] = 1
+    (packed * weights * real).sum().backward()
+    packed_grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    for r, column, doc in docs:
+        alone = model(doc)
+        end = column + doc.shape[1]
+        assert (alone[0] - packed[r, column:end]).abs().max().item() < TOL
+        (alone[0] * weights[r, column:end]).sum().backward()
+    for name, p in model.named_parameters():
+        assert torch.allclose(p.grad, packed_grads[name], atol=1e-4, rtol=1e-4), name
+
+
 def test_llama3_rope_scaling_matches_transformers(tmp_path):
     scaling = {
         "rope_type": "llama3",

@@ -213,6 +213,36 @@ def sdpa_attention(q, k, v, mask: AttentionMask, scale: float) -> torch.Tensor:
     )
 
 
+def per_document_attention(q, k, v, mask: AttentionMask, scale: float) -> torch.Tensor:
+    """SDPA over each packed document on its own: q (b, s, heads, d), k/v (b, s, kv_heads, d) ->
+    (b, s, heads, d). The CPU's answer to a varlen kernel: a dense (s, s) mask would compute every
+    query against every key of the row, while each document only needs its own causal triangle."""
+    b, s = q.shape[:2]
+    # (tokens, heads, d) -> (heads, tokens, d): each document is then a contiguous slice of dim 1.
+    q, k, v = (t.reshape(b * s, *t.shape[2:]).transpose(0, 1) for t in (q, k, v))
+    lengths = (mask.cu_seqlens[1:] - mask.cu_seqlens[:-1]).tolist()
+    outputs = []
+    # split, not slicing: the backward of a split concatenates, a slice's would fill a whole zero tensor each.
+    for qd, kd, vd in zip(q.split(lengths, dim=1), k.split(lengths, dim=1), v.split(lengths, dim=1)):
+        band = None
+        if mask.window is not None and qd.shape[1] > mask.window:
+            steps = torch.arange(qd.shape[1], device=q.device)
+            band = window_band(steps, steps, mask.window)
+        outputs.append(
+            F.scaled_dot_product_attention(
+                qd[None],
+                kd[None],
+                vd[None],
+                attn_mask=band,
+                is_causal=band is None,
+                scale=scale,
+                enable_gqa=q.shape[0] != k.shape[0],
+            )[0]
+        )
+    heads, _, dim = q.shape
+    return torch.cat(outputs, dim=1).transpose(0, 1).reshape(b, s, heads, dim)
+
+
 def _flash_kernels():
     """(dense, varlen) FlashAttention functions: flash-attn 2 if installed, else flash-attn-4, else None."""
     try:
@@ -320,6 +350,8 @@ class Attention(nn.Module):
         b, s = q.shape[:2]
         if self.attn_implementation == "flash_attn" and mask.dense is None and q.is_cuda:
             out = flash_attention(q, k, v, mask, self.scale)
+        elif mask.cu_seqlens is not None:
+            out = per_document_attention(q, k, v, mask, self.scale)
         else:  # eager and SDPA take (b, heads, seq, d)
             kernel = eager_attention if self.attn_implementation == "eager" else sdpa_attention
             out = kernel(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, self.scale).transpose(1, 2)
@@ -481,7 +513,10 @@ class Bumblebee(nn.Module):
                 return AttentionMask(window=window)
             steps = torch.arange(seq, device=device)
             return AttentionMask(dense=window_band(steps, steps, window)[None, None], window=window)
-        if attention_mask is None and flash:
+        # Packed documents without padding go to a varlen kernel: FlashAttention's on CUDA, SDPA per
+        # document on CPU (measured there; on CUDA without flash-attn the dense mask is kept).
+        per_document = self.config.attn_implementation != "eager" and device.type == "cpu"
+        if attention_mask is None and (flash or per_document):
             mask = packed_document_boundaries(segment_ids)
             mask.window = window
             return mask
