@@ -8,10 +8,24 @@ from bumblecore.data.packing import IGNORE_INDEX
 from bumblecore.train.losses import chunked_cross_entropy, shift_targets
 
 
-def test_chunked_equals_full_logits_loss_and_gradients():
+class SoftcappedHead(torch.nn.Module):
+    """A head whose last op (tanh) keeps its own output for backward: its logits must not be overwritten."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(50, 16) * 0.3)
+
+    def forward(self, x):
+        return torch.tanh(x @ self.weight.t())
+
+
+@pytest.mark.parametrize("kind", ["linear", "linear_bias", "softcapped"])
+def test_chunked_equals_full_logits_loss_and_gradients(kind):
+    """The loss's own backward (softmax - one-hot in the logits' memory for a plain Linear) equals
+    autograd through F.cross_entropy over the full logits."""
     torch.manual_seed(0)
     hidden = torch.randn(3, 11, 16, requires_grad=True)
-    head = torch.nn.Linear(16, 50, bias=False)
+    head = SoftcappedHead() if kind == "softcapped" else torch.nn.Linear(16, 50, bias=kind == "linear_bias")
     labels = torch.randint(0, 50, (3, 11))
     labels[0, :4] = IGNORE_INDEX  # a prompt
     labels[2, 7:] = IGNORE_INDEX  # padding

@@ -50,9 +50,37 @@ def _head(lm_head: Callable, hidden: torch.Tensor) -> torch.Tensor:
     return lm_head(hidden)
 
 
-def _chunk_loss(hidden: torch.Tensor, lm_head: Callable, targets: torch.Tensor) -> torch.Tensor:
-    # fp32 logits for the softmax, as transformers does; summed, normalised by the caller.
-    return F.cross_entropy(_head(lm_head, hidden).float(), targets, reduction="sum")
+class SummedCrossEntropy(torch.autograd.Function):
+    """sum of cross_entropy(logits, targets) whose backward holds one chunk-sized tensor, not three.
+
+    F.cross_entropy keeps its log-softmax for backward and builds two more (tokens x vocab) tensors
+    there; this keeps only the logits and the (tokens,) log-sum-exp and forms the gradient,
+    softmax - one-hot, from them. With `overwrite` it does so in the logits' own memory: only for
+    logits no other backward reads (a plain nn.Linear's output, or the fp32 copy of it).
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, overwrite: bool) -> torch.Tensor:
+        log_normalizer = torch.logsumexp(logits, dim=-1)
+        ctx.save_for_backward(logits, targets, log_normalizer)
+        ctx.overwrite = overwrite
+        return (log_normalizer - logits.gather(1, targets[:, None]).squeeze(1)).sum()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        logits, targets, log_normalizer = ctx.saved_tensors
+        shifted = logits.sub_(log_normalizer[:, None]) if ctx.overwrite else logits - log_normalizer[:, None]
+        probs = shifted.exp_()
+        probs[torch.arange(targets.shape[0], device=targets.device), targets] -= 1.0
+        return probs.mul_(grad), None, None
+
+
+def summed_cross_entropy(hidden: torch.Tensor, lm_head: Callable, targets: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy of one chunk (the caller normalises), with fp32 logits for the
+    softmax as transformers does."""
+    # A plain Linear's backward reads its input and weight, never its output: the logits may be overwritten.
+    overwrite = type(lm_head) is torch.nn.Linear
+    return SummedCrossEntropy.apply(_head(lm_head, hidden).float(), targets, overwrite)
 
 
 def chunked_cross_entropy(
@@ -84,9 +112,9 @@ def chunked_cross_entropy(
     for start in range(0, count, chunk_tokens):
         h, t = hidden[start : start + chunk_tokens], targets[start : start + chunk_tokens]
         if _recompute_in_backward(h, lm_head):
-            total = total + checkpoint(_chunk_loss, h, lm_head, t, use_reentrant=False)
+            total = total + checkpoint(summed_cross_entropy, h, lm_head, t, use_reentrant=False)
         else:
-            total = total + _chunk_loss(h, lm_head, t)
+            total = total + summed_cross_entropy(h, lm_head, t)
     if extra is not None:
         total = total + extra.float() * count
     return total, count
@@ -104,7 +132,7 @@ def _chunk_loss_by_source(
     per_token = F.cross_entropy(logits, targets, reduction="none")
     sums = per_token.new_zeros(num_sources).index_add(0, sources, per_token)
     if not per_source:  # the optimised sum exactly as chunked_cross_entropy computes it
-        return F.cross_entropy(logits, targets, reduction="sum"), sums.detach()
+        return SummedCrossEntropy.apply(logits, targets, False), sums.detach()
     return sums, sums.detach()
 
 
