@@ -574,38 +574,77 @@ def test_decode_time_rms_norm_is_bit_identical_to_the_module():
                 assert torch.equal(_norm(norm, x), norm(x))
 
 
+@pytest.mark.parametrize("kind", ["fp16", "bf16"])
 @pytest.mark.parametrize("vocab", [4096, 4000])  # by blocks of 128, and not
-def test_greedy_screening_is_the_argmax_of_the_fp32_logits(vocab):
-    """DecodingBumblebee.greedy (an fp16 screen, then the candidates in fp32) picks each row's first
-    maximum of the full logits: random rows, near-ties, exact ties (the first wins), duplicated
-    vocabulary rows; non-finite inputs, too few rows and stale weights fall back (None)."""
+def test_greedy_screening_is_the_argmax_of_the_fp32_logits(vocab, kind):
+    """DecodingBumblebee.screened_argmax (a half-precision screen, then the candidates in fp32) picks
+    each row's first maximum of the full logits: random rows, near-ties, exact ties (the first wins),
+    duplicated vocabulary rows, one row or sixteen; non-finite inputs and stale weights fall back (None)."""
+    from bumblecore.inference.decode import prepare_screen
+
     torch.manual_seed(0)
     config = BumblebeeConfig(
         vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4
     )
     model = Bumblebee(config).eval()
-    decoder = DecodingBumblebee(model)
-    if decoder.screen is None:
-        pytest.skip("no FBGEMM fp16 product in this torch build")
     weight = model.lm_head.weight
     with torch.no_grad():
         weight[100] = weight[3000]  # identical rows: always tied, 100 must win
         weight[101] = weight[3001] * (1 + 2**-20)  # a near-tie
+        # 64 rows within half precision's rounding of one another: only the fp32 recompute orders them
+        weight[200:264] = weight[2000] * (1 + torch.randn(64, 64) * 2**-11)
         decoder = DecodingBumblebee(model)
+        decoder.screen = prepare_screen(model.lm_head, kind)
+        if decoder.screen is None:
+            pytest.skip(f"no {kind} product in this torch build")
         for trial in range(20):
             hidden = torch.randn(16, 64) * (1 + trial)
             hidden[0] = weight[3000] * 5  # row 0's maximum is the tied pair
             hidden[1] = weight[3001] * 5
-            picked = decoder.greedy(hidden)
+            rows = 1 if trial % 4 == 3 else 16
+            picked = decoder.screened_argmax(hidden[:rows])
             assert picked is not None
-            assert picked.tolist() == torch.nn.functional.linear(hidden, weight).argmax(-1).tolist()
+            assert picked.tolist() == torch.nn.functional.linear(hidden[:rows], weight).argmax(-1).tolist()
         assert picked[0] == 100
-        assert decoder.greedy(torch.randn(4, 64)) is None  # below SCREEN_ROWS
+        for _ in range(50):  # one row among the near-copies (a too-small bound misses ~15-100%)
+            hidden = weight[2000:2001] * 5 + torch.randn(1, 64) * 2**-9
+            assert decoder.screened_argmax(hidden).tolist() == (hidden @ weight.t()).argmax(-1).tolist()
         bad = torch.randn(16, 64)
         bad[3, 5] = float("nan")
+        assert decoder.screened_argmax(bad) is None
         assert decoder.greedy(bad) is None
-        weight.mul_(2.0)  # stale fp16 copy: not used
+        weight.mul_(2.0)  # stale half-precision copy: not used
+        assert decoder.screened_argmax(torch.randn(16, 64)) is None
         assert decoder.greedy(torch.randn(16, 64)) is None
+
+
+def test_greedy_screens_only_row_counts_where_it_was_timed_faster(monkeypatch):
+    """greedy decides once per row count, by timing, whether screening beats the full head; where
+    not it returns None (the engine computes the logits), where so the screened argmax."""
+    import bumblecore.inference.decode as decode
+
+    torch.manual_seed(0)
+    config = BumblebeeConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4
+    )
+    model = Bumblebee(config).eval()
+    decoder = DecodingBumblebee(model)
+    if decoder.screen is None:
+        pytest.skip("no screen on this build")
+    timed = []
+    monkeypatch.setattr(decoder, "_screening_pays", lambda hidden: timed.append(hidden.shape[0]) or hidden.shape[0] > 4)
+    with torch.no_grad():
+        for rows in (2, 8, 2, 8):
+            hidden = torch.randn(rows, 64)
+            got = decoder.greedy(hidden)
+            if rows > 4:
+                assert got.tolist() == model.lm_head(hidden).argmax(-1).tolist()
+            else:
+                assert got is None
+    assert timed == [2, 8]
+    monkeypatch.undo()
+    with torch.no_grad():
+        assert isinstance(decode.DecodingBumblebee(model)._screening_pays(torch.randn(16, 64)), bool)
 
 
 def test_kv_cache_rows_as_a_slice_equal_rows_as_a_tensor(tmp_path):

@@ -15,6 +15,7 @@ The math is the reference model's; tests/test_model.py compares the two.
 
 from __future__ import annotations
 
+import time
 import warnings
 from dataclasses import dataclass
 from typing import NamedTuple, Optional, Union
@@ -197,38 +198,79 @@ def prepare_head(lm_head: nn.Linear) -> Optional[PreparedHead]:
 
 
 class PreparedScreen(NamedTuple):
-    packed: torch.Tensor
-    """The LM head weight in fp16, packed for FBGEMM's fp16-weight, fp32-activation product."""
+    """A half-precision copy of the LM head (CPU, fp32 models): approximate logits with half the weight
+    traffic, to find greedy tokens (DecodingBumblebee.screened_argmax)."""
+
+    kind: str
+    """"fp16": FBGEMM's packed fp16 weight times fp32 activations. "bf16": a (vocab, hidden) bf16 copy
+    times bf16-rounded activations (oneDNN's AMX / AVX-512 BF16 product where the CPU has one)."""
+    weight: torch.Tensor
     max_norm: float
     """The largest L2 norm of a vocabulary row of the (fp32) weight."""
     versions: tuple
 
+    def scores(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Approximate logits (rows, vocab) of fp32 hidden states (rows, hidden)."""
+        if self.kind == "fp16":
+            return torch.fbgemm_linear_fp16_weight_fp32_activation(hidden, self.weight, None)
+        # (vocab, hidden) @ (hidden, rows) is oneDNN's fast layout; the fp32 copy makes the screening
+        # passes contiguous (bf16 elementwise work and strided reductions cost more than the copy).
+        vocab_major = self.weight @ hidden.to(torch.bfloat16).t()
+        return torch.empty(hidden.shape[0], self.weight.shape[0], dtype=torch.float32).copy_(vocab_major.t())
 
-SCREEN_ROWS = 8
-"""Greedy screening from this many rows: at 16 rows it costs ~7.8 ms instead of the 10.5 ms of the
-fp32 LM head (AMD EPYC, one thread); at one row FBGEMM's fp16 product is no faster than MKL's."""
+    def error_bound(self, hidden: torch.Tensor) -> torch.Tensor:
+        """B per row: |scores - fp32 logits| <= B for every token. With u the format's unit roundoff
+        (fp16 2^-11, bf16 2^-8) and x one row, each score is off by at most: the weight's rounding,
+        u |x| max_v |w_v| (Cauchy-Schwarz); for bf16 the same again for x's rounding and once more
+        for the bf16 result's; the fp32 sums' rounding (n terms: <= n 2^-24 relative, 2^-14 for
+        n <= 1024); and 2^-25 |x|_1 below fp16's normal range. So <= 1.1 u |x| max|w| + 2^-25 |x|_1
+        for fp16, <= 3.1 u |x| max|w| for bf16; B is about 4x (fp16) and 1.3x (bf16) that."""
+        relative = 2.0**-9 if self.kind == "fp16" else 2.0**-6
+        return hidden.norm(dim=-1) * (self.max_norm * relative) + hidden.abs().sum(-1) * 2.0**-23
+
+
+def _cpu_seconds(run, repeats: int = 3) -> float:
+    """The least process CPU time of `repeats` calls, after one warm-up call."""
+    run()
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.process_time()
+        run()
+        best = min(best, time.process_time() - started)
+    return best
 
 
 SCREEN_BLOCK = 128
 
 
-def prepare_screen(lm_head: nn.Linear) -> Optional[PreparedScreen]:
-    """An fp16 copy of the LM head (CPU, fp32 models) to find greedy tokens with half the weight
-    traffic; None where FBGEMM's fp16 product is missing or the weight does not fit fp16's range."""
+def prepare_screen(lm_head: nn.Linear, kind: Optional[str] = None) -> Optional[PreparedScreen]:
+    """The faster of an fp16 (FBGEMM) and a bf16 copy of the LM head on this CPU, timed at 16 rows
+    (a Xeon with AMX: bf16, decode at batch 16 ~1.2x faster than with fp16; an AMD EPYC without
+    AVX-512 BF16 emulates bf16, so FBGEMM's fp16 should win there), or the given `kind`. None for a
+    GPU, a non-fp32 or biased head, or a `kind` this build or weight cannot have."""
     weight = lm_head.weight
+    if not _plain(lm_head) or lm_head.bias is not None or weight.device.type != "cpu":
+        return None
+    if weight.dtype != torch.float32 or not bool(torch.isfinite(weight).all()):
+        return None
+    max_norm = float(weight.norm(dim=1).max())
+    candidates = [PreparedScreen("bf16", weight.detach().to(torch.bfloat16), max_norm, _versions(lm_head))]
     pack = getattr(torch, "fbgemm_pack_gemm_matrix_fp16", None)
-    if not _plain(lm_head) or lm_head.bias is not None or weight.device.type != "cpu" or pack is None:
-        return None
-    if weight.dtype != torch.float32 or not bool(weight.abs().max() < 60000):  # inf/NaN fail too
-        return None
-    try:
-        with warnings.catch_warnings():  # deprecated in torch, still the fastest fp16 CPU product
-            warnings.simplefilter("ignore")
-            packed = pack(weight)
-            torch.fbgemm_linear_fp16_weight_fp32_activation(weight[:1].detach(), packed, None)
-    except (RuntimeError, AttributeError):  # a build without FBGEMM
-        return None
-    return PreparedScreen(packed, float(weight.norm(dim=1).max()), _versions(lm_head))
+    if pack is not None and bool(weight.abs().max() < 60000):
+        try:
+            with warnings.catch_warnings():  # deprecated in torch, still the fastest fp16 CPU product
+                warnings.simplefilter("ignore")
+                fp16 = PreparedScreen("fp16", pack(weight.detach()), max_norm, _versions(lm_head))
+                fp16.scores(weight[:1].detach())
+            candidates.append(fp16)
+        except (RuntimeError, AttributeError):  # a build without FBGEMM
+            pass
+    if kind is not None:
+        return next((screen for screen in candidates if screen.kind == kind), None)
+    if len(candidates) == 1:
+        return candidates[0]
+    probe = torch.randn(16, weight.shape[1])
+    return min(candidates, key=lambda screen: _cpu_seconds(lambda: screen.scores(probe)))
 
 
 def _usable(prepared, *linears: nn.Linear) -> bool:
@@ -254,6 +296,7 @@ class DecodingBumblebee(nn.Module):
             self.head = prepare_head(self.bumblebee.lm_head)
             self.screen = prepare_screen(self.bumblebee.lm_head)
         self._head_layouts: dict[int, str] = {}  # rows -> the LM head's layout (see _pick_head_layout)
+        self._screen_pays: dict[int, bool] = {}  # rows -> whether greedy screening beats the full head
 
     def new_cache(self, batch_size: int, max_len: int) -> SlotCache:
         parameter = next(self.bumblebee.parameters())
@@ -351,8 +394,6 @@ class DecodingBumblebee(nn.Module):
         F.linear at 4-16 rows; on an AMD EPYC (MKL's AVX2 path) (rows, hidden) @ (hidden, vocab) is
         ~1.3x faster at 16 rows and writes the engine's (rows, vocab) buffer directly. Timed once per
         row count, in this process's CPU time, each with the copy into a (rows, vocab) buffer."""
-        import time
-
         weight = self.bumblebee.lm_head.weight
         reference = F.linear(flat, weight)
         candidates = {
@@ -366,32 +407,44 @@ class DecodingBumblebee(nn.Module):
             run(dst)
             if not torch.equal(dst, reference):
                 continue
-            times = []
-            for _ in range(3):
-                started = time.process_time()
-                run(dst)
-                times.append(time.process_time() - started)
-            if min(times) < best_time:
-                best, best_time = name, min(times)
+            seconds = _cpu_seconds(lambda run=run: run(dst))
+            if seconds < best_time:
+                best, best_time = name, seconds
         return best
 
     def greedy(self, hidden: torch.Tensor) -> Optional[torch.Tensor]:
-        """argmax of the logits of final-norm hidden states (rows, hidden), without computing all of
-        them in fp32, or None where that is not possible (then compute the logits).
+        """argmax of the logits of final-norm hidden states (rows, hidden) by screening
+        (`screened_argmax`) where that is faster than the full fp32 logits at this many rows on this
+        CPU, else None (then compute the logits). Decided once per row count by timing both."""
+        rows = hidden.shape[0]
+        if not _usable(self.screen, self.bumblebee.lm_head) or hidden.dtype != torch.float32:
+            return None
+        pays = self._screen_pays.get(rows)
+        if pays is None:
+            pays = self._screen_pays[rows] = self._screening_pays(hidden)
+        return self.screened_argmax(hidden) if pays else None
 
-        The fp16-weight logits y' differ from the fp32 ones y by at most B per row: fp16 rounding
-        (relative 2^-11, and 2^-25 absolute below fp16's normal range) plus the fp32 rounding of
-        both sums (n terms: ~n 2^-24 relative each), all <= 2^-11 (1 + 2^-4) |x| max_v |w_v| +
-        2^-25 |x|_1 for n <= 256; B is 4x that (hidden sizes up to 1024 stay within it). The true argmax v* has y'_v* >= y_v* - B >= y_u - B >= y'_u - 2B
+    def _screening_pays(self, hidden: torch.Tensor) -> bool:
+        if self.screened_argmax(hidden) is None:  # this model's rows are too flat to screen
+            return False
+        full = _cpu_seconds(lambda: self.logits(hidden).argmax(dim=-1))
+        return _cpu_seconds(lambda: self.screened_argmax(hidden)) < full
+
+    def screened_argmax(self, hidden: torch.Tensor) -> Optional[torch.Tensor]:
+        """argmax of the fp32 logits of hidden states (rows, hidden) from the half-precision screen, or
+        None where the screen cannot decide (non-finite scores, nearly flat rows, no screen).
+
+        The screen's scores y' differ from the fp32 logits y by at most B per row (see
+        PreparedScreen.error_bound). The true argmax v* has y'_v* >= y_v* - B >= y_u - B >= y'_u - 2B
         for every u, so it is among the tokens within 2B of the row's top y' (so are tokens tied with
         it). Those columns are recomputed with the fp32 weight (bit-identical to the full product's:
         at least 32 columns, measured) and their argmax is the first maximum, as the full argmax."""
         rows = hidden.shape[0]
         lm_head = self.bumblebee.lm_head
-        if rows < SCREEN_ROWS or not _usable(self.screen, lm_head) or hidden.dtype != torch.float32:
+        if not _usable(self.screen, lm_head) or hidden.dtype != torch.float32:
             return None
-        approx = torch.fbgemm_linear_fp16_weight_fp32_activation(hidden, self.screen.packed, None)
-        bound = hidden.norm(dim=-1) * (self.screen.max_norm * 2.0**-9) + hidden.abs().sum(-1) * 2.0**-23
+        approx = self.screen.scores(hidden)
+        bound = self.screen.error_bound(hidden)
         vocab = approx.shape[1]
         if vocab % SCREEN_BLOCK:
             floor = approx.amax(dim=-1) - 2 * bound
