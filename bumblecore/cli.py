@@ -41,6 +41,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "bumblecore.model.lora:merge_lora",
         "merge a LoRA adapter into its base and save a full model, checked against the unmerged one",
     ),
+    "convert_gguf": (
+        "bumblecore.model.gguf:convert_gguf",
+        "convert a GGUF checkpoint (llama.cpp) into a Hugging Face model directory",
+    ),
     "inspect_data": (
         "bumblecore.data.commands:inspect_data",
         "validate a dataset and show how samples are tokenized and which tokens are trained",

