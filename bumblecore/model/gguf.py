@@ -44,7 +44,7 @@ def convert_gguf(gguf_file: str, output_dir: str, torch_dtype: str = "float32") 
 
     folder, name = str(source.parent), source.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, torch_dtype=dtype)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
     config = AutoConfig.for_model(**_plain_config(loaded.config))
     plain = type(loaded)(config)  # the architecture's own class, without the GGUF loader's marks
     plain.load_state_dict(loaded.state_dict())
