@@ -377,10 +377,11 @@ def special_tokens_added(tokenizer) -> tuple[list[int], list[int]]:
     )
 
 
-def encode_texts(tokenizer, texts: list[str], split_special_tokens: bool = False) -> list[list[int]]:
+def encode_texts(tokenizer, texts: list[str], split_special_tokens: Optional[bool] = None) -> list[list[int]]:
     """Raw texts, each after the special tokens the tokenizer puts before any text (its BOS where it adds
     one), exactly once: a text that already starts with that token's string gets no second one.
-    `split_special_tokens`: special-token strings elsewhere in the text stay text."""
+    `split_special_tokens=True`: special-token strings elsewhere in the text stay text (None: the
+    tokenizer's own setting)."""
     before, _ = special_tokens_added(tokenizer)
     lead = "".join(tokenizer.convert_ids_to_tokens(before))
     if lead:
@@ -401,7 +402,7 @@ def encode_documents(tokenizer, texts: list[str]) -> list[list[int]]:
     documents = []
     for ids in encode_texts(tokenizer, texts):
         ids = ids + after
-        ended = bool(after) and after[-1] == tokenizer.eos_token_id or bool(ids) and ids[-1] == eot
+        ended = (bool(after) and after[-1] == tokenizer.eos_token_id) or (bool(ids) and ids[-1] == eot)
         documents.append(ids if ended else ids + [eot])
     return documents
 
