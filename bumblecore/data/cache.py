@@ -10,8 +10,9 @@ Preference data stores two entries per pair: 2i = prompt + chosen, 2i + 1 = prom
 KTO data stores two entries per example, 2i = prompt + completion, 2i + 1 = the KL row (prompt + the
 next record's completion), and desirable.bin (uint8, 1 = desirable) with one flag per example.
 
-The key hashes the data files' bytes, the tokenizer, the chat template, cutoff_len and the stage,
-so the same inputs reuse the entry at once and any change builds a new one. Building streams:
+The key hashes the data files' bytes, the tokenizer (and the special tokens it adds to a text), the
+chat template, cutoff_len and the stage, so the same inputs reuse the entry at once and any change
+builds a new one. Building streams:
 records are validated, rendered in Python and tokenized in batches by the Rust tokenizer (which
 uses every core), then appended to the files, so memory does not grow with the corpus. The entry
 is built under a temporary name and renamed when complete.
@@ -32,9 +33,9 @@ from pathlib import Path
 import numpy as np
 
 from bumblecore.data.formats import ReadReport, Sample, data_files, read_samples
-from bumblecore.data.template import ChatFormatError, chat_format, end_of_text_id
+from bumblecore.data.template import ChatFormatError, chat_format, encode_documents, special_tokens_added
 
-FORMAT_VERSION = 2  # bump when the cache layout or rendering rules change
+FORMAT_VERSION = 3  # bump when the cache layout or rendering rules change (3: the tokenizer's own BOS)
 BATCH_RECORDS = 256
 
 
@@ -121,6 +122,8 @@ def cache_key(paths, tokenizer, stage: str, cutoff_len: int, skip_bad_records: b
     digest.update(f"v{FORMAT_VERSION}|{stage}|{cutoff_len}|{skip_bad_records}".encode())
     if stage not in ("pretrain", "continue_pretrain"):  # what renders conversations is part of the key
         digest.update(chat_format(tokenizer).fingerprint.encode())
+    else:  # documents carry the special tokens the tokenizer adds to a text
+        digest.update(f"|added {special_tokens_added(tokenizer)}".encode())
     digest.update(tokenizer_fingerprint(tokenizer).encode())
     for file in data_files(paths):
         digest.update(file.name.encode())
@@ -181,7 +184,7 @@ def _encode_batch(
     SFT run), one per cutoff_len piece, so nothing is truncated away."""
     if samples[0].kind == "text":
         texts = [s.text for s in samples]
-        for sample, ids in zip(samples, _batch_ids(tokenizer, texts)):
+        for sample, ids in zip(samples, encode_documents(tokenizer, texts)):
             pieces = [ids[i : i + cutoff_len] for i in range(0, len(ids), cutoff_len)] if split_text else [ids]
             for piece in pieces:
                 yield piece, [True] * len(piece), sample.file_index
@@ -232,12 +235,6 @@ def _encode_batch(
         if labels is not None:
             labels.append(samples[start // group].desirable)
         yield from entries
-
-
-def _batch_ids(tokenizer, texts: list[str]) -> list[list[int]]:
-    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    eot = end_of_text_id(tokenizer)
-    return [ids + [eot] for ids in encoded]
 
 
 def validate_dataset(paths, stage: str, skip_bad_records: bool) -> ReadReport:

@@ -14,6 +14,11 @@ Llama-3 the content and `<|eot_id|>`. A template whose renders are not prefixes 
 Message text can never become a special token: special-token strings inside any message, tool
 definition or tool-call argument are tokenized as plain text; only the template's own markers are
 special.
+
+The tokenizer's own special tokens (what transformers' `tokenizer(text)` puts around a text: a BOS for
+Llama-3, Gemma and Mistral, nothing for ours) are kept, exactly once: raw text (pretraining documents,
+raw prompts) carries them, and a chat render starts with the tokenizer's BOS (the template's own when
+it writes one, else the tokenizer's).
 """
 
 from __future__ import annotations
@@ -97,14 +102,16 @@ class ChatFormat:
         self._from_placeholder = {p: m for m, p in self._to_placeholder.items()}
         self._marker_pattern = re.compile("|".join(re.escape(m) for m in self.markers)) if self.markers else None
         self._placeholder_pattern = re.compile("[" + "".join(self._from_placeholder) + "]") if self.markers else None
+        self.bos_ids = special_tokens_added(tokenizer)[0]  # what a render starts with, unless the template writes a BOS
         self.end_of_turn = self._find_end_of_turn()
 
     # ------------------------------------------------------------------ identity
 
     @property
     def fingerprint(self) -> str:
-        """Changes whenever the tokens could: the template text and this module's own code."""
-        return hashlib.sha256(f"{_SOURCE_FINGERPRINT}|{self.template}".encode()).hexdigest()
+        """Changes whenever the tokens could: the template text, the BOS the tokenizer adds and this
+        module's own code."""
+        return hashlib.sha256(f"{_SOURCE_FINGERPRINT}|{self.bos_ids}|{self.template}".encode()).hexdigest()
 
     @property
     def is_chatml(self) -> bool:
@@ -206,7 +213,8 @@ class ChatFormat:
         """(ids, character offsets) for rendered, escaped texts, in one batched tokenizer call.
         A text without placeholders is tokenized whole (exactly what apply_chat_template(tokenize=True)
         gives); one with placeholders is tokenized between the template's markers with special
-        tokens off, so a special-token string typed in a message stays text."""
+        tokens off, so a special-token string typed in a message stays text. Either starts with the
+        tokenizer's BOS (see _with_bos)."""
         results: list = [None] * len(texts)
         plain = [
             i for i, t in enumerate(texts) if not (self._placeholder_pattern and self._placeholder_pattern.search(t))
@@ -217,7 +225,17 @@ class ChatFormat:
                 results[i] = (ids, [tuple(o) for o in offsets])
         for i in set(range(len(texts))) - set(plain):
             results[i] = self._tokenize_escaped(texts[i])
-        return results
+        return [self._with_bos(text, *result) for text, result in zip(texts, results)]
+
+    def _with_bos(self, text: str, ids: list[int], offsets: list) -> tuple[list[int], list]:
+        """A render starts with the tokenizer's BOS exactly once: the template's own when it writes one
+        (Llama-3's `{{ bos_token }}`), else the one the tokenizer adds to any text (ChatML on a tokenizer
+        that adds a BOS); a model reads every sequence after it. It covers no character, so it is never
+        a target."""
+        bos = self.tokenizer.bos_token
+        if not self.bos_ids or ids[: len(self.bos_ids)] == self.bos_ids or (bos and text.startswith(bos)):
+            return ids, offsets
+        return self.bos_ids + ids, [(0, 0)] * len(self.bos_ids) + offsets
 
     def _tokenize_escaped(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         ids, offsets, position = [], [], 0
@@ -343,10 +361,61 @@ def render_prompt(tokenizer, messages: list[dict], tools: Optional[list] = None)
     return chat_format(tokenizer).prompt_ids(messages, tools)
 
 
+def special_tokens_added(tokenizer) -> tuple[list[int], list[int]]:
+    """(before, after): the ids the tokenizer itself puts around any text, as transformers'
+    `tokenizer(text)` does (a BOS for Llama-3, Gemma, Mistral; BOS and EOS for some; nothing for
+    ours). Found by tokenizing a probe with and without them, so a post-processor and `add_bos_token`
+    are both seen as they are."""
+    plain = tokenizer("x", add_special_tokens=False)["input_ids"]
+    full = tokenizer("x", add_special_tokens=True)["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return full[:start], full[start + len(plain) :]
+    raise ValueError(
+        f"tokenizer {tokenizer.name_or_path or ''}: cannot tell which special tokens it adds to a text "
+        f"({plain} without them, {full} with them)"
+    )
+
+
+def encode_texts(tokenizer, texts: list[str], split_special_tokens: Optional[bool] = None) -> list[list[int]]:
+    """Raw texts, each after the special tokens the tokenizer puts before any text (its BOS where it adds
+    one), exactly once: a text that already starts with that token's string gets no second one.
+    `split_special_tokens=True`: special-token strings elsewhere in the text stay text (None: the
+    tokenizer's own setting)."""
+    before, _ = special_tokens_added(tokenizer)
+    lead = "".join(tokenizer.convert_ids_to_tokens(before))
+    if lead:
+        texts = [text[len(lead) :] if text.startswith(lead) else text for text in texts]
+    encoded = tokenizer(texts, add_special_tokens=False, split_special_tokens=split_special_tokens)["input_ids"]
+    return [before + ids for ids in encoded]
+
+
+def encode_documents(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Pretraining documents, each with the special tokens the tokenizer puts around a text and then the
+    end-of-text token, never twice (the tokenizer's own EOS, or one the text ends with, ends it
+    already); every token is a target."""
+    _, after = special_tokens_added(tokenizer)
+    tail = "".join(tokenizer.convert_ids_to_tokens(after))
+    if tail:  # a text that ends with the string of what the tokenizer appends has it once
+        texts = [text[: -len(tail)] if text.endswith(tail) else text for text in texts]
+    eot = end_of_text_id(tokenizer)
+    documents = []
+    for ids in encode_texts(tokenizer, texts):
+        ids = ids + after
+        ended = (bool(after) and after[-1] == tokenizer.eos_token_id) or (bool(ids) and ids[-1] == eot)
+        documents.append(ids if ended else ids + [eot])
+    return documents
+
+
 def encode_document(tokenizer, text: str) -> list[int]:
-    """A pretraining document followed by the end-of-text token; every token is a target."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return ids + [end_of_text_id(tokenizer)]
+    return encode_documents(tokenizer, [text])[0]
+
+
+def encode_raw_prompt(tokenizer, text: str) -> list[int]:
+    """A raw-text prompt for a base model to continue: it starts as a document does (the tokenizer's BOS)
+    but never ends with the tokenizer's EOS (the model would start a new document); special-token
+    strings typed in it stay text."""
+    return encode_texts(tokenizer, [text], split_special_tokens=True)[0]
 
 
 def end_of_text_id(tokenizer) -> int:

@@ -23,11 +23,12 @@ def build_prompt_ids(
 ) -> list[int]:
     """Raw text for pretrain models; the chat template (docs/DATA_FORMAT.md) for sft/dpo models, with tool
     definitions when given."""
-    from bumblecore.data.template import render_prompt
+    from bumblecore.data.template import encode_raw_prompt, render_prompt
 
     if training_stage in ("pretrain", "continue_pretrain"):
-        # The prompt is text: "<|endoftext|>" typed in it stays text, as in a chat template's content.
-        return tokenizer(prompt_or_messages, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        # Text after the tokenizer's own BOS, as the model read its documents; "<|endoftext|>" typed
+        # in it stays text, as in a chat template's content.
+        return encode_raw_prompt(tokenizer, prompt_or_messages)
     messages = (
         prompt_or_messages
         if isinstance(prompt_or_messages, list)

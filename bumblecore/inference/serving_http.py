@@ -163,10 +163,9 @@ class ChatCompletionsSpec(LitSpec):
         if stage in ("pretrain", "continue_pretrain"):
             # A base model continues raw text: the messages' contents, one after another.
             text = "\n".join(m["content"] for m in chat.messages if m["content"])
-            ids = build_prompt_ids(self.tokenizer, text, stage)
-            if not ids:
+            if not text:  # checked on the text: the tokenizer's BOS alone is no prompt either
                 raise APIError(400, "The prompt is empty.", param="messages", code="invalid_value")
-            return ids
+            return build_prompt_ids(self.tokenizer, text, stage)
         return build_prompt_ids(self.tokenizer, chat.messages, stage, self.settings.system_prompt, chat.tools)
 
     def submit(self, prompt: list[int], params: SamplingParams) -> Submission:
