@@ -107,6 +107,7 @@ def serve(
     sampling: SamplingArgs = SERVE_SAMPLING,
     prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB,
     log_level: str = "info",
+    chat_template: Optional[str] = None,
 ) -> None:
     """Serve a model: OpenAI-compatible /v1/chat/completions (streaming too), /v1/models, /health, and a web chat page at /.
 
@@ -132,6 +133,7 @@ def serve(
         sampling: defaults for requests that leave a field out.
         prefix_cache_mb: MiB of KV cache kept from finished requests, so a conversation's next turn prefills only its new tokens (its history's are reused); 0 disables.
         log_level: uvicorn/LitServe log level (debug, info, warning, error).
+        chat_template: a built-in template (chatml, qwen2.5, llama3, mistral, gemma, phi3) or a .jinja file; default: the model's own (the one it was trained with). A conversation it cannot render is answered 400.
     """
     if training_stage not in ("pretrain", "continue_pretrain", "sft", "dpo"):
         raise ValueError(f"training_stage {training_stage!r}: expected pretrain, continue_pretrain, sft or dpo")
@@ -161,11 +163,16 @@ def serve(
         trust_remote_code=trust_remote_code,
         sampling=sampling,
         prefix_cache_mb=prefix_cache_mb,
+        chat_template=chat_template,
         host=host,
         allowed_hosts=tuple(allowed_hosts or ()),
         allowed_origins=tuple(allowed_origins or ()),
     )
     context_length(model_path, max_model_len)  # a wrong path fails here, in one line, before any process starts
+    if chat_template:
+        from bumblecore.data.chat_templates import read_chat_template
+
+        read_chat_template(chat_template)  # likewise a wrong template name or file
     check_tokenizer_fits(model_path, trust_remote_code)  # as would every request, later, in the worker
     server = BumbleServer(settings)
     shown = "localhost" if host in ("127.0.0.1", "::1") else host
@@ -186,6 +193,8 @@ def check_tokenizer_fits(model_path: str, trust_remote_code: bool = False) -> No
     from bumblecore.tokenizer import check_fits_model, load_tokenizer
 
     config_dir, tokenizer_dir = model_dirs(model_path)
+    if tokenizer_dir == Path(model_path) and tokenizer_dir != config_dir:
+        return  # a LoRA adapter's own tokenizer: the base grows to it where training added tokens
     check_fits_model(load_tokenizer(tokenizer_dir, trust_remote_code=trust_remote_code), config_dir, tokenizer_dir)
 
 
