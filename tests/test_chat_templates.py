@@ -352,3 +352,70 @@ def test_tool_data_on_a_template_without_tools_works_by_choosing_chatml(tmp_path
     main(["inspect_data", "--config", str(config), "--num_samples", "1", "--chat_template", "qwen2.5"])
     shown = capsys.readouterr().out
     assert "<tools>" in shown and "[[<tool_call>" in shown and "You are Qwen" in shown
+
+
+# ---------------------------------------------------------------------------- serving
+
+
+@pytest.mark.slow
+def test_server_answers_400_for_conversations_the_template_cannot_render(base_without_template):
+    """The LoRA output of a llama3 run (new tokens) served as it is, then with chat_template: gemma; a
+    request with tools (neither renders them) or a role order gemma refuses is a 400 naming the field,
+    and the next request is answered."""
+    openai = pytest.importorskip("openai")
+    from serving import running_server
+
+    from bumblecore.inference.generate import GenerationEngine, SamplingParams
+    from bumblecore.inference.loading import load_for_inference
+
+    root, _, _ = base_without_template
+    adapter = root / "lora"
+    if not (adapter / "adapter_config.json").is_file():
+        pytest.skip("needs the LoRA run of test_lora_with_new_tokens_loads_in_peft_merge_lora_and_generate")
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
+    hello = [{"role": "user", "content": "hello"}]
+    for template, bad_order in ((None, None), ("gemma", [{"role": "assistant", "content": "hi"}, *hello])):
+        options = {"chat_template": template} if template else {}
+        with running_server(str(adapter), max_batch_size=2, max_model_len=128, **options) as url:
+            client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
+            with pytest.raises(openai.BadRequestError) as raised:
+                client.chat.completions.create(model="bumblebee", messages=hello, tools=tools, max_tokens=4)
+            assert raised.value.status_code == 400 and raised.value.body["param"] == "tools"
+            assert "chat_template: chatml or qwen2.5" in raised.value.body["message"]
+            if bad_order:
+                with pytest.raises(openai.BadRequestError) as raised:
+                    client.chat.completions.create(model="bumblebee", messages=bad_order, max_tokens=4)
+                assert raised.value.body["param"] == "messages" and "alternate" in raised.value.body["message"]
+            reply = client.chat.completions.create(model="bumblebee", messages=hello, max_tokens=6, temperature=0)
+        # the same reply as the engine gives on the same model and template, stopping on <|eot_id|> or length
+        model, tokenizer, eos = load_for_inference(str(adapter), "float32", "cpu", chat_template=template)
+        engine = GenerationEngine(model, tokenizer, max_batch_size=1, max_len=128, eos_token_ids=eos)
+        prompt = chat_format(tokenizer).prompt_ids(hello)
+        expected = engine.generate([prompt], SamplingParams(max_new_tokens=6))[0]["text"]
+        assert reply.choices[0].message.content == expected
+
+
+@pytest.mark.slow
+def test_resize_vocab_under_zero3_equals_one_process(base_without_template, monkeypatch):
+    """2 CPU ranks under the shipped ZeRO-3 config (the grown model built partitioned, the checkpoint's
+    rows scattered into it) end with one process's weights, saved at the new size. LoRA with new
+    tokens under ZeRO-3 is refused before anything starts (peft's trainable tokens need the whole embedding)."""
+    from safetensors.torch import load_file
+    from tiny import train_on_two_processes
+
+    root, base, data = base_without_template
+    config = sft_config(root, base, data, chat_template="llama3", resize_vocab=True, max_steps=2, learning_rate=1e-3)
+    one, zero3 = root / "full_one", root / "full_zero3"
+    main(["train", "--config", str(config), "--output_dir", str(one), "--gradient_accumulation_steps", "2"])
+    zero_config = str(Path(__file__).resolve().parents[1] / "configs" / "deepspeed" / "ds_z3_config.json")
+    train_on_two_processes(config, zero3, "--deepspeed_config_path", zero_config, cwd=root)
+    expected, got = load_file(one / "model.safetensors"), load_file(zero3 / "model.safetensors")
+    assert sorted(expected) == sorted(got)
+    assert max((got[k] - expected[k]).abs().max().item() for k in expected) < 1e-4
+    rows = len(load_tokenizer(base)) + 3
+    assert json.loads((zero3 / "config.json").read_text())["vocab_size"] == rows
+    assert got["model.embed_tokens.weight"].shape[0] == rows
+    monkeypatch.setenv("BUMBLECORE_DEBUG", "1")
+    with pytest.raises(ValueError, match="resize_vocab with finetuning_type lora under ZeRO-3"):
+        main(["train", "--config", str(config), "--output_dir", str(root / "refused"), "--finetuning_type", "lora",
+              "--deepspeed_config_path", zero_config])  # fmt: skip
