@@ -419,3 +419,87 @@ def test_resize_vocab_under_zero3_equals_one_process(base_without_template, monk
     with pytest.raises(ValueError, match="resize_vocab with finetuning_type lora under ZeRO-3"):
         main(["train", "--config", str(config), "--output_dir", str(root / "refused"), "--finetuning_type", "lora",
               "--deepspeed_config_path", zero_config])  # fmt: skip
+
+
+@pytest.mark.slow
+def test_smollm2_with_llama3_and_new_tokens_trains_lora_and_loads_in_peft_and_merge_lora(smollm2_dir, tmp_path):
+    """A real checkpoint (tied embeddings, vocab 49,152) given another family's template: its three markers
+    are added (49,155 rows), a few LoRA steps train them, and the adapter gives peft's own logits on a
+    base transformers grew, merged or not."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from bumblecore.inference.loading import load_for_inference
+
+    data = tmp_path / "sft.jsonl"
+    records = [{"conversations": [{"from": "human", "value": f"Say {w}"}, {"from": "gpt", "value": f"{w}!"}]} for w in
+               ("yes", "no", "maybe", "ok")] * 2  # fmt: skip
+    data.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    out = tmp_path / "lora"
+    config = sft_config(tmp_path, Path(smollm2_dir), data, chat_template="llama3", resize_vocab=True, max_steps=2,
+                        learning_rate=1e-3, finetuning_type="lora", lora_rank=4, lora_alpha=8, lora_dropout=0.0,
+                        cutoff_len=32)  # fmt: skip
+    main(["train", "--config", str(config), "--output_dir", str(out)])
+    tokenizer = load_tokenizer(out)
+    assert len(tokenizer) == 49152 + 3 and tokenizer.eos_token == "<|eot_id|>"
+    new_ids = [tokenizer.convert_tokens_to_ids(t) for t in MARKERS["llama3"]]
+    probe = torch.tensor([chat_format(tokenizer).prompt_ids([{"role": "user", "content": "Say yes"}]) + new_ids])
+
+    reference = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
+    reference.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    reference = PeftModel.from_pretrained(reference, str(out)).eval()
+    with torch.no_grad():
+        expected = reference(probe).logits
+        model, _, eos = load_for_inference(str(out), "float32", "cpu")
+        assert new_ids[-1] in eos
+        scale = expected.abs().max()
+        assert (model(probe) - expected).abs().max() < 1e-5 * scale
+    merged = tmp_path / "merged"
+    main(
+        ["merge_lora", "--base_model_path", str(smollm2_dir), "--lora_model_path", str(out), "--save_path", str(merged)]
+    )
+    with torch.no_grad():
+        got = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)(probe).logits
+    assert (got - expected).abs().max() < 1e-5 * scale
+    assert json.loads((merged / "config.json").read_text())["vocab_size"] == 49155
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_lora_with_new_tokens_on_a_transformers_family_gives_peft_logits(tmp_path, tied):
+    """Phi-3 (trained through transformers) with its own template added to a base tokenizer: the adapter's
+    new rows, on an untied head as on a tied one, give what peft gives on transformers' grown Phi-3."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, Phi3Config
+
+    from bumblecore.inference.loading import load_for_inference
+
+    base = tmp_path / "phi3"
+    build_tokenizer(["<s>", "<|endoftext|>"], "<s>", "<|endoftext|>", base)
+    rows = len(load_tokenizer(base))
+    torch.manual_seed(0)
+    config = Phi3Config(vocab_size=rows, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, pad_token_id=0, max_position_embeddings=256, tie_word_embeddings=tied)  # fmt: skip
+    AutoModelForCausalLM.from_config(config).save_pretrained(base)
+    data = tmp_path / "sft.jsonl"
+    data.write_text(
+        json.dumps({"conversations": [{"from": "human", "value": "hello"}, {"from": "gpt", "value": "fine"}]}) + "\n"
+    )
+    out = tmp_path / "lora"
+    run = sft_config(tmp_path, base, data, chat_template="phi3", resize_vocab=True, finetuning_type="lora", lora_rank=4,
+                     lora_alpha=8, lora_dropout=0.0, packing=False, train_micro_batch_size_per_gpu=1)  # fmt: skip
+    main(["train", "--config", str(run), "--output_dir", str(out)])
+    tokenizer = load_tokenizer(out)
+    new_ids = [tokenizer.convert_tokens_to_ids(t) for t in MARKERS["phi3"]]
+    assert len(tokenizer) == rows + 4
+    reference = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    reference.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    reference = PeftModel.from_pretrained(reference, str(out)).eval()
+    probe = torch.tensor([chat_format(tokenizer).prompt_ids([{"role": "user", "content": "hello"}]) + new_ids])
+    model, _, _ = load_for_inference(str(out), "float32", "cpu")
+    with torch.no_grad():
+        expected = reference(probe).logits
+        assert (model(probe) - expected).abs().max() < 1e-4
+        start = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).get_output_embeddings().weight.mean(0)
+        head = reference.get_base_model().get_output_embeddings()
+        # the head's rows for the new tokens trained too (tied: through the embedding's)
+        assert (head(torch.eye(32))[:, new_ids].T - start).abs().max() > 1e-3
