@@ -133,12 +133,23 @@ def _special_strings(tokenizer) -> set[str]:
 
 def set_chat_template(tokenizer, value: Optional[str]) -> Optional[str]:
     """Give the tokenizer the chosen template (None: keep its own, ChatML where it had none); returns the
-    built-in's name. A built-in whose markers the tokenizer lacks is refused, naming the keys that add them."""
+    built-in's name."""
     if not value:
         return None
     name, text = read_chat_template(value)
     tokenizer.chat_template = text
     return name
+
+
+def use_chat_template(tokenizer, value: Optional[str], source: str = "the model") -> None:
+    """Inference (generate, chat, serve): the chosen template for prompts, refused where the tokenizer
+    lacks its markers (the model never learned them as tokens; train with resize_vocab to add them)."""
+    missing = missing_markers(tokenizer, set_chat_template(tokenizer, value))
+    if missing:
+        raise ValueError(
+            f"chat_template {value}: {source}'s tokenizer has no {', '.join(missing)} special tokens; use its own "
+            "template (leave chat_template out), or fine-tune with this one and resize_vocab: true"
+        )
 
 
 def missing_markers(tokenizer, name: Optional[str]) -> list[str]:
@@ -194,6 +205,8 @@ def prepare_tokenizer(
 
         end = chat_format(tokenizer).end_of_turn
         if end and tokenizer.eos_token != end[0]:
+            # the old eos stays a stop token in generation_config.json (write_end_of_turn)
+            tokenizer.bumblecore_previous_eos_id = tokenizer.eos_token_id
             tokenizer.eos_token = end[0]
     return added
 
@@ -220,9 +233,8 @@ def write_end_of_turn(directory, tokenizer, base_dir) -> None:
     existing = json.loads(source.read_text(encoding="utf-8")) if source.is_file() else {}
     eos = existing.get("eos_token_id")
     before = [eos] if isinstance(eos, int) else list(eos or [])
-    ids = before + [
-        i for i in dict.fromkeys([tokenizer.eos_token_id, *end_of_turn]) if i is not None and i not in before
-    ]
+    stops = [getattr(tokenizer, "bumblecore_previous_eos_id", None), tokenizer.eos_token_id, *end_of_turn]
+    ids = before + [i for i in dict.fromkeys(stops) if i is not None and i not in before]
     if ids == before:
         return
     existing["eos_token_id"] = ids[0] if len(ids) == 1 else ids

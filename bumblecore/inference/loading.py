@@ -30,7 +30,7 @@ def load_for_inference(
     task_type): its base is loaded from base_model_name_or_path, grown to the adapter's tokenizer
     where tokens were added in training, the adapter applied and (by default) merged.
     `chat_template`: a built-in name or .jinja file instead of the tokenizer's own."""
-    from bumblecore.data.chat_templates import set_chat_template
+    from bumblecore.data.chat_templates import use_chat_template
     from bumblecore.inference.generate import default_eos_ids
     from bumblecore.model.lora import adapter_base_dir, attach_adapter
     from bumblecore.model.transformers_family import TransformersCausalLM
@@ -43,7 +43,7 @@ def load_for_inference(
     base_dir = adapter_base_dir(path) if adapter else path
     tokenizer_dir = path if not adapter or (path / "tokenizer_config.json").is_file() else base_dir
     tokenizer = load_tokenizer(tokenizer_dir, trust_remote_code=trust_remote_code)
-    set_chat_template(tokenizer, chat_template)
+    use_chat_template(tokenizer, chat_template, str(path))
     # Ids past the model's vocabulary would fail inside the model on every request that has one:
     # refuse before the (possibly large) model is read. An adapter's own tokenizer may have grown.
     if not (adapter and tokenizer_dir == path):

@@ -169,10 +169,12 @@ def serve(
         allowed_origins=tuple(allowed_origins or ()),
     )
     context_length(model_path, max_model_len)  # a wrong path fails here, in one line, before any process starts
-    if chat_template:
-        from bumblecore.data.chat_templates import read_chat_template
+    if chat_template:  # likewise a wrong template name or file, or one whose markers the tokenizer lacks
+        from bumblecore.data.chat_templates import use_chat_template
+        from bumblecore.tokenizer import load_tokenizer
 
-        read_chat_template(chat_template)  # likewise a wrong template name or file
+        tokenizer = load_tokenizer(model_dirs(model_path)[1], trust_remote_code=trust_remote_code)
+        use_chat_template(tokenizer, chat_template, model_path)
     check_tokenizer_fits(model_path, trust_remote_code)  # as would every request, later, in the worker
     server = BumbleServer(settings)
     shown = "localhost" if host in ("127.0.0.1", "::1") else host

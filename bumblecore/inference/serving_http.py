@@ -81,7 +81,7 @@ class ChatCompletionsSpec(LitSpec):
         self.add_endpoint("/v1/models/{model_id}", self.model, ["GET"])
 
     def setup(self, server):
-        from bumblecore.data.chat_templates import set_chat_template
+        from bumblecore.data.chat_templates import use_chat_template
         from bumblecore.tokenizer import load_tokenizer
 
         super().setup(server)
@@ -89,7 +89,7 @@ class ChatCompletionsSpec(LitSpec):
         self.tokenizer = load_tokenizer(
             model_dirs(self.settings.model_path)[1], trust_remote_code=self.settings.trust_remote_code
         )
-        set_chat_template(self.tokenizer, self.settings.chat_template)
+        use_chat_template(self.tokenizer, self.settings.chat_template, self.settings.model_path)
         self.tokenizing = ThreadPoolExecutor(1, thread_name_prefix="bumblecore-tokenize")
 
     def decode_request(self, request, context_kwargs=None):
