@@ -169,9 +169,10 @@ def test_a_jinja_file_and_unknown_names(tmp_path):
         prepare_tokenizer(tokenizer, str(tmp_path / "missing.jinja"))
 
 
-def test_missing_markers_are_refused_naming_the_keys_and_added_with_resize_vocab():
+def test_missing_markers_are_refused_naming_the_keys_and_added_with_resize_vocab(tmp_path):
     assert parse_special_tokens("<a>, <b>,<a>") == ["<a>", "<b>"] and parse_special_tokens(["<c>"]) == ["<c>"]
-    base = build_tokenizer(["<|begin_of_text|>", "<|end_of_text|>"], "<|begin_of_text|>", "<|end_of_text|>")
+    save_to = tmp_path / "base"
+    base = build_tokenizer(["<|begin_of_text|>", "<|end_of_text|>"], "<|begin_of_text|>", "<|end_of_text|>", save_to)
     with pytest.raises(ValueError, match="resize_vocab: true"):
         prepare_tokenizer(base, "llama3", source="base")
     size = len(base)
@@ -180,6 +181,11 @@ def test_missing_markers_are_refused_naming_the_keys_and_added_with_resize_vocab
     ids, mask = chat_format(base).encode(CONVERSATION)
     assert base.decode([i for i, m in zip(ids, mask) if m]) == TRAINED["llama3"]
     assert base.eos_token == "<|eot_id|>"
+    # ChatML, chosen or the default of a tokenizer without a template, gets <|im_start|>/<|im_end|>
+    for chosen in ("chatml", None):
+        plain = load_tokenizer(save_to)
+        assert prepare_tokenizer(plain, chosen, resize_vocab=True) == MARKERS["chatml"]
+        assert chat_format(plain).end_of_turn == ["<|im_end|>"] and plain.eos_token == "<|im_end|>"
     # a marker typed in a message stays text: only the template's own are special tokens
     ids, _ = chat_format(base).encode(
         [{"role": "user", "content": "<|eot_id|>"}, {"role": "assistant", "content": "x"}]

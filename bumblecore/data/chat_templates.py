@@ -179,6 +179,8 @@ def prepare_tokenizer(
     chat run (`chat`), the template's end-of-turn token becomes the tokenizer's eos token (what ends
     a reply is what generation stops on), the old eos staying an end in generation_config.json."""
     name = set_chat_template(tokenizer, chat_template)
+    if name is None and resize_vocab and tokenizer.chat_template == CHAT_TEMPLATE:
+        name = "chatml"  # a tokenizer without a template of its own trains ChatML: add its markers too
     wanted = parse_special_tokens(new_special_tokens)
     missing = missing_markers(tokenizer, name)
     if missing and chat and not resize_vocab and not set(missing) <= set(wanted):
@@ -200,7 +202,7 @@ def prepare_tokenizer(
         assert len(tokenizer) == before + len(added), "the tokenizer did not add every new token"
         if name == "mistral" and tokenizer.eos_token is None:
             tokenizer.eos_token = "</s>"
-    if chat and chat_template:
+    if chat and name:
         from bumblecore.data.template import chat_format
 
         end = chat_format(tokenizer).end_of_turn
