@@ -144,9 +144,8 @@ def merge_lora(
     adapter_base_dir(lora_model_path)  # a readable adapter dir, or a clear error
     base = load_model(base_model_path, dtype, trust_remote_code=trust_remote_code)
     tokenizer_dir = lora_model_path if (Path(lora_model_path) / "tokenizer_config.json").is_file() else base_model_path
-    grow_vocab(
-        base, len(load_tokenizer(tokenizer_dir, trust_remote_code=trust_remote_code))
-    )  # tokens added in training
+    tokenizer = load_tokenizer(tokenizer_dir, trust_remote_code=trust_remote_code)
+    grow_vocab(base, len(tokenizer))  # rows for tokens added in training (the adapter holds their values)
     unmerged = attach_adapter(base, lora_model_path).eval()
     torch_dtype = next(unmerged.parameters()).dtype
     vocab_size = unmerged.get_base_model().config.vocab_size
@@ -156,7 +155,7 @@ def merge_lora(
     merged = unmerged.merge_and_unload().eval()
     out = Path(save_path)
     merged.save_pretrained(out, max_shard_size=max_shard_size)
-    load_tokenizer(tokenizer_dir, trust_remote_code=trust_remote_code).save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
     for source in (Path(lora_model_path), Path(base_model_path)):  # the adapter's own stop tokens first
         if (source / "generation_config.json").is_file():
             shutil.copy(source / "generation_config.json", out / "generation_config.json")

@@ -152,23 +152,22 @@ def load_model(
     if _is_bumblebee(run.model.model_name_or_path):
         model_config = read_config(run.model.model_name_or_path)
         grows = vocab_size > model_config.vocab_size
-        if run.model.training_stage == "pretrain":
+        built = dataclasses.replace(model_config, vocab_size=vocab_size) if grows else model_config
+        if run.model.training_stage == "pretrain":  # from scratch: every row random, the new ones too
             with fabric.init_module(empty_init=True) if partitioned else contextlib.nullcontext():
                 torch.manual_seed(
                     run.optimization.seed
                 )  # the same random init on every rank (ZeRO-3: DeepSpeed broadcasts rank 0's)
-                model = Bumblebee(model_config)
+                model = Bumblebee(built)
         elif partitioned:
             from bumblecore.train.runtime import load_into_partitioned
 
-            built = dataclasses.replace(model_config, vocab_size=vocab_size) if grows else model_config
             with torch.random.fork_rng(), fabric.init_module(empty_init=True):  # draws nothing, like a load
                 model = Bumblebee(built)
             load = load_grown_into_partitioned if grows else load_into_partitioned
             load(model, run.model.model_name_or_path, fabric.is_global_zero)
         else:
             model = load_pretrained(run.model.model_name_or_path, dtype=dtype, device=fabric.device)
-        if grows and not partitioned:
             grow_vocab(model, vocab_size)
         if run.optimization.enable_gradient_checkpointing:
             model.set_gradient_checkpointing(True)
