@@ -283,7 +283,7 @@ def sft_config(root: Path, base: Path, data: Path, **keys) -> Path:
     return config
 
 
-def test_sft_from_a_template_less_base_refuses_then_trains_with_new_tokens(base_without_template, monkeypatch):
+def test_sft_from_a_template_less_base_refuses_then_trains_with_new_tokens(base_without_template, monkeypatch, capsys):
     monkeypatch.setenv("BUMBLECORE_DEBUG", "1")  # the error itself, not the CLI's one line
     root, base, data = base_without_template
     refused = sft_config(root, base, data)
@@ -303,6 +303,12 @@ def test_sft_from_a_template_less_base_refuses_then_trains_with_new_tokens(base_
 
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     assert model.get_input_embeddings().weight.shape[0] == rows + 3
+    # generate uses the template the model was trained with; naming it changes nothing, another one does
+    replies, _ = [], capsys.readouterr()
+    for chosen in ([], ["--chat_template", "llama3"], ["--chat_template", "mistral"]):
+        main(["generate", "--model_path", str(out), "--prompt", "hello", "--max_new_tokens", "4", *chosen])
+        replies.append(capsys.readouterr().out)
+    assert replies[0] == replies[1] != replies[2]
 
 
 def test_lora_with_new_tokens_loads_in_peft_merge_lora_and_generate(base_without_template):
