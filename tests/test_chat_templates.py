@@ -86,6 +86,13 @@ def build_tokenizer(special: list[str], bos=None, eos=None, out=None):
     return tokenizer
 
 
+def loaded_size(model_dir: Path, config_class) -> int:
+    """len() of the tokenizer in model_dir as loaded beside a config.json of that family (transformers
+    picks the family's tokenizer class, which may add tokens: Qwen2's adds <|endoftext|>)."""
+    config_class().save_pretrained(model_dir)
+    return len(load_tokenizer(model_dir))
+
+
 def family_tokenizer(name: str):
     bos, eos = FAMILIES[name]
     return build_tokenizer([t for t in (bos, eos) if t] + MARKERS[name], bos, eos)
@@ -242,7 +249,7 @@ def base_without_template(tmp_path_factory):
     build_tokenizer(["<|begin_of_text|>", "<|end_of_text|>"], "<|begin_of_text|>", "<|end_of_text|>", base)
     torch.manual_seed(0)
     config = Qwen2Config(
-        vocab_size=len(load_tokenizer(base)),
+        vocab_size=loaded_size(base, Qwen2Config),
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
@@ -293,7 +300,7 @@ def test_sft_from_a_template_less_base_refuses_then_trains_with_new_tokens(base_
     main(["train", "--config", str(sft_config(root, base, data, chat_template="llama3", resize_vocab=True)),
           "--output_dir", str(out)])  # fmt: skip
     saved = load_tokenizer(out)
-    rows = len(load_tokenizer(base))  # beside a qwen2 config.json, transformers' Qwen2 class adds <|endoftext|>
+    rows = len(load_tokenizer(base))
     assert json.loads((out / "config.json").read_text())["vocab_size"] == len(saved) == rows + 3
     assert saved.chat_template == BUILT_IN["llama3"] and saved.eos_token == "<|eot_id|>"
     eos = json.loads((out / "generation_config.json").read_text())["eos_token_id"]
@@ -330,11 +337,7 @@ def test_lora_with_new_tokens_loads_in_peft_merge_lora_and_generate(base_without
     # peft's own loading on a base that transformers grew to the tokenizer
     reference = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     rows = len(load_tokenizer(base))
-    model_rows = reference.config.vocab_size
     reference.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    with torch.no_grad():  # rows no adapter trains (the class's own <|endoftext|>) start at the mean
-        grown = reference.get_input_embeddings().weight
-        grown[model_rows:] = grown[:model_rows].mean(0)
     reference = PeftModel.from_pretrained(reference, str(out)).eval()
     prompt = chat_format(tokenizer).prompt_ids([{"role": "user", "content": "hello"}])
     probe = torch.tensor([prompt + new_ids])
@@ -499,7 +502,7 @@ def test_lora_with_new_tokens_on_a_transformers_family_gives_peft_logits(tmp_pat
 
     base = tmp_path / "phi3"
     build_tokenizer(["<s>", "<|endoftext|>"], "<s>", "<|endoftext|>", base)
-    rows = len(load_tokenizer(base))
+    rows = loaded_size(base, Phi3Config)
     torch.manual_seed(0)
     config = Phi3Config(vocab_size=rows, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                         num_key_value_heads=2, pad_token_id=0, max_position_embeddings=256, tie_word_embeddings=tied)  # fmt: skip

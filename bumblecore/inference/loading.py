@@ -34,7 +34,7 @@ def load_for_inference(
     from bumblecore.inference.generate import default_eos_ids
     from bumblecore.model.lora import adapter_base_dir, attach_adapter
     from bumblecore.model.transformers_family import TransformersCausalLM
-    from bumblecore.model.vocab import grow_vocab
+    from bumblecore.model.vocab import adapter_vocab_size, grow_vocab
     from bumblecore.tokenizer import check_fits_model, load_tokenizer
 
     path = Path(model_path)
@@ -45,12 +45,13 @@ def load_for_inference(
     tokenizer = load_tokenizer(tokenizer_dir, trust_remote_code=trust_remote_code)
     use_chat_template(tokenizer, chat_template, str(path))
     # Ids past the model's vocabulary would fail inside the model on every request that has one:
-    # refuse before the (possibly large) model is read. An adapter's own tokenizer may have grown.
-    if not (adapter and tokenizer_dir == path):
+    # refuse before the (possibly large) model is read, unless the adapter trained those rows itself.
+    grown = adapter_vocab_size(path, tokenizer, base_dir) if adapter else 0
+    if not grown:
         check_fits_model(tokenizer, base_dir, tokenizer_dir)
     model = load_model(base_dir, dtype, device, trust_remote_code)
     if adapter:
-        grow_vocab(model, len(tokenizer))  # the adapter's trained rows replace the new ones
+        grow_vocab(model, grown)  # new rows for the adapter's trained ones to replace
         model = attach_adapter(model, path)
         model = model.merge_and_unload() if merge else model
     if not bumblebee_expresses(base_dir):

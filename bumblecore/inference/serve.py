@@ -192,12 +192,14 @@ def serve(
 def check_tokenizer_fits(model_path: str, trust_remote_code: bool = False) -> None:
     """Raise ValueError when the tokenizer has ids the model has no embedding for (load_for_inference
     checks it too, in the worker; here it fails in one line, before any process starts)."""
+    from bumblecore.model.vocab import adapter_vocab_size
     from bumblecore.tokenizer import check_fits_model, load_tokenizer
 
     config_dir, tokenizer_dir = model_dirs(model_path)
-    if tokenizer_dir == Path(model_path) and tokenizer_dir != config_dir:
-        return  # a LoRA adapter's own tokenizer: the base grows to it where training added tokens
-    check_fits_model(load_tokenizer(tokenizer_dir, trust_remote_code=trust_remote_code), config_dir, tokenizer_dir)
+    tokenizer = load_tokenizer(tokenizer_dir, trust_remote_code=trust_remote_code)
+    if config_dir != Path(model_path) and adapter_vocab_size(model_path, tokenizer, config_dir):
+        return  # an adapter that trained the tokens its tokenizer adds: the base grows to it
+    check_fits_model(tokenizer, config_dir, tokenizer_dir)
 
 
 def stop_like_ctrl_c(signum, frame):

@@ -138,14 +138,15 @@ def merge_lora(
     import torch
 
     from bumblecore.model.hf_io import dtype_name, load_model
-    from bumblecore.model.vocab import grow_vocab
+    from bumblecore.model.vocab import adapter_vocab_size, grow_vocab
     from bumblecore.tokenizer import load_tokenizer
 
     adapter_base_dir(lora_model_path)  # a readable adapter dir, or a clear error
     base = load_model(base_model_path, dtype, trust_remote_code=trust_remote_code)
     tokenizer_dir = lora_model_path if (Path(lora_model_path) / "tokenizer_config.json").is_file() else base_model_path
     tokenizer = load_tokenizer(tokenizer_dir, trust_remote_code=trust_remote_code)
-    grow_vocab(base, len(tokenizer))  # rows for tokens added in training (the adapter holds their values)
+    # rows for tokens added in training (the adapter holds their values)
+    grow_vocab(base, adapter_vocab_size(lora_model_path, tokenizer, base_model_path))
     unmerged = attach_adapter(base, lora_model_path).eval()
     torch_dtype = next(unmerged.parameters()).dtype
     vocab_size = unmerged.get_base_model().config.vocab_size

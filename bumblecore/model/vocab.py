@@ -115,3 +115,19 @@ def lora_token_indices(model, token_ids: list[int]) -> Optional[dict[str, list[i
     if head is not None and head.weight is not embed.weight:
         indices[names[id(head)].rsplit(".", 1)[-1]] = list(token_ids)
     return indices
+
+
+def adapter_vocab_size(adapter_dir, tokenizer, base_dir) -> int:
+    """The rows a base needs under this adapter: len(tokenizer) when the tokenizer has tokens past the
+    base's vocabulary and the adapter trained every one of them (peft trainable tokens, saved by a
+    resize_vocab run), else 0 (then the tokenizer must fit the base as it is)."""
+    import json
+    from pathlib import Path
+
+    config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text(encoding="utf-8"))
+    indices = config.get("trainable_token_indices") or {}
+    trained = set(indices) if isinstance(indices, list) else {i for ids in indices.values() for i in ids}
+    base = json.loads((Path(base_dir) / "config.json").read_text(encoding="utf-8"))
+    rows = base.get("vocab_size") or base.get("text_config", {}).get("vocab_size") or 0
+    beyond = set(range(rows, len(tokenizer)))
+    return len(tokenizer) if beyond and beyond <= trained else 0
