@@ -456,8 +456,6 @@ def test_smollm2_with_llama3_and_new_tokens_trains_lora_and_loads_in_peft_and_me
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from bumblecore.inference.loading import load_for_inference
-
     data = tmp_path / "sft.jsonl"
     records = [{"conversations": [{"from": "human", "value": f"Say {w}"}, {"from": "gpt", "value": f"{w}!"}]} for w in
                ("yes", "no", "maybe", "ok")] * 2  # fmt: skip
@@ -477,10 +475,7 @@ def test_smollm2_with_llama3_and_new_tokens_trains_lora_and_loads_in_peft_and_me
     reference = PeftModel.from_pretrained(reference, str(out)).eval()
     with torch.no_grad():
         expected = reference(probe).logits
-        model, _, eos = load_for_inference(str(out), "float32", "cpu")
-        assert new_ids[-1] in eos
-        scale = expected.abs().max()
-        assert (model(probe) - expected).abs().max() < 1e-5 * scale
+    scale = expected.abs().max()
     merged = tmp_path / "merged"
     main(
         ["merge_lora", "--base_model_path", str(smollm2_dir), "--lora_model_path", str(out), "--save_path", str(merged)]
@@ -489,6 +484,10 @@ def test_smollm2_with_llama3_and_new_tokens_trains_lora_and_loads_in_peft_and_me
         got = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)(probe).logits
     assert (got - expected).abs().max() < 1e-5 * scale
     assert json.loads((merged / "config.json").read_text())["vocab_size"] == 49155
+    # the base's eos (<|im_end|>) and the new end of turn both stop generation, in the adapter and the merge
+    eos = [2, tokenizer.convert_tokens_to_ids("<|eot_id|>")]
+    for saved in (out, merged):
+        assert json.loads((saved / "generation_config.json").read_text())["eos_token_id"] == eos
 
 
 @pytest.mark.parametrize("tied", [False, True])
