@@ -177,7 +177,8 @@ def test_a_jinja_file_and_unknown_names(tmp_path):
 
 
 def test_missing_markers_are_refused_naming_the_keys_and_added_with_resize_vocab(tmp_path):
-    assert parse_special_tokens("<a>, <b>,<a>") == ["<a>", "<b>"] and parse_special_tokens(["<c>"]) == ["<c>"]
+    assert parse_special_tokens("<a>, <b>,<a>") == ["<a>", "<b>"] == parse_special_tokens(["<a>,<b>"])
+    assert parse_special_tokens(["<c>", "<d>"]) == ["<c>", "<d>"]
     save_to = tmp_path / "base"
     base = build_tokenizer(["<|begin_of_text|>", "<|end_of_text|>"], "<|begin_of_text|>", "<|end_of_text|>", save_to)
     with pytest.raises(ValueError, match="resize_vocab: true"):

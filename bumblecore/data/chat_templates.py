@@ -120,8 +120,9 @@ def parse_special_tokens(value: Union[None, str, list[str]]) -> list[str]:
     """`new_special_tokens` as a list: a YAML list, or LLaMA-Factory's comma-separated string."""
     if not value:
         return []
-    items = value.split(",") if isinstance(value, str) else list(value)
-    tokens = [str(t).strip() for t in items]
+    # a flag's "<a>,<b>" may arrive as a one-item list: every item is split on commas
+    items = [value] if isinstance(value, str) else list(value)
+    tokens = [t.strip() for item in items for t in str(item).split(",")]
     if any(not t for t in tokens):
         raise ValueError(f"new_special_tokens {value!r} has an empty token")
     return list(dict.fromkeys(tokens))
