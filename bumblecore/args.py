@@ -45,6 +45,14 @@ class ModelArgs:
     """Allow custom model code for Hugging Face models that are not Bumblebee/Qwen2/Llama."""
     tokenizer_use_fast: bool = False
     """Accepted for compatibility; the fast (Rust) tokenizer is always used when the dir has tokenizer.json."""
+    chat_template: Optional[str] = None
+    """The chat template: a built-in (chatml, qwen2.5, llama3, mistral, gemma, phi3) or a .jinja file; default:
+    the tokenizer's own, else chatml. The trained model's tokenizer carries it (generate, chat, serve use it)."""
+    new_special_tokens: Optional[Union[list[str], str]] = None
+    """Special tokens to add to the tokenizer: a list, or one comma-separated string ("<a>,<b>")."""
+    resize_vocab: bool = False
+    """Grow the embedding (and an untied head) for added tokens, new rows = the mean of the old ones; also adds the
+    chosen built-in template's markers the tokenizer lacks. Under LoRA the new rows train too."""
 
     def __post_init__(self) -> None:
         _one_of("training_stage", self.training_stage, STAGES)

@@ -62,7 +62,8 @@ def check_fits_model(tokenizer, model_dir: Union[str, Path], tokenizer_dir: Unio
         raise ValueError(
             f"tokenizer {source} has {max(len(tokenizer), largest + 1)} tokens but the model "
             f"({config_file}) has vocab_size {vocab_size}: ids >= {vocab_size} have no embedding. "
-            "Use the tokenizer the model was trained with, or resize the model's embeddings first."
+            "Use the tokenizer the model was trained with, or resize the model's embeddings first (training: "
+            "resize_vocab: true)."
         )
 
 

@@ -10,6 +10,7 @@ import sys
 
 from bumblecore.args import DataArgs, DataSource, ModelArgs, TrainArgs, data_sources
 from bumblecore.data.cache import TokenCache, build_cache
+from bumblecore.data.chat_templates import prepare_tokenizer
 from bumblecore.data.formats import DataError, ReadReport, data_files, read_samples
 from bumblecore.data.mixture import all_paths, mixture_units, source_records, source_report
 from bumblecore.data.packing import IGNORE_INDEX, Units
@@ -44,10 +45,19 @@ def run_sources(data: DataArgs, paths, label: str = "dataset_path") -> list[Data
     return data_sources(paths, key=label)
 
 
+CHAT_STAGES = ("sft", "dpo", "kto", "grpo")
+
+
 def run_tokenizer(model: ModelArgs):
-    """The run's tokenizer (from the model dir) with its own chat template, checked for the chat stages."""
+    """The run's tokenizer (from the model dir) with its chat template (`chat_template`, else its own) and
+    any `new_special_tokens`, checked for the chat stages. `tokenizer.bumblecore_added_tokens` lists the
+    tokens added here (their embedding rows are grown and trained)."""
     tokenizer = load_tokenizer(model.model_name_or_path, trust_remote_code=model.trust_remote_code)
-    if model.training_stage in ("sft", "dpo", "kto", "grpo"):
+    chat = model.training_stage in CHAT_STAGES
+    tokenizer.bumblecore_added_tokens = prepare_tokenizer(
+        tokenizer, model.chat_template, model.new_special_tokens, model.resize_vocab, model.model_name_or_path, chat
+    )
+    if chat:
         chat_format(tokenizer).check_trainable(model.model_name_or_path)
     return tokenizer
 

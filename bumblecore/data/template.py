@@ -157,7 +157,8 @@ class ChatFormat:
     def _render(self, messages: list[dict], tools, add_generation_prompt: bool) -> str:
         if tools and not self.supports_tools:
             raise ChatFormatError(
-                "this model's chat template does not render tools; drop `tools` or use a template that has them"
+                "this model's chat template does not render tools; drop `tools` or choose a template that has them "
+                "(chat_template: chatml or qwen2.5)"
             )
         try:
             return self.tokenizer.apply_chat_template(
@@ -307,8 +308,9 @@ class ChatFormat:
             raise ChatFormatError(
                 f"{source}: the tokenizer has no chat template of its own and no {IM_START}/{IM_END} special tokens, so "
                 "ChatML turns would be trained as plain text pieces and the model could not learn where a reply ends. "
-                "Use a tokenizer with a chat template (tokenizer_config.json's chat_template), or add the ChatML "
-                "special tokens and resize the model's embeddings"
+                "Choose a template of its own tokens (chat_template: llama3, gemma ...), or add the ChatML tokens: "
+                "chat_template: chatml with resize_vocab: true (or new_special_tokens, with resize_vocab: true where "
+                "the model has no rows for them)"
             )
         if not self.end_of_turn:
             raise ChatFormatError(

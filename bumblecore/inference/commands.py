@@ -83,6 +83,7 @@ def generate(
     dtype: str = "auto",
     device_map: str = "auto",
     trust_remote_code: bool = False,
+    chat_template: Optional[str] = None,
 ) -> None:
     """Generate text: only the generated text goes to stdout, the timing to stderr.
 
@@ -101,10 +102,13 @@ def generate(
         dtype: auto (the checkpoint's), float32, float16 or bfloat16.
         device_map: auto, cpu or cuda:N.
         trust_remote_code: allow a model or tokenizer that ships its own Python code (only for directories you trust).
+        chat_template: a built-in template (chatml, qwen2.5, llama3, mistral, gemma, phi3) or a .jinja file; default: the model's own (the one it was trained with).
     """
     if (prompt is None) == (prompts_file is None):
         raise ValueError("give exactly one of --prompt or --prompts_file")
-    model, tokenizer, eos = load_for_inference(model_path, dtype, device_map, trust_remote_code=trust_remote_code)
+    model, tokenizer, eos = load_for_inference(
+        model_path, dtype, device_map, trust_remote_code=trust_remote_code, chat_template=chat_template
+    )
     params = SamplingParams.from_group(sampling, stop=stop or [], ignore_eos=ignore_eos, seed=seed)
     prompts = [prompt] if prompt is not None else _read_prompts(prompts_file)
     ids = [build_prompt_ids(tokenizer, p, training_stage, system_prompt) for p in prompts]
@@ -151,6 +155,7 @@ def chat(
     device_map: str = "auto",
     trust_remote_code: bool = False,
     prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB,
+    chat_template: Optional[str] = None,
 ) -> None:
     """Terminal chat that streams each reply; /clear resets the history, /exit or end of input quits.
 
@@ -165,8 +170,11 @@ def chat(
         device_map: auto, cpu or cuda:N.
         trust_remote_code: allow a model or tokenizer that ships its own Python code (only for directories you trust).
         prefix_cache_mb: MiB of KV cache kept from each reply, so the next turn prefills only its new tokens; 0 disables.
+        chat_template: a built-in template (chatml, qwen2.5, llama3, mistral, gemma, phi3) or a .jinja file; default: the model's own (the one it was trained with).
     """
-    model, tokenizer, eos = load_for_inference(model_path, dtype, device_map, trust_remote_code=trust_remote_code)
+    model, tokenizer, eos = load_for_inference(
+        model_path, dtype, device_map, trust_remote_code=trust_remote_code, chat_template=chat_template
+    )
     engine = GenerationEngine(model, tokenizer, max_batch_size=1, eos_token_ids=eos, prefix_cache_mb=prefix_cache_mb)
     params = SamplingParams.from_group(sampling, seed=seed)
     interactive = sys.stdin.isatty()

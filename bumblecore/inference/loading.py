@@ -5,6 +5,7 @@ through transformers behind the same engine interface (model/transformers_family
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -18,14 +19,22 @@ def resolve_device(device_map: str) -> torch.device:
 
 
 def load_for_inference(
-    model_path: str, dtype: str = "auto", device_map: str = "auto", merge: bool = True, trust_remote_code: bool = False
+    model_path: str,
+    dtype: str = "auto",
+    device_map: str = "auto",
+    merge: bool = True,
+    trust_remote_code: bool = False,
+    chat_template: Optional[str] = None,
 ):
     """(model, tokenizer, eos ids). A dir with adapter_config.json is a LoRA adapter (any peft
-    task_type): its base is loaded from base_model_name_or_path, the adapter applied and (by
-    default) merged."""
+    task_type): its base is loaded from base_model_name_or_path, grown to the adapter's tokenizer
+    where tokens were added in training, the adapter applied and (by default) merged.
+    `chat_template`: a built-in name or .jinja file instead of the tokenizer's own."""
+    from bumblecore.data.chat_templates import use_chat_template
     from bumblecore.inference.generate import default_eos_ids
     from bumblecore.model.lora import adapter_base_dir, attach_adapter
     from bumblecore.model.transformers_family import TransformersCausalLM
+    from bumblecore.model.vocab import adapter_vocab_size, grow_vocab
     from bumblecore.tokenizer import check_fits_model, load_tokenizer
 
     path = Path(model_path)
@@ -34,13 +43,18 @@ def load_for_inference(
     base_dir = adapter_base_dir(path) if adapter else path
     tokenizer_dir = path if not adapter or (path / "tokenizer_config.json").is_file() else base_dir
     tokenizer = load_tokenizer(tokenizer_dir, trust_remote_code=trust_remote_code)
+    use_chat_template(tokenizer, chat_template, str(path))
     # Ids past the model's vocabulary would fail inside the model on every request that has one:
-    # refuse before the (possibly large) model is read.
-    check_fits_model(tokenizer, base_dir, tokenizer_dir)
+    # refuse before the (possibly large) model is read, unless the adapter trained those rows itself.
+    grown = adapter_vocab_size(path, tokenizer, base_dir) if adapter else 0
+    if not grown:
+        check_fits_model(tokenizer, base_dir, tokenizer_dir)
     model = load_model(base_dir, dtype, device, trust_remote_code)
     if adapter:
+        grow_vocab(model, grown)  # new rows for the adapter's trained ones to replace
         model = attach_adapter(model, path)
         model = model.merge_and_unload() if merge else model
     if not bumblebee_expresses(base_dir):
         model = TransformersCausalLM(model, for_training=False)
-    return model.eval(), tokenizer, default_eos_ids(base_dir, tokenizer)
+    generation_dir = path if (path / "generation_config.json").is_file() else base_dir
+    return model.eval(), tokenizer, default_eos_ids(generation_dir, tokenizer)

@@ -107,6 +107,7 @@ def serve(
     sampling: SamplingArgs = SERVE_SAMPLING,
     prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB,
     log_level: str = "info",
+    chat_template: Optional[str] = None,
 ) -> None:
     """Serve a model: OpenAI-compatible /v1/chat/completions (streaming too), /v1/models, /health, and a web chat page at /.
 
@@ -132,6 +133,7 @@ def serve(
         sampling: defaults for requests that leave a field out.
         prefix_cache_mb: MiB of KV cache kept from finished requests, so a conversation's next turn prefills only its new tokens (its history's are reused); 0 disables.
         log_level: uvicorn/LitServe log level (debug, info, warning, error).
+        chat_template: a built-in template (chatml, qwen2.5, llama3, mistral, gemma, phi3) or a .jinja file; default: the model's own (the one it was trained with). A conversation it cannot render is answered 400.
     """
     if training_stage not in ("pretrain", "continue_pretrain", "sft", "dpo"):
         raise ValueError(f"training_stage {training_stage!r}: expected pretrain, continue_pretrain, sft or dpo")
@@ -161,11 +163,18 @@ def serve(
         trust_remote_code=trust_remote_code,
         sampling=sampling,
         prefix_cache_mb=prefix_cache_mb,
+        chat_template=chat_template,
         host=host,
         allowed_hosts=tuple(allowed_hosts or ()),
         allowed_origins=tuple(allowed_origins or ()),
     )
     context_length(model_path, max_model_len)  # a wrong path fails here, in one line, before any process starts
+    if chat_template:  # likewise a wrong template name or file, or one whose markers the tokenizer lacks
+        from bumblecore.data.chat_templates import use_chat_template
+        from bumblecore.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(model_dirs(model_path)[1], trust_remote_code=trust_remote_code)
+        use_chat_template(tokenizer, chat_template, model_path)
     check_tokenizer_fits(model_path, trust_remote_code)  # as would every request, later, in the worker
     server = BumbleServer(settings)
     shown = "localhost" if host in ("127.0.0.1", "::1") else host
@@ -183,10 +192,14 @@ def serve(
 def check_tokenizer_fits(model_path: str, trust_remote_code: bool = False) -> None:
     """Raise ValueError when the tokenizer has ids the model has no embedding for (load_for_inference
     checks it too, in the worker; here it fails in one line, before any process starts)."""
+    from bumblecore.model.vocab import adapter_vocab_size
     from bumblecore.tokenizer import check_fits_model, load_tokenizer
 
     config_dir, tokenizer_dir = model_dirs(model_path)
-    check_fits_model(load_tokenizer(tokenizer_dir, trust_remote_code=trust_remote_code), config_dir, tokenizer_dir)
+    tokenizer = load_tokenizer(tokenizer_dir, trust_remote_code=trust_remote_code)
+    if config_dir != Path(model_path) and adapter_vocab_size(model_path, tokenizer, config_dir):
+        return  # an adapter that trained the tokens its tokenizer adds: the base grows to it
+    check_fits_model(tokenizer, config_dir, tokenizer_dir)
 
 
 def stop_like_ctrl_c(signum, frame):

@@ -43,6 +43,8 @@ class ServeSettings:
     """Defaults for requests that leave a field out (the original's generation flags)."""
     prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB
     """MiB of KV cache kept from finished requests for later ones that start the same (a chat's history); 0: none."""
+    chat_template: Optional[str] = None
+    """A built-in template name or a .jinja file instead of the tokenizer's own."""
 
 
 def model_dirs(model_path: str) -> tuple[Path, Path]:

@@ -81,6 +81,7 @@ class ChatCompletionsSpec(LitSpec):
         self.add_endpoint("/v1/models/{model_id}", self.model, ["GET"])
 
     def setup(self, server):
+        from bumblecore.data.chat_templates import use_chat_template
         from bumblecore.tokenizer import load_tokenizer
 
         super().setup(server)
@@ -88,6 +89,7 @@ class ChatCompletionsSpec(LitSpec):
         self.tokenizer = load_tokenizer(
             model_dirs(self.settings.model_path)[1], trust_remote_code=self.settings.trust_remote_code
         )
+        use_chat_template(self.tokenizer, self.settings.chat_template, self.settings.model_path)
         self.tokenizing = ThreadPoolExecutor(1, thread_name_prefix="bumblecore-tokenize")
 
     def decode_request(self, request, context_kwargs=None):
@@ -157,6 +159,7 @@ class ChatCompletionsSpec(LitSpec):
 
     def prompt_ids(self, chat: ChatRequest) -> list[int]:
         """The same prompt `bumblecore generate` and `chat` build."""
+        from bumblecore.data.template import ChatFormatError, chat_format
         from bumblecore.inference.commands import build_prompt_ids
 
         stage = self.settings.training_stage
@@ -166,7 +169,15 @@ class ChatCompletionsSpec(LitSpec):
             if not text:  # checked on the text: the tokenizer's BOS alone is no prompt either
                 raise APIError(400, "The prompt is empty.", param="messages", code="invalid_value")
             return build_prompt_ids(self.tokenizer, text, stage)
-        return build_prompt_ids(self.tokenizer, chat.messages, stage, self.settings.system_prompt, chat.tools)
+        try:
+            return build_prompt_ids(self.tokenizer, chat.messages, stage, self.settings.system_prompt, chat.tools)
+        except ChatFormatError as err:
+            # The conversation, not the server: tools the template has no place for, or a role order its
+            # raise_exception refuses.
+            tools_refused = bool(chat.tools) and not chat_format(self.tokenizer).supports_tools
+            raise APIError(
+                400, str(err), param="tools" if tools_refused else "messages", code="invalid_value"
+            ) from None
 
     def submit(self, prompt: list[int], params: SamplingParams) -> Submission:
         uid = str(uuid.uuid4())

@@ -140,7 +140,11 @@ class EngineAPI(ls.LitAPI):
         settings = self.settings
         device = device if settings.device_map == "auto" else settings.device_map
         model, tokenizer, eos = load_for_inference(
-            settings.model_path, settings.dtype, device, trust_remote_code=settings.trust_remote_code
+            settings.model_path,
+            settings.dtype,
+            device,
+            trust_remote_code=settings.trust_remote_code,
+            chat_template=settings.chat_template,
         )
         max_len = context_length(settings.model_path, settings.max_model_len)
         self.engine = GenerationEngine(

@@ -420,6 +420,17 @@ class Bumblebee(nn.Module):
             if getattr(module, "bias", None) is not None and module.bias.device.type != "meta":
                 nn.init.zeros_(module.bias)
 
+    # What peft reads to adapt embeddings (trainable tokens): the modules and, when tied, the tied head.
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    @property
+    def _tied_weights_keys(self) -> dict[str, str]:
+        return {"lm_head.weight": "model.embed_tokens.weight"} if self.config.tie_word_embeddings else {}
+
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each decoder layer's activations in backward instead of storing them."""
         self.gradient_checkpointing = enabled

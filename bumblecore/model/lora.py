@@ -25,13 +25,28 @@ def linear_layer_names(model) -> list[str]:
     return list(names)
 
 
-def apply_lora(model, rank: int, alpha: int, dropout: float, target_modules: Optional[list[str]] = None):
+def apply_lora(
+    model,
+    rank: int,
+    alpha: int,
+    dropout: float,
+    target_modules: Optional[list[str]] = None,
+    trainable_token_indices: Optional[dict[str, list[int]]] = None,
+):
     """The model with LoRA adapters on `target_modules` (default: every linear layer but the output
-    head, whatever the family); only the adapters train."""
+    head, whatever the family); only the adapters train, and the embedding rows of
+    `trainable_token_indices` (tokens added to the vocabulary: model/vocab.py)."""
     from peft import LoraConfig, get_peft_model
 
     targets = target_modules or linear_layer_names(model)
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none")
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=targets,
+        bias="none",
+        trainable_token_indices=trainable_token_indices,
+    )
     return get_peft_model(model, config)
 
 
@@ -123,12 +138,16 @@ def merge_lora(
     import torch
 
     from bumblecore.model.hf_io import dtype_name, load_model
+    from bumblecore.model.vocab import adapter_vocab_size, grow_vocab
     from bumblecore.tokenizer import load_tokenizer
 
     adapter_base_dir(lora_model_path)  # a readable adapter dir, or a clear error
-    unmerged = attach_adapter(
-        load_model(base_model_path, dtype, trust_remote_code=trust_remote_code), lora_model_path
-    ).eval()
+    base = load_model(base_model_path, dtype, trust_remote_code=trust_remote_code)
+    tokenizer_dir = lora_model_path if (Path(lora_model_path) / "tokenizer_config.json").is_file() else base_model_path
+    tokenizer = load_tokenizer(tokenizer_dir, trust_remote_code=trust_remote_code)
+    # rows for tokens added in training (the adapter holds their values)
+    grow_vocab(base, adapter_vocab_size(lora_model_path, tokenizer, base_model_path))
+    unmerged = attach_adapter(base, lora_model_path).eval()
     torch_dtype = next(unmerged.parameters()).dtype
     vocab_size = unmerged.get_base_model().config.vocab_size
     probe = torch.randint(0, vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -137,10 +156,11 @@ def merge_lora(
     merged = unmerged.merge_and_unload().eval()
     out = Path(save_path)
     merged.save_pretrained(out, max_shard_size=max_shard_size)
-    tokenizer_dir = lora_model_path if (Path(lora_model_path) / "tokenizer_config.json").is_file() else base_model_path
-    load_tokenizer(tokenizer_dir, trust_remote_code=trust_remote_code).save_pretrained(str(out))
-    if (Path(base_model_path) / "generation_config.json").is_file():
-        shutil.copy(Path(base_model_path) / "generation_config.json", out / "generation_config.json")
+    tokenizer.save_pretrained(str(out))
+    for source in (Path(lora_model_path), Path(base_model_path)):  # the adapter's own stop tokens first
+        if (source / "generation_config.json").is_file():
+            shutil.copy(source / "generation_config.json", out / "generation_config.json")
+            break
     name = dtype_name(torch_dtype)
     with torch.no_grad():
         got = _logits(load_model(out, name, trust_remote_code=trust_remote_code).eval(), probe)

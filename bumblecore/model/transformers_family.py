@@ -133,6 +133,21 @@ class TransformersCausalLM(nn.Module):
             return head
         return FamilyHead(head, self.transform, self.take_extra_loss)
 
+    # What peft reads to adapt embeddings (trainable tokens): the family's modules, named under `hf.`.
+    def get_input_embeddings(self) -> nn.Module:
+        return self.hf.get_input_embeddings()
+
+    def get_output_embeddings(self) -> Optional[nn.Module]:
+        return self.hf.get_output_embeddings()
+
+    @property
+    def _tied_weights_keys(self) -> dict[str, str]:
+        if not getattr(_text_config(self.config), "tie_word_embeddings", False):
+            return {}
+        names = {id(m): n for n, m in self.named_modules()}
+        head, embed = names.get(id(self.get_output_embeddings())), names.get(id(self.get_input_embeddings()))
+        return {f"{head}.weight": f"{embed}.weight"} if head and embed else {}
+
     def take_extra_loss(self) -> Optional[torch.Tensor]:
         """The last forward's loss term beyond the cross-entropy (the router aux loss, already weighted
         by router_aux_loss_coef), once: chunked_cross_entropy adds it per target token."""

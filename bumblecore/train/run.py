@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import shutil
@@ -72,6 +73,14 @@ def _check_inputs(run: TrainArgs) -> None:
         raise ValueError("dataset_path is required")
     if run.model.training_stage == "grpo":
         _check_grpo(run)
+    zero3 = run.runtime.deepspeed_config_path and load_zero_stage(run.runtime.deepspeed_config_path) == 3
+    if run.model.resize_vocab and run.model.finetuning_type == "lora" and zero3:
+        # peft's trainable tokens read the whole embedding outside its module's forward, which ZeRO-3 never gathers.
+        raise ValueError(
+            "resize_vocab with finetuning_type lora under ZeRO-3: the new embedding rows train through peft's "
+            "trainable tokens, which ZeRO-3's partitioned embedding does not support; use ZeRO-0/1/2 or DDP, "
+            "or finetuning_type full"
+        )
     if run.optimization.lr_scheduler_type == "reduce_on_plateau" and not run.data.eval_dataset_path:
         # It steps on the eval loss only: without an eval set the lr would silently stay constant.
         raise ValueError(
@@ -127,41 +136,51 @@ def _is_bumblebee(model_dir) -> bool:
     return bumblebee_expresses(model_dir)
 
 
-def load_model(run: TrainArgs, fabric, dtype: torch.dtype = torch.float32, partitioned: bool = False):
+def load_model(
+    run: TrainArgs, fabric, dtype: torch.dtype = torch.float32, partitioned: bool = False, vocab_size: int = 0
+):
     """Bumblebee for our configs, Qwen2 and Llama; any other causal LM through transformers.
 
     Pretrained weights are read tensor by tensor straight into `dtype` on the run's device.
     `partitioned` (ZeRO-3): the model is built under DeepSpeed's ZeRO-3 init, so each rank only ever
-    holds its slice of every weight, and the checkpoint is scattered into those slices."""
+    holds its slice of every weight, and the checkpoint is scattered into those slices.
+    `vocab_size` (resize_vocab): at least this many embedding rows, new ones the mean of the old."""
     from bumblecore.model.bumblebee import Bumblebee
     from bumblecore.model.hf_io import load_pretrained, read_config
+    from bumblecore.model.vocab import grow_vocab, load_grown_into_partitioned
 
     if _is_bumblebee(run.model.model_name_or_path):
         model_config = read_config(run.model.model_name_or_path)
-        if run.model.training_stage == "pretrain":
+        grows = vocab_size > model_config.vocab_size
+        built = dataclasses.replace(model_config, vocab_size=vocab_size) if grows else model_config
+        if run.model.training_stage == "pretrain":  # from scratch: every row random, the new ones too
             with fabric.init_module(empty_init=True) if partitioned else contextlib.nullcontext():
                 torch.manual_seed(
                     run.optimization.seed
                 )  # the same random init on every rank (ZeRO-3: DeepSpeed broadcasts rank 0's)
-                model = Bumblebee(model_config)
+                model = Bumblebee(built)
         elif partitioned:
             from bumblecore.train.runtime import load_into_partitioned
 
             with torch.random.fork_rng(), fabric.init_module(empty_init=True):  # draws nothing, like a load
-                model = Bumblebee(model_config)
-            load_into_partitioned(model, run.model.model_name_or_path, fabric.is_global_zero)
+                model = Bumblebee(built)
+            load = load_grown_into_partitioned if grows else load_into_partitioned
+            load(model, run.model.model_name_or_path, fabric.is_global_zero)
         else:
             model = load_pretrained(run.model.model_name_or_path, dtype=dtype, device=fabric.device)
+            grow_vocab(model, vocab_size)
         if run.optimization.enable_gradient_checkpointing:
             model.set_gradient_checkpointing(True)
         return model
-    return load_transformers_model(
+    model = load_transformers_model(
         run.model.model_name_or_path,
         from_scratch=run.model.training_stage == "pretrain",
         trust_remote_code=run.model.trust_remote_code,
         seed=run.optimization.seed,
         gradient_checkpointing=run.optimization.enable_gradient_checkpointing,
     )
+    grow_vocab(model, vocab_size)
+    return model
 
 
 def load_transformers_model(
@@ -519,9 +538,13 @@ def main(fabric, run: TrainArgs, deepspeed_config: dict | None = None, launcher:
     output_dir = Path(output.output_dir)
     # The model's own chat template (ours, ChatML, where it has none): what is trained is what is served.
     tokenizer = run_tokenizer(run.model)
-    check_fits_model(
-        tokenizer, run.model.model_name_or_path, run.model.model_name_or_path
-    )  # before anything is written
+    # resize_vocab grows the embedding to the tokenizer; else its ids must fit the model's rows.
+    vocab_size = len(tokenizer) if run.model.resize_vocab else 0
+    if not vocab_size:
+        check_fits_model(
+            tokenizer, run.model.model_name_or_path, run.model.model_name_or_path
+        )  # before anything is written
+    load_grown = functools.partial(load_model, vocab_size=vocab_size)
     resume_dir, notes = agreed_on_rank_zero(fabric, lambda notes: prepare_output_dir(run, notes))
     for note in notes + config_notes(run):
         fabric.print(f"note: {note}")
@@ -536,14 +559,23 @@ def main(fabric, run: TrainArgs, deepspeed_config: dict | None = None, launcher:
     weights_dtype = torch.float32
     if stage_of_zero is not None and optimization.train_model_precision in ("bf16", "fp16"):
         weights_dtype = torch.bfloat16 if optimization.train_model_precision == "bf16" else torch.float16
-    model = load_model(run, fabric, dtype=weights_dtype, partitioned=stage_of_zero == 3)
+    model = load_grown(run, fabric, dtype=weights_dtype, partitioned=stage_of_zero == 3)
     release_freed_host_memory()
     if getattr(model, "is_transformers_fallback", False) and run.data.packing:
         fabric.print("note: packing is off for transformers models (their CPU attention would cross documents)")
         run.data = dataclasses.replace(run.data, packing=False)
     if run.model.finetuning_type == "lora":
+        from bumblecore.data.chat_templates import added_token_ids
+        from bumblecore.model.vocab import lora_token_indices
+
+        new_rows = lora_token_indices(model, added_token_ids(tokenizer, tokenizer.bumblecore_added_tokens))
         model = apply_lora(
-            model, run.lora.lora_rank, run.lora.lora_alpha, run.lora.lora_dropout, run.lora.lora_target_modules
+            model,
+            run.lora.lora_rank,
+            run.lora.lora_alpha,
+            run.lora.lora_dropout,
+            run.lora.lora_target_modules,
+            trainable_token_indices=new_rows,
         )
     trainable, total = trainable_share(model)
 
@@ -644,7 +676,7 @@ def main(fabric, run: TrainArgs, deepspeed_config: dict | None = None, launcher:
     )
 
     if run.model.training_stage == "grpo":
-        loader.bind(model, grpo_reference(fabric, run, model, load_model), fabric.device, fabric.autocast)
+        loader.bind(model, grpo_reference(fabric, run, model, load_grown), fabric.device, fabric.autocast)
     else:
         stage = LanguageModelingStage()
     if run.model.training_stage in ("dpo", "kto"):
@@ -652,7 +684,7 @@ def main(fabric, run: TrainArgs, deepspeed_config: dict | None = None, launcher:
         from bumblecore.train.kto import build_kto_stage
 
         def load_reference(path):
-            return load_model(
+            return load_grown(
                 dataclasses.replace(
                     run,
                     model=dataclasses.replace(run.model, model_name_or_path=path),
@@ -821,6 +853,8 @@ class Exporter:
 
     def write_model(self, model, directory: Path) -> None:
         """The HF-format model (or peft adapter) and tokenizer; rank 0 writes, all ranks join (sharded states)."""
+        from bumblecore.data.chat_templates import write_end_of_turn
+        from bumblecore.data.commands import CHAT_STAGES
         from bumblecore.model.lora import save_adapter
         from bumblecore.train.runtime import gathered_state_dict
 
@@ -837,6 +871,8 @@ class Exporter:
             casted = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
             bare.save_pretrained(directory, state_dict=casted)
         self.tokenizer.save_pretrained(str(directory))
+        if self.run.model.training_stage in CHAT_STAGES:  # generation stops where the trained replies end
+            write_end_of_turn(directory, self.tokenizer, self.run.model.model_name_or_path)
 
     def checkpoint(self, engine, step: int, final: bool) -> None:
         from bumblecore.train.checkpoint import rotate_checkpoints, save_checkpoint
