@@ -297,6 +297,110 @@ def test_merge_lora_equals_unmerged_and_loads_in_transformers(tmp_path, tok):
         assert (model(ids) - expected).abs().max() < 1e-4
 
 
+def tiny_adapter(tmp_path, tok, std=0.2):
+    """A tiny Qwen2 base (tmp_path/base) and a LoRA adapter on it with trained-looking B (tmp_path/adapter)."""
+    from bumblecore.model.lora import apply_lora, save_adapter
+
+    tiny("qwen2", len(tok), tmp_path / "base", tok)
+    peft_model = apply_lora(Bumblebee.from_pretrained(tmp_path / "base"), rank=4, alpha=8, dropout=0.0)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, std, generator=torch.Generator().manual_seed(len(name)))
+    save_adapter(peft_model, tmp_path / "adapter", str(tmp_path / "base"))
+    return tmp_path / "base", tmp_path / "adapter"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_merge_lora_passes_and_equals_peft_merge_in_its_dtype(tmp_path, tok, dtype, capsys):
+    """Oracle: peft's own merge_and_unload over transformers' model in the same dtype, weight for weight."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from bumblecore.model.lora import merge_lora
+
+    base, adapter = tiny_adapter(tmp_path, tok)
+    merge_lora(str(base), str(adapter), str(tmp_path / "merged"), dtype=dtype)
+    assert "bound" in capsys.readouterr().out
+    oracle = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, dtype)), adapter
+    ).merge_and_unload()
+    saved = load_file(tmp_path / "merged" / "model.safetensors")
+    for name, weight in oracle.state_dict().items():
+        if name in saved:
+            assert saved[name].dtype == getattr(torch, dtype)
+            assert torch.equal(saved[name], weight), name
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".merged")]  # no staging left
+
+
+def drop_one_layer(monkeypatch, layer: int, per_layer: int = 7):
+    """A broken merge: peft's merge of one decoder layer adds no delta (its 7 LoRA layers, q/k/v/o and
+    gate/up/down, are merged in module order, layer after layer)."""
+    import itertools
+
+    from peft.tuners.lora import Linear
+
+    calls, original = itertools.count(), Linear.get_delta_weight
+
+    def dropping(self, adapter):
+        delta = original(self, adapter)
+        return delta * 0 if next(calls) // per_layer == layer else delta
+
+    monkeypatch.setattr(Linear, "get_delta_weight", dropping)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_merge_lora_with_a_layer_dropped_fails_and_writes_nothing(tmp_path, tok, dtype, monkeypatch):
+    from bumblecore.model.lora import merge_lora
+
+    base, adapter = tiny_adapter(tmp_path, tok, std=0.01)
+    drop_one_layer(monkeypatch, layer=1)
+    with pytest.raises(
+        ValueError, match=r"merge check failed: .*model\.layers\.1\..* times further .*nothing was written"
+    ):
+        merge_lora(str(base), str(adapter), str(tmp_path / "merged"), dtype=dtype)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base"]
+
+
+def test_merge_lora_logit_check_fails_a_wrong_model_and_keeps_the_old_one(tmp_path, tok, monkeypatch):
+    """The end-to-end check on its own: weights that pass the weight check, then lose one layer's delta
+    before saving, fail on logits; an earlier merged model at save_path stays whole."""
+    import bumblecore.model.lora as lora
+
+    base, adapter = tiny_adapter(tmp_path, tok, std=0.01)
+    lora.merge_lora(str(base), str(adapter), str(tmp_path / "merged"))
+    before = {p.name: p.read_bytes() for p in (tmp_path / "merged").iterdir()}
+    checked = lora.merge_and_check_weights
+
+    def then_dropped(peft_model):
+        merged, ratio, worst = checked(peft_model)
+        reference = AutoModelForCausalLM.from_pretrained(base).state_dict()
+        with torch.no_grad():
+            for name, weight in merged.named_parameters():
+                if "layers.1." in name and name in reference:
+                    weight.copy_(reference[name])
+        return merged, ratio, worst
+
+    monkeypatch.setattr(lora, "merge_and_check_weights", then_dropped)
+    with pytest.raises(
+        ValueError, match=r"max logit difference merged vs unmerged \S+ exceeds the bound \S+ for float32"
+    ):
+        lora.merge_lora(str(base), str(adapter), str(tmp_path / "merged"))
+    assert {p.name: p.read_bytes() for p in (tmp_path / "merged").iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base", "merged"]
+
+
+def test_merge_lora_refuses_a_save_path_that_holds_something_else(tmp_path, tok):
+    from bumblecore.model.lora import merge_lora
+
+    base, adapter = tiny_adapter(tmp_path, tok)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="save_path .*notes exists and is not a model directory"):
+        merge_lora(str(base), str(adapter), str(tmp_path / "notes"))
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me"
+
+
 def test_other_architectures_generate_through_transformers(tmp_path, tok):
     from transformers import Phi3Config
 
