@@ -102,7 +102,7 @@ def test_layer_params_count_a_real_layer():
 
 def test_plan_parts_per_strategy():
     """The runtime's buffers: DDP keeps a second copy of the gradients in its buckets; ZeRO-3 holds at
-    most its live-parameter limit plus the prefetch bucket gathered; 16-bit ZeRO makes an fp32 copy of
+    the whole model gathered at its peak (measured on CPU ranks); 16-bit ZeRO makes an fp32 copy of
     a rank's gradient partition at the step; autocast keeps 2 bytes per weight."""
     p, n = 10_000_000, 2
     work = Workload(512, 1024, 8, 128, 512, 1000, micro_batch_size=1, sequence_length=16, embedding_params=512_000)
@@ -114,11 +114,9 @@ def test_plan_parts_per_strategy():
     zero = {"zero_optimization": {"stage": 3, "stage3_max_live_parameters": 1_000_000,
                                   "stage3_prefetch_bucket_size": 500_000, "reduce_bucket_size": 250_000}}  # fmt: skip
     z3 = plan_memory(p, p, "bf16", n, zero, "host", None, workload=work)
-    assert z3.transient["gathered parameters"] == 2 * 1_500_000
+    assert z3.transient["gathered parameters"] == 2 * p  # measured: the whole model, whatever the limits
     assert z3.transient["reduce bucket"] == 2 * 250_000
     assert z3.transient["fp32 gradient copy"] == 4 * p // n
-    defaults = plan_memory(p, p, "fp32", n, {"zero_optimization": {"stage": 3}}, "host", None, workload=work)
-    assert defaults.transient["gathered parameters"] == 4 * p  # DeepSpeed's 1e9 defaults: the whole model
     # Short rows: the gradients outgrow the activations, which add nothing beyond them.
     assert ddp.transient["activations and loss chunks"] == 0
     long = Workload(512, 1024, 8, 128, 512, 1000, micro_batch_size=8, sequence_length=2048)
@@ -214,7 +212,7 @@ def test_a_run_ends_with_its_peak_beside_the_plan(tmp_path, devices):
         capture_output=True, text=True, timeout=240, cwd=ROOT,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    last = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()][-1]
+    last = [line for line in done.stdout.splitlines() if line.strip()][-1]  # stderr holds the progress bar
     match = FINAL_LINE.match(last)
     assert match, last
     peaks = [float(v.replace(",", "")) for v in re.findall(r"([\d,]+) MB", last)[:-1]]

@@ -19,8 +19,10 @@ Beside the states, the plan counts (see `Workload` and `plan_memory`):
     loss chunks  the chunked cross-entropy's fp32 logits of one chunk (forward, and recomputed in backward)
     autocast     bf16 copies of the weights that autocast makes (and keeps until backward) under bf16-mixed
     runtime buffers  DDP's gradient buckets (a second copy of the gradients); DeepSpeed's reduce bucket,
-                 the fp32 copy of a rank's gradient partition at the step (16-bit runs), and under ZeRO-3
-                 the gathered (live) parameters and the prefetch bucket
+                 the fp32 copy of a rank's gradient partition at the step (16-bit runs), its engine's own
+                 state, and under ZeRO-3 the gathered parameters (measured: about the whole model)
+    allocator    what glibc keeps of the memory each step frees and makes again (activations, gradients,
+                 ZeRO-3's gathered weights): about half of the largest, measured
 
 Gradients and activations are not all alive at once: backward frees a layer's activations as it makes
 that layer's gradients, so the plan counts the larger of the two (plus the embedding/head gradient).
@@ -35,6 +37,10 @@ from typing import Optional
 GIB = 1024**3
 MIB = 2**20
 LOGITS_BUDGET_BYTES = 1 << 28  # the chunked cross-entropy's logits per chunk (train/losses.py)
+# Measured on the CPU machine of docs/BENCHMARKS.md ("Memory plan: planned vs measured"): what glibc keeps
+# of the memory a step frees and makes again, and DeepSpeed's own per-rank buffers and communication state.
+ALLOCATOR_RETENTION = 0.5
+DEEPSPEED_ENGINE_BYTES = 100 * 2**20
 
 
 @dataclass
@@ -247,16 +253,23 @@ def _transient(plan, work: Workload, precision, stage, n, zero, total, trainable
         transient["autocast copies"] = 2 * linear
     if stage is None and n > 1:
         transient["DDP gradient buckets"] = 4 * trainable
+    # Each step frees and makes again its activations, every gradient (zero_grad(set_to_none); DeepSpeed
+    # makes each full-size before sharding it) and, under ZeRO-3, every gathered weight. glibc keeps
+    # part of that heap for reuse rather than returning it (measured on this project's matrix: about
+    # half of the largest of the three); fixed malloc thresholds return it, at a cost in speed.
+    churn = max(start, trainable * width, total * width if stage == 3 else 0)
+    transient["freed blocks the allocator keeps"] = int(ALLOCATOR_RETENTION * churn)
     if stage is not None:
+        transient["DeepSpeed engine"] = DEEPSPEED_ENGINE_BYTES
         reduce_bucket = _number(zero.get("reduce_bucket_size"), 5e8)
         transient["reduce bucket"] = int(min(reduce_bucket, trainable)) * width
         if width == 2 and stage >= 1:  # the step's fp32 copy of this rank's gradient partition
             transient["fp32 gradient copy"] = 4 * trainable // n
         if stage == 3:
-            live = _number(zero.get("stage3_max_live_parameters"), 1e9)
-            prefetch = _number(zero.get("stage3_prefetch_bucket_size"), 5e7)
-            gathered = min(total, int(live + prefetch))
-            transient["gathered parameters"] = gathered * width
+            # Measured on 2 CPU ranks (DeepSpeed 0.19, docs/BENCHMARKS.md): a rank's peak holds about the
+            # whole model gathered, even with the live-parameter and reuse limits sized to two layers
+            # (and a frozen weight, LoRA's base, has no gradient hook to release it after its backward).
+            transient["gathered parameters"] = total * width
     return transient
 
 
