@@ -441,11 +441,12 @@ class Bumblebee(nn.Module):
 
         return load_pretrained(path, dtype=dtype, device=device)
 
-    def save_pretrained(self, path, max_shard_size="5GB", state_dict=None) -> None:
-        """Write the Hugging Face layout; `state_dict` (e.g. gathered or cast for export) replaces the live weights."""
+    def save_pretrained(self, path, max_shard_size="5GB", state_dict=None, stream=None) -> None:
+        """Write the Hugging Face layout; `state_dict` (e.g. gathered or cast for export) or `stream`
+        (layout and tensors one at a time, see hf_io.save_pretrained) replaces the live weights."""
         from bumblecore.model.hf_io import save_pretrained
 
-        save_pretrained(self, path, max_shard_size=max_shard_size, state_dict=state_dict)
+        save_pretrained(self, path, max_shard_size=max_shard_size, state_dict=state_dict, stream=stream)
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         seen, total = set(), 0

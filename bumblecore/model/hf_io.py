@@ -416,55 +416,158 @@ def _atomic_write_text(file: Path, text: str) -> None:
     os.replace(tmp, file)
 
 
-def save_pretrained(model: Bumblebee, path, max_shard_size: Union[int, str] = "5GB", state_dict=None) -> None:
+# safetensors orders a file's tensors by dtype (widest alignment first, in this order) then by name.
+_SAFETENSORS_DTYPES = {
+    torch.uint64: "U64", torch.int64: "I64", torch.float64: "F64", torch.float32: "F32", torch.uint32: "U32",
+    torch.int32: "I32", torch.bfloat16: "BF16", torch.float16: "F16", torch.uint16: "U16", torch.int16: "I16",
+    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}  # fmt: skip
+_DTYPE_RANK = {name: len(_SAFETENSORS_DTYPES) - i for i, name in enumerate(_SAFETENSORS_DTYPES.values())}
+
+
+class SafetensorsShards:
+    """Writes (sharded) safetensors files one tensor at a time, from their names, shapes and dtypes
+    known up front: the files are laid out byte for byte as safetensors' own `save_file` lays out the
+    same tensors (header, order, offsets), but no file's tensors are ever held together in memory.
+
+    Shards split the tensors in the given order past `max_shard_size`, as save_pretrained always has.
+    Each file is written under a temporary name and renamed by `finish`."""
+
+    def __init__(self, path: Path, layout: dict[str, tuple[tuple, torch.dtype]], max_shard_size):
+        self.path = path
+        limit = parse_size(max_shard_size)
+        shards: list[dict] = [{}]
+        shard_bytes = 0
+        for name, (shape, dtype) in layout.items():
+            size = _numel(shape) * _itemsize(dtype)
+            if shards[-1] and shard_bytes + size > limit:
+                shards.append({})
+                shard_bytes = 0
+            shards[-1][name] = (shape, dtype)
+            shard_bytes += size
+        self.names = (
+            [SAFE_WEIGHTS]
+            if len(shards) == 1
+            else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        )
+        self.shards = shards
+        self.total_size = sum(_numel(s) * _itemsize(d) for s, d in layout.values())
+        self.where: dict[str, tuple[int, int, int]] = {}  # name -> (file index, byte offset, bytes)
+        self.files = []
+        for index, (shard, name) in enumerate(zip(shards, self.names)):
+            header, offsets = _safetensors_header(shard)
+            fd, tmp = tempfile.mkstemp(dir=path, prefix=f".{name}.", suffix=".tmp")
+            handle = os.fdopen(fd, "wb")
+            handle.write(len(header).to_bytes(8, "little") + header)
+            start = 8 + len(header)
+            handle.truncate(start + sum(end - begin for begin, end in offsets.values()))
+            self.files.append((handle, tmp))
+            for tensor_name, (begin, end) in offsets.items():
+                self.where[tensor_name] = (index, start + begin, end - begin)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        index, offset, size = self.where.pop(name)
+        data = tensor.detach().contiguous().cpu()
+        raw = data.view(-1).view(torch.uint8).numpy() if data.numel() else b""
+        if len(raw) != size:
+            raise ValueError(f"{name}: {len(raw)} bytes, the layout said {size}")
+        handle = self.files[index][0]
+        handle.seek(offset)
+        handle.write(memoryview(raw) if data.numel() else raw)
+
+    def finish(self) -> None:
+        if self.where:
+            raise ValueError(f"tensors never written: {', '.join(sorted(self.where))}")
+        for (handle, tmp), name in zip(self.files, self.names):
+            handle.close()
+            os.chmod(
+                tmp, 0o666 & ~current_umask()
+            )  # mkstemp's 0600 would hide the weights from other users and containers
+            os.replace(tmp, self.path / name)
+        if len(self.shards) > 1:
+            index = {
+                "metadata": {"total_size": self.total_size},
+                "weight_map": {k: name for shard, name in zip(self.shards, self.names) for k in shard},
+            }
+            _atomic_write_text(self.path / SAFE_INDEX, json.dumps(index, indent=2))
+        elif (self.path / SAFE_INDEX).exists():
+            (self.path / SAFE_INDEX).unlink()
+        for stale in self.path.glob("model-*-of-*.safetensors"):
+            if stale.name not in self.names:
+                stale.unlink()
+
+    def abort(self) -> None:
+        for handle, tmp in self.files:
+            handle.close()
+            Path(tmp).unlink(missing_ok=True)
+
+
+def _numel(shape) -> int:
+    count = 1
+    for size in shape:
+        count *= int(size)
+    return count
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _safetensors_header(shard: dict) -> tuple[bytes, dict]:
+    """safetensors' header for these tensors (JSON, no spaces, padded with spaces to 8 bytes) and each
+    tensor's (begin, end) in the data that follows."""
+    order = sorted(shard, key=lambda name: (-_DTYPE_RANK[_SAFETENSORS_DTYPES[shard[name][1]]], name))
+    entries, offsets, position = {"__metadata__": {"format": "pt"}}, {}, 0
+    for name in order:
+        shape, dtype = shard[name]
+        size = _numel(shape) * _itemsize(dtype)
+        offsets[name] = (position, position + size)
+        entries[name] = {
+            "dtype": _SAFETENSORS_DTYPES[dtype],
+            "shape": [int(s) for s in shape],
+            "data_offsets": [position, position + size],
+        }
+        position += size
+    header = json.dumps(entries, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return header + b" " * (-len(header) % 8), offsets
+
+
+def save_pretrained(
+    model: Bumblebee,
+    path,
+    max_shard_size: Union[int, str] = "5GB",
+    state_dict=None,
+    stream: Optional[tuple[dict, Iterator]] = None,
+) -> None:
     """Write config.json, generation_config.json and safetensors (sharded past `max_shard_size`).
 
-    Each file is written under a temporary name and renamed, so a crash never leaves a half file
-    under a real name; weight files of an earlier save that this one does not reuse are removed.
+    The weights are the model's, or `state_dict`'s, or `stream`'s: (layout {name: (shape, dtype)},
+    an iterator of (name, tensor)), written one tensor at a time as the iterator makes them (a ZeRO-3
+    export gathers each weight only while it is written). Each file is written under a temporary name
+    and renamed, so a crash never leaves a half file under a real name; weight files of an earlier save
+    that this one does not reuse are removed.
     """
-    from safetensors.torch import save_file
-
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     config = model.config
-    state = state_dict if state_dict is not None else model.state_dict()
+    if stream is None:
+        state = state_dict if state_dict is not None else model.state_dict()
+        layout = {k: (tuple(v.shape), v.dtype) for k, v in state.items()}
+        stream = (layout, iter(state.items()))
+    layout, tensors = stream
     if config.tie_word_embeddings:
-        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
-    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    dtype = next(iter(state.values())).dtype
-
-    limit = parse_size(max_shard_size)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    shard_bytes = 0
-    for name, tensor in state.items():
-        size = tensor.numel() * tensor.element_size()
-        if shards[-1] and shard_bytes + size > limit:
-            shards.append({})
-            shard_bytes = 0
-        shards[-1][name] = tensor
-        shard_bytes += size
-
-    if len(shards) == 1:
-        names = [SAFE_WEIGHTS]
-    else:
-        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    for shard, name in zip(shards, names):
-        fd, tmp = tempfile.mkstemp(dir=path, prefix=f".{name}.", suffix=".tmp")
-        os.close(fd)
-        save_file(shard, tmp, metadata={"format": "pt"})
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp's 0600 would hide the weights from other users and containers
-        os.replace(tmp, path / name)
-    if len(shards) > 1:
-        index = {
-            "metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
-            "weight_map": {k: name for shard, name in zip(shards, names) for k in shard},
-        }
-        _atomic_write_text(path / SAFE_INDEX, json.dumps(index, indent=2))
-    elif (path / SAFE_INDEX).exists():
-        (path / SAFE_INDEX).unlink()
-    for stale in path.glob("model-*-of-*.safetensors"):
-        if stale.name not in names:
-            stale.unlink()
+        layout = {k: v for k, v in layout.items() if k != "lm_head.weight"}
+    dtype = next(iter(layout.values()))[1]
+    writer = SafetensorsShards(path, layout, max_shard_size)
+    try:
+        for name, tensor in tensors:
+            if name in layout:
+                writer.write(name, tensor)
+        writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
 
     _atomic_write_text(path / "config.json", json.dumps(config_to_hf_dict(config, dtype), indent=2) + "\n")
     write_generation_config(path, config)

@@ -37,7 +37,10 @@ def train(run: TrainArgs) -> None:
     launch = detect_launch(scale.devices, scale.num_nodes, scale.accelerator)
     deepspeed = None
     if scale.deepspeed_config_path:
-        hidden = json.loads((Path(run.model.model_name_or_path) / "config.json").read_text()).get("hidden_size", 0)
+        from bumblecore.train.memory import Workload
+
+        raw = json.loads((Path(run.model.model_name_or_path) / "config.json").read_text())
+        hidden = raw.get("hidden_size", 0)
         deepspeed = fill_deepspeed_config(
             load_deepspeed_config(scale.deepspeed_config_path),
             micro_batch_size=optimization.train_micro_batch_size_per_gpu,
@@ -46,6 +49,7 @@ def train(run: TrainArgs) -> None:
             precision=optimization.train_model_precision,
             max_grad_norm=optimization.max_grad_norm,
             hidden_size=hidden,
+            layer_params=Workload.from_config(raw, 1, 1).layer_params or None,
         )
     fabric = build_fabric(
         scale.accelerator, scale.devices, scale.num_nodes, optimization.train_model_precision, deepspeed, launch=launch
@@ -273,7 +277,7 @@ def _processes_per_node(fabric) -> int:
 
 
 def memory_plan(fabric, run: TrainArgs, deepspeed_config, local_processes: int):
-    from bumblecore.train.memory import available_memory, plan_memory
+    from bumblecore.train.memory import Workload, available_memory, plan_memory, runtime_rss
 
     total, trainable = count_parameters(run)
     frozen_copy = 0
@@ -289,15 +293,27 @@ def memory_plan(fabric, run: TrainArgs, deepspeed_config, local_processes: int):
     ):
         frozen_copy = total - (trainable if run.model.finetuning_type == "lora" else 0)
     name, available = available_memory(fabric.device, local_processes)
+    optimization = run.optimization
+    raw = json.loads((Path(run.model.model_name_or_path) / "config.json").read_text(encoding="utf-8"))
+    rows = 2 if run.model.training_stage in ("dpo", "kto") else 1  # a preference pair: chosen and rejected rows
+    workload = Workload.from_config(
+        raw,
+        micro_batch_size=optimization.train_micro_batch_size_per_gpu * rows,
+        sequence_length=run.data.cutoff_len,
+        gradient_checkpointing=bool(optimization.enable_gradient_checkpointing),
+        lora_dropout=run.model.finetuning_type == "lora" and bool(run.lora.lora_dropout),
+    )
     return plan_memory(
         total,
         trainable,
-        run.optimization.train_model_precision,
+        optimization.train_model_precision,
         fabric.world_size,
         deepspeed_config,
         name,
         available,
         frozen_copy,
+        workload=workload,
+        runtime=runtime_rss() if fabric.device.type == "cpu" else 0,  # the host process shares the device on CPU
     )
 
 
@@ -779,8 +795,8 @@ def main(fabric, run: TrainArgs, deepspeed_config: dict | None = None, launcher:
     engine.fit()
     exporter.export_final(engine)
     monitor.close(smooth=run.model.training_stage != "pretrain")
-    _report_peak_memory(fabric, monitor)
     fabric.print(f"done in {time.perf_counter() - started:.1f}s: {output.output_dir}")
+    _report_peak_memory(fabric, monitor, plan.peak_mb)  # the run's last line
 
 
 def _source_lines(run: TrainArgs, cache, units) -> list[str]:
@@ -822,8 +838,9 @@ def grpo_reference(fabric, run: TrainArgs, model, load):
     return LiveReference(frozen=fabric.to_device(load(frozen, fabric)))
 
 
-def _report_peak_memory(fabric, monitor) -> None:
-    """Each rank's peak host RSS (and GPU memory), printed by rank 0: the plan's check in hindsight."""
+def _report_peak_memory(fabric, monitor, planned_mb: int) -> None:
+    """The run's last line: each rank's peak host RSS (and GPU memory) beside the plan for a rank,
+    printed by rank 0 (docs/DESIGN.md: `peak memory per rank: host RSS <A> MB[, <B> MB] (planned <P> MB)`)."""
     from bumblecore.train.memory import peak_host_rss_bytes
 
     gpu = torch.cuda.max_memory_allocated(fabric.device) if fabric.device.type == "cuda" else 0
@@ -833,11 +850,18 @@ def _report_peak_memory(fabric, monitor) -> None:
     line = "peak memory per rank: host RSS " + ", ".join(f"{v / 2**20:,.0f} MB" for v in peaks[:, 0].tolist())
     if gpu:
         line += "; GPU " + ", ".join(f"{v / 2**20:,.0f} MB" for v in peaks[:, 1].tolist())
+    line += f" (planned {planned_mb:,} MB)"
     fabric.print(line)
     monitor.info(line)
 
 
 # ---------------------------------------------------------------------------- saving
+
+
+def _is_bumblebee_model(model) -> bool:
+    from bumblecore.model.bumblebee import Bumblebee
+
+    return isinstance(model, Bumblebee)
 
 
 class Exporter:
@@ -856,10 +880,21 @@ class Exporter:
         from bumblecore.data.chat_templates import write_end_of_turn
         from bumblecore.data.commands import CHAT_STAGES
         from bumblecore.model.lora import save_adapter
-        from bumblecore.train.runtime import gathered_state_dict
+        from bumblecore.train.runtime import gathered_state_dict, gathered_tensors, partitions_weights
 
         bare = getattr(model, "module", model)
         lora = self.run.model.finetuning_type == "lora"
+        if not lora and partitions_weights(model) and _is_bumblebee_model(bare):
+            # ZeRO-3: gather and write one tensor at a time; rank 0 never holds the consolidated model.
+            stream = gathered_tensors(model, self._save_dtype(), self.fabric.is_global_zero)
+            if not self.fabric.is_global_zero:
+                for _ in stream[1]:  # join every gather
+                    pass
+                return
+            directory.mkdir(parents=True, exist_ok=True)
+            bare.save_pretrained(directory, stream=stream)
+            self.tokenizer.save_pretrained(str(directory))
+            return
         state = gathered_state_dict(self.fabric, model, trainable_only=lora)  # every rank joins under ZeRO-3
         if not self.fabric.is_global_zero:
             return

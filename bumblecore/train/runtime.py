@@ -232,8 +232,11 @@ def fill_deepspeed_config(
     precision: str,
     max_grad_norm: Optional[float],
     hidden_size: int,
+    layer_params: Optional[int] = None,
 ) -> dict:
-    """Replace every "auto" with the value the run implies; explicit values are kept, and must agree."""
+    """Replace every "auto" with the value the run implies; explicit values are kept, and must agree.
+    `layer_params`: parameters of one decoder layer (default 12 x hidden^2, a standard layer), which
+    sizes ZeRO-3's live-parameter and reuse-distance limits (docs/CONFIG.md, "ZeRO-3 knobs")."""
     config = copy.deepcopy(raw)
 
     def fill(section: dict, key: str, value: Any) -> None:
@@ -253,6 +256,12 @@ def fill_deepspeed_config(
         fill(zero, "reduce_bucket_size", h2)
         fill(zero, "stage3_prefetch_bucket_size", int(0.9 * h2))
         fill(zero, "stage3_param_persistence_threshold", 10 * hidden_size)
+        # DeepSpeed's 1e9 defaults keep every gathered weight until the step for a model under 1B
+        # parameters: a rank would hold the whole model. Two layers live (the one computing and the one
+        # prefetched); a weight not reused within a layer's worth of others is released, not kept.
+        layer = layer_params or 12 * h2
+        fill(zero, "stage3_max_live_parameters", 2 * layer)
+        fill(zero, "stage3_max_reuse_distance", layer)
     leftover = sorted(_auto_keys(config))
     if leftover:
         raise ValueError(f"DeepSpeed config keeps 'auto' values that bumblecore cannot fill: {', '.join(leftover)}")
@@ -431,6 +440,30 @@ def gathered_state_dict(fabric, model, trainable_only: bool = False) -> Optional
                 if fabric.is_global_zero:
                     state[name] = param.detach().clone().cpu()
     return state if fabric.is_global_zero else None
+
+
+def gathered_tensors(model, dtype, is_rank_zero: bool):
+    """A ZeRO-3 model's full state for an export written one tensor at a time: (layout {name: (shape,
+    dtype)}, an iterator of (name, tensor on rank 0 / None elsewhere)). Every rank must run the iterator
+    to its end: each step gathers one weight (a collective) and releases it at the next, so rank 0
+    holds one whole tensor at a time, never the consolidated model."""
+    import deepspeed
+
+    bare = getattr(model, "module", model)
+    entries = bare.state_dict(keep_vars=True)  # partitioned weights keep their real shape in ds_shape
+
+    def final_dtype(tensor):
+        return dtype if tensor.is_floating_point() else tensor.dtype
+
+    layout = {name: (tuple(getattr(t, "ds_shape", t.shape)), final_dtype(t)) for name, t in entries.items()}
+
+    def tensors():
+        for name, tensor in entries.items():
+            partitioned = hasattr(tensor, "ds_id")
+            with deepspeed.zero.GatheredParameters([tensor], modifier_rank=None, enabled=partitioned):
+                yield name, tensor.detach().to(final_dtype(tensor)) if is_rank_zero else None
+
+    return layout, tensors()
 
 
 def load_into_partitioned(model, path, is_rank_zero: bool) -> None:

@@ -1,0 +1,222 @@
+"""The memory plan's parts against independent oracles (autograd's own saved tensors, the chunked loss's
+chunk size, safetensors' own writer), and a short real run whose measured peak lands within +-25% of
+the plan it printed."""
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tiny import DEMO_TOKENIZER, TINY_INIT_ARGS
+
+from bumblecore.model.bumblebee import Bumblebee
+from bumblecore.model.config import BumblebeeConfig
+from bumblecore.train.memory import Workload, peak_host_rss_bytes, plan_memory, runtime_rss
+from bumblecore.train.runtime import fill_deepspeed_config, load_deepspeed_config
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "bumblecore" / "demo_data"
+FINAL_LINE = re.compile(r"^peak memory per rank: host RSS ([\d,]+) MB(?:, ([\d,]+) MB)* \(planned ([\d,]+) MB\)$")
+
+
+def saved_activation_bytes(model, ids, compute: str) -> int:
+    """Bytes of every tensor autograd keeps for backward in one forward, weights excluded (each storage
+    counted once): what the plan's activation closed form predicts."""
+    storages = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = max(storages.get(storage.data_ptr(), 0), storage.nbytes())
+        return tensor
+
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    segments = torch.zeros_like(ids)
+    segments[:, ids.shape[1] // 2 :] = 1  # packed rows: two documents each
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=compute == "autocast"):
+            model(ids, segment_ids=segments, return_hidden_states=True)
+    return sum(size for pointer, size in storages.items() if pointer not in weights)
+
+
+@pytest.mark.parametrize("compute", ["fp32", "autocast", "half"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("shape", [(64, 128, 4, 2), (256, 704, 8, 2), (192, 512, 6, 6)])
+def test_activation_closed_form_matches_what_autograd_keeps(compute, checkpointing, shape):
+    """Per token and layer, 4(8h + 4i + 2kv) bytes in fp32, 2(16h + 4i + 7kv) under bf16 autocast
+    (beside autocast's bf16 weight copies, 2 bytes per linear weight), 2(10h + 4i + 2kv) with 16-bit
+    weights; with checkpointing each layer's input plus one layer. Within 15% of the saved tensors."""
+    hidden, intermediate, heads, kv_heads = shape
+    layers, batch, seq = 3, 2, 64
+    config = BumblebeeConfig(
+        vocab_size=500,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+    )
+    torch.manual_seed(0)
+    model = Bumblebee(config).train()
+    if compute == "half":
+        model = model.to(torch.bfloat16)
+    work = Workload.from_config(
+        json.loads(json.dumps(vars(config), default=str)), batch, seq, gradient_checkpointing=checkpointing
+    )
+    ids = torch.randint(0, 500, (batch, seq))
+    if checkpointing:  # the recompute in backward holds one layer's activations; the forward keeps the inputs
+        model.set_gradient_checkpointing(True)
+        measured = saved_activation_bytes(model, ids, compute)
+        model.set_gradient_checkpointing(False)
+        measured += saved_activation_bytes(model, ids, compute) // layers  # one layer's worth (the outside is small)
+    else:
+        measured = saved_activation_bytes(model, ids, compute)
+    predicted = work.activations(compute)
+    if compute == "autocast":  # the bf16 weight copies autocast keeps for backward (one layer's when recomputed)
+        linear = sum(m.weight.numel() for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear))
+        predicted += 2 * linear // (layers if checkpointing else 1)
+    assert predicted == pytest.approx(measured, rel=0.15)
+
+
+def test_loss_chunk_is_the_losses_chunk():
+    """The plan's loss chunk uses the chunked cross-entropy's own chunk size (losses.tokens_per_chunk)."""
+    from bumblecore.train.losses import tokens_per_chunk
+
+    for vocab, tokens in [(151_936, 4096), (32_000, 512), (768, 100_000)]:
+        work = Workload(64, 128, 2, 32, 64, vocab, micro_batch_size=1, sequence_length=tokens)
+        chunk = min(tokens, tokens_per_chunk(torch.nn.Linear(1, vocab, bias=False)))
+        assert work.loss_chunks("fp32") == chunk * vocab * 4
+        assert work.loss_chunks("autocast") == chunk * vocab * 6
+
+
+def test_layer_params_count_a_real_layer():
+    config = BumblebeeConfig(
+        vocab_size=500, hidden_size=96, intermediate_size=256, num_hidden_layers=1, num_attention_heads=6,
+        num_key_value_heads=2, attention_bias=False,
+    )  # fmt: skip
+    layer = Bumblebee(config).model.layers[0]
+    linear = sum(m.weight.numel() for m in layer.modules() if isinstance(m, torch.nn.Linear))
+    assert Workload.from_config(vars(config), 1, 1).layer_params == linear
+
+
+def test_plan_parts_per_strategy():
+    """The runtime's buffers: DDP keeps a second copy of the gradients in its buckets; ZeRO-3 holds at
+    the whole model gathered at its peak (measured on CPU ranks); 16-bit ZeRO makes an fp32 copy of
+    a rank's gradient partition at the step; autocast keeps 2 bytes per weight."""
+    p, n = 10_000_000, 2
+    work = Workload(512, 1024, 8, 128, 512, 1000, micro_batch_size=1, sequence_length=16, embedding_params=512_000)
+    ddp = plan_memory(p, p, "fp32", n, None, "host", None, workload=work, runtime=300 << 20)
+    assert ddp.transient["DDP gradient buckets"] == 4 * p
+    assert ddp.peak == (300 << 20) + 16 * p + sum(ddp.transient.values())
+    one_bf16 = plan_memory(p, p, "bf16", 1, None, "host", None, workload=work)
+    assert one_bf16.transient["autocast copies"] == 2 * p and "DDP gradient buckets" not in one_bf16.transient
+    zero = {"zero_optimization": {"stage": 3, "stage3_max_live_parameters": 1_000_000,
+                                  "stage3_prefetch_bucket_size": 500_000, "reduce_bucket_size": 250_000}}  # fmt: skip
+    z3 = plan_memory(p, p, "bf16", n, zero, "host", None, workload=work)
+    assert z3.transient["gathered parameters"] == 2 * p  # measured: the whole model, whatever the limits
+    assert z3.transient["reduce bucket"] == 2 * 250_000
+    assert z3.transient["fp32 gradient copy"] == 4 * p // n
+    # Short rows: the gradients outgrow the activations, which add nothing beyond them.
+    assert ddp.transient["activations and loss chunks"] == 0
+    long = Workload(512, 1024, 8, 128, 512, 1000, micro_batch_size=8, sequence_length=2048)
+    lora = plan_memory(p, p // 100, "fp32", 1, None, "host", None, workload=long)
+    assert (
+        lora.transient["activations and loss chunks"] == long.activations("fp32") + long.loss_chunks() - lora.gradients
+    )
+
+
+def test_refusal_counts_the_whole_peak():
+    """A run whose states fit but whose activations do not is refused too, naming what to change."""
+    p = 1_000_000
+    work = Workload(4096, 11008, 32, 4096, 4096, 32000, micro_batch_size=64, sequence_length=4096)
+    plan = plan_memory(p, p // 100, "fp32", 1, None, "a small device", 100 * p, workload=work)
+    assert plan.total < plan.available < plan.peak
+    with pytest.raises(ValueError, match="cannot fit.*gradient checkpointing"):
+        plan.check()
+
+
+def test_shipped_zero3_config_sizes_its_knobs_from_the_layer():
+    """The shipped ZeRO-3 config's live-parameter and reuse limits follow the model (DeepSpeed's 1e9
+    defaults would keep a sub-1B model whole on every rank): two layers live, one layer of reuse."""
+    layer = 11_149_312
+    filled = fill_deepspeed_config(
+        load_deepspeed_config(ROOT / "configs" / "deepspeed" / "ds_z3_config.json"),
+        micro_batch_size=1,
+        gradient_accumulation_steps=1,
+        world_size=2,
+        precision="fp32",
+        max_grad_norm=1.0,
+        hidden_size=1024,
+        layer_params=layer,
+    )["zero_optimization"]
+    assert filled["stage3_max_live_parameters"] == 2 * layer
+    assert filled["stage3_max_reuse_distance"] == layer
+    assert filled["stage3_prefetch_bucket_size"] == int(0.9 * 1024**2)
+
+
+@pytest.mark.parametrize("max_shard_size", ["5GB", 1000])
+def test_streamed_safetensors_are_safetensors_own_bytes(tmp_path, max_shard_size):
+    """Writing tensor by tensor (in any order) gives the same files, byte for byte, as safetensors'
+    save_file over the same shards (mixed dtypes, a transposed view, several shards)."""
+    from safetensors.torch import save_file
+
+    from bumblecore.model.hf_io import SafetensorsShards
+
+    torch.manual_seed(0)
+    state = {
+        "model.layers.1.w": torch.randn(20, 10),
+        "model.layers.0.w": torch.randn(10, 20).t(),
+        "b": torch.randn(7).to(torch.bfloat16),
+        "steps": torch.arange(4),
+        "half": torch.randn(3, 2).half(),
+        "mask": torch.tensor([True, False, True]),
+    }
+    writer = SafetensorsShards(tmp_path, {k: (tuple(v.shape), v.dtype) for k, v in state.items()}, max_shard_size)
+    for name in reversed(list(state)):
+        writer.write(name, state[name])
+    writer.finish()
+    assert len(writer.names) == (1 if max_shard_size == "5GB" else 2)
+    for shard, name in zip(writer.shards, writer.names):
+        save_file({k: state[k].contiguous() for k in shard}, tmp_path / "ref.safetensors", metadata={"format": "pt"})
+        assert (tmp_path / name).read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_peak_is_the_kernels_high_water_mark():
+    """VmHWM: at least the RSS now, and it grows when a large buffer is touched."""
+    before = peak_host_rss_bytes()
+    assert before >= runtime_rss() > 0
+    block = torch.ones(64 << 20, dtype=torch.uint8)  # 64 MiB, touched
+    assert peak_host_rss_bytes() >= before + (48 << 20) or before > runtime_rss() + (64 << 20)
+    del block
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("devices", [1, 2])
+def test_a_run_ends_with_its_peak_beside_the_plan(tmp_path, devices):
+    """A short SFT on a tiny model (one process, and DDP on 2 gloo ranks): the last line has the
+    contract's format, and each rank's measured peak is within +-25% of the plan."""
+    import subprocess
+
+    from bumblecore.cli import main
+
+    main(["init_model", *TINY_INIT_ARGS, "--tokenizer_path", str(DEMO_TOKENIZER), "--output_dir", str(tmp_path / "m")])
+    done = subprocess.run(
+        [sys.executable, "-m", "bumblecore", "train",
+         "--training_stage", "pretrain", "--model_name_or_path", str(tmp_path / "m"),
+         "--dataset_path", str(DEMO / "pretrain_eval.jsonl"), "--output_dir", str(tmp_path / "out"),
+         "--cutoff_len", "64", "--max_steps", "2", "--train_micro_batch_size_per_gpu", "2",
+         "--train_model_precision", "fp32", "--accelerator", "cpu", "--devices", str(devices),
+         "--save_steps", "100", "--cache_dir", str(tmp_path / "cache")],
+        capture_output=True, text=True, timeout=240, cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    last = [line for line in done.stdout.splitlines() if line.strip()][-1]  # stderr holds the progress bar
+    match = FINAL_LINE.match(last)
+    assert match, last
+    peaks = [float(v.replace(",", "")) for v in re.findall(r"([\d,]+) MB", last)[:-1]]
+    planned = float(match.group(3).replace(",", ""))
+    assert len(peaks) == devices
+    for peak in peaks:
+        assert 0.75 * planned <= peak <= 1.25 * planned, last
