@@ -893,18 +893,17 @@ class Exporter:
                 return
             directory.mkdir(parents=True, exist_ok=True)
             bare.save_pretrained(directory, stream=stream)
-            self.tokenizer.save_pretrained(str(directory))
-            return
-        state = gathered_state_dict(self.fabric, model, trainable_only=lora)  # every rank joins under ZeRO-3
-        if not self.fabric.is_global_zero:
-            return
-        directory.mkdir(parents=True, exist_ok=True)
-        if lora:
-            save_adapter(bare, directory, self.run.model.model_name_or_path, state_dict=state)
         else:
-            dtype = self._save_dtype()
-            casted = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-            bare.save_pretrained(directory, state_dict=casted)
+            state = gathered_state_dict(self.fabric, model, trainable_only=lora)  # every rank joins under ZeRO-3
+            if not self.fabric.is_global_zero:
+                return
+            directory.mkdir(parents=True, exist_ok=True)
+            if lora:
+                save_adapter(bare, directory, self.run.model.model_name_or_path, state_dict=state)
+            else:
+                dtype = self._save_dtype()
+                casted = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+                bare.save_pretrained(directory, state_dict=casted)
         self.tokenizer.save_pretrained(str(directory))
         if self.run.model.training_stage in CHAT_STAGES:  # generation stops where the trained replies end
             write_end_of_turn(directory, self.tokenizer, self.run.model.model_name_or_path)
