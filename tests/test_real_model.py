@@ -154,11 +154,11 @@ def test_merge_of_the_trained_adapter_passes_and_equals_peft(tmp_path, smollm2_d
         if name in saved:
             assert torch.equal(saved[name], weight), name
 
-    for dtype in ("float32", "bfloat16"):
-        with pytest.MonkeyPatch.context() as patch:
-            drop_one_layer(patch, layer=15)
-            with pytest.raises(ValueError, match=r"model\.layers\.15\..*nothing was written"):
-                merge_lora(str(smollm2_dir), str(adapter), str(tmp_path / f"wrong-{dtype}"), dtype=dtype)
+    # bf16, where a layer's delta moves the logits less than the merge's own rounding (tiny models: fp32 too)
+    with pytest.MonkeyPatch.context() as patch:
+        drop_one_layer(patch, layer=15)
+        with pytest.raises(ValueError, match=r"model\.layers\.15\..*nothing was written"):
+            merge_lora(str(smollm2_dir), str(adapter), str(tmp_path / "wrong"), dtype="bfloat16")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bf16", "fp32"]
 
 
