@@ -196,7 +196,7 @@ class GenerationEngine:
         # A Bumblebee (or a peft model over one) decodes over a KV cache with slots; a model that brings
         # its own cache (model/transformers_family.py) recomputes the whole sequence every step.
         self.recomputes = hasattr(model, "new_cache")
-        self.model = (model if self.recomputes else DecodingBumblebee(model)).eval()
+        self.model = (model if self.recomputes else DecodingBumblebee(model, max_batch_size)).eval()
         self.tokenizer = tokenizer
         config = self.model.config
         context = getattr(config, "max_position_embeddings", 4096)  # custom code may not say
