@@ -44,8 +44,8 @@ def saved_activation_bytes(model, ids, compute: str) -> int:
 @pytest.mark.parametrize("checkpointing", [False, True])
 @pytest.mark.parametrize("shape", [(64, 128, 4, 2), (256, 704, 8, 2), (192, 512, 6, 6)])
 def test_activation_closed_form_matches_what_autograd_keeps(compute, checkpointing, shape):
-    """Per token and layer, 4(8h + 4i + 2kv) bytes in fp32, 2(16h + 4i + 7kv) under bf16 autocast
-    (beside autocast's bf16 weight copies, 2 bytes per linear weight), 2(10h + 4i + 2kv) with 16-bit
+    """Per token and layer, 4(7h + 3i + 2kv) bytes in fp32, 2(12h + 3i + 2kv) under bf16 autocast
+    (beside autocast's bf16 weight copies, 2 bytes per linear weight), 2(7h + 3i + 2kv) with 16-bit
     weights; with checkpointing each layer's input plus one layer. Within 15% of the saved tensors."""
     hidden, intermediate, heads, kv_heads = shape
     layers, batch, seq = 3, 2, 64

@@ -34,9 +34,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
+from bumblecore.train.losses import LOGITS_BUDGET_BYTES  # the chunked cross-entropy's logits per chunk
+
 GIB = 1024**3
 MIB = 2**20
-LOGITS_BUDGET_BYTES = 1 << 28  # the chunked cross-entropy's logits per chunk (train/losses.py)
 # Measured on the CPU machine of docs/BENCHMARKS.md ("Memory plan: planned vs measured"): what glibc keeps
 # of the memory a step frees and makes again, and DeepSpeed's own per-rank buffers and communication state.
 ALLOCATOR_RETENTION = 0.5
@@ -94,17 +95,17 @@ class Workload:
     def layer_bytes_per_token(self, compute: str) -> int:
         """Bytes autograd keeps per token for one decoder layer (fitted on Bumblebee with saved-tensor
         hooks over several shapes; tests/test_memory_plan.py checks it). fp32: the inputs of the two norms,
-        the projections and the attention, RoPE'd q and the residuals (~8 of hidden), the MLP's gate,
-        up, activation and product (4 of intermediate), RoPE'd k and v (~2 of kv). 16-bit weights
-        (DeepSpeed): the same in 16 bits plus the norms' fp32 copies (~10 of hidden). bf16 autocast:
-        fp32 inputs and their bf16 casts both kept (~16 of hidden, 7 of kv)."""
+        the projections and the attention, RoPE'd q and the residuals (~7 of hidden), the MLP's gate,
+        up and product (3 of intermediate: the activation is recomputed in backward, as are the norms'
+        outputs, model/bumblebee.py), RoPE'd k and v (~2 of kv). 16-bit weights (DeepSpeed): the same
+        in 16 bits. bf16 autocast: fp32 inputs and their bf16 casts both kept (~12 of hidden)."""
         h, i, kv = self.hidden_size, self.intermediate_size, self.kv_width
         if compute == "autocast":
-            per = 2 * (16 * h + 4 * i + 7 * kv)
+            per = 2 * (12 * h + 3 * i + 2 * kv)
         elif compute == "half":
-            per = 2 * (10 * h + 4 * i + 2 * kv)
+            per = 2 * (7 * h + 3 * i + 2 * kv)
         else:
-            per = 4 * (8 * h + 4 * i + 2 * kv)
+            per = 4 * (7 * h + 3 * i + 2 * kv)
         if self.lora_dropout:  # dropout copies of 6 hidden-wide inputs and 1 intermediate-wide, with their masks
             per += (4 if compute == "fp32" else 2) * (6 * h + i) + (6 * h + i)
         return per
