@@ -276,7 +276,16 @@ def _processes_per_node(fabric) -> int:
     return max(1, fabric.world_size // getattr(fabric.strategy, "num_nodes", 1))
 
 
-def memory_plan(fabric, run: TrainArgs, deepspeed_config, local_processes: int):
+def memory_plan(
+    fabric,
+    run: TrainArgs,
+    deepspeed_config,
+    local_processes: int,
+    sequence_length: Optional[int] = None,
+    runtime: Optional[int] = None,
+):
+    """The per-rank memory plan. `sequence_length`: the rows' length where the data is known (default
+    cutoff_len, the bound); `runtime`: the process's own RSS as measured before the model was built."""
     from bumblecore.train.memory import Workload, available_memory, plan_memory, runtime_rss
 
     total, trainable = count_parameters(run)
@@ -299,7 +308,7 @@ def memory_plan(fabric, run: TrainArgs, deepspeed_config, local_processes: int):
     workload = Workload.from_config(
         raw,
         micro_batch_size=optimization.train_micro_batch_size_per_gpu * rows,
-        sequence_length=run.data.cutoff_len,
+        sequence_length=sequence_length or run.data.cutoff_len,
         gradient_checkpointing=bool(optimization.enable_gradient_checkpointing),
         lora_dropout=run.model.finetuning_type == "lora" and bool(run.lora.lora_dropout),
     )
@@ -313,7 +322,8 @@ def memory_plan(fabric, run: TrainArgs, deepspeed_config, local_processes: int):
         available,
         frozen_copy,
         workload=workload,
-        runtime=runtime_rss() if fabric.device.type == "cpu" else 0,  # the host process shares the device on CPU
+        # the host process shares the device on CPU
+        runtime=(runtime if runtime is not None else runtime_rss()) if fabric.device.type == "cpu" else 0,
     )
 
 
@@ -646,6 +656,19 @@ def main(fabric, run: TrainArgs, deepspeed_config: dict | None = None, launcher:
             raise ValueError(
                 f"eval_dataset_path: {len(eval_units)} eval units for {fabric.world_size} processes; "
                 "give at least one per process"
+            )
+        lengths = getattr(train_cache, "lengths", None)
+        if not run.data.packing and not beside and run.model.training_stage in ("sft", "dpo") and lengths is not None:
+            # Padded rows are as long as their batch's longest sample, not cutoff_len: the plan checked above is
+            # the bound made before the data was read; this one, from the data, is what the run's peak is held to.
+            longest = min(int(lengths.max(initial=1)), run.data.cutoff_len)
+            plan = memory_plan(
+                fabric,
+                run,
+                deepspeed_config,
+                _processes_per_node(fabric),
+                sequence_length=longest,
+                runtime=plan.runtime,
             )
         loader = step_loader(units, bool(run.data.packing), run.data.group_by_length)
         eval_loader = (
