@@ -11,7 +11,6 @@ dependencies would compile llama.cpp), and `smollm2_checkpoint()` converts it on
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import shutil
 import tempfile
@@ -31,6 +30,8 @@ def convert_gguf(gguf_file: str, output_dir: str, torch_dtype: str = "float32") 
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from bumblecore.model.hf_io import replace_directory
 
     source = Path(gguf_file)
     if not source.is_file():
@@ -55,9 +56,7 @@ def convert_gguf(gguf_file: str, output_dir: str, torch_dtype: str = "float32") 
     try:
         plain.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        if output.exists():
-            output.rmdir()  # empty, checked above
-        os.replace(staging, output)
+        replace_directory(staging, output)  # an empty output_dir, checked above
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return str(output)
@@ -98,5 +97,4 @@ def smollm2_checkpoint(cache_dir: Optional[str] = None) -> Path:
         # another process finished the same conversion first, or a broken leftover: keep a complete one
         if not (target / "config.json").is_file():
             raise
-    _ = json.loads((target / "config.json").read_text(encoding="utf-8"))
     return target

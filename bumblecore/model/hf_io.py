@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -592,3 +593,14 @@ def write_generation_config(path, config: BumblebeeConfig, eos_token_ids: Option
     generation.setdefault("do_sample", False)
     generation = {k: v for k, v in generation.items() if v is not None}
     _atomic_write_text(file, json.dumps(generation, indent=2) + "\n")
+
+
+def replace_directory(staging: Path, target: Path) -> None:
+    """Move a complete `staging` directory to `target`, replacing an existing `target` whole."""
+    if not target.exists():
+        os.replace(staging, target)
+        return
+    old = staging.with_name(staging.name + ".old")
+    os.replace(target, old)
+    os.replace(staging, target)
+    shutil.rmtree(old)

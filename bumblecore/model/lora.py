@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -168,17 +167,6 @@ def logit_bound(expected, num_layers: int, hidden_size: int, dtype) -> float:
     return arithmetic + rounding
 
 
-def replace_directory(staging: Path, target: Path) -> None:
-    """Move a complete `staging` directory to `target`, replacing an existing `target` whole."""
-    if not target.exists():
-        os.replace(staging, target)
-        return
-    old = staging.with_name(staging.name + ".old")
-    os.replace(target, old)
-    os.replace(staging, target)
-    shutil.rmtree(old)
-
-
 def merge_lora(
     base_model_path: str,
     lora_model_path: str,
@@ -206,7 +194,7 @@ def merge_lora(
 
     import torch
 
-    from bumblecore.model.hf_io import dtype_name, load_model
+    from bumblecore.model.hf_io import dtype_name, load_model, replace_directory
     from bumblecore.model.vocab import adapter_vocab_size, grow_vocab
     from bumblecore.tokenizer import load_tokenizer
 
