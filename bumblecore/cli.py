@@ -453,7 +453,8 @@ def main(argv: list[str] | None = None) -> None:
         # Bad input is the user's to fix: one clear line, no traceback (BUMBLECORE_DEBUG=1 shows it).
         if os.environ.get("BUMBLECORE_DEBUG"):
             raise
-        print(f"bumblecore {name}: error: {err}", file=sys.stderr)
+        if not getattr(err, "reported_by_rank_zero", False):  # a multi-process run says it once, on rank 0
+            print(f"bumblecore {name}: error: {err}", file=sys.stderr)
         raise SystemExit(1) from None
     if as_program:
         leave_finished_rank()

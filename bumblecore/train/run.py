@@ -336,6 +336,11 @@ OPERATIONAL_KEYS = frozenset(
         "output_dir",
         "resume_from_checkpoint",
         "overwrite_output_dir",
+        # how many processes ran it and on what: the same config launched by `--devices 2`, torchrun or
+        # `fabric run` is the same run (docs/TUTORIAL.md re-runs one config under several launchers)
+        "devices",
+        "num_nodes",
+        "accelerator",
         "local_rank",
         "num_local_io_workers",
         "cache_dir",
@@ -349,7 +354,8 @@ OPERATIONAL_KEYS = frozenset(
         "eval_steps",
     }
 )
-PATH_KEYS = ("model_name_or_path", "dataset_path", "eval_dataset_path", "ref_model_path", "deepspeed_config_path")
+PATH_KEYS = ("model_name_or_path", "ref_model_path", "deepspeed_config_path")
+DATA_KEYS = ("dataset_path", "eval_dataset_path")
 MODEL_SHAPE_KEYS = (
     "model_type",
     "vocab_size",
@@ -362,23 +368,59 @@ MODEL_SHAPE_KEYS = (
 RUN_RECORD = "training_args.yaml"
 
 
-def _resolved(value):
-    if isinstance(value, list):
-        return [_resolved(v) for v in value]
-    if isinstance(value, dict):  # a mixture's mapping: {name: path or {path, weight, loss_weight}}
-        return {k: _resolved(v) if not isinstance(v, (int, float)) else v for k, v in value.items()}
-    return str(Path(value).expanduser().resolve()) if isinstance(value, str) and value else value
+def _resolved(path):
+    return str(Path(path).expanduser().resolve()) if isinstance(path, str) and path else path
+
+
+def _data_meaning(value):
+    """A data key's value as what it means: one path is one path whether written as a string or a
+    one-element list, relative or absolute; a mapping entry's bare path is {path}, with weights 1.0."""
+    if isinstance(value, (list, tuple)):
+        paths = [_resolved(v) for v in value]
+        return paths[0] if len(paths) == 1 else paths
+    if isinstance(value, dict):  # a mixture: {name: path or {path, weight, loss_weight}}
+        meaning = {}
+        for name, spec in value.items():
+            spec = dict(spec) if isinstance(spec, dict) else {"path": spec}
+            spec["path"] = _data_meaning(spec.get("path"))
+            meaning[str(name)] = {"weight": 1.0, "loss_weight": 1.0, **spec}
+        return meaning
+    return _resolved(value)
+
+
+def _meaning(name: str, value):
+    if name in PATH_KEYS:
+        return _resolved(value)
+    if name in DATA_KEYS:
+        return _data_meaning(value)
+    if name == "new_special_tokens":  # a list or one comma-separated string
+        from bumblecore.data.chat_templates import parse_special_tokens
+
+        try:
+            return parse_special_tokens(value)
+        except ValueError:
+            return value
+    if name == "lora_target_modules" and isinstance(value, list):  # a set of layer names
+        return sorted(value)
+    if name == "chat_template" and isinstance(value, str) and value.endswith(".jinja"):
+        return _resolved(value)
+    return value
 
 
 def run_identity(values: dict) -> dict:
-    """What makes two configurations the same run: every key but the operational ones, paths resolved."""
-    identity = {}
-    for name, default in flat_defaults().items():
-        if name in OPERATIONAL_KEYS:
-            continue
-        value = values.get(name, default)
-        identity[name] = _resolved(value) if name in PATH_KEYS else value
-    return identity
+    """What makes two configurations the same run: every key but the operational ones, each compared
+    by what it means (paths resolved, one path as a string or a one-element list alike)."""
+    return {
+        name: _meaning(name, values.get(name, default))
+        for name, default in flat_defaults().items()
+        if name not in OPERATIONAL_KEYS
+    }
+
+
+def identity_differences(previous: dict, current: dict) -> list[str]:
+    """The keys whose meaning differs between two flat configurations, as `key old -> new`."""
+    before, now = run_identity(previous), run_identity(current)
+    return [f"{k} {before[k]!r} -> {now[k]!r}" for k in now if before.get(k) != now[k]]
 
 
 def checkpoint_identity(run: TrainArgs) -> dict:
@@ -506,8 +548,7 @@ def prepare_output_dir(run: TrainArgs, notes: list) -> Optional[Path]:
             f"output_dir {output_dir}: {RUN_RECORD} is unreadable ({type(err).__name__}) and the "
             f"directory holds a run's outputs ({shown}); {remedy}"
         ) from None
-    before, now = run_identity(previous if isinstance(previous, dict) else {}), run_identity(run.flat())
-    differences = [f"{k} {before[k]!r} -> {now[k]!r}" for k in now if before.get(k) != now[k]]
+    differences = identity_differences(previous if isinstance(previous, dict) else {}, run.flat())
     if differences:
         more = f" and {len(differences) - 4} more" if len(differences) > 4 else ""
         raise ValueError(
@@ -522,9 +563,16 @@ def prepare_output_dir(run: TrainArgs, notes: list) -> Optional[Path]:
     return None
 
 
+class ReportedByRankZero(ValueError):
+    """Rank 0's error, raised on the other ranks so they stop too; rank 0 alone prints it (cli.main)."""
+
+    reported_by_rank_zero = True
+
+
 def agreed_on_rank_zero(fabric, decide):
     """`decide(notes)` runs on global rank 0 only; every rank gets its result, or raises its error, so
-    no rank goes on alone (and none waits for a rank that stopped)."""
+    no rank goes on alone (and none waits for a rank that stopped). The error is printed once: the
+    other ranks raise it as ReportedByRankZero."""
     outcome, failure = None, None
     if fabric.is_global_zero:
         notes: list = []
@@ -538,7 +586,7 @@ def agreed_on_rank_zero(fabric, decide):
     if failure is not None:
         raise failure
     if kind == "error":
-        raise ValueError(value)
+        raise ReportedByRankZero(value)
     return value, notes
 
 
