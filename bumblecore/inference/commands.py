@@ -84,6 +84,8 @@ def generate(
     device_map: str = "auto",
     trust_remote_code: bool = False,
     chat_template: Optional[str] = None,
+    base_model_path: Optional[str] = None,
+    ignore_base_mismatch: bool = False,
 ) -> None:
     """Generate text: only the generated text goes to stdout, the timing to stderr.
 
@@ -103,11 +105,19 @@ def generate(
         device_map: auto, cpu or cuda:N.
         trust_remote_code: allow a model or tokenizer that ships its own Python code (only for directories you trust).
         chat_template: a built-in template (chatml, qwen2.5, llama3, mistral, gemma, phi3) or a .jinja file; default: the model's own (the one it was trained with).
+        base_model_path: for a LoRA adapter: the base to apply it to (default: the one the adapter names); it must be the base the adapter was trained on.
+        ignore_base_mismatch: apply a LoRA adapter to a base other than the one it was trained on (its base_fingerprint.json says which) instead of refusing.
     """
     if (prompt is None) == (prompts_file is None):
         raise ValueError("give exactly one of --prompt or --prompts_file")
     model, tokenizer, eos = load_for_inference(
-        model_path, dtype, device_map, trust_remote_code=trust_remote_code, chat_template=chat_template
+        model_path,
+        dtype,
+        device_map,
+        trust_remote_code=trust_remote_code,
+        chat_template=chat_template,
+        base_model_path=base_model_path,
+        ignore_base_mismatch=ignore_base_mismatch,
     )
     params = SamplingParams.from_group(sampling, stop=stop or [], ignore_eos=ignore_eos, seed=seed)
     prompts = [prompt] if prompt is not None else _read_prompts(prompts_file)
@@ -156,6 +166,8 @@ def chat(
     trust_remote_code: bool = False,
     prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB,
     chat_template: Optional[str] = None,
+    base_model_path: Optional[str] = None,
+    ignore_base_mismatch: bool = False,
 ) -> None:
     """Terminal chat that streams each reply; /clear resets the history, /exit or end of input quits.
 
@@ -171,9 +183,17 @@ def chat(
         trust_remote_code: allow a model or tokenizer that ships its own Python code (only for directories you trust).
         prefix_cache_mb: MiB of KV cache kept from each reply, so the next turn prefills only its new tokens; 0 disables.
         chat_template: a built-in template (chatml, qwen2.5, llama3, mistral, gemma, phi3) or a .jinja file; default: the model's own (the one it was trained with).
+        base_model_path: for a LoRA adapter: the base to apply it to (default: the one the adapter names); it must be the base the adapter was trained on.
+        ignore_base_mismatch: apply a LoRA adapter to a base other than the one it was trained on (its base_fingerprint.json says which) instead of refusing.
     """
     model, tokenizer, eos = load_for_inference(
-        model_path, dtype, device_map, trust_remote_code=trust_remote_code, chat_template=chat_template
+        model_path,
+        dtype,
+        device_map,
+        trust_remote_code=trust_remote_code,
+        chat_template=chat_template,
+        base_model_path=base_model_path,
+        ignore_base_mismatch=ignore_base_mismatch,
     )
     engine = GenerationEngine(model, tokenizer, max_batch_size=1, eos_token_ids=eos, prefix_cache_mb=prefix_cache_mb)
     params = SamplingParams.from_group(sampling, seed=seed)

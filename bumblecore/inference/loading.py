@@ -25,11 +25,14 @@ def load_for_inference(
     merge: bool = True,
     trust_remote_code: bool = False,
     chat_template: Optional[str] = None,
+    base_model_path: Optional[str] = None,
+    ignore_base_mismatch: bool = False,
 ):
     """(model, tokenizer, eos ids). A dir with adapter_config.json is a LoRA adapter (any peft
-    task_type): its base is loaded from base_model_name_or_path, grown to the adapter's tokenizer
-    where tokens were added in training, the adapter applied and (by default) merged.
-    `chat_template`: a built-in name or .jinja file instead of the tokenizer's own."""
+    task_type): its base is loaded from `base_model_path`, else from the adapter's base_model_name_or_path,
+    checked against the base the adapter was trained on (`ignore_base_mismatch` uses it anyway), grown to
+    the adapter's tokenizer where tokens were added in training, the adapter applied and (by default)
+    merged. `chat_template`: a built-in name or .jinja file instead of the tokenizer's own."""
     from bumblecore.data.chat_templates import use_chat_template
     from bumblecore.inference.generate import default_eos_ids
     from bumblecore.model.lora import adapter_base_dir, attach_adapter
@@ -40,7 +43,7 @@ def load_for_inference(
     path = Path(model_path)
     device = resolve_device(device_map)
     adapter = (path / "adapter_config.json").is_file()
-    base_dir = adapter_base_dir(path) if adapter else path
+    base_dir = adapter_base_dir(path, base_model_path, ignore_base_mismatch) if adapter else path
     tokenizer_dir = path if not adapter or (path / "tokenizer_config.json").is_file() else base_dir
     tokenizer = load_tokenizer(tokenizer_dir, trust_remote_code=trust_remote_code)
     use_chat_template(tokenizer, chat_template, str(path))

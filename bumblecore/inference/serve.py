@@ -108,6 +108,8 @@ def serve(
     prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB,
     log_level: str = "info",
     chat_template: Optional[str] = None,
+    base_model_path: Optional[str] = None,
+    ignore_base_mismatch: bool = False,
 ) -> None:
     """Serve a model: OpenAI-compatible /v1/chat/completions (streaming too), /v1/models, /health, and a web chat page at /.
 
@@ -134,6 +136,8 @@ def serve(
         prefix_cache_mb: MiB of KV cache kept from finished requests, so a conversation's next turn prefills only its new tokens (its history's are reused); 0 disables.
         log_level: uvicorn/LitServe log level (debug, info, warning, error).
         chat_template: a built-in template (chatml, qwen2.5, llama3, mistral, gemma, phi3) or a .jinja file; default: the model's own (the one it was trained with). A conversation it cannot render is answered 400.
+        base_model_path: for a LoRA adapter: the base to apply it to (default: the one the adapter names); it must be the base the adapter was trained on.
+        ignore_base_mismatch: apply a LoRA adapter to a base other than the one it was trained on (its base_fingerprint.json says which) instead of refusing.
     """
     if training_stage not in ("pretrain", "continue_pretrain", "sft", "dpo"):
         raise ValueError(f"training_stage {training_stage!r}: expected pretrain, continue_pretrain, sft or dpo")
@@ -164,18 +168,25 @@ def serve(
         sampling=sampling,
         prefix_cache_mb=prefix_cache_mb,
         chat_template=chat_template,
+        base_model_path=base_model_path,
+        ignore_base_mismatch=ignore_base_mismatch,
         host=host,
         allowed_hosts=tuple(allowed_hosts or ()),
         allowed_origins=tuple(allowed_origins or ()),
     )
-    context_length(model_path, max_model_len)  # a wrong path fails here, in one line, before any process starts
+    # A wrong path, or an adapter on another base than its own, fails here, in one line, before any process starts.
+    if (Path(model_path) / "adapter_config.json").is_file():
+        from bumblecore.model.lora import adapter_base_dir
+
+        adapter_base_dir(model_path, base_model_path, ignore_base_mismatch)
+    context_length(model_path, max_model_len, base_model_path)
     if chat_template:  # likewise a wrong template name or file, or one whose markers the tokenizer lacks
         from bumblecore.data.chat_templates import use_chat_template
         from bumblecore.tokenizer import load_tokenizer
 
-        tokenizer = load_tokenizer(model_dirs(model_path)[1], trust_remote_code=trust_remote_code)
+        tokenizer = load_tokenizer(model_dirs(model_path, base_model_path)[1], trust_remote_code=trust_remote_code)
         use_chat_template(tokenizer, chat_template, model_path)
-    check_tokenizer_fits(model_path, trust_remote_code)  # as would every request, later, in the worker
+    check_tokenizer_fits(model_path, trust_remote_code, base_model_path)  # as would every request, later, in the worker
     server = BumbleServer(settings)
     shown = "localhost" if host in ("127.0.0.1", "::1") else host
     print(
@@ -189,13 +200,15 @@ def serve(
     server.run(host=host, port=port, log_level=log_level)
 
 
-def check_tokenizer_fits(model_path: str, trust_remote_code: bool = False) -> None:
+def check_tokenizer_fits(
+    model_path: str, trust_remote_code: bool = False, base_model_path: Optional[str] = None
+) -> None:
     """Raise ValueError when the tokenizer has ids the model has no embedding for (load_for_inference
     checks it too, in the worker; here it fails in one line, before any process starts)."""
     from bumblecore.model.vocab import adapter_vocab_size
     from bumblecore.tokenizer import check_fits_model, load_tokenizer
 
-    config_dir, tokenizer_dir = model_dirs(model_path)
+    config_dir, tokenizer_dir = model_dirs(model_path, base_model_path)
     tokenizer = load_tokenizer(tokenizer_dir, trust_remote_code=trust_remote_code)
     if config_dir != Path(model_path) and adapter_vocab_size(model_path, tokenizer, config_dir):
         return  # an adapter that trained the tokens its tokenizer adds: the base grows to it

@@ -45,25 +45,31 @@ class ServeSettings:
     """MiB of KV cache kept from finished requests for later ones that start the same (a chat's history); 0: none."""
     chat_template: Optional[str] = None
     """A built-in template name or a .jinja file instead of the tokenizer's own."""
+    base_model_path: Optional[str] = None
+    """A LoRA adapter's base, instead of the one the adapter names."""
+    ignore_base_mismatch: bool = False
+    """Apply a LoRA adapter to a base other than the one it was trained on instead of refusing."""
 
 
-def model_dirs(model_path: str) -> tuple[Path, Path]:
+def model_dirs(model_path: str, base_model_path: Optional[str] = None) -> tuple[Path, Path]:
     """(directory with the model's config.json, directory with its tokenizer); a LoRA adapter's base
-    holds the config, and the tokenizer too unless the adapter saved one."""
+    (`base_model_path`, else the one it names) holds the config, and the tokenizer too unless the
+    adapter saved one."""
     path = Path(model_path)
     adapter = path / "adapter_config.json"
     if adapter.is_file():
-        base = Path(json.loads(adapter.read_text(encoding="utf-8")).get("base_model_name_or_path") or "")
+        named = json.loads(adapter.read_text(encoding="utf-8")).get("base_model_name_or_path")
+        base = Path(base_model_path or named or "")
         return base, path if (path / "tokenizer_config.json").is_file() else base
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a model directory (no config.json)")
     return path, path
 
 
-def context_length(model_path: str, max_model_len: Optional[int]) -> int:
+def context_length(model_path: str, max_model_len: Optional[int], base_model_path: Optional[str] = None) -> int:
     """Tokens per request (prompt + reply): --max_model_len, else the model's own, capped so the
     preallocated KV cache of every slot stays small."""
-    config_dir, _ = model_dirs(model_path)
+    config_dir, _ = model_dirs(model_path, base_model_path)
     config = json.loads((config_dir / "config.json").read_text(encoding="utf-8"))
     own = config.get("max_position_embeddings") or DEFAULT_CONTEXT_CAP
     return min(max_model_len, own) if max_model_len else min(own, DEFAULT_CONTEXT_CAP)

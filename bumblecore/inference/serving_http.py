@@ -63,7 +63,7 @@ class ChatCompletionsSpec(LitSpec):
         self.api_path = "/v1/chat/completions"
         self.tokenizer = None
         self.tokenizing = None  # one thread: a fast tokenizer is not safe to call from several at once
-        self.max_len = context_length(settings.model_path, settings.max_model_len)
+        self.max_len = context_length(settings.model_path, settings.max_model_len, settings.base_model_path)
         self.created = int(time.time())
 
     def __getstate__(self):
@@ -87,7 +87,8 @@ class ChatCompletionsSpec(LitSpec):
         super().setup(server)
         StepFanOut.install(self)  # the worker's one message per step, handed out to each request's buffer
         self.tokenizer = load_tokenizer(
-            model_dirs(self.settings.model_path)[1], trust_remote_code=self.settings.trust_remote_code
+            model_dirs(self.settings.model_path, self.settings.base_model_path)[1],
+            trust_remote_code=self.settings.trust_remote_code,
         )
         use_chat_template(self.tokenizer, self.settings.chat_template, self.settings.model_path)
         self.tokenizing = ThreadPoolExecutor(1, thread_name_prefix="bumblecore-tokenize")

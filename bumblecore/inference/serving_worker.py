@@ -145,8 +145,10 @@ class EngineAPI(ls.LitAPI):
             device,
             trust_remote_code=settings.trust_remote_code,
             chat_template=settings.chat_template,
+            base_model_path=settings.base_model_path,
+            ignore_base_mismatch=settings.ignore_base_mismatch,
         )
-        max_len = context_length(settings.model_path, settings.max_model_len)
+        max_len = context_length(settings.model_path, settings.max_model_len, settings.base_model_path)
         self.engine = GenerationEngine(
             model,
             tokenizer,

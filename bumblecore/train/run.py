@@ -460,6 +460,18 @@ def check_checkpoint_matches(checkpoint_dir: Path, run: TrainArgs) -> None:
             f"{'; '.join(differences)}. Resume it with the config that wrote it, or start afresh "
             "in another output_dir"
         )
+    if run.model.finetuning_type == "lora":  # the adapter goes on model_name_or_path again: the same base?
+        from bumblecore.model.lora import FINGERPRINT_FILE, fingerprint_difference, read_base_fingerprint
+
+        recorded = read_base_fingerprint(checkpoint_dir)
+        difference = recorded and fingerprint_difference(recorded, run.model.model_name_or_path)
+        if difference:
+            raise ValueError(
+                f"resume_from_checkpoint: {checkpoint_dir} holds a LoRA adapter trained on another base than "
+                f"model_name_or_path {run.model.model_name_or_path}: {difference} (its {FINGERPRINT_FILE} "
+                f"describes the base it was trained on, then at {recorded.get('base_model_name_or_path')}). "
+                "Resume on that base, or start afresh in another output_dir"
+            )
 
 
 def _run_outputs(output_dir: Path) -> list[str]:
@@ -620,6 +632,12 @@ def main(fabric, run: TrainArgs, deepspeed_config: dict | None = None, launcher:
         )  # before anything is written
     load_grown = functools.partial(load_model, vocab_size=vocab_size)
     resume_dir, notes = agreed_on_rank_zero(fabric, lambda notes: prepare_output_dir(run, notes))
+    # The base as this run reads it, recorded beside every adapter it saves (model/lora.py).
+    base = None
+    if run.model.finetuning_type == "lora" and fabric.is_global_zero:
+        from bumblecore.model.lora import base_fingerprint
+
+        base = base_fingerprint(run.model.model_name_or_path)
     for note in notes + config_notes(run):
         fabric.print(f"note: {note}")
     if deepspeed_config is None:
@@ -822,7 +840,7 @@ def main(fabric, run: TrainArgs, deepspeed_config: dict | None = None, launcher:
         runtime_owns_accumulation=deepspeed_config is not None,
         skips_overflow_steps=optimization.train_model_precision == "fp16",
     )
-    exporter = Exporter(fabric, run, tokenizer, monitor)
+    exporter = Exporter(fabric, run, tokenizer, monitor, base_fingerprint=base)
     engine = Engine(
         fabric,
         model,
@@ -938,8 +956,9 @@ def _is_bumblebee_model(model) -> bool:
 class Exporter:
     """Writes checkpoints (HF export + resume state, atomically) and the final model."""
 
-    def __init__(self, fabric, run: TrainArgs, tokenizer, monitor):
+    def __init__(self, fabric, run: TrainArgs, tokenizer, monitor, base_fingerprint: Optional[dict] = None):
         self.fabric, self.run, self.tokenizer, self.monitor = fabric, run, tokenizer, monitor
+        self.base_fingerprint = base_fingerprint  # LoRA: the base the adapters are trained on
 
     def _save_dtype(self) -> torch.dtype:
         return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
@@ -970,7 +989,13 @@ class Exporter:
                 return
             directory.mkdir(parents=True, exist_ok=True)
             if lora:
-                save_adapter(bare, directory, self.run.model.model_name_or_path, state_dict=state)
+                save_adapter(
+                    bare,
+                    directory,
+                    self.run.model.model_name_or_path,
+                    state_dict=state,
+                    fingerprint=self.base_fingerprint,
+                )
             else:
                 dtype = self._save_dtype()
                 casted = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
