@@ -219,6 +219,7 @@ def demo(
         tokenizer_path=str(DEMO_DATA / "tokenizer"),
         output_dir=str(out / "init"),
         torch_dtype="float32",
+        overwrite_output_dir=True,  # a demo run again replaces its own outputs, as its stages do
         **shape,
     )
     pretrain = timed("pretrain", run_stage, stage_config("pretrain", out, out / "init", device, quick))

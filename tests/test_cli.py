@@ -50,6 +50,25 @@ def test_init_model_preset_equals_transformers(tmp_path, tokenizer_dir):
     assert hf.num_parameters() == ours.num_parameters() == 494_032_768
 
 
+def test_init_model_refuses_a_non_empty_output_dir_and_overwrite_replaces_it_whole(tmp_path, tokenizer_dir, capsys):
+    out = tmp_path / "init"
+    tiny = ["init_model", "--tokenizer_path", str(tokenizer_dir), "--output_dir", str(out), "--num_hidden_layers"]
+    main([*tiny, "2"])
+    (out / "model.safetensors").write_bytes(b"weights a run wrote here")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as refused:
+        main([*tiny, "3"])
+    message = capsys.readouterr().err
+    assert refused.value.code == 1 and f"output_dir {out} is not empty (" in message and "model.safetensors" in message
+    assert "set overwrite_output_dir: true to replace it, or choose another output_dir" in message
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # untouched
+    main([*tiny, "3", "--overwrite_output_dir"])
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 3
+    assert not (out / "model.safetensors").exists()  # replaced whole: no weights of the old model stay
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["init"]  # no staging left beside it
+
+
 @pytest.mark.slow
 def test_config_file_overrides_and_print_config(tmp_path, tokenizer_dir):
     config = tmp_path / "init.yaml"

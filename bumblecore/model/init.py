@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Optional
 
 from bumblecore.model.config import PRESETS, BumblebeeConfig
-from bumblecore.model.hf_io import config_to_hf_dict, write_generation_config
+from bumblecore.model.hf_io import config_to_hf_dict, replace_directory, write_generation_config
 
 
 def init_model(
@@ -32,6 +33,7 @@ def init_model(
     initializer_range: Optional[float] = None,
     torch_dtype: str = "bfloat16",
     trust_remote_code: bool = False,
+    overwrite_output_dir: bool = False,
 ) -> str:
     """Write a model directory for pretraining from scratch: config.json, generation_config.json and the tokenizer.
 
@@ -61,9 +63,25 @@ def init_model(
         initializer_range: std of the normal weight init.
         torch_dtype: dtype recorded in config.json for the weights pretraining will write.
         trust_remote_code: allow a tokenizer that ships its own Python code.
+        overwrite_output_dir: replace what output_dir holds (without it a non-empty output_dir is refused, as `train` refuses another run's outputs).
     """
     from bumblecore.tokenizer import load_tokenizer
 
+    out = Path(output_dir)
+    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if held and not overwrite_output_dir:  # before anything is read: a model dir is never replaced unasked
+        shown = ", ".join(held[:4]) + (f" and {len(held) - 4} more" if len(held) > 4 else "")
+        raise ValueError(
+            f"output_dir {out} is not empty ({shown}); set overwrite_output_dir: true to replace it, "
+            "or choose another output_dir"
+        )
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output_dir {out} is a file; choose a directory")
+    if held and out.resolve() in Path(tokenizer_path).resolve().parents:
+        raise ValueError(
+            f"tokenizer_path {tokenizer_path} is inside output_dir {out}, which overwrite_output_dir would replace; "
+            "move the tokenizer out of it or choose another output_dir"
+        )
     tokenizer = load_tokenizer(tokenizer_path, trust_remote_code=trust_remote_code)
     overrides = {k: v for k, v in locals().items() if k in BumblebeeConfig.__dataclass_fields__ and v is not None}
     if preset not in PRESETS:
@@ -93,11 +111,19 @@ def init_model(
             f"tokenizer {tokenizer_path} has {tokenizer_size} tokens but vocab_size is {config.vocab_size}; "
             f"pass --vocab_size {-(-tokenizer_size // 64) * 64} (its size rounded up to 64) or larger"
         )
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(config_to_hf_dict(config), indent=2) + "\n", encoding="utf-8")
-    write_generation_config(out, config, eos_token_ids=eos_ids or None)
-    tokenizer.save_pretrained(str(out))
+    # Written whole under a temporary name, then renamed over output_dir: a replaced model dir keeps
+    # nothing of the old one (its weights), and a failed write leaves the old one as it was.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.init.tmp"
+    shutil.rmtree(staging, ignore_errors=True)  # left by a killed init_model
+    staging.mkdir()
+    try:
+        (staging / "config.json").write_text(json.dumps(config_to_hf_dict(config), indent=2) + "\n", encoding="utf-8")
+        write_generation_config(staging, config, eos_token_ids=eos_ids or None)
+        tokenizer.save_pretrained(str(staging))
+        replace_directory(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     print(
         f"wrote {out}: preset {preset}, {config.num_parameters_estimate:,} parameters once initialised, "
         f"vocab {config.vocab_size} (tokenizer {tokenizer_size})"
