@@ -190,20 +190,22 @@ def check_adapter_base(adapter_dir, base_dir, ignore_base_mismatch: bool = False
     difference = fingerprint_difference(recorded, base_dir)
     if difference is None:
         return
-    trained_on = recorded.get("base_model_name_or_path", "?")
     if ignore_base_mismatch:
         say(f"ignore_base_mismatch: applying {adapter_dir} to {base_dir}, although {difference} from its own base")
         return
-    where = (
-        f"{base_dir} was rewritten after the adapter was trained on it"
-        if Path(trained_on).resolve() == Path(base_dir).resolve()
-        else f"it was trained on {trained_on}"
-    )
     raise ValueError(
-        f"the LoRA adapter {adapter_dir} was trained on another base than {base_dir}: {difference}; {where} "
-        f"(its {FINGERPRINT_FILE} says so). Give its own base with --base_model_path, or pass "
+        f"the LoRA adapter {adapter_dir} was trained on another base than {base_dir}: {difference}; "
+        f"{trained_where(recorded, base_dir)}. Give its own base with --base_model_path, or pass "
         f"--ignore_base_mismatch to apply it to {base_dir} anyway"
     )
+
+
+def trained_where(recorded: dict, base_dir) -> str:
+    """Where the adapter's own base was, as its base_fingerprint.json says."""
+    trained_on = recorded.get("base_model_name_or_path", "?")
+    if Path(trained_on).resolve() == Path(base_dir).resolve():
+        return f"{base_dir} was rewritten after the adapter was trained on it (its {FINGERPRINT_FILE} says so)"
+    return f"it was trained on {trained_on} (its {FINGERPRINT_FILE} says so)"
 
 
 def adapter_base_dir(adapter_dir, base_model_path: Optional[str] = None, ignore_base_mismatch: bool = False) -> Path:

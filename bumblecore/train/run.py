@@ -461,16 +461,16 @@ def check_checkpoint_matches(checkpoint_dir: Path, run: TrainArgs) -> None:
             "in another output_dir"
         )
     if run.model.finetuning_type == "lora":  # the adapter goes on model_name_or_path again: the same base?
-        from bumblecore.model.lora import FINGERPRINT_FILE, fingerprint_difference, read_base_fingerprint
+        from bumblecore.model.lora import fingerprint_difference, read_base_fingerprint, trained_where
 
+        base = run.model.model_name_or_path
         recorded = read_base_fingerprint(checkpoint_dir)
-        difference = recorded and fingerprint_difference(recorded, run.model.model_name_or_path)
+        difference = recorded and fingerprint_difference(recorded, base)
         if difference:
             raise ValueError(
                 f"resume_from_checkpoint: {checkpoint_dir} holds a LoRA adapter trained on another base than "
-                f"model_name_or_path {run.model.model_name_or_path}: {difference} (its {FINGERPRINT_FILE} "
-                f"describes the base it was trained on, then at {recorded.get('base_model_name_or_path')}). "
-                "Resume on that base, or start afresh in another output_dir"
+                f"model_name_or_path {base}: {difference}; {trained_where(recorded, base)}. Resume on its own "
+                "base, or start afresh in another output_dir"
             )
 
 
