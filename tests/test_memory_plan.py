@@ -117,6 +117,12 @@ def test_plan_parts_per_strategy():
     assert z3.transient["gathered parameters"] == 2 * p  # measured: the whole model, whatever the limits
     assert z3.transient["reduce bucket"] == 2 * 250_000
     assert z3.transient["fp32 gradient copy"] == 4 * p // n
+    # Freed blocks straight back to the OS: the live-parameter limit and the embedding stay gathered, and
+    # nothing is kept by the allocator.
+    prompt = plan_memory(p, p, "bf16", n, zero, "host", None, workload=work, prompt_release=True)
+    assert prompt.transient["gathered parameters"] == 2 * (1_000_000 + 512_000)
+    assert "freed blocks the allocator keeps" not in prompt.transient
+    assert "freed blocks the allocator keeps" in z3.transient
     # Short rows: the gradients outgrow the activations, which add nothing beyond them.
     assert ddp.transient["activations and loss chunks"] == 0
     long = Workload(512, 1024, 8, 128, 512, 1000, micro_batch_size=8, sequence_length=2048)
@@ -153,6 +159,91 @@ def test_shipped_zero3_config_sizes_its_knobs_from_the_layer():
     assert filled["stage3_max_live_parameters"] == 2 * layer
     assert filled["stage3_max_reuse_distance"] == layer
     assert filled["stage3_prefetch_bucket_size"] == int(0.9 * 1024**2)
+    assert filled["sub_group_size"] == layer  # the step's flattened-gradient transient: a layer's slice
+
+
+PROMPT_RELEASE_PROBE = """
+import sys, torch
+from bumblecore.train.memory import release_freed_memory_promptly, runtime_rss
+if sys.argv[1] == "prompt":
+    assert release_freed_memory_promptly()
+torch.ones(2 << 20)  # an 8 MiB block freed: glibc raises its mmap threshold past it
+before = runtime_rss()
+big, keep = [], []
+for _ in range(48):  # 8 MiB blocks, each followed by a small one that stays: holes the heap cannot trim
+    big.append(torch.ones(2 << 20))
+    keep.append(torch.ones(8 << 10))
+del big
+print((runtime_rss() - before) >> 20)
+"""
+
+
+@pytest.mark.parametrize("mode", ["default", "prompt"])
+def test_prompt_release_hands_freed_blocks_back(mode):
+    """The kernel's RSS as the oracle: glibc keeps 384 MiB of freed 8 MiB blocks behind small live ones;
+    with release_freed_memory_promptly they were their own mappings and are gone."""
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-c", PROMPT_RELEASE_PROBE, mode], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    kept_mib = int(done.stdout.split()[-1])
+    assert kept_mib < 32 if mode == "prompt" else kept_mib > 300
+
+
+SHARED_MASTER_PROBE = """
+import hashlib, os, sys, torch
+from bumblecore.model.bumblebee import Bumblebee
+from bumblecore.model.config import BumblebeeConfig
+from bumblecore.train.runtime import build_fabric, deepspeed_engine, fill_deepspeed_config, share_fp32_master_weights
+
+stage, share = int(sys.argv[1]), sys.argv[3] == "share"
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2])
+config = fill_deepspeed_config({"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": stage}},
+    micro_batch_size=1, gradient_accumulation_steps=1, world_size=1, precision="fp32", max_grad_norm=None, hidden_size=64)
+fabric = build_fabric(accelerator="cpu", devices=1, train_model_precision="fp32", deepspeed_config=config)
+fabric.launch()
+torch.manual_seed(0)
+model = Bumblebee(BumblebeeConfig.from_preset("0.5B", num_hidden_layers=2, hidden_size=64, intermediate_size=128,
+    num_attention_heads=4, num_key_value_heads=2, vocab_size=256, torch_dtype="float32"))
+numel = sum(p.numel() for p in model.parameters())
+wrapped, _ = fabric.setup(model, torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True))
+if share:
+    freed = share_fp32_master_weights(wrapped)
+    assert numel * 4 <= freed <= numel * 4 + 4096, (freed, numel)  # the whole master copy (plus alignment)
+    assert share_fp32_master_weights(wrapped) == 0  # once shared, nothing more to free
+for step in range(3):
+    ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(step))
+    fabric.backward(wrapped(ids).float().logsumexp(-1).mean())
+    deepspeed_engine(wrapped).step()
+from deepspeed.utils import safe_get_full_fp32_param
+digest = hashlib.sha256()
+with torch.no_grad():
+    for p in wrapped.parameters():
+        digest.update((safe_get_full_fp32_param(p) if stage == 3 else p).numpy().tobytes())
+print("weights", digest.hexdigest())
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [1, 3])
+def test_fp32_zero_keeps_its_weights_once_and_changes_no_number(stage):
+    """fp32 weights are their own master copy under ZeRO-1/3 (DeepSpeed's clone is dropped: a model's
+    worth of fp32 bytes freed), and three steps give bit for bit the weights of DeepSpeed's own copy."""
+    import socket
+    import subprocess
+
+    weights = {}
+    for mode in ("share", "copy"):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = str(probe.getsockname()[1])
+        done = subprocess.run(
+            [sys.executable, "-c", SHARED_MASTER_PROBE, str(stage), port, mode],
+            capture_output=True, text=True, cwd=ROOT, timeout=300,
+        )  # fmt: skip
+        assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+        weights[mode] = done.stdout.split("weights ")[-1].strip()
+    assert weights["share"] == weights["copy"]
 
 
 @pytest.mark.parametrize("max_shard_size", ["5GB", 1000])

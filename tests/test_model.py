@@ -696,3 +696,31 @@ def test_supported_family_with_a_feature_bumblebee_lacks_is_refused_and_not_nati
             Bumblebee.from_pretrained(tmp_path / family)
     tiny_hf("qwen3").save_pretrained(tmp_path / "qwen3")
     assert bumblebee_expresses(tmp_path / "qwen3")
+
+
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)])
+def test_rope_rotation_is_transformers_formula_bit_for_bit(dtypes):
+    """apply_rope (one autograd node, three passes) gives exactly transformers' apply_rotary_pos_emb:
+    forward, and the gradient of the input."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from bumblecore.model.bumblebee import apply_rope
+
+    x_dtype, angle_dtype = dtypes
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 7, 3, 16, generator=generator).to(x_dtype)
+    freqs = torch.randn(2, 7, 8, generator=generator)
+    angles = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = angles.cos().to(angle_dtype), angles.sin().to(angle_dtype)
+    ours_in, theirs_in = q.clone().requires_grad_(), q.clone().requires_grad_()
+    ours = apply_rope(ours_in, cos, sin)
+    # transformers takes (batch, heads, seq, dim) and unsqueezes cos/sin at dim 1
+    theirs, _ = apply_rotary_pos_emb(theirs_in.transpose(1, 2), theirs_in.transpose(1, 2), cos, sin)
+    theirs = theirs.transpose(1, 2)
+    assert torch.equal(ours, theirs)
+    grad = torch.randn(ours.shape, generator=generator).to(ours.dtype)
+    ours.backward(grad)
+    theirs.backward(grad)
+    assert torch.equal(ours_in.grad, theirs_in.grad)
+    with torch.no_grad():
+        assert torch.equal(apply_rope(q, cos, sin), theirs)

@@ -175,6 +175,6 @@ def test_memory_plan_follows_the_zero_paper():
     )
     assert offload.optimizer == 0 and offload.host_offload == 12 * p // n
     fp32_zero2 = plan_memory(p, p, "fp32", n, {"zero_optimization": {"stage": 2}}, "gpu", None)
-    assert fp32_zero2.total == 4 * p + (4 * p + 12 * p) // n  # DeepSpeed keeps an fp32 master copy in fp32 too
+    assert fp32_zero2.total == 4 * p + (4 * p + 8 * p) // n  # fp32 weights are their own master copy
     with pytest.raises(ValueError, match="cannot fit"):
         plan_memory(p, p, "fp32", 1, None, "a small device", 10 * p).check()

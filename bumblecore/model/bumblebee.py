@@ -103,9 +103,42 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (batch, seq, heads, head_dim); cos/sin: (batch, seq, head_dim)."""
-    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
-    return x * cos + rotate_half(x) * sin
+    """x: (batch, seq, heads, head_dim); cos/sin: (batch, seq, head_dim), their two halves equal.
+
+    The same numbers as x * cos + rotate_half(x) * sin, bit for bit, in three passes over x instead of
+    five and without rotate_half's concatenation in either direction (backward is the same rotation
+    by -angle, and keeps only cos and sin)."""
+    half = x.shape[-1] // 2
+    cos, sin = cos[..., :half].unsqueeze(2), sin[..., :half].unsqueeze(2)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _Rotation.apply(x, cos, sin)
+    return _rotate(x, cos, sin, 1)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: int) -> torch.Tensor:
+    """(x1, x2) -> (x1 cos - sign x2 sin, x2 cos + sign x1 sin), each product rounded before the sum."""
+    out = torch.empty(x.shape, dtype=torch.result_type(x, cos), device=x.device)
+    first, second = x.chunk(2, dim=-1)
+    out_first, out_second = out.chunk(2, dim=-1)
+    torch.mul(first, cos, out=out_first)
+    torch.mul(second, cos, out=out_second)
+    out_first.sub_(second * sin) if sign > 0 else out_first.add_(second * sin)
+    out_second.add_(first * sin) if sign > 0 else out_second.sub_(first * sin)
+    return out
+
+
+class _Rotation(torch.autograd.Function):
+    """RoPE as one autograd node: its gradient is the inverse rotation of the incoming one."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin, 1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        return _rotate(grad, cos, sin, -1), None, None
 
 
 # ---------------------------------------------------------------------------- KV cache

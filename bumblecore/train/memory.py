@@ -5,8 +5,7 @@ States, bytes per parameter with Adam (the ZeRO paper's accounting; P all parame
 
     plain / DDP (fp32 weights, bf16 autocast)     4P weights + 4T gradients + 8T Adam moments
     DeepSpeed with bf16/fp16                      2P weights + 2T gradients + 12T (fp32 master + moments)
-    DeepSpeed ZeRO-1/2/3 in fp32                  4P weights + 4T gradients + 12T (it keeps an fp32 master copy too)
-    DeepSpeed ZeRO-0 in fp32                      4P weights + 4T gradients + 8T
+    DeepSpeed in fp32                             4P weights + 4T gradients + 8T (the weights are the fp32 master)
     ZeRO-1 divides the optimizer states by N, ZeRO-2 the gradients too, ZeRO-3 the weights too;
     offload_optimizer / offload_param move those states to host memory.
 
@@ -20,9 +19,10 @@ Beside the states, the plan counts (see `Workload` and `plan_memory`):
     autocast     bf16 copies of the weights that autocast makes (and keeps until backward) under bf16-mixed
     runtime buffers  DDP's gradient buckets (a second copy of the gradients); DeepSpeed's reduce bucket,
                  the fp32 copy of a rank's gradient partition at the step (16-bit runs), its engine's own
-                 state, and under ZeRO-3 the gathered parameters (measured: about the whole model)
+                 state, and under ZeRO-3 the gathered parameters (its live-parameter limit and the embedding)
     allocator    what glibc keeps of the memory each step frees and makes again (activations, gradients,
-                 ZeRO-3's gathered weights): about half of the largest, measured
+                 ZeRO-3's gathered weights): about half of the largest, measured; none where freed blocks
+                 go back to the OS at once (RuntimeArgs.release_freed_memory, the default under ZeRO-3)
 
 Gradients and activations are not all alive at once: backward frees a layer's activations as it makes
 that layer's gradients, so the plan counts the larger of the two (plus the embedding/head gradient).
@@ -203,10 +203,12 @@ def plan_memory(
     workload: Optional[Workload] = None,
     runtime: int = 0,
     linear_params: Optional[int] = None,
+    prompt_release: bool = False,
 ) -> MemoryPlan:
     """Per-rank bytes at the peak. `frozen_copy_params`: a second model held without gradients (a frozen
     DPO reference), at the weights' width; `workload`: the shape and batch (activations, loss chunks);
-    `runtime`: the process's own bytes; `linear_params`: weights autocast casts (default: all)."""
+    `runtime`: the process's own bytes; `linear_params`: weights autocast casts (default: all);
+    `prompt_release`: freed blocks go back to the OS at once (`release_freed_memory_promptly`)."""
     zero = (deepspeed_config or {}).get("zero_optimization") or {}
     stage = int(zero.get("stage", 0)) if deepspeed_config is not None else None
     sixteen = stage is not None and precision in ("bf16", "fp16")
@@ -214,7 +216,8 @@ def plan_memory(
     frozen = total_params - trainable_params
     parameters = trainable_params * width + frozen * width
     gradients = trainable_params * width
-    optimizer = trainable_params * (12 if sixteen or (stage or 0) >= 1 else 8)
+    # 16-bit weights keep an fp32 master copy; fp32 ones are their own master (share_fp32_master_weights)
+    optimizer = trainable_params * (12 if sixteen else 8)
     n = max(1, world_size)
     if stage is not None and stage >= 1:
         optimizer //= n
@@ -235,11 +238,12 @@ def plan_memory(
     plan = MemoryPlan(parameters, gradients, optimizer, device_name, available, strategy, host, extra, runtime)
     if workload is not None:
         plan.transient = _transient(plan, workload, precision, stage, n, zero, total_params, trainable_params,
-                                    linear_params if linear_params is not None else total_params)  # fmt: skip
+                                    linear_params if linear_params is not None else total_params,
+                                    prompt_release)  # fmt: skip
     return plan
 
 
-def _transient(plan, work: Workload, precision, stage, n, zero, total, trainable, linear) -> dict:
+def _transient(plan, work: Workload, precision, stage, n, zero, total, trainable, linear, prompt_release) -> dict:
     """What is alive beside the states at the peak. Backward turns each layer's activations into its
     gradients, so the peak is the larger of (activations + loss chunks, at backward's start) and
     (every gradient + the embedding's new gradient before it is added to the head's, at its end)."""
@@ -259,7 +263,8 @@ def _transient(plan, work: Workload, precision, stage, n, zero, total, trainable
     # part of that heap for reuse rather than returning it (measured on this project's matrix: about
     # half of the largest of the three); fixed malloc thresholds return it, at a cost in speed.
     churn = max(start, trainable * width, total * width if stage == 3 else 0)
-    transient["freed blocks the allocator keeps"] = int(ALLOCATOR_RETENTION * churn)
+    if not prompt_release:
+        transient["freed blocks the allocator keeps"] = int(ALLOCATOR_RETENTION * churn)
     if stage is not None:
         transient["DeepSpeed engine"] = DEEPSPEED_ENGINE_BYTES
         reduce_bucket = _number(zero.get("reduce_bucket_size"), 5e8)
@@ -267,10 +272,11 @@ def _transient(plan, work: Workload, precision, stage, n, zero, total, trainable
         if width == 2 and stage >= 1:  # the step's fp32 copy of this rank's gradient partition
             transient["fp32 gradient copy"] = 4 * trainable // n
         if stage == 3:
-            # Measured on 2 CPU ranks (DeepSpeed 0.19, docs/BENCHMARKS.md): a rank's peak holds about the
-            # whole model gathered, even with the live-parameter and reuse limits sized to two layers
-            # (and a frozen weight, LoRA's base, has no gradient hook to release it after its backward).
-            transient["gathered parameters"] = total * width
+            # Weights gathered at once: the live-parameter limit plus the embedding (gathered whole for the
+            # head). Measured on 2 CPU ranks (DeepSpeed 0.19, docs/BENCHMARKS.md): without prompt release,
+            # glibc keeps each freed gather, and a rank holds about the whole model gathered.
+            live = _number(zero.get("stage3_max_live_parameters"), 1e9) + work.embedding_params
+            transient["gathered parameters"] = int(min(total, live if prompt_release else total)) * width
     return transient
 
 
@@ -335,6 +341,33 @@ def peak_host_rss_bytes() -> int:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# glibc's mallopt parameters (malloc.h) and the size from which a freed block goes straight back to the OS.
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+PROMPT_RELEASE_BYTES = 128 * 1024
+
+
+def release_freed_memory_promptly() -> bool:
+    """From now on, give every block of 128 KiB or more its own mapping, unmapped when it is freed, and
+    trim the heap's top past 128 KiB. Left alone, glibc raises its mmap threshold to the largest block
+    freed so far (up to 32 MiB) and keeps later blocks of that size in its heap for reuse: a ZeRO-3 rank,
+    which gathers and frees every weight each step, then holds ~1.5 GB it no longer uses (docs/
+    BENCHMARKS.md). The cost: each new big tensor's pages are faulted in again. False where this is
+    not glibc (nothing changes)."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(
+            libc.mallopt(M_MMAP_THRESHOLD, PROMPT_RELEASE_BYTES)
+            and libc.mallopt(M_TRIM_THRESHOLD, PROMPT_RELEASE_BYTES)
+        )
+    except (OSError, AttributeError):
+        return False
 
 
 def release_freed_host_memory() -> None:

@@ -283,9 +283,11 @@ def memory_plan(
     local_processes: int,
     sequence_length: Optional[int] = None,
     runtime: Optional[int] = None,
+    prompt_release: bool = False,
 ):
     """The per-rank memory plan. `sequence_length`: the rows' length where the data is known (default
-    cutoff_len, the bound); `runtime`: the process's own RSS as measured before the model was built."""
+    cutoff_len, the bound); `runtime`: the process's own RSS as measured before the model was built;
+    `prompt_release`: freed blocks go back to the OS at once (RuntimeArgs.release_freed_memory)."""
     from bumblecore.train.memory import Workload, available_memory, plan_memory, runtime_rss
 
     total, trainable = count_parameters(run)
@@ -324,6 +326,7 @@ def memory_plan(
         workload=workload,
         # the host process shares the device on CPU
         runtime=(runtime if runtime is not None else runtime_rss()) if fabric.device.type == "cpu" else 0,
+        prompt_release=prompt_release,
     )
 
 
@@ -612,9 +615,9 @@ def main(fabric, run: TrainArgs, deepspeed_config: dict | None = None, launcher:
     from bumblecore.tokenizer import check_fits_model
     from bumblecore.train.checkpoint import in_place_checkpoint_io, read_trainer_state
     from bumblecore.train.engine import Engine, LoopSettings
-    from bumblecore.train.memory import release_freed_host_memory
+    from bumblecore.train.memory import release_freed_host_memory, release_freed_memory_promptly
     from bumblecore.train.monitor import Monitor
-    from bumblecore.train.runtime import zero_stage
+    from bumblecore.train.runtime import share_fp32_master_weights, zero_stage
     from bumblecore.train.schedulers import build_scheduler
     from bumblecore.train.sft import LanguageModelingStage
 
@@ -645,7 +648,13 @@ def main(fabric, run: TrainArgs, deepspeed_config: dict | None = None, launcher:
         fabric.strategy.checkpoint_io = in_place_checkpoint_io()
 
     stage_of_zero = zero_stage(deepspeed_config)
-    plan = memory_plan(fabric, run, deepspeed_config, local_processes=_processes_per_node(fabric))
+    prompt_release = run.runtime.release_freed_memory
+    if prompt_release is None:
+        prompt_release = stage_of_zero == 3  # its ranks gather and free every weight each step
+    prompt_release = prompt_release and release_freed_memory_promptly()
+    plan = memory_plan(
+        fabric, run, deepspeed_config, local_processes=_processes_per_node(fabric), prompt_release=prompt_release
+    )
     plan.check()  # before anything is allocated or written
     # DeepSpeed with 16-bit weights keeps a 16-bit module and fp32 master weights itself: load 16-bit.
     weights_dtype = torch.float32
@@ -735,6 +744,7 @@ def main(fabric, run: TrainArgs, deepspeed_config: dict | None = None, launcher:
                 _processes_per_node(fabric),
                 sequence_length=longest,
                 runtime=plan.runtime,
+                prompt_release=prompt_release,
             )
         loader = step_loader(units, bool(run.data.packing), run.data.group_by_length)
         eval_loader = (
@@ -774,6 +784,7 @@ def main(fabric, run: TrainArgs, deepspeed_config: dict | None = None, launcher:
         fused=True,
     )
     model, optimizer = fabric.setup(model, adamw)
+    share_fp32_master_weights(model)
     release_freed_host_memory()  # DeepSpeed's setup copies every partition once more
     # The schedule drives AdamW's own param groups: under DeepSpeed the ZeRO optimizer wraps it and steps it.
     scheduler = build_scheduler(

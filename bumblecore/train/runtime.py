@@ -262,6 +262,9 @@ def fill_deepspeed_config(
         layer = layer_params or 12 * h2
         fill(zero, "stage3_max_live_parameters", 2 * layer)
         fill(zero, "stage3_max_reuse_distance", layer)
+        # The ZeRO-3 step flattens each sub-group's gradient partition into a fresh fp32 buffer: sized to
+        # a layer, that transient is a layer's slice, not the whole partition (the default 1e9 is).
+        fill(zero, "sub_group_size", layer)
     leftover = sorted(_auto_keys(config))
     if leftover:
         raise ValueError(f"DeepSpeed config keeps 'auto' values that bumblecore cannot fill: {', '.join(leftover)}")
@@ -389,6 +392,51 @@ def deepspeed_engine(model):
     """The DeepSpeed engine under Fabric's wrapper, or None for other strategies."""
     engine = getattr(model, "_forward_module", None)
     return engine if hasattr(engine, "zero_optimization_stage") else None
+
+
+def share_fp32_master_weights(model) -> int:
+    """Bytes freed on this rank by letting DeepSpeed's fp32 master partitions be the fp32 weights' own.
+
+    With fp32 weights the ZeRO optimizers still keep a master copy of each rank's weight partition:
+    ZeRO-1/2 always clone it, and ZeRO-3's check for "already fp32" compares a torch.device with a
+    device string and never matches (DeepSpeed 0.19). The copy holds the same values and the step
+    writes it back into the weights, so pointing each master partition at the weights' partition
+    drops a partition's worth of memory (4 bytes per parameter / ranks) and changes no number."""
+    import torch
+
+    optimizer = getattr(deepspeed_engine(model), "optimizer", None)
+    pairs = [
+        (
+            getattr(optimizer, "fp16_partitioned_groups_flat", None),
+            getattr(optimizer, "fp32_partitioned_groups_flat", None),
+        ),
+        (_own_partitions(optimizer), getattr(optimizer, "single_partition_of_fp32_groups", None)),
+    ]
+    freed = 0
+    for weights, masters in pairs:
+        for weight, master in zip(weights or [], masters or []):
+            if (
+                weight is not None
+                and weight.dtype == master.dtype == torch.float32
+                and weight.device == master.device
+                and weight.shape == master.shape
+                and weight.untyped_storage().data_ptr() != master.untyped_storage().data_ptr()
+                and torch.equal(weight, master)  # the copy DeepSpeed made, not yet stepped
+            ):
+                master.data = weight.data
+                freed += master.numel() * 4
+    return freed
+
+
+def _own_partitions(optimizer) -> Optional[list]:
+    """ZeRO-1/2: this rank's partition of each flat weight group (views into the full weights)."""
+    groups = getattr(optimizer, "parallel_partitioned_bit16_groups", None)
+    process_groups = getattr(optimizer, "real_dp_process_group", None)
+    if groups is None or process_groups is None:
+        return None
+    import deepspeed.comm as dist
+
+    return [group[dist.get_rank(group=process_groups[i])] for i, group in enumerate(groups)]
 
 
 def partitions_weights(model) -> bool:
