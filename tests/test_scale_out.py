@@ -294,7 +294,7 @@ def test_two_nodes_with_fabric_run_equal_one_process_and_build_their_own_cache(j
 
 def test_fabric_run_with_two_devices_shares_the_cores_and_equals_one_process(job):
     """`fabric run --devices 2` gives each rank OMP_NUM_THREADS = all the machine's cores; each rank takes
-    its share instead (two ranks with both cores each of a 2-core machine ran 3.4x slower, docs/BENCHMARKS.md)."""
+    its share instead (two ranks with both cores each of a 2-core machine took 3.0x the wall time, docs/BENCHMARKS.md)."""
     from bumblecore.train.runtime import available_cores
 
     root, config = job
