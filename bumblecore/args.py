@@ -369,6 +369,8 @@ class OutputArgs:
     """A checkpoint dir, or `latest` (the newest complete one in output_dir)."""
     eval_steps: Optional[int] = None
     """Evaluate every N optimiser steps (default: at save_steps when eval data is given)."""
+    eval_at_end: bool = True
+    """With eval data, evaluate after the last step too (once: not again if that step evaluated already)."""
     logging_steps: int = 1
     """Log (and write metrics.jsonl) every N optimiser steps."""
     save_train_log: bool = False

@@ -40,3 +40,22 @@ def test_train_yaml_parses(path):
 @pytest.mark.parametrize("path", sorted((CONFIGS / "deepspeed").glob("*.json")), ids=lambda p: p.name)
 def test_deepspeed_json_loads(path):
     assert "zero_optimization" in json.loads(path.read_text())
+
+
+def test_every_key_has_one_well_formed_row_in_config_md():
+    """docs/CONFIG.md's tables: one row per flat key, of exactly four cells (key, type, default, meaning)."""
+    import re
+
+    from bumblecore.args import flat_defaults
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "CONFIG.md").read_text(encoding="utf-8")
+    rows = {}
+    for line in text.splitlines():
+        found = re.match(r"\| `(\w+)` \|", line)
+        if found and found.group(1) in flat_defaults():
+            rows.setdefault(found.group(1), []).append(line)
+    assert set(rows) == set(flat_defaults())
+    for key, lines in rows.items():
+        assert len(lines) == 1, key
+        cells = re.split(r"(?<!\\)\|", lines[0].strip())[1:-1]
+        assert len(cells) == 4 and all(cell.strip() for cell in cells), lines[0]

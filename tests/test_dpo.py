@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from tiny import make_tiny_model, one_process_and_two
+from tiny import assert_evaluations_printed, make_tiny_model, one_process_and_two
 
 import bumblecore
 from bumblecore.args import DataArgs, TrainArgs
@@ -283,8 +283,9 @@ def test_dpo_resume_is_exact(tmp_path, models, data, finetuning_type, loss):
     assert (tmp_path / "a" / weights).read_bytes() == (resumed_dir / weights).read_bytes()
 
 
-def test_dpo_on_demo_preferences_learns_and_writes_its_outputs(tmp_path, models, data):
+def test_dpo_on_demo_preferences_learns_and_writes_its_outputs(tmp_path, models, data, capsys):
     out = tmp_path / "dpo"
+    capsys.readouterr()
     history = run(
         out,
         models / "start",
@@ -320,6 +321,8 @@ def test_dpo_on_demo_preferences_learns_and_writes_its_outputs(tmp_path, models,
         assert key in record, key
     evaluations = [r for r in history if "eval/loss" in r]
     assert [r["step"] for r in evaluations] == [0, 12, 24]
+    printed = capsys.readouterr()
+    assert_evaluations_printed(printed.out + printed.err, history, headline=("rewards/accuracies", "rewards/margins"))
     assert evaluations[0]["eval/rewards/accuracies"] == 0.0 and evaluations[-1]["eval/rewards/accuracies"] > 0.5
     assert evaluations[-1]["eval/rewards/margins"] > 0 and evaluations[-1]["eval/loss/dpo"] < math.log(2)
     for name in (

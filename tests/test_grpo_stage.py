@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from tiny import make_tiny_model, one_process_and_two, write_tiny_checkpoint
+from tiny import assert_evaluations_printed, make_tiny_model, one_process_and_two, write_tiny_checkpoint
 
 from bumblecore.args import GRPOArgs
 from bumblecore.cli import main
@@ -230,7 +230,8 @@ def test_a_run_logs_its_rewards_and_starts_with_zero_kl(setup, tmp_path, monkeyp
         assert call["answer"][0] == answers[call["prompt"]] and len(set(call["answer"][:4])) == 1
 
 
-def test_evaluation_scores_the_policys_greedy_answers(setup, tmp_path, monkeypatch, demo_tok):
+def test_evaluation_scores_the_policys_greedy_answers(setup, tmp_path, monkeypatch, demo_tok, capsys):
+    capsys.readouterr()
     history = run(
         setup,
         tmp_path / "eval",
@@ -242,6 +243,8 @@ def test_evaluation_scores_the_policys_greedy_answers(setup, tmp_path, monkeypat
     )
     evaluations = [r for r in history if "eval/reward" in r]
     assert [r["step"] for r in evaluations] == [0, 2]
+    printed = capsys.readouterr()
+    assert_evaluations_printed(printed.out + printed.err, history, headline=("reward",))
     # step 0: the starting model's greedy answers, generated and scored here independently
     from bumblecore.inference.loading import load_for_inference
 

@@ -12,7 +12,7 @@ import torch
 import yaml
 from test_dpo import run as dpo_run
 from test_dpo import train_records, transformers_logps
-from tiny import make_tiny_model, max_weight_difference, train_on_two_processes
+from tiny import assert_evaluations_printed, make_tiny_model, max_weight_difference, train_on_two_processes
 
 import bumblecore
 from bumblecore.args import DataArgs, TrainArgs
@@ -290,7 +290,8 @@ def test_kto_resume_is_exact(tmp_path, models, data, finetuning_type):
     assert (tmp_path / "a" / weights).read_bytes() == (resumed_dir / weights).read_bytes()
 
 
-def test_kto_learns_on_pairs_and_evaluates(tmp_path, models, data):
+def test_kto_learns_on_pairs_and_evaluates(tmp_path, models, data, capsys):
+    capsys.readouterr()
     history = run(
         tmp_path / "kto",
         models / "start",
@@ -306,6 +307,8 @@ def test_kto_learns_on_pairs_and_evaluates(tmp_path, models, data):
     )
     evaluations = [r for r in history if "eval/loss" in r]
     assert [r["step"] for r in evaluations] == [0, 24] and evaluations[-1]["eval/loss"] < evaluations[0]["eval/loss"]
+    printed = capsys.readouterr()
+    assert_evaluations_printed(printed.out + printed.err, history, headline=("rewards/chosen", "rewards/rejected"))
     last = evaluations[-1]
     assert last["eval/rewards/chosen"] > last["eval/rewards/rejected"]  # each the mean over its own examples
     assert last["eval/share/desirable"] == 0.5 and "eval/kl" in last and "eval/perplexity" not in last

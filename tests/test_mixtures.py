@@ -320,6 +320,16 @@ def test_per_source_curves_are_plotted(tmp_path):
     assert tmp_path / "loss_per_source.png" in written
 
 
+def test_a_preference_losss_own_terms_are_no_sources(tmp_path):
+    """DPO logs its loss's parts (loss/dpo, loss/sft with sft_weight) in every run: no per-source figure
+    without a mixture; beside a mixture's SFT source the figure is drawn."""
+    alone = [{"step": 1, "loss": 0.7, "loss/dpo": 0.69, "loss/sft": 2.0, "rewards/accuracies": 0.5}]
+    assert tmp_path / "loss_per_source.png" not in plot_history(alone, tmp_path)
+    assert (tmp_path / "rewards_accuracies.png").is_file()
+    mixture = [{**alone[0], "loss/chat": 1.9}]
+    assert tmp_path / "loss_per_source.png" in plot_history(mixture, tmp_path)
+
+
 # ---------------------------------------------------------------------------- runs
 
 

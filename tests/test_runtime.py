@@ -1,6 +1,7 @@
 """Runtime: precision names, DeepSpeed "auto" filling (the original's rules), clear CPU errors."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -178,3 +179,48 @@ def test_memory_plan_follows_the_zero_paper():
     assert fp32_zero2.total == 4 * p + (4 * p + 8 * p) // n  # fp32 weights are their own master copy
     with pytest.raises(ValueError, match="cannot fit"):
         plan_memory(p, p, "fp32", 1, None, "a small device", 10 * p).check()
+
+
+def test_each_rank_gets_its_share_of_the_cores_unless_the_user_chose(monkeypatch):
+    """The thread rule of every launcher, on 8 cores with 2 processes per node: a value the launcher
+    writes itself (its own code, run here, is the oracle of what it writes) is replaced by 8 // 2;
+    the user's OMP_NUM_THREADS, or torch.set_num_threads, is kept."""
+    from bumblecore.train import runtime
+    from bumblecore.train.runtime import intra_op_threads
+
+    monkeypatch.setattr(runtime, "_threads_set_here", None)  # no earlier run in this process
+
+    def threads(launcher, local, environ, torch_threads=None, cores=8):
+        implied = int(environ["OMP_NUM_THREADS"]) if "OMP_NUM_THREADS" in environ else cores
+        return intra_op_threads(launcher, local, environ, cores, implied if torch_threads is None else torch_threads)
+
+    for launcher in (None, "deepspeed", "srun"):  # nothing written by the launcher: unset is ours to choose
+        assert threads(launcher, 2, {}) == 4
+        assert threads(launcher, 1, {}) == 8
+        assert threads(launcher, 2, {"OMP_NUM_THREADS": "8"}) is None  # the user's, even if it is the cores
+    assert threads("fabric run", 2, {"OMP_NUM_THREADS": "8"}) == 4  # fabric run's default: all the cores
+    assert threads("fabric run", 2, {"OMP_NUM_THREADS": "3"}) is None
+    assert threads("fabric run", 1, {"OMP_NUM_THREADS": "8"}) == 8
+    assert threads("torchrun", 2, {"OMP_NUM_THREADS": "1"}) == 4  # torchrun's default for several processes
+    assert threads("torchrun", 1, {"OMP_NUM_THREADS": "1"}) is None  # one process: torchrun writes nothing
+    assert threads("torchrun", 2, {"OMP_NUM_THREADS": "2"}) is None
+    assert threads(None, 2, {}, torch_threads=3) is None  # torch.set_num_threads(3) by a Python caller
+    assert threads(None, 3, {}, cores=2) == 1  # at least one thread
+
+
+def test_the_launchers_own_defaults_are_the_ones_the_rule_knows(monkeypatch):
+    """What torchrun and `fabric run` really write into an unset OMP_NUM_THREADS, read from their code."""
+    import torch.distributed.run as torchrun
+    from lightning.fabric.utilities.distributed import _suggested_max_num_threads
+
+    from bumblecore.train.runtime import available_cores, launcher_omp_default
+
+    cores = available_cores()
+    # `fabric run` sets OMP_NUM_THREADS to this before it starts torchrun (lightning/fabric/cli.py)
+    assert launcher_omp_default("fabric run", 2, cores) == _suggested_max_num_threads()
+    for processes in (1, 2):
+        monkeypatch.setenv("OMP_NUM_THREADS", "x")  # so that the teardown restores the real value
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        torchrun.config_from_args(torchrun.parse_args(["--nproc_per_node", str(processes), "train.py"]))
+        written = os.environ.get("OMP_NUM_THREADS")
+        assert launcher_omp_default("torchrun", processes, cores) == (None if written is None else int(written))

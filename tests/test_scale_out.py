@@ -292,6 +292,29 @@ def test_two_nodes_with_fabric_run_equal_one_process_and_build_their_own_cache(j
         assert list((root / f"node{rank}_cache").glob("*/meta.json")), f"node {rank} has no token cache of its own"
 
 
+def test_fabric_run_with_two_devices_shares_the_cores_and_equals_one_process(job):
+    """`fabric run --devices 2` gives each rank OMP_NUM_THREADS = all the machine's cores; each rank takes
+    its share instead (two ranks with both cores each of a 2-core machine took 3.0x the wall time, docs/BENCHMARKS.md)."""
+    from bumblecore.train.runtime import available_cores
+
+    root, config = job
+    out = root / "fabric_run_two_devices"
+    command = [str(BIN / "fabric"), "run", "--accelerator", "cpu", "--devices", "2", "--main-port", str(free_port())]
+    result = subprocess.run(
+        [*command, str(REPO / "bumblecore" / "__main__.py"), *train_line(config, out, "--save_steps", "100")],
+        cwd=root,
+        env={k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"},  # what fabric run writes, no user's
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-4000:]
+    assert "2 per node x 1 node(s), started by fabric run" in log
+    assert f"{max(1, available_cores() // 2)} intra-op thread(s) each" in log
+    assert worst_difference(root / "one", out) < 1e-5
+
+
 @pytest.mark.parametrize("variables", [{"WORLD_SIZE": "2", "RANK": "1"}, {"OMPI_COMM_WORLD_SIZE": "2"}])
 def test_an_unsupported_launcher_is_refused_before_anything_is_written(job, monkeypatch, capsys, variables):
     root, config = job

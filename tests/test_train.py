@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from tiny import init_tiny_model_dir
+from tiny import assert_evaluations_printed, init_tiny_model_dir
 
 import bumblecore
 from bumblecore.args import TrainArgs, flat_defaults
@@ -134,6 +134,28 @@ def test_pretrain_writes_everything_design_lists(pretrained):
     ids = torch.randint(0, 700, (1, 9))
     with torch.no_grad():
         assert (hf(ids).logits - ours(ids)).abs().max() < 1e-4
+
+
+def test_a_run_with_eval_data_ends_with_an_evaluation_and_prints_each_one(tmp_path, pretrained, data, capsys):
+    """eval_steps 3 of 4 steps: evaluations at 0, 3 and at the end, equal to the scheduled evaluation at
+    step 4 of the same run with eval_steps 2, which evaluates that step once; eval_at_end false: no end.
+    Each evaluation is one line in the terminal, beside the progress bar."""
+    base, keys = pretrained[0], dict(eval_dataset_path=str(data / "sft_eval.jsonl"), save_steps=100)
+    capsys.readouterr()
+    ends = run(tmp_path / "end", base, data / "sft_train.jsonl", eval_steps=3, **keys)
+    printed = capsys.readouterr()
+    scheduled = run(tmp_path / "scheduled", base, data / "sft_train.jsonl", eval_steps=2, **keys)
+    without = run(tmp_path / "without", base, data / "sft_train.jsonl", eval_steps=3, eval_at_end=False, **keys)
+
+    def evaluations(history):
+        return [r for r in history if "eval/loss" in r]
+
+    assert [r["step"] for r in evaluations(ends)] == [0, 3, 4]
+    assert [r["step"] for r in evaluations(scheduled)] == [0, 2, 4]
+    assert [r["step"] for r in evaluations(without)] == [0, 3]
+    assert evaluations(ends)[-1] == evaluations(scheduled)[-1]
+    assert losses(ends) == losses(scheduled) == losses(without)  # evaluating changes no training step
+    assert_evaluations_printed(printed.out + printed.err, ends, headline=("perplexity",))
 
 
 @pytest.mark.parametrize("finetuning_type", ["full", "lora"])

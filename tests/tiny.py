@@ -113,3 +113,31 @@ def one_process_and_two(config: dict, root, tolerance: float = 1e-5) -> tuple[li
         [json.loads(line) for line in (Path(root) / name / "metrics.jsonl").read_text().splitlines()]
         for name in ("one", "two")
     )
+
+
+def printed_evaluations(text: str) -> list[dict]:
+    """The `eval step S/T: loss L, key V, ...` lines a run printed, as {"step", "eval/loss", "eval/key": V}
+    records to compare with metrics.jsonl's (the line shows four significant digits)."""
+    import re
+
+    found = []
+    for step, shown in re.findall(r"^eval step (\d+)/\d+: (.+)$", text, flags=re.MULTILINE):
+        record = {"step": int(step)}
+        for item in shown.split(", "):
+            key, value = item.rsplit(" ", 1)
+            record[f"eval/{key}"] = float(value)
+        found.append(record)
+    return found
+
+
+def assert_evaluations_printed(text: str, history: list[dict], headline: tuple) -> None:
+    """Every evaluation of metrics.jsonl was printed once, in order, as its loss and the stage's headline metrics."""
+    import pytest
+
+    evaluations = [r for r in history if "eval/loss" in r]
+    printed = printed_evaluations(text)
+    assert [p["step"] for p in printed] == [r["step"] for r in evaluations], text[-2000:]
+    for shown, record in zip(printed, evaluations):
+        assert set(shown) == {"step", "eval/loss", *(f"eval/{key}" for key in headline)}
+        for key, value in shown.items():
+            assert value == pytest.approx(record[key], rel=1e-3, abs=1e-4), key

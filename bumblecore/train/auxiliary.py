@@ -45,6 +45,7 @@ class WithSFT:
         self.stage, self.weights, self.main = stage, weights, main
         self.language_modeling = LanguageModelingStage()
         self.reports_perplexity = False
+        self.headline_metrics = getattr(stage, "headline_metrics", ())  # evaluation runs the stage's own pairs
         self.summary = getattr(stage, "summary", "")
 
     def count(self, batch: dict):

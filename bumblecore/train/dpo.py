@@ -211,6 +211,7 @@ class PreferenceStage:
         self.simpo_gamma = simpo_gamma
 
     reports_perplexity = False  # exp(DPO loss) means nothing
+    headline_metrics = ("rewards/accuracies", "rewards/margins")  # beside the eval loss in the terminal's eval line
     summary = ""
 
     def count(self, batch: dict) -> int:

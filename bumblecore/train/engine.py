@@ -60,6 +60,8 @@ class LoopSettings:
     max_grad_norm: Optional[float] = 1.0
     logging_steps: int = 1
     eval_steps: Optional[int] = None
+    eval_at_end: bool = True
+    """Evaluate after the last step too (when there is eval data), unless that step evaluated already."""
     save_steps: Optional[int] = None
     save_total_limit: Optional[int] = 3
     save_last: bool = False
@@ -352,6 +354,17 @@ class Engine:
             self.scheduler.step(record["eval/loss"])
         return record
 
+    def _evaluate_and_show(self, bar) -> dict:
+        """Evaluate, record it in metrics.jsonl and print it as one line (rank 0), above the progress bar."""
+        evaluation = self.evaluate()
+        self.monitor.log(evaluation)
+        line = eval_line(evaluation, self.settings.total_steps, getattr(self.stage, "headline_metrics", ()))
+        if bar is not None:
+            bar.write(line)  # tqdm clears the bar, prints the line and draws the bar again below it
+        else:
+            self.fabric.print(line)
+        return evaluation
+
     def fit(self) -> list[dict]:
         settings = self.settings
         history: list[dict] = []
@@ -361,9 +374,7 @@ class Engine:
 
             bar = tqdm(total=settings.total_steps, initial=self.step, desc="train", dynamic_ncols=True)
         if self.eval_loader is not None and self.step == 0 and settings.eval_steps:
-            evaluation = self.evaluate()  # the starting point, so the curve shows what training changed
-            self.monitor.log(evaluation)
-            history.append(evaluation)
+            history.append(self._evaluate_and_show(bar))  # the starting point, so the curve shows what training changed
         while self.step < settings.total_steps:
             record = self.train_step()
             if self.step % max(1, settings.logging_steps) == 0 or self.step == settings.total_steps:
@@ -372,10 +383,11 @@ class Engine:
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
-            if self.eval_loader is not None and settings.eval_steps and self.step % settings.eval_steps == 0:
-                evaluation = self.evaluate()
-                self.monitor.log(evaluation)
-                history.append(evaluation)
+            at_end = settings.eval_at_end and self.step == settings.total_steps
+            if self.eval_loader is not None and (
+                (settings.eval_steps and self.step % settings.eval_steps == 0) or at_end
+            ):  # before the step's checkpoint, which then holds what this evaluation did (a plateau schedule)
+                history.append(self._evaluate_and_show(bar))
             if self.save_fn and settings.save_steps and self.step % settings.save_steps == 0:
                 self.save_fn(self.step, False)
         if bar is not None:
@@ -383,6 +395,14 @@ class Engine:
         if self.save_fn and settings.save_last:
             self.save_fn(self.step, True)
         return history
+
+
+def eval_line(evaluation: dict, total_steps: int, headline: tuple = ()) -> str:
+    """`eval step 172/172: loss 1.168, perplexity 3.216`: the eval loss and the stage's headline metrics
+    (named as in metrics.jsonl, less `eval/`), four significant digits."""
+    shown = [f"loss {evaluation['eval/loss']:.4g}"]
+    shown += [f"{key} {evaluation[f'eval/{key}']:.4g}" for key in headline if f"eval/{key}" in evaluation]
+    return f"eval step {evaluation['step']}/{total_steps}: {', '.join(shown)}"
 
 
 def in_lockstep(fabric, batches):

@@ -85,6 +85,7 @@ class GRPOStage:
     loss(model, batch): the summed token terms, and the round's reward statistics."""
 
     reports_perplexity = False
+    headline_metrics = ("reward",)  # the greedy answers' mean reward, beside the (zero) eval loss
 
     def __init__(self, grpo: GRPOArgs, names: list[str]):
         self.grpo, self.names = grpo, names

@@ -31,6 +31,7 @@ class KTOStage:
     which the engine divides by the examples of the whole step (across accumulation and devices)."""
 
     reports_perplexity = False
+    headline_metrics = ("rewards/chosen", "rewards/rejected")  # beside the eval loss in the terminal's eval line
     summary = ""
 
     def __init__(

@@ -13,6 +13,9 @@ from pathlib import Path
 from typing import Optional
 
 PLOTTED_METRICS = ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "reward")
+# A preference loss's own parts, logged by every run of its stage (train/dpo.py): terms of one loss, not
+# sources, so they alone make no loss_per_source.png; beside a mixture's sources they are drawn with them.
+PREFERENCE_LOSS_TERMS = frozenset({"loss/dpo", "loss/ipo", "loss/simpo", "loss/orpo", "loss/nll", "loss/sft"})
 
 
 class Monitor:
@@ -146,7 +149,7 @@ def plot_history(history: list[dict], output_dir, smooth: bool = True) -> list[P
         figure(key, key, key.replace("/", "_") + ".png", eval_key=f"eval/{key}")
     # A mixture's per-source losses (loss/<name>), train and eval, in one figure.
     per_source = sorted({k for r in history for k in r if k.startswith(("loss/", "eval/loss/"))})
-    if per_source:
+    if set(per_source) - PREFERENCE_LOSS_TERMS:
         fig, ax = plt.subplots(figsize=(8, 4.5))
         for key in per_source:
             steps, values = series(key)

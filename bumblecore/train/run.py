@@ -54,8 +54,7 @@ def train(run: TrainArgs) -> None:
     fabric = build_fabric(
         scale.accelerator, scale.devices, scale.num_nodes, optimization.train_model_precision, deepspeed, launch=launch
     )
-    if launch.launcher != "fabric run":  # fabric run has set Fabric up itself
-        launch_processes(fabric, ours=launch.launcher is None)
+    launch_processes(fabric, launch)
     main(fabric, run, deepspeed_config=deepspeed, launcher=launch.launcher)
 
 
@@ -345,6 +344,7 @@ OPERATIONAL_KEYS = frozenset(
         "num_nodes",
         "accelerator",
         "local_rank",
+        "release_freed_memory",  # how memory is handed back, not what is computed
         "num_local_io_workers",
         "cache_dir",
         "logging_steps",
@@ -355,6 +355,7 @@ OPERATIONAL_KEYS = frozenset(
         "save_total_limit",
         "save_last",
         "eval_steps",
+        "eval_at_end",
     }
 )
 PATH_KEYS = ("model_name_or_path", "ref_model_path", "deepspeed_config_path")
@@ -844,6 +845,7 @@ def main(fabric, run: TrainArgs, deepspeed_config: dict | None = None, launcher:
         max_grad_norm=optimization.max_grad_norm,
         logging_steps=output.logging_steps,
         eval_steps=output.eval_steps or (output.save_steps if eval_loader else None),
+        eval_at_end=output.eval_at_end,
         save_steps=output.save_steps,
         save_total_limit=output.save_total_limit,
         save_last=output.save_last,
@@ -875,7 +877,8 @@ def main(fabric, run: TrainArgs, deepspeed_config: dict | None = None, launcher:
         f"BumbleCore train: stage {run.model.training_stage}, {run.model.finetuning_type} fine-tuning, model {run.model.model_name_or_path}",
         *data_lines,
         f"  processes: {fabric.world_size} ({_processes_per_node(fabric)} per node x {fabric.world_size // _processes_per_node(fabric)} node(s), "
-        f"started by {launcher or ('bumblecore' if fabric.world_size > 1 else 'this command')}), {fabric.device.type}",
+        f"started by {launcher or ('bumblecore' if fabric.world_size > 1 else 'this command')}), {fabric.device.type}, "
+        f"{torch.get_num_threads()} intra-op thread(s) each",
         f"  batch: {optimization.train_micro_batch_size_per_gpu} micro x {fabric.world_size} device(s) x {optimization.gradient_accumulation_steps} "
         f"accumulation = {loader.global_size} per step; {loader.steps_per_epoch} steps/epoch, {total_steps} steps, {warmup_steps} warmup",
         f"  parameters: {total:,} ({trainable:,} trainable, {trainable / max(1, total):.2%})",

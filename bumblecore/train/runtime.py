@@ -3,7 +3,9 @@
 One rule for the processes: when a launcher started them (`fabric run`, `torchrun`, the `deepspeed`
 launcher, SLURM's `srun`), the world size, ranks and nodes are the launcher's; otherwise they come
 from `devices` x `num_nodes` and a plain `bumblecore train` starts the processes itself. Anything
-else that runs several copies of the command is refused before it writes a thing.
+else that runs several copies of the command is refused before it writes a thing. Every rank then
+runs on its share of the cores (cores // processes per node torch threads) unless the user set
+OMP_NUM_THREADS (a value other than the one its launcher writes) or torch.set_num_threads.
 
 Strategy: single process, DDP (world size > 1) or DeepSpeed (`deepspeed_config_path`), precision from
 `train_model_precision`. DeepSpeed JSON may say "auto"; those values are filled from the run's keys
@@ -87,17 +89,81 @@ SUPPORTED_LAUNCH_LINES = (
 SELF_LAUNCHED = "BUMBLECORE_SELF_LAUNCHED"  # set before Fabric starts our own ranks; they inherit it
 
 
-def launch_processes(fabric, ours: bool) -> None:
-    """Start this run's other ranks when `ours` (each reruns the same command; no-op for one process),
-    or join the ranks an external launcher started."""
-    if not ours:
+def launch_processes(fabric, launch: Launch) -> None:
+    """Start this run's other ranks when nothing else did (each reruns the same command; no-op for one
+    process), or join the ranks an external launcher started; then give this rank its share of the
+    cores (`intra_op_threads`)."""
+    import torch
+
+    # Read before Fabric's launch, which sets OMP_NUM_THREADS itself when it is unset.
+    environ, torch_threads = dict(os.environ), torch.get_num_threads()
+    if launch.launcher is None:
+        os.environ[SELF_LAUNCHED] = "1"  # the children copy the environment as they start
+        try:
+            fabric.launch()
+        finally:
+            os.environ.pop(SELF_LAUNCHED, None)  # later commands of this process (the Python API) start afresh
+    elif launch.launcher != "fabric run":  # fabric run has set Fabric up itself
         fabric.launch()
-        return
-    os.environ[SELF_LAUNCHED] = "1"  # the children copy the environment as they start
-    try:
-        fabric.launch()
-    finally:
-        os.environ.pop(SELF_LAUNCHED, None)  # later commands of this process (the Python API) start afresh
+    # The environment stays the user's: a later run in this process must not take Fabric's value for theirs.
+    if "OMP_NUM_THREADS" in environ:
+        os.environ["OMP_NUM_THREADS"] = environ["OMP_NUM_THREADS"]
+    else:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    threads = intra_op_threads(launch.launcher, launch.devices, environ, available_cores(), torch_threads)
+    if threads is not None:
+        _set_threads(threads)
+
+
+# ---------------------------------------------------------------------------- threads
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which taskset, cgroups and SLURM narrow)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def launcher_omp_default(launcher: Optional[str], local_world_size: int, cores: int) -> Optional[int]:
+    """What a launcher writes into OMP_NUM_THREADS when the user left it unset (None: it writes nothing).
+    torchrun: 1 when it starts several processes per node. `fabric run`: the machine's cores, whatever
+    --devices says (a default sized for one process). The deepspeed launcher sets it only with
+    --bind_cores_to_rank, to each rank's own bound cores, a value to keep; srun and we set nothing."""
+    if launcher == "torchrun" and local_world_size > 1:
+        return 1
+    if launcher == "fabric run":
+        return cores
+    return None
+
+
+_threads_set_here: Optional[int] = None  # what this process last chose, so a later run in it is not taken as the user's
+
+
+def intra_op_threads(
+    launcher: Optional[str], local_world_size: int, environ: Mapping[str, str], cores: int, torch_threads: int
+) -> Optional[int]:
+    """This rank's torch intra-op threads: its share of the cores, `cores // processes per node` (at least
+    1), whatever launched it; None keeps the user's own choice. The user chose when OMP_NUM_THREADS holds
+    a value other than the one the launcher writes when it is unset (launcher_omp_default), or when a
+    Python caller's torch.set_num_threads left torch a count other than OMP_NUM_THREADS (or, unset, the
+    cores) gives it. A user value equal to the launcher's default cannot be told from it: it is replaced."""
+    value = environ.get("OMP_NUM_THREADS")
+    launcher_default = launcher_omp_default(launcher, local_world_size, cores)
+    if value is not None and (launcher_default is None or value.strip() != str(launcher_default)):
+        return None
+    implied = cores if value is None else launcher_default
+    if torch_threads not in (implied, _threads_set_here):
+        return None
+    return max(1, cores // max(1, local_world_size))
+
+
+def _set_threads(threads: int) -> None:
+    import torch
+
+    global _threads_set_here
+    torch.set_num_threads(threads)
+    _threads_set_here = threads
 
 
 def detect_launch(

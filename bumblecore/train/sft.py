@@ -18,6 +18,8 @@ from bumblecore.train.losses import chunked_cross_entropy, chunked_cross_entropy
 class LanguageModelingStage:
     """Batches: input_ids, labels (unshifted, -100 = not trained), optional position_ids / segment_ids."""
 
+    headline_metrics = ("perplexity",)  # beside the eval loss in the terminal's eval line
+
     def count(self, batch: dict):
         """Target tokens; with loss weights, per source ({name: its target tokens}: each term's own units)."""
         targets = shift_targets(batch["labels"], batch.get("segment_ids"))
