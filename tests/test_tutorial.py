@@ -181,6 +181,14 @@ def test_the_pages_mark_what_they_leave_out():
     assert shorten("bumblecore merge_lora --save_path x", SHORTEN) == "bumblecore merge_lora --save_path x"
 
 
+def test_a_failing_command_fails_the_sequence(tmp_path):
+    """A block stops at its first failing command (bash -e, pipefail), and that fails the test."""
+    block = Block("bash", "touch first\nfalse | cat\ntouch never\n", "x")
+    with pytest.raises(AssertionError, match="this block failed"):
+        run_blocks([block], tmp_path, user_env(tmp_path), SHORTEN)
+    assert (tmp_path / "first").exists() and not (tmp_path / "never").exists()
+
+
 @pytest.mark.slow  # whole training runs, one after another
 def test_the_tutorial_runs_in_order(tmp_path):
     """Sections 1-9 of TUTORIAL.md, then INFERENCE.md, as printed: every command succeeds and every
