@@ -94,7 +94,9 @@ def prepare_workdir(work: Path) -> None:
             (work / name).symlink_to(ROOT / name)
 
 
-def run_blocks(blocks: list[Block], work: Path, env: dict, flags: list[str], report=None) -> list[str]:
+def run_blocks(
+    blocks: list[Block], work: Path, env: dict, flags: list[str], report=None, timeout: Optional[float] = 1800
+) -> list[str]:
     """Run the blocks in order in `work`; returns the bash text run. Fails on the first command that fails."""
     ran = []
     for block in blocks:
@@ -114,7 +116,7 @@ def run_blocks(blocks: list[Block], work: Path, env: dict, flags: list[str], rep
             stdin=subprocess.DEVNULL,
             capture_output=True,
             text=True,
-            timeout=1800,
+            timeout=timeout,
         )
         assert result.returncode == 0, (
             f"[{block.section}] this block failed (exit {result.returncode}):\n{script}\n"
@@ -224,4 +226,4 @@ if __name__ == "__main__":
     blocks = tutorial_blocks(real_model=False) + tutorial_blocks(real_model=True)
     if wanted:
         blocks = [b for b in blocks if b.section.split(".")[0] in wanted or b.language == "yaml"]
-    run_blocks(blocks, work, user_env(work), [], report)
+    run_blocks(blocks, work, user_env(work), [], report, timeout=None)
