@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Pretrain from random init with configs/pretrain/pretrain_full.yaml; extra flags override it,
 # e.g. scripts/pretrain.sh --num_epochs 2. Makes checkpoints/init first when it is missing.
+# Sized for a GPU and real data (bf16, long rows, global batches of 32 rows or more): on a laptop CPU it runs
+# (add --train_model_precision fp32) but learns next to nothing from the demo data; there run
+# docs/TUTORIAL.md sections 1-5 (the same chain, CPU-sized) or `bumblecore demo` instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -f checkpoints/init/config.json ] || bumblecore init_model --preset "${PRESET:-0.5B}" --tokenizer_path "${TOKENIZER:-bumblecore/demo_data/tokenizer}" --output_dir checkpoints/init

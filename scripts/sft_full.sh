@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
-# Full SFT with configs/sft/sft_full.yaml on one GPU (or the CPU); extra flags override the config.
+# Full SFT with configs/sft/sft_full.yaml on one GPU; extra flags override the config.
+# Sized for a GPU and real data (bf16, long rows, global batches of 32 rows or more): on a laptop CPU it runs
+# (add --train_model_precision fp32) but learns next to nothing from the demo data; there run
+# docs/TUTORIAL.md sections 1-5 (the same chain, CPU-sized) or `bumblecore demo` instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bumblecore train --config configs/sft/sft_full.yaml "$@"
