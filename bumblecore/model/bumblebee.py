@@ -112,33 +112,31 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     cos, sin = cos[..., :half].unsqueeze(2), sin[..., :half].unsqueeze(2)
     if torch.is_grad_enabled() and x.requires_grad:
         return _Rotation.apply(x, cos, sin)
-    return _rotate(x, cos, sin, 1)
+    return _rotate(x, cos, sin)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: int) -> torch.Tensor:
-    """(x1, x2) -> (x1 cos - sign x2 sin, x2 cos + sign x1 sin), each product rounded before the sum."""
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """(x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), each product rounded before the sum."""
     out = torch.empty(x.shape, dtype=torch.result_type(x, cos), device=x.device)
     first, second = x.chunk(2, dim=-1)
     out_first, out_second = out.chunk(2, dim=-1)
-    torch.mul(first, cos, out=out_first)
-    torch.mul(second, cos, out=out_second)
-    out_first.sub_(second * sin) if sign > 0 else out_first.add_(second * sin)
-    out_second.add_(first * sin) if sign > 0 else out_second.sub_(first * sin)
+    torch.mul(first, cos, out=out_first).sub_(second * sin)
+    torch.mul(second, cos, out=out_second).add_(first * sin)
     return out
 
 
 class _Rotation(torch.autograd.Function):
-    """RoPE as one autograd node: its gradient is the inverse rotation of the incoming one."""
+    """RoPE as one autograd node: its gradient is the inverse rotation (by -angle) of the incoming one."""
 
     @staticmethod
     def forward(ctx, x, cos, sin):
         ctx.save_for_backward(cos, sin)
-        return _rotate(x, cos, sin, 1)
+        return _rotate(x, cos, sin)
 
     @staticmethod
     def backward(ctx, grad):
         cos, sin = ctx.saved_tensors
-        return _rotate(grad, cos, sin, -1), None, None
+        return _rotate(grad, cos, -sin), None, None
 
 
 # ---------------------------------------------------------------------------- KV cache
