@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from bumblecore.data.formats import DataError, ReadReport, read_samples
+from bumblecore.data.formats import ReadReport, read_samples
+from bumblecore.data.sources import DataError
 
 
 def write_jsonl(path, records):
@@ -72,10 +73,10 @@ def test_directory_and_several_files_and_empty_tools(tmp_path):
 def test_streamed_json_array_matches_json_load(tmp_path):
     records = [{"text": "长文本 " * (i % 50) + str(i), "n": [i, {"x": "]},"}]} for i in range(300)]
     file = write_json(tmp_path / "big.json", records)
-    import bumblecore.data.formats as formats
+    import bumblecore.data.sources as sources
 
     with open(file, encoding="utf-8") as handle:
-        streamed = [r for _, r in formats._iter_json_array(file, handle, chunk_size=97)]
+        streamed = [r for _, r in sources._iter_json_array(file, handle, chunk_size=97)]
     assert streamed == records
 
 

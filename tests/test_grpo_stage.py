@@ -13,8 +13,8 @@ from tiny import assert_evaluations_printed, make_tiny_model, one_process_and_tw
 
 from bumblecore.args import GRPOArgs
 from bumblecore.cli import main
-from bumblecore.data.formats import DataError
 from bumblecore.data.prompts import read_prompts, tokenize_prompts
+from bumblecore.data.sources import DataError
 from bumblecore.inference.generate import GenerationEngine, SamplingParams
 from bumblecore.train.grpo import RolloutLoader, completion_seed, completion_token_logps
 from bumblecore.train.rewards import load_reward_functions

@@ -18,8 +18,9 @@ import bumblecore
 from bumblecore.args import DataArgs, TrainArgs
 from bumblecore.cli import main
 from bumblecore.data.commands import dataset_units
-from bumblecore.data.formats import DataError, read_samples
+from bumblecore.data.formats import read_samples
 from bumblecore.data.loader import eval_batches
+from bumblecore.data.sources import DataError
 from bumblecore.data.template import encode_preference
 from bumblecore.model.bumblebee import Bumblebee
 from bumblecore.tokenizer import load_tokenizer

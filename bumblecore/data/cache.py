@@ -32,7 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
-from bumblecore.data.formats import ReadReport, Sample, data_files, read_samples
+from bumblecore.data.adapters import Sample
+from bumblecore.data.formats import ReadReport, read_samples
+from bumblecore.data.sources import data_files
 from bumblecore.data.template import ChatFormatError, chat_format, encode_documents, special_tokens_added
 
 FORMAT_VERSION = 3  # bump when the cache layout or rendering rules change (3: the tokenizer's own BOS)

@@ -11,9 +11,10 @@ import sys
 from bumblecore.args import DataArgs, DataSource, ModelArgs, TrainArgs, data_sources
 from bumblecore.data.cache import TokenCache, build_cache
 from bumblecore.data.chat_templates import prepare_tokenizer
-from bumblecore.data.formats import DataError, ReadReport, data_files, read_samples
+from bumblecore.data.formats import ReadReport, read_samples
 from bumblecore.data.mixture import all_paths, mixture_units, source_records, source_report
 from bumblecore.data.packing import IGNORE_INDEX, Units
+from bumblecore.data.sources import DataError, data_files
 from bumblecore.data.template import chat_format, encode_conversation, encode_document, encode_preference
 from bumblecore.tokenizer import load_tokenizer
 

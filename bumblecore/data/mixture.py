@@ -20,8 +20,8 @@ import math
 import numpy as np
 
 from bumblecore.data.cache import TokenCache
-from bumblecore.data.formats import data_files
 from bumblecore.data.packing import Units, UnitSources, build_units, packed_rows, pretraining_blocks, sample_pieces
+from bumblecore.data.sources import data_files
 
 
 def all_paths(sources) -> list[str]:

@@ -14,16 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from bumblecore.data.formats import (
-    DataError,
-    ReadReport,
-    alpaca_conversation,
-    data_files,
-    iter_json_records,
-    message_list,
-    parse_tools,
-    sharegpt_conversation,
-)
+from bumblecore.data.conversations import alpaca_conversation, message_list, parse_tools, sharegpt_conversation
+from bumblecore.data.formats import ReadReport
+from bumblecore.data.sources import DataError, data_files, iter_json_records
 
 # The fields each format renders into the prompt; the rest of a record is handed to the rewards.
 PROMPT_FIELDS = {

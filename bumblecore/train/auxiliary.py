@@ -69,7 +69,8 @@ class WithSFT:
 
 def split_sft_sources(sources) -> tuple[list, list]:
     """(preference sources, conversation sources) of a dpo/kto mixture, told by their first record."""
-    from bumblecore.data.formats import data_files, detect_format, iter_json_records
+    from bumblecore.data.detect import detect_format
+    from bumblecore.data.sources import data_files, iter_json_records
 
     pairs, conversations = [], []
     for source in sources:
