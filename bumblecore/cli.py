@@ -13,6 +13,8 @@ import importlib
 import os
 import sys
 
+from bumblecore.options import Options
+
 # name -> (module:function, one-line summary shown by `bumblecore --help`)
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": (
@@ -85,8 +87,6 @@ def parse_arguments(name: str, function, args: list[str]) -> tuple[dict, bool]:
     import yaml
     from jsonargparse import ArgumentError, ArgumentParser, set_parsing_settings
 
-    from bumblecore.options import Options
-
     set_parsing_settings(docstring_parse_attribute_docstrings=True)  # field docstrings are the --help
     options = Options(function)
     files, command_line, print_config = options.command_line(args)
@@ -128,8 +128,6 @@ def flat_values(values: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import yaml
-
     as_program = argv is None  # run as the program, not called from Python
     argv = list(sys.argv[1:] if as_program else argv)
     # The deepspeed launcher (and torch.distributed.launch) put `--local_rank=N` before the command;
@@ -152,6 +150,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         arguments, print_config = parse_arguments(name, function, argv[1:])
         if print_config:  # flat, as training_args.yaml: users feed it back as a config
+            import yaml
+
             print(yaml.safe_dump(flat_values(arguments), sort_keys=False, allow_unicode=True), end="")
         else:
             function(**arguments)
