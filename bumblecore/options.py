@@ -77,6 +77,7 @@ class Options:
         self.types: dict[str, object] = {}  # option path -> its annotation
         self.paths: dict[str, str] = {}  # spelling -> the path of the option or group it names
         self.given: dict[str, tuple[str, str, object]] = {}  # path -> (where, spelling, value) as the user gave it
+        self.replaced: set[str] = set()  # paths the command line sets (not `--key+`): the files' values are unread
         ambiguous = set()
 
         def spell(path: str, target: str) -> None:
@@ -137,6 +138,8 @@ class Options:
             else:
                 path = self.paths[name]
                 self.given[path] = ("command line", name, value if equals else next(iter(values), None))
+                if key == name:
+                    self.replaced.add(path)
                 option = f"--{path}{key[len(name) :]}"
                 annotation = self.types.get(path)  # none for a group: `--optimization F.yaml` is its own file
                 if equals:
@@ -164,7 +167,7 @@ class Options:
                 for group in groups:
                     target = target.setdefault(group, {})
                 target[key] = value
-        self.given = {**given, **self.given}  # a value from the command line wins over the files'
+        self.given = {**given, **self.given}  # a value from the command line wins over the files' (`--key+`)
         return nested
 
     def _mapping(self, mapping: dict, where: str, given: dict, prefix: str = "") -> dict:
@@ -174,6 +177,8 @@ class Options:
             path = self.paths.get(spelled)
             if path is None:
                 raise ValueError(f"{where}: unknown key {spelled!r}{self.nearest(spelled)}")
+            if path in self.replaced:
+                continue
             if path in self.types:
                 out[path] = value
                 given[path] = (where, spelled, value)

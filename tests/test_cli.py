@@ -312,6 +312,12 @@ def test_every_command_takes_the_same_spellings_and_errors_name_the_key_as_writt
     config.write_text(f"yaml_config: {config}\ntokenizer_path: t\noutput_dir: o\nnum_hidden_layers: 3\n")
     resolved = _printed(capsys, "init_model", "--yaml_config", config, "--tie_word_embeddings")
     assert (resolved["num_hidden_layers"], resolved["tie_word_embeddings"], resolved["output_dir"]) == (3, True, "o")
+    overridden = tmp_path / "overridden.yaml"  # the command line wins: the file's value is not even checked
+    overridden.write_text("learning_rate: abc\nlora: {lora_target_modules: [q_proj]}\n")
+    resolved = _printed(
+        capsys, "train", "--config", overridden, "--learning_rate", "1e-3", "--lora_target_modules+", "v_proj"
+    )
+    assert resolved["learning_rate"] == 1e-3 and resolved["lora_target_modules"] == ["q_proj", "v_proj"]  # + appends
     alias = tmp_path / "alias.yaml"
     alias.write_text("preference:\n  label_smoothing: abc\n")
     tiny = ["--tokenizer_path", "t", "--output_dir", "o"]
