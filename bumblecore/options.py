@@ -158,7 +158,7 @@ class Options:
 
     def from_files(self, files: list[str]) -> dict:
         """The YAML files' values (flat or grouped keys; a later file over an earlier one), nested by path:
-        what jsonargparse reads as one config."""
+        what jsonargparse reads as one config. Called after `command_line`, whose keys win."""
         nested, given = {}, {}
         for file in files:
             for path, value in self._mapping(_read_yaml(file), file, given).items():
