@@ -85,14 +85,14 @@ def stage_config(name: str, output_dir: Path, model: Path, device: str, quick: b
 
 def run_stage(config: dict) -> list[dict]:
     """Write the stage's flat config beside its output and train from it, parsed as `train --config` parses."""
-    from bumblecore.cli import parse_grouped
+    from bumblecore.cli import parse_arguments
     from bumblecore.train.run import train
 
     out = Path(config["output_dir"])
     out.mkdir(parents=True, exist_ok=True)
     file = out.parent / f"{out.name}.yaml"
     file.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
-    arguments, _ = parse_grouped("train", train, ["--config", str(file)])
+    arguments, _ = parse_arguments("train", train, ["--config", str(file)])
     train(**arguments)
     return [
         json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()

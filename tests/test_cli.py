@@ -10,8 +10,9 @@ import yaml
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from bumblecore import Bumblebee, BumblebeeConfig, load_tokenizer
-from bumblecore.cli import COMMANDS, bool_parameters, flat_options, flat_values, load_command, main, option_groups
+from bumblecore.cli import COMMANDS, flat_values, load_command, main
 from bumblecore.model.hf_io import read_config
+from bumblecore.options import Options, is_bool
 
 
 def run_cli(*args):
@@ -153,10 +154,16 @@ def _recorder(function, calls):
     return record
 
 
+def flat_options(function) -> dict:
+    """Each option's flat name (what users type) -> its annotation."""
+    options = Options(function)
+    return {options.flat(path): annotation for path, annotation in options.types.items()}
+
+
 def _required(function):
     import inspect
 
-    groups = option_groups(function)  # a group of options (train's run) is given by its keys, each with a default
+    groups = Options(function).groups  # a group of options (train's run) is given by its keys, each with a default
     return [
         a
         for name, p in inspect.signature(function).parameters.items()
@@ -182,7 +189,8 @@ def test_every_boolean_option_takes_the_bare_form(monkeypatch, name):
     import bumblecore.cli as cli
 
     function = load_command(name)
-    flags = sorted(bool_parameters(function))  # a group's booleans too (train's packing, save_last ...)
+    flags = sorted(name for name, annotation in flat_options(function).items() if is_bool(annotation))
+    assert flags or name not in ("train", "generate", "init_model")  # a group's too (train's packing, save_last)
     if not flags:
         return
     calls = []
@@ -231,7 +239,9 @@ def test_bare_flags_beside_lists_and_print_config(tmp_path, capsys):
     )
     assert resolved["stop"] == ["a", "b"] and resolved["ignore_eos"] is True and resolved["do_sample"] is True
     assert resolved["trust_remote_code"] is False
-    resolved = printed("init_model", "--tie_word_embeddings", "--attention_bias", "null")
+    resolved = printed(
+        "init_model", "--tokenizer_path", "t", "--output_dir", "o", "--tie_word_embeddings", "--attention_bias", "null"
+    )
     assert resolved["tie_word_embeddings"] is True and resolved["attention_bias"] is None  # Optional[bool] keeps null
     config = tmp_path / "run.yaml"
     config.write_text("packing: false\nsave_last: false\n")
@@ -244,28 +254,13 @@ def test_bare_flags_beside_lists_and_print_config(tmp_path, capsys):
 
 def test_a_list_option_given_null_or_empty_means_none(capsys):
     """`--eval_dataset_path null` (or "") is no eval set, not a dataset file named "null" or the cwd."""
-    from bumblecore.cli import gather_list_values
-
     for value in ("null", "None", ""):
-        assert gather_list_values(print, ["--eval_dataset_path", value, "--x", "1"], {"eval_dataset_path"}) == [
-            "--eval_dataset_path",
-            "null",
-            "--x",
-            "1",
-        ]
-    main(
-        [
-            "train",
-            "--dataset_path",
-            "d.jsonl",
-            "--model_name_or_path",
-            "m",
-            "--eval_dataset_path",
-            "null",
-            "--print_config",
-        ]
-    )
-    assert yaml.safe_load(capsys.readouterr().out)["eval_dataset_path"] is None
+        capsys.readouterr()
+        main(["train", "--dataset_path", "d.jsonl", "--eval_dataset_path", value, "--seed", "7", "--print_config"])
+        resolved = yaml.safe_load(capsys.readouterr().out)
+        assert (
+            resolved["eval_dataset_path"] is None and resolved["seed"] == 7 and resolved["dataset_path"] == ["d.jsonl"]
+        )
 
 
 def test_train_keys_flat_or_grouped_give_the_same_run(tmp_path, capsys):
@@ -307,6 +302,43 @@ def test_train_keys_flat_or_grouped_give_the_same_run(tmp_path, capsys):
         "unknown option --optimization.learnig_rate (did you mean 'optimization.learning_rate'?)"
         in capsys.readouterr().err
     )
+
+
+def test_every_command_takes_the_same_spellings_and_errors_name_the_key_as_written(tmp_path, capsys):
+    """One parser for every command: `--yaml_config` (a file that names itself too), and a bad value or an
+    unknown key is one line naming the key as the user wrote it (flat, grouped or the original's alias),
+    where it came from, and the nearest valid key (docs/CONFIG.md)."""
+    config = tmp_path / "init.yaml"
+    config.write_text(f"yaml_config: {config}\ntokenizer_path: t\noutput_dir: o\nnum_hidden_layers: 3\n")
+    resolved = _printed(capsys, "init_model", "--yaml_config", config, "--tie_word_embeddings")
+    assert (resolved["num_hidden_layers"], resolved["tie_word_embeddings"], resolved["output_dir"]) == (3, True, "o")
+    overridden = tmp_path / "overridden.yaml"  # the command line wins: the file's value is not even checked
+    overridden.write_text("learning_rate: abc\nlora: {lora_target_modules: [q_proj]}\n")
+    resolved = _printed(
+        capsys, "train", "--config", overridden, "--learning_rate", "1e-3", "--lora_target_modules+", "v_proj"
+    )
+    assert resolved["learning_rate"] == 1e-3 and resolved["lora_target_modules"] == ["q_proj", "v_proj"]  # + appends
+    alias = tmp_path / "alias.yaml"
+    alias.write_text("preference:\n  label_smoothing: abc\n")
+    tiny = ["--tokenizer_path", "t", "--output_dir", "o"]
+    for argv, message in (
+        (
+            ["init_model", *tiny, "--num_hidden_layers", "x"],
+            "command line: key 'num_hidden_layers' expects int or null, got 'x'",
+        ),
+        (["init_model", *tiny, "--prest", "7B"], "unknown option --prest (did you mean 'preset'?)"),
+        (["init_model", "--config", alias], f"{alias}: unknown key 'preference' (did you mean 'preset'?)"),
+        (["train", "--config", alias], f"{alias}: key 'preference.label_smoothing' expects float, got 'abc'"),
+        (["train", "--label_smoothing", "abc"], "command line: key 'label_smoothing' expects float, got 'abc'"),
+        (["train", "--optimization.seed=x"], "command line: key 'optimization.seed' expects int, got 'x'"),
+        (
+            ["generate", "--model_path", "m", "--sampling.top_k", "x"],
+            "command line: key 'sampling.top_k' expects int, got 'x'",
+        ),
+    ):
+        with pytest.raises(SystemExit) as stop:
+            main([*map(str, argv)])
+        assert (stop.value.code, capsys.readouterr().err) == (1, f"bumblecore {argv[0]}: error: {message}\n"), argv
 
 
 def test_train_help_shows_every_key_with_its_docstring():

@@ -23,10 +23,13 @@ MAY_IMPORT = {
 
 
 def layer_of(name: str) -> str:
-    """`bumblecore.train.engine` -> train; data/template.py is its own layer (tokenizer and model use it)."""
+    """`bumblecore.train.engine` -> train; data/template.py is its own layer (tokenizer and model use it);
+    data/dataset_spec.py (what a data key names, checked when settings are parsed) belongs to the settings."""
     parts = name.split(".")[1:]
     if parts[:2] == ["data", "template"]:
         return "data.template"
+    if parts[:2] == ["data", "dataset_spec"]:
+        return "args"
     head = parts[0] if parts else ""
     return head if head in MAY_IMPORT else "top"
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 import json
 import sys
 
-from bumblecore.args import DataArgs, DataSource, ModelArgs, TrainArgs, data_sources
+from bumblecore.args import DataArgs, ModelArgs, TrainArgs
 from bumblecore.data.cache import TokenCache, build_cache
 from bumblecore.data.chat_templates import prepare_tokenizer
+from bumblecore.data.dataset_spec import run_sources
 from bumblecore.data.formats import ReadReport, read_samples
 from bumblecore.data.mixture import all_paths, mixture_units, source_records, source_report
 from bumblecore.data.packing import IGNORE_INDEX, Units
@@ -37,13 +38,6 @@ def dataset_units(
         shown = ", ".join(str(f) for f in data_files(paths))
         raise DataError(f"{label} {shown}: no usable samples: {cache.summary.why_nothing()}")
     return cache, units
-
-
-def run_sources(data: DataArgs, paths, label: str = "dataset_path") -> list[DataSource]:
-    """`paths` (dataset_path's value, with its weights, or another key's) as named sources."""
-    if label == "dataset_path":
-        return data_sources(paths, data.dataset_weights, data.dataset_loss_weights, data.mix_strategy)
-    return data_sources(paths, key=label)
 
 
 CHAT_STAGES = ("sft", "dpo", "kto", "grpo")

@@ -98,13 +98,10 @@ def read_prompts(paths, skip_bad_records: bool = False, report: Optional[ReadRep
 def prompt_paths(data, paths, label: str = "dataset_path") -> list[str]:
     """The files of `paths` (any form dataset_path takes: files, globs, a list or a named mapping); GRPO
     reads its sources as one set of prompts, so sampling and loss weights are refused."""
-    from bumblecore.args import data_sources
+    from bumblecore.data.dataset_spec import run_sources
     from bumblecore.data.mixture import all_paths
 
-    if label == "dataset_path":
-        sources = data_sources(paths, data.dataset_weights, data.dataset_loss_weights, data.mix_strategy)
-    else:
-        sources = data_sources(paths, key=label)
+    sources = run_sources(data, paths, label)
     if data.mix_strategy != "concat" or any(s.weight != 1.0 or s.loss_weight != 1.0 for s in sources):
         raise ValueError(
             f"{label}: training_stage grpo reads its files as one set of prompts (mix_strategy concat, "

@@ -14,7 +14,8 @@ from typing import Optional
 
 import torch
 
-from bumblecore.args import TrainArgs, data_sources, flat_defaults
+from bumblecore.args import TrainArgs, flat_defaults
+from bumblecore.data.dataset_spec import data_sources
 
 
 def train(run: TrainArgs) -> None:
@@ -904,7 +905,7 @@ def main(fabric, run: TrainArgs, deepspeed_config: dict | None = None, launcher:
 
 def _source_lines(run: TrainArgs, cache, units) -> list[str]:
     """A mixture's sources in the banner: records, share of the trained tokens, weights."""
-    from bumblecore.data.commands import run_sources
+    from bumblecore.data.dataset_spec import run_sources
     from bumblecore.data.mixture import source_records, source_report
 
     sources = run_sources(run.data, run.data.dataset_path)
@@ -913,7 +914,7 @@ def _source_lines(run: TrainArgs, cache, units) -> list[str]:
 
 def sft_beside(run: TrainArgs) -> tuple[list, list]:
     """A dpo/kto run's (preference sources, SFT sources); the pairs take no sampling or loss weights."""
-    from bumblecore.data.commands import run_sources
+    from bumblecore.data.dataset_spec import run_sources
     from bumblecore.train.auxiliary import split_sft_sources
 
     pairs, conversations = split_sft_sources(run_sources(run.data, run.data.dataset_path))
