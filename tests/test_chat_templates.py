@@ -424,10 +424,9 @@ def test_server_answers_400_for_conversations_the_template_cannot_render(base_wi
 
 
 @pytest.mark.slow
-def test_resize_vocab_under_zero3_equals_one_process(base_without_template, monkeypatch):
+def test_resize_vocab_under_zero3_equals_one_process(base_without_template):
     """2 CPU ranks under the shipped ZeRO-3 config (the grown model built partitioned, the checkpoint's
-    rows scattered into it) end with one process's weights, saved at the new size. LoRA with new
-    tokens under ZeRO-3 is refused before anything starts (peft's trainable tokens need the whole embedding)."""
+    rows scattered into it) end with one process's weights, saved at the new size."""
     from safetensors.torch import load_file
     from tiny import train_on_two_processes
 
@@ -443,10 +442,70 @@ def test_resize_vocab_under_zero3_equals_one_process(base_without_template, monk
     rows = len(load_tokenizer(base)) + 3
     assert json.loads((zero3 / "config.json").read_text())["vocab_size"] == rows
     assert got["model.embed_tokens.weight"].shape[0] == rows
-    monkeypatch.setenv("BUMBLECORE_DEBUG", "1")
-    with pytest.raises(ValueError, match="resize_vocab with finetuning_type lora under ZeRO-3"):
-        main(["train", "--config", str(config), "--output_dir", str(root / "refused"), "--finetuning_type", "lora",
-              "--deepspeed_config_path", zero_config])  # fmt: skip
+
+
+@pytest.mark.slow
+def test_lora_with_new_tokens_under_zero3_equals_one_process(base_without_template):
+    """LoRA with new tokens on an untied head, on 2 CPU ranks under the shipped ZeRO-3 config (the grown
+    model built partitioned; peft's trainable tokens read the whole embedding and head outside their
+    modules' forward) and on 1 process accumulating the same 2 micro-batches: the same losses and adapter.
+    The ZeRO-3 adapter, on the base transformers grew to its saved tokenizer, gives in peft the one
+    process's logits; its new rows trained away from their mean start; merge_lora merges it."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from tiny import train_on_two_processes
+    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    root, tied_base, data = base_without_template
+    base = root / "untied_base"
+    load_tokenizer(tied_base).save_pretrained(str(base))
+    torch.manual_seed(1)
+    config = Qwen2Config.from_pretrained(tied_base, tie_word_embeddings=False)
+    Qwen2ForCausalLM(config).save_pretrained(base)
+    run = sft_config(root, base, data, chat_template="llama3", resize_vocab=True, max_steps=2, finetuning_type="lora",
+                     lora_rank=4, lora_alpha=8, lora_dropout=0.0)  # fmt: skip
+    one, zero3 = root / "lora_one", root / "lora_zero3"
+    main(["train", "--config", str(run), "--output_dir", str(one), "--gradient_accumulation_steps", "2"])
+    zero_config = str(Path(__file__).resolve().parents[1] / "configs" / "deepspeed" / "ds_z3_config.json")
+    train_on_two_processes(run, zero3, "--deepspeed_config_path", zero_config, cwd=root)
+
+    def losses(out):
+        return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    assert losses(zero3) == pytest.approx(losses(one), abs=1e-5) and len(losses(one)) == 2
+    expected, got = load_file(one / "adapter_model.safetensors"), load_file(zero3 / "adapter_model.safetensors")
+    assert sorted(expected) == sorted(got)
+    assert max((got[k] - expected[k]).abs().max().item() for k in expected) < 1e-4
+    tokenizer = load_tokenizer(zero3)
+    new_ids = [tokenizer.convert_tokens_to_ids(t) for t in MARKERS["llama3"]]
+    indices = json.loads((zero3 / "adapter_config.json").read_text())["trainable_token_indices"]
+    assert {name: sorted(ids) for name, ids in indices.items()} == {"embed_tokens": new_ids, "lm_head": new_ids}
+    assert len(tokenizer) == len(load_tokenizer(base)) + 3 and tokenizer.eos_token == "<|eot_id|>"
+    fingerprint = json.loads((one / "base_fingerprint.json").read_text())
+    assert json.loads((zero3 / "base_fingerprint.json").read_text()) == fingerprint
+
+    def peft_model(adapter):  # peft's own loading on a base transformers grew to the adapter's tokenizer
+        grown = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        grown.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        return PeftModel.from_pretrained(grown, str(adapter)).eval()
+
+    probe = torch.tensor([chat_format(tokenizer).prompt_ids([{"role": "user", "content": "hello"}]) + new_ids])
+    reference = peft_model(zero3)
+    with torch.no_grad():
+        logits = reference(probe).logits
+        assert (logits - peft_model(one)(probe).logits).abs().max() < 1e-4
+        start = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        trained = reference.get_base_model()
+        for module in ("get_input_embeddings", "get_output_embeddings"):
+            rows = getattr(trained, module)().weight[new_ids]  # peft's view: the trained rows merged in
+            assert (rows - getattr(start, module)().weight.mean(0)).abs().amax(1).min() > 1e-3  # each row moved
+
+    merged = root / "lora_zero3_merged"
+    main(["merge_lora", "--base_model_path", str(base), "--lora_model_path", str(zero3), "--save_path", str(merged)])
+    with torch.no_grad():
+        got = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)(probe).logits
+    assert (got - logits).abs().max() < 1e-4
+    assert json.loads((merged / "config.json").read_text())["vocab_size"] == len(tokenizer)
 
 
 @pytest.mark.slow

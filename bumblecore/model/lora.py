@@ -35,11 +35,14 @@ def apply_lora(
     dropout: float,
     target_modules: Optional[list[str]] = None,
     trainable_token_indices: Optional[dict[str, list[int]]] = None,
+    zero3: bool = False,
 ):
     """The model with LoRA adapters on `target_modules` (default: every linear layer but the output
     head, whatever the family); only the adapters train, and the embedding rows of
-    `trainable_token_indices` (tokens added to the vocabulary: model/vocab.py)."""
+    `trainable_token_indices` (tokens added to the vocabulary: model/vocab.py), also under ZeRO-3 (`zero3`)."""
     from peft import LoraConfig, get_peft_model
+
+    from bumblecore.model.vocab import trainable_tokens_under_zero3, whole_token_weights
 
     targets = target_modules or linear_layer_names(model)
     config = LoraConfig(
@@ -50,7 +53,13 @@ def apply_lora(
         bias="none",
         trainable_token_indices=trainable_token_indices,
     )
-    return get_peft_model(model, config)
+    if not trainable_token_indices:
+        return get_peft_model(model, config)
+    with whole_token_weights(model):
+        peft_model = get_peft_model(model, config)
+    if zero3:
+        trainable_tokens_under_zero3(peft_model)
+    return peft_model
 
 
 def attach_adapter(base, adapter_dir):

@@ -6,10 +6,12 @@ on every rank and every run.
 
 Under LoRA the new rows train through peft's trainable tokens (`lora_token_indices`): only those rows
 are trained and saved with the adapter, so the adapter loads on the base grown to its tokenizer's size.
+Under ZeRO-3 too (`trainable_tokens_under_zero3`).
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -59,14 +61,18 @@ def _grown(weight: torch.Tensor, new_size: int, old: int) -> torch.Tensor:
 
 
 def _grow_bumblebee(model, new_size: int, old: int) -> None:
+    # skip_init: the new modules draw no random numbers, so what follows (LoRA's init) draws the same
+    # as on a model built partitioned at the grown size (ZeRO-3), which draws none either.
     with torch.no_grad():
         embed = model.model.embed_tokens.weight
-        new_embed = nn.Embedding(new_size, embed.shape[1], device=embed.device, dtype=embed.dtype)
+        new_embed = nn.utils.skip_init(nn.Embedding, new_size, embed.shape[1], device=embed.device, dtype=embed.dtype)
         new_embed.weight.data = _grown(embed.data, new_size, old)
         new_embed.weight.requires_grad_(embed.requires_grad)
         model.model.embed_tokens = new_embed
         head = model.lm_head
-        new_head = nn.Linear(head.in_features, new_size, bias=False, device=embed.device, dtype=head.weight.dtype)
+        new_head = nn.utils.skip_init(
+            nn.Linear, head.in_features, new_size, bias=False, device=embed.device, dtype=head.weight.dtype
+        )
         if model.config.tie_word_embeddings:
             new_head.weight = new_embed.weight
         else:
@@ -115,6 +121,37 @@ def lora_token_indices(model, token_ids: list[int]) -> Optional[dict[str, list[i
     if head is not None and head.weight is not embed.weight:
         indices[names[id(head)].rsplit(".", 1)[-1]] = list(token_ids)
     return indices
+
+
+@contextlib.contextmanager
+def whole_token_weights(model):
+    """ZeRO-3, a model built partitioned: its embedding (and an untied head) gathered whole on every rank
+    while peft copies the rows it will train from them (peft's own ZeRO-3 path needs CUDA and
+    transformers' DeepSpeed config, neither of which a Fabric run on CPU has)."""
+    bare = getattr(model, "hf", model)
+    heads = [bare.get_input_embeddings(), bare.get_output_embeddings()]
+    partitioned = {id(m.weight): m.weight for m in heads if m is not None and hasattr(m.weight, "ds_id")}
+    if not partitioned:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(partitioned.values()), modifier_rank=None):
+        yield
+
+
+def trainable_tokens_under_zero3(peft_model) -> None:
+    """ZeRO-3 gathers a weight only around its own module's forward. peft's trainable-token layer reads
+    its base layer's whole weight (the embedding, or the LM head) and its own new rows (held in a
+    ParameterDict, which is never called) in its forward: register them with DeepSpeed as that layer's
+    external parameters, so it gathers them around the layer's forward and backward."""
+    import deepspeed
+    from peft.tuners.trainable_tokens import TrainableTokensLayer
+
+    for module in peft_model.modules():
+        if isinstance(module, TrainableTokensLayer):
+            for weight in (module.base_layer.weight, *module.trainable_tokens_delta.values()):
+                deepspeed.zero.register_external_parameter(module, weight)
 
 
 def adapter_vocab_size(adapter_dir, tokenizer, base_dir) -> int:

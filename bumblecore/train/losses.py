@@ -29,16 +29,26 @@ def shift_targets(labels: torch.Tensor, segment_ids: torch.Tensor | None = None)
     return targets
 
 
+def head_weight(lm_head) -> torch.Tensor | None:
+    """The LM head's weight as stored (its shape, dtype, ZeRO-3 state). Through a FamilyHead or
+    TemperatureHead (`.head`) and peft's trainable-token wrapper (`.original_module`), whose own `.weight`
+    builds a merged copy of the whole head on each access (and cannot on a ZeRO-3 partitioned one)."""
+    head = getattr(lm_head, "head", lm_head)
+    head = getattr(head, "original_module", head)
+    return getattr(head, "weight", None)
+
+
 def tokens_per_chunk(lm_head) -> int:
     """Target positions per LM-head chunk: as many as LOGITS_BUDGET_BYTES of fp32 logits hold."""
-    vocab = lm_head.weight.shape[0] if hasattr(lm_head, "weight") and lm_head.weight.ndim == 2 else 32768
+    weight = head_weight(lm_head)
+    vocab = weight.shape[0] if weight is not None and weight.ndim == 2 else 32768
     return max(64, LOGITS_BUDGET_BYTES // (4 * max(1, vocab)))
 
 
 def _recompute_in_backward(h: torch.Tensor, lm_head) -> bool:
     """Recompute a chunk's logits in backward rather than keep them, except for a ZeRO-3 partitioned
     LM head: DeepSpeed does not gather a frozen partitioned weight again inside a checkpoint's recompute."""
-    weight = getattr(lm_head, "weight", None)
+    weight = head_weight(lm_head)
     partitioned = weight is not None and hasattr(weight, "ds_status")
     return torch.is_grad_enabled() and h.requires_grad and not (partitioned and not weight.requires_grad)
 
@@ -46,7 +56,7 @@ def _recompute_in_backward(h: torch.Tensor, lm_head) -> bool:
 def _head(lm_head: Callable, hidden: torch.Tensor) -> torch.Tensor:
     # A 16-bit head without autocast (DeepSpeed's bf16/fp16) gets the hidden states in its own dtype:
     # Fabric hands the wrapped forward's outputs back in fp32.
-    weight = getattr(lm_head, "weight", None)
+    weight = head_weight(lm_head)
     if weight is not None and weight.dtype in (torch.bfloat16, torch.float16) and hidden.dtype == torch.float32:
         hidden = hidden.to(weight.dtype)
     return lm_head(hidden)

@@ -77,14 +77,6 @@ def _check_inputs(run: TrainArgs) -> None:
         raise ValueError("dataset_path is required")
     if run.model.training_stage == "grpo":
         _check_grpo(run)
-    zero3 = run.runtime.deepspeed_config_path and load_zero_stage(run.runtime.deepspeed_config_path) == 3
-    if run.model.resize_vocab and run.model.finetuning_type == "lora" and zero3:
-        # peft's trainable tokens read the whole embedding outside its module's forward, which ZeRO-3 never gathers.
-        raise ValueError(
-            "resize_vocab with finetuning_type lora under ZeRO-3: the new embedding rows train through peft's "
-            "trainable tokens, which ZeRO-3's partitioned embedding does not support; use ZeRO-0/1/2 or DDP, "
-            "or finetuning_type full"
-        )
     if run.optimization.lr_scheduler_type == "reduce_on_plateau" and not run.data.eval_dataset_path:
         # It steps on the eval loss only: without an eval set the lr would silently stay constant.
         raise ValueError(
@@ -679,6 +671,7 @@ def main(fabric, run: TrainArgs, deepspeed_config: dict | None = None, launcher:
             run.lora.lora_dropout,
             run.lora.lora_target_modules,
             trainable_token_indices=new_rows,
+            zero3=stage_of_zero == 3,
         )
     trainable, total = trainable_share(model)
 
