@@ -194,7 +194,8 @@ SHARED_MASTER_PROBE = """
 import hashlib, os, sys, torch
 from bumblecore.model.bumblebee import Bumblebee
 from bumblecore.model.config import BumblebeeConfig
-from bumblecore.train.runtime import build_fabric, deepspeed_engine, fill_deepspeed_config, share_fp32_master_weights
+from bumblecore.train.backend import deepspeed_engine, share_fp32_master_weights
+from bumblecore.train.runtime import build_fabric, fill_deepspeed_config
 
 stage, share = int(sys.argv[1]), sys.argv[3] == "share"
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2])

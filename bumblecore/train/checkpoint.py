@@ -203,7 +203,7 @@ def in_place_checkpoint_io():
     """Fabric's checkpoint writer, minus its own atomic save: that one keeps a copy of the state in
     memory, writes it a second time through the system temp dir and leaves the file mode 0600. Our
     checkpoint directory is already written under a temporary name and renamed whole."""
-    from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+    from lightning.fabric.plugins import TorchCheckpointIO
 
     class InPlaceCheckpointIO(TorchCheckpointIO):
         def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:

@@ -1,6 +1,7 @@
 """THE training loop, shared by every stage.
 
-forward -> loss -> backward -> accumulate -> clip -> step -> schedule -> log -> eval -> save.
+forward -> loss -> backward -> accumulate -> clip -> step -> schedule -> log -> eval -> save; backward
+to step are the stepper's of the model's backend (Fabric/DDP or DeepSpeed: train/backend.py).
 
 A stage supplies two functions over its own batches:
     count(batch) -> int           how many units (target tokens, pairs) the batch's loss sums over
@@ -8,7 +9,8 @@ A stage supplies two functions over its own batches:
 A stage with several loss terms (a mixture with loss weights: one per source) gives count a dict
 {term: units} and loss a dict {term: summed, weighted loss}, the same names in the same order on every
 rank; the engine divides each term by its own units over the step and adds them:
-L = sum_t sum_t / units_t (docs/CONFIG.md, "Mixtures and loss weights").
+L = sum_t sum_t / units_t (docs/CONFIG.md, "Mixtures and loss weights"). A single loss is the one term
+`loss`: the engine has one path for both.
 A metric is a sum the engine divides by the step's count like the loss, or a (sum, count) pair for a
 mean over units of its own (KTO's rewards of its desirable examples): the sums and the counts are
 added over the step (and ranks) and divided once; a step with none of those units does not log it.
@@ -23,7 +25,6 @@ position is the step number, so resuming restores it without replaying data.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -32,8 +33,8 @@ from typing import Optional, Protocol
 
 import torch
 
+from bumblecore.train.backend import stepper_for
 from bumblecore.train.checkpoint import STATE_DIR, restore_rng_state, rng_state
-from bumblecore.train.runtime import deepspeed_engine, runtime_grad_norm, runtime_keeps_no_grad_norm
 from bumblecore.train.schedulers import resume_schedule
 
 
@@ -66,8 +67,6 @@ class LoopSettings:
     save_total_limit: Optional[int] = 3
     save_last: bool = False
     average_tokens_across_devices: bool = True
-    runtime_owns_accumulation: bool = False
-    """DeepSpeed: the engine object scales by 1/accumulation, clips and steps at the boundary itself."""
     skips_overflow_steps: bool = False
     """fp16: the grad scaler (or DeepSpeed's loss scaler) skips a step whose gradients overflow, so a
     non-finite gradient norm there is routine; only a non-finite loss stops the run."""
@@ -91,6 +90,7 @@ class Engine:
         self.fabric, self.model, self.optimizer, self.scheduler = fabric, model, optimizer, scheduler
         self.stage, self.loader, self.settings, self.monitor = stage, loader, settings, monitor
         self.save_fn, self.eval_loader, self.progress = save_fn, eval_loader, progress
+        self.stepper = stepper_for(fabric, model, optimizer, settings)  # backward to update, per backend
         self.step = 0
         self.tokens_seen = 0
 
@@ -130,74 +130,39 @@ class Engine:
 
     # ------------------------------------------------------------------ loop
 
-    def _global_sum(self, value: float) -> float:
-        if self.fabric.world_size == 1:
-            return value
-        total = self.fabric.all_reduce(torch.tensor(float(value), device=self.fabric.device), reduce_op="sum")
-        return float(total)
-
     def train_step(self) -> dict:
         """One optimiser step over this rank's micro-batches; returns the step's metrics.
 
-        The step's sums (target count, tokens, loss, metrics) and a flag for non-finite gradients are
-        all-reduced once, before the optimiser step, so every rank stops together on a non-finite
-        loss or gradient norm and nothing non-finite ever reaches the weights."""
-        settings, fabric = self.settings, self.fabric
+        The loss is a dict of terms (a stage's single loss is the term `loss`), each divided by its own
+        units over the step (`_divisors`); the stepper of the model's backend (train/backend.py) runs
+        the backward, the accumulation, the clipping and the update. The step's sums (units, tokens,
+        each term's loss, metrics) and a flag for non-finite gradients are all-reduced once, before the
+        update, so every rank stops together on a non-finite loss or gradient norm and nothing
+        non-finite ever reaches the weights."""
+        fabric, stepper = self.fabric, self.stepper
         started = time.perf_counter()
         micro_batches = self.loader.micro_batches(self.step)
-        counts = [self.stage.count(b) for b in micro_batches]
-        per_micro_mean = not settings.average_tokens_across_devices
-        terms = list(counts[0]) if isinstance(counts[0], dict) else None
-        if terms:  # each term over its own units
-            scales, report_weights, divided = self._term_scales(counts, terms, per_micro_mean)
-            local_count = sum(c[terms[0]] for c in counts)  # what the stage's plain metrics are divided by
-        else:
-            divided = True  # the reported loss sum is divided by the step's count below
-            local_count = sum(counts)
-            if per_micro_mean:
-                # The original's loss: the mean over the step's micro-batches (of every rank) of each one's own
-                # mean over its units; DDP's gradient average over ranks supplies the 1/world_size.
-                scales = [1.0 / (max(1, c) * len(micro_batches)) for c in counts]
-            else:
-                denominator = max(1.0, self._global_sum(local_count))
-                # DDP averages gradients over ranks; multiplying back makes the result a global sum / global count.
-                scales = [fabric.world_size / denominator] * len(micro_batches)
-            # The report sums what the step averages: units, or each micro-batch's mean (x 1.0 is exact).
-            report_weights = [1.0 / max(1, c) if per_micro_mean else 1.0 for c in counts]
-        report_count = len(micro_batches) if per_micro_mean else local_count  # what the reported sums are divided by
-        if settings.runtime_owns_accumulation:  # DeepSpeed divides by its accumulation steps again
-            n = len(micro_batches)
-            scales = [{t: v * n for t, v in s.items()} if terms else s * n for s in scales]
+        counts = [as_terms(self.stage.count(b)) for b in micro_batches]
+        terms = list(counts[0])
+        scales, weights, units = self._divisors(counts, terms)
+        multiplier = stepper.loss_multiplier(len(micro_batches))
 
         self.model.train()
-        loss_total = torch.zeros((), device=fabric.device)
+        loss_sums = {t: torch.zeros((), device=fabric.device) for t in terms}  # what the step reports, per term
         metric_totals: dict[str, torch.Tensor] = {}
         metric_counts: dict[str, torch.Tensor] = {}  # the own units of (sum, count) metrics
         tokens = 0
-        own_norm = float("nan")
-        totals = None
         for index, batch in enumerate(micro_batches):
             batch = fabric.to_device(batch)
             last = index == len(micro_batches) - 1
-            # DDP: all-reduce gradients only on the last micro-batch; DeepSpeed does its own accumulation.
-            skip_sync = (
-                contextlib.nullcontext()
-                if settings.runtime_owns_accumulation
-                else fabric.no_backward_sync(self.model, enabled=not last)
-            )
-            with skip_sync:
+            with stepper.accumulating(last):
                 with fabric.autocast():  # the stage may apply the LM head outside the wrapped forward
-                    loss_sum, metrics = self.stage.loss(self.model, batch)
-                if terms:
-                    fabric.backward(sum(loss_sum[t] * scales[index][t] for t in terms))
-                else:
-                    fabric.backward(loss_sum * scales[index])
-            if terms:
-                loss_total += sum(loss_sum[t].detach() * report_weights[index][t] for t in terms)
-                weight = 1.0 / max(1, counts[index][terms[0]]) if per_micro_mean else 1.0
-            else:
-                weight = report_weights[index]
-                loss_total += loss_sum.detach() * weight
+                    losses, metrics = self.stage.loss(self.model, batch)
+                losses = as_terms(losses)
+                stepper.backward(weighted_sum(losses, {t: s * multiplier for t, s in scales[index].items()}), last)
+            for t in terms:
+                loss_sums[t] += losses[t].detach() * weights[index][t]
+            weight = weights[index][terms[0]]  # the stage's plain metrics go with its first term's units
             for key, value in metrics.items():
                 if isinstance(value, tuple):  # a mean over units of its own: plain sums in either loss mode
                     metric_counts[key] = metric_counts.get(key, 0) + torch.as_tensor(value[1]).detach()
@@ -205,51 +170,28 @@ class Engine:
                 else:
                     metric_totals[key] = metric_totals.get(key, 0) + value.detach() * weight
             tokens += int(batch.get("num_tokens", batch["input_ids"].numel()))
-            if settings.runtime_owns_accumulation:
-                if last:  # the accumulation boundary: DeepSpeed's step below is the real one
-                    if runtime_keeps_no_grad_norm(self.model):  # ZeRO-0 in fp32: DeepSpeed clips but keeps no norm
-                        own_norm = float(_grad_norm(self.model))
-                        finite = math.isfinite(own_norm)
-                    else:
-                        finite = settings.skips_overflow_steps or _deepspeed_grads_finite(self.model)
-                    totals = self._step_totals(report_count, tokens, loss_total, metric_totals, metric_counts, finite)
-                    self._stop_if_not_finite(totals, None if finite else own_norm, divided)
-                # The engine's own step after every micro-batch, as DeepSpeed requires: it counts them, and
-                # only at the boundary reduces, clips and updates. (Fabric's optimizer.step() would call the
-                # ZeRO optimizer directly, skipping that count: it would update after every micro-batch.)
-                deepspeed_engine(self.model).step()
 
-        if settings.runtime_owns_accumulation:
-            reported = runtime_grad_norm(self.model)
-            grad_norm = reported if reported is not None else own_norm
-        else:
-            if settings.max_grad_norm:
-                grad_norm = float(
-                    fabric.clip_gradients(
-                        self.model, self.optimizer, max_norm=settings.max_grad_norm, error_if_nonfinite=False
-                    )
-                )
-            else:
-                grad_norm = float(_grad_norm(self.model))
-            # fp16 with a grad scaler: an overflowing step is skipped by the scaler, not a divergence.
-            finite = settings.skips_overflow_steps or math.isfinite(grad_norm)
-            totals = self._step_totals(report_count, tokens, loss_total, metric_totals, metric_counts, finite)
-            self._stop_if_not_finite(totals, grad_norm, divided)
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        finite, norm = stepper.finish_gradients()
+        # What the plain metrics (and, for the per-micro-batch mean, the loss) are divided by.
+        count = len(micro_batches) if units is None else sum(c[terms[0]] for c in counts)
+        totals = self._step_totals(count, tokens, loss_sums, metric_totals, metric_counts, finite)
+        global_count = max(1.0, totals["count"])
+        divisors = units or dict.fromkeys(terms, global_count)
+        loss = sum(totals["losses"][t] / divisors[t] for t in terms)
+        self._stop_if_not_finite(loss, totals, norm)
+        grad_norm = stepper.step()
         lr = self.optimizer.param_groups[0]["lr"]
         if not isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             self.scheduler.step()
         self.step += 1
 
-        global_count = max(1.0, totals["count"])
         global_tokens = int(totals["tokens"])
         self.tokens_seen += global_tokens
         elapsed = time.perf_counter() - started
         record = {
             "step": self.step,
             "epoch": round(self.step / max(1, self.loader.steps_per_epoch), 4),
-            "loss": totals["loss"] / global_count if divided else totals["loss"],
+            "loss": loss,
             "lr": lr,
             "grad_norm": grad_norm,
             "tokens": global_tokens,
@@ -262,57 +204,52 @@ class Engine:
                 record[key] = totals["metrics"][key] / totals["metric_counts"][key]
         return record
 
-    def _step_totals(
-        self, count: int, tokens: int, loss_total, metric_totals: dict, metric_counts: dict, grads_finite: bool
-    ) -> dict:
-        """The step's sums over every rank, in one all-reduce (none on a single process)."""
-        keys, count_keys = sorted(metric_totals), sorted(metric_counts)
-        if self.fabric.world_size == 1:
-            return {
-                "count": float(count),
-                "tokens": float(tokens),
-                "loss": float(loss_total),
-                "nonfinite_grads": 0.0 if grads_finite else 1.0,
-                "metrics": {k: float(metric_totals[k]) for k in keys},
-                "metric_counts": {k: float(metric_counts[k]) for k in count_keys},
-            }
-        local = torch.stack(
-            [
-                torch.tensor(float(count), dtype=torch.float64),
-                torch.tensor(float(tokens), dtype=torch.float64),
-                loss_total.detach().double().cpu(),
-                torch.tensor(0.0 if grads_finite else 1.0, dtype=torch.float64),
-                *[torch.as_tensor(metric_totals[k]).detach().double().cpu() for k in keys],
-                *[torch.as_tensor(metric_counts[k]).detach().double().cpu() for k in count_keys],
-            ]
-        )
-        summed = self.fabric.all_reduce(local.to(self.fabric.device), reduce_op="sum").cpu().tolist()
-        return {
-            "count": summed[0],
-            "tokens": summed[1],
-            "loss": summed[2],
-            "nonfinite_grads": summed[3],
-            "metrics": dict(zip(keys, summed[4 : 4 + len(keys)])),
-            "metric_counts": dict(zip(count_keys, summed[4 + len(keys) :])),
-        }
-
-    def _term_scales(self, counts: list[dict], terms: list[str], per_micro_mean: bool):
-        """Per micro-batch, each term's gradient scale and report weight, and whether the reported loss
-        sum still needs dividing by the step's count: each term over its own units of the whole step
-        (every micro-batch of every rank, all-reduced in one go), or of each micro-batch (the original's mean)."""
+    def _divisors(self, counts: list[dict], terms: list[str]):
+        """Per micro-batch, each term's gradient scale and the weight its reported sum is added with;
+        and each term's units over the whole step (every micro-batch of every rank, all-reduced in one
+        go), or None for the original's loss (average_tokens_across_devices false): the mean over the
+        step's micro-batches (of every rank) of each one's own mean over its units."""
         n, world = len(counts), self.fabric.world_size
-        if per_micro_mean:
-            report = [{t: 1.0 / max(1, c[t]) for t in terms} for c in counts]
-            return [{t: w / n for t, w in r.items()} for r in report], report, True
+        if not self.settings.average_tokens_across_devices:
+            # DDP's gradient average over ranks supplies the 1/world_size; the report is divided by the count below.
+            scales = [{t: 1.0 / (max(1, c[t]) * n) for t in terms} for c in counts]
+            return scales, [{t: 1.0 / max(1, c[t]) for t in terms} for c in counts], None
         local = torch.tensor([float(sum(c[t] for c in counts)) for t in terms], dtype=torch.float64)
         if world > 1:
             local = self.fabric.all_reduce(local.to(self.fabric.device), reduce_op="sum").cpu()
         units = {t: max(1.0, float(u)) for t, u in zip(terms, local.tolist())}
-        return [{t: world / units[t] for t in terms}] * n, [{t: 1.0 / units[t] for t in terms}] * n, False
+        # DDP averages gradients over ranks; multiplying back makes each term a global sum / its global units.
+        return [{t: world / units[t] for t in terms}] * n, [dict.fromkeys(terms, 1.0)] * n, units
 
-    def _stop_if_not_finite(self, totals: dict, grad_norm: Optional[float], divided: bool = True) -> None:
+    def _step_totals(
+        self, count: int, tokens: int, loss_sums: dict, metric_totals: dict, metric_counts: dict, grads_finite: bool
+    ) -> dict:
+        """The step's sums over every rank, in one all-reduce (none on a single process)."""
+        terms, keys, count_keys = list(loss_sums), sorted(metric_totals), sorted(metric_counts)
+        values = [
+            torch.tensor(float(count), dtype=torch.float64),
+            torch.tensor(float(tokens), dtype=torch.float64),
+            torch.tensor(0.0 if grads_finite else 1.0, dtype=torch.float64),
+            *[loss_sums[t] for t in terms],
+            *[torch.as_tensor(metric_totals[k]) for k in keys],
+            *[torch.as_tensor(metric_counts[k]) for k in count_keys],
+        ]
+        local = torch.stack([v.detach().double().cpu() for v in values])
+        if self.fabric.world_size > 1:
+            local = self.fabric.all_reduce(local.to(self.fabric.device), reduce_op="sum").cpu()
+        summed = local.tolist()
+        losses_end, metrics_end = 3 + len(terms), 3 + len(terms) + len(keys)
+        return {
+            "count": summed[0],
+            "tokens": summed[1],
+            "nonfinite_grads": summed[2],
+            "losses": dict(zip(terms, summed[3:losses_end])),
+            "metrics": dict(zip(keys, summed[losses_end:metrics_end])),
+            "metric_counts": dict(zip(count_keys, summed[metrics_end:])),
+        }
+
+    def _stop_if_not_finite(self, loss: float, totals: dict, grad_norm: Optional[float]) -> None:
         """Every rank sees the same totals, so every rank stops here together, before the optimiser step."""
-        loss = totals["loss"] / max(1.0, totals["count"]) if divided else totals["loss"]
         if math.isfinite(loss) and not totals["nonfinite_grads"]:
             return
         step = self.step + 1
@@ -423,30 +360,15 @@ def in_lockstep(fabric, batches):
         yield last, False
 
 
-def _deepspeed_grads_finite(model) -> bool:
-    """Whether this rank's share of the accumulated gradients is finite, read after DeepSpeed's last
-    backward of the step and before its step() (which would apply them): the ZeRO-1/2 partitions it
-    is about to step, ZeRO-3's local fp32 partitions, or the plain gradients without ZeRO."""
-    engine = deepspeed_engine(model)
-    optimizer = getattr(engine, "optimizer", None)
-    if engine.zero_optimization_stage() == 3:
-        from deepspeed.utils import safe_get_local_grad
-
-        grads = [safe_get_local_grad(p) for p in engine.module.parameters() if p.requires_grad]
-    elif isinstance(getattr(optimizer, "averaged_gradients", None), dict):
-        grads = [g for group in optimizer.averaged_gradients.values() for g in (group or [])]
-    else:
-        grads = [
-            getattr(p, "_hp_grad", None) if getattr(p, "_hp_grad", None) is not None else p.grad
-            for p in engine.module.parameters()
-            if p.requires_grad
-        ]
-    grads = [g for g in grads if g is not None]
-    if not grads:
-        return True
-    return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+def as_terms(value) -> dict:
+    """A stage's count or loss as {term: value}: a stage with one loss term gives it bare."""
+    return value if isinstance(value, dict) else {"loss": value}
 
 
-def _grad_norm(model) -> torch.Tensor:
-    norms = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+def weighted_sum(losses: dict, scales: dict) -> torch.Tensor:
+    """sum_t losses[t] * scales[t], in the order of `scales`."""
+    total = None
+    for term, scale in scales.items():
+        part = losses[term] * scale
+        total = part if total is None else total + part
+    return total

@@ -156,7 +156,7 @@ def load_model(
                 )  # the same random init on every rank (ZeRO-3: DeepSpeed broadcasts rank 0's)
                 model = Bumblebee(built)
         elif partitioned:
-            from bumblecore.train.runtime import load_into_partitioned
+            from bumblecore.train.backend import load_into_partitioned
 
             with torch.random.fork_rng(), fabric.init_module(empty_init=True):  # draws nothing, like a load
                 model = Bumblebee(built)
@@ -607,11 +607,12 @@ def main(fabric, run: TrainArgs, deepspeed_config: dict | None = None, launcher:
     from bumblecore.data.loader import BatchLoader, eval_batches
     from bumblecore.model.lora import apply_lora, trainable_share
     from bumblecore.tokenizer import check_fits_model
+    from bumblecore.train.backend import share_fp32_master_weights
     from bumblecore.train.checkpoint import in_place_checkpoint_io, read_trainer_state
     from bumblecore.train.engine import Engine, LoopSettings
     from bumblecore.train.memory import release_freed_host_memory, release_freed_memory_promptly
     from bumblecore.train.monitor import Monitor
-    from bumblecore.train.runtime import share_fp32_master_weights, zero_stage
+    from bumblecore.train.runtime import zero_stage
     from bumblecore.train.schedulers import build_scheduler
     from bumblecore.train.sft import LanguageModelingStage
 
@@ -844,7 +845,6 @@ def main(fabric, run: TrainArgs, deepspeed_config: dict | None = None, launcher:
         save_total_limit=output.save_total_limit,
         save_last=output.save_last,
         average_tokens_across_devices=optimization.average_tokens_across_devices,
-        runtime_owns_accumulation=deepspeed_config is not None,
         skips_overflow_steps=optimization.train_model_precision == "fp16",
     )
     exporter = Exporter(fabric, run, tokenizer, monitor, base_fingerprint=base)
@@ -978,7 +978,7 @@ class Exporter:
         from bumblecore.data.chat_templates import write_end_of_turn
         from bumblecore.data.commands import CHAT_STAGES
         from bumblecore.model.lora import save_adapter
-        from bumblecore.train.runtime import gathered_state_dict, gathered_tensors, partitions_weights
+        from bumblecore.train.backend import gathered_state_dict, gathered_tensors, partitions_weights
 
         bare = getattr(model, "module", model)
         lora = self.run.model.finetuning_type == "lora"

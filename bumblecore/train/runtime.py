@@ -11,7 +11,8 @@ Strategy: single process, DDP (world size > 1) or DeepSpeed (`deepspeed_config_p
 `train_model_precision`. DeepSpeed JSON may say "auto"; those values are filled from the run's keys
 the way the original did (micro batch, accumulation, clipping, precision, bucket sizes from hidden
 size) and the launcher's world size. DeepSpeed runs on CPU processes too (gloo), which Fabric's own
-strategy refuses; that is how the tests exercise ZeRO-1/2/3 without a GPU.
+strategy refuses; that is how the tests exercise ZeRO-1/2/3 without a GPU. What the strategies do once
+the model is set up (the step, ZeRO-3's gathers, every private name they need) is train/backend.py's.
 """
 
 from __future__ import annotations
@@ -364,50 +365,6 @@ def zero_stage(deepspeed_config: Optional[dict]) -> Optional[int]:
 # ---------------------------------------------------------------------------- Fabric
 
 
-def _cpu_deepspeed_strategy(config: dict):
-    """Fabric's DeepSpeedStrategy minus its CUDA-only check: the real DeepSpeed engine on CPU
-    processes, talking over gloo (DeepSpeed's CPU accelerator)."""
-    from lightning.fabric.strategies import DeepSpeedStrategy
-
-    class CPUDeepSpeedStrategy(DeepSpeedStrategy):
-        def setup_environment(self) -> None:
-            super(DeepSpeedStrategy, self).setup_environment()  # DDPStrategy's: devices, then the process group
-
-        def _setup_distributed(self) -> None:
-            # Fabric's, less its check that CUDA device indices match local ranks (CPU devices have none).
-            import deepspeed.ops
-            from lightning.fabric.utilities.seed import reset_seed
-
-            # Plain gloo collectives: DeepSpeed's optional shared-memory kernel would be compiled on first
-            # use on every fresh machine, and a run killed while compiling leaves a lock the next waits on forever.
-            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-            reset_seed()
-            self._set_world_ranks()
-            self._init_deepspeed_distributed()
-            if not self._config_initialized:
-                self._format_config()
-                self._config_initialized = True
-
-        def _initialize_engine(self, model, optimizer=None, scheduler=None):
-            # Fabric's, with the local rank as DeepSpeed's device rank (a CPU device has no index).
-            import argparse
-
-            import deepspeed
-
-            engine, ds_optimizer, _, ds_scheduler = deepspeed.initialize(
-                args=argparse.Namespace(device_rank=self.local_rank),
-                config=self.config,
-                model=model,
-                model_parameters=[p for p in model.parameters() if p.requires_grad],
-                optimizer=optimizer,
-                lr_scheduler=scheduler,
-                dist_init_required=False,
-            )
-            return engine, ds_optimizer, ds_scheduler
-
-    return CPUDeepSpeedStrategy(config=config, process_group_backend="gloo")
-
-
 def build_fabric(
     accelerator: str = "auto",
     devices: int = 1,
@@ -434,7 +391,9 @@ def build_fabric(
         warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use", category=FutureWarning)
         if accelerator == "cpu":
             os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed picks its accelerator at import
-            strategy = _cpu_deepspeed_strategy(deepspeed_config)
+            from bumblecore.train.backend import cpu_deepspeed_strategy
+
+            strategy = cpu_deepspeed_strategy(deepspeed_config)
         else:
             from lightning.fabric.strategies import DeepSpeedStrategy
 
@@ -452,145 +411,3 @@ def build_fabric(
         strategy=strategy,
         plugins=plugins,
     )
-
-
-def deepspeed_engine(model):
-    """The DeepSpeed engine under Fabric's wrapper, or None for other strategies."""
-    engine = getattr(model, "_forward_module", None)
-    return engine if hasattr(engine, "zero_optimization_stage") else None
-
-
-def share_fp32_master_weights(model) -> int:
-    """Bytes freed on this rank by letting DeepSpeed's fp32 master partitions be the fp32 weights' own.
-
-    With fp32 weights the ZeRO optimizers still keep a master copy of each rank's weight partition:
-    ZeRO-1/2 always clone it, and ZeRO-3's check for "already fp32" compares a torch.device with a
-    device string and never matches (DeepSpeed 0.19). The copy holds the same values and the step
-    writes it back into the weights, so pointing each master partition at the weights' partition
-    drops a partition's worth of memory (4 bytes per parameter / ranks) and changes no number."""
-    import torch
-
-    optimizer = getattr(deepspeed_engine(model), "optimizer", None)
-    pairs = [
-        (
-            getattr(optimizer, "fp16_partitioned_groups_flat", None),
-            getattr(optimizer, "fp32_partitioned_groups_flat", None),
-        ),
-        (_own_partitions(optimizer), getattr(optimizer, "single_partition_of_fp32_groups", None)),
-    ]
-    freed = 0
-    for weights, masters in pairs:
-        for weight, master in zip(weights or [], masters or []):
-            if (
-                weight is not None
-                and weight.dtype == master.dtype == torch.float32
-                and weight.device == master.device
-                and weight.shape == master.shape
-                and weight.untyped_storage().data_ptr() != master.untyped_storage().data_ptr()
-                and torch.equal(weight, master)  # the copy DeepSpeed made, not yet stepped
-            ):
-                master.data = weight.data
-                freed += master.numel() * 4
-    return freed
-
-
-def _own_partitions(optimizer) -> Optional[list]:
-    """ZeRO-1/2: this rank's partition of each flat weight group (views into the full weights)."""
-    groups = getattr(optimizer, "parallel_partitioned_bit16_groups", None)
-    process_groups = getattr(optimizer, "real_dp_process_group", None)
-    if groups is None or process_groups is None:
-        return None
-    import deepspeed.comm as dist
-
-    return [group[dist.get_rank(group=process_groups[i])] for i, group in enumerate(groups)]
-
-
-def partitions_weights(model) -> bool:
-    """True under ZeRO-3: each rank holds a slice of every weight, gathered only inside forward."""
-    engine = deepspeed_engine(model)
-    return engine is not None and bool(engine.zero_optimization_partition_weights())
-
-
-def runtime_keeps_no_grad_norm(model) -> bool:
-    """DeepSpeed ZeRO-0 in fp32 clips in its step (torch's clip_grad_norm_) but keeps no gradient
-    norm, so the loop measures it there itself; every other DeepSpeed mode keeps one in its optimizer."""
-    engine = deepspeed_engine(model)
-    return (
-        engine is not None
-        and engine.zero_optimization_stage() == 0
-        and not engine.bfloat16_enabled()
-        and not engine.fp16_enabled()
-    )
-
-
-def runtime_grad_norm(model) -> Optional[float]:
-    """DeepSpeed's global gradient norm of the last optimiser step (before clipping); None where it keeps none."""
-    engine = deepspeed_engine(model)
-    if engine is None:
-        return None
-    norm = engine.get_global_grad_norm()
-    if norm is None:  # the engine copies it from its ZeRO optimizer on some paths only
-        norm = getattr(engine.optimizer, "_global_grad_norm", None)
-    return None if norm is None else float(norm)
-
-
-def gathered_state_dict(fabric, model, trainable_only: bool = False) -> Optional[dict]:
-    """The full model state (or only its trainable tensors) on rank 0, None elsewhere. Under ZeRO-3 the
-    weights are partitioned: every rank takes part in gathering them, one tensor at a time."""
-    bare = getattr(model, "module", model)
-    if not partitions_weights(model):
-        if trainable_only:
-            names = {n for n, p in bare.named_parameters() if p.requires_grad}
-            return {k: v for k, v in bare.state_dict().items() if k in names}
-        return bare.state_dict()
-    if not trainable_only:
-        return deepspeed_engine(model)._zero3_consolidated_16bit_state_dict()
-    import deepspeed
-
-    state = {}
-    for name, param in bare.named_parameters():
-        if param.requires_grad:
-            with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
-                if fabric.is_global_zero:
-                    state[name] = param.detach().clone().cpu()
-    return state if fabric.is_global_zero else None
-
-
-def gathered_tensors(model, dtype, is_rank_zero: bool):
-    """A ZeRO-3 model's full state for an export written one tensor at a time: (layout {name: (shape,
-    dtype)}, an iterator of (name, tensor on rank 0 / None elsewhere)). Every rank must run the iterator
-    to its end: each step gathers one weight (a collective) and releases it at the next, so rank 0
-    holds one whole tensor at a time, never the consolidated model."""
-    import deepspeed
-
-    bare = getattr(model, "module", model)
-    entries = bare.state_dict(keep_vars=True)  # partitioned weights keep their real shape in ds_shape
-
-    def final_dtype(tensor):
-        return dtype if tensor.is_floating_point() else tensor.dtype
-
-    layout = {name: (tuple(getattr(t, "ds_shape", t.shape)), final_dtype(t)) for name, t in entries.items()}
-
-    def tensors():
-        for name, tensor in entries.items():
-            partitioned = hasattr(tensor, "ds_id")
-            with deepspeed.zero.GatheredParameters([tensor], modifier_rank=None, enabled=partitioned):
-                yield name, tensor.detach().to(final_dtype(tensor)) if is_rank_zero else None
-
-    return layout, tensors()
-
-
-def load_into_partitioned(model, path, is_rank_zero: bool) -> None:
-    """Pretrained weights into a ZeRO-3 model built partitioned (under `fabric.init_module`): tensor by
-    tensor, shard file by shard file, rank 0 reads each one and DeepSpeed scatters it to the ranks
-    that own its slices, so no rank ever holds the whole model."""
-    import deepspeed
-
-    from bumblecore.model.hf_io import expected_tensors, iter_checkpoint
-
-    parameters = dict(model.named_parameters())
-    for name, load in iter_checkpoint(path, model.config, expected_tensors(model)):
-        param = parameters[name]
-        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
-            if is_rank_zero:
-                param.data.copy_(load())
