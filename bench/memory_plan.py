@@ -40,7 +40,8 @@ SHAPES = {
                  num_key_value_heads=4, vocab_size=32000),
 }  # fmt: skip
 
-# name, model, stage, precision, ranks, ZeRO stage (None: no DeepSpeed), lora, checkpointing, micro, cutoff
+# name, model, stage, precision, ranks, ZeRO stage (None: no DeepSpeed), lora, checkpointing, micro, cutoff[,
+# gradient accumulation steps (default 1)]
 MATRIX = [
     ("tiny fp32 1p", "tiny", "sft", "fp32", 1, None, False, False, 2, 256),
     ("tiny bf16 ddp", "tiny", "sft", "bf16", 2, None, False, False, 2, 256),
@@ -58,6 +59,12 @@ MATRIX = [
     ("250M fp32 z3", "250M", "continue_pretrain", "fp32", 2, 3, False, False, 1, 128),
     ("250M bf16 z3", "250M", "continue_pretrain", "bf16", 2, 3, False, False, 1, 128),
     ("250M bf16 z1", "250M", "continue_pretrain", "bf16", 2, 1, False, False, 1, 128),
+    # gradient accumulation (the README's sft_lora line accumulates 8 micro batches of 4 x 1024)
+    ("tiny fp32 1p lora acc8", "tiny", "sft", "fp32", 1, None, True, False, 4, 1024, 8),
+    ("smol fp32 1p lora acc4", "smol", "sft", "fp32", 1, None, True, False, 2, 256, 4),
+    ("smol fp32 1p acc4", "smol", "sft", "fp32", 1, None, False, False, 2, 256, 4),
+    ("250M fp32 1p acc4", "250M", "continue_pretrain", "fp32", 1, None, False, False, 1, 128, 4),
+    ("250M bf16 z2 acc4", "250M", "continue_pretrain", "bf16", 2, 2, False, False, 1, 128, 4),
 ]
 LINE = re.compile(r"peak memory per rank: host RSS ([\d,]+ MB(?:, [\d,]+ MB)*) \(planned ([\d,]+) MB\)")
 
@@ -86,7 +93,7 @@ def model_dir(name: str, work: Path) -> Path:
 
 
 def train(row: tuple, work: Path) -> dict:
-    name, model, stage, precision, ranks, zero, lora, checkpointing, micro, cutoff = row
+    name, model, stage, precision, ranks, zero, lora, checkpointing, micro, cutoff, accumulation = (*row, 1)[:11]
     out = work / re.sub(r"\W+", "_", name)
     data = DEMO / ("pretrain.jsonl" if stage == "continue_pretrain" else "sft_train.jsonl")
     command = [
@@ -99,7 +106,7 @@ def train(row: tuple, work: Path) -> dict:
         "--cutoff_len", str(cutoff),
         "--max_steps", "2",
         "--train_micro_batch_size_per_gpu", str(micro),
-        "--gradient_accumulation_steps", "1",
+        "--gradient_accumulation_steps", str(accumulation),
         "--train_model_precision", precision,
         "--enable_gradient_checkpointing", str(checkpointing).lower(),
         "--save_steps", "1000",
@@ -125,13 +132,18 @@ def train(row: tuple, work: Path) -> dict:
         "worst_error": max((p / planned - 1 for p in peaks), key=abs),
         "seconds": seconds,
         "settings": dict(stage=stage, precision=precision, ranks=ranks, zero=zero, lora=lora,
-                         checkpointing=checkpointing, micro=micro, cutoff=cutoff),
+                         checkpointing=checkpointing, micro=micro, cutoff=cutoff, accumulation=accumulation),
     }  # fmt: skip
+
+
+def accumulated(settings: dict) -> str:
+    steps = settings.get("accumulation", 1)
+    return f" (x {steps})" if steps > 1 else ""
 
 
 def table(results: list[dict]) -> str:
     lines = [
-        "| run | ZeRO | precision | LoRA | ckpt | micro x seq | planned MB | measured peak MB per rank | worst error |",
+        "| run | ZeRO | precision | LoRA | ckpt | micro x seq (x accumulation) | planned MB | measured peak MB per rank | worst error |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
@@ -139,7 +151,7 @@ def table(results: list[dict]) -> str:
         zero = f"ZeRO-{s['zero']}" if s["zero"] is not None else ("DDP" if s["ranks"] > 1 else "-")
         lines.append(
             f"| {r['name']} | {zero} | {s['precision']} | {'yes' if s['lora'] else 'no'} | "
-            f"{'on' if s['checkpointing'] else 'off'} | {s['micro']} x {s['cutoff']} | {r['planned_mb']:,.0f} | "
+            f"{'on' if s['checkpointing'] else 'off'} | {s['micro']} x {s['cutoff']}{accumulated(s)} | {r['planned_mb']:,.0f} | "
             f"{', '.join(f'{p:,.0f}' for p in r['peak_mb'])} | {r['worst_error']:+.0%} |"
         )
     return "\n".join(lines)

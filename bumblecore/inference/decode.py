@@ -281,6 +281,18 @@ def native_bf16_matmul() -> bool:
     return any(getattr(cpu, name, lambda: False)() for name in checks)
 
 
+def prepare_screens(lm_head: nn.Linear) -> list[PreparedScreen]:
+    """The screens this build can make, the hardware's pick (prepare_screen) first. Both are kept: which
+    one decides fastest depends on the model too. bf16's error bound is 8x fp16's, and on SmolLM2-135M
+    (hidden-state norms ~55, vocabulary rows up to 7.5) it keeps ~5,000-45,000 of 49,152 tokens, so it
+    gives up, where fp16 keeps 3-30 (measured): DecodingBumblebee times each where it decides."""
+    first = prepare_screen(lm_head)
+    if first is None:
+        return []
+    other = prepare_screen(lm_head, "fp16" if first.kind == "bf16" else "bf16")
+    return [first] + ([other] if other is not None else [])
+
+
 def prepare_screen(lm_head: nn.Linear, kind: Optional[str] = None) -> Optional[PreparedScreen]:
     """A half-precision copy of the LM head: `kind`, or bf16 on a CPU with native bf16 products, else
     fp16 where FBGEMM has it. Measured at batch 16 on a Xeon with AMX, decode ran ~1.2x faster with
@@ -335,9 +347,11 @@ class DecodingBumblebee(nn.Module):
             self.attention = [prepare_attention(layer.self_attn, packed) for layer in layers]
             self.mlp = [prepare_mlp(layer.mlp, packed) for layer in layers]
             self.head = prepare_head(self.bumblebee.lm_head)
-            self.screen = prepare_screen(self.bumblebee.lm_head)
+            self.screens = prepare_screens(self.bumblebee.lm_head)
+        self.screen = self.screens[0] if self.screens else None
         self._head_layouts: dict[int, str] = {}  # rows -> the LM head's layout (see _pick_head_layout)
         self._screen_pays: dict[int, bool] = {}  # rows -> whether greedy screening beats the full head
+        self._screen_for: dict[int, PreparedScreen] = {}  # rows -> the screen that was fastest there
 
     def new_cache(self, batch_size: int, max_len: int) -> SlotCache:
         parameter = next(self.bumblebee.parameters())
@@ -456,22 +470,30 @@ class DecodingBumblebee(nn.Module):
     def greedy(self, hidden: torch.Tensor) -> Optional[torch.Tensor]:
         """argmax of the logits of final-norm hidden states (rows, hidden) by screening
         (`screened_argmax`) where that is faster than the full fp32 logits at this many rows on this
-        CPU, else None (then compute the logits). Decided once per row count by timing both."""
+        CPU, else None (then compute the logits). Decided once per row count by timing the full head
+        and each screen (`_screening_pays`)."""
         rows = hidden.shape[0]
         if not _usable(self.screen, self.bumblebee.lm_head) or hidden.dtype != torch.float32:
             return None
         pays = self._screen_pays.get(rows)
         if pays is None:
             pays = self._screen_pays[rows] = self._screening_pays(hidden)
-        return self.screened_argmax(hidden) if pays else None
+        return self.screened_argmax(hidden, self._screen_for.get(rows)) if pays else None
 
     def _screening_pays(self, hidden: torch.Tensor) -> bool:
-        if self.screened_argmax(hidden) is None:  # this model's rows are too flat to screen
-            return False
-        full = _cpu_seconds(lambda: self.logits(hidden).argmax(dim=-1))
-        return _cpu_seconds(lambda: self.screened_argmax(hidden)) < full
+        """Times the full head and each screen that decides these rows (a screen whose error bound is
+        wide for this model keeps too many candidates and gives up); keeps the fastest screen for this
+        row count, or says the full head is faster."""
+        best = _cpu_seconds(lambda: self.logits(hidden).argmax(dim=-1))
+        for screen in self.screens:
+            if self.screened_argmax(hidden, screen) is None:
+                continue
+            seconds = _cpu_seconds(lambda screen=screen: self.screened_argmax(hidden, screen))
+            if seconds < best:
+                best, self._screen_for[hidden.shape[0]] = seconds, screen
+        return hidden.shape[0] in self._screen_for
 
-    def screened_argmax(self, hidden: torch.Tensor) -> Optional[torch.Tensor]:
+    def screened_argmax(self, hidden: torch.Tensor, screen: Optional[PreparedScreen] = None) -> Optional[torch.Tensor]:
         """argmax of the fp32 logits of hidden states (rows, hidden) from the half-precision screen, or
         None where the screen cannot decide (non-finite scores, nearly flat rows, no screen).
 
@@ -482,10 +504,11 @@ class DecodingBumblebee(nn.Module):
         at least 32 columns, measured) and their argmax is the first maximum, as the full argmax."""
         rows = hidden.shape[0]
         lm_head = self.bumblebee.lm_head
-        if not _usable(self.screen, lm_head) or hidden.dtype != torch.float32:
+        screen = screen or self.screen
+        if not _usable(screen, lm_head) or hidden.dtype != torch.float32:
             return None
-        approx = self.screen.scores(hidden)
-        bound = self.screen.error_bound(hidden)
+        approx = screen.scores(hidden)
+        bound = screen.error_bound(hidden)
         vocab = approx.shape[1]
         if vocab % SCREEN_BLOCK:
             floor = approx.amax(dim=-1) - 2 * bound
