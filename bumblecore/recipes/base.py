@@ -41,7 +41,8 @@ class StageData:
 
 
 class Recipe:
-    """A stage of the token-cache kind (pretraining, SFT, preference pairs, KTO)."""
+    """A training stage. The defaults are a stage trained on the token cache's units with the language
+    modelling loss (pretraining, SFT); a stage overrides what it does otherwise."""
 
     name: str = ""
     reading: Optional[StageReading] = None  # None: the stage reads prompts, no token cache (GRPO)

@@ -286,6 +286,25 @@ def report_peak_memory(fabric, monitor, planned_mb: int) -> None:
     monitor.info(line)
 
 
+def open_monitor(fabric, run: TrainArgs, resume_dir: Optional[Path], notes: list[str]):
+    """The run's log and metrics (train/monitor.py), opened with the configuration and the notes."""
+    from bumblecore.train.checkpoint import read_trainer_state
+    from bumblecore.train.monitor import Monitor
+
+    monitor = Monitor(
+        Path(run.output.output_dir),
+        run.output.use_tensorboard,
+        run.output.save_train_log,
+        fabric.is_global_zero,
+        resume_step=read_trainer_state(resume_dir)["step"] if resume_dir else None,
+    )
+    # The log starts with what this attempt ran with (a resume may change keys such as max_steps).
+    monitor.info("resolved configuration:\n" + to_yaml(run).rstrip())
+    for note in notes:
+        monitor.info(f"note: {note}")
+    return monitor
+
+
 def write_run_record(fabric, run: TrainArgs) -> None:
     """training_args.yaml: what names the run (another attempt in output_dir is checked against it)."""
     if fabric.is_global_zero:

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import functools
 import time
-from pathlib import Path
 
 import torch
 
 from bumblecore.args import TrainArgs
 from bumblecore.recipes import recipe_for
 from bumblecore.train.launch import agreed_on_rank_zero, check_inputs, config_notes, launch, processes_per_node
-from bumblecore.train.outputs import Exporter, prepare_output_dir, report_peak_memory, to_yaml, write_run_record
+from bumblecore.train.outputs import Exporter, open_monitor, prepare_output_dir, report_peak_memory, write_run_record
 from bumblecore.train.setup import (
     build_model,
     build_optimizer,
@@ -42,9 +41,8 @@ def train(run: TrainArgs) -> None:
 def main(fabric, run: TrainArgs, recipe, deepspeed_config: dict | None = None, launcher: str | None = None) -> None:
     """One process's run: tokenizer, output dir, memory plan, model, data, optimizer, stage, fit, export."""
     from bumblecore.model.lora import trainable_share
-    from bumblecore.train.checkpoint import in_place_checkpoint_io, read_trainer_state
+    from bumblecore.train.checkpoint import in_place_checkpoint_io
     from bumblecore.train.engine import Engine
-    from bumblecore.train.monitor import Monitor
     from bumblecore.train.runtime import zero_stage
 
     started = time.perf_counter()
@@ -62,7 +60,10 @@ def main(fabric, run: TrainArgs, recipe, deepspeed_config: dict | None = None, l
 
     stage_of_zero = zero_stage(deepspeed_config)
     prompt_release = releases_promptly(run, stage_of_zero)
-    plan = memory_plan(fabric, run, deepspeed_config, recipe, processes_per_node(fabric), prompt_release=prompt_release)
+    plan_memory = functools.partial(
+        memory_plan, fabric, run, deepspeed_config, recipe, processes_per_node(fabric), prompt_release=prompt_release
+    )
+    plan = plan_memory()
     plan.check()  # before anything is allocated or written
     model = build_model(fabric, run, load, tokenizer, stage_of_zero)
     trainable, total = trainable_share(model)
@@ -70,31 +71,12 @@ def main(fabric, run: TrainArgs, recipe, deepspeed_config: dict | None = None, l
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     data = recipe.data(fabric, run, tokenizer, pad_id)
     if data.longest is not None:  # padded rows: the plan held to the data's longest row
-        plan = memory_plan(
-            fabric,
-            run,
-            deepspeed_config,
-            recipe,
-            processes_per_node(fabric),
-            sequence_length=data.longest,
-            runtime=plan.runtime,
-            prompt_release=prompt_release,
-        )
+        plan = plan_memory(sequence_length=data.longest, runtime=plan.runtime)
     total_steps = data.loader.total_steps(run.optimization.num_epochs, run.optimization.max_steps)
     model, optimizer, scheduler, warmup_steps = build_optimizer(fabric, run, model, total_steps)
     stage, loader, eval_loader = recipe.stage(fabric, run, model, data, load, resuming=resume_dir is not None)
 
-    monitor = Monitor(
-        Path(run.output.output_dir),
-        run.output.use_tensorboard,
-        run.output.save_train_log,
-        fabric.is_global_zero,
-        resume_step=read_trainer_state(resume_dir)["step"] if resume_dir else None,
-    )
-    # The log starts with what this attempt ran with (a resume may change keys such as max_steps).
-    monitor.info("resolved configuration:\n" + to_yaml(run).rstrip())
-    for note in notes:
-        monitor.info(f"note: {note}")
+    monitor = open_monitor(fabric, run, resume_dir, notes)
     settings = loop_settings(run, total_steps, bool(eval_loader), deepspeed_config)
     exporter = Exporter(
         fabric, run, tokenizer, monitor, base_fingerprint=base, chat=recipe.chat, smooth_curves=recipe.smooth_curves
