@@ -23,11 +23,12 @@ DEMO = ROOT / "bumblecore" / "demo_data"
 CHILD = """
 import json, resource, sys, time
 from bumblecore.data.cache import build_cache
+from bumblecore.recipes import recipe_for
 from bumblecore.tokenizer import load_tokenizer
 tokenizer = load_tokenizer(sys.argv[2])
 before_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 started = time.perf_counter()
-cache = build_cache(sys.argv[1], tokenizer, "pretrain", 2048, cache_dir=sys.argv[3], progress=False)
+cache = build_cache(sys.argv[1], tokenizer, recipe_for("pretrain").reading, 2048, cache_dir=sys.argv[3], progress=False)
 seconds = time.perf_counter() - started
 peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps({"seconds": seconds, "tokens": cache.summary.tokens, "before_mb": before_kb / 1024, "peak_mb": peak_kb / 1024}))

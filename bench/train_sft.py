@@ -144,11 +144,12 @@ def encode_rows(model: str, data: str, cutoff: int) -> list[dict]:
     """The samples as the Trainer and TRL get them: bumblecore's chat template, cut at `cutoff`."""
     from bumblecore.data.formats import read_samples
     from bumblecore.data.template import encode_conversation
+    from bumblecore.recipes import recipe_for
     from bumblecore.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(model)
     rows = []
-    for sample in read_samples(data, "sft"):
+    for sample in read_samples(data, recipe_for("sft").reading):
         ids, mask = encode_conversation(tokenizer, sample.conversation.messages)
         ids, mask = ids[:cutoff], mask[:cutoff]
         rows.append({"input_ids": ids, "labels": [i if m else -100 for i, m in zip(ids, mask)]})

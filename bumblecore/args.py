@@ -18,11 +18,12 @@ from typing import ClassVar, Optional, Union
 
 from bumblecore.data.dataset_spec import MIX_STRATEGIES, DataSource, run_sources
 
-STAGES = ("pretrain", "continue_pretrain", "sft", "dpo", "kto", "grpo")
 FINETUNING_TYPES = ("full", "lora")
 PREF_LOSSES = ("sigmoid", "ipo", "orpo", "simpo")
 # Preference losses of the policy alone: no reference model is built, loaded or cached for them.
 REFERENCE_FREE_LOSSES = ("orpo", "simpo")
+# Preference losses that hold the chosen response's NLL already (an sft_weight would count it twice).
+LOSSES_WITH_NLL = ("orpo",)
 
 
 def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -313,12 +314,11 @@ class TrainArgs:
     grpo: GRPOArgs = field(default_factory=GRPOArgs)
 
     def __post_init__(self) -> None:
-        if self.model.training_stage in ("dpo", "kto"):
-            self._check_preference()
+        settings = STAGE_SETTINGS[self.model.training_stage]
+        if settings.check is not None:
+            settings.check(self)
         if self.data.packing is None:  # a copy: the caller's DataArgs stays as given
-            self.data = dataclasses.replace(
-                self.data, packing=self.model.training_stage in ("pretrain", "continue_pretrain", "sft")
-            )
+            self.data = dataclasses.replace(self.data, packing=settings.packed)
 
     def _check_preference(self) -> None:
         preference = self.preference
@@ -326,9 +326,10 @@ class TrainArgs:
             raise ValueError(f"pref_beta must be > 0, got {preference.pref_beta}")
         if not 0.0 <= preference.dpo_label_smoothing < 0.5:
             raise ValueError(f"dpo_label_smoothing must be in [0, 0.5), got {preference.dpo_label_smoothing}")
-        if self.model.training_stage == "kto":
-            self._check_kto()
-            return
+
+    def _check_dpo(self) -> None:
+        self._check_preference()
+        preference = self.preference
         if not preference.reference_free:
             return
         # Keys that mean nothing without a reference (or that these losses define otherwise) are refused,
@@ -345,7 +346,7 @@ class TrainArgs:
             raise ValueError(
                 f"ld_alpha (LD-DPO) weighs summed log-probs; pref_loss {loss} already uses per-token means"
             )
-        if loss == "orpo" and preference.sft_weight:
+        if loss in LOSSES_WITH_NLL and preference.sft_weight:
             raise ValueError(
                 "pref_loss orpo already includes the chosen response's NLL (weight 1); leave sft_weight at 0 "
                 "and weigh the odds-ratio term with pref_beta"
@@ -353,6 +354,7 @@ class TrainArgs:
 
     def _check_kto(self) -> None:
         """KTO has its own loss: the DPO family's variants are refused, not ignored."""
+        self._check_preference()
         preference = self.preference
         if preference.pref_loss != "sigmoid":
             raise ValueError(
@@ -391,6 +393,26 @@ class TrainArgs:
     def flat(self) -> dict:
         """Every key with its value, flat, in group order: what training_args.yaml and --print_config write."""
         return {key: value for group in vars(self).values() for key, value in dataclasses.asdict(group).items()}
+
+
+@dataclass(frozen=True)
+class StageSettings:
+    """What the settings know of a training stage (its recipe, bumblecore/recipes/, owns the rest):
+    packing's default, and its checks across config groups, run when a TrainArgs is made."""
+
+    packed: bool = False
+    check: Optional[typing.Callable[[TrainArgs], None]] = None
+
+
+STAGE_SETTINGS = {
+    "pretrain": StageSettings(packed=True),
+    "continue_pretrain": StageSettings(packed=True),
+    "sft": StageSettings(packed=True),
+    "dpo": StageSettings(check=TrainArgs._check_dpo),
+    "kto": StageSettings(check=TrainArgs._check_kto),
+    "grpo": StageSettings(),
+}
+STAGES = tuple(STAGE_SETTINGS)  # the registry's stages (bumblecore/recipes/), in the same order
 
 
 def group_types(cls) -> dict[str, type]:

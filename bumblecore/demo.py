@@ -132,16 +132,17 @@ def exact_match(model_dir, questions: list[dict], device: str, batch_size: int =
 def preferred_rate(model_dir, cache_dir: Path, device: str) -> float:
     """Share of dpo_eval pairs whose chosen answer has a higher log-probability than the rejected one."""
     from bumblecore.args import DataArgs
-    from bumblecore.data.commands import dataset_units
+    from bumblecore.data.dataset import dataset_units
     from bumblecore.data.loader import eval_batches
     from bumblecore.inference.loading import load_for_inference
+    from bumblecore.recipes import recipe_for
     from bumblecore.train.dpo import response_token_logps
 
     model, tokenizer, _ = load_for_inference(str(model_dir), dtype="float32", device_map=device)
     data = DataArgs(
         dataset_path=str(DEMO_DATA / "dpo_eval.jsonl"), cutoff_len=256, cache_dir=str(cache_dir), packing=False
     )
-    _, units = dataset_units(data, "dpo", 42, tokenizer, data.dataset_path, progress=False)
+    _, units = dataset_units(data, recipe_for("dpo").reading, 42, tokenizer, data.dataset_path, progress=False)
     preferred, device = 0, next(model.parameters()).device
     for batch in eval_batches(units, 32, tokenizer.pad_token_id or 0, packing=False):
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
@@ -290,8 +291,8 @@ def print_summary(report: dict, out: Path) -> None:
         f"dpo       eval reward accuracy {accuracy}; preferred rate {d['preferred_rate_before']:.2f} -> "
         f"{d['preferred_rate_after']:.2f}; exact match after DPO {d['exact_match_after']:.2f}"
     )
-    if "grpo" in report:
-        g = report["grpo"]
+    g = report.get("grpo")
+    if g:
         print(
             f"grpo      held-out count questions exact match {g['count_exact_match_before']:.2f} -> "
             f"{g['count_exact_match_after']:.2f} ({g['questions']} questions); training reward "

@@ -14,6 +14,7 @@ from bumblecore.data.template import (
     encode_preference,
     render_prompt,
 )
+from bumblecore.recipes import recipe_for
 from bumblecore.tokenizer import load_tokenizer
 
 # The shape of Llama-3's template: a bos, then per message a role header and the trimmed content
@@ -153,13 +154,13 @@ def test_cache_key_follows_the_template(tmp_path, chatml, llama3):
 
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"instruction": "a", "output": "b"}) + "\n")
-    key = cache_key(data, chatml, "sft", 64, False)
+    key = cache_key(data, chatml, recipe_for("sft").reading, 64, False)
     other = chatml.__class__.from_pretrained(chatml.name_or_path)
     other.chat_template = CHAT_TEMPLATE.replace("helpful", "careful")
-    assert cache_key(data, other, "sft", 64, False) != key
-    assert cache_key(data, chatml, "sft", 64, False) == key
-    assert cache_key(data, other, "pretrain", 64, False) == cache_key(
-        data, chatml, "pretrain", 64, False
+    assert cache_key(data, other, recipe_for("sft").reading, 64, False) != key
+    assert cache_key(data, chatml, recipe_for("sft").reading, 64, False) == key
+    assert cache_key(data, other, recipe_for("pretrain").reading, 64, False) == cache_key(
+        data, chatml, recipe_for("pretrain").reading, 64, False
     )  # no template involved
 
 

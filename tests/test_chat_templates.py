@@ -17,6 +17,7 @@ import yaml
 from bumblecore.cli import main
 from bumblecore.data.chat_templates import BUILT_IN, MARKERS, parse_special_tokens, prepare_tokenizer
 from bumblecore.data.template import ChatFormatError, chat_format
+from bumblecore.recipes import recipe_for
 from bumblecore.tokenizer import load_tokenizer
 
 DEMO = Path(__file__).resolve().parents[1] / "bumblecore" / "demo_data"
@@ -158,7 +159,7 @@ def test_the_token_cache_key_follows_the_template_and_inference_refuses_missing_
     keys = set()
     for name in ("chatml", "qwen2.5"):
         prepare_tokenizer(tokenizer, name)
-        keys.add(cache_key([str(data)], tokenizer, "sft", 64, False))
+        keys.add(cache_key([str(data)], tokenizer, recipe_for("sft").reading, 64, False))
     assert len(keys) == 2
     with pytest.raises(ValueError, match="chat_template llama3: the model's tokenizer has no <.start_header_id"):
         use_chat_template(tokenizer, "llama3")

@@ -12,6 +12,7 @@ from tiny import make_tiny_model
 from bumblecore.data.cache import build_cache, default_cache_dir
 from bumblecore.data.loader import BatchLoader
 from bumblecore.data.packing import IGNORE_INDEX, build_units, collate
+from bumblecore.recipes import recipe_for
 from bumblecore.train.losses import shift_targets
 
 
@@ -28,13 +29,16 @@ def sft_file(path, n=24, seed=0):
 
 def test_cache_reuse_and_invalidation(tmp_path, tok):
     data = sft_file(tmp_path / "d.jsonl")
-    first = build_cache(data, tok, "sft", 128, cache_dir=tmp_path / "c", progress=False)
+    first = build_cache(data, tok, recipe_for("sft").reading, 128, cache_dir=tmp_path / "c", progress=False)
     stamp = (first.directory / "meta.json").stat().st_mtime_ns
-    again = build_cache(data, tok, "sft", 128, cache_dir=tmp_path / "c", progress=False)
+    again = build_cache(data, tok, recipe_for("sft").reading, 128, cache_dir=tmp_path / "c", progress=False)
     assert again.directory == first.directory and (again.directory / "meta.json").stat().st_mtime_ns == stamp
-    assert build_cache(data, tok, "sft", 64, cache_dir=tmp_path / "c", progress=False).directory != first.directory
+    assert (
+        build_cache(data, tok, recipe_for("sft").reading, 64, cache_dir=tmp_path / "c", progress=False).directory
+        != first.directory
+    )
     sft_file(data, seed=1)  # same name, new content
-    changed = build_cache(data, tok, "sft", 128, cache_dir=tmp_path / "c", progress=False)
+    changed = build_cache(data, tok, recipe_for("sft").reading, 128, cache_dir=tmp_path / "c", progress=False)
     assert changed.directory != first.directory
     ids, mask = changed.sample(0)
     assert ids.dtype == np.uint32 and mask.dtype == np.uint8 and len(ids) == len(mask) == changed.lengths[0]
@@ -44,6 +48,7 @@ KILLER = """
 import os, signal, sys
 import bumblecore.data.cache as cache
 from bumblecore.tokenizer import load_tokenizer
+from bumblecore.recipes import recipe_for
 cache.BATCH_RECORDS = 4
 original = cache._encode_batch
 calls = []
@@ -53,7 +58,7 @@ def dying(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGKILL)  # killed mid-build: no cleanup code runs
     yield from original(*args, **kwargs)
 cache._encode_batch = dying
-cache.build_cache(sys.argv[1], load_tokenizer(sys.argv[2]), "sft", 128, cache_dir=sys.argv[3], progress=False)
+cache.build_cache(sys.argv[1], load_tokenizer(sys.argv[2]), recipe_for("sft").reading, 128, cache_dir=sys.argv[3], progress=False)
 """
 
 
@@ -63,7 +68,7 @@ def test_killed_build_is_never_trusted(tmp_path, tok, tokenizer_dir):
     assert result.returncode == -9
     leftovers = list((tmp_path / "c").iterdir())
     assert leftovers and all(p.name.startswith(".") for p in leftovers)  # only a temporary dir
-    cache = build_cache(data, tok, "sft", 128, cache_dir=tmp_path / "c", progress=False)
+    cache = build_cache(data, tok, recipe_for("sft").reading, 128, cache_dir=tmp_path / "c", progress=False)
     assert len(cache) == 40 and (cache.directory / "meta.json").is_file()
 
 
@@ -82,11 +87,11 @@ def per_token_losses(model, batch):
 
 def test_packed_row_loss_equals_each_sample_alone(tmp_path, tok):
     data = sft_file(tmp_path / "d.jsonl", n=12)
-    cache = build_cache(data, tok, "sft", 256, cache_dir=tmp_path / "c", progress=False)
-    packed = build_units(cache, "sft", 256, packing=True, seed=3)
+    cache = build_cache(data, tok, recipe_for("sft").reading, 256, cache_dir=tmp_path / "c", progress=False)
+    packed = build_units(cache, recipe_for("sft").reading, 256, packing=True, seed=3)
     assert len(packed) < len(cache)  # several samples share rows
     model = tiny_model(len(tok))
-    single = build_units(cache, "sft", 256, packing=False, seed=3)
+    single = build_units(cache, recipe_for("sft").reading, 256, packing=False, seed=3)
     with torch.no_grad():
         for row in range(len(packed)):
             batch = collate(packed, [row], tok.pad_token_id, packing=True)
@@ -101,8 +106,8 @@ def test_packed_row_loss_equals_each_sample_alone(tmp_path, tok):
 def test_pretraining_blocks_keep_every_token(tmp_path, tok):
     data = tmp_path / "p.jsonl"
     data.write_text("".join(json.dumps({"text": f"document {i} " + "bee " * i}) + "\n" for i in range(30)))
-    cache = build_cache(data, tok, "pretrain", 16, cache_dir=tmp_path / "c", progress=False)
-    units = build_units(cache, "pretrain", 16, packing=True, seed=0)
+    cache = build_cache(data, tok, recipe_for("pretrain").reading, 16, cache_dir=tmp_path / "c", progress=False)
+    units = build_units(cache, recipe_for("pretrain").reading, 16, packing=True, seed=0)
     stream = np.concatenate([cache.ids[p.start : p.end] for row in units.rows for p in row])
     assert np.array_equal(stream, cache.ids) and all(units.length(i) <= 16 for i in range(len(units)))
     eot = tok.convert_tokens_to_ids("<|endoftext|>")
@@ -116,8 +121,8 @@ def test_pretraining_blocks_keep_every_token(tmp_path, tok):
 @pytest.mark.parametrize("world,micro,accumulation", [(1, 8, 1), (1, 2, 4), (2, 2, 2), (4, 1, 2), (2, 4, 1)])
 def test_global_batch_is_the_same_for_any_split(tmp_path, tok, world, micro, accumulation):
     data = sft_file(tmp_path / "d.jsonl", n=21)
-    cache = build_cache(data, tok, "sft", 256, cache_dir=tmp_path / "c", progress=False)
-    units = build_units(cache, "sft", 256, packing=False, seed=0)
+    cache = build_cache(data, tok, recipe_for("sft").reading, 256, cache_dir=tmp_path / "c", progress=False)
+    units = build_units(cache, recipe_for("sft").reading, 256, packing=False, seed=0)
     assert len(units) == 21
     reference = BatchLoader(units, micro_batch_size=8, seed=5, pad_id=0)
     for step in (0, 1, 2, 3, 7):
@@ -136,8 +141,8 @@ def test_global_batch_is_the_same_for_any_split(tmp_path, tok, world, micro, acc
 
 def test_unpacked_batches_pad_to_their_longest_row(tmp_path, tok):
     data = sft_file(tmp_path / "d.jsonl", n=10)
-    cache = build_cache(data, tok, "sft", 512, cache_dir=tmp_path / "c", progress=False)
-    units = build_units(cache, "sft", 512, packing=False, seed=0)
+    cache = build_cache(data, tok, recipe_for("sft").reading, 512, cache_dir=tmp_path / "c", progress=False)
+    units = build_units(cache, recipe_for("sft").reading, 512, packing=False, seed=0)
     batch = collate(units, [0, 1, 2], tok.pad_token_id, packing=False)
     assert batch["input_ids"].shape[1] == max(units.length(i) for i in (0, 1, 2)) < 512
     assert "segment_ids" not in batch and batch["num_tokens"] == sum(units.length(i) for i in (0, 1, 2))
@@ -151,8 +156,8 @@ def test_preference_pairs_batch_chosen_then_rejected(tmp_path, tok):
             for i in range(4)
         )
     )
-    cache = build_cache(data, tok, "dpo", 128, cache_dir=tmp_path / "c", progress=False)
-    units = build_units(cache, "dpo", 128, packing=False, seed=0)
+    cache = build_cache(data, tok, recipe_for("dpo").reading, 128, cache_dir=tmp_path / "c", progress=False)
+    units = build_units(cache, recipe_for("dpo").reading, 128, packing=False, seed=0)
     batch = collate(units, [0, 2], tok.pad_token_id, packing=False)
     assert batch["num_pairs"] == 2 and batch["input_ids"].shape[0] == 4
     texts = [
@@ -169,8 +174,8 @@ def test_default_cache_dir_honours_environment(monkeypatch, tmp_path):
 
 def test_group_by_length_reduces_padding(tmp_path, tok):
     data = sft_file(tmp_path / "d.jsonl", n=64)
-    cache = build_cache(data, tok, "sft", 256, cache_dir=tmp_path / "c", progress=False)
-    units = build_units(cache, "sft", 256, packing=False, seed=0)
+    cache = build_cache(data, tok, recipe_for("sft").reading, 256, cache_dir=tmp_path / "c", progress=False)
+    units = build_units(cache, recipe_for("sft").reading, 256, packing=False, seed=0)
 
     def padding(loader):
         steps = range(loader.steps_per_epoch)

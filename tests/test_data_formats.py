@@ -8,6 +8,7 @@ import pytest
 
 from bumblecore.data.formats import ReadReport, read_samples
 from bumblecore.data.sources import DataError
+from bumblecore.recipes import recipe_for
 
 
 def write_jsonl(path, records):
@@ -40,23 +41,23 @@ PREF_SHAREGPT = {
 
 
 def test_every_format_from_json_and_jsonl(tmp_path):
-    alpaca = list(read_samples(write_json(tmp_path / "a.json", [ALPACA]), "sft"))[0]
+    alpaca = list(read_samples(write_json(tmp_path / "a.json", [ALPACA]), recipe_for("sft").reading))[0]
     assert alpaca.conversation.messages == [
         {"role": "system", "content": "Be exact."},
         {"role": "user", "content": "Add\n2 and 3"},
         {"role": "assistant", "content": "5"},
     ]
-    tools = list(read_samples(write_jsonl(tmp_path / "t.jsonl", [TOOLS]), "sft"))[0]
+    tools = list(read_samples(write_jsonl(tmp_path / "t.jsonl", [TOOLS]), recipe_for("sft").reading))[0]
     assert tools.conversation.tools == [
         {"type": "function", "function": {"name": "weather", "description": "w", "parameters": {"type": "object"}}}
     ]
     assert [m["role"] for m in tools.conversation.messages] == ["user", "assistant", "tool", "assistant"]
     assert tools.conversation.messages[1]["tool_calls"] == [{"name": "weather", "arguments": {"city": "Oslo"}}]
-    pref = list(read_samples(write_jsonl(tmp_path / "p.jsonl", [PREF_ALPACA]), "dpo"))[0]
+    pref = list(read_samples(write_jsonl(tmp_path / "p.jsonl", [PREF_ALPACA]), recipe_for("dpo").reading))[0]
     assert pref.chosen["content"] == "good" and pref.rejected["content"] == "bad"
-    pref2 = list(read_samples(write_json(tmp_path / "p2.json", [PREF_SHAREGPT]), "dpo"))[0]
+    pref2 = list(read_samples(write_json(tmp_path / "p2.json", [PREF_SHAREGPT]), recipe_for("dpo").reading))[0]
     assert pref2.conversation.messages == [{"role": "user", "content": "q"}] and pref2.chosen["content"] == "a"
-    text = list(read_samples(write_jsonl(tmp_path / "x.jsonl", [{"text": "doc"}]), "pretrain"))[0]
+    text = list(read_samples(write_jsonl(tmp_path / "x.jsonl", [{"text": "doc"}]), recipe_for("pretrain").reading))[0]
     assert text.text == "doc"
 
 
@@ -65,7 +66,7 @@ def test_directory_and_several_files_and_empty_tools(tmp_path):
     folder.mkdir()
     write_jsonl(folder / "1.jsonl", [SHAREGPT, {**SHAREGPT, "tools": "[]"}])
     write_json(folder / "2.json", [SHAREGPT])
-    samples = list(read_samples(str(folder), "sft"))
+    samples = list(read_samples(str(folder), recipe_for("sft").reading))
     assert len(samples) == 3 and all(s.conversation.tools is None for s in samples)
     assert samples[2].where.endswith("2.json record 1")
 
@@ -129,7 +130,7 @@ def test_bad_records_name_file_place_and_field(tmp_path, records, fmt, message):
     else:
         write_json(path, records)
     with pytest.raises(DataError, match=message) as info:
-        list(read_samples(path, "sft"))
+        list(read_samples(path, recipe_for("sft").reading))
     assert str(path) in str(info.value)
 
 
@@ -139,14 +140,14 @@ def test_skip_bad_records_reports_where(tmp_path):
         "\n".join([json.dumps(ALPACA), "{broken", json.dumps({"instruction": "x"}), json.dumps(ALPACA)]) + "\n"
     )
     report = ReadReport()
-    samples = list(read_samples(path, "sft", skip_bad_records=True, report=report))
+    samples = list(read_samples(path, recipe_for("sft").reading, skip_bad_records=True, report=report))
     assert len(samples) == 2 and report.records == 2
     assert len(report.skipped) == 2 and "line 2" in report.skipped[0] and "line 3" in report.skipped[1]
 
 
 def test_wrong_stage_is_named(tmp_path):
     with pytest.raises(DataError, match="do not suit training_stage dpo"):
-        list(read_samples(write_jsonl(tmp_path / "a.jsonl", [ALPACA]), "dpo"))
+        list(read_samples(write_jsonl(tmp_path / "a.jsonl", [ALPACA]), recipe_for("dpo").reading))
 
 
 @pytest.mark.slow
@@ -219,7 +220,7 @@ def trained_and_text(tok, messages, tools=None):
 
 
 def one_sample(tmp_path, record, stage="sft"):
-    samples = list(read_samples(write_jsonl(tmp_path / "data.jsonl", [record]), stage))
+    samples = list(read_samples(write_jsonl(tmp_path / "data.jsonl", [record]), recipe_for(stage).reading))
     assert len(samples) == 1
     return samples[0]
 
@@ -438,5 +439,5 @@ USER, ASSISTANT = {"role": "user", "content": "q"}, {"role": "assistant", "conte
 def test_ecosystem_records_rejected_with_file_line_and_field(tmp_path, record, stage, message):
     path = write_jsonl(tmp_path / "bad.jsonl", [record])
     with pytest.raises(DataError, match=message) as info:
-        list(read_samples(path, stage))
+        list(read_samples(path, recipe_for(stage).reading))
     assert str(info.value).startswith(f"{path} line 1: ")

@@ -9,6 +9,7 @@ import pytest
 from bumblecore.data.cache import build_cache
 from bumblecore.data.formats import read_samples
 from bumblecore.data.template import encode_conversation, encode_preference, render_prompt
+from bumblecore.recipes import recipe_for
 
 # The original system's demo datasets are not part of this repo; tests read them only from a folder
 # named explicitly: BUMBLECORE_ORIGINAL_DATA=../shared/original-demo-data python -m pytest -k original
@@ -40,7 +41,7 @@ def check(tok, messages, tools=None):
 def test_alpaca_input_joined_after_newline(tmp_path, tok):
     path = tmp_path / "a.jsonl"
     path.write_text(json.dumps({"instruction": "Add the numbers", "input": "2 and 3", "output": "5"}) + "\n")
-    sample = next(read_samples(path, "sft"))
+    sample = next(read_samples(path, recipe_for("sft").reading))
     ids, mask = check(tok, sample.conversation.messages)
     trained = tok.decode([i for i, m in zip(ids, mask) if m])
     assert trained == "5<|im_end|>"
@@ -98,7 +99,9 @@ def test_truncation_that_leaves_no_target_is_dropped_and_counted(tmp_path, tok):
     path = tmp_path / "long.jsonl"
     records = [{"instruction": "word " * 200, "output": "answer"}, {"instruction": "short", "output": "ok"}]
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    cache = build_cache(path, tok, "sft", cutoff_len=64, cache_dir=tmp_path / "cache", progress=False)
+    cache = build_cache(
+        path, tok, recipe_for("sft").reading, cutoff_len=64, cache_dir=tmp_path / "cache", progress=False
+    )
     assert len(cache) == 1 and cache.summary.dropped_no_targets == 1 and cache.summary.truncated == 1
 
 
@@ -114,7 +117,7 @@ def test_truncation_that_leaves_no_target_is_dropped_and_counted(tmp_path, tok):
     ],
 )
 def test_original_demo_datasets_read_and_render(tok, name, stage):
-    samples = list(read_samples(SHARED / name, stage))  # validates every record
+    samples = list(read_samples(SHARED / name, recipe_for(stage).reading))  # validates every record
     assert len(samples) >= 300
     for sample in samples[:40]:
         if sample.kind == "text":

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import bumblecore
 from bumblecore.data.formats import read_samples
+from bumblecore.recipes import recipe_for
 from bumblecore.tokenizer import load_tokenizer
 
 DEMO = Path(bumblecore.__file__).parent / "demo_data"
@@ -22,8 +23,8 @@ def test_demo_files_read_in_their_formats():
         "dpo_eval.jsonl": ("dpo", 100),
     }
     for name, (stage, count) in expected.items():
-        assert len(list(read_samples(DEMO / name, stage))) == count, name
-    tools = next(read_samples(DEMO / "sft_toolcall.jsonl", "sft"))
+        assert len(list(read_samples(DEMO / name, recipe_for(stage).reading))) == count, name
+    tools = next(read_samples(DEMO / "sft_toolcall.jsonl", recipe_for("sft").reading))
     assert tools.conversation.tools and tools.conversation.messages[1]["tool_calls"][0]["name"] == "count_words"
 
 

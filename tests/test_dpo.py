@@ -14,11 +14,12 @@ from tiny import assert_evaluations_printed, make_tiny_model, one_process_and_tw
 import bumblecore
 from bumblecore.args import DataArgs, TrainArgs
 from bumblecore.cli import main
-from bumblecore.data.commands import dataset_units
+from bumblecore.data.dataset import dataset_units
 from bumblecore.data.formats import read_samples
 from bumblecore.data.loader import eval_batches
 from bumblecore.data.template import encode_preference
 from bumblecore.model.bumblebee import Bumblebee
+from bumblecore.recipes import recipe_for
 from bumblecore.tokenizer import load_tokenizer
 from bumblecore.train.dpo import (
     AdapterDisabledReference,
@@ -76,7 +77,7 @@ def models(tmp_path_factory):
 def pairs_batch(data_file, tmp_path, n=None):
     tokenizer = load_tokenizer(TOKENIZER)
     data = DataArgs(dataset_path=str(data_file), cutoff_len=256, cache_dir=str(tmp_path / "cache"), packing=False)
-    _, units = dataset_units(data, "dpo", 42, tokenizer, data.dataset_path, progress=False)
+    _, units = dataset_units(data, recipe_for("dpo").reading, 42, tokenizer, data.dataset_path, progress=False)
     batch = eval_batches(units, n or len(units), tokenizer.pad_token_id, packing=False)[0]
     return batch, units
 
@@ -140,7 +141,7 @@ def test_loss_and_metrics_equal_the_closed_forms(case, dataset, data, models, tm
     file = data / ("train.jsonl" if dataset == "alpaca" else "sharegpt.json")
     batch, _ = pairs_batch(file, tmp_path, n=6)
     tokenizer = load_tokenizer(TOKENIZER)
-    samples = list(read_samples(str(file), "dpo"))[:6]
+    samples = list(read_samples(str(file), recipe_for("dpo").reading))[:6]
 
     expected = []
     for sample in samples:
@@ -402,7 +403,7 @@ def policy_pair_tokens(data, models):
     """Per-token log-probs of the policy on the six ShareGPT pairs (chosen, rejected), from transformers in fp64."""
     tokenizer = load_tokenizer(TOKENIZER)
     pairs = []
-    for sample in list(read_samples(str(data / "sharegpt.json"), "dpo"))[:6]:
+    for sample in list(read_samples(str(data / "sharegpt.json"), recipe_for("dpo").reading))[:6]:
         c = sample.conversation
         pairs.append(
             [

@@ -11,7 +11,7 @@ from bumblecore import Bumblebee
 from bumblecore.inference.generate import GenerationEngine, SamplingParams
 from bumblecore.model.transformers_family import TransformersCausalLM
 from bumblecore.train.losses import check_loss_parity, chunked_cross_entropy, shift_targets
-from bumblecore.train.run import _is_bumblebee, load_transformers_model
+from bumblecore.train.setup import _is_bumblebee, load_transformers_model
 from bumblecore.train.sft import LanguageModelingStage
 
 VOCAB = 96

@@ -17,12 +17,13 @@ from tiny import assert_evaluations_printed, make_tiny_model, max_weight_differe
 import bumblecore
 from bumblecore.args import DataArgs, TrainArgs
 from bumblecore.cli import main
-from bumblecore.data.commands import dataset_units
+from bumblecore.data.dataset import dataset_units
 from bumblecore.data.formats import read_samples
 from bumblecore.data.loader import eval_batches
 from bumblecore.data.sources import DataError
 from bumblecore.data.template import encode_preference
 from bumblecore.model.bumblebee import Bumblebee
+from bumblecore.recipes import recipe_for
 from bumblecore.tokenizer import load_tokenizer
 from bumblecore.train.dpo import ModelReference
 from bumblecore.train.kto import KTOStage
@@ -70,7 +71,7 @@ def models(tmp_path_factory):
 def examples_batch(data_file, tmp_path, n):
     tokenizer = load_tokenizer(TOKENIZER)
     data = DataArgs(dataset_path=str(data_file), cutoff_len=256, cache_dir=str(tmp_path / "cache"), packing=False)
-    _, units = dataset_units(data, "kto", 42, tokenizer, data.dataset_path, progress=False)
+    _, units = dataset_units(data, recipe_for("kto").reading, 42, tokenizer, data.dataset_path, progress=False)
     return eval_batches(units, n, tokenizer.pad_token_id, packing=False)[0], units
 
 
@@ -112,7 +113,7 @@ def test_loss_and_metrics_equal_the_closed_form(dataset, data, models, tmp_path)
     beta, wd, wu, n = 0.5, 1.0, 1.33, 6
     file = data / f"{dataset}.jsonl"
     batch, _ = examples_batch(file, tmp_path, n)
-    examples = list(read_samples(str(file), "kto"))[:n]
+    examples = list(read_samples(str(file), recipe_for("kto").reading))[:n]
     assert {s.desirable for s in examples} == {True, False}
     # The roles that give z > 0 (the mean over the KL rows flips sign with them): z is not clamped away.
     names = ("policy", "reference")
@@ -168,8 +169,8 @@ def test_every_format_reads_as_labelled_examples_with_kl_rows(tmp_path):
     ]
     for name, record in records:
         other = {**record, "label": not record["label"]}
-        samples = list(read_samples(str(write_jsonl(tmp_path / name, [record, other])), "kto"))
-        assert [s.kind for s in samples] == ["kto", "kto"], name
+        samples = list(read_samples(str(write_jsonl(tmp_path / name, [record, other])), recipe_for("kto").reading))
+        assert [s.kind for s in samples] == ["labelled", "labelled"], name
         assert samples[0].conversation.messages[-1] == user, name
         assert samples[0].completion == {"role": "assistant", "content": "red"}, name
         assert [s.desirable for s in samples] == [record["label"], not record["label"]], name
@@ -177,7 +178,7 @@ def test_every_format_reads_as_labelled_examples_with_kl_rows(tmp_path):
 
 def test_pairs_split_and_kl_rows_take_the_next_records_completion(tmp_path):
     records = [{"instruction": f"q{i}", "chosen": f"good{i}", "rejected": f"bad{i}"} for i in range(3)]
-    samples = list(read_samples(str(write_jsonl(tmp_path / "p.jsonl", records)), "kto"))
+    samples = list(read_samples(str(write_jsonl(tmp_path / "p.jsonl", records)), recipe_for("kto").reading))
     assert [(s.completion["content"], s.desirable) for s in samples] == [
         ("good0", True),
         ("bad0", False),
@@ -212,7 +213,7 @@ def test_pairs_split_and_kl_rows_take_the_next_records_completion(tmp_path):
 def test_bad_records_name_file_line_and_field(tmp_path, record, message):
     file = write_jsonl(tmp_path / "bad.jsonl", [record])
     with pytest.raises(DataError, match=message) as caught:
-        list(read_samples(str(file), "kto"))
+        list(read_samples(str(file), recipe_for("kto").reading))
     assert str(file) in str(caught.value)
 
 

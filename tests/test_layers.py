@@ -18,8 +18,13 @@ MAY_IMPORT = {
     "inference": {"args", "tokenizer", "data", "data.template", "model"},
     # GRPO's rollouts are the inference engine's generation (never a second decode loop)
     "train": {"args", "tokenizer", "data", "data.template", "model", "inference"},
-    "top": {"args", "tokenizer", "data", "data.template", "model", "train", "inference"},  # cli, demo, __init__
+    # a stage's one module (bumblecore/recipes/): its records, its Stage, its extra models
+    "recipes": {"args", "tokenizer", "data", "data.template", "model", "inference", "train"},
+    # the commands that run a stage through its recipe: train/run.py, data/commands.py
+    "commands": {"args", "tokenizer", "data", "data.template", "model", "inference", "train", "recipes"},
+    "top": {"args", "tokenizer", "data", "data.template", "model", "train", "inference", "recipes", "commands"},
 }
+COMMANDS = (["train", "run"], ["data", "commands"])  # modules of their own layer, like data/template.py
 
 
 def layer_of(name: str) -> str:
@@ -30,6 +35,8 @@ def layer_of(name: str) -> str:
         return "data.template"
     if parts[:2] == ["data", "dataset_spec"]:
         return "args"
+    if parts[:2] in COMMANDS:
+        return "commands"
     head = parts[0] if parts else ""
     return head if head in MAY_IMPORT else "top"
 

@@ -14,10 +14,11 @@ from tiny import train_on_two_processes
 import bumblecore
 from bumblecore.args import TrainArgs
 from bumblecore.cli import main
-from bumblecore.data.commands import dataset_units
+from bumblecore.data.dataset import dataset_units
 from bumblecore.data.loader import eval_batches
 from bumblecore.model.bumblebee import Bumblebee
 from bumblecore.model.config import BumblebeeConfig
+from bumblecore.recipes import recipe_for
 from bumblecore.tokenizer import load_tokenizer
 from bumblecore.train.dpo import ModelReference, PreferenceStage
 from bumblecore.train.metrics import EvalAggregate, ExactMatch, RatioOfSums, exact_match
@@ -134,7 +135,12 @@ def per_rank_sums(keys: dict, root: Path, stage, model) -> list[dict]:
     run = TrainArgs.from_flat(**{**keys, "cutoff_len": 64, "packing": False, "cache_dir": str(root / "oracle_cache")})
     tokenizer = load_tokenizer(run.model.model_name_or_path)
     _, units = dataset_units(
-        run.data, run.model.training_stage, run.optimization.seed, tokenizer, run.data.eval_dataset_path, progress=False
+        run.data,
+        recipe_for(run.model.training_stage).reading,
+        run.optimization.seed,
+        tokenizer,
+        run.data.eval_dataset_path,
+        progress=False,
     )
     shares = []
     with torch.no_grad():

@@ -18,10 +18,11 @@ from tiny import init_tiny_model_dir, make_tiny_model, one_process_and_two, writ
 import bumblecore
 from bumblecore.args import DataArgs, TrainArgs
 from bumblecore.cli import main
-from bumblecore.data.commands import dataset_units
+from bumblecore.data.dataset import dataset_units
 from bumblecore.data.loader import BatchLoader
 from bumblecore.data.mixture import draws_per_epoch, interleaved_order, source_records, source_report
 from bumblecore.data.packing import IGNORE_INDEX, collate
+from bumblecore.recipes import recipe_for
 from bumblecore.train.losses import chunked_cross_entropy, shift_targets
 from bumblecore.train.monitor import plot_history
 from bumblecore.train.sft import LanguageModelingStage
@@ -138,7 +139,7 @@ def test_sampled_proportions_follow_the_weights_and_the_order_is_a_function_of_s
 
 def mixture_units(data_dir, demo_tok, tmp_path, stage="sft", packing=True, cutoff_len=256, **keys):
     data = DataArgs(cutoff_len=cutoff_len, packing=packing, cache_dir=str(tmp_path / "cache"), **keys)
-    return dataset_units(data, stage, 42, demo_tok, data.dataset_path, progress=False)
+    return dataset_units(data, recipe_for(stage).reading, 42, demo_tok, data.dataset_path, progress=False)
 
 
 def test_loader_serves_the_interleaved_epoch_and_a_fresh_loader_resumes_it(data, demo_tok, tmp_path):
@@ -288,7 +289,7 @@ def test_banner_lists_each_source_with_its_records_share_and_weights(data, demo_
     paths = [str(data / "tasks.jsonl"), str(data / "text.jsonl")]
     data_args = DataArgs(dataset_path=paths, dataset_loss_weights=[1, 0.1], cutoff_len=128, packing=True,
                          cache_dir=str(tmp_path / "cache"))  # fmt: skip
-    cache, units = dataset_units(data_args, "sft", 42, demo_tok, paths, progress=False)
+    cache, units = dataset_units(data_args, recipe_for("sft").reading, 42, demo_tok, paths, progress=False)
     sources = data_args.sources()
     lines = source_report(units, sources, source_records(cache, sources))
     # Independently: the trained tokens of each file's samples, from the cache's masks.

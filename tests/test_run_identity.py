@@ -13,7 +13,7 @@ from tiny import init_tiny_model_dir
 
 import bumblecore
 from bumblecore.cli import main
-from bumblecore.train.run import identity_differences
+from bumblecore.train.outputs import identity_differences
 
 DEMO = Path(bumblecore.__file__).parent / "demo_data"
 

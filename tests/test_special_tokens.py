@@ -16,7 +16,7 @@ from transformers import GemmaTokenizer, LlamaConfig, LlamaForCausalLM, LlamaTok
 from bumblecore.args import DataArgs, SamplingArgs
 from bumblecore.cli import main
 from bumblecore.data.cache import cache_key
-from bumblecore.data.commands import dataset_units
+from bumblecore.data.dataset import dataset_units
 from bumblecore.data.template import (
     chat_format,
     encode_conversation,
@@ -27,6 +27,7 @@ from bumblecore.data.template import (
     special_tokens_added,
 )
 from bumblecore.inference.commands import build_prompt_ids
+from bumblecore.recipes import recipe_for
 from bumblecore.tokenizer import SPLIT_PATTERN, load_tokenizer
 
 CORPUS = [
@@ -283,7 +284,7 @@ def test_documents_through_the_cache_packing_and_inspect_data(tmp_path, tokenize
         assert ids[: len(tok(document["text"])["input_ids"])] == tok(document["text"])["input_ids"]
 
     args = DataArgs(dataset_path=str(data), cutoff_len=16, packing=True, cache_dir=str(tmp_path / "cache"))
-    cache, units = dataset_units(args, "continue_pretrain", 0, tok, str(data), progress=False)
+    cache, units = dataset_units(args, recipe_for("continue_pretrain").reading, 0, tok, str(data), progress=False)
     assert [cache.sample(i)[0].tolist() for i in range(len(cache))] == expected
     stream = [int(t) for row in units.rows for piece in row for t in cache.ids[piece.start : piece.end]]
     assert stream == [t for ids in expected for t in ids]  # the blocks cut that stream, BOS and all
@@ -329,9 +330,10 @@ def test_the_cache_key_follows_the_added_tokens(tmp_path, tokenizer_dirs):
     without.add_bos_token = False
     assert without("x")["input_ids"] == with_bos("x", add_special_tokens=False)["input_ids"]
     for stage in ("pretrain", "continue_pretrain", "sft", "dpo"):
-        assert cache_key(data, with_bos, stage, 64, False) != cache_key(data, without, stage, 64, False), stage
-        assert cache_key(data, with_bos, stage, 64, False) == cache_key(
-            data, load_tokenizer(tokenizer_dirs["gemma"]), stage, 64, False
+        reading = recipe_for(stage).reading
+        assert cache_key(data, with_bos, reading, 64, False) != cache_key(data, without, reading, 64, False), stage
+        assert cache_key(data, with_bos, reading, 64, False) == cache_key(
+            data, load_tokenizer(tokenizer_dirs["gemma"]), reading, 64, False
         )
     assert chat_format(with_bos).fingerprint != chat_format(without).fingerprint
 

@@ -17,6 +17,7 @@ from tiny import init_tiny_model_dir
 
 import bumblecore
 from bumblecore.cli import main
+from bumblecore.recipes import recipe_for
 
 DEMO = Path(bumblecore.__file__).parent / "demo_data"
 LONG_PROMPT = {"instruction": "word " * 300, "output": "answer"}  # every target beyond cutoff_len 128
@@ -322,6 +323,13 @@ def test_cache_build_removes_only_temporaries_of_dead_processes(root, tmp_path):
     cache = tmp_path / "cache"
     for name in (f".abc.tmp-{host}-{dead.pid}", f".abc.tmp-{host}-{os.getppid()}", f".abc.tmp-elsewhere-{dead.pid}"):
         (cache / name).mkdir(parents=True)
-    build_cache(root / "sft.jsonl", load_tokenizer(root / "model"), "sft", 128, cache_dir=cache, progress=False)
+    build_cache(
+        root / "sft.jsonl",
+        load_tokenizer(root / "model"),
+        recipe_for("sft").reading,
+        128,
+        cache_dir=cache,
+        progress=False,
+    )
     left = sorted(p.name for p in cache.iterdir() if p.name.startswith("."))
     assert left == sorted([f".abc.tmp-{host}-{os.getppid()}", f".abc.tmp-elsewhere-{dead.pid}"])

@@ -28,7 +28,7 @@ from bumblecore.data.sources import DataError
 class Sample:
     """One record (or one of KTO's examples), validated and normalised: what data/template.py renders."""
 
-    kind: str  # "text", "conversation", "preference" or "kto"
+    kind: str  # "text", "conversation", "preference" or "labelled" (a completion labelled desirable or not)
     text: str = ""
     conversation: Optional[Conversation] = None
     chosen: Optional[dict] = None  # the preferred final assistant message
@@ -117,7 +117,7 @@ def labelled_adapter(prompt_and_completion: Callable[[dict, str], tuple[Conversa
     def adapter(record: dict, where: str) -> Sample:
         desirable = _label(record, where)
         prompt, completion = prompt_and_completion(record, where)
-        return Sample("kto", conversation=prompt, completion=completion, desirable=desirable, where=where)
+        return Sample("labelled", conversation=prompt, completion=completion, desirable=desirable, where=where)
 
     return adapter
 
@@ -167,7 +167,7 @@ def prompt_completion(record: dict, where: str) -> tuple[Conversation, dict]:
 
 # format -> its adapter; the format names are detect_format's (data/detect.py) and LABELLED_FORMATS'
 ADAPTERS: dict[str, Adapter] = {
-    "pretrain": text_sample,
+    "text": text_sample,
     "alpaca": conversation_adapter(alpaca_conversation),
     "sharegpt": conversation_adapter(sharegpt_conversation),
     "messages": conversation_adapter(messages_conversation),

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from bumblecore.data.adapters import Sample
-from bumblecore.data.formats import ReadReport, read_samples
+from bumblecore.data.formats import ReadReport, StageReading, read_samples
 from bumblecore.data.sources import data_files
 from bumblecore.data.template import ChatFormatError, chat_format, encode_documents, special_tokens_added
 
@@ -119,10 +119,10 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return digest.hexdigest()
 
 
-def cache_key(paths, tokenizer, stage: str, cutoff_len: int, skip_bad_records: bool) -> str:
+def cache_key(paths, tokenizer, reading: StageReading, cutoff_len: int, skip_bad_records: bool) -> str:
     digest = hashlib.sha256()
-    digest.update(f"v{FORMAT_VERSION}|{stage}|{cutoff_len}|{skip_bad_records}".encode())
-    if stage not in ("pretrain", "continue_pretrain"):  # what renders conversations is part of the key
+    digest.update(f"v{FORMAT_VERSION}|{reading.stage}|{cutoff_len}|{skip_bad_records}".encode())
+    if not reading.documents:  # what renders conversations is part of the key
         digest.update(chat_format(tokenizer).fingerprint.encode())
     else:  # documents carry the special tokens the tokenizer adds to a text
         digest.update(f"|added {special_tokens_added(tokenizer)}".encode())
@@ -198,7 +198,7 @@ def _encode_batch(
         if s.kind == "conversation":
             replies = [(c.messages, "all")]
         else:
-            pair = (s.completion, s.kl_completion) if s.kind == "kto" else (s.chosen, s.rejected)
+            pair = (s.completion, s.kl_completion) if s.kind == "labelled" else (s.chosen, s.rejected)
             replies = [(c.messages + [r], "last") for r in pair]
         for messages, train in replies:
             try:
@@ -208,7 +208,7 @@ def _encode_batch(
     # One batched call: the Rust tokenizer spreads the batch over every core.
     encoded = fmt.encode_prepared(prepared)
     group = 1 if samples[0].kind == "conversation" else 2
-    sides = ("completion", "KL row") if samples[0].kind == "kto" else ("chosen", "rejected")
+    sides = ("completion", "KL row") if samples[0].kind == "labelled" else ("chosen", "rejected")
     for start in range(0, len(encoded), group):
         entries, reason = [], None
         for side, (ids, mask) in enumerate(encoded[start : start + group]):
@@ -239,10 +239,10 @@ def _encode_batch(
         yield from entries
 
 
-def validate_dataset(paths, stage: str, skip_bad_records: bool) -> ReadReport:
+def validate_dataset(paths, reading: StageReading, skip_bad_records: bool) -> ReadReport:
     """Read every record once (the first bad one raises unless skipping), before anything is written."""
     report = ReadReport()
-    for _ in read_samples(paths, stage, skip_bad_records, report):
+    for _ in read_samples(paths, reading, skip_bad_records, report):
         pass
     return report
 
@@ -273,7 +273,7 @@ def remove_dead_builds(root: Path) -> list[Path]:
 def build_cache(
     paths,
     tokenizer,
-    stage: str,
+    reading: StageReading,
     cutoff_len: int,
     cache_dir=None,
     skip_bad_records: bool = False,
@@ -281,12 +281,12 @@ def build_cache(
 ) -> TokenCache:
     """The cache entry for these inputs: reused when it exists, built (atomically) when not."""
     root = Path(cache_dir) if cache_dir else default_cache_dir()
-    key = cache_key(paths, tokenizer, stage, cutoff_len, skip_bad_records)
+    key = cache_key(paths, tokenizer, reading, cutoff_len, skip_bad_records)
     final = root / key
     if (final / "meta.json").is_file():
         return TokenCache(final)
 
-    report = validate_dataset(paths, stage, skip_bad_records)
+    report = validate_dataset(paths, reading, skip_bad_records)
     root.mkdir(parents=True, exist_ok=True)
     remove_dead_builds(root)
     tmp = root / f".{key}.tmp-{socket.gethostname()}-{os.getpid()}"  # unique even across nodes sharing a filesystem
@@ -316,8 +316,8 @@ def build_cache(
             offsets_file.write(np.zeros(1, np.int64).tobytes())
             position = 0
             batch: list[Sample] = []
-            labels: list | None = [] if stage == "kto" else None
-            split_text = stage not in ("pretrain", "continue_pretrain")
+            labels: list | None = [] if reading.labelled else None
+            split_text = not reading.documents
             file_records = [0] * len(data_files(paths))
 
             def flush():
@@ -335,7 +335,7 @@ def build_cache(
                     bar.update(len(batch))
                 batch.clear()
 
-            for sample in read_samples(paths, stage, skip_bad_records):
+            for sample in read_samples(paths, reading, skip_bad_records):
                 file_records[sample.file_index] += 1
                 if batch and sample.kind != batch[0].kind:  # files of different formats: one kind per batch
                     flush()
@@ -349,7 +349,7 @@ def build_cache(
         summary.seconds = time.perf_counter() - started
         meta = {
             "format_version": FORMAT_VERSION,
-            "stage": stage,
+            "stage": reading.stage,
             "cutoff_len": cutoff_len,
             "files": [str(f) for f in data_files(paths)],
             "file_records": file_records,

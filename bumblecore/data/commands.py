@@ -8,53 +8,14 @@ from __future__ import annotations
 import json
 import sys
 
-from bumblecore.args import DataArgs, ModelArgs, TrainArgs
-from bumblecore.data.cache import TokenCache, build_cache
-from bumblecore.data.chat_templates import prepare_tokenizer
+from bumblecore.args import TrainArgs
+from bumblecore.data.dataset import dataset_units, run_tokenizer
 from bumblecore.data.dataset_spec import run_sources
 from bumblecore.data.formats import ReadReport, read_samples
-from bumblecore.data.mixture import all_paths, mixture_units, source_records, source_report
-from bumblecore.data.packing import IGNORE_INDEX, Units
-from bumblecore.data.sources import DataError, data_files
-from bumblecore.data.template import chat_format, encode_conversation, encode_document, encode_preference
-from bumblecore.tokenizer import load_tokenizer
-
-
-def dataset_units(
-    data: DataArgs, stage: str, seed: int, tokenizer, paths, progress: bool = True, label: str = "dataset_path"
-) -> tuple[TokenCache, Units]:
-    """Validate, tokenize (or reuse the cache) and arrange `paths` (the value of the key `label`: one path,
-    a list, or a mixture's mapping) into training units for a run of `stage`; several sources are a
-    mixture (data/mixture.py). Data that gives no sample at all is an error that says which files and
-    lines, and why."""
-    sources = run_sources(data, paths, label)
-    paths = all_paths(sources)
-    cache = build_cache(
-        paths, tokenizer, stage, data.cutoff_len, data.cache_dir, data.skip_bad_records, progress=progress
-    )
-    strategy = data.mix_strategy if label == "dataset_path" else "concat"  # eval data: every record once
-    units = mixture_units(cache, sources, stage, data.cutoff_len, bool(data.packing), seed, strategy)
-    if len(units) == 0:
-        shown = ", ".join(str(f) for f in data_files(paths))
-        raise DataError(f"{label} {shown}: no usable samples: {cache.summary.why_nothing()}")
-    return cache, units
-
-
-CHAT_STAGES = ("sft", "dpo", "kto", "grpo")
-
-
-def run_tokenizer(model: ModelArgs):
-    """The run's tokenizer (from the model dir) with its chat template (`chat_template`, else its own) and
-    any `new_special_tokens`, checked for the chat stages. `tokenizer.bumblecore_added_tokens` lists the
-    tokens added here (their embedding rows are grown and trained)."""
-    tokenizer = load_tokenizer(model.model_name_or_path, trust_remote_code=model.trust_remote_code)
-    chat = model.training_stage in CHAT_STAGES
-    tokenizer.bumblecore_added_tokens = prepare_tokenizer(
-        tokenizer, model.chat_template, model.new_special_tokens, model.resize_vocab, model.model_name_or_path, chat
-    )
-    if chat:
-        chat_format(tokenizer).check_trainable(model.model_name_or_path)
-    return tokenizer
+from bumblecore.data.mixture import all_paths, source_records, source_report
+from bumblecore.data.packing import IGNORE_INDEX
+from bumblecore.data.template import encode_conversation, encode_document, encode_preference
+from bumblecore.recipes import recipe_for
 
 
 def _require_data(run: TrainArgs) -> None:
@@ -71,8 +32,9 @@ def prepare_data(run: TrainArgs) -> None:
     every record first, then streams: memory stays flat as the corpus grows.
     """
     _require_data(run)
-    tokenizer, data = run_tokenizer(run.model), run.data
-    if run.model.training_stage == "grpo":
+    recipe, data = recipe_for(run.model.training_stage), run.data
+    tokenizer = run_tokenizer(run.model, recipe.chat)
+    if recipe.reading is None:  # prompts: nothing to cache
         show_prompts(run, tokenizer, 0)
         return
     for label, key, paths in (
@@ -81,7 +43,7 @@ def prepare_data(run: TrainArgs) -> None:
     ):
         if not paths:
             continue
-        cache, units = dataset_units(data, run.model.training_stage, run.optimization.seed, tokenizer, paths, label=key)
+        cache, units = dataset_units(data, recipe.reading, run.optimization.seed, tokenizer, paths, label=key)
         summary = cache.summary
         print(f"{label}: {summary.describe()}")
         print(
@@ -119,14 +81,15 @@ def inspect_data(run: TrainArgs, num_samples: int = 3, format: str = "text") -> 
     if format not in ("text", "json"):
         raise ValueError(f"format {format!r} is not supported; choose text or json")
     _require_data(run)
-    tokenizer, data = run_tokenizer(run.model), run.data
-    if run.model.training_stage == "grpo":
+    recipe, data = recipe_for(run.model.training_stage), run.data
+    tokenizer = run_tokenizer(run.model, recipe.chat)
+    if recipe.reading is None:  # prompts: nothing to cache
         show_prompts(run, tokenizer, num_samples, format)
         return
     report = ReadReport()
     shown = []
     paths = all_paths(run_sources(data, data.dataset_path))
-    for sample in read_samples(paths, run.model.training_stage, data.skip_bad_records, report):
+    for sample in read_samples(paths, recipe.reading, data.skip_bad_records, report):
         if len(shown) < num_samples:
             shown.append(sample)
     for sample in shown:
@@ -135,7 +98,7 @@ def inspect_data(run: TrainArgs, num_samples: int = 3, format: str = "text") -> 
             entries = [("document", encode_document(tokenizer, sample.text), None)]
         elif sample.kind == "conversation":
             entries = [("conversation", *encode_conversation(tokenizer, c.messages, c.tools))]
-        elif sample.kind == "kto":
+        elif sample.kind == "labelled":
             label = "desirable" if sample.desirable else "undesirable"
             entries = [
                 (name, *encode_preference(tokenizer, c.messages, reply, c.tools))

@@ -22,7 +22,7 @@ def detect_format(record: object, where: str) -> str:
     if {"prompt", "completion"} <= keys:
         return "unpaired_prompt"  # TRL's unpaired (KTO) records: `prompt`, `completion`, `label`
     if "text" in keys:
-        return "pretrain"
+        return "text"
     raise DataError(
         f"{where}: cannot tell the format from fields {sorted(keys)}; expected 'text' (pretraining), "
         "'instruction'/'output' (Alpaca), 'conversations' (ShareGPT), 'messages' (OpenAI-style), with 'chosen'/'rejected' "

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Optional
 
-from bumblecore.data.adapters import LABELLED_FORMATS, Sample, record_to_sample
+from bumblecore.data.adapters import Sample, record_to_sample
 from bumblecore.data.detect import detect_format
 from bumblecore.data.sources import DataError, data_files, iter_json_records, why_empty
 
@@ -26,32 +26,17 @@ class ReadReport:
 
 @dataclass(frozen=True)
 class StageReading:
-    """What a training stage reads: the formats it accepts, the format it reads a detected one as,
-    and its examples made from the samples."""
+    """What a training stage reads and how its records become training units (its recipe,
+    bumblecore/recipes/, holds it): the formats it accepts, the format it reads a detected one as, its
+    examples made from the samples, and the units' layout."""
 
+    stage: str  # the stage's name: in errors, and part of the token cache's key
     formats: tuple[str, ...]
     read_as: dict[str, str] = field(default_factory=dict)
     examples: Callable[[Iterator[Sample]], Iterator[Sample]] = iter  # iter: the samples as they are
-
-
-def stage_reading(stage: Optional[str]) -> Optional[StageReading]:
-    """The one place data/ tells training stages apart (the recipe registry will own it); None without
-    a stage: every format, as detected."""
-    if not stage:
-        return None
-    preference = ("preference_alpaca", "preference_sharegpt", "preference_messages")
-    text = StageReading(("pretrain",))
-    return {
-        "pretrain": text,
-        "continue_pretrain": text,
-        # text: all trained, e.g. replay in a mixture
-        "sft": StageReading(("alpaca", "sharegpt", "messages", "pretrain")),
-        "dpo": StageReading(preference),
-        # conversations with a label are read as labelled completions; a pair gives two (kto_examples)
-        "kto": StageReading(
-            (*LABELLED_FORMATS.values(), "unpaired_prompt", *preference), LABELLED_FORMATS, kto_examples
-        ),
-    }[stage]
+    documents: bool = False  # text as one document stream, cut into blocks (no chat template)
+    pairs: bool = False  # a unit is two rows (chosen and rejected, or a completion and its KL row)
+    labelled: bool = False  # each unit carries a desirable flag
 
 
 def kto_examples(samples: Iterator[Sample]) -> Iterator[Sample]:
@@ -64,7 +49,7 @@ def kto_examples(samples: Iterator[Sample]) -> Iterator[Sample]:
         if sample.kind == "preference":
             examples = [
                 Sample(
-                    "kto",
+                    "labelled",
                     conversation=sample.conversation,
                     completion=reply,
                     desirable=good,
@@ -86,19 +71,21 @@ def kto_examples(samples: Iterator[Sample]) -> Iterator[Sample]:
 
 
 def read_samples(
-    paths, stage: Optional[str] = None, skip_bad_records: bool = False, report: Optional[ReadReport] = None
+    paths,
+    reading: Optional[StageReading] = None,
+    skip_bad_records: bool = False,
+    report: Optional[ReadReport] = None,
 ) -> Iterator[Sample]:
     """Validated samples of every file, streamed. The format of each file is detected from its first
-    record and must suit `stage`; later records must be in the same format. By default the first bad
-    record raises; with skip_bad_records it is reported in `report.skipped` and skipped. Stage kto gives
-    its examples (kto_examples)."""
-    reading = stage_reading(stage)
-    samples = _read_records(paths, stage, reading, skip_bad_records, report if report is not None else ReadReport())
+    record and must suit the stage's `reading` (None: every format, as detected); later records must be
+    in the same format. By default the first bad record raises; with skip_bad_records it is reported in
+    `report.skipped` and skipped. The samples come out as the reading's examples (kto_examples for KTO)."""
+    samples = _read_records(paths, reading, skip_bad_records, report if report is not None else ReadReport())
     return reading.examples(samples) if reading else samples
 
 
 def _read_records(
-    paths, stage: Optional[str], reading: Optional[StageReading], skip_bad_records: bool, report: ReadReport
+    paths, reading: Optional[StageReading], skip_bad_records: bool, report: ReadReport
 ) -> Iterator[Sample]:
     for file_index, file in enumerate(data_files(paths)):
         fmt = None
@@ -114,7 +101,7 @@ def _read_records(
                         fmt = reading.read_as.get(fmt, fmt)
                         if fmt not in reading.formats:
                             raise DataError(
-                                f"{where}: {fmt} records do not suit training_stage {stage} "
+                                f"{where}: {fmt} records do not suit training_stage {reading.stage} "
                                 f"(expects {' or '.join(reading.formats)})"
                             )
                 sample = record_to_sample(record, fmt, where)

@@ -20,6 +20,7 @@ import math
 import numpy as np
 
 from bumblecore.data.cache import TokenCache
+from bumblecore.data.formats import StageReading
 from bumblecore.data.packing import Units, UnitSources, build_units, packed_rows, pretraining_blocks, sample_pieces
 from bumblecore.data.sources import data_files
 
@@ -71,24 +72,26 @@ def interleaved_order(unit_source: np.ndarray, draws: np.ndarray, epoch: int, se
     return order
 
 
-def mixture_units(cache: TokenCache, sources, stage: str, cutoff_len: int, packing: bool, seed: int, strategy: str):
+def mixture_units(
+    cache: TokenCache, sources, reading: StageReading, cutoff_len: int, packing: bool, seed: int, strategy: str
+):
     """The units of a mixture, with their sources. One source of weight and loss weight 1 is a plain
     dataset (no source ids at all: the run is today's, bit for bit)."""
     plain = all(s.loss_weight == 1.0 for s in sources) and (strategy == "concat" or len(sources) == 1)
     if len(sources) == 1 and plain:
-        return build_units(cache, stage, cutoff_len, packing, seed)
-    if stage in ("dpo", "kto"):  # pairs: one dataset, as before mixtures
+        return build_units(cache, reading, cutoff_len, packing, seed)
+    if reading.pairs:  # pairs: one dataset, as before mixtures
         if plain:
-            return build_units(cache, stage, cutoff_len, packing, seed)
+            return build_units(cache, reading, cutoff_len, packing, seed)
         raise ValueError(
-            f"dataset_path: interleaving and loss weights are for pretrain and sft runs; training_stage {stage} "
+            f"dataset_path: interleaving and loss weights are for pretrain and sft runs; training_stage {reading.stage} "
             "takes its files as one dataset (mix_strategy concat, no loss weights)"
         )
     of_sample = sample_sources(cache, sources)
     names = tuple(s.name for s in sources)
     loss_weights = tuple(s.loss_weight for s in sources)
     if strategy == "concat" or len(sources) == 1:
-        units = build_units(cache, stage, cutoff_len, packing, seed)
+        units = build_units(cache, reading, cutoff_len, packing, seed)
         units.sources = UnitSources(names, loss_weights, of_sample)
         return units
     rows, unit_source = [], []
@@ -96,7 +99,7 @@ def mixture_units(cache: TokenCache, sources, stage: str, cutoff_len: int, packi
         members = np.flatnonzero(of_sample == index)
         if len(members) == 0:
             own = []
-        elif stage in ("pretrain", "continue_pretrain"):  # a source's documents are contiguous in the cache
+        elif reading.documents:  # a source's documents are contiguous in the cache
             own = pretraining_blocks(cache, cutoff_len, int(members[0]), int(members[-1]) + 1)
         elif packing:
             own = [

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from bumblecore.data.cache import TokenCache
+from bumblecore.data.formats import StageReading
 
 # The label of a position that is not trained (PyTorch's cross-entropy ignore_index default).
 IGNORE_INDEX = -100
@@ -116,15 +117,15 @@ def packed_rows(lengths: np.ndarray, cutoff_len: int, seed: int) -> list[list[in
     return rows
 
 
-def build_units(cache: TokenCache, stage: str, cutoff_len: int, packing: bool, seed: int) -> Units:
-    if stage in ("pretrain", "continue_pretrain"):
+def build_units(cache: TokenCache, reading: StageReading, cutoff_len: int, packing: bool, seed: int) -> Units:
+    if reading.documents:
         return Units(cache, pretraining_blocks(cache, cutoff_len))
-    if stage in ("dpo", "kto"):
+    if reading.pairs:
         return Units(
             cache,
             [[sample_pieces(cache, 2 * i), sample_pieces(cache, 2 * i + 1)] for i in range(len(cache) // 2)],
             pairs=True,
-            desirable=cache.desirable if stage == "kto" else None,
+            desirable=cache.desirable if reading.labelled else None,
         )
     if packing:
         return Units(

@@ -14,6 +14,12 @@ from bumblecore.inference.loading import load_for_inference
 from bumblecore.inference.serve_settings import DEFAULT_PREFIX_CACHE_MB
 
 
+def continues_raw_text(training_stage: str) -> bool:
+    """A pretrained model continues raw text; the other stages' models chat through the template (the
+    one place inference tells stages apart)."""
+    return training_stage in ("pretrain", "continue_pretrain")
+
+
 def build_prompt_ids(
     tokenizer,
     prompt_or_messages,
@@ -25,7 +31,7 @@ def build_prompt_ids(
     definitions when given."""
     from bumblecore.data.template import encode_raw_prompt, render_prompt
 
-    if training_stage in ("pretrain", "continue_pretrain"):
+    if continues_raw_text(training_stage):
         # Text after the tokenizer's own BOS, as the model read its documents; "<|endoftext|>" typed
         # in it stays text, as in a chat template's content.
         return encode_raw_prompt(tokenizer, prompt_or_messages)
@@ -219,7 +225,7 @@ def chat(
         messages = history + [{"role": "user", "content": text}]
         ids = build_prompt_ids(
             tokenizer,
-            messages if training_stage not in ("pretrain", "continue_pretrain") else text,
+            text if continues_raw_text(training_stage) else messages,
             training_stage,
             system_prompt,
         )

@@ -88,6 +88,10 @@ class BumbleServer(InProcessLitServer):
         )
 
 
+# The stages whose models `serve` answers: raw-text completion or chat (inference/commands.py tells which).
+SERVED_STAGES = ("pretrain", "continue_pretrain", "sft", "dpo")
+
+
 def serve(
     model_path: str,
     host: str = "127.0.0.1",
@@ -139,7 +143,7 @@ def serve(
         base_model_path: for a LoRA adapter: the base to apply it to (default: the one the adapter names); it must be the base the adapter was trained on.
         ignore_base_mismatch: apply a LoRA adapter to a base other than the one it was trained on (its base_fingerprint.json says which) instead of refusing.
     """
-    if training_stage not in ("pretrain", "continue_pretrain", "sft", "dpo"):
+    if training_stage not in SERVED_STAGES:
         raise ValueError(f"training_stage {training_stage!r}: expected pretrain, continue_pretrain, sft or dpo")
     if max_batch_size < 1:
         raise ValueError("max_batch_size must be at least 1")

@@ -161,10 +161,10 @@ class ChatCompletionsSpec(LitSpec):
     def prompt_ids(self, chat: ChatRequest) -> list[int]:
         """The same prompt `bumblecore generate` and `chat` build."""
         from bumblecore.data.template import ChatFormatError, chat_format
-        from bumblecore.inference.commands import build_prompt_ids
+        from bumblecore.inference.commands import build_prompt_ids, continues_raw_text
 
         stage = self.settings.training_stage
-        if stage in ("pretrain", "continue_pretrain"):
+        if continues_raw_text(stage):
             # A base model continues raw text: the messages' contents, one after another.
             text = "\n".join(m["content"] for m in chat.messages if m["content"])
             if not text:  # checked on the text: the tokenizer's BOS alone is no prompt either

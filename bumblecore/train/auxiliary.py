@@ -33,7 +33,7 @@ class StepsWithSFT:
     def micro_batches(self, step: int) -> list[dict]:
         beside = {name: loader.micro_batches(step) for name, loader in self.sources.items()}
         return [
-            {**batch, "sft": {name: micro[i] for name, micro in beside.items()}}
+            {**batch, "beside": {name: micro[i] for name, micro in beside.items()}}
             for i, batch in enumerate(self.pairs.micro_batches(step))
         ]
 
@@ -49,18 +49,18 @@ class WithSFT:
         self.summary = getattr(stage, "summary", "")
 
     def count(self, batch: dict):
-        if "sft" not in batch:  # evaluation: the stage's own pairs
+        if "beside" not in batch:  # evaluation: the stage's own pairs
             return self.stage.count(batch)
         counts = {self.main: self.stage.count(batch)}
-        counts.update({name: self.language_modeling.count(rows) for name, rows in batch["sft"].items()})
+        counts.update({name: self.language_modeling.count(rows) for name, rows in batch["beside"].items()})
         return counts
 
     def loss(self, model, batch: dict):
-        if "sft" not in batch:
+        if "beside" not in batch:
             return self.stage.loss(model, batch)
         total, metrics = self.stage.loss(model, batch)
         terms = {self.main: total}
-        for name, rows in batch["sft"].items():
+        for name, rows in batch["beside"].items():
             summed, _ = self.language_modeling.loss(model, rows)
             terms[name] = self.weights[name] * summed
             metrics[f"loss/{name}"] = (summed.detach(), self.language_modeling.count(rows))

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bumblecore.args import REFERENCE_FREE_LOSSES
+from bumblecore.args import LOSSES_WITH_NLL, REFERENCE_FREE_LOSSES
 from bumblecore.data.packing import IGNORE_INDEX
 from bumblecore.train.losses import (
     chunked_token_logps,
@@ -269,7 +269,7 @@ class PreferenceStage:
         )
         total = pair_losses.sum()
         chosen_nll = (-means[:n]).sum()
-        if self.loss_type == "orpo":  # its two terms apart: the NLL, and the odds-ratio term before lambda
+        if self.loss_type in LOSSES_WITH_NLL:  # orpo's two terms apart: the NLL, and the odds-ratio term before lambda
             metrics = {
                 "loss/nll": chosen_nll.detach(),
                 "loss/orpo": -torch.nn.functional.logsigmoid(chosen_rewards - rejected_rewards).detach().sum(),
@@ -312,7 +312,7 @@ def build_preference_stage(fabric, run, model, units, eval_units, pad_id: int, r
         )
         terms = (
             f"lambda (pref_beta) {preference.pref_beta}"
-            if preference.pref_loss == "orpo"
+            if preference.pref_loss in LOSSES_WITH_NLL
             else f"beta {preference.pref_beta}, gamma {preference.simpo_gamma}, sft_weight {preference.sft_weight}"
         )
         stage.summary = f"preference: {preference.pref_loss} loss, {terms}; no reference model (reference-free)"

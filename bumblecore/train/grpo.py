@@ -415,31 +415,6 @@ class LiveReference:
             return completion_token_logps(peft_model, batch, temperature)[0]
 
 
-def read_grpo_prompts(run, tokenizer, paths, label: str = "dataset_path") -> tuple[list, list[str]]:
-    """The prompts of `paths` with their ids, and the banner's lines about them."""
-    from bumblecore.data.formats import ReadReport
-    from bumblecore.data.prompts import prompt_paths, read_prompts, tokenize_prompts
-
-    report = ReadReport()
-    prompts = read_prompts(prompt_paths(run.data, paths, label), run.data.skip_bad_records, report)
-    prompts, too_long = tokenize_prompts(prompts, tokenizer, run.data.cutoff_len)
-    if not prompts:
-        raise ValueError(
-            f"{label}: no usable prompt ({report.records} records, {too_long} longer than cutoff_len "
-            f"{run.data.cutoff_len}, {len(report.skipped)} bad records skipped)"
-        )
-    lengths = sorted(len(p.ids) for p in prompts)
-    fields = sorted({key for p in prompts for key in p.fields})
-    name = "data" if label == "dataset_path" else "eval data"
-    lines = [
-        f"  {name}: {len(prompts)} prompts ({report.records} records; {too_long} longer than cutoff_len "
-        f"{run.data.cutoff_len} dropped, {len(report.skipped)} bad records skipped), prompt tokens median "
-        f"{lengths[len(lengths) // 2]}, max {lengths[-1]}; fields for the rewards: {', '.join(fields) or 'none'}",
-        *[f"    skipped: {reason}" for reason in report.skipped[:3]],
-    ]
-    return prompts, lines
-
-
 def build_grpo(fabric, run, prompts, tokenizer, pad_id: int):
     """The stage and its loader (bind the policy once Fabric has set it up: loader.bind)."""
     from bumblecore.inference.generate import default_eos_ids

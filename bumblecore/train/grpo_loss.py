@@ -69,22 +69,38 @@ def token_terms(
     return TokenTerms(loss * mask, was_clipped, kl * mask)
 
 
+def _sequences(mask: torch.Tensor, max_completion_length: int) -> int:
+    return mask.shape[0]
+
+
+def _completion_tokens(mask: torch.Tensor, max_completion_length: int) -> int:
+    return int(mask.sum().item())
+
+
+def _completion_slots(mask: torch.Tensor, max_completion_length: int) -> int:
+    return mask.shape[0] * max_completion_length
+
+
+# loss_type -> (the count of a micro-batch, whether each sequence is first averaged over its own tokens)
+NORMALISATIONS = {
+    "grpo": (_sequences, True),
+    "dapo": (_completion_tokens, False),
+    "dr_grpo": (_completion_slots, False),
+}
+
+
 def unit_count(mask: torch.Tensor, loss_type: str, max_completion_length: int) -> int:
     """What the step's summed loss is divided by, for this micro-batch's share: sequences, completion
     tokens, or sequences x max_completion_length."""
-    if loss_type == "grpo":
-        return mask.shape[0]
-    if loss_type == "dapo":
-        return int(mask.sum().item())
-    if loss_type == "dr_grpo":
-        return mask.shape[0] * max_completion_length
-    raise ValueError(f"loss_type {loss_type!r} is not one of {', '.join(LOSS_TYPES)}")
+    if loss_type not in NORMALISATIONS:
+        raise ValueError(f"loss_type {loss_type!r} is not one of {', '.join(LOSS_TYPES)}")
+    return NORMALISATIONS[loss_type][0](mask, max_completion_length)
 
 
 def aggregate(token_loss: torch.Tensor, mask: torch.Tensor, loss_type: str, max_completion_length: int):
     """(summed loss, count) for the engine: loss / count over the step is the normalisation above."""
     count = unit_count(mask, loss_type, max_completion_length)
-    if loss_type == "grpo":
+    if NORMALISATIONS[loss_type][1]:
         per_sequence = token_loss.sum(-1) / mask.to(token_loss.dtype).sum(-1).clamp(min=1)
         return per_sequence.sum(), count
     return token_loss.sum(), count

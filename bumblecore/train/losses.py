@@ -285,13 +285,23 @@ def reference_free_loss(
            (beta, ORPO's lambda, weighs the term outside the sigmoid, so it scales no reward)
     simpo: L = -log sigmoid(r_w - r_l - gamma), rewards r = beta * mean logp
     """
-    if loss_type == "orpo":
-        chosen, rejected = log_odds(chosen_mean), log_odds(rejected_mean)
-        return -chosen_mean + beta * -F.logsigmoid(chosen - rejected), chosen, rejected
-    if loss_type == "simpo":
-        chosen, rejected = beta * chosen_mean, beta * rejected_mean
-        return -F.logsigmoid(chosen - rejected - simpo_gamma), chosen, rejected
-    raise ValueError(f"pref_loss {loss_type!r} is not reference-free; choose orpo or simpo")
+    if loss_type not in REFERENCE_FREE:
+        raise ValueError(f"pref_loss {loss_type!r} is not reference-free; choose orpo or simpo")
+    return REFERENCE_FREE[loss_type](chosen_mean, rejected_mean, beta, simpo_gamma)
+
+
+def _odds_ratio(chosen_mean, rejected_mean, beta: float, simpo_gamma: float):
+    chosen, rejected = log_odds(chosen_mean), log_odds(rejected_mean)
+    return -chosen_mean + beta * -F.logsigmoid(chosen - rejected), chosen, rejected
+
+
+def _length_normalised_margin(chosen_mean, rejected_mean, beta: float, simpo_gamma: float):
+    chosen, rejected = beta * chosen_mean, beta * rejected_mean
+    return -F.logsigmoid(chosen - rejected - simpo_gamma), chosen, rejected
+
+
+# pref_loss -> its per-pair (loss, chosen reward, rejected reward); ORPO's odds ratio, SimPO's margin
+REFERENCE_FREE = {"orpo": _odds_ratio, "simpo": _length_normalised_margin}
 
 
 def kto_loss(

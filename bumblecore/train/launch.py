@@ -1,0 +1,129 @@
+"""How a training run starts: its inputs checked, Fabric built for its scale (DeepSpeed's config filled),
+its processes launched; and how the processes agree (rank 0 decides or builds first, the others follow)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bumblecore.args import TrainArgs
+
+
+def launch(run: TrainArgs):
+    """Fabric for the run's scale, its processes started (`devices: N` starts N; under a launcher,
+    `fabric run`, `torchrun`, `deepspeed`, SLURM `srun`, the processes are the launcher's), and its
+    DeepSpeed config filled. Returns (fabric, the DeepSpeed config or None, the launcher's name or None)."""
+    from bumblecore.train.runtime import (
+        build_fabric,
+        detect_launch,
+        fill_deepspeed_config,
+        launch_processes,
+        load_deepspeed_config,
+    )
+
+    scale, optimization = run.runtime, run.optimization
+    launch = detect_launch(scale.devices, scale.num_nodes, scale.accelerator)
+    deepspeed = None
+    if scale.deepspeed_config_path:
+        from bumblecore.train.memory import Workload
+
+        raw = json.loads((Path(run.model.model_name_or_path) / "config.json").read_text())
+        hidden = raw.get("hidden_size", 0)
+        deepspeed = fill_deepspeed_config(
+            load_deepspeed_config(scale.deepspeed_config_path),
+            micro_batch_size=optimization.train_micro_batch_size_per_gpu,
+            gradient_accumulation_steps=optimization.gradient_accumulation_steps,
+            world_size=launch.world_size,
+            precision=optimization.train_model_precision,
+            max_grad_norm=optimization.max_grad_norm,
+            hidden_size=hidden,
+            layer_params=Workload.from_config(raw, 1, 1).layer_params or None,
+        )
+    fabric = build_fabric(
+        scale.accelerator, scale.devices, scale.num_nodes, optimization.train_model_precision, deepspeed, launch=launch
+    )
+    launch_processes(fabric, launch)
+    return fabric, deepspeed, launch.launcher
+
+
+def check_inputs(run: TrainArgs) -> None:
+    """What every stage needs, refused before anything starts (a stage's own: its recipe's check)."""
+    if not run.model.model_name_or_path:
+        raise ValueError("model_name_or_path is required")
+    if not (Path(run.model.model_name_or_path) / "config.json").is_file():
+        raise FileNotFoundError(
+            f"model_name_or_path {run.model.model_name_or_path}: no config.json (expected a model directory)"
+        )
+    if not run.data.dataset_path:
+        raise ValueError("dataset_path is required")
+    if run.optimization.lr_scheduler_type == "reduce_on_plateau" and not run.data.eval_dataset_path:
+        # It steps on the eval loss only: without an eval set the lr would silently stay constant.
+        raise ValueError(
+            "lr_scheduler_type reduce_on_plateau lowers the lr when the eval loss stops improving, "
+            "so it needs eval_dataset_path; give one, or choose another schedule (e.g. cosine)"
+        )
+
+
+def load_zero_stage(path) -> int:
+    from bumblecore.train.runtime import load_deepspeed_config
+
+    return int(load_deepspeed_config(path).get("zero_optimization", {}).get("stage", 0))
+
+
+def config_notes(run: TrainArgs) -> list[str]:
+    """Keys that are accepted but change nothing, said once at start rather than silently ignored."""
+    notes = []
+    if run.data.num_local_io_workers is not None:
+        notes.append(
+            f"num_local_io_workers {run.data.num_local_io_workers} is accepted and ignored: the Rust tokenizer "
+            "already tokenizes the cache on every core, and batches are read in-process from the "
+            "memory-mapped cache (no loader workers)"
+        )
+    return notes
+
+
+def build_once(fabric, build):
+    """`build()` run first by global rank 0 (say, tokenizing into the token cache), then by the first
+    rank of every other node, then by everyone else. On a shared filesystem the later calls find what
+    rank 0 built; a node without one builds its own copy once instead of failing."""
+    result = None
+    if fabric.global_rank == 0:
+        result = build()
+    fabric.barrier()
+    if fabric.local_rank == 0 and fabric.global_rank != 0:
+        result = build()
+    fabric.barrier()
+    if fabric.local_rank != 0:
+        result = build()
+    return result
+
+
+def processes_per_node(fabric) -> int:
+    return max(1, fabric.world_size // getattr(fabric.strategy, "num_nodes", 1))
+
+
+class ReportedByRankZero(ValueError):
+    """Rank 0's error, raised on the other ranks so they stop too; rank 0 alone prints it (cli.main)."""
+
+    reported_by_rank_zero = True
+
+
+def agreed_on_rank_zero(fabric, decide):
+    """`decide(notes)` runs on global rank 0 only; every rank gets its result, or raises its error, so
+    no rank goes on alone (and none waits for a rank that stopped). The error is printed once: the
+    other ranks raise it as ReportedByRankZero."""
+    outcome, failure = None, None
+    if fabric.is_global_zero:
+        notes: list = []
+        try:
+            outcome = ("ok", decide(notes), notes)
+        except Exception as err:
+            failure, outcome = err, ("error", str(err), notes)
+    if fabric.world_size > 1:
+        outcome = fabric.broadcast(outcome, src=0)
+    kind, value, notes = outcome
+    if failure is not None:
+        raise failure
+    if kind == "error":
+        raise ReportedByRankZero(value)
+    return value, notes

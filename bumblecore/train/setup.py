@@ -1,0 +1,299 @@
+"""What a training run sets up: the tokenizer, the model (Bumblebee, or a transformers family), LoRA,
+the memory plan checked before anything is allocated, and the optimizer with its schedule."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from bumblecore.args import TrainArgs
+
+
+def _is_bumblebee(model_dir) -> bool:
+    """Bumblebee trains the model (its family, every feature expressed); else the transformers fallback."""
+    from bumblecore.model.hf_io import bumblebee_expresses
+
+    return bumblebee_expresses(model_dir)
+
+
+def load_model(
+    run: TrainArgs,
+    fabric,
+    dtype: torch.dtype = torch.float32,
+    partitioned: bool = False,
+    vocab_size: int = 0,
+    from_scratch: bool = False,
+):
+    """Bumblebee for our configs, Qwen2 and Llama; any other causal LM through transformers.
+
+    Pretrained weights are read tensor by tensor straight into `dtype` on the run's device.
+    `partitioned` (ZeRO-3): the model is built under DeepSpeed's ZeRO-3 init, so each rank only ever
+    holds its slice of every weight, and the checkpoint is scattered into those slices.
+    `vocab_size` (resize_vocab): at least this many embedding rows, new ones the mean of the old.
+    `from_scratch` (pretraining): a random init from the config, seeded."""
+    from bumblecore.model.bumblebee import Bumblebee
+    from bumblecore.model.hf_io import load_pretrained, read_config
+    from bumblecore.model.vocab import grow_vocab, load_grown_into_partitioned
+
+    if _is_bumblebee(run.model.model_name_or_path):
+        model_config = read_config(run.model.model_name_or_path)
+        grows = vocab_size > model_config.vocab_size
+        built = dataclasses.replace(model_config, vocab_size=vocab_size) if grows else model_config
+        if from_scratch:  # every row random, the new ones too
+            with fabric.init_module(empty_init=True) if partitioned else contextlib.nullcontext():
+                torch.manual_seed(
+                    run.optimization.seed
+                )  # the same random init on every rank (ZeRO-3: DeepSpeed broadcasts rank 0's)
+                model = Bumblebee(built)
+        elif partitioned:
+            from bumblecore.train.backend import load_into_partitioned
+
+            with torch.random.fork_rng(), fabric.init_module(empty_init=True):  # draws nothing, like a load
+                model = Bumblebee(built)
+            load = load_grown_into_partitioned if grows else load_into_partitioned
+            load(model, run.model.model_name_or_path, fabric.is_global_zero)
+        else:
+            model = load_pretrained(run.model.model_name_or_path, dtype=dtype, device=fabric.device)
+            grow_vocab(model, vocab_size)
+        if run.optimization.enable_gradient_checkpointing:
+            model.set_gradient_checkpointing(True)
+        return model
+    model = load_transformers_model(
+        run.model.model_name_or_path,
+        from_scratch=from_scratch,
+        trust_remote_code=run.model.trust_remote_code,
+        seed=run.optimization.seed,
+        gradient_checkpointing=run.optimization.enable_gradient_checkpointing,
+    )
+    grow_vocab(model, vocab_size)
+    return model
+
+
+def load_transformers_model(
+    model_dir: str,
+    from_scratch: bool = False,
+    trust_remote_code: bool = False,
+    seed: int = 0,
+    gradient_checkpointing: bool = False,
+):
+    """A transformers family for training: its weights from model_dir, or (from_scratch, pretraining) a
+    random init from its config.json, seeded."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from bumblecore.model.transformers_family import TransformersCausalLM
+    from bumblecore.train.losses import check_loss_parity
+
+    if from_scratch:
+        hf_config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=trust_remote_code)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=torch.float32, trust_remote_code=trust_remote_code
+        )
+    wrapped = TransformersCausalLM(model)
+    check_loss_parity(wrapped)
+    if gradient_checkpointing:
+        wrapped.set_gradient_checkpointing(True)
+    return wrapped
+
+
+def count_parameters(run: TrainArgs) -> tuple[int, int]:
+    """(all, trainable) parameters of the run's model, counted on the meta device (nothing allocated)."""
+    from bumblecore.model.lora import linear_layer_names
+
+    if _is_bumblebee(run.model.model_name_or_path):
+        from bumblecore.model.bumblebee import Bumblebee
+        from bumblecore.model.hf_io import read_config
+
+        with torch.device("meta"):
+            model = Bumblebee(read_config(run.model.model_name_or_path))
+    else:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        hf_config = AutoConfig.from_pretrained(
+            run.model.model_name_or_path, trust_remote_code=run.model.trust_remote_code
+        )
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=run.model.trust_remote_code)
+    total = sum(p.numel() for p in model.parameters())
+    if run.model.finetuning_type != "lora":
+        return total, total
+    targets = set(run.lora.lora_target_modules or linear_layer_names(model))
+    adapters = sum(
+        run.lora.lora_rank * (m.in_features + m.out_features)
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets
+    )
+    return total + adapters, adapters
+
+
+def optimizer_groups(model, weight_decay: float) -> list[dict]:
+    """AdamW groups: no weight decay for biases and norm weights (1-D tensors; ZeRO-3 keeps a
+    partitioned weight's real shape in ds_shape)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if len(getattr(p, "ds_shape", p.shape)) < 2 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def memory_plan(
+    fabric,
+    run: TrainArgs,
+    deepspeed_config,
+    recipe,
+    local_processes: int,
+    sequence_length: Optional[int] = None,
+    runtime: Optional[int] = None,
+    prompt_release: bool = False,
+):
+    """The per-rank memory plan, the recipe's extra models and rows per unit in it. `sequence_length`: the rows' length where the data is known (default
+    cutoff_len, the bound); `runtime`: the process's own RSS as measured before the model was built;
+    `prompt_release`: freed blocks go back to the OS at once (RuntimeArgs.release_freed_memory)."""
+    from bumblecore.train.memory import Workload, available_memory, plan_memory, runtime_rss
+
+    total, trainable = count_parameters(run)
+    frozen_copy = recipe.frozen_copy(run, total, trainable)
+    name, available = available_memory(fabric.device, local_processes)
+    optimization = run.optimization
+    raw = json.loads((Path(run.model.model_name_or_path) / "config.json").read_text(encoding="utf-8"))
+    rows = recipe.rows_per_unit  # a preference pair: chosen and rejected rows
+    workload = Workload.from_config(
+        raw,
+        micro_batch_size=optimization.train_micro_batch_size_per_gpu * rows,
+        sequence_length=sequence_length or run.data.cutoff_len,
+        gradient_checkpointing=bool(optimization.enable_gradient_checkpointing),
+        lora_dropout=run.model.finetuning_type == "lora" and bool(run.lora.lora_dropout),
+    )
+    return plan_memory(
+        total,
+        trainable,
+        optimization.train_model_precision,
+        fabric.world_size,
+        deepspeed_config,
+        name,
+        available,
+        frozen_copy,
+        workload=workload,
+        # the host process shares the device on CPU
+        runtime=(runtime if runtime is not None else runtime_rss()) if fabric.device.type == "cpu" else 0,
+        prompt_release=prompt_release,
+    )
+
+
+def tokenizer_and_vocab(run: TrainArgs, chat: bool):
+    """The run's tokenizer, and the embedding rows resize_vocab grows the model to (0: none)."""
+    from bumblecore.data.dataset import run_tokenizer
+    from bumblecore.tokenizer import check_fits_model
+
+    # The model's own chat template (ours, ChatML, where it has none): what is trained is what is served.
+    tokenizer = run_tokenizer(run.model, chat)
+    # resize_vocab grows the embedding to the tokenizer; else its ids must fit the model's rows.
+    vocab_size = len(tokenizer) if run.model.resize_vocab else 0
+    if not vocab_size:
+        check_fits_model(
+            tokenizer, run.model.model_name_or_path, run.model.model_name_or_path
+        )  # before anything is written
+    return tokenizer, vocab_size
+
+
+def lora_base(fabric, run: TrainArgs) -> Optional[dict]:
+    """The base as this run reads it, recorded beside every adapter it saves (model/lora.py)."""
+    if run.model.finetuning_type == "lora" and fabric.is_global_zero:
+        from bumblecore.model.lora import base_fingerprint
+
+        return base_fingerprint(run.model.model_name_or_path)
+    return None
+
+
+def releases_promptly(run: TrainArgs, stage_of_zero: Optional[int]) -> bool:
+    """Whether freed blocks go straight back to the OS (RuntimeArgs.release_freed_memory)."""
+    from bumblecore.train.memory import release_freed_memory_promptly
+
+    prompt_release = run.runtime.release_freed_memory
+    if prompt_release is None:
+        prompt_release = stage_of_zero == 3  # its ranks gather and free every weight each step
+    return prompt_release and release_freed_memory_promptly()
+
+
+def build_model(fabric, run: TrainArgs, load, tokenizer, stage_of_zero: Optional[int]):
+    """The model the run trains: loaded (`load`: load_model with the run's vocab and init), LoRA applied."""
+    from bumblecore.model.lora import apply_lora
+    from bumblecore.train.memory import release_freed_host_memory
+
+    optimization = run.optimization
+    # DeepSpeed with 16-bit weights keeps a 16-bit module and fp32 master weights itself: load 16-bit.
+    weights_dtype = torch.float32
+    if stage_of_zero is not None and optimization.train_model_precision in ("bf16", "fp16"):
+        weights_dtype = torch.bfloat16 if optimization.train_model_precision == "bf16" else torch.float16
+    model = load(run, fabric, dtype=weights_dtype, partitioned=stage_of_zero == 3)
+    release_freed_host_memory()
+    if getattr(model, "is_transformers_fallback", False) and run.data.packing:
+        fabric.print("note: packing is off for transformers models (their CPU attention would cross documents)")
+        run.data = dataclasses.replace(run.data, packing=False)
+    if run.model.finetuning_type == "lora":
+        from bumblecore.data.chat_templates import added_token_ids
+        from bumblecore.model.vocab import lora_token_indices
+
+        new_rows = lora_token_indices(model, added_token_ids(tokenizer, tokenizer.bumblecore_added_tokens))
+        model = apply_lora(
+            model,
+            run.lora.lora_rank,
+            run.lora.lora_alpha,
+            run.lora.lora_dropout,
+            run.lora.lora_target_modules,
+            trainable_token_indices=new_rows,
+            zero3=stage_of_zero == 3,
+        )
+    return model
+
+
+def build_optimizer(fabric, run: TrainArgs, model, total_steps: int):
+    """AdamW and its schedule, with the model set up by Fabric: (model, optimizer, scheduler, warmup steps)."""
+    from bumblecore.train.backend import share_fp32_master_weights
+    from bumblecore.train.memory import release_freed_host_memory
+    from bumblecore.train.schedulers import build_scheduler
+
+    optimization = run.optimization
+    warmup_steps = math.ceil(optimization.warmup_ratio * total_steps)
+    adamw = torch.optim.AdamW(
+        optimizer_groups(model, optimization.weight_decay),
+        lr=optimization.learning_rate,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        fused=True,
+    )
+    model, optimizer = fabric.setup(model, adamw)
+    share_fp32_master_weights(model)
+    release_freed_host_memory()  # DeepSpeed's setup copies every partition once more
+    # The schedule drives AdamW's own param groups: under DeepSpeed the ZeRO optimizer wraps it and steps it.
+    scheduler = build_scheduler(
+        optimization.lr_scheduler_type, adamw, warmup_steps, total_steps, **optimization.lr_scheduler_kwargs
+    )
+    return model, optimizer, scheduler, warmup_steps
+
+
+def loop_settings(run: TrainArgs, total_steps: int, evaluates: bool, deepspeed_config):
+    """The engine's loop: steps, clipping, logging, evaluation and checkpoint cadence."""
+    from bumblecore.train.engine import LoopSettings
+
+    optimization, output = run.optimization, run.output
+    return LoopSettings(
+        total_steps=total_steps,
+        max_grad_norm=optimization.max_grad_norm,
+        logging_steps=output.logging_steps,
+        eval_steps=output.eval_steps or (output.save_steps if evaluates else None),
+        eval_at_end=output.eval_at_end,
+        save_steps=output.save_steps,
+        save_total_limit=output.save_total_limit,
+        save_last=output.save_last,
+        average_tokens_across_devices=optimization.average_tokens_across_devices,
+        skips_overflow_steps=optimization.train_model_precision == "fp16",
+    )
