@@ -26,6 +26,8 @@ Beside the states, the plan counts (see `Workload` and `plan_memory`):
 
 Gradients and activations are not all alive at once: backward frees a layer's activations as it makes
 that layer's gradients, so the plan counts the larger of the two (plus the embedding/head gradient).
+With gradient accumulation they are: from the second micro batch on, the forward runs beside the
+gradients summed so far, so the plan counts both.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ class Workload:
     gradient_checkpointing: bool = False
     lora_dropout: bool = False  # LoRA with dropout > 0: each adapted input is copied by its dropout
     embedding_params: int = 0  # the (tied) embedding and LM head: gradients made at backward's ends
+    accumulates: bool = False  # gradient accumulation: every micro batch after the first runs beside the gradients
 
     @classmethod
     def from_config(cls, raw: dict, micro_batch_size: int, sequence_length: int, **kwargs) -> Workload:
@@ -253,7 +256,12 @@ def _transient(plan, work: Workload, precision, stage, n, zero, total, trainable
     embedding_gradient = work.embedding_params * width // (n if stage == 3 else 1) if trainable == total else 0
     start = work.activations(compute) + work.loss_chunks(compute)
     end = plan.gradients + embedding_gradient
-    transient = {"activations and loss chunks": max(0, start - end), "embedding gradient": embedding_gradient}
+    if work.accumulates:
+        # The gradients summed so far stay alive through the next micro batch's forward: its activations
+        # come on top of them (measured: SmolLM2 full SFT, 4 micro batches a step, +570 MB, its gradients).
+        transient = {"activations and loss chunks": start, "embedding gradient": max(0, embedding_gradient - start)}
+    else:
+        transient = {"activations and loss chunks": max(0, start - end), "embedding gradient": embedding_gradient}
     if autocast:
         transient["autocast copies"] = 2 * linear
     if stage is None and n > 1:

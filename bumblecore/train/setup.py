@@ -171,6 +171,7 @@ def memory_plan(
         sequence_length=sequence_length or run.data.cutoff_len,
         gradient_checkpointing=bool(optimization.enable_gradient_checkpointing),
         lora_dropout=run.model.finetuning_type == "lora" and bool(run.lora.lora_dropout),
+        accumulates=optimization.gradient_accumulation_steps > 1,
     )
     return plan_memory(
         total,
