@@ -1,11 +1,14 @@
 """Readers: every format, JSON and JSONL, files and directories; located errors for each kind of bad record."""
 
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+from bumblecore.data.adapters import ADAPTERS
 from bumblecore.data.formats import ReadReport, read_samples
 from bumblecore.data.sources import DataError
 from bumblecore.recipes import recipe_for
@@ -441,3 +444,15 @@ def test_ecosystem_records_rejected_with_file_line_and_field(tmp_path, record, s
     with pytest.raises(DataError, match=message) as info:
         list(read_samples(path, recipe_for(stage).reading))
     assert str(info.value).startswith(f"{path} line 1: ")
+
+
+def test_the_format_names_docs_give_are_the_ones_errors_print(tmp_path):
+    """docs/DATA_FORMAT.md's table of format names is the adapters' table, and its example error is the
+    one the reader raises for that record and stage."""
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "DATA_FORMAT.md").read_text(encoding="utf-8")
+    table = [line.split("|")[1] for line in doc.splitlines() if line.startswith("| `")]
+    assert {name for cell in table for name in re.findall(r"`(\w+)`", cell)} == set(ADAPTERS)
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"instruction": "Add", "chosen": "5", "rejected": "6"}])
+    with pytest.raises(DataError) as info:
+        list(read_samples(pairs, recipe_for("sft").reading))
+    assert f"error: {str(info.value).replace(str(pairs), 'data/pairs.jsonl')}\n" in doc

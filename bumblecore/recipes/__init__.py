@@ -1,8 +1,9 @@
 """The recipe registry: `training_stage` -> its recipe (recipes/base.py says what a recipe owns).
 
-Adding a stage: its module here (a Recipe subclass), one line below, and its docs (docs/CONFIG.md's
-keys, docs/DATA_FORMAT.md's records, the stage's section in docs/TRAINING.md). No module outside
-recipes/ tells stages apart by name (tests/test_recipes.py)."""
+Adding a stage: its module here (a Recipe subclass), one line below, one in args.STAGE_SETTINGS, its
+Stage in train/, and its docs (docs/CONFIG.md's keys, docs/DATA_FORMAT.md's records, README.md's table);
+docs/ARCHITECTURE.md, "Add a stage", walks through KTO's. No module outside recipes/ tells stages apart
+by name (tests/test_recipes.py)."""
 
 from __future__ import annotations
 
