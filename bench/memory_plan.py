@@ -36,12 +36,14 @@ ZERO = {stage: str(ROOT / "configs" / "deepspeed" / f"ds_z{stage}_config.json") 
 SHAPES = {
     "tiny": dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=32000),
+    "demo": dict(hidden_size=256, num_hidden_layers=4, intermediate_size=768, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=768),  # the demo's model (checkpoints/demo/pretrain)
     "250M": dict(hidden_size=1024, num_hidden_layers=20, intermediate_size=2816, num_attention_heads=16,
                  num_key_value_heads=4, vocab_size=32000),
 }  # fmt: skip
 
 # name, model, stage, precision, ranks, ZeRO stage (None: no DeepSpeed), lora, checkpointing, micro, cutoff[,
-# gradient accumulation steps (default 1)]
+# gradient accumulation steps (default 1)[, more command-line arguments]]
 MATRIX = [
     ("tiny fp32 1p", "tiny", "sft", "fp32", 1, None, False, False, 2, 256),
     ("tiny bf16 ddp", "tiny", "sft", "bf16", 2, None, False, False, 2, 256),
@@ -65,6 +67,20 @@ MATRIX = [
     ("smol fp32 1p acc4", "smol", "sft", "fp32", 1, None, False, False, 2, 256, 4),
     ("250M fp32 1p acc4", "250M", "continue_pretrain", "fp32", 1, None, False, False, 1, 128, 4),
     ("250M bf16 z2 acc4", "250M", "continue_pretrain", "bf16", 2, 2, False, False, 1, 128, 4),
+    (
+        "demo fp32 1p lora r64 acc8",
+        "demo",
+        "sft",
+        "fp32",
+        1,
+        None,
+        True,
+        False,
+        4,
+        1024,
+        8,
+        ["--lora_rank", "64", "--lora_alpha", "128", "--lora_dropout", "0.1"],
+    ),  # README's sft_lora line
 ]
 LINE = re.compile(r"peak memory per rank: host RSS ([\d,]+ MB(?:, [\d,]+ MB)*) \(planned ([\d,]+) MB\)")
 
@@ -93,7 +109,9 @@ def model_dir(name: str, work: Path) -> Path:
 
 
 def train(row: tuple, work: Path) -> dict:
-    name, model, stage, precision, ranks, zero, lora, checkpointing, micro, cutoff, accumulation = (*row, 1)[:11]
+    name, model, stage, precision, ranks, zero, lora, checkpointing, micro, cutoff, accumulation, extra = (
+        row + (1, [])[len(row) - 10 :]
+    )
     out = work / re.sub(r"\W+", "_", name)
     data = DEMO / ("pretrain.jsonl" if stage == "continue_pretrain" else "sft_train.jsonl")
     command = [
@@ -115,6 +133,7 @@ def train(row: tuple, work: Path) -> dict:
         "--cache_dir", str(work / "cache"),
         *(["--finetuning_type", "lora", "--lora_rank", "8"] if lora else []),
         *(["--deepspeed_config_path", ZERO[zero]] if zero is not None else []),
+        *extra,
     ]  # fmt: skip
     started = time.perf_counter()
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)

@@ -1,5 +1,7 @@
 """The engine: a global batch gives the same update however it is split; resume continues exactly."""
 
+import weakref
+
 import pytest
 import torch
 from lightning.fabric import Fabric
@@ -185,3 +187,25 @@ def test_several_loss_terms_are_each_divided_by_their_own_units_over_the_step(tm
     assert record["loss"] == pytest.approx(float(expected), rel=1e-5)
     norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in oracle.parameters() if p.grad is not None]))
     assert record["grad_norm"] == pytest.approx(float(norm), rel=1e-4)
+
+
+class WatchedStage(LanguageModelingStage):
+    """Records, at each micro-batch's loss, whether the previous micro-batch's loss tensor is still alive."""
+
+    def __init__(self):
+        self.previous, self.previous_alive = None, []
+
+    def loss(self, model, batch):
+        self.previous_alive.append(self.previous is not None and self.previous() is not None)
+        total, metrics = super().loss(model, batch)
+        self.previous = weakref.ref(total)
+        return total, metrics
+
+
+def test_each_micro_batch_graph_is_dropped_before_the_next_forward(tmp_path):
+    """With gradient accumulation, nothing of a micro-batch's graph may outlive its backward: a held loss
+    keeps what autograd's nodes hold (measured: the README's sft_lora line peaked ~450 MB higher)."""
+    engine = make_engine(tmp_path, accumulation=4, total_steps=1)
+    engine.stage = WatchedStage()
+    engine.fit()
+    assert engine.stage.previous_alive == [False, False, False, False]
