@@ -1,9 +1,8 @@
-"""The training run's settings: eight typed groups and the run that holds them (TrainArgs); and the
-sampling options that generate, chat and serve share (SamplingArgs).
+"""The training run's settings: eight typed groups and the run that holds them (TrainArgs). (The
+sampling options of generate, chat and serve are bumblecore/inference/sampling.py's SamplingArgs.)
 
 Each field's attribute docstring is its `--help` line. jsonargparse parses and type-checks them
-(bumblecore/cli.py builds the parser from the command's signature: `train`'s; generate's, chat's and
-serve's for SamplingArgs); every field keeps the flat name and
+(bumblecore/cli.py builds the parser from `train`'s signature); every field keeps the flat name and
 default of the original's keys, so a flat YAML file (`learning_rate: 1e-4`) or a flat flag
 (`--learning_rate 1e-4`) still works beside the grouped spelling (`optimization: {learning_rate: 1e-4}`).
 Checks within one group sit in its `__post_init__`; checks across groups sit in `TrainArgs`'s.
@@ -428,39 +427,3 @@ def flat_defaults() -> dict:
         for f in dataclasses.fields(group):
             defaults[f.name] = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
     return defaults
-
-
-# Below ~0.01 the penalty turns seen tokens' logits into infinities (1e-300 did).
-MIN_REPETITION_PENALTY = 0.01
-
-
-@dataclass(frozen=True)
-class SamplingArgs:
-    """Sampling: how each reply is generated"""
-
-    # The class defaults are generate's; chat and serve declare their own instance as their default.
-    max_new_tokens: Optional[int] = 256
-    """Most tokens to generate per reply (null: up to the end of the context)."""
-    do_sample: bool = False
-    """Sample from the filtered distribution (true) or take the most likely token (false: greedy)."""
-    temperature: float = 1.0
-    """Sampling temperature, 0 to 100 (below 1: more focused, above: more varied)."""
-    top_k: int = 0
-    """Sample among the k most likely tokens only (0: no top-k filter)."""
-    top_p: float = 1.0
-    """Nucleus sampling: the most likely tokens that together hold this probability mass, above 0 and at most 1."""
-    repetition_penalty: float = 1.0
-    """Above 1 discourages tokens already in the prompt or the reply (1: none), 0.01 to 10."""
-
-    def __post_init__(self) -> None:
-        # NaN fails every comparison: it is refused too.
-        if not (
-            0 <= self.temperature <= 100
-            and 0 < self.top_p <= 1
-            and self.top_k >= 0
-            and MIN_REPETITION_PENALTY <= self.repetition_penalty <= 10
-        ):
-            raise ValueError(
-                f"expected 0 <= temperature <= 100, 0 < top_p <= 1, top_k >= 0 and "
-                f"{MIN_REPETITION_PENALTY} <= repetition_penalty <= 10"
-            )

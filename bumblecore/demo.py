@@ -40,22 +40,8 @@ MODEL_SHAPE = dict(
     vocab_size=768,
 )
 # On a GPU the same pipeline with a wider, deeper model (~25M parameters), in bf16.
-GPU_SHAPE = dict(
-    num_hidden_layers=8,
-    hidden_size=512,
-    intermediate_size=1536,
-    num_attention_heads=8,
-    num_key_value_heads=2,
-    vocab_size=768,
-)
-QUICK_SHAPE = dict(
-    num_hidden_layers=2,
-    hidden_size=64,
-    intermediate_size=128,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=768,
-)
+GPU_SHAPE = dict(MODEL_SHAPE, num_hidden_layers=8, hidden_size=512, intermediate_size=1536, num_attention_heads=8)
+QUICK_SHAPE = dict(MODEL_SHAPE, num_hidden_layers=2, hidden_size=64, intermediate_size=128)
 
 
 def stage_config(name: str, output_dir: Path, model: Path, device: str, quick: bool, **overrides) -> dict:

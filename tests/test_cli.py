@@ -379,7 +379,7 @@ def _printed(capsys, *argv) -> dict:
 
 @pytest.mark.parametrize("name", list(SAMPLING_COMMANDS))
 def test_sampling_options_flat_or_grouped_with_each_commands_defaults(name, tmp_path, capsys):
-    from bumblecore.args import SamplingArgs
+    from bumblecore.inference.sampling import SamplingArgs
 
     defaults = _printed(capsys, name, "--model_path", "m")
     assert {key: defaults[key] for key in SAMPLING_COMMANDS[name]} == SAMPLING_COMMANDS[name]
@@ -440,7 +440,7 @@ def test_sampling_options_flat_or_grouped_with_each_commands_defaults(name, tmp_
 
 @pytest.mark.parametrize("name", list(SAMPLING_COMMANDS))
 def test_sampling_options_out_of_range_are_refused_by_every_command(name, capsys):
-    from bumblecore.args import SamplingArgs
+    from bumblecore.inference.sampling import SamplingArgs
 
     expected = "expected 0 <= temperature <= 100, 0 < top_p <= 1, top_k >= 0 and 0.01 <= repetition_penalty <= 10"
     for option, value in (("--temperature", 101), ("--top_p", 0), ("--top_k", -1), ("--repetition_penalty", 0.001)):
@@ -457,7 +457,7 @@ def test_sampling_help_shows_every_option_with_its_docstring(name, capsys):
     import ast
     import inspect
 
-    from bumblecore.args import SamplingArgs
+    from bumblecore.inference.sampling import SamplingArgs
 
     with pytest.raises(SystemExit) as stop:
         main([name, "--help"])

@@ -21,15 +21,9 @@ from transformers import (
 )
 
 from bumblecore import Bumblebee
-from bumblecore.args import SamplingArgs
-from bumblecore.inference.generate import (
-    GenerationEngine,
-    SamplingParams,
-    TextStream,
-    apply_repetition_penalty,
-    apply_top_k,
-    apply_top_p,
-)
+from bumblecore.inference.generate import GenerationEngine, SamplingParams
+from bumblecore.inference.sampling import SamplingArgs, apply_repetition_penalty, apply_top_k, apply_top_p
+from bumblecore.inference.text_stream import TextStream
 
 
 def tiny(family, vocab, tmp_path, tokenizer):
@@ -434,7 +428,7 @@ def test_other_architectures_generate_through_transformers(tmp_path, tok):
 
 
 def test_greedy_tokens_is_argmax_ties_nan_and_odd_vocab_included():
-    from bumblecore.inference.generate import greedy_tokens
+    from bumblecore.inference.sampling import greedy_tokens
 
     g = torch.Generator().manual_seed(0)
     for rows, vocab in [(1, 32000), (16, 32000), (3, 256), (4, 300)]:

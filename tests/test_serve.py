@@ -11,10 +11,10 @@ import pytest
 import requests
 from serving import running_server
 
-from bumblecore.args import SamplingArgs
 from bumblecore.inference.commands import build_prompt_ids, generate
 from bumblecore.inference.generate import GenerationEngine, SamplingParams
 from bumblecore.inference.loading import load_for_inference
+from bumblecore.inference.sampling import SamplingArgs
 from bumblecore.inference.serve_settings import ServeSettings
 from bumblecore.inference.serving_worker import EngineAPI
 
@@ -170,7 +170,7 @@ def test_roles_tools_and_list_content_go_through_the_chat_template(client, refer
 
 
 def test_tool_call_blocks_become_tool_calls_however_the_text_is_split():
-    from bumblecore.inference.openai_api import ToolCallStream, merge_deltas
+    from bumblecore.inference.openai_reply import ToolCallStream, merge_deltas
 
     text = (
         'Let me count.\n<tool_call>\n{"name": "count_words", "arguments": {"text": "狐狸 owl"}}\n</tool_call>\n'
@@ -285,7 +285,7 @@ MESSAGES = user("hi")
 
 def test_server_flags_are_defaults_for_fields_a_request_leaves_out(monkeypatch):
     from bumblecore.inference import serve
-    from bumblecore.inference.openai_api import parse_chat_request
+    from bumblecore.inference.openai_request import parse_chat_request
     from bumblecore.inference.serving_http import sampling_params
 
     settings = ServeSettings(

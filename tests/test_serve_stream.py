@@ -9,7 +9,8 @@ from types import SimpleNamespace
 from litserve.utils import LitAPIStatus
 
 from bumblecore.inference.litserve_adapter import ReplyBuffer
-from bumblecore.inference.openai_api import chat_chunk, parse_chat_request
+from bumblecore.inference.openai_reply import chat_chunk
+from bumblecore.inference.openai_request import parse_chat_request
 from bumblecore.inference.serving_http import ChatCompletionsSpec, ContentFrame, Submission, sse
 
 

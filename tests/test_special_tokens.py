@@ -13,7 +13,7 @@ import yaml
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import GemmaTokenizer, LlamaConfig, LlamaForCausalLM, LlamaTokenizer, PreTrainedTokenizerFast
 
-from bumblecore.args import DataArgs, SamplingArgs
+from bumblecore.args import DataArgs
 from bumblecore.cli import main
 from bumblecore.data.cache import cache_key
 from bumblecore.data.dataset import dataset_units
@@ -27,6 +27,7 @@ from bumblecore.data.template import (
     special_tokens_added,
 )
 from bumblecore.inference.commands import build_prompt_ids
+from bumblecore.inference.sampling import SamplingArgs
 from bumblecore.recipes import recipe_for
 from bumblecore.tokenizer import SPLIT_PATTERN, load_tokenizer
 
@@ -361,7 +362,7 @@ def test_generate_and_the_server_prompt_a_base_model_as_transformers_does(tmp_pa
     """`generate --training_stage pretrain` on a tokenizer that adds a BOS prints transformers' greedy
     continuation of `tokenizer(prompt)`, and the server's raw-text prompt is those same ids."""
     from bumblecore.inference.commands import generate
-    from bumblecore.inference.openai_api import parse_chat_request
+    from bumblecore.inference.openai_request import parse_chat_request
     from bumblecore.inference.serve_settings import ServeSettings
     from bumblecore.inference.serving_http import ChatCompletionsSpec
 

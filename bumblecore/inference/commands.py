@@ -8,9 +8,9 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from bumblecore.args import SamplingArgs
 from bumblecore.inference.generate import GenerationEngine, SamplingParams
 from bumblecore.inference.loading import load_for_inference
+from bumblecore.inference.sampling import SamplingArgs
 from bumblecore.inference.serve_settings import DEFAULT_PREFIX_CACHE_MB
 
 

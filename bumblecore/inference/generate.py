@@ -2,9 +2,9 @@
 
 A request takes a free slot (a cache row), is prefilled, and decodes with the others until it stops
 (end-of-sequence id, stop string, max_new_tokens or the context's end); its slot is then free for
-the next request, between two decode steps (continuous batching). Sampling filters are computed on
-tensors for the whole batch with each row's own parameters, with the semantics and order of
-transformers' logits processors: repetition penalty (greedy too), then temperature, top-k, top-p.
+the next request, between two decode steps (continuous batching). Each step chooses the tokens of
+the whole batch at once, each row with its own sampling (the filters: inference/sampling.py), and
+streams each request's text (inference/text_stream.py).
 
 A request that makes a batched phase of a step raise (prefill, choosing tokens, decode) is found by
 redoing that phase one request at a time, and fails alone: an "error" event, its slot freed; the
@@ -22,9 +22,10 @@ from typing import Optional
 
 import torch
 
-from bumblecore.args import SamplingArgs
 from bumblecore.inference.decode import DecodingBumblebee
 from bumblecore.inference.prefix_cache import DEFAULT_BLOCK_SIZE, PrefixCache
+from bumblecore.inference.sampling import SamplingArgs, apply_repetition_penalty, greedy_tokens, warp_logits
+from bumblecore.inference.text_stream import TextStream
 
 
 @dataclass(frozen=True)
@@ -61,107 +62,6 @@ class Event:
     finish_reason: Optional[str] = None
     """stop, length, or error (then `error` says why and the request's slot is free)."""
     error: Optional[str] = None
-
-
-# ---------------------------------------------------------------------------- sampling filters
-
-
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
-    """Tokens already in the row (prompt + generated): negative scores x penalty, positive / penalty."""
-    penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
-    return torch.where(seen, penalised, logits)
-
-
-def apply_top_k(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
-    """Keep each row's k highest scores (ties at the k-th kept); k = 0 keeps all."""
-    vocab = logits.shape[-1]
-    k = top_k.clamp(min=0, max=vocab)
-    kth = torch.sort(logits, dim=-1, descending=True).values.gather(-1, (k.clamp(min=1) - 1)[:, None])
-    remove = (logits < kth) & (k > 0)[:, None]
-    return logits.masked_fill(remove, float("-inf"))
-
-
-def apply_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Keep the smallest set of highest-probability tokens whose mass exceeds top_p (at least one)."""
-    sorted_logits, sorted_index = torch.sort(logits, dim=-1, descending=False)
-    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-    remove_sorted = cumulative <= (1 - top_p)[:, None]
-    remove_sorted[:, -1] = False
-    remove = remove_sorted.scatter(1, sorted_index, remove_sorted)
-    return logits.masked_fill(remove, float("-inf"))
-
-
-def warp_logits(logits, temperature, top_k, top_p) -> torch.Tensor:
-    """The sampling warpers in transformers' order: temperature, top-k, top-p (per-row values)."""
-    return apply_top_p(apply_top_k(logits / temperature[:, None], top_k), top_p)
-
-
-def greedy_tokens(logits: torch.Tensor, block: int = 128) -> torch.Tensor:
-    """logits.argmax(-1): each row's first maximum (NaN counts as the maximum, as in argmax).
-
-    On CPU argmax (and max with indices) over a row is a scalar loop: ~0.7-1.3 ms for 16 x 32,000
-    logits. Here the vectorised amax finds each block's maximum, the first block holding the row's
-    maximum is searched, then the first maximum inside it: the same index, ~4x faster at batch 16."""
-    rows, vocab = logits.shape
-    if logits.device.type != "cpu" or vocab % block or not logits.is_contiguous():
-        return logits.argmax(dim=-1)
-    blocks = logits.view(rows, vocab // block, block)
-    first_block = blocks.amax(dim=-1).argmax(dim=-1)
-    inside = blocks[torch.arange(rows), first_block].argmax(dim=-1)
-    return first_block * block + inside
-
-
-# ---------------------------------------------------------------------------- streaming text
-
-
-class TextStream:
-    """Turns a growing list of token ids into text deltas that never split a UTF-8 character, and
-    holds back text that might be the start of a stop string."""
-
-    def __init__(self, tokenizer, stop: list[str], live: bool = True):
-        self.tokenizer, self.stop = tokenizer, [s for s in stop if s]
-        self.live = live or bool(self.stop)  # without a reader or stop strings, decode once at the end
-        self.tokens: list[int] = []
-        self.prefix_offset = self.read_offset = 0
-        self.text = ""  # decoded so far
-        self.emitted = 0  # characters of self.text already handed out
-
-    def _decode_new(self) -> None:
-        before = self.tokenizer.decode(self.tokens[self.prefix_offset : self.read_offset], skip_special_tokens=False)
-        after = self.tokenizer.decode(self.tokens[self.prefix_offset :], skip_special_tokens=False)
-        if len(after) > len(before) and not after.endswith("\ufffd"):
-            self.text += after[len(before) :]
-            self.prefix_offset, self.read_offset = self.read_offset, len(self.tokens)
-
-    def push(self, token_id: int) -> tuple[str, bool]:
-        """Add a token; return (text to show now, whether a stop string was reached)."""
-        self.tokens.append(token_id)
-        if not self.live:
-            return "", False
-        self._decode_new()
-        for stop in self.stop:
-            at = self.text.find(stop, max(0, self.emitted - len(stop)))
-            if at != -1:
-                self.text = self.text[:at]
-                return self._take(len(self.text)), True
-        hold = max((len(s) - 1 for s in self.stop), default=0)
-        return self._take(len(self.text) - hold), False
-
-    def finish(self) -> str:
-        """Everything left, including an incomplete character at the very end (as decode shows it)."""
-        before = self.tokenizer.decode(self.tokens[self.prefix_offset : self.read_offset], skip_special_tokens=False)
-        after = self.tokenizer.decode(self.tokens[self.prefix_offset :], skip_special_tokens=False)
-        if len(after) > len(before):
-            self.text += after[len(before) :]
-            self.prefix_offset = self.read_offset = len(self.tokens)
-        return self._take(len(self.text))
-
-    def _take(self, upto: int) -> str:
-        if upto <= self.emitted:
-            return ""
-        out = self.text[self.emitted : upto]
-        self.emitted = upto
-        return out
 
 
 # ---------------------------------------------------------------------------- the engine

@@ -14,7 +14,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from bumblecore.inference.openai_api import APIError
+from bumblecore.inference.openai_request import APIError
 from bumblecore.inference.serve_settings import ServeSettings
 
 PUBLIC_PATHS = ("/", "/health")  # the page asks for the key itself; load balancers probe /health without one

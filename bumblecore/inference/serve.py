@@ -1,7 +1,7 @@
 """`bumblecore serve`: an OpenAI-compatible chat API and a web chat page, hosted by LitServe.
 
 Two processes, in LitServe's layout. This one runs the HTTP server (one uvicorn server in a thread):
-`serving_http` checks each request (`openai_api`), renders and tokenizes the prompt with the
+`serving_http` checks each request (`openai_request`), renders and tokenizes the prompt with the
 model's chat template, and streams the reply. LitServe's inference worker process holds the model
 and one `GenerationEngine` (`serving_worker`). In front of every route, `request_guard` refuses
 what a browser on another site could send. What LitServe offers only through private names is in
@@ -19,10 +19,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.staticfiles import StaticFiles
 
-from bumblecore.args import SamplingArgs
 from bumblecore.inference.litserve_adapter import InProcessLitServer
-from bumblecore.inference.openai_api import APIError
+from bumblecore.inference.openai_request import APIError
 from bumblecore.inference.request_guard import HeadTimeoutH11Protocol, RequestGuard
+from bumblecore.inference.sampling import SamplingArgs
 from bumblecore.inference.serve_settings import (
     DEFAULT_PREFIX_CACHE_MB,
     SERVE_SAMPLING,

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from bumblecore.args import SamplingArgs
+from bumblecore.inference.sampling import SamplingArgs
 
 DEFAULT_CONTEXT_CAP = 4096
 # serve's defaults for requests that leave a field out: replies up to the end of the context, and

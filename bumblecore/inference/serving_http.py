@@ -1,5 +1,5 @@
 """The HTTP side of `bumblecore serve`: OpenAI's routes as a LitSpec, in the server process. Each
-request is checked (openai_api), its prompt rendered and tokenized with the model's chat template,
+request is checked (openai_request), its prompt rendered and tokenized with the model's chat template,
 and handed to the inference worker (serving_worker); the reply comes back as text deltas and goes
 out as one JSON reply or as server-sent events. Errors answer in OpenAI's shape.
 """
@@ -22,9 +22,7 @@ from starlette.responses import StreamingResponse
 
 from bumblecore.inference.generate import SamplingParams
 from bumblecore.inference.litserve_adapter import ReplyBuffer, StepFanOut, send_to_worker, worker_error_message
-from bumblecore.inference.openai_api import (
-    APIError,
-    ChatRequest,
+from bumblecore.inference.openai_reply import (
     ToolCallStream,
     chat_chunk,
     chat_completion,
@@ -32,9 +30,9 @@ from bumblecore.inference.openai_api import (
     merge_deltas,
     model_card,
     model_list,
-    parse_chat_request,
     usage,
 )
+from bumblecore.inference.openai_request import APIError, ChatRequest, parse_chat_request
 from bumblecore.inference.request_guard import read_json
 from bumblecore.inference.serve_settings import ServeSettings, context_length, model_dirs
 from bumblecore.inference.serving_worker import CANCEL

@@ -13,6 +13,7 @@ import torch
 
 from bumblecore.args import TrainArgs, flat_defaults
 from bumblecore.data.dataset_spec import data_sources
+from bumblecore.model.lora import BASE_CONFIG_KEYS  # a checkpoint continues only a model of this config
 
 
 def to_yaml(run: TrainArgs) -> str:
@@ -51,15 +52,6 @@ OPERATIONAL_KEYS = frozenset(
 )
 PATH_KEYS = ("model_name_or_path", "ref_model_path", "deepspeed_config_path")
 DATA_KEYS = ("dataset_path", "eval_dataset_path")
-MODEL_SHAPE_KEYS = (
-    "model_type",
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-)
 RUN_RECORD = "training_args.yaml"
 
 
@@ -125,7 +117,7 @@ def checkpoint_identity(run: TrainArgs) -> dict:
     identity = {
         "training_stage": run.model.training_stage,
         "finetuning_type": run.model.finetuning_type,
-        "model_shape": {k: raw[k] for k in MODEL_SHAPE_KEYS if k in raw},
+        "model_shape": {k: raw[k] for k in BASE_CONFIG_KEYS if k in raw},
     }
     if run.model.finetuning_type == "lora":
         identity["lora"] = {"rank": run.lora.lora_rank, "target_modules": sorted(run.lora.lora_target_modules or [])}
