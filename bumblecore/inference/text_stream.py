@@ -1,5 +1,4 @@
-"""Streaming text: the text of a growing list of token ids, handed out in deltas that never split a
-UTF-8 character and never show the start of a stop string before it is known not to be one."""
+"""A request's text as it is generated (the engine's events carry it, inference/generate.py)."""
 
 from __future__ import annotations
 

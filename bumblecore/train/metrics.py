@@ -36,27 +36,17 @@ class RatioOfSums(Metric):
         return self.total / self.weight.clamp(min=1.0)
 
 
-class ExactMatch(Metric):
+class ExactMatch(RatioOfSums):
     """Share of answers equal to their reference, surrounding whitespace ignored (the demo's SFT score),
-    counted over every rank's answers."""
+    counted over every rank's answers: the matches summed over the answers summed."""
 
-    full_state_update = False
     higher_is_better = True
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.add_state("matches", default=torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
-        self.add_state("answers", default=torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
 
     def update(self, predictions: Iterable[str], references: Iterable[str]) -> None:
         predictions, references = list(predictions), list(references)
         if len(predictions) != len(references):
             raise ValueError(f"exact match: {len(predictions)} answers for {len(references)} references")
-        self.matches += sum(p.strip() == r.strip() for p, r in zip(predictions, references))
-        self.answers += len(predictions)
-
-    def compute(self) -> torch.Tensor:
-        return self.matches.double() / self.answers.clamp(min=1).double()
+        super().update(sum(p.strip() == r.strip() for p, r in zip(predictions, references)), len(predictions))
 
 
 def exact_match(predictions: Iterable[str], references: Iterable[str]) -> float:
