@@ -24,19 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bumblecore.model.bumblebee import (
-    MLP,
-    Attention,
-    AttentionMask,
-    Bumblebee,
-    DecoderLayer,
-    KVCache,
-    RMSNorm,
-    apply_rope,
-    eager_attention,
-    sdpa_attention,
-    window_band,
-)
+from bumblecore.model.attention import AttentionMask, window_band
+from bumblecore.model.bumblebee import MLP, Attention, Bumblebee, KVCache
 
 CacheRows = Union[None, slice, torch.Tensor]
 """The cache rows (slots) a forward continues, in order: all (None), a range (slice) or a tensor of row numbers."""
@@ -50,7 +39,7 @@ SEES_EVERY_KEY = AttentionMask(causal=False)
 
 @dataclass
 class SlotWrite:
-    """Where one forward's new tokens go in a SlotCache, computed once and shared by every layer."""
+    """Where one forward's new tokens go in a SlotCache and what they see, planned once for every layer."""
 
     index: tuple
     """(row index, position index) tensors for advanced indexing, or, when the rows are a range and all
@@ -62,19 +51,24 @@ class SlotWrite:
     """(batch, seq) absolute position of each new token."""
     shortest: int
     """The shortest row's length before this forward."""
+    masks: dict
+    """The AttentionMask of each sliding window (None: full attention) among the layers."""
 
 
 class SlotCache(KVCache):
-    """A KVCache whose rows are slots that forwards continue in any subset."""
+    """A KVCache whose rows are slots that forwards continue in any subset: the model's forward takes
+    `cache.rows(cache_rows)`, or the cache itself for all rows. Same plan / write / advance as KVCache."""
 
-    def plan(self, seq: int, rows: CacheRows) -> SlotWrite:
+    def rows(self, rows: CacheRows) -> SlotRows:
+        return self if rows is None else SlotRows(self, rows)
+
+    def plan(self, seq: int, windows: set, rows: CacheRows = None) -> SlotWrite:
         device = self.lengths.device
         start = self.lengths if rows is None else self.lengths[rows]
         positions = start[:, None] + torch.arange(seq, device=device)
         shortest, longest = start.aminmax()
         shortest, visible = int(shortest), int(longest) + seq
-        if visible > self.max_len:
-            raise ValueError(f"KV cache overflow: needs {visible} positions, holds {self.max_len}")
+        self.check_room(visible)
         if shortest == visible - seq and not isinstance(rows, torch.Tensor):
             # All rows equally long and a range of cache rows (the usual decode step): slices.
             index = (slice(None) if rows is None else rows, slice(shortest, visible))
@@ -86,9 +80,11 @@ class SlotCache(KVCache):
             else:
                 row_numbers = rows
             index = (row_numbers[:, None].expand(positions.shape), positions)
-        return SlotWrite(index, visible, rows, positions, shortest)
+        where = SlotWrite(index, visible, rows, positions, shortest, {})
+        where.masks.update((w, decode_mask(where, seq, w)) for w in windows)
+        return where
 
-    def write_slots(self, layer: int, k: torch.Tensor, v: torch.Tensor, where: SlotWrite):
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, where: SlotWrite):
         """Store k, v (batch, seq, kv_heads, head_dim); return this layer's first `visible` positions of the rows written."""
         self.keys[layer][where.index] = k
         self.values[layer][where.index] = v
@@ -96,11 +92,27 @@ class SlotCache(KVCache):
             return self.keys[layer][:, : where.visible], self.values[layer][:, : where.visible]
         return self.keys[layer][where.rows, : where.visible], self.values[layer][where.rows, : where.visible]
 
-    def advance(self, rows: CacheRows, added) -> None:
-        if rows is None:
+    def advance(self, where: SlotWrite, added) -> None:
+        if where.rows is None:
             self.lengths += added
         else:
-            self.lengths[rows] += added
+            self.lengths[where.rows] += added
+
+
+class SlotRows(NamedTuple):
+    """Some rows of a SlotCache, in order: a cache to the model's forward, continuing only those rows."""
+
+    cache: SlotCache
+    rows: CacheRows
+
+    def plan(self, seq: int, windows: set) -> SlotWrite:
+        return self.cache.plan(seq, windows, self.rows)
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, where: SlotWrite):
+        return self.cache.write(layer, k, v, where)
+
+    def advance(self, where: SlotWrite, added) -> None:
+        self.cache.advance(where, added)
 
 
 def decode_mask(where: SlotWrite, seq: int, window: Optional[int]) -> AttentionMask:
@@ -170,6 +182,8 @@ def _plain(*modules: nn.Module) -> bool:
 
 
 class PreparedAttention(NamedTuple):
+    """An Attention's projections as Attention.forward takes them for decoding (`prepared`)."""
+
     qkv_weight: torch.Tensor
     """q, k and v weights concatenated, (hidden, (heads + 2 * kv_heads) * head_dim)."""
     qkv_bias: Optional[torch.Tensor]
@@ -177,12 +191,32 @@ class PreparedAttention(NamedTuple):
     """(heads * head_dim, hidden)."""
     versions: tuple
 
+    def matches(self, attn: Attention) -> bool:
+        return _usable(self, *_attention_linears(attn))
+
+    def qkv(self, x: torch.Tensor) -> torch.Tensor:
+        return _project(x, self.qkv_weight, self.qkv_bias)
+
+    def out(self, x: torch.Tensor) -> torch.Tensor:
+        return _project(x, self.o_weight)
+
 
 class PreparedMLP(NamedTuple):
+    """An MLP's projections as MLP.forward takes them for decoding (`prepared`)."""
+
     gate_up_weight: torch.Tensor
     """gate and up weights concatenated, (hidden, 2 * intermediate)."""
     down_weight: torch.Tensor
     versions: tuple
+
+    def matches(self, mlp: MLP) -> bool:
+        return _usable(self, *_mlp_linears(mlp))
+
+    def gate_up(self, x: torch.Tensor) -> torch.Tensor:
+        return _project(x, self.gate_up_weight)
+
+    def down(self, x: torch.Tensor) -> torch.Tensor:
+        return _project(x, self.down_weight)
 
 
 class PreparedHead(NamedTuple):
@@ -331,8 +365,9 @@ def _usable(prepared, *linears: nn.Linear) -> bool:
 
 
 class DecodingBumblebee(nn.Module):
-    """A Bumblebee (or a peft model over one) for the GenerationEngine: forward over a SlotCache, and
-    `logits`. The prepared weights are made here (on CPU a second copy of the layer weights and the LM head)."""
+    """A Bumblebee (or a peft model over one) for the GenerationEngine: the model's own forward over a
+    SlotCache with prepared weights, and `logits` / `greedy` for its LM head. The prepared weights are
+    made here (on CPU a second copy of the layer weights and the LM head)."""
 
     def __init__(self, model: nn.Module, max_rows: int = 1):
         """max_rows: the most rows a decode step runs (the engine's slots): above one, the layer
@@ -342,10 +377,12 @@ class DecodingBumblebee(nn.Module):
         self.bumblebee: Bumblebee = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.config = self.bumblebee.config
         with torch.no_grad():
-            layers = self.bumblebee.model.layers
             packed = max_rows > 1
-            self.attention = [prepare_attention(layer.self_attn, packed) for layer in layers]
-            self.mlp = [prepare_mlp(layer.mlp, packed) for layer in layers]
+            self.prepared = [
+                (prepare_attention(layer.self_attn, packed), prepare_mlp(layer.mlp, packed))
+                for layer in self.bumblebee.model.layers
+            ]
+            """Per layer, (attention, mlp) as DecoderLayer.forward takes them (None: run the module)."""
             self.head = prepare_head(self.bumblebee.lm_head)
             self.screens = prepare_screens(self.bumblebee.lm_head)
         self.screen = self.screens[0] if self.screens else None
@@ -367,49 +404,10 @@ class DecodingBumblebee(nn.Module):
     ) -> torch.Tensor:
         """Logits (or final-norm hidden states) of the new tokens, which are appended to the cache rows
         `cache_rows`. attention_mask marks the right-padding of the new tokens, as in Bumblebee.forward."""
-        model = self.bumblebee
-        seq = input_ids.shape[1]
-        x = model.model.embed_tokens(input_ids)
-        where = kv_cache.plan(seq, cache_rows)
-        masks = {w: decode_mask(where, seq, w) for w in model._windows()}
-        cos, sin = model.rope_cos_sin(where.positions, x.dtype)
-        for i, layer in enumerate(model.model.layers):
-            x = self._layer(i, layer, x, cos, sin, masks[layer.self_attn.window], kv_cache, where)
-        kv_cache.advance(cache_rows, attention_mask.sum(-1).long() if attention_mask is not None else seq)
-        hidden = _norm(model.model.norm, x)
+        hidden = self.bumblebee.hidden_states(
+            input_ids, attention_mask=attention_mask, kv_cache=kv_cache.rows(cache_rows), prepared=self.prepared
+        )
         return hidden if return_hidden_states else self.logits(hidden).contiguous()
-
-    def _layer(self, i: int, layer: DecoderLayer, x, cos, sin, mask, cache: SlotCache, where: SlotWrite):
-        x = x + self._attention(i, layer.self_attn, _norm(layer.input_layernorm, x), cos, sin, mask, cache, where)
-        return x + self._mlp(i, layer.mlp, _norm(layer.post_attention_layernorm, x))
-
-    def _attention(self, i: int, attn: Attention, x, cos, sin, mask, cache: SlotCache, where: SlotWrite):
-        prepared = self.attention[i]
-        fused = _usable(prepared, *_attention_linears(attn))
-        if fused:
-            # One matmul for q, k and v, and RoPE on q and k together: fewer kernel launches per step.
-            b, s, _ = x.shape
-            heads, kv_heads = attn.num_heads, attn.num_kv_heads
-            qkv = _project(x, prepared.qkv_weight, prepared.qkv_bias).view(b, s, heads + 2 * kv_heads, attn.head_dim)
-            v = qkv[:, :, heads + kv_heads :]
-            if attn.qk_norm:
-                q = apply_rope(attn.q_norm(qkv[:, :, :heads]), cos, sin)
-                k = apply_rope(attn.k_norm(qkv[:, :, heads : heads + kv_heads]), cos, sin)
-            else:
-                qk = apply_rope(qkv[:, :, : heads + kv_heads], cos, sin)
-                q, k = qk[:, :, :heads], qk[:, :, heads:]
-        else:
-            q, k, v = attn.qkv(x, cos, sin)
-        k, v = cache.write_slots(attn.layer_idx, k, v, where)
-        out = attend_every_key(attn, q, k, v) if mask is SEES_EVERY_KEY else attn.attend(q, k, v, mask)
-        return _project(out, prepared.o_weight) if fused else attn.o_proj(out)
-
-    def _mlp(self, i: int, mlp: MLP, x):
-        prepared = self.mlp[i]
-        if _usable(prepared, *_mlp_linears(mlp)):
-            gate, up = _project(x, prepared.gate_up_weight).chunk(2, dim=-1)
-            return _project(mlp.act(gate) * up, prepared.down_weight)
-        return mlp(x)
 
     def logits(self, hidden: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The LM head on final-norm hidden states (..., hidden); on CPU the result may be a transposed
@@ -540,27 +538,3 @@ def _fits(out: Optional[torch.Tensor], rows: int, weight_t: torch.Tensor) -> boo
         and out.dtype == weight_t.dtype
         and out.shape == (rows, weight_t.shape[1])
     )
-
-
-def _norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """norm(x); an fp32 RMSNorm as one op with its weight (bit-identical to RMSNorm.forward in fp32,
-    without the dtype casts and the separate scaling: ~30 instead of ~60 us a call on CPU, 9 a step)."""
-    if type(norm) is RMSNorm and x.dtype == torch.float32 and norm.weight.dtype == torch.float32:
-        return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.eps)
-    return norm(x)
-
-
-def attend_every_key(attn: Attention, q, k, v) -> torch.Tensor:
-    """Attention of one new token per row over all the row's cached keys (no mask), never FlashAttention:
-    q (b, 1, heads, d), k/v (b, k_len, kv_heads, d) -> (b, 1, heads * d)."""
-    b, _, heads, d = q.shape
-    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if attn.attn_implementation != "eager" and heads != attn.num_kv_heads:
-        # The query heads sharing a kv head are, to the kernel, that head's queries: a plain (non-GQA)
-        # call with heads/kv_heads queries per row, ~2x faster on CPU.
-        out = F.scaled_dot_product_attention(
-            q.reshape(b, attn.num_kv_heads, heads // attn.num_kv_heads, d), k, v, scale=attn.scale
-        )
-        return out.reshape(b, 1, heads * d)
-    kernel = eager_attention if attn.attn_implementation == "eager" else sdpa_attention
-    return kernel(q, k, v, SEES_EVERY_KEY, attn.scale).transpose(1, 2).reshape(b, 1, heads * d)
