@@ -180,7 +180,7 @@ def test_sliding_window_with_padding_and_packing_equals_transformers(tmp_path, f
 
 def test_mistral_layer_types_are_mistrals_not_qwens():
     """transformers' Mistral slides every layer whatever layer_types says; Qwen3 with o_proj bias is refused."""
-    from bumblecore.model.hf_io import config_from_hf_dict
+    from bumblecore.model.hf_config import config_from_hf_dict
 
     base = {
         "vocab_size": 32,
@@ -344,7 +344,7 @@ def test_other_architecture_refused_with_model_type(tmp_path):
 
 
 def test_transformers4_and_5_config_layouts_read_alike(tmp_path):
-    from bumblecore.model.hf_io import config_from_hf_dict
+    from bumblecore.model.hf_config import config_from_hf_dict
 
     base = {
         "model_type": "qwen2",
@@ -581,7 +581,7 @@ def test_greedy_screening_is_the_argmax_of_the_fp32_logits(vocab, kind):
     """DecodingBumblebee.screened_argmax (a half-precision screen, then the candidates in fp32) picks
     each row's first maximum of the full logits: random rows, near-ties, exact ties (the first wins),
     duplicated vocabulary rows, one row or sixteen; non-finite inputs and stale weights fall back (None)."""
-    from bumblecore.inference.decode import prepare_screen
+    from bumblecore.inference.prepared import prepare_screen
 
     torch.manual_seed(0)
     config = BumblebeeConfig(
@@ -680,7 +680,7 @@ def test_kv_cache_rows_as_a_slice_equal_rows_as_a_tensor(tmp_path):
 def test_supported_family_with_a_feature_bumblebee_lacks_is_refused_and_not_native(tmp_path):
     """A Qwen2 with YaRN RoPE or a Llama with mlp_bias: Bumblebee refuses it by name, and
     bumblebee_expresses sends it to the transformers fallback instead."""
-    from bumblecore.model.hf_io import bumblebee_expresses
+    from bumblecore.model.hf_config import bumblebee_expresses
 
     cases = [
         (

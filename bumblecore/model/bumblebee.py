@@ -32,6 +32,8 @@ from bumblecore.model.attention import (
     window_band,
 )
 from bumblecore.model.config import BumblebeeConfig
+from bumblecore.model.hf_config import dtype_name, read_config, resolve_dtype
+from bumblecore.model.hf_io import expected_tensors, iter_checkpoint, save_pretrained
 
 ACT_FNS = {
     "silu": F.silu,
@@ -387,15 +389,25 @@ class Bumblebee(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype=None, device=None) -> Bumblebee:
-        from bumblecore.model.hf_io import load_pretrained
-
-        return load_pretrained(path, dtype=dtype, device=device)
+        """Load a HF-layout directory of a Bumblebee, Qwen2, Qwen3, Llama or Mistral model, tensor by
+        tensor straight into `dtype` on `device` (the host never holds a second copy)."""
+        config = read_config(path)
+        target_dtype = resolve_dtype(dtype, config)
+        with torch.device("meta"):
+            model = cls(config)
+        state = {
+            name: load().to(device=device or "cpu", dtype=target_dtype)
+            for name, load in iter_checkpoint(path, config, expected_tensors(model))
+        }
+        model.load_state_dict(state, strict=False, assign=True)
+        if config.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        config.torch_dtype = dtype_name(target_dtype)
+        return model
 
     def save_pretrained(self, path, max_shard_size="5GB", state_dict=None, stream=None) -> None:
         """Write the Hugging Face layout; `state_dict` (e.g. gathered or cast for export) or `stream`
         (layout and tensors one at a time, see hf_io.save_pretrained) replaces the live weights."""
-        from bumblecore.model.hf_io import save_pretrained
-
         save_pretrained(self, path, max_shard_size=max_shard_size, state_dict=state_dict, stream=stream)
 
     def num_parameters(self, trainable_only: bool = False) -> int:
