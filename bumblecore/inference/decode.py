@@ -1,16 +1,14 @@
-"""Bumblebee at decode time: the GenerationEngine's model. The same layers and weights as the reference
-model (bumblecore/model/bumblebee.py), run with what only makes generation faster:
+"""Bumblebee at decode time: the GenerationEngine's model. It runs the model's own forward
+(model/bumblebee.py) and adds only what makes generation faster:
 
-- a KV cache whose rows are slots: each forward continues some of them (`cache_rows`), new requests
-  prefill into free slots while others wait; a range of equally long rows is written and read as
-  slices (a view of the cache, no gather every step);
-- prepared weights: q/k/v and gate/up concatenated so each runs as one matmul, every projection kept
-  (in, out), and on CPU a (hidden, vocab) copy of the LM head. The model's parameters stay the source
-  of truth: a prepared weight is used only while its parameters' version counters are unchanged and
-  gradients are off, so training the model later is always safe;
-- masks and kernels for one new token per row (rows equally long: no mask at all).
+- a KV cache whose rows are slots (SlotCache): each forward continues some of them (`cache_rows`),
+  new requests prefill into free slots while others wait; a range of equally long rows is written and
+  read as slices (a view of the cache, no gather every step); one new token per row of equally long
+  rows needs no mask at all;
+- prepared weights (inference/prepared.py), which the model's layers take as `prepared`;
+- the LM head: a layout picked per row count, and greedy tokens by a half-precision screen.
 
-The math is the reference model's; tests/test_model.py compares the two.
+tests/test_model.py compares it with the model run without a SlotCache and with transformers.
 """
 
 from __future__ import annotations
@@ -177,8 +175,12 @@ class DecodingBumblebee(nn.Module):
     ) -> torch.Tensor:
         """Logits (or final-norm hidden states) of the new tokens, which are appended to the cache rows
         `cache_rows`. attention_mask marks the right-padding of the new tokens, as in Bumblebee.forward."""
-        hidden = self.bumblebee.hidden_states(
-            input_ids, attention_mask=attention_mask, kv_cache=kv_cache.rows(cache_rows), prepared=self.prepared
+        hidden = self.bumblebee(
+            input_ids,
+            attention_mask=attention_mask,
+            kv_cache=kv_cache.rows(cache_rows),
+            return_hidden_states=True,
+            prepared=self.prepared,
         )
         return hidden if return_hidden_states else self.logits(hidden).contiguous()
 

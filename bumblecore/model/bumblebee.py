@@ -6,9 +6,10 @@ token embedding -> N x [norm -> GQA attention with RoPE -> residual -> norm -> g
 Parameter names are exactly Hugging Face Qwen2's (`model.layers.0.self_attn.q_proj.weight`, ...),
 so loading and saving HF checkpoints is an identity and peft target-module names match.
 
-This file is the readable reference (training runs it as is). Generation runs the same modules through
-bumblecore/inference/decode.py, which adds what only makes decoding faster (prepared weights, a KV
-cache whose rows are slots of a continuous batch).
+This file is the readable reference, and the one forward: training runs it as is, and generation
+(inference/decode.py) runs it with an explicit cache object (a KVCache, or decoding's SlotCache whose
+rows are slots of a continuous batch: `plan`, `write`, `advance`) and `prepared` weights (the same
+projections laid out for one new token per row). The attention kernels are in model/attention.py.
 """
 
 from __future__ import annotations
@@ -429,44 +430,6 @@ class Bumblebee(nn.Module):
         angles = torch.cat((freqs, freqs), dim=-1)
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
-    def hidden_states(
-        self,
-        input_ids: torch.Tensor,
-        position_ids: Optional[torch.Tensor] = None,
-        attention_mask: Optional[torch.Tensor] = None,
-        segment_ids: Optional[torch.Tensor] = None,
-        kv_cache: Optional[KVCache] = None,
-        prepared: Optional[list] = None,
-    ) -> torch.Tensor:
-        """Final-norm hidden states (batch, seq, hidden). See `forward` for the arguments; `prepared`
-        holds decoding's (attention, mlp) weights per layer (inference/decode.py)."""
-        batch, seq = input_ids.shape
-        device = input_ids.device
-        x = self.model.embed_tokens(input_ids)
-
-        cache_write = None
-        if kv_cache is not None:
-            if segment_ids is not None:
-                raise ValueError("segment_ids (packed documents) cannot be combined with a KV cache")
-            cache_write = kv_cache.plan(seq, self.windows())
-            positions, masks = cache_write.positions, cache_write.masks
-        else:
-            positions = torch.arange(seq, device=device)[None].expand(batch, seq)
-            masks = {w: self._build_mask(seq, device, attention_mask, segment_ids, w) for w in self.windows()}
-        if position_ids is None:
-            position_ids = positions
-
-        cos, sin = self.rope_cos_sin(position_ids, x.dtype)
-        for i, layer in enumerate(self.model.layers):
-            mask = masks[layer.self_attn.window]
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
-            else:
-                x = layer(x, cos, sin, mask, kv_cache, cache_write, None if prepared is None else prepared[i])
-        if kv_cache is not None:
-            kv_cache.advance(cache_write, attention_mask.sum(-1).long() if attention_mask is not None else seq)
-        return self.model.norm(x)
-
     def windows(self) -> set:
         """The distinct sliding windows of the layers (None = full attention): one mask each per forward."""
         return {layer.self_attn.window for layer in self.model.layers}
@@ -509,6 +472,7 @@ class Bumblebee(nn.Module):
         segment_ids: Optional[torch.Tensor] = None,
         kv_cache: Optional[KVCache] = None,
         return_hidden_states: bool = False,
+        prepared: Optional[list] = None,
     ) -> torch.Tensor:
         """Logits (batch, seq, vocab), or with return_hidden_states the final-norm hidden states
         (batch, seq, hidden), for losses that apply `lm_head` in chunks.
@@ -518,7 +482,33 @@ class Bumblebee(nn.Module):
             it marks the right-padding of the new tokens, and each row advances by its count of ones.
         segment_ids: (batch, seq) document index of each token in packed rows; tokens attend only
             within their own document.
-        kv_cache: a KVCache; the new tokens are appended to it.
+        kv_cache: a KVCache (or decoding's SlotCache); the new tokens are appended to it.
+        prepared: decoding's (attention, mlp) weights per layer (inference/decode.py), or None.
         """
-        hidden = self.hidden_states(input_ids, position_ids, attention_mask, segment_ids, kv_cache)
+        batch, seq = input_ids.shape
+        device = input_ids.device
+        x = self.model.embed_tokens(input_ids)
+
+        cache_write = None
+        if kv_cache is not None:
+            if segment_ids is not None:
+                raise ValueError("segment_ids (packed documents) cannot be combined with a KV cache")
+            cache_write = kv_cache.plan(seq, self.windows())
+            positions, masks = cache_write.positions, cache_write.masks
+        else:
+            positions = torch.arange(seq, device=device)[None].expand(batch, seq)
+            masks = {w: self._build_mask(seq, device, attention_mask, segment_ids, w) for w in self.windows()}
+        if position_ids is None:
+            position_ids = positions
+
+        cos, sin = self.rope_cos_sin(position_ids, x.dtype)
+        for i, layer in enumerate(self.model.layers):
+            mask = masks[layer.self_attn.window]
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, kv_cache, cache_write, None if prepared is None else prepared[i])
+        if kv_cache is not None:
+            kv_cache.advance(cache_write, attention_mask.sum(-1).long() if attention_mask is not None else seq)
+        hidden = self.model.norm(x)
         return hidden if return_hidden_states else self.logits(hidden)
