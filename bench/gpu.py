@@ -122,7 +122,7 @@ def training_steps(model, batch: dict, steps: int, dtype) -> float:
 
 
 def check_mfu(args, device, dtype) -> list[dict]:
-    from bumblecore.model.bumblebee import flash_available
+    from bumblecore.model.attention import flash_available
 
     rows = []
     presets = [("0.5B", None), ("1.5B", None)] if not args.dry_run else [("0.5B", 2)]
@@ -158,7 +158,7 @@ def check_mfu(args, device, dtype) -> list[dict]:
 
 
 def check_flash(args, device, dtype) -> list[dict]:
-    from bumblecore.model.bumblebee import flash_available
+    from bumblecore.model.attention import flash_available
 
     if device.type != "cuda" or not flash_available():
         return [{"check": "flash", "skipped": "no CUDA or no flash-attn / flash-attn-4 installed"}]

@@ -203,7 +203,7 @@ def test_llama3_template_end_to_end(tmp_path, llama3, capsys):
     import torch
 
     from bumblecore.model.bumblebee import Bumblebee
-    from bumblecore.model.hf_io import read_config
+    from bumblecore.model.hf_config import read_config
 
     torch.manual_seed(0)
     Bumblebee(read_config(tmp_path / "base")).save_pretrained(tmp_path / "base")  # random weights to fine-tune

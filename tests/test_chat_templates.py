@@ -205,7 +205,7 @@ def test_missing_markers_are_refused_naming_the_keys_and_added_with_resize_vocab
 def test_grown_rows_are_the_mean_and_old_logits_stay_transformers(tmp_path, tiny_checkpoint):
     from transformers import AutoModelForCausalLM
 
-    from bumblecore.model.hf_io import load_model
+    from bumblecore.model.transformers_family import load_model
     from bumblecore.model.vocab import grow_vocab
 
     base = tiny_checkpoint(tmp_path / "base")

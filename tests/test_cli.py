@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from bumblecore import Bumblebee, BumblebeeConfig, load_tokenizer
 from bumblecore.cli import COMMANDS, flat_values, load_command, main
-from bumblecore.model.hf_io import read_config
+from bumblecore.model.hf_config import read_config
 from bumblecore.options import Options, is_bool
 
 

@@ -67,3 +67,37 @@ def test_layers_import_only_downward():
 def test_the_table_knows_every_folder():
     folders = {p.name for p in PACKAGE.iterdir() if p.is_dir() and any(p.glob("*.py"))}
     assert folders <= set(MAY_IMPORT), folders - set(MAY_IMPORT)
+
+
+def module_name(file: Path) -> str:
+    parts = file.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def test_no_import_cycle_among_modules():
+    """Within a layer too: no module reaches itself through `bumblecore.*` imports (inside functions count)."""
+    files = {module_name(f): f for f in PACKAGE.rglob("*.py")}
+    graph = {}
+    for module, file in files.items():
+        targets = set()
+        for node in ast.walk(ast.parse(file.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                # `from bumblecore.model import bumblebee` imports the submodule, else the module named
+                targets |= {
+                    f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in files else node.module for a in node.names
+                }
+            elif isinstance(node, ast.Import):
+                targets |= {a.name for a in node.names}
+        graph[module] = {t for t in targets if t in files and t != module}
+    cycles = []
+    for start in graph:  # depth-first from each module: a path back to it is a cycle
+        stack, seen = [(start, [start])], set()
+        while stack:
+            module, path = stack.pop()
+            for target in graph[module]:
+                if target == start:
+                    cycles.append(" -> ".join(path + [start]))
+                elif target not in seen:
+                    seen.add(target)
+                    stack.append((target, path + [target]))
+    assert not cycles, "\n".join(sorted(set(cycles)))

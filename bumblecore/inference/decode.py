@@ -1,22 +1,18 @@
-"""Bumblebee at decode time: the GenerationEngine's model. The same layers and weights as the reference
-model (bumblecore/model/bumblebee.py), run with what only makes generation faster:
+"""Bumblebee at decode time: the GenerationEngine's model. It runs the model's own forward
+(model/bumblebee.py) and adds only what makes generation faster:
 
-- a KV cache whose rows are slots: each forward continues some of them (`cache_rows`), new requests
-  prefill into free slots while others wait; a range of equally long rows is written and read as
-  slices (a view of the cache, no gather every step);
-- prepared weights: q/k/v and gate/up concatenated so each runs as one matmul, every projection kept
-  (in, out), and on CPU a (hidden, vocab) copy of the LM head. The model's parameters stay the source
-  of truth: a prepared weight is used only while its parameters' version counters are unchanged and
-  gradients are off, so training the model later is always safe;
-- masks and kernels for one new token per row (rows equally long: no mask at all).
+- a KV cache whose rows are slots (SlotCache): each forward continues some of them (`cache_rows`),
+  new requests prefill into free slots while others wait; a range of equally long rows is written and
+  read as slices (a view of the cache, no gather every step); one new token per row of equally long
+  rows needs no mask at all;
+- prepared weights (inference/prepared.py), which the model's layers take as `prepared`;
+- the LM head: a layout picked per row count, and greedy tokens by a half-precision screen.
 
-The math is the reference model's; tests/test_model.py compares the two.
+tests/test_model.py compares it with the model run without a SlotCache and with transformers.
 """
 
 from __future__ import annotations
 
-import time
-import warnings
 from dataclasses import dataclass
 from typing import NamedTuple, Optional, Union
 
@@ -24,19 +20,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bumblecore.model.bumblebee import (
-    MLP,
-    Attention,
-    AttentionMask,
-    Bumblebee,
-    DecoderLayer,
-    KVCache,
-    RMSNorm,
-    apply_rope,
-    eager_attention,
-    sdpa_attention,
-    window_band,
+from bumblecore.inference.prepared import (
+    SCREEN_BLOCK,
+    PreparedScreen,
+    cpu_seconds,
+    prepare_attention,
+    prepare_head,
+    prepare_mlp,
+    prepare_screens,
+    usable,
 )
+from bumblecore.model.attention import AttentionMask, window_band
+from bumblecore.model.bumblebee import Bumblebee, KVCache
 
 CacheRows = Union[None, slice, torch.Tensor]
 """The cache rows (slots) a forward continues, in order: all (None), a range (slice) or a tensor of row numbers."""
@@ -50,7 +45,7 @@ SEES_EVERY_KEY = AttentionMask(causal=False)
 
 @dataclass
 class SlotWrite:
-    """Where one forward's new tokens go in a SlotCache, computed once and shared by every layer."""
+    """Where one forward's new tokens go in a SlotCache and what they see, planned once for every layer."""
 
     index: tuple
     """(row index, position index) tensors for advanced indexing, or, when the rows are a range and all
@@ -62,19 +57,24 @@ class SlotWrite:
     """(batch, seq) absolute position of each new token."""
     shortest: int
     """The shortest row's length before this forward."""
+    masks: dict
+    """The AttentionMask of each sliding window (None: full attention) among the layers."""
 
 
 class SlotCache(KVCache):
-    """A KVCache whose rows are slots that forwards continue in any subset."""
+    """A KVCache whose rows are slots that forwards continue in any subset: the model's forward takes
+    `cache.rows(cache_rows)`, or the cache itself for all rows. Same plan / write / advance as KVCache."""
 
-    def plan(self, seq: int, rows: CacheRows) -> SlotWrite:
+    def rows(self, rows: CacheRows) -> SlotRows:
+        return self if rows is None else SlotRows(self, rows)
+
+    def plan(self, seq: int, windows: set, rows: CacheRows = None) -> SlotWrite:
         device = self.lengths.device
         start = self.lengths if rows is None else self.lengths[rows]
         positions = start[:, None] + torch.arange(seq, device=device)
         shortest, longest = start.aminmax()
         shortest, visible = int(shortest), int(longest) + seq
-        if visible > self.max_len:
-            raise ValueError(f"KV cache overflow: needs {visible} positions, holds {self.max_len}")
+        self.check_room(visible)
         if shortest == visible - seq and not isinstance(rows, torch.Tensor):
             # All rows equally long and a range of cache rows (the usual decode step): slices.
             index = (slice(None) if rows is None else rows, slice(shortest, visible))
@@ -86,9 +86,11 @@ class SlotCache(KVCache):
             else:
                 row_numbers = rows
             index = (row_numbers[:, None].expand(positions.shape), positions)
-        return SlotWrite(index, visible, rows, positions, shortest)
+        where = SlotWrite(index, visible, rows, positions, shortest, {})
+        where.masks.update((w, decode_mask(where, seq, w)) for w in windows)
+        return where
 
-    def write_slots(self, layer: int, k: torch.Tensor, v: torch.Tensor, where: SlotWrite):
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, where: SlotWrite):
         """Store k, v (batch, seq, kv_heads, head_dim); return this layer's first `visible` positions of the rows written."""
         self.keys[layer][where.index] = k
         self.values[layer][where.index] = v
@@ -96,11 +98,27 @@ class SlotCache(KVCache):
             return self.keys[layer][:, : where.visible], self.values[layer][:, : where.visible]
         return self.keys[layer][where.rows, : where.visible], self.values[layer][where.rows, : where.visible]
 
-    def advance(self, rows: CacheRows, added) -> None:
-        if rows is None:
+    def advance(self, where: SlotWrite, added) -> None:
+        if where.rows is None:
             self.lengths += added
         else:
-            self.lengths[rows] += added
+            self.lengths[where.rows] += added
+
+
+class SlotRows(NamedTuple):
+    """Some rows of a SlotCache, in order: a cache to the model's forward, continuing only those rows."""
+
+    cache: SlotCache
+    rows: CacheRows
+
+    def plan(self, seq: int, windows: set) -> SlotWrite:
+        return self.cache.plan(seq, windows, self.rows)
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, where: SlotWrite):
+        return self.cache.write(layer, k, v, where)
+
+    def advance(self, where: SlotWrite, added) -> None:
+        self.cache.advance(where, added)
 
 
 def decode_mask(where: SlotWrite, seq: int, window: Optional[int]) -> AttentionMask:
@@ -114,225 +132,13 @@ def decode_mask(where: SlotWrite, seq: int, window: Optional[int]) -> AttentionM
     return AttentionMask(dense=window_band(where.positions, key_positions, window)[:, None], window=window)
 
 
-# ---------------------------------------------------------------------------- prepared weights
-
-
-def _versions(*linears: nn.Linear) -> tuple:
-    """In-place updates (optimiser steps, load_state_dict) bump a tensor's version counter."""
-    return tuple(m.weight._version for m in linears) + tuple(m.bias._version for m in linears if m.bias is not None)
-
-
-class PackedWeight(NamedTuple):
-    """An (out, in) weight in MKL's packed GEMM layout (CPU, fp32), for batches of two or more rows."""
-
-    packed: torch.Tensor
-    shape: torch.Tensor
-    """A zero-stride (out, in) view: the kernel reads the weight's shape from it, never its values."""
-
-
-def mkl_packing_available() -> bool:
-    return (
-        torch.backends.mkl.is_available()
-        and hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight")
-        and hasattr(torch.ops.mkl, "_mkl_linear")
-    )
-
-
-def _in_out(weight: torch.Tensor, packed: bool = False):
-    """An (out, in) weight as the decode steps multiply by it. On CPU a contiguous (in, out) copy:
-    MKL multiplies one row by it ~1.1x faster than F.linear's (out, in) layout. With `packed` (an
-    fp32 CPU weight, for an engine of several rows a step), MKL's packed layout instead: an
-    unpacked weight is repacked by every small-batch product, which made 8 rows x 30 thin layers
-    of SmolLM2-135M ~1.2-1.4x slower (measured; one row is a matrix-vector product either way).
-    The packed copy serves any row count (checked bit-for-bit against a copy packed for each)."""
-    if packed and weight.device.type == "cpu" and weight.dtype == torch.float32 and mkl_packing_available():
-        rows_hint = 8  # the packed layout is the same for every hint; only the kernel's rows matter
-        return PackedWeight(
-            torch.ops.mkl._mkl_reorder_linear_weight(weight.detach().contiguous(), rows_hint),
-            torch.empty((), dtype=weight.dtype).expand(weight.shape),
-        )
-    return weight.t().contiguous() if weight.device.type == "cpu" else weight.t()
-
-
-def _project(x: torch.Tensor, weight_t, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """F.linear with an (in, out) weight or a PackedWeight."""
-    flat = x.reshape(-1, x.shape[-1])
-    if isinstance(weight_t, PackedWeight):
-        out = torch.ops.mkl._mkl_linear(flat.contiguous(), weight_t.packed, weight_t.shape, bias, flat.shape[0])
-        return out.view(*x.shape[:-1], weight_t.shape.shape[0])
-    out = flat @ weight_t if bias is None else torch.addmm(bias, flat, weight_t)
-    return out.view(*x.shape[:-1], weight_t.shape[1])
-
-
-def _plain(*modules: nn.Module) -> bool:
-    """An unmerged LoRA layer (peft) computes more than its weight: such layers are not prepared."""
-    return all(type(m) is nn.Linear for m in modules)
-
-
-class PreparedAttention(NamedTuple):
-    qkv_weight: torch.Tensor
-    """q, k and v weights concatenated, (hidden, (heads + 2 * kv_heads) * head_dim)."""
-    qkv_bias: Optional[torch.Tensor]
-    o_weight: torch.Tensor
-    """(heads * head_dim, hidden)."""
-    versions: tuple
-
-
-class PreparedMLP(NamedTuple):
-    gate_up_weight: torch.Tensor
-    """gate and up weights concatenated, (hidden, 2 * intermediate)."""
-    down_weight: torch.Tensor
-    versions: tuple
-
-
-class PreparedHead(NamedTuple):
-    weight: torch.Tensor
-    """The LM head weight as (hidden, vocab), contiguous."""
-    versions: tuple
-
-
-def _attention_linears(attn: Attention) -> tuple:
-    return attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
-
-
-def _mlp_linears(mlp: MLP) -> tuple:
-    return mlp.gate_proj, mlp.up_proj, mlp.down_proj
-
-
-def prepare_attention(attn: Attention, packed: bool = False) -> Optional[PreparedAttention]:
-    if not _plain(*_attention_linears(attn)):
-        return None
-    weight = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
-    bias = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]) if attn.q_proj.bias is not None else None
-    return PreparedAttention(
-        _in_out(weight, packed), bias, _in_out(attn.o_proj.weight, packed), _versions(*_attention_linears(attn))
-    )
-
-
-def prepare_mlp(mlp: MLP, packed: bool = False) -> Optional[PreparedMLP]:
-    if not _plain(*_mlp_linears(mlp)):
-        return None
-    return PreparedMLP(
-        _in_out(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), packed),
-        _in_out(mlp.down_proj.weight, packed),
-        _versions(*_mlp_linears(mlp)),
-    )
-
-
-def prepare_head(lm_head: nn.Linear) -> Optional[PreparedHead]:
-    # One token's logits are a matrix-vector product: with the (vocab, hidden) weight, 32,000 short
-    # dot products; a (hidden, vocab) copy streams its rows instead, ~1.5-2x faster on CPU.
-    if not _plain(lm_head) or lm_head.weight.device.type != "cpu":
-        return None
-    return PreparedHead(lm_head.weight.t().contiguous(), _versions(lm_head))
-
-
-class PreparedScreen(NamedTuple):
-    """A half-precision copy of the LM head (CPU, fp32 models): approximate logits with half the weight
-    traffic, to find greedy tokens (DecodingBumblebee.screened_argmax)."""
-
-    kind: str
-    """"fp16": FBGEMM's packed fp16 weight times fp32 activations. "bf16": a (vocab, hidden) bf16 copy
-    times bf16-rounded activations (oneDNN's AMX / AVX-512 BF16 product where the CPU has one)."""
-    weight: torch.Tensor
-    max_norm: float
-    """The largest L2 norm of a vocabulary row of the (fp32) weight."""
-    versions: tuple
-
-    def scores(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Approximate logits (rows, vocab) of fp32 hidden states (rows, hidden)."""
-        if self.kind == "fp16":
-            return torch.fbgemm_linear_fp16_weight_fp32_activation(hidden, self.weight, None)
-        # (vocab, hidden) @ (hidden, rows) is oneDNN's fast layout; the fp32 copy makes the screening
-        # passes contiguous (bf16 elementwise work and strided reductions cost more than the copy).
-        vocab_major = self.weight @ hidden.to(torch.bfloat16).t()
-        return torch.empty(hidden.shape[0], self.weight.shape[0], dtype=torch.float32).copy_(vocab_major.t())
-
-    def error_bound(self, hidden: torch.Tensor) -> torch.Tensor:
-        """B per row: |scores - fp32 logits| <= B for every token. With u the format's unit roundoff
-        (fp16 2^-11, bf16 2^-8) and x one row, each score is off by at most: the weight's rounding,
-        u |x| max_v |w_v| (Cauchy-Schwarz); for bf16 the same again for x's rounding and once more
-        for the bf16 result's; the fp32 sums' rounding (n terms: <= n 2^-24 relative, 2^-14 for
-        n <= 1024); and 2^-25 |x|_1 below fp16's normal range. So <= 1.1 u |x| max|w| + 2^-25 |x|_1
-        for fp16, <= 3.1 u |x| max|w| for bf16; B is about 4x (fp16) and 1.3x (bf16) that."""
-        relative = 2.0**-9 if self.kind == "fp16" else 2.0**-6
-        return hidden.norm(dim=-1) * (self.max_norm * relative) + hidden.abs().sum(-1) * 2.0**-23
-
-
-def _cpu_seconds(run, repeats: int = 3) -> float:
-    """The least process CPU time of `repeats` calls, after one warm-up call."""
-    run()
-    best = float("inf")
-    for _ in range(repeats):
-        started = time.process_time()
-        run()
-        best = min(best, time.process_time() - started)
-    return best
-
-
-SCREEN_BLOCK = 128
-
-
-def native_bf16_matmul() -> bool:
-    """Whether this CPU multiplies bf16 natively (AMX or AVX-512 BF16): oneDNN's bf16 product then beats
-    FBGEMM's fp16 one."""
-    cpu = torch.cpu
-    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-    return any(getattr(cpu, name, lambda: False)() for name in checks)
-
-
-def prepare_screens(lm_head: nn.Linear) -> list[PreparedScreen]:
-    """The screens this build can make, the hardware's pick (prepare_screen) first. Both are kept: which
-    one decides fastest depends on the model too. bf16's error bound is 8x fp16's, and on SmolLM2-135M
-    (hidden-state norms ~55, vocabulary rows up to 7.5) it keeps ~5,000-45,000 of 49,152 tokens, so it
-    gives up, where fp16 keeps 3-30 (measured): DecodingBumblebee times each where it decides."""
-    first = prepare_screen(lm_head)
-    if first is None:
-        return []
-    other = prepare_screen(lm_head, "fp16" if first.kind == "bf16" else "bf16")
-    return [first] + ([other] if other is not None else [])
-
-
-def prepare_screen(lm_head: nn.Linear, kind: Optional[str] = None) -> Optional[PreparedScreen]:
-    """A half-precision copy of the LM head: `kind`, or bf16 on a CPU with native bf16 products, else
-    fp16 where FBGEMM has it. Measured at batch 16 on a Xeon with AMX, decode ran ~1.2x faster with
-    bf16 than fp16 (though on its own, in cache, the two products were close: the pick is by hardware,
-    not by a timing that favours the wrong one). None for a GPU, a non-fp32, non-finite or biased head,
-    or a `kind` this build or weight cannot have."""
-    weight = lm_head.weight
-    if not _plain(lm_head) or lm_head.bias is not None or weight.device.type != "cpu":
-        return None
-    if weight.dtype != torch.float32 or not bool(torch.isfinite(weight).all()):
-        return None
-    fbgemm = getattr(torch, "fbgemm_pack_gemm_matrix_fp16", None)
-    if kind is None:
-        kind = "bf16" if native_bf16_matmul() or fbgemm is None else "fp16"
-    weight = weight.detach()
-    max_norm = float(weight.norm(dim=1).max())
-    if kind == "bf16":
-        return PreparedScreen("bf16", weight.to(torch.bfloat16), max_norm, _versions(lm_head))
-    if fbgemm is None or not bool(weight.abs().max() < 60000):
-        return None
-    try:
-        with warnings.catch_warnings():  # deprecated in torch, still the fastest fp16 CPU product
-            warnings.simplefilter("ignore")
-            screen = PreparedScreen("fp16", fbgemm(weight), max_norm, _versions(lm_head))
-            screen.scores(weight[:1])
-    except (RuntimeError, AttributeError):  # a build without FBGEMM
-        return None
-    return screen
-
-
-def _usable(prepared, *linears: nn.Linear) -> bool:
-    return prepared is not None and not torch.is_grad_enabled() and prepared.versions == _versions(*linears)
-
-
 # ---------------------------------------------------------------------------- the decode-time model
 
 
 class DecodingBumblebee(nn.Module):
-    """A Bumblebee (or a peft model over one) for the GenerationEngine: forward over a SlotCache, and
-    `logits`. The prepared weights are made here (on CPU a second copy of the layer weights and the LM head)."""
+    """A Bumblebee (or a peft model over one) for the GenerationEngine: the model's own forward over a
+    SlotCache with prepared weights, and `logits` / `greedy` for its LM head. The prepared weights are
+    made here (on CPU a second copy of the layer weights and the LM head)."""
 
     def __init__(self, model: nn.Module, max_rows: int = 1):
         """max_rows: the most rows a decode step runs (the engine's slots): above one, the layer
@@ -342,10 +148,12 @@ class DecodingBumblebee(nn.Module):
         self.bumblebee: Bumblebee = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.config = self.bumblebee.config
         with torch.no_grad():
-            layers = self.bumblebee.model.layers
             packed = max_rows > 1
-            self.attention = [prepare_attention(layer.self_attn, packed) for layer in layers]
-            self.mlp = [prepare_mlp(layer.mlp, packed) for layer in layers]
+            self.prepared = [
+                (prepare_attention(layer.self_attn, packed), prepare_mlp(layer.mlp, packed))
+                for layer in self.bumblebee.model.layers
+            ]
+            """Per layer, (attention, mlp) as DecoderLayer.forward takes them (None: run the module)."""
             self.head = prepare_head(self.bumblebee.lm_head)
             self.screens = prepare_screens(self.bumblebee.lm_head)
         self.screen = self.screens[0] if self.screens else None
@@ -367,49 +175,14 @@ class DecodingBumblebee(nn.Module):
     ) -> torch.Tensor:
         """Logits (or final-norm hidden states) of the new tokens, which are appended to the cache rows
         `cache_rows`. attention_mask marks the right-padding of the new tokens, as in Bumblebee.forward."""
-        model = self.bumblebee
-        seq = input_ids.shape[1]
-        x = model.model.embed_tokens(input_ids)
-        where = kv_cache.plan(seq, cache_rows)
-        masks = {w: decode_mask(where, seq, w) for w in model._windows()}
-        cos, sin = model.rope_cos_sin(where.positions, x.dtype)
-        for i, layer in enumerate(model.model.layers):
-            x = self._layer(i, layer, x, cos, sin, masks[layer.self_attn.window], kv_cache, where)
-        kv_cache.advance(cache_rows, attention_mask.sum(-1).long() if attention_mask is not None else seq)
-        hidden = _norm(model.model.norm, x)
+        hidden = self.bumblebee(
+            input_ids,
+            attention_mask=attention_mask,
+            kv_cache=kv_cache.rows(cache_rows),
+            return_hidden_states=True,
+            prepared=self.prepared,
+        )
         return hidden if return_hidden_states else self.logits(hidden).contiguous()
-
-    def _layer(self, i: int, layer: DecoderLayer, x, cos, sin, mask, cache: SlotCache, where: SlotWrite):
-        x = x + self._attention(i, layer.self_attn, _norm(layer.input_layernorm, x), cos, sin, mask, cache, where)
-        return x + self._mlp(i, layer.mlp, _norm(layer.post_attention_layernorm, x))
-
-    def _attention(self, i: int, attn: Attention, x, cos, sin, mask, cache: SlotCache, where: SlotWrite):
-        prepared = self.attention[i]
-        fused = _usable(prepared, *_attention_linears(attn))
-        if fused:
-            # One matmul for q, k and v, and RoPE on q and k together: fewer kernel launches per step.
-            b, s, _ = x.shape
-            heads, kv_heads = attn.num_heads, attn.num_kv_heads
-            qkv = _project(x, prepared.qkv_weight, prepared.qkv_bias).view(b, s, heads + 2 * kv_heads, attn.head_dim)
-            v = qkv[:, :, heads + kv_heads :]
-            if attn.qk_norm:
-                q = apply_rope(attn.q_norm(qkv[:, :, :heads]), cos, sin)
-                k = apply_rope(attn.k_norm(qkv[:, :, heads : heads + kv_heads]), cos, sin)
-            else:
-                qk = apply_rope(qkv[:, :, : heads + kv_heads], cos, sin)
-                q, k = qk[:, :, :heads], qk[:, :, heads:]
-        else:
-            q, k, v = attn.qkv(x, cos, sin)
-        k, v = cache.write_slots(attn.layer_idx, k, v, where)
-        out = attend_every_key(attn, q, k, v) if mask is SEES_EVERY_KEY else attn.attend(q, k, v, mask)
-        return _project(out, prepared.o_weight) if fused else attn.o_proj(out)
-
-    def _mlp(self, i: int, mlp: MLP, x):
-        prepared = self.mlp[i]
-        if _usable(prepared, *_mlp_linears(mlp)):
-            gate, up = _project(x, prepared.gate_up_weight).chunk(2, dim=-1)
-            return _project(mlp.act(gate) * up, prepared.down_weight)
-        return mlp(x)
 
     def logits(self, hidden: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The LM head on final-norm hidden states (..., hidden); on CPU the result may be a transposed
@@ -418,7 +191,7 @@ class DecodingBumblebee(nn.Module):
         lm_head = self.bumblebee.lm_head
         rows = hidden.numel() // hidden.shape[-1]
         flat = hidden.reshape(rows, hidden.shape[-1])
-        if rows > 16 or not _usable(self.head, lm_head):
+        if rows > 16 or not usable(self.head, lm_head):
             logits = lm_head(hidden)
         elif rows == 1:
             if _fits(out, rows, self.head.weight):
@@ -462,7 +235,7 @@ class DecodingBumblebee(nn.Module):
             run(dst)
             if not torch.equal(dst, reference):
                 continue
-            seconds = _cpu_seconds(lambda run=run: run(dst))
+            seconds = cpu_seconds(lambda run=run: run(dst))
             if seconds < best_time:
                 best, best_time = name, seconds
         return best
@@ -473,7 +246,7 @@ class DecodingBumblebee(nn.Module):
         CPU, else None (then compute the logits). Decided once per row count by timing the full head
         and each screen (`_screening_pays`)."""
         rows = hidden.shape[0]
-        if not _usable(self.screen, self.bumblebee.lm_head) or hidden.dtype != torch.float32:
+        if not usable(self.screen, self.bumblebee.lm_head) or hidden.dtype != torch.float32:
             return None
         pays = self._screen_pays.get(rows)
         if pays is None:
@@ -484,11 +257,11 @@ class DecodingBumblebee(nn.Module):
         """Times the full head and each screen that decides these rows (a screen whose error bound is
         wide for this model keeps too many candidates and gives up); keeps the fastest screen for this
         row count, or says the full head is faster."""
-        best = _cpu_seconds(lambda: self.logits(hidden).argmax(dim=-1))
+        best = cpu_seconds(lambda: self.logits(hidden).argmax(dim=-1))
         for screen in self.screens:
             if self.screened_argmax(hidden, screen) is None:
                 continue
-            seconds = _cpu_seconds(lambda screen=screen: self.screened_argmax(hidden, screen))
+            seconds = cpu_seconds(lambda screen=screen: self.screened_argmax(hidden, screen))
             if seconds < best:
                 best, self._screen_for[hidden.shape[0]] = seconds, screen
         return hidden.shape[0] in self._screen_for
@@ -505,7 +278,7 @@ class DecodingBumblebee(nn.Module):
         rows = hidden.shape[0]
         lm_head = self.bumblebee.lm_head
         screen = screen or self.screen
-        if not _usable(screen, lm_head) or hidden.dtype != torch.float32:
+        if not usable(screen, lm_head) or hidden.dtype != torch.float32:
             return None
         approx = screen.scores(hidden)
         bound = screen.error_bound(hidden)
@@ -540,27 +313,3 @@ def _fits(out: Optional[torch.Tensor], rows: int, weight_t: torch.Tensor) -> boo
         and out.dtype == weight_t.dtype
         and out.shape == (rows, weight_t.shape[1])
     )
-
-
-def _norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """norm(x); an fp32 RMSNorm as one op with its weight (bit-identical to RMSNorm.forward in fp32,
-    without the dtype casts and the separate scaling: ~30 instead of ~60 us a call on CPU, 9 a step)."""
-    if type(norm) is RMSNorm and x.dtype == torch.float32 and norm.weight.dtype == torch.float32:
-        return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.eps)
-    return norm(x)
-
-
-def attend_every_key(attn: Attention, q, k, v) -> torch.Tensor:
-    """Attention of one new token per row over all the row's cached keys (no mask), never FlashAttention:
-    q (b, 1, heads, d), k/v (b, k_len, kv_heads, d) -> (b, 1, heads * d)."""
-    b, _, heads, d = q.shape
-    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if attn.attn_implementation != "eager" and heads != attn.num_kv_heads:
-        # The query heads sharing a kv head are, to the kernel, that head's queries: a plain (non-GQA)
-        # call with heads/kv_heads queries per row, ~2x faster on CPU.
-        out = F.scaled_dot_product_attention(
-            q.reshape(b, attn.num_kv_heads, heads // attn.num_kv_heads, d), k, v, scale=attn.scale
-        )
-        return out.reshape(b, 1, heads * d)
-    kernel = eager_attention if attn.attn_implementation == "eager" else sdpa_attention
-    return kernel(q, k, v, SEES_EVERY_KEY, attn.scale).transpose(1, 2).reshape(b, 1, heads * d)

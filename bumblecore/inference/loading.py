@@ -9,7 +9,8 @@ from typing import Optional
 
 import torch
 
-from bumblecore.model.hf_io import bumblebee_expresses, load_model
+from bumblecore.model.hf_config import bumblebee_expresses
+from bumblecore.model.transformers_family import load_model
 
 
 def resolve_device(device_map: str) -> torch.device:

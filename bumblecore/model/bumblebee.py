@@ -6,15 +6,15 @@ token embedding -> N x [norm -> GQA attention with RoPE -> residual -> norm -> g
 Parameter names are exactly Hugging Face Qwen2's (`model.layers.0.self_attn.q_proj.weight`, ...),
 so loading and saving HF checkpoints is an identity and peft target-module names match.
 
-This file is the readable reference (training runs it as is). Generation runs the same modules through
-bumblecore/inference/decode.py, which adds what only makes decoding faster (prepared weights, a KV
-cache whose rows are slots of a continuous batch).
+This file is the readable reference, and the one forward: training runs it as is, and generation
+(inference/decode.py) runs it with an explicit cache object (a KVCache, or decoding's SlotCache whose
+rows are slots of a continuous batch: `plan`, `write`, `advance`) and `prepared` weights (the same
+projections laid out for one new token per row). The attention kernels are in model/attention.py.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import torch
@@ -22,7 +22,19 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from bumblecore.model.attention import (
+    AttentionMask,
+    eager_attention,
+    flash_attention,
+    flash_available,
+    packed_document_boundaries,
+    per_document_attention,
+    sdpa_attention,
+    window_band,
+)
 from bumblecore.model.config import BumblebeeConfig
+from bumblecore.model.hf_config import dtype_name, read_config, resolve_dtype
+from bumblecore.model.hf_io import expected_tensors, iter_checkpoint, save_pretrained
 
 ACT_FNS = {
     "silu": F.silu,
@@ -44,6 +56,10 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _recompute_in_backward(x, self.weight):
             return checkpoint(self._scaled_norm, x, use_reentrant=False)
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32 and not torch.is_grad_enabled():
+            # fp32 inference: the same numbers as _scaled_norm (its casts are no-ops) as one op with the
+            # weight, ~30 instead of ~60 us a call on CPU: a decode step calls it twice per layer.
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         return self._scaled_norm(x)
 
     def _scaled_norm(self, x: torch.Tensor) -> torch.Tensor:
@@ -143,12 +159,14 @@ class _Rotation(torch.autograd.Function):
 
 
 class CacheWrite(NamedTuple):
-    """Where one forward's new tokens go in a KVCache, computed once and shared by every layer."""
+    """Where one forward's new tokens go in a KVCache and what they see, planned once for every layer."""
 
     positions: torch.Tensor
     """(batch, seq) absolute position of each new token."""
     visible: int
     """Positions attention reads afterwards: those of the longest row, new tokens included."""
+    masks: dict
+    """The AttentionMask of each sliding window (None: full attention) among the layers."""
 
 
 class KVCache:
@@ -158,6 +176,9 @@ class KVCache:
     positions `lengths[row] + t` and then advances the row by its number of real tokens, so rows of
     different lengths decode together without left padding (right-padded prompts are fine: a pad is
     written past the row's end and overwritten by the row's next token).
+
+    What the forward asks of a cache: `plan` (once), `write` (each layer), `advance` (once at the end).
+    Decoding's SlotCache (inference/decode.py) answers the same three for a subset of its rows.
     """
 
     def __init__(self, config: BumblebeeConfig, batch_size: int, max_len: int, dtype=None, device=None):
@@ -178,6 +199,19 @@ class KVCache:
         else:
             self.lengths[rows] = 0
 
+    def check_room(self, visible: int) -> None:
+        if visible > self.max_len:
+            raise ValueError(f"KV cache overflow: needs {visible} positions, holds {self.max_len}")
+
+    def plan(self, seq: int, windows: set) -> CacheWrite:
+        """Positions and masks of `seq` new tokens per row: each row continues from its own length."""
+        positions = self.lengths[:, None] + torch.arange(seq, device=self.lengths.device)
+        visible = int(self.lengths.max()) + seq
+        self.check_room(visible)
+        key_positions = torch.arange(visible, device=positions.device)
+        masks = {w: AttentionMask(dense=window_band(positions, key_positions, w)[:, None], window=w) for w in windows}
+        return CacheWrite(positions, visible, masks)
+
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, where: CacheWrite):
         """Store k, v (batch, seq, kv_heads, head_dim) at `where.positions`; return this layer's keys and
         values of the first `where.visible` positions."""
@@ -186,166 +220,12 @@ class KVCache:
         self.values[layer][rows, where.positions] = v
         return self.keys[layer][:, : where.visible], self.values[layer][:, : where.visible]
 
+    def advance(self, where: CacheWrite, added) -> None:
+        """After the forward: each row grows by `added` (its count of real new tokens, or one int for all)."""
+        self.lengths += added
+
 
 # ---------------------------------------------------------------------------- attention
-
-
-@dataclass
-class AttentionMask:
-    """How tokens may attend, computed once per forward and shared by every layer.
-
-    `dense` is a boolean (batch, 1, q_len, k_len) mask (True = may attend), or None for plain
-    causal attention. `cu_seqlens`/`max_seqlen` describe packed documents for varlen kernels.
-    """
-
-    dense: Optional[torch.Tensor] = None
-    cu_seqlens: Optional[torch.Tensor] = None
-    max_seqlen: int = 0
-    causal: bool = True
-    """False when every query may see every key (no mask at all)."""
-    window: Optional[int] = None
-    """Sliding window of the layers using this mask. Folded into `dense` where there is one; without
-    `dense` only a FlashAttention kernel reads it (the mask builders give SDPA/eager a dense band)."""
-
-
-def window_band(query_positions: torch.Tensor, key_positions: torch.Tensor, window: Optional[int]) -> torch.Tensor:
-    """(..., q, k) True where a key is causally visible: at or before the query and, with a window,
-    fewer than `window` positions back (transformers' sliding window: key > query - window)."""
-    q, k = query_positions[..., :, None], key_positions[..., None, :]
-    allowed = k <= q
-    return allowed if window is None else allowed & (k > q - window)
-
-
-def _dense_for(mask: AttentionMask, q_len: int, k_len: int, device) -> Optional[torch.Tensor]:
-    """The boolean mask SDPA/eager need, or None for plain causal (or no) masking."""
-    if mask.dense is not None or mask.window is None or not mask.causal:
-        return mask.dense
-    steps = torch.arange(k_len, device=device)
-    return window_band(steps[k_len - q_len :], steps, mask.window)
-
-
-def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
-    """(batch, kv_heads, seq, dim) -> (batch, kv_heads * n_rep, seq, dim): query head i uses kv head i // n_rep."""
-    if n_rep == 1:
-        return x
-    b, h, s, d = x.shape
-    return x[:, :, None].expand(b, h, n_rep, s, d).reshape(b, h * n_rep, s, d)
-
-
-def eager_attention(q, k, v, mask: AttentionMask, scale: float) -> torch.Tensor:
-    """The readable reference. q: (b, heads, q_len, d); k, v: (b, kv_heads, k_len, d)."""
-    n_rep = q.shape[1] // k.shape[1]
-    k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
-    scores = (q @ k.transpose(-1, -2)) * scale
-    allowed = _dense_for(mask, q.shape[2], k.shape[2], q.device)
-    if allowed is None and mask.causal:
-        q_len, k_len = q.shape[2], k.shape[2]
-        allowed = torch.ones(q_len, k_len, dtype=torch.bool, device=q.device).tril(k_len - q_len)
-    if allowed is not None:
-        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    return probs @ v
-
-
-def sdpa_attention(q, k, v, mask: AttentionMask, scale: float) -> torch.Tensor:
-    if mask.dense is None and mask.window is not None:
-        mask = AttentionMask(dense=_dense_for(mask, q.shape[2], k.shape[2], q.device), causal=mask.causal)
-    if mask.dense is None:
-        # No mask tensor: lets PyTorch pick its flash / memory-efficient kernel, GQA native.
-        return F.scaled_dot_product_attention(
-            q, k, v, is_causal=mask.causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
-        )
-    n_rep = q.shape[1] // k.shape[1]
-    if q.device.type == "cpu":  # the CPU kernel takes grouped heads directly: no copy of the cache per step
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense, scale=scale, enable_gqa=n_rep > 1)
-    return F.scaled_dot_product_attention(
-        q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), attn_mask=mask.dense, scale=scale
-    )
-
-
-def per_document_attention(q, k, v, mask: AttentionMask, scale: float) -> torch.Tensor:
-    """SDPA over each packed document on its own: q (b, s, heads, d), k/v (b, s, kv_heads, d) ->
-    (b, s, heads, d). The CPU's answer to a varlen kernel: a dense (s, s) mask would compute every
-    query against every key of the row, while each document only needs its own causal triangle."""
-    b, s = q.shape[:2]
-    # (tokens, heads, d) -> (heads, tokens, d): each document is then a contiguous slice of dim 1.
-    q, k, v = (t.reshape(b * s, *t.shape[2:]).transpose(0, 1) for t in (q, k, v))
-    lengths = (mask.cu_seqlens[1:] - mask.cu_seqlens[:-1]).tolist()
-    outputs = []
-    # split, not slicing: the backward of a split concatenates, a slice's would fill a whole zero tensor each.
-    for qd, kd, vd in zip(q.split(lengths, dim=1), k.split(lengths, dim=1), v.split(lengths, dim=1)):
-        band = None
-        if mask.window is not None and qd.shape[1] > mask.window:
-            steps = torch.arange(qd.shape[1], device=q.device)
-            band = window_band(steps, steps, mask.window)
-        outputs.append(
-            F.scaled_dot_product_attention(
-                qd[None],
-                kd[None],
-                vd[None],
-                attn_mask=band,
-                is_causal=band is None,
-                scale=scale,
-                enable_gqa=q.shape[0] != k.shape[0],
-            )[0]
-        )
-    heads, _, dim = q.shape
-    return torch.cat(outputs, dim=1).transpose(0, 1).reshape(b, s, heads, dim)
-
-
-def _flash_kernels():
-    """(dense, varlen) FlashAttention functions: flash-attn 2 if installed, else flash-attn-4, else None."""
-    try:
-        from flash_attn import flash_attn_func, flash_attn_varlen_func
-
-        return flash_attn_func, flash_attn_varlen_func
-    except ImportError:
-        pass
-    try:
-        from flash_attn.cute import flash_attn_func, flash_attn_varlen_func
-
-        return flash_attn_func, flash_attn_varlen_func
-    except ImportError:
-        return None
-
-
-def flash_available(window: Optional[int] = None) -> bool:
-    """FlashAttention can run here (and, for a sliding window, its kernels take `window_size`)."""
-    if not torch.cuda.is_available() or _flash_kernels() is None:
-        return False
-    if window is None:
-        return True
-    import inspect
-
-    return all("window_size" in inspect.signature(fn).parameters for fn in _flash_kernels())
-
-
-def _window_kwargs(mask: AttentionMask) -> dict:
-    # flash-attn's window_size=(left, right): keys i - left .. i + right, so left = window - 1.
-    return {} if mask.window is None else {"window_size": (mask.window - 1, 0)}
-
-
-def flash_attention(q, k, v, mask: AttentionMask, scale: float) -> torch.Tensor:
-    """q: (b, q_len, heads, d), k/v: (b, k_len, kv_heads, d) -> (b, q_len, heads, d). GQA is native."""
-    dense_fn, varlen_fn = _flash_kernels()
-    if mask.cu_seqlens is not None:
-        b, s = q.shape[:2]
-        out = varlen_fn(
-            q.reshape(b * s, *q.shape[2:]),
-            k.reshape(b * s, *k.shape[2:]),
-            v.reshape(b * s, *v.shape[2:]),
-            cu_seqlens_q=mask.cu_seqlens,
-            cu_seqlens_k=mask.cu_seqlens,
-            max_seqlen_q=mask.max_seqlen,
-            max_seqlen_k=mask.max_seqlen,
-            softmax_scale=scale,
-            causal=True,
-            **_window_kwargs(mask),
-        )
-        out = out[0] if isinstance(out, tuple) else out  # flash-attn-4 also returns the log-sum-exp
-        return out.reshape(b, s, *out.shape[1:])
-    out = dense_fn(q, k, v, softmax_scale=scale, causal=True, **_window_kwargs(mask))
-    return out[0] if isinstance(out, tuple) else out
 
 
 class Attention(nn.Module):
@@ -370,42 +250,53 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
 
-    def forward(
-        self,
-        x,
-        cos,
-        sin,
-        mask: AttentionMask,
-        kv_cache: Optional[KVCache] = None,
-        cache_write: Optional[CacheWrite] = None,
-    ) -> torch.Tensor:
-        q, k, v = self.qkv(x, cos, sin)
+    def forward(self, x, cos, sin, mask: AttentionMask, kv_cache=None, cache_write=None, prepared=None):
+        """kv_cache: a KVCache (or decoding's SlotCache) that stores this forward's k, v and returns the
+        visible ones, at `cache_write` (its plan). prepared: the same projections with weights laid out
+        for decoding (inference/decode.py PreparedAttention); used while they still match ours."""
+        fused = prepared if prepared is not None and prepared.matches(self) else None
+        q, k, v = self.qkv(x, cos, sin, fused)
         if kv_cache is not None:
             k, v = kv_cache.write(self.layer_idx, k, v, cache_write)
-        return self.o_proj(self.attend(q, k, v, mask))
+        out = self.attend(q, k, v, mask)
+        return self.o_proj(out) if fused is None else fused.out(out)
 
-    def qkv(self, x, cos, sin):
+    def qkv(self, x, cos, sin, fused=None):
         """Queries, keys and values (batch, seq, heads, head_dim), with RoPE on q and k."""
         b, s, _ = x.shape
-        q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim)
+        heads, kv_heads, d = self.num_heads, self.num_kv_heads, self.head_dim
+        if fused is None:
+            q = self.q_proj(x).view(b, s, heads, d)
+            k = self.k_proj(x).view(b, s, kv_heads, d)
+            v = self.v_proj(x).view(b, s, kv_heads, d)
+        else:  # q, k and v weights concatenated: one matmul
+            qkv = fused.qkv(x).view(b, s, heads + 2 * kv_heads, d)
+            q, k, v = qkv[:, :, :heads], qkv[:, :, heads : heads + kv_heads], qkv[:, :, heads + kv_heads :]
+            if not self.qk_norm:  # RoPE on q and k together: fewer kernel launches per decode step
+                qk = apply_rope(qkv[:, :, : heads + kv_heads], cos, sin)
+                return qk[:, :, :heads], qk[:, :, heads:], v
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim)
-        return q, k, v
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def attend(self, q, k, v, mask: AttentionMask) -> torch.Tensor:
         """q: (b, q_len, heads, d), k/v: (b, k_len, kv_heads, d) -> (b, q_len, heads * d)."""
         b, s = q.shape[:2]
-        if self.attn_implementation == "flash_attn" and mask.dense is None and q.is_cuda:
+        heads, kv_heads = self.num_heads, self.num_kv_heads
+        every_key = not mask.causal and mask.dense is None
+        if every_key and s == 1 and heads != kv_heads and self.attn_implementation != "eager":
+            # One query per row that sees every key (a decode step): the query heads sharing a kv head
+            # are, to the kernel, that head's queries: a plain (non-GQA) call, ~2x faster on CPU.
+            q = q.reshape(b, kv_heads, heads // kv_heads, self.head_dim)
+            out = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), scale=self.scale)
+        elif self.attn_implementation == "flash_attn" and mask.dense is None and mask.causal and q.is_cuda:
             out = flash_attention(q, k, v, mask, self.scale)
         elif mask.cu_seqlens is not None:
             out = per_document_attention(q, k, v, mask, self.scale)
         else:  # eager and SDPA take (b, heads, seq, d)
             kernel = eager_attention if self.attn_implementation == "eager" else sdpa_attention
             out = kernel(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, self.scale).transpose(1, 2)
-        return out.reshape(b, s, self.num_heads * self.head_dim)
+        return out.reshape(b, s, heads * self.head_dim)
 
 
 class MLP(nn.Module):
@@ -418,7 +309,11 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
         self.act = ACT_FNS[config.hidden_act]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, prepared=None) -> torch.Tensor:
+        """prepared: decoding's weights (inference/decode.py PreparedMLP: gate and up as one matmul)."""
+        if prepared is not None and prepared.matches(self):
+            gate, up = prepared.gate_up(x).chunk(2, dim=-1)
+            return prepared.down(self._gated(gate, up))
         gate, up = self.gate_proj(x), self.up_proj(x)
         if _recompute_in_backward(gate):  # keep gate and up for backward, not act(gate) as well
             return self.down_proj(checkpoint(self._gated, gate, up, use_reentrant=False))
@@ -436,9 +331,11 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, mask, kv_cache=None, cache_write=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, cache_write)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, cos, sin, mask, kv_cache=None, cache_write=None, prepared=None):
+        """prepared: decoding's (attention, mlp) weights of this layer, or None."""
+        attention, mlp = prepared if prepared is not None else (None, None)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, cache_write, attention)
+        return x + self.mlp(self.post_attention_layernorm(x), mlp)
 
 
 # ---------------------------------------------------------------------------- the model
@@ -493,15 +390,25 @@ class Bumblebee(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype=None, device=None) -> Bumblebee:
-        from bumblecore.model.hf_io import load_pretrained
-
-        return load_pretrained(path, dtype=dtype, device=device)
+        """Load a HF-layout directory of a Bumblebee, Qwen2, Qwen3, Llama or Mistral model, tensor by
+        tensor straight into `dtype` on `device` (the host never holds a second copy)."""
+        config = read_config(path)
+        target_dtype = resolve_dtype(dtype, config)
+        with torch.device("meta"):
+            model = cls(config)
+        state = {
+            name: load().to(device=device or "cpu", dtype=target_dtype)
+            for name, load in iter_checkpoint(path, config, expected_tensors(model))
+        }
+        model.load_state_dict(state, strict=False, assign=True)
+        if config.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        config.torch_dtype = dtype_name(target_dtype)
+        return model
 
     def save_pretrained(self, path, max_shard_size="5GB", state_dict=None, stream=None) -> None:
         """Write the Hugging Face layout; `state_dict` (e.g. gathered or cast for export) or `stream`
         (layout and tensors one at a time, see hf_io.save_pretrained) replaces the live weights."""
-        from bumblecore.model.hf_io import save_pretrained
-
         save_pretrained(self, path, max_shard_size=max_shard_size, state_dict=state_dict, stream=stream)
 
     def num_parameters(self, trainable_only: bool = False) -> int:
@@ -523,52 +430,7 @@ class Bumblebee(nn.Module):
         angles = torch.cat((freqs, freqs), dim=-1)
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
-    def hidden_states(
-        self,
-        input_ids: torch.Tensor,
-        position_ids: Optional[torch.Tensor] = None,
-        attention_mask: Optional[torch.Tensor] = None,
-        segment_ids: Optional[torch.Tensor] = None,
-        kv_cache: Optional[KVCache] = None,
-    ) -> torch.Tensor:
-        """Final-norm hidden states (batch, seq, hidden). See `forward` for the arguments."""
-        batch, seq = input_ids.shape
-        device = input_ids.device
-        x = self.model.embed_tokens(input_ids)
-        steps = torch.arange(seq, device=device)
-
-        cache_write = None
-        if kv_cache is not None:
-            if segment_ids is not None:
-                raise ValueError("segment_ids (packed documents) cannot be combined with a KV cache")
-            positions = kv_cache.lengths[:, None] + steps  # each row continues from its own length
-            visible = int(kv_cache.lengths.max()) + seq
-            if visible > kv_cache.max_len:
-                raise ValueError(f"KV cache overflow: needs {visible} positions, holds {kv_cache.max_len}")
-            cache_write = CacheWrite(positions, visible)
-            key_positions = torch.arange(visible, device=device)
-            masks = {
-                w: AttentionMask(dense=window_band(positions, key_positions, w)[:, None], window=w)
-                for w in self._windows()
-            }
-        else:
-            positions = steps[None].expand(batch, seq)
-            masks = {w: self._build_mask(seq, device, attention_mask, segment_ids, w) for w in self._windows()}
-        if position_ids is None:
-            position_ids = positions
-
-        cos, sin = self.rope_cos_sin(position_ids, x.dtype)
-        for layer in self.model.layers:
-            mask = masks[layer.self_attn.window]
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
-            else:
-                x = layer(x, cos, sin, mask, kv_cache, cache_write)
-        if kv_cache is not None:
-            kv_cache.lengths += attention_mask.sum(-1).long() if attention_mask is not None else seq
-        return self.model.norm(x)
-
-    def _windows(self) -> set:
+    def windows(self) -> set:
         """The distinct sliding windows of the layers (None = full attention): one mask each per forward."""
         return {layer.self_attn.window for layer in self.model.layers}
 
@@ -610,6 +472,7 @@ class Bumblebee(nn.Module):
         segment_ids: Optional[torch.Tensor] = None,
         kv_cache: Optional[KVCache] = None,
         return_hidden_states: bool = False,
+        prepared: Optional[list] = None,
     ) -> torch.Tensor:
         """Logits (batch, seq, vocab), or with return_hidden_states the final-norm hidden states
         (batch, seq, hidden), for losses that apply `lm_head` in chunks.
@@ -619,20 +482,33 @@ class Bumblebee(nn.Module):
             it marks the right-padding of the new tokens, and each row advances by its count of ones.
         segment_ids: (batch, seq) document index of each token in packed rows; tokens attend only
             within their own document.
-        kv_cache: a KVCache; the new tokens are appended to it.
+        kv_cache: a KVCache (or decoding's SlotCache); the new tokens are appended to it.
+        prepared: decoding's (attention, mlp) weights per layer (inference/decode.py), or None.
         """
-        hidden = self.hidden_states(input_ids, position_ids, attention_mask, segment_ids, kv_cache)
+        batch, seq = input_ids.shape
+        device = input_ids.device
+        x = self.model.embed_tokens(input_ids)
+
+        cache_write = None
+        if kv_cache is not None:
+            if segment_ids is not None:
+                raise ValueError("segment_ids (packed documents) cannot be combined with a KV cache")
+            cache_write = kv_cache.plan(seq, self.windows())
+            positions, masks = cache_write.positions, cache_write.masks
+        else:
+            positions = torch.arange(seq, device=device)[None].expand(batch, seq)
+            masks = {w: self._build_mask(seq, device, attention_mask, segment_ids, w) for w in self.windows()}
+        if position_ids is None:
+            position_ids = positions
+
+        cos, sin = self.rope_cos_sin(position_ids, x.dtype)
+        for i, layer in enumerate(self.model.layers):
+            mask = masks[layer.self_attn.window]
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, kv_cache, cache_write, None if prepared is None else prepared[i])
+        if kv_cache is not None:
+            kv_cache.advance(cache_write, attention_mask.sum(-1).long() if attention_mask is not None else seq)
+        hidden = self.model.norm(x)
         return hidden if return_hidden_states else self.logits(hidden)
-
-
-def packed_document_boundaries(segment_ids: torch.Tensor) -> AttentionMask:
-    """cu_seqlens over the flattened batch: a new document starts where the segment id changes or a row starts."""
-    batch, seq = segment_ids.shape
-    flat = segment_ids.reshape(-1)
-    starts = torch.ones_like(flat, dtype=torch.bool)
-    starts[1:] = flat[1:] != flat[:-1]
-    starts[::seq] = True
-    start_index = torch.nonzero(starts).flatten()
-    cu_seqlens = torch.cat([start_index, torch.tensor([flat.numel()], device=flat.device)]).to(torch.int32)
-    max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-    return AttentionMask(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)

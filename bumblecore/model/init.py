@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Optional
 
 from bumblecore.model.config import PRESETS, BumblebeeConfig
-from bumblecore.model.hf_io import config_to_hf_dict, replace_directory, write_generation_config
+from bumblecore.model.hf_config import config_to_hf_dict
+from bumblecore.model.hf_io import replace_directory, write_generation_config
 
 
 def init_model(

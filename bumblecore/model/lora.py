@@ -366,7 +366,9 @@ def merge_lora(
 
     import torch
 
-    from bumblecore.model.hf_io import dtype_name, load_model, replace_directory
+    from bumblecore.model.hf_config import dtype_name
+    from bumblecore.model.hf_io import replace_directory
+    from bumblecore.model.transformers_family import load_model
     from bumblecore.model.vocab import adapter_vocab_size, grow_vocab
     from bumblecore.tokenizer import load_tokenizer
 

@@ -25,6 +25,9 @@ from typing import Optional
 import torch
 from torch import nn
 
+from bumblecore.model.bumblebee import Bumblebee
+from bumblecore.model.hf_config import DTYPES, bumblebee_expresses, read_config, resolve_dtype
+
 # Config attributes (as transformers names them) that rescale the logits after lm_head, applied in
 # this order with the head's dtype, as the families do: logits * logit_scale / logits_scaling, then
 # cap * tanh(logits / cap).
@@ -215,3 +218,15 @@ class TransformersCausalLM(nn.Module):
         if state_dict is not None:
             state_dict = {k.removeprefix("hf."): v for k, v in state_dict.items()}
         self.hf.save_pretrained(str(directory), state_dict=state_dict, safe_serialization=True, max_shard_size="5GB")
+
+
+def load_model(model_dir, dtype: str = "auto", device=None, trust_remote_code: bool = False):
+    """A full model directory of any causal-LM family as a plain torch module: Bumblebee for the families
+    it implements (`bumblebee_expresses`), else transformers' own class."""
+    if bumblebee_expresses(model_dir):
+        return Bumblebee.from_pretrained(model_dir, dtype=resolve_dtype(dtype, read_config(model_dir)), device=device)
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = "auto" if dtype in (None, "auto") else DTYPES[dtype]
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    return model.to(device) if device is not None else model

@@ -104,7 +104,7 @@ def load_grown_into_partitioned(model, path, is_rank_zero: bool) -> None:
 
 
 def _checkpoint_rows(path) -> int:
-    from bumblecore.model.hf_io import read_config
+    from bumblecore.model.hf_config import read_config
 
     return read_config(path).vocab_size
 

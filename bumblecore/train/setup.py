@@ -17,7 +17,7 @@ from bumblecore.args import TrainArgs
 
 def _is_bumblebee(model_dir) -> bool:
     """Bumblebee trains the model (its family, every feature expressed); else the transformers fallback."""
-    from bumblecore.model.hf_io import bumblebee_expresses
+    from bumblecore.model.hf_config import bumblebee_expresses
 
     return bumblebee_expresses(model_dir)
 
@@ -38,7 +38,7 @@ def load_model(
     `vocab_size` (resize_vocab): at least this many embedding rows, new ones the mean of the old.
     `from_scratch` (pretraining): a random init from the config, seeded."""
     from bumblecore.model.bumblebee import Bumblebee
-    from bumblecore.model.hf_io import load_pretrained, read_config
+    from bumblecore.model.hf_config import read_config
     from bumblecore.model.vocab import grow_vocab, load_grown_into_partitioned
 
     if _is_bumblebee(run.model.model_name_or_path):
@@ -59,7 +59,7 @@ def load_model(
             load = load_grown_into_partitioned if grows else load_into_partitioned
             load(model, run.model.model_name_or_path, fabric.is_global_zero)
         else:
-            model = load_pretrained(run.model.model_name_or_path, dtype=dtype, device=fabric.device)
+            model = Bumblebee.from_pretrained(run.model.model_name_or_path, dtype=dtype, device=fabric.device)
             grow_vocab(model, vocab_size)
         if run.optimization.enable_gradient_checkpointing:
             model.set_gradient_checkpointing(True)
@@ -110,7 +110,7 @@ def count_parameters(run: TrainArgs) -> tuple[int, int]:
 
     if _is_bumblebee(run.model.model_name_or_path):
         from bumblecore.model.bumblebee import Bumblebee
-        from bumblecore.model.hf_io import read_config
+        from bumblecore.model.hf_config import read_config
 
         with torch.device("meta"):
             model = Bumblebee(read_config(run.model.model_name_or_path))
