@@ -21,7 +21,7 @@ Beside the states, the plan counts (see `Workload` and `plan_memory`):
                  the fp32 copy of a rank's gradient partition at the step (16-bit runs), its engine's own
                  state, and under ZeRO-3 the gathered parameters (its live-parameter limit and the embedding)
     allocator    what glibc keeps of the memory each step frees and makes again (activations, gradients,
-                 ZeRO-3's gathered weights): about half of the largest, measured; none where freed blocks
+                 ZeRO-3's gathered weights): about 0.6 of the largest, measured; none where freed blocks
                  go back to the OS at once (RuntimeArgs.release_freed_memory, the default under ZeRO-3)
 
 Gradients and activations are not all alive at once: backward frees a layer's activations as it makes
@@ -42,7 +42,7 @@ GIB = 1024**3
 MIB = 2**20
 # Measured on the CPU machine of docs/BENCHMARKS.md ("Memory plan: planned vs measured"): what glibc keeps
 # of the memory a step frees and makes again, and DeepSpeed's own per-rank buffers and communication state.
-ALLOCATOR_RETENTION = 0.5
+ALLOCATOR_RETENTION = 0.6
 DEEPSPEED_ENGINE_BYTES = 100 * 2**20
 
 
@@ -269,7 +269,7 @@ def _transient(plan, work: Workload, precision, stage, n, zero, total, trainable
     # Each step frees and makes again its activations, every gradient (zero_grad(set_to_none); DeepSpeed
     # makes each full-size before sharding it) and, under ZeRO-3, every gathered weight. glibc keeps
     # part of that heap for reuse rather than returning it (measured on this project's matrix: about
-    # half of the largest of the three); fixed malloc thresholds return it, at a cost in speed.
+    # 0.6 of the largest of the three); fixed malloc thresholds return it, at a cost in speed.
     churn = max(start, trainable * width, total * width if stage == 3 else 0)
     if not prompt_release:
         transient["freed blocks the allocator keeps"] = int(ALLOCATOR_RETENTION * churn)
