@@ -731,6 +731,7 @@ def test_greedy_keeps_the_screen_that_decides_when_the_first_pick_cannot(monkeyp
     """Where the hardware's screen gives up on a model (its error bound too wide: it returns None), the
     other screen is timed and kept for that row count, and greedy equals the fp32 argmax through it."""
     import bumblecore.inference.decode as decode
+    from bumblecore.inference.prepared import prepare_screen
 
     torch.manual_seed(0)
     config = BumblebeeConfig(
@@ -738,7 +739,7 @@ def test_greedy_keeps_the_screen_that_decides_when_the_first_pick_cannot(monkeyp
     )
     model = Bumblebee(config).eval()
     decoder = DecodingBumblebee(model)
-    screens = [decode.prepare_screen(model.lm_head, kind) for kind in ("bf16", "fp16")]
+    screens = [prepare_screen(model.lm_head, kind) for kind in ("bf16", "fp16")]
     if None in screens:
         pytest.skip("this torch build lacks a bf16 or fp16 product")
     decoder.screens, decoder.screen = screens, screens[0]
@@ -749,7 +750,7 @@ def test_greedy_keeps_the_screen_that_decides_when_the_first_pick_cannot(monkeyp
         lambda hidden, screen=None: None if screen is screens[0] else decides(hidden, screen),
     )
     timings = iter([1.0, 0.5])  # the full head, then the one screen that decides
-    monkeypatch.setattr(decode, "_cpu_seconds", lambda run, repeats=3: next(timings))
+    monkeypatch.setattr(decode, "cpu_seconds", lambda run, repeats=3: next(timings))
     with torch.no_grad():
         hidden = torch.randn(8, 64) * 4
         assert decoder.greedy(hidden).tolist() == model.lm_head(hidden).argmax(-1).tolist()
