@@ -8,6 +8,11 @@ import shutil
 import tempfile
 
 import pytest
+
+# tests/ mirrors the package (tests/model, tests/data, tests/train, tests/inference, tests/e2e, tests/package
+# for the top-level modules and package-wide checks). pytest puts this file's folder, tests/, on sys.path
+# (rootdir conftest, "prepend" import mode, no __init__.py), so every test imports the shared helpers
+# as `from tiny import ...` and `from serving import ...` whatever its folder; test basenames stay unique.
 from tiny import DEMO_TOKENIZER, make_tiny_model, write_tiny_checkpoint
 
 

@@ -8,7 +8,7 @@
 - prepared weights (inference/prepared.py), which the model's layers take as `prepared`;
 - the LM head: a layout picked per row count, and greedy tokens by a half-precision screen.
 
-tests/test_model.py compares it with the model run without a SlotCache and with transformers.
+tests/model/test_model.py compares it with the model run without a SlotCache and with transformers.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Every use of LitServe beyond its public surface (LitAPI, LitSpec, LitServer, its loops and
-callbacks), in this one module, each with the reason it is needed. tests/test_litserve_adapter.py
+callbacks), in this one module, each with the reason it is needed. tests/inference/test_litserve_adapter.py
 checks that every name used here still exists with the shape relied on, so a LitServe upgrade that
 moves one fails there, naming it, rather than in a running server.
 

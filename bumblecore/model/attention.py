@@ -2,7 +2,7 @@
 readable eager reference, PyTorch's SDPA, SDPA per packed document (CPU) and FlashAttention (CUDA).
 
 Every kernel computes softmax(q k^T * scale + mask) v with grouped-query heads; they differ only in
-layouts and speed (tests/test_model.py compares them).
+layouts and speed (tests/model/test_model.py compares them).
 """
 
 from __future__ import annotations

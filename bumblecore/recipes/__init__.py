@@ -3,7 +3,7 @@
 Adding a stage: its module here (a Recipe subclass), one line below, one in args.STAGE_SETTINGS, its
 Stage in train/, and its docs (docs/CONFIG.md's keys, docs/DATA_FORMAT.md's records, README.md's table);
 docs/ARCHITECTURE.md, "Add a stage", walks through KTO's. No module outside recipes/ tells stages apart
-by name (tests/test_recipes.py)."""
+by name (tests/train/test_recipes.py)."""
 
 from __future__ import annotations
 

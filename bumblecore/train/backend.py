@@ -1,7 +1,7 @@
 """The training backends once the model is set up: how one optimiser step is taken on Fabric (one
 process or DDP) and on DeepSpeed, ZeRO-3's gathers, and every use of DeepSpeed and Lightning Fabric
 beyond their public surface, in this one module, each with the reason it is needed.
-tests/test_backend_canary.py names each of those private names and checks that it still exists with
+tests/train/test_backend_canary.py names each of those private names and checks that it still exists with
 the shape relied on, so an upgrade that moves one fails there, naming it, rather than in a running
 job; it also checks that no other package module reaches one.
 

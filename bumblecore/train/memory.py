@@ -97,7 +97,7 @@ class Workload:
 
     def layer_bytes_per_token(self, compute: str) -> int:
         """Bytes autograd keeps per token for one decoder layer (fitted on Bumblebee with saved-tensor
-        hooks over several shapes; tests/test_memory_plan.py checks it). fp32: the inputs of the two norms,
+        hooks over several shapes; tests/train/test_memory_plan.py checks it). fp32: the inputs of the two norms,
         the projections and the attention, RoPE'd q and the residuals (~7 of hidden), the MLP's gate,
         up and product (3 of intermediate: the activation is recomputed in backward, as are the norms'
         outputs, model/bumblebee.py), RoPE'd k and v (~2 of kv). 16-bit weights (DeepSpeed): the same

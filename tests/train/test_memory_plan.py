@@ -16,7 +16,7 @@ from bumblecore.model.config import BumblebeeConfig
 from bumblecore.train.memory import Workload, peak_host_rss_bytes, plan_memory, runtime_rss
 from bumblecore.train.runtime import fill_deepspeed_config, load_deepspeed_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "bumblecore" / "demo_data"
 FINAL_LINE = re.compile(r"^peak memory per rank: host RSS ([\d,]+) MB(?:, ([\d,]+) MB)* \(planned ([\d,]+) MB\)$")
 

@@ -1,8 +1,9 @@
 """docs/ARCHITECTURE.md's map stays true: in its "Layers", "Where to change what", "Add a stage" and
 "Add a model family" sections every backticked path is a file of the repository, every `module.name`
 is defined in that module, every `Class.attribute` in that class, every other backticked name somewhere
-in the package, and every test file and doc named exists. The oracle is the repository itself: the
-files on disk and the names the package's source defines."""
+in the package, every test is named by its path (tests/<part>/test_*.py) and exists, and every doc
+named exists. The oracle is the repository itself: the files on disk and the names the package's source
+defines."""
 
 import ast
 import keyword
@@ -54,7 +55,8 @@ def module_file(dotted: str):
     """`cli`, `recipes`, `data/adapters`, `model.hf_io`, a module's own name (`hf_io`) or a test module
     (`test_layers`) -> its file."""
     path = dotted.replace(".", "/")
-    for candidate in (PACKAGE / f"{path}.py", PACKAGE / path / "__init__.py", REPO / "tests" / f"{path}.py"):
+    tests = (REPO / "tests").rglob(f"{path}.py") if path.startswith("test_") else ()
+    for candidate in (PACKAGE / f"{path}.py", PACKAGE / path / "__init__.py", *tests):
         if candidate.is_file():
             return candidate
     by_name = [file for file in MODULES if file.stem == path]
@@ -97,8 +99,11 @@ def problems(text: str) -> list[str]:
             if why:
                 found.append(f"line {number}: `{token}`: {why}")
         unquoted = re.sub(r"`[^`]*`", "", line)
-        for test_file in re.findall(r"\b(test_\w+\.py)\b", unquoted):
-            if not any((REPO / "tests").rglob(test_file)):
+        # A test is named by its path: tests/ mirrors the package, so the path is where a newcomer looks.
+        for test_file in re.findall(r"(?<![\w/])((?:[\w.]+/)*test_\w+\.py)\b", unquoted):
+            if not test_file.startswith("tests/"):
+                found.append(f"line {number}: {test_file}: name the test by its path (tests/<part>/test_*.py)")
+            elif not (REPO / test_file).is_file():
                 found.append(f"line {number}: {test_file}: no such test file")
         for doc in re.findall(r"\b((?:docs/)?[A-Z_]+\.md)\b", unquoted):
             if not (REPO / doc).is_file() and not (REPO / "docs" / doc).is_file():
@@ -109,15 +114,17 @@ def problems(text: str) -> list[str]:
 def test_the_check_finds_what_does_not_exist():
     text = (
         "| a row | `train/run.py`, `train/nowhere.py`, `cli.COMMANDS`, `cli.NO_TABLE`, `TrainArgs._check_kto`, "
-        "`TrainArgs._check_nothing`, `Recipe`, `NoSuchRecipe`, `bumblecore <cmd> --help` | tests/test_cli.py, "
-        "test_nothing.py, docs/NOWHERE.md |"
+        "`TrainArgs._check_nothing`, `Recipe`, `NoSuchRecipe`, `bumblecore <cmd> --help` | tests/package/test_cli.py, "
+        "tests/train/test_nothing.py, tests/test_cli.py, test_engine.py, docs/NOWHERE.md |"
     )
     assert [entry.split(": ")[1] for entry in problems(text)] == [
         "`train/nowhere.py`",
         "`cli.NO_TABLE`",
         "`TrainArgs._check_nothing`",
         "`NoSuchRecipe`",
-        "test_nothing.py",
+        "tests/train/test_nothing.py",
+        "tests/test_cli.py",
+        "test_engine.py",
         "docs/NOWHERE.md",
     ]
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 # The demo's stage configs are package data (bumblecore/demo_configs), so a wheel runs the demo.
-DEMO_CONFIGS = Path(__file__).resolve().parents[1] / "bumblecore" / "demo_configs"
+DEMO_CONFIGS = Path(__file__).resolve().parents[2] / "bumblecore" / "demo_configs"
 TRAIN_YAMLS = sorted(
     [
         *(p for p in CONFIGS.rglob("*.yaml") if p.parent.name in ("pretrain", "sft", "dpo", "kto", "grpo")),
@@ -48,7 +48,7 @@ def test_every_key_has_one_well_formed_row_in_config_md():
 
     from bumblecore.args import flat_defaults
 
-    text = (Path(__file__).resolve().parents[1] / "docs" / "CONFIG.md").read_text(encoding="utf-8")
+    text = (Path(__file__).resolve().parents[2] / "docs" / "CONFIG.md").read_text(encoding="utf-8")
     rows = {}
     for line in text.splitlines():
         found = re.match(r"\| `(\w+)` \|", line)

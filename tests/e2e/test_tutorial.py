@@ -9,7 +9,7 @@ page marks with `<!-- tutorial-test: skip (why) -->` on the line before it is le
 servers that run until stopped, package installs); the reason is part of the page. Section 10 (a real
 model) runs as a test of its own, skipped when SmolLM2's package is not installed.
 
-`python tests/test_tutorial.py [SECTION ...]` runs the same blocks unshortened in ./tutorial_run (all of
+`python tests/e2e/test_tutorial.py [SECTION ...]` runs the same blocks unshortened in ./tutorial_run (all of
 them, or those of the sections named, e.g. `1 2 3 4 5 ""`, "" being INFERENCE.md's first block) and
 prints each block's wall time and output tail: how the pages' figures were measured."""
 
@@ -24,7 +24,7 @@ from typing import Optional
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TUTORIAL = ROOT / "docs" / "TUTORIAL.md"
 INFERENCE = ROOT / "docs" / "INFERENCE.md"
 SHORTEN = ["--max_steps", "2"]  # appended to every training run

@@ -17,7 +17,7 @@ from bumblecore.args import TrainArgs, flat_defaults
 from bumblecore.cli import main
 
 DEMO = Path(bumblecore.__file__).parent / "demo_data"
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from bumblecore.train.runtime import (
     load_deepspeed_config,
 )
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "deepspeed"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "deepspeed"
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])

@@ -14,7 +14,7 @@ from bumblecore.cli import main
 
 pytestmark = pytest.mark.slow  # starts processes, servers or whole pipelines
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "bumblecore" / "demo_data"
 
 

@@ -4,7 +4,7 @@ outputs of `bumblecore generate` (one prompt, a batch, a raw-text prompt) and th
 
 Only the command line and the HTTP API are used, never internal names, so code may move freely
 underneath. To re-record on purpose (a change that is meant to change numbers):
-`BUMBLECORE_RECORD_GOLDENS=1 python -m pytest tests/test_goldens.py` and commit tests/goldens.json
+`BUMBLECORE_RECORD_GOLDENS=1 python -m pytest tests/e2e/test_goldens.py` and commit tests/e2e/goldens.json
 with a message that says why.
 """
 

@@ -25,7 +25,7 @@ from bumblecore.train.metrics import EvalAggregate, ExactMatch, RatioOfSums, exa
 from bumblecore.train.sft import LanguageModelingStage
 
 DEMO = Path(bumblecore.__file__).parent / "demo_data"
-ZERO3 = str(Path(__file__).resolve().parents[1] / "configs" / "deepspeed" / "ds_z3_config.json")
+ZERO3 = str(Path(__file__).resolve().parents[2] / "configs" / "deepspeed" / "ds_z3_config.json")
 BETA = 0.5
 
 

@@ -11,7 +11,7 @@ import yaml
 
 from bumblecore.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = sorted([*(ROOT / "scripts").glob("*.sh"), *(ROOT / "scripts").glob("*.sbatch")])
 
 
@@ -122,7 +122,7 @@ def script_paths(script: Path, monkeypatch) -> tuple[set[str], set[str]]:
 
 def test_each_script_reads_the_previous_scripts_default_output(monkeypatch):
     """pretrain -> sft_full -> dpo_lora -> merge_lora -> chat / bumblechat (serve), as the tutorial chains them;
-    sft_lora, dpo_full, orpo, simpo and kto branch off it. tests/test_workflow.py runs the main line for real."""
+    sft_lora, dpo_full, orpo, simpo and kto branch off it. tests/e2e/test_workflow.py runs the main line for real."""
     paths = {s.stem: script_paths(s, monkeypatch) for s in SCRIPTS if s.stem != "demo" and command_lines(s)}
     expected = {
         "pretrain": (set(), {"checkpoints/init", "checkpoints/pretrain"}),

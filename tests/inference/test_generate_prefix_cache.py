@@ -3,10 +3,10 @@ cold engine does (greedy and seeded), for partial and full matches, across slots
 after eviction and after a weight update; the store's LRU keeps its byte budget and evicts leaves first."""
 
 import torch
+from tiny import make_tiny_model
 
 from bumblecore.inference.generate import GenerationEngine, SamplingParams
 from bumblecore.inference.prefix_cache import PrefixCache
-from tests.tiny import make_tiny_model
 
 VOCAB = 768
 BLOCK = 16
@@ -219,10 +219,10 @@ def test_serve_and_chat_take_the_budget():
 def test_a_multi_turn_chat_through_the_server_answers_as_a_cold_engine(tmp_path, tiny_checkpoint):
     """serve keeps a prefix cache by default: each turn, history included, gets a cold run's reply."""
     import openai
+    from serving import running_server
 
     from bumblecore.inference.commands import build_prompt_ids
     from bumblecore.inference.loading import load_for_inference
-    from tests.serving import running_server
 
     model_dir = str(tiny_checkpoint(tmp_path / "model", max_position_embeddings=512))
     model, tokenizer, eos = load_for_inference(model_dir, device_map="cpu")

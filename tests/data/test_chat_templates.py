@@ -20,7 +20,7 @@ from bumblecore.data.template import ChatFormatError, chat_format
 from bumblecore.recipes import recipe_for
 from bumblecore.tokenizer import load_tokenizer
 
-DEMO = Path(__file__).resolve().parents[1] / "bumblecore" / "demo_data"
+DEMO = Path(__file__).resolve().parents[2] / "bumblecore" / "demo_data"
 CORPUS = ["hello world how are you", "the weather is fine today", "Be brief. ping pong count words"] * 20
 
 # Each family's tokenizer conventions (bos, eos) beside the markers its template writes.
@@ -435,7 +435,7 @@ def test_resize_vocab_under_zero3_equals_one_process(base_without_template):
     config = sft_config(root, base, data, chat_template="llama3", resize_vocab=True, max_steps=2, learning_rate=1e-3)
     one, zero3 = root / "full_one", root / "full_zero3"
     main(["train", "--config", str(config), "--output_dir", str(one), "--gradient_accumulation_steps", "2"])
-    zero_config = str(Path(__file__).resolve().parents[1] / "configs" / "deepspeed" / "ds_z3_config.json")
+    zero_config = str(Path(__file__).resolve().parents[2] / "configs" / "deepspeed" / "ds_z3_config.json")
     train_on_two_processes(config, zero3, "--deepspeed_config_path", zero_config, cwd=root)
     expected, got = load_file(one / "model.safetensors"), load_file(zero3 / "model.safetensors")
     assert sorted(expected) == sorted(got)
@@ -467,7 +467,7 @@ def test_lora_with_new_tokens_under_zero3_equals_one_process(base_without_templa
                      lora_rank=4, lora_alpha=8, lora_dropout=0.0)  # fmt: skip
     one, zero3 = root / "lora_one", root / "lora_zero3"
     main(["train", "--config", str(run), "--output_dir", str(one), "--gradient_accumulation_steps", "2"])
-    zero_config = str(Path(__file__).resolve().parents[1] / "configs" / "deepspeed" / "ds_z3_config.json")
+    zero_config = str(Path(__file__).resolve().parents[2] / "configs" / "deepspeed" / "ds_z3_config.json")
     train_on_two_processes(run, zero3, "--deepspeed_config_path", zero_config, cwd=root)
 
     def losses(out):

@@ -17,7 +17,7 @@ import pytest
 
 pytestmark = pytest.mark.slow  # starts processes, servers or whole pipelines
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def can_build_wheels_here() -> bool:

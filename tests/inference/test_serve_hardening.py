@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow  # starts processes, servers or whole pipelines
 
 openai = pytest.importorskip("openai")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEMO_TOKENIZER = ROOT / "bumblecore/demo_data/tokenizer"
 CONTEXT = 256
 TRUSTED = "http://trusted.example"

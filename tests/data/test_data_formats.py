@@ -449,7 +449,7 @@ def test_ecosystem_records_rejected_with_file_line_and_field(tmp_path, record, s
 def test_the_format_names_docs_give_are_the_ones_errors_print(tmp_path):
     """docs/DATA_FORMAT.md's table of format names is the adapters' table, and its example error is the
     one the reader raises for that record and stage."""
-    doc = (Path(__file__).resolve().parents[1] / "docs" / "DATA_FORMAT.md").read_text(encoding="utf-8")
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "DATA_FORMAT.md").read_text(encoding="utf-8")
     table = [line.split("|")[1] for line in doc.splitlines() if line.startswith("| `")]
     assert {name for cell in table for name in re.findall(r"`(\w+)`", cell)} == set(ADAPTERS)
     pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"instruction": "Add", "chosen": "5", "rejected": "6"}])

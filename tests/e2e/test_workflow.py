@@ -1,6 +1,6 @@
 """The scripts chain as the tutorial does: pretrain.sh -> sft_full.sh -> dpo_lora.sh -> merge_lora.sh ->
 chat.sh / serve.sh, each reading the previous step's default output (no paths passed); and the original's
-tools/run_merge_lora.sh. (tests/test_scripts.py checks that every script's default input is another's output.)
+tools/run_merge_lora.sh. (tests/e2e/test_scripts.py checks that every script's default input is another's output.)
 
 The real shell scripts run in a temporary copy of scripts/, configs/ and tools/ (they cd to the copy's
 root, so every checkpoints/ path lands in tmp, never in the repository's), with a tiny model placed at
@@ -22,7 +22,7 @@ import yaml
 
 pytestmark = pytest.mark.slow  # starts processes, servers or whole pipelines
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = [
     "--preset",
     "0.5B",

@@ -26,7 +26,7 @@ from bumblecore.cli import main
 
 pytestmark = pytest.mark.slow  # starts processes, servers or whole pipelines
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "bumblecore" / "demo_data"
 ZERO = {stage: str(REPO / "configs" / "deepspeed" / f"ds_z{stage}_config.json") for stage in (0, 1, 2, 3)}
 BIN = Path(sys.executable).parent
