@@ -142,8 +142,8 @@ def run_bumblecore(model: str, data: str, out: str, micro: int, cutoff: int) -> 
 
 def encode_rows(model: str, data: str, cutoff: int) -> list[dict]:
     """The samples as the Trainer and TRL get them: bumblecore's chat template, cut at `cutoff`."""
+    from bumblecore.chat.format import encode_conversation
     from bumblecore.data.formats import read_samples
-    from bumblecore.data.template import encode_conversation
     from bumblecore.recipes import recipe_for
     from bumblecore.tokenizer import load_tokenizer
 

@@ -97,7 +97,7 @@ def load_records(name: str, limit: Optional[int] = None) -> list[dict]:
 def exact_match(model_dir, questions: list[dict], device: str, batch_size: int = 32) -> tuple[float, list[dict]]:
     """Share of questions whose greedy answer (chat template, default system prompt) equals the
     reference answer exactly (surrounding whitespace ignored); and the answers."""
-    from bumblecore.data.template import render_prompt
+    from bumblecore.chat.format import render_prompt
     from bumblecore.inference.generate import GenerationEngine, SamplingParams
     from bumblecore.inference.loading import load_for_inference
 

@@ -1,6 +1,6 @@
 """Tokenizers: load any Hugging Face tokenizer dir; train a byte-level BPE with the ChatML template.
 
-A tokenizer without a chat template gets ours (ChatML as Qwen2.5 renders it, data/template.py);
+A tokenizer without a chat template gets ours (ChatML as Qwen2.5 renders it, chat/format.py);
 one with its own keeps it (docs/DATA_FORMAT.md, "The chat template and the mask rule").
 """
 
@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Union
 
 # The chat format (ChatML and its tokens) lives with its renderer, in one module.
-from bumblecore.data.template import CHAT_TEMPLATE, CHATML_TOKENS, ENDOFTEXT, IM_END  # noqa: E402  (re-exported: the public names of the tokenizer module)
+from bumblecore.chat.format import CHAT_TEMPLATE, CHATML_TOKENS, ENDOFTEXT, IM_END  # noqa: E402  (re-exported: the public names of the tokenizer module)
 
 SPECIAL_TOKENS = CHATML_TOKENS
 

@@ -26,7 +26,7 @@ from bumblecore.data.sources import DataError
 
 @dataclass
 class Sample:
-    """One record (or one of KTO's examples), validated and normalised: what data/template.py renders."""
+    """One record (or one of KTO's examples), validated and normalised: what chat/format.py renders."""
 
     kind: str  # "text", "conversation", "preference" or "labelled" (a completion labelled desirable or not)
     text: str = ""

@@ -32,10 +32,10 @@ from pathlib import Path
 
 import numpy as np
 
+from bumblecore.chat.format import ChatFormatError, chat_format, encode_documents, special_tokens_added
 from bumblecore.data.adapters import Sample
 from bumblecore.data.formats import ReadReport, StageReading, read_samples
 from bumblecore.data.sources import data_files
-from bumblecore.data.template import ChatFormatError, chat_format, encode_documents, special_tokens_added
 
 FORMAT_VERSION = 3  # bump when the cache layout or rendering rules change (3: the tokenizer's own BOS)
 BATCH_RECORDS = 256

@@ -9,12 +9,12 @@ import json
 import sys
 
 from bumblecore.args import TrainArgs
+from bumblecore.chat.format import encode_conversation, encode_document, encode_preference
 from bumblecore.data.dataset import dataset_units, run_tokenizer
 from bumblecore.data.dataset_spec import run_sources
 from bumblecore.data.formats import ReadReport, read_samples
 from bumblecore.data.mixture import all_paths, source_records, source_report
 from bumblecore.data.packing import IGNORE_INDEX
-from bumblecore.data.template import encode_conversation, encode_document, encode_preference
 from bumblecore.recipes import recipe_for
 
 

@@ -4,14 +4,14 @@ cache and arranged as the stage's reading says; and the run's tokenizer."""
 from __future__ import annotations
 
 from bumblecore.args import DataArgs, ModelArgs
+from bumblecore.chat.format import chat_format
+from bumblecore.chat.templates import prepare_tokenizer
 from bumblecore.data.cache import TokenCache, build_cache
-from bumblecore.data.chat_templates import prepare_tokenizer
 from bumblecore.data.dataset_spec import run_sources
 from bumblecore.data.formats import StageReading
 from bumblecore.data.mixture import all_paths, mixture_units
 from bumblecore.data.packing import Units
 from bumblecore.data.sources import DataError, data_files
-from bumblecore.data.template import chat_format
 from bumblecore.tokenizer import load_tokenizer
 
 

@@ -113,7 +113,7 @@ def prompt_paths(data, paths, label: str = "dataset_path") -> list[str]:
 def tokenize_prompts(prompts: list[PromptRecord], tokenizer, cutoff_len: int) -> tuple[list[PromptRecord], int]:
     """The prompts with their chat-template ids, and how many were dropped for being longer than
     cutoff_len (a cut prompt would ask another question)."""
-    from bumblecore.data.template import render_prompt
+    from bumblecore.chat.format import render_prompt
 
     kept, dropped = [], 0
     for prompt in prompts:

@@ -29,7 +29,7 @@ def build_prompt_ids(
 ) -> list[int]:
     """Raw text for pretrain models; the chat template (docs/DATA_FORMAT.md) for sft/dpo models, with tool
     definitions when given."""
-    from bumblecore.data.template import encode_raw_prompt, render_prompt
+    from bumblecore.chat.format import encode_raw_prompt, render_prompt
 
     if continues_raw_text(training_stage):
         # Text after the tokenizer's own BOS, as the model read its documents; "<|endoftext|>" typed
@@ -43,7 +43,7 @@ def build_prompt_ids(
     if system_prompt is not None and not (messages and messages[0]["role"] == "system"):
         # "" asks for no system text: ChatML always has a system turn (its default when a conversation
         # has none), so there it is an empty one; other templates get no system message at all.
-        from bumblecore.data.template import chat_format
+        from bumblecore.chat.format import chat_format
 
         if system_prompt or chat_format(tokenizer).is_chatml:
             messages = [{"role": "system", "content": system_prompt}] + messages

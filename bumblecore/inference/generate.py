@@ -420,7 +420,7 @@ class GenerationEngine:
 def default_eos_ids(model_path, tokenizer) -> list[int]:
     """generation_config.json's eos_token_id (int or list), else the tokenizer's eos; plus the chat
     template's end-of-turn token (Llama-3's <|eot_id|>, ChatML's <|im_end|>), where a reply ends."""
-    from bumblecore.data.template import ChatFormatError, chat_format
+    from bumblecore.chat.format import ChatFormatError, chat_format
 
     ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     if model_path is not None:

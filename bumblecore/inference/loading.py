@@ -34,7 +34,7 @@ def load_for_inference(
     checked against the base the adapter was trained on (`ignore_base_mismatch` uses it anyway), grown to
     the adapter's tokenizer where tokens were added in training, the adapter applied and (by default)
     merged. `chat_template`: a built-in name or .jinja file instead of the tokenizer's own."""
-    from bumblecore.data.chat_templates import use_chat_template
+    from bumblecore.chat.templates import use_chat_template
     from bumblecore.inference.generate import default_eos_ids
     from bumblecore.model.lora import adapter_base_dir, attach_adapter
     from bumblecore.model.transformers_family import TransformersCausalLM

@@ -6,7 +6,7 @@ import uuid
 from typing import Any, Optional
 
 # The <tool_call> convention and its parser live with the chat template (one chat-format module).
-from bumblecore.data.template import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, parse_tool_call
+from bumblecore.chat.format import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, parse_tool_call
 
 # ---------------------------------------------------------------------------- replies
 

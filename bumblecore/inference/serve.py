@@ -185,7 +185,7 @@ def serve(
         adapter_base_dir(model_path, base_model_path, ignore_base_mismatch)
     context_length(model_path, max_model_len, base_model_path)
     if chat_template:  # likewise a wrong template name or file, or one whose markers the tokenizer lacks
-        from bumblecore.data.chat_templates import use_chat_template
+        from bumblecore.chat.templates import use_chat_template
         from bumblecore.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(model_dirs(model_path, base_model_path)[1], trust_remote_code=trust_remote_code)

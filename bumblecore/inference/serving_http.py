@@ -79,7 +79,7 @@ class ChatCompletionsSpec(LitSpec):
         self.add_endpoint("/v1/models/{model_id}", self.model, ["GET"])
 
     def setup(self, server):
-        from bumblecore.data.chat_templates import use_chat_template
+        from bumblecore.chat.templates import use_chat_template
         from bumblecore.tokenizer import load_tokenizer
 
         super().setup(server)
@@ -158,7 +158,7 @@ class ChatCompletionsSpec(LitSpec):
 
     def prompt_ids(self, chat: ChatRequest) -> list[int]:
         """The same prompt `bumblecore generate` and `chat` build."""
-        from bumblecore.data.template import ChatFormatError, chat_format
+        from bumblecore.chat.format import ChatFormatError, chat_format
         from bumblecore.inference.commands import build_prompt_ids, continues_raw_text
 
         stage = self.settings.training_stage

@@ -92,7 +92,7 @@ def init_model(
         tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>") if t in tokenizer.get_vocab()
     ]
     # A tokenizer with its own template (Llama-3 ...): replies end at its end-of-turn token and its EOS.
-    from bumblecore.data.template import ChatFormatError, chat_format
+    from bumblecore.chat.format import ChatFormatError, chat_format
 
     try:
         eos_ids += [i for i in chat_format(tokenizer).end_of_turn_ids if i not in eos_ids]

@@ -81,7 +81,7 @@ def _meaning(name: str, value):
     if name in DATA_KEYS:
         return _data_meaning(value)
     if name == "new_special_tokens":  # a list or one comma-separated string
-        from bumblecore.data.chat_templates import parse_special_tokens
+        from bumblecore.chat.templates import parse_special_tokens
 
         try:
             return parse_special_tokens(value)
@@ -337,7 +337,7 @@ class Exporter:
 
     def write_model(self, model, directory: Path) -> None:
         """The HF-format model (or peft adapter) and tokenizer; rank 0 writes, all ranks join (sharded states)."""
-        from bumblecore.data.chat_templates import write_end_of_turn
+        from bumblecore.chat.templates import write_end_of_turn
         from bumblecore.model.lora import save_adapter
         from bumblecore.train.backend import gathered_state_dict, gathered_tensors, partitions_weights
 

@@ -240,7 +240,7 @@ def build_model(fabric, run: TrainArgs, load, tokenizer, stage_of_zero: Optional
         fabric.print("note: packing is off for transformers models (their CPU attention would cross documents)")
         run.data = dataclasses.replace(run.data, packing=False)
     if run.model.finetuning_type == "lora":
-        from bumblecore.data.chat_templates import added_token_ids
+        from bumblecore.chat.templates import added_token_ids
         from bumblecore.model.vocab import lora_token_indices
 
         new_rows = lora_token_indices(model, added_token_ids(tokenizer, tokenizer.bumblecore_added_tokens))

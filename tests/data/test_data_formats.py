@@ -208,7 +208,7 @@ TWO_CALLS = CALL_BLOCK.format("Oslo") + "\n" + CALL_BLOCK.format("Bergen")
 
 def trained_and_text(tok, messages, tools=None):
     """(the trained text of each assistant turn, the whole rendered text) via encode_conversation."""
-    from bumblecore.data.template import encode_conversation
+    from bumblecore.chat.format import encode_conversation
 
     ids, mask = encode_conversation(tok, messages, tools)
     runs, current = [], []
@@ -306,7 +306,7 @@ def test_openai_messages_read_as_the_same_conversation(tmp_path, tok):
 
 
 def test_trl_preference_explicit_and_implicit_prompt(tmp_path, tok):
-    from bumblecore.data.template import encode_preference
+    from bumblecore.chat.format import encode_preference
 
     prompt = [{"role": "system", "content": "Be exact."}, {"role": "user", "content": "3 or 5, which is bigger?"}]
     good, bad = {"role": "assistant", "content": "5"}, {"role": "assistant", "content": "3"}

@@ -14,10 +14,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 from transformers import GemmaTokenizer, LlamaConfig, LlamaForCausalLM, LlamaTokenizer, PreTrainedTokenizerFast
 
 from bumblecore.args import DataArgs
-from bumblecore.cli import main
-from bumblecore.data.cache import cache_key
-from bumblecore.data.dataset import dataset_units
-from bumblecore.data.template import (
+from bumblecore.chat.format import (
     chat_format,
     encode_conversation,
     encode_document,
@@ -26,6 +23,9 @@ from bumblecore.data.template import (
     render_prompt,
     special_tokens_added,
 )
+from bumblecore.cli import main
+from bumblecore.data.cache import cache_key
+from bumblecore.data.dataset import dataset_units
 from bumblecore.inference.commands import build_prompt_ids
 from bumblecore.inference.sampling import SamplingArgs
 from bumblecore.recipes import recipe_for

@@ -183,7 +183,7 @@ def test_eos_from_generation_config_stops(tmp_path, tok):
 @pytest.mark.slow
 def test_generate_command_prints_transformers_greedy_text(tmp_path, tok):
     hf = tiny("llama", len(tok), tmp_path, tok)
-    from bumblecore.data.template import render_prompt
+    from bumblecore.chat.format import render_prompt
 
     prompt_ids = render_prompt(tok, [{"role": "user", "content": "hello bee"}])
     expected_ids = hf.generate(

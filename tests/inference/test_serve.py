@@ -59,7 +59,7 @@ def client(server):
 def reference(model_dir):
     """The engine's own answers, as the server should give them: `reference(messages, max_tokens, **params)`
     for one, `reference.many([(messages, max_tokens), ...])` for several, decoded together (exact)."""
-    from bumblecore.data.template import render_prompt
+    from bumblecore.chat.format import render_prompt
 
     model, tokenizer, eos = load_for_inference(str(model_dir), device_map="cpu")
     engine = GenerationEngine(model, tokenizer, max_batch_size=16, max_len=CONTEXT, eos_token_ids=eos)

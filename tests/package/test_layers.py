@@ -11,28 +11,26 @@ PACKAGE = Path(bumblecore.__file__).parent
 # layer -> the layers its modules may import (itself always allowed)
 MAY_IMPORT = {
     "args": set(),
-    "data.template": {"args"},
-    "tokenizer": {"args", "data.template"},
-    "data": {"args", "tokenizer", "data.template"},
-    "model": {"args", "tokenizer", "data.template"},
-    "inference": {"args", "tokenizer", "data", "data.template", "model"},
+    "chat": {"args"},
+    "tokenizer": {"args", "chat"},
+    "data": {"args", "tokenizer", "chat"},
+    "model": {"args", "tokenizer", "chat"},
+    "inference": {"args", "tokenizer", "data", "chat", "model"},
     # GRPO's rollouts are the inference engine's generation (never a second decode loop)
-    "train": {"args", "tokenizer", "data", "data.template", "model", "inference"},
+    "train": {"args", "tokenizer", "data", "chat", "model", "inference"},
     # a stage's one module (bumblecore/recipes/): its records, its Stage, its extra models
-    "recipes": {"args", "tokenizer", "data", "data.template", "model", "inference", "train"},
+    "recipes": {"args", "tokenizer", "data", "chat", "model", "inference", "train"},
     # the commands that run a stage through its recipe: train/run.py, data/commands.py
-    "commands": {"args", "tokenizer", "data", "data.template", "model", "inference", "train", "recipes"},
-    "top": {"args", "tokenizer", "data", "data.template", "model", "train", "inference", "recipes", "commands"},
+    "commands": {"args", "tokenizer", "data", "chat", "model", "inference", "train", "recipes"},
+    "top": {"args", "tokenizer", "data", "chat", "model", "train", "inference", "recipes", "commands"},
 }
-COMMANDS = (["train", "run"], ["data", "commands"])  # modules of their own layer, like data/template.py
+COMMANDS = (["train", "run"], ["data", "commands"])  # modules of their own layer, like chat/format.py
 
 
 def layer_of(name: str) -> str:
-    """`bumblecore.train.engine` -> train; data/template.py is its own layer (tokenizer and model use it);
+    """`bumblecore.train.engine` -> train; chat/format.py is its own layer (tokenizer and model use it);
     data/dataset_spec.py (what a data key names, checked when settings are parsed) belongs to the settings."""
     parts = name.split(".")[1:]
-    if parts[:2] == ["data", "template"]:
-        return "data.template"
     if parts[:2] == ["data", "dataset_spec"]:
         return "args"
     if parts[:2] in COMMANDS:

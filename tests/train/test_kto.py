@@ -16,12 +16,12 @@ from tiny import assert_evaluations_printed, make_tiny_model, max_weight_differe
 
 import bumblecore
 from bumblecore.args import DataArgs, TrainArgs
+from bumblecore.chat.format import encode_preference
 from bumblecore.cli import main
 from bumblecore.data.dataset import dataset_units
 from bumblecore.data.formats import read_samples
 from bumblecore.data.loader import eval_batches
 from bumblecore.data.sources import DataError
-from bumblecore.data.template import encode_preference
 from bumblecore.model.bumblebee import Bumblebee
 from bumblecore.recipes import recipe_for
 from bumblecore.tokenizer import load_tokenizer

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from bumblecore.chat.format import encode_conversation, encode_preference, render_prompt
 from bumblecore.data.cache import build_cache
 from bumblecore.data.formats import read_samples
-from bumblecore.data.template import encode_conversation, encode_preference, render_prompt
 from bumblecore.recipes import recipe_for
 
 # The original system's demo datasets are not part of this repo; tests read them only from a folder

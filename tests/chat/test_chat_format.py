@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from bumblecore.data.template import (
+from bumblecore.chat.format import (
     CHAT_TEMPLATE,
     ChatFormatError,
     chat_format,

@@ -14,9 +14,9 @@ import pytest
 import torch
 import yaml
 
+from bumblecore.chat.format import ChatFormatError, chat_format
+from bumblecore.chat.templates import BUILT_IN, MARKERS, parse_special_tokens, prepare_tokenizer
 from bumblecore.cli import main
-from bumblecore.data.chat_templates import BUILT_IN, MARKERS, parse_special_tokens, prepare_tokenizer
-from bumblecore.data.template import ChatFormatError, chat_format
 from bumblecore.recipes import recipe_for
 from bumblecore.tokenizer import load_tokenizer
 
@@ -151,8 +151,8 @@ def test_a_role_order_the_template_refuses_is_a_chat_format_error(name):
 
 
 def test_the_token_cache_key_follows_the_template_and_inference_refuses_missing_markers():
+    from bumblecore.chat.templates import use_chat_template
     from bumblecore.data.cache import cache_key
-    from bumblecore.data.chat_templates import use_chat_template
 
     tokenizer = family_tokenizer("chatml")
     data = DEMO / "sft_eval.jsonl"

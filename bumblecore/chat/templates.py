@@ -2,7 +2,7 @@
 base tokenizer needs for one (`new_special_tokens`, `resize_vocab`).
 
 Each built-in is written here from its family's published format, in the shape our mask rule needs
-(data/template.py): the render of a conversation through an assistant turn extends the prompt for that
+(chat/format.py): the render of a conversation through an assistant turn extends the prompt for that
 turn, and the turn ends with a special token. None rewrites earlier turns (no "last turn only" system
 text, no stripped reasoning), so every one passes ChatFormat's prefix check.
 
@@ -25,7 +25,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Union
 
-from bumblecore.data.template import CHAT_TEMPLATE, DEFAULT_SYSTEM_PROMPT, IM_END, IM_START
+from bumblecore.chat.format import CHAT_TEMPLATE, DEFAULT_SYSTEM_PROMPT, IM_END, IM_START
 
 QWEN_SYSTEM_PROMPT = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 
@@ -204,7 +204,7 @@ def prepare_tokenizer(
         if name == "mistral" and tokenizer.eos_token is None:
             tokenizer.eos_token = "</s>"
     if chat and name:
-        from bumblecore.data.template import chat_format
+        from bumblecore.chat.format import chat_format
 
         end = chat_format(tokenizer).end_of_turn
         if end and tokenizer.eos_token != end[0]:
@@ -225,7 +225,7 @@ def write_end_of_turn(directory, tokenizer, base_dir) -> None:
     import json
     import os
 
-    from bumblecore.data.template import ChatFormatError, chat_format
+    from bumblecore.chat.format import ChatFormatError, chat_format
 
     try:
         end_of_turn = chat_format(tokenizer).end_of_turn_ids
