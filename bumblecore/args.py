@@ -18,6 +18,8 @@ from typing import ClassVar, Optional, Union
 from bumblecore.data.dataset_spec import MIX_STRATEGIES, DataSource, run_sources
 
 FINETUNING_TYPES = ("full", "lora")
+OPTIMIZERS = ("adamw", "muon", "adafactor", "sgd", "adamw_8bit")  # train/optimizers.py builds each
+LORA_INITS = ("default", "gaussian", "pissa", "pissa_niter_N", "olora")  # checked in model/lora_options.py
 PREF_LOSSES = ("sigmoid", "ipo", "orpo", "simpo")
 # Preference losses of the policy alone: no reference model is built, loaded or cached for them.
 REFERENCE_FREE_LOSSES = ("orpo", "simpo")
@@ -137,6 +139,13 @@ class OptimizationArgs:
     mean over the step's micro-batches of each micro-batch's own token mean)."""
     seed: int = 42
     """Seeds the random init, the data order and dropout."""
+    optim: str = "adamw"
+    """adamw, muon (torch's Muon for 2-D hidden matrices, AdamW for the rest), adafactor, sgd or adamw_8bit (CUDA)."""
+    optim_kwargs: dict = field(default_factory=dict)
+    """Extra settings of the optimizer (sgd: momentum, nesterov; adamw: betas, eps; muon: momentum, ns_steps ...)."""
+
+    def __post_init__(self) -> None:
+        _one_of("optim", self.optim, OPTIMIZERS)
 
 
 @dataclass
@@ -151,6 +160,16 @@ class LoraArgs:
     """Dropout on the adapter's input."""
     lora_target_modules: Optional[list[str]] = None
     """e.g. [q_proj, k_proj, v_proj, o_proj]; default: every linear layer of the decoder."""
+    use_dora: bool = False
+    """DoRA: a trained magnitude per output row beside the low-rank direction update."""
+    use_rslora: bool = False
+    """rsLoRA: scale the update by alpha / sqrt(r) instead of alpha / r."""
+    lora_init: str = "default"
+    """default, gaussian, pissa, pissa_niter_N (fast SVD, N iterations) or olora (saved relative to the original base)."""
+    loraplus_lr_ratio: Optional[float] = None
+    """LoRA+: the B matrices learn at this many times learning_rate (e.g. 16)."""
+    lora_modules_to_save: Optional[list[str]] = None
+    """Modules trained in full beside the adapter and saved in it (e.g. [lm_head, embed_tokens])."""
 
 
 @dataclass

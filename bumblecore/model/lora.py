@@ -3,6 +3,7 @@ standard peft files, attach one to its base (inference) and merge it into a full
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -36,12 +37,15 @@ def apply_lora(
     target_modules: Optional[list[str]] = None,
     trainable_token_indices: Optional[dict[str, list[int]]] = None,
     zero3: bool = False,
+    variants: Optional[dict] = None,
 ):
     """The model with LoRA adapters on `target_modules` (default: every linear layer but the output
     head, whatever the family); only the adapters train, and the embedding rows of
-    `trainable_token_indices` (tokens added to the vocabulary: model/vocab.py), also under ZeRO-3 (`zero3`)."""
+    `trainable_token_indices` (tokens added to the vocabulary: model/vocab.py), also under ZeRO-3 (`zero3`).
+    `variants`: LoraConfig arguments of DoRA, rsLoRA, PiSSA / OLoRA, modules_to_save (model/lora_options.py)."""
     from peft import LoraConfig, get_peft_model
 
+    from bumblecore.model.lora_options import keep_initial_adapter
     from bumblecore.model.vocab import trainable_tokens_under_zero3, whole_token_weights
 
     targets = target_modules or linear_layer_names(model)
@@ -52,13 +56,14 @@ def apply_lora(
         target_modules=targets,
         bias="none",
         trainable_token_indices=trainable_token_indices,
+        **(variants or {}),
     )
-    if not trainable_token_indices:
-        return get_peft_model(model, config)
-    with whole_token_weights(model):
+    with whole_token_weights(model) if trainable_token_indices else contextlib.nullcontext():
         peft_model = get_peft_model(model, config)
-    if zero3:
+    if trainable_token_indices and zero3:
         trainable_tokens_under_zero3(peft_model)
+    if isinstance(config.init_lora_weights, str) and config.init_lora_weights != "gaussian":  # PiSSA, OLoRA
+        keep_initial_adapter(peft_model)
     return peft_model
 
 
@@ -256,7 +261,10 @@ def save_adapter(
     """adapter_config.json + adapter_model.safetensors, with base_model_name_or_path pointing at the base,
     and base_fingerprint.json describing that base (`fingerprint`: taken when training started; default:
     the base as it is now). `state_dict`: the adapter's tensors gathered from their ZeRO-3 shards
-    (default: the live ones)."""
+    (default: the live ones). A PiSSA / OLoRA adapter is saved relative to the original base."""
+    from bumblecore.model.lora_options import converted_config, on_original_base
+
+    state_dict, converted = on_original_base(peft_model, state_dict)
     peft_model.save_pretrained(str(directory), safe_serialization=True, state_dict=state_dict)
     if getattr(peft_model.get_base_model(), "is_transformers_fallback", False):
         # Trained through our wrapper (its model under `.hf`): store the names a peft model over the
@@ -270,6 +278,8 @@ def save_adapter(
     config = json.loads(config_file.read_text(encoding="utf-8"))
     config["base_model_name_or_path"] = str(Path(base_model_path).resolve())
     config.pop("auto_mapping", None)  # the base is a plain HF-format dir; any peft user can load it
+    if converted:
+        config = converted_config(config)
     config_file.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     fingerprint = fingerprint or base_fingerprint(base_model_path)
     (Path(directory) / FINGERPRINT_FILE).write_text(json.dumps(fingerprint, indent=2) + "\n", encoding="utf-8")

@@ -59,6 +59,10 @@ class Recipe:
     def check(self, run) -> None:
         """Refusals of this stage that one config group alone cannot tell."""
 
+    def adapter_off_reference(self, run) -> bool:
+        """Under LoRA, the stage's reference is the policy with its adapter switched off."""
+        return False
+
     def notes(self, run) -> list[str]:
         """Keys that are accepted but change nothing for this stage, said once at start."""
         return []

@@ -23,6 +23,9 @@ class GRPORecipe(Recipe):
                 "use ZeRO-0/1/2 or DDP"
             )
 
+    def adapter_off_reference(self, run) -> bool:
+        return bool(run.grpo.beta)  # the KL reference
+
     def frozen_copy(self, run, total: int, trainable: int) -> int:
         """The KL reference (beta > 0) of full fine-tuning is a frozen copy; LoRA's is its own base."""
         return total if run.grpo.beta and run.model.finetuning_type == "full" else 0

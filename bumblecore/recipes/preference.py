@@ -23,6 +23,9 @@ class PreferenceRecipe(Recipe):
     plans_padded_rows = True
     build_stage = staticmethod(build_preference_stage)
 
+    def adapter_off_reference(self, run) -> bool:
+        return not run.preference.reference_free and not run.preference.ref_model_path
+
     def notes(self, run) -> list[str]:
         preference, notes = run.preference, []
         if not preference.reference_free:

@@ -26,6 +26,7 @@ def launch(run: TrainArgs):
     deepspeed = None
     if scale.deepspeed_config_path:
         from bumblecore.train.memory import Workload
+        from bumblecore.train.optimizers import deepspeed_client_optimizer
 
         raw = json.loads((Path(run.model.model_name_or_path) / "config.json").read_text())
         hidden = raw.get("hidden_size", 0)
@@ -39,6 +40,7 @@ def launch(run: TrainArgs):
             hidden_size=hidden,
             layer_params=Workload.from_config(raw, 1, 1).layer_params or None,
         )
+        deepspeed = deepspeed_client_optimizer(deepspeed, optimization.optim)
     fabric = build_fabric(
         scale.accelerator, scale.devices, scale.num_nodes, optimization.train_model_precision, deepspeed, launch=launch
     )

@@ -34,8 +34,22 @@ def train(run: TrainArgs) -> None:
     recipe = recipe_for(run.model.training_stage)
     check_inputs(run)
     recipe.check(run)
+    check_adapter_and_optimizer(run, recipe)
     fabric, deepspeed, launcher = launch(run)
     main(fabric, run, recipe, deepspeed_config=deepspeed, launcher=launcher)
+
+
+def check_adapter_and_optimizer(run: TrainArgs, recipe) -> None:
+    """The LoRA variants' and the optimizer's refusals, before anything starts."""
+    from bumblecore.model.lora_options import check_lora_options
+    from bumblecore.train.launch import load_zero_stage
+    from bumblecore.train.optimizers import check_optimizer
+
+    ds_path = run.runtime.deepspeed_config_path
+    if run.model.finetuning_type == "lora":
+        zero = load_zero_stage(ds_path) if ds_path else None
+        check_lora_options(run.lora, zero, recipe.adapter_off_reference(run))
+    check_optimizer(run.optimization, ds_path, run.runtime.accelerator)
 
 
 def main(fabric, run: TrainArgs, recipe, deepspeed_config: dict | None = None, launcher: str | None = None) -> None:

@@ -134,16 +134,6 @@ def count_parameters(run: TrainArgs) -> tuple[int, int]:
     return total + adapters, adapters
 
 
-def optimizer_groups(model, weight_decay: float) -> list[dict]:
-    """AdamW groups: no weight decay for biases and norm weights (1-D tensors; ZeRO-3 keeps a
-    partitioned weight's real shape in ds_shape)."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (no_decay if len(getattr(p, "ds_shape", p.shape)) < 2 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 def memory_plan(
     fabric,
     run: TrainArgs,
@@ -241,6 +231,7 @@ def build_model(fabric, run: TrainArgs, load, tokenizer, stage_of_zero: Optional
         run.data = dataclasses.replace(run.data, packing=False)
     if run.model.finetuning_type == "lora":
         from bumblecore.chat.templates import added_token_ids
+        from bumblecore.model.lora_options import lora_config_options
         from bumblecore.model.vocab import lora_token_indices
 
         new_rows = lora_token_indices(model, added_token_ids(tokenizer, tokenizer.bumblecore_added_tokens))
@@ -252,31 +243,29 @@ def build_model(fabric, run: TrainArgs, load, tokenizer, stage_of_zero: Optional
             run.lora.lora_target_modules,
             trainable_token_indices=new_rows,
             zero3=stage_of_zero == 3,
+            variants=lora_config_options(run.lora),
         )
     return model
 
 
 def build_optimizer(fabric, run: TrainArgs, model, total_steps: int):
-    """AdamW and its schedule, with the model set up by Fabric: (model, optimizer, scheduler, warmup steps)."""
+    """The optimizer (`optim`: train/optimizers.py) and its schedule, with the model set up by Fabric:
+    (model, optimizer, scheduler, warmup steps)."""
     from bumblecore.train.backend import share_fp32_master_weights
     from bumblecore.train.memory import release_freed_host_memory
+    from bumblecore.train.optimizers import build_optimizer_for
     from bumblecore.train.schedulers import build_scheduler
 
     optimization = run.optimization
     warmup_steps = math.ceil(optimization.warmup_ratio * total_steps)
-    adamw = torch.optim.AdamW(
-        optimizer_groups(model, optimization.weight_decay),
-        lr=optimization.learning_rate,
-        betas=(0.9, 0.999),
-        eps=1e-8,
-        fused=True,
-    )
-    model, optimizer = fabric.setup(model, adamw)
+    lora = run.lora if run.model.finetuning_type == "lora" else None
+    own_optimizer = build_optimizer_for(model, optimization, lora)
+    model, optimizer = fabric.setup(model, own_optimizer)
     share_fp32_master_weights(model)
     release_freed_host_memory()  # DeepSpeed's setup copies every partition once more
-    # The schedule drives AdamW's own param groups: under DeepSpeed the ZeRO optimizer wraps it and steps it.
+    # The schedule drives the optimizer's own param groups: under DeepSpeed the ZeRO optimizer wraps it and steps it.
     scheduler = build_scheduler(
-        optimization.lr_scheduler_type, adamw, warmup_steps, total_steps, **optimization.lr_scheduler_kwargs
+        optimization.lr_scheduler_type, own_optimizer, warmup_steps, total_steps, **optimization.lr_scheduler_kwargs
     )
     return model, optimizer, scheduler, warmup_steps
 
