@@ -113,9 +113,9 @@ class OptimizationArgs:
     max_steps: Optional[int] = None
     """Stop after this many optimiser steps (overrides num_epochs)."""
     learning_rate: float = 5e-5
-    """Peak learning rate of AdamW (after warmup)."""
+    """Peak learning rate (after warmup), of whichever optim."""
     weight_decay: float = 0.01
-    """AdamW weight decay (biases and norm weights get none)."""
+    """Weight decay (biases and norm weights get none)."""
     warmup_ratio: float = 0.1
     """Fraction of total steps used for warmup."""
     lr_scheduler_type: str = "cosine"
