@@ -131,7 +131,12 @@ def count_parameters(run: TrainArgs) -> tuple[int, int]:
         for name, m in model.named_modules()
         if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets
     )
-    return total + adapters, adapters
+    # lora_modules_to_save: peft trains a full copy of each beside the frozen original
+    saved = set(run.lora.lora_modules_to_save or [])
+    copies = sum(
+        p.numel() for name, m in model.named_modules() if name.rsplit(".", 1)[-1] in saved for p in m.parameters()
+    )
+    return total + adapters + copies, adapters + copies
 
 
 def memory_plan(

@@ -195,3 +195,18 @@ def test_the_variants_on_two_processes_under_zero2_equal_one_process(tmp_path, b
     two = [json.loads(line)["loss"] for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert two == pytest.approx(one, abs=1e-5)
     assert max_weight_difference(tmp_path / "one", tmp_path / "two", "adapter_model.safetensors") < 5e-5
+
+
+def test_the_memory_plan_counts_the_modules_trained_in_full(base, sft_data):
+    """lora_modules_to_save [lm_head]: peft trains a full copy of the head (vocab x hidden) beside the adapters."""
+    from bumblecore.args import TrainArgs
+    from bumblecore.train.setup import count_parameters
+
+    def counted(**keys):
+        flat = dict(model_name_or_path=str(base), dataset_path=str(sft_data), finetuning_type="lora", lora_rank=4)
+        return count_parameters(TrainArgs.from_flat(**flat, **keys))
+
+    config = json.loads((base / "config.json").read_text())
+    head = config["vocab_size"] * config["hidden_size"]
+    (total, trainable), (total_saved, trainable_saved) = counted(), counted(lora_modules_to_save=["lm_head"])
+    assert (total_saved - total, trainable_saved - trainable) == (head, head)
