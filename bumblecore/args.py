@@ -271,29 +271,6 @@ class RuntimeArgs:
     ZeRO-3, whose ranks gather and free every weight each step; off otherwise."""
 
 
-REPORT_TO = ("tensorboard", "wandb", "mlflow", "csv")  # train/trackers.py opens each
-
-
-def resolve_report_to(report_to: Union[list[str], str, None], use_tensorboard: Optional[bool] = None) -> list[str]:
-    """`report_to` as a list of tracker names (LLaMA-Factory's and TRL's `report_to: none` / `wandb,mlflow`
-    spellings too), with the original's `use_tensorboard` applied: true adds tensorboard, false removes it."""
-    if isinstance(report_to, str):
-        report_to = [report_to]
-    names = []
-    for name in (part.strip().lower() for entry in report_to or [] for part in entry.split(",")):
-        if name == "swanlab":  # its package pins protobuf < 7, which wandb's install does not allow beside it
-            raise ValueError("report_to swanlab is not supported yet; use tensorboard, wandb, mlflow or csv")
-        if name not in ("", "none"):
-            _one_of("report_to", name, REPORT_TO)
-            if name not in names:
-                names.append(name)
-    if use_tensorboard and "tensorboard" not in names:
-        names.insert(0, "tensorboard")
-    if use_tensorboard is False and "tensorboard" in names:
-        names.remove("tensorboard")
-    return names
-
-
 @dataclass
 class OutputArgs:
     """Outputs: where the run writes, checkpoints, resume, evaluation and logging"""
@@ -319,9 +296,8 @@ class OutputArgs:
     save_train_log: bool = False
     """Also write the log to output_dir/logs/train.log (it starts with the resolved configuration)."""
     report_to: Optional[Union[list[str], str]] = field(default_factory=lambda: ["tensorboard"])
-    """Experiment trackers that get the resolved configuration and every logged metric (rank 0): any of
-    tensorboard (output_dir/runs), wandb, mlflow, csv (output_dir/csv); a list, one name, a comma-separated
-    string, or none. wandb and mlflow need their extra: pip install 'bumblecore[wandb]'."""
+    """Trackers of the resolved configuration and every logged metric: tensorboard (output_dir/runs), wandb, mlflow,
+    csv (output_dir/csv): a list, names joined by commas, or none. wandb, mlflow: pip install 'bumblecore[wandb]'."""
     use_tensorboard: Optional[bool] = None
     """The original's switch: true adds tensorboard to report_to, false removes it; unset leaves report_to as is."""
     run_name: Optional[str] = None
@@ -329,9 +305,18 @@ class OutputArgs:
     tracker_project: str = "bumblecore"
     """The W&B project / MLflow experiment the run is logged under."""
 
-    def __post_init__(self) -> None:
-        # Resolved here, so training_args.yaml and --print_config show the trackers the run reports to.
-        self.report_to = resolve_report_to(self.report_to, self.use_tensorboard)
+    def __post_init__(self) -> None:  # report_to resolved: training_args.yaml shows the run's trackers
+        entries = [self.report_to] if isinstance(self.report_to, str) else self.report_to or []  # `wandb,mlflow` too
+        names = [
+            n for n in dict.fromkeys(n.strip().lower() for e in entries for n in e.split(",")) if n != "none" and n
+        ]
+        if "swanlab" in names:  # its package pins protobuf < 7, which wandb's does not allow beside it
+            raise ValueError("report_to swanlab is not supported yet; use tensorboard, wandb, mlflow or csv")
+        for name in names:
+            _one_of("report_to", name, ("tensorboard", "wandb", "mlflow", "csv"))  # train/trackers.py opens them
+        if self.use_tensorboard is not None:  # the original's switch
+            names = (["tensorboard"] if self.use_tensorboard else []) + [n for n in names if n != "tensorboard"]
+        self.report_to = names
 
 
 @dataclass

@@ -18,7 +18,7 @@ import yaml
 from tiny import init_tiny_model_dir
 
 import bumblecore
-from bumblecore.args import resolve_report_to
+from bumblecore.args import OutputArgs
 from bumblecore.cli import main
 from bumblecore.train.monitor import Monitor, read_history
 
@@ -108,13 +108,15 @@ def series_of(history: list[dict]) -> dict:
 
 
 def test_report_to_resolves_the_original_switch_and_other_spellings():
-    assert resolve_report_to(["tensorboard"]) == ["tensorboard"]  # the default
-    assert resolve_report_to(["tensorboard"], use_tensorboard=False) == []
-    assert resolve_report_to("wandb,mlflow", use_tensorboard=True) == ["tensorboard", "wandb", "mlflow"]
-    assert resolve_report_to("none") == [] and resolve_report_to(None) == []
-    assert resolve_report_to(["CSV", "csv", "wandb"]) == ["csv", "wandb"]
+    def resolved(report_to=("tensorboard",), use_tensorboard=None):
+        return OutputArgs(report_to=report_to, use_tensorboard=use_tensorboard).report_to
+
+    assert OutputArgs().report_to == resolved() == ["tensorboard"]  # the default
+    assert resolved(use_tensorboard=False) == [] and resolved(["csv"], use_tensorboard=True) == ["tensorboard", "csv"]
+    assert resolved("wandb, mlflow") == ["wandb", "mlflow"] and resolved("none") == resolved(None) == []
+    assert resolved(["CSV", "csv", "wandb"]) == ["csv", "wandb"]
     with pytest.raises(ValueError, match="report_to 'neptune' is not one of tensorboard, wandb, mlflow, csv"):
-        resolve_report_to(["neptune"])
+        resolved(["neptune"])
 
 
 def test_every_tracker_reads_back_the_runs_config_and_metrics(offline_trackers, model_and_data, mlflow_uri):
