@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
@@ -38,6 +40,7 @@ class Monitor:
         self.logger = logging.getLogger("bumblecore.train")
         self.trackers = None
         self.log_handler = None
+        self.previous_sigterm, self.writing, self.stop_signal = None, False, None
         if not self.enabled:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -57,6 +60,17 @@ class Monitor:
             self.trackers = Trackers(
                 list(report_to), self.output_dir, hyperparameters or {}, run_name, tracker_project, resume_step
             )
+            if threading.current_thread() is threading.main_thread():
+                self.previous_sigterm = signal.signal(signal.SIGTERM, self._stop_on_sigterm)
+
+    def _stop_on_sigterm(self, signum, frame) -> None:
+        """SIGTERM (a scheduler's stop, `kill`) would end the process with the trackers' runs left open: it
+        stops the run as Ctrl+C does instead, through the same close (status killed), and not in the middle
+        of a record, which reaches metrics.jsonl and every tracker whole."""
+        if self.writing:
+            self.stop_signal = signum
+        else:
+            raise SystemExit(128 + signum)  # the exit status a shell reports for a signal
 
     def _truncate_after(self, step: int) -> None:
         """On resume, drop lines the resumed run will write again (steps after the checkpoint)."""
@@ -78,11 +92,17 @@ class Monitor:
         if not self.enabled:
             return
         record = {k: (round(v, 8) if isinstance(v, float) else v) for k, v in metrics.items()}
-        with open(self.metrics_file, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.trackers is not None:  # the values metrics.jsonl holds, so the two agree exactly
-            self.trackers.log(record)
+        self.writing = True
+        try:
+            with open(self.metrics_file, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+            if self.trackers is not None:  # the values metrics.jsonl holds, so the two agree exactly
+                self.trackers.log(record)
+        finally:
+            self.writing = False
         self.logger.info(json.dumps(record))
+        if self.stop_signal is not None:
+            raise SystemExit(128 + self.stop_signal)
 
     def plot(self, smooth: bool = True) -> None:
         """Write the PNG curves from the history so far (at each save and at the end)."""
@@ -96,8 +116,14 @@ class Monitor:
             return
         if self.trackers is not None:
             status = "success" if error is None else "failed" if isinstance(error, Exception) else "killed"
-            self.trackers.close(status)
-            self.trackers = None
+            trackers, self.trackers = self.trackers, None
+            self.writing = True  # a SIGTERM now waits: the run is on its way out already
+            try:
+                trackers.close(status)
+            finally:
+                if self.previous_sigterm is not None:
+                    signal.signal(signal.SIGTERM, self.previous_sigterm)
+                    self.previous_sigterm = None
         if self.log_handler is not None:
             self.logger.removeHandler(self.log_handler)
             self.log_handler.close()

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import signal
-import threading
 from pathlib import Path
 from typing import Optional
 
@@ -101,17 +99,17 @@ class Trackers:
     ):
         output_dir = Path(output_dir)
         run_name = run_name or output_dir.resolve().name
-        self.loggers = {name: OPEN[name](output_dir, run_name, project, resume_step) for name in names}
-        for name, logger in self.loggers.items():
-            if name == "tensorboard":
-                self._tensorboard_hparams(logger, hyperparameters)
-            elif name != "csv":  # csv: the configuration is training_args.yaml, beside it
-                logger.log_hyperparams(hyperparameters)
-        # SIGTERM (a scheduler's stop, `kill`) would end the process with the trackers' runs left open:
-        # while they are, it stops the run like Ctrl+C does, through the same close (status killed).
-        self.previous_sigterm = None
-        if threading.current_thread() is threading.main_thread():
-            self.previous_sigterm = signal.signal(signal.SIGTERM, stop_on_sigterm)
+        self.loggers = {}
+        try:
+            for name in names:  # each logger starts its run at its first call (W&B: wandb.init)
+                logger = self.loggers[name] = OPEN[name](output_dir, run_name, project, resume_step)
+                if name == "tensorboard":
+                    self._tensorboard_hparams(logger, hyperparameters)
+                elif name != "csv":  # csv: the configuration is training_args.yaml, beside it
+                    logger.log_hyperparams(hyperparameters)
+        except BaseException:  # say, W&B without a login: the trackers opened so far do not stay open
+            self.close("failed")
+            raise
 
     @staticmethod
     def _tensorboard_hparams(logger, hyperparameters: dict) -> None:
@@ -132,19 +130,10 @@ class Trackers:
     def close(self, status: str = "success") -> None:
         """status: success, failed (an error) or killed (an interrupt): the run's state where the tracker has one."""
         loggers, self.loggers = self.loggers, {}
-        try:
-            for name, logger in loggers.items():
-                if name == "wandb":  # WandbLogger.finalize leaves the run open (wandb finishes it at exit)
-                    logger.experiment.finish(exit_code=0 if status == "success" else 1)
-                elif name == "mlflow":
-                    logger.finalize({"success": "success", "failed": "failed", "killed": "KILLED"}[status])
-                else:
-                    logger.finalize(status)
-        finally:
-            if self.previous_sigterm is not None:
-                signal.signal(signal.SIGTERM, self.previous_sigterm)
-                self.previous_sigterm = None
-
-
-def stop_on_sigterm(signum, frame):
-    raise SystemExit(128 + signum)  # the exit status a shell reports for a signal
+        for name, logger in loggers.items():
+            if name == "wandb":  # WandbLogger.finalize leaves the run open (wandb finishes it at exit)
+                logger.experiment.finish(exit_code=0 if status == "success" else 1)
+            elif name == "mlflow":
+                logger.finalize({"success": "success", "failed": "failed", "killed": "KILLED"}[status])
+            else:
+                logger.finalize(status)
