@@ -310,7 +310,7 @@ class OutputArgs:
         names = [
             n for n in dict.fromkeys(n.strip().lower() for e in entries for n in e.split(",")) if n != "none" and n
         ]
-        if "swanlab" in names:  # its package pins protobuf < 7, which wandb's does not allow beside it
+        if "swanlab" in names:  # swanlab 0.10 pins protobuf < 7 (ours is 7): untested here, so not offered
             raise ValueError("report_to swanlab is not supported yet; use tensorboard, wandb, mlflow or csv")
         for name in names:
             _one_of("report_to", name, ("tensorboard", "wandb", "mlflow", "csv"))  # train/trackers.py opens them
