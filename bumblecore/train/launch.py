@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from bumblecore.args import TrainArgs
+from bumblecore.train.trackers import check_installed
 
 
 def launch(run: TrainArgs):
@@ -58,6 +59,7 @@ def check_inputs(run: TrainArgs) -> None:
         )
     if not run.data.dataset_path:
         raise ValueError("dataset_path is required")
+    check_installed(run.output.report_to)  # a tracker's missing package, named with its extra
     if run.optimization.lr_scheduler_type == "reduce_on_plateau" and not run.data.eval_dataset_path:
         # It steps on the eval loss only: without an eval set the lr would silently stay constant.
         raise ValueError(

@@ -1,14 +1,17 @@
-"""What a run shows and keeps: metrics.jsonl, TensorBoard, logs/train.log, PNG curves at the end.
+"""What a run shows and keeps: metrics.jsonl, the experiment trackers of `report_to` (TensorBoard, W&B,
+MLflow, CSV: train/trackers.py), logs/train.log, PNG curves at the end.
 
 Only rank 0 writes. Every logged optimiser step is one JSON line in metrics.jsonl, so the whole
-history can be read back (and plotted again) with nothing but `json`.
+history can be read back (and plotted again) with nothing but `json`; each tracker gets the same values.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
+import signal
+import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
@@ -22,17 +25,22 @@ class Monitor:
     def __init__(
         self,
         output_dir,
-        use_tensorboard: bool = False,
+        report_to: Sequence[str] = (),
         save_train_log: bool = False,
         is_rank_zero: bool = True,
         resume_step: Optional[int] = None,
+        hyperparameters: Optional[dict] = None,
+        run_name: Optional[str] = None,
+        tracker_project: str = "bumblecore",
     ):
+        """`hyperparameters`: the resolved configuration each tracker records (training_args.yaml's keys)."""
         self.output_dir = Path(output_dir)
         self.enabled = is_rank_zero
         self.metrics_file = self.output_dir / "metrics.jsonl"
         self.logger = logging.getLogger("bumblecore.train")
-        self.writer = None
+        self.trackers = None
         self.log_handler = None
+        self.previous_sigterm, self.writing, self.stop_signal = None, False, None
         if not self.enabled:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -46,10 +54,23 @@ class Monitor:
             self.log_handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
             self.logger.addHandler(self.log_handler)
             self.logger.setLevel(logging.INFO)
-        if use_tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+        if report_to:
+            from bumblecore.train.trackers import Trackers
 
-            self.writer = SummaryWriter(log_dir=str(self.output_dir / "runs"))
+            self.trackers = Trackers(
+                list(report_to), self.output_dir, hyperparameters or {}, run_name, tracker_project, resume_step
+            )
+            if threading.current_thread() is threading.main_thread():
+                self.previous_sigterm = signal.signal(signal.SIGTERM, self._stop_on_sigterm)
+
+    def _stop_on_sigterm(self, signum, frame) -> None:
+        """SIGTERM (a scheduler's stop, `kill`) would end the process with the trackers' runs left open: it
+        stops the run as Ctrl+C does instead, through the same close (status killed), and not in the middle
+        of a record, which reaches metrics.jsonl and every tracker whole."""
+        if self.writing:
+            self.stop_signal = signum
+        else:
+            raise SystemExit(128 + signum)  # the exit status a shell reports for a signal
 
     def _truncate_after(self, step: int) -> None:
         """On resume, drop lines the resumed run will write again (steps after the checkpoint)."""
@@ -71,24 +92,38 @@ class Monitor:
         if not self.enabled:
             return
         record = {k: (round(v, 8) if isinstance(v, float) else v) for k, v in metrics.items()}
-        with open(self.metrics_file, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.writer is not None:
-            for key, value in metrics.items():
-                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
-                    self.writer.add_scalar(key if "/" in key else f"train/{key}", value, metrics["step"])
+        self.writing = True
+        try:
+            with open(self.metrics_file, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+            if self.trackers is not None:  # the values metrics.jsonl holds, so the two agree exactly
+                self.trackers.log(record)
+        finally:
+            self.writing = False
         self.logger.info(json.dumps(record))
+        if self.stop_signal is not None:
+            raise SystemExit(128 + self.stop_signal)
 
     def plot(self, smooth: bool = True) -> None:
         """Write the PNG curves from the history so far (at each save and at the end)."""
         if self.enabled and self.metrics_file.exists():
             plot_history(read_history(self.metrics_file), self.output_dir, smooth=smooth)
 
-    def close(self, smooth: bool = True) -> None:
+    def close(self, smooth: bool = True, error: Optional[BaseException] = None) -> None:
+        """At the run's end, or on its way out with `error`: the trackers record the run as failed (an
+        exception) or killed (an interrupt), where they keep a state."""
         if not self.enabled:
             return
-        if self.writer is not None:
-            self.writer.close()
+        if self.trackers is not None:
+            status = "success" if error is None else "failed" if isinstance(error, Exception) else "killed"
+            trackers, self.trackers = self.trackers, None
+            self.writing = True  # a SIGTERM now waits: the run is on its way out already
+            try:
+                trackers.close(status)
+            finally:
+                if self.previous_sigterm is not None:
+                    signal.signal(signal.SIGTERM, self.previous_sigterm)
+                    self.previous_sigterm = None
         if self.log_handler is not None:
             self.logger.removeHandler(self.log_handler)
             self.log_handler.close()

@@ -42,6 +42,9 @@ OPERATIONAL_KEYS = frozenset(
         "logging_steps",
         "save_train_log",
         "use_tensorboard",
+        "report_to",
+        "run_name",
+        "tracker_project",
         "tokenizer_use_fast",
         "save_steps",
         "save_total_limit",
@@ -280,16 +283,20 @@ def report_peak_memory(fabric, monitor, planned_mb: int) -> None:
 
 
 def open_monitor(fabric, run: TrainArgs, resume_dir: Optional[Path], notes: list[str]):
-    """The run's log and metrics (train/monitor.py), opened with the configuration and the notes."""
+    """The run's log, metrics and trackers (train/monitor.py), opened with the configuration and the notes."""
     from bumblecore.train.checkpoint import read_trainer_state
     from bumblecore.train.monitor import Monitor
 
+    output = run.output
     monitor = Monitor(
-        Path(run.output.output_dir),
-        run.output.use_tensorboard,
-        run.output.save_train_log,
+        Path(output.output_dir),
+        output.report_to,
+        output.save_train_log,
         fabric.is_global_zero,
         resume_step=read_trainer_state(resume_dir)["step"] if resume_dir else None,
+        hyperparameters=run.flat(),
+        run_name=output.run_name,
+        tracker_project=output.tracker_project,
     )
     # The log starts with what this attempt ran with (a resume may change keys such as max_steps).
     monitor.info("resolved configuration:\n" + to_yaml(run).rstrip())

@@ -91,35 +91,39 @@ def main(fabric, run: TrainArgs, recipe, deepspeed_config: dict | None = None, l
     stage, loader, eval_loader = recipe.stage(fabric, run, model, data, load, resuming=resume_dir is not None)
 
     monitor = open_monitor(fabric, run, resume_dir, notes)
-    settings = loop_settings(run, total_steps, bool(eval_loader), deepspeed_config)
-    exporter = Exporter(
-        fabric, run, tokenizer, monitor, base_fingerprint=base, chat=recipe.chat, smooth_curves=recipe.smooth_curves
-    )
-    engine = Engine(
-        fabric,
-        model,
-        optimizer,
-        scheduler,
-        stage,
-        loader,
-        settings,
-        monitor,
-        save_fn=lambda step, final: exporter.checkpoint(engine, step, final),
-        eval_loader=eval_loader,
-    )
-    if resume_dir is not None:
-        engine.load_state(resume_dir)
-        fabric.print(f"resumed from {resume_dir} at step {engine.step}")
+    try:
+        settings = loop_settings(run, total_steps, bool(eval_loader), deepspeed_config)
+        exporter = Exporter(
+            fabric, run, tokenizer, monitor, base_fingerprint=base, chat=recipe.chat, smooth_curves=recipe.smooth_curves
+        )
+        engine = Engine(
+            fabric,
+            model,
+            optimizer,
+            scheduler,
+            stage,
+            loader,
+            settings,
+            monitor,
+            save_fn=lambda step, final: exporter.checkpoint(engine, step, final),
+            eval_loader=eval_loader,
+        )
+        if resume_dir is not None:
+            engine.load_state(resume_dir)
+            fabric.print(f"resumed from {resume_dir} at step {engine.step}")
 
-    write_run_record(fabric, run)
-    steps, parameters = (total_steps, warmup_steps), (total, trainable)
-    lines = banner(fabric, run, launcher, data.lines, loader, steps, parameters, model, stage_of_zero)
-    for line in [*lines, *plan.lines(), *([f"  {stage.summary}"] if getattr(stage, "summary", "") else [])]:
-        fabric.print(line)
-        monitor.info(line)
+        write_run_record(fabric, run)
+        steps, parameters = (total_steps, warmup_steps), (total, trainable)
+        lines = banner(fabric, run, launcher, data.lines, loader, steps, parameters, model, stage_of_zero)
+        for line in [*lines, *plan.lines(), *([f"  {stage.summary}"] if getattr(stage, "summary", "") else [])]:
+            fabric.print(line)
+            monitor.info(line)
 
-    engine.fit()
-    exporter.export_final(engine)
+        engine.fit()
+        exporter.export_final(engine)
+    except BaseException as error:  # an error, an interrupt, a stop: the trackers close with the run's state
+        monitor.close(smooth=recipe.smooth_curves, error=error)
+        raise
     monitor.close(smooth=recipe.smooth_curves)
     fabric.print(f"done in {time.perf_counter() - started:.1f}s: {run.output.output_dir}")
     report_peak_memory(fabric, monitor, plan.peak_mb)  # the run's last line

@@ -63,7 +63,7 @@ def test_rng_state_round_trip():
 
 
 def test_monitor_writes_history_and_plots(tmp_path):
-    monitor = Monitor(tmp_path, use_tensorboard=True, save_train_log=True)
+    monitor = Monitor(tmp_path, report_to=["tensorboard"], save_train_log=True)
     for step in range(1, 6):
         monitor.log(
             {

@@ -279,6 +279,7 @@ def test_every_original_key_is_accepted(tmp_path):
     resolved = yaml.safe_load(result.stdout)
     assert resolved["dpo_label_smoothing"] == 0.1 and resolved["lora_target_modules"] == ["q_proj", "v_proj"]
     assert resolved["learning_rate"] == 5e-5 and resolved["average_tokens_across_devices"] is False
+    assert resolved["report_to"] == []  # use_tensorboard: false removes the default tracker
 
 
 KILL_DURING_SAVE = """
