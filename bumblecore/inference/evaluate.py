@@ -29,6 +29,28 @@ def task_names(tasks: Union[str, list[str]]) -> list[str]:
     return [name.strip() for entry in names for name in entry.split(",") if name.strip()]
 
 
+def local_tasks(tasks: Union[str, list[str]], include_path: Optional[list[str]] = None, key: str = "--tasks"):
+    """(lm-eval's TaskManager over our local tasks and include_path, the task names), checked: a missing
+    lm-eval, a missing folder or an unknown task is an error naming it (and `key`, the option that named it)."""
+    import_lm_eval()
+    from lm_eval.tasks import TaskManager
+
+    names = task_names(tasks)
+    if not names:
+        raise ValueError(f"{key}: name at least one task (e.g. demo_qa_choice,demo_qa_exact)")
+    for path in include_path or []:
+        if not Path(path).exists():
+            raise FileNotFoundError(f"include_path {path}: no such file or folder of task YAMLs")
+    manager = TaskManager(include_path=[str(TASKS_DIR), *(include_path or [])], include_defaults=False)
+    unknown = [name for name in names if name not in manager.all_tasks]
+    if unknown:
+        raise ValueError(
+            f"{key} {', '.join(unknown)}: no such task among the local ones ({', '.join(manager.all_tasks)}); "
+            "give the folder of your task YAMLs with --include_path"
+        )
+    return manager, names
+
+
 def run_tasks(
     lm,
     tasks: Union[str, list[str]],
@@ -39,23 +61,9 @@ def run_tasks(
     log_samples: bool = False,
 ) -> dict:
     """lm_eval.simple_evaluate on an lm-eval model with our local tasks (plus include_path); its
-    results dict. An unknown task is an error naming the tasks there are."""
+    results dict."""
     lm_eval = import_lm_eval()
-    from lm_eval.tasks import TaskManager
-
-    names = task_names(tasks)
-    if not names:
-        raise ValueError("--tasks: name at least one task (e.g. demo_qa_choice,demo_qa_exact)")
-    for path in include_path or []:
-        if not Path(path).exists():
-            raise FileNotFoundError(f"include_path {path}: no such file or folder of task YAMLs")
-    manager = TaskManager(include_path=[str(TASKS_DIR), *(include_path or [])], include_defaults=False)
-    unknown = [name for name in names if name not in manager.all_tasks]
-    if unknown:
-        raise ValueError(
-            f"--tasks {', '.join(unknown)}: no such task among the local ones ({', '.join(manager.all_tasks)}); "
-            "give the folder of your task YAMLs with --include_path"
-        )
+    manager, names = local_tasks(tasks, include_path)
     return lm_eval.simple_evaluate(
         model=lm,
         tasks=names,

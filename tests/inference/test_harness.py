@@ -173,3 +173,12 @@ def test_unknown_tasks_and_generation_options_are_refused_by_name(tiny_checkpoin
     assert not (model_dir / "eval_results.json").exists()
     with pytest.raises(ValueError, match="generation_kwargs num_beams"):
         sampling_params({"do_sample": False, "num_beams": 4}, ["\n"], 8)
+
+
+@pytest.mark.slow
+def test_a_real_model_equals_the_hf_backend(smollm2_dir):
+    """SmolLM2-135M-Instruct (Llama layout, its own tokenizer) on both shipped tasks with two few-shot
+    examples: the same requests, log-likelihoods, greedy flags, generated texts and metrics as HFLM."""
+    ours = run_tasks(BumblecoreLM(str(smollm2_dir), batch_size=4), DEMO_TASKS, limit=4, num_fewshot=2, log_samples=True)
+    theirs = run_tasks(hf_backend(smollm2_dir), DEMO_TASKS, limit=4, num_fewshot=2, log_samples=True)
+    assert compare_samples(ours, theirs) < 1e-4
