@@ -71,3 +71,26 @@ def test_an_unknown_eval_task_is_refused_before_anything_is_written(tmp_path, ca
         train(tmp_path, "refused", eval_tasks=["demo_qa_choise"])
     assert "eval_tasks demo_qa_choise: no such task" in capsys.readouterr().err
     assert not (tmp_path / "refused").exists()
+
+
+@pytest.mark.slow
+def test_two_ranks_rank_zero_evaluates_and_every_rank_logs_it(tmp_path):
+    """DDP on 2 gloo ranks: rank 0 runs the tasks while the other waits; the record equals `bumblecore eval`
+    on the saved model."""
+    from tiny import train_on_two_processes
+
+    (tmp_path / "pretrain.jsonl").write_text("\n".join((DEMO / "pretrain.jsonl").read_text().splitlines()[:32]) + "\n")
+    init_tiny_model_dir(tmp_path / "model")
+    config = {"training_stage": "pretrain", "model_name_or_path": str(tmp_path / "model"),
+              "dataset_path": str(tmp_path / "pretrain.jsonl"), "cutoff_len": 64, "max_steps": 2,
+              "learning_rate": 5e-3, "train_micro_batch_size_per_gpu": 2, "train_model_precision": "fp32",
+              "save_steps": 100, "eval_tasks": ["demo_qa_choice"], "eval_tasks_limit": 4}  # fmt: skip
+    (tmp_path / "ddp.yaml").write_text(yaml.safe_dump(config))
+    train_on_two_processes(tmp_path / "ddp.yaml", tmp_path / "out", cwd=tmp_path)
+    history = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    evaluations = [r for r in history if "eval/demo_qa_choice/acc" in r]
+    assert [r["step"] for r in evaluations] == [0, 2]  # eval_steps defaults to save_steps; the end evaluates
+    main(["eval", "--model_path", str(tmp_path / "out"), "--tasks", "demo_qa_choice", "--limit", "4"])
+    saved = json.loads((tmp_path / "out" / "eval_results.json").read_text())["results"]["demo_qa_choice"]
+    assert evaluations[-1]["eval/demo_qa_choice/acc"] == pytest.approx(saved["acc,none"], abs=1e-7)
+    assert evaluations[-1]["eval/demo_qa_choice/acc_norm"] == pytest.approx(saved["acc_norm,none"], abs=1e-7)
