@@ -288,7 +288,7 @@ class OutputArgs:
     resume_from_checkpoint: Optional[str] = None
     """A checkpoint dir, or `latest` (the newest complete one in output_dir)."""
     eval_steps: Optional[int] = None
-    """Evaluate every N optimiser steps (default: at save_steps when eval data is given)."""
+    """Evaluate every N optimiser steps (default: at save_steps when eval data or eval_tasks are given)."""
     eval_at_end: bool = True
     """With eval data, evaluate after the last step too (once: not again if that step evaluated already)."""
     eval_tasks: Optional[list[str]] = None

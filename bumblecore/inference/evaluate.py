@@ -132,6 +132,7 @@ def evaluate(
 
     if not Path(model_path).is_dir():
         raise FileNotFoundError(f"--model_path {model_path}: no such model directory")
+    local_tasks(tasks, include_path)  # a wrong task name is said before the model is read
     target = Path(output_path) if output_path else Path(model_path) / "eval_results.json"
     if target.is_dir():
         target = target / "eval_results.json"
