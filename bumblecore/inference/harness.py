@@ -12,6 +12,8 @@ runs our engine (inference/generate.py).
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -51,9 +53,10 @@ class BumblecoreLM(TemplateLM):
         if model is None:
             if model_path is None:
                 raise ValueError("the bumblecore lm-eval model needs model_path (a model or LoRA adapter directory)")
-            model, tokenizer, eos_token_ids = load_for_inference(
+            model, tokenizer, _ = load_for_inference(
                 model_path, dtype, device, trust_remote_code=trust_remote_code, base_model_path=base_model_path
             )
+            eos_token_ids = generation_stop_ids(model_path, base_model_path)
         self.model, self.tokenizer = model, tokenizer
         self.eos_token_ids = eos_token_ids
         # lm-eval passes "auto" or a number through simple_evaluate's batch_size; auto is our default here
@@ -135,8 +138,8 @@ class BumblecoreLM(TemplateLM):
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Each context continued (greedy unless the task samples) until a stop string (`until`, and
-        the EOS token's text, as HFLM adds it), the model's end-of-sequence ids or max_gen_toks; the
-        text is decoded without special tokens and cut at the first stop string."""
+        the EOS token's text, as HFLM adds it), the model's end-of-sequence ids (generation_stop_ids) or
+        max_gen_toks; the text is decoded without special tokens and cut at the first stop string."""
         outputs: list[Optional[str]] = [None] * len(requests)
         groups: dict[str, list[int]] = {}
         for i, request in enumerate(requests):
@@ -165,6 +168,22 @@ class BumblecoreLM(TemplateLM):
                 outputs[i] = postprocess_generated_text(text, until, None)
                 self.cache_hook.add_partial("generate_until", requests[i].args, outputs[i])
         return outputs
+
+
+def generation_stop_ids(model_path: str, base_model_path: Optional[str] = None) -> list[int]:
+    """The ids transformers' `generate` stops on for this directory, as HFLM generates: generation_config.json's
+    eos_token_id when the file exists, else config.json's (a LoRA adapter: its base's, which peft generates
+    with). Unlike our chat commands, the chat template's end of turn is not added: lm-eval prompts are text
+    (the EOS text is a stop string anyway)."""
+    directory = Path(model_path)
+    if (directory / "adapter_config.json").is_file():
+        adapter = json.loads((directory / "adapter_config.json").read_text(encoding="utf-8"))
+        directory = Path(base_model_path or adapter.get("base_model_name_or_path") or directory)
+    for name in ("generation_config.json", "config.json"):
+        if (directory / name).is_file():
+            eos = json.loads((directory / name).read_text(encoding="utf-8")).get("eos_token_id")
+            return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    return []
 
 
 def sampling_params(options: dict, until: list[str], max_gen_toks: int) -> SamplingParams:

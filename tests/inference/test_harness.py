@@ -29,7 +29,10 @@ def offline(monkeypatch):
 
 
 def hf_backend(path, **options):
-    return HFLM(pretrained=str(path), batch_size=4, dtype="float32", device="cpu", **options)
+    """HFLM one request at a time: batched, its generation runs a row on past its stop while the other rows
+    of the batch go on (its stop criteria end a batch only when every row is done) and an EOS reached so is
+    decoded away; ours stops each row at its own stop, whatever else is batched."""
+    return HFLM(pretrained=str(path), **{"batch_size": 1, "dtype": "float32", "device": "cpu", **options})
 
 
 def as_json(results: dict) -> dict:
@@ -107,8 +110,9 @@ def bos_checkpoint(tiny_checkpoint, out):
 
 def test_bos_conventions_rolling_windows_and_a_local_json_task(tiny_checkpoint, tmp_path):
     """A tokenizer that adds a BOS: requests with an empty context (the prefix token, BOS), a context that
-    already starts with the BOS (not added twice), and a user's perplexity task (include_path) reading a
-    local JSON file (`dataset_path: json`) in rolling windows of 32 tokens: all equal HFLM's."""
+    already starts with the BOS (not added twice), a user's perplexity task (include_path) reading a local
+    JSON file (`dataset_path: json`) in rolling windows of 32 tokens, and the shipped tasks' prompts cut to
+    that context: all equal HFLM's."""
     model_dir = bos_checkpoint(tiny_checkpoint, tmp_path / "model")
     ours, theirs = BumblecoreLM(str(model_dir), batch_size=4, max_length=32), hf_backend(model_dir, max_length=32)
     assert ours.tok_encode("a cat")[0] == ours.tokenizer.bos_token_id == ours.prefix_token_id
@@ -134,6 +138,10 @@ def test_bos_conventions_rolling_windows_and_a_local_json_task(tiny_checkpoint, 
     assert len(ours.tok_encode(texts.read_text().splitlines()[0])) > 2 * 32  # several windows each
     assert compare_samples(mine, hers) < 1e-4
     assert task_metrics(mine)["local_texts/word_perplexity"] > 1
+    # One-shot prompts of ~50 tokens: kept to their last 32 - 8 (max_gen_toks) tokens for generation.
+    mine = run_tasks(ours, DEMO_TASKS, limit=8, num_fewshot=1, log_samples=True)
+    hers = run_tasks(theirs, DEMO_TASKS, limit=8, num_fewshot=1, log_samples=True)
+    assert compare_samples(mine, hers) < 1e-4
 
 
 def test_a_lora_adapter_directory_equals_the_hf_backend_with_peft(tiny_checkpoint, tmp_path):
@@ -179,6 +187,7 @@ def test_unknown_tasks_and_generation_options_are_refused_by_name(tiny_checkpoin
 def test_a_real_model_equals_the_hf_backend(smollm2_dir):
     """SmolLM2-135M-Instruct (Llama layout, its own tokenizer) on both shipped tasks with two few-shot
     examples: the same requests, log-likelihoods, greedy flags, generated texts and metrics as HFLM."""
-    ours = run_tasks(BumblecoreLM(str(smollm2_dir), batch_size=4), DEMO_TASKS, limit=4, num_fewshot=2, log_samples=True)
-    theirs = run_tasks(hf_backend(smollm2_dir), DEMO_TASKS, limit=4, num_fewshot=2, log_samples=True)
+    ours = run_tasks(BumblecoreLM(str(smollm2_dir), batch_size=4), DEMO_TASKS, limit=3, num_fewshot=2, log_samples=True)
+    # batched: the model's generation_config ends a row at its EOS (<|im_end|>) by itself
+    theirs = run_tasks(hf_backend(smollm2_dir, batch_size=4), DEMO_TASKS, limit=3, num_fewshot=2, log_samples=True)
     assert compare_samples(ours, theirs) < 1e-4
