@@ -307,9 +307,13 @@ class OutputArgs:
     resume_from_checkpoint: Optional[str] = None
     """A checkpoint dir, or `latest` (the newest complete one in output_dir)."""
     eval_steps: Optional[int] = None
-    """Evaluate every N optimiser steps (default: at save_steps when eval data is given)."""
+    """Evaluate every N optimiser steps (default: at save_steps when eval data or eval_tasks are given)."""
     eval_at_end: bool = True
     """With eval data, evaluate after the last step too (once: not again if that step evaluated already)."""
+    eval_tasks: Optional[list[str]] = None
+    """lm-evaluation-harness tasks run on the model being trained at each evaluation, logged as eval/<task>/<metric> (the local tasks of `bumblecore eval`: demo_qa_choice, demo_qa_exact); rank 0 runs them while the others wait."""
+    eval_tasks_limit: Optional[float] = None
+    """Evaluate only the first N documents of each eval_tasks task (below 1: that fraction); null: all."""
     logging_steps: int = 1
     """Log (and write metrics.jsonl) every N optimiser steps."""
     save_train_log: bool = False

@@ -54,6 +54,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "bumblecore.data.commands:prepare_data",
         "tokenize a run's datasets into the token cache ahead of training",
     ),
+    "eval": (
+        "bumblecore.inference.evaluate:evaluate",
+        "lm-evaluation-harness tasks (local YAMLs) on a model or LoRA adapter; results JSON beside the model",
+    ),
     "demo": (
         "bumblecore.demo:demo",
         "the whole pipeline on the shipped demo data: pretrain -> SFT -> DPO -> merge -> evaluate",

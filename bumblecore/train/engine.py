@@ -86,10 +86,16 @@ class Engine:
         save_fn: Optional[Callable[[int, bool], None]] = None,
         eval_loader=None,
         progress: bool = True,
+        task_eval: Optional[Callable] = None,
     ):
+        """task_eval: model -> {"eval/<task>/<metric>": value}, run at each evaluation after the eval loss
+        (lm-eval's tasks, train/task_eval.py)."""
         self.fabric, self.model, self.optimizer, self.scheduler = fabric, model, optimizer, scheduler
         self.stage, self.loader, self.settings, self.monitor = stage, loader, settings, monitor
         self.save_fn, self.eval_loader, self.progress = save_fn, eval_loader, progress
+        self.task_eval = task_eval
+        self.task_metric_names: tuple = ()  # the last task evaluation's, for the terminal line
+        self.evaluates = eval_loader is not None or task_eval is not None
         self.stepper = stepper_for(fabric, model, optimizer, settings)  # backward to update, per backend
         self.step = 0
         self.tokens_seen = 0
@@ -270,11 +276,22 @@ class Engine:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
+        """The eval loss (with eval data) and the eval tasks' metrics (with task_eval), one record."""
+        self.model.eval()
+        record = {"step": self.step}
+        if self.eval_loader is not None:
+            record.update(self._eval_loss())
+        if self.task_eval is not None:
+            tasks = self.task_eval(self.model)
+            self.task_metric_names = tuple(key.removeprefix("eval/") for key in tasks)
+            record.update(tasks)
+        return record
+
+    def _eval_loss(self) -> dict:
         """Eval loss (and the stage's metrics) over every rank's share, weighted by the stage's count:
         sums are aggregated across ranks before dividing (train/metrics.py), never per-rank means."""
         from bumblecore.train.metrics import EvalAggregate
 
-        self.model.eval()
         aggregate = EvalAggregate(self.fabric.device)
         for batch, counted in in_lockstep(self.fabric, self.eval_loader):
             batch = self.fabric.to_device(batch)
@@ -286,7 +303,7 @@ class Engine:
         if self.fabric.world_size > 1:  # rank 0 always holds eval rows; a rank with none still joins every sync
             names = self.fabric.broadcast(names, src=0)
         values = aggregate.compute(names)
-        record = {"step": self.step, "eval/loss": values.pop("loss")}
+        record = {"eval/loss": values.pop("loss")}
         if getattr(self.stage, "reports_perplexity", True):
             record["eval/perplexity"] = math.exp(min(record["eval/loss"], 50.0))
         record.update({f"eval/{key}": value for key, value in values.items()})
@@ -298,7 +315,8 @@ class Engine:
         """Evaluate, record it in metrics.jsonl and print it as one line (rank 0), above the progress bar."""
         evaluation = self.evaluate()
         self.monitor.log(evaluation)
-        line = eval_line(evaluation, self.settings.total_steps, getattr(self.stage, "headline_metrics", ()))
+        headline = getattr(self.stage, "headline_metrics", ())
+        line = eval_line(evaluation, self.settings.total_steps, headline, self.task_metric_names)
         if bar is not None:
             bar.write(line)  # tqdm clears the bar, prints the line and draws the bar again below it
         else:
@@ -313,7 +331,7 @@ class Engine:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=settings.total_steps, initial=self.step, desc="train", dynamic_ncols=True)
-        if self.eval_loader is not None and self.step == 0 and settings.eval_steps:
+        if self.evaluates and self.step == 0 and settings.eval_steps:
             history.append(self._evaluate_and_show(bar))  # the starting point, so the curve shows what training changed
         while self.step < settings.total_steps:
             record = self.train_step()
@@ -324,7 +342,7 @@ class Engine:
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
             at_end = settings.eval_at_end and self.step == settings.total_steps
-            if self.eval_loader is not None and (
+            if self.evaluates and (
                 (settings.eval_steps and self.step % settings.eval_steps == 0) or at_end
             ):  # before the step's checkpoint, which then holds what this evaluation did (a plateau schedule)
                 history.append(self._evaluate_and_show(bar))
@@ -337,11 +355,11 @@ class Engine:
         return history
 
 
-def eval_line(evaluation: dict, total_steps: int, headline: tuple = ()) -> str:
+def eval_line(evaluation: dict, total_steps: int, headline: tuple = (), tasks: tuple = ()) -> str:
     """`eval step 172/172: loss 1.168, perplexity 3.216`: the eval loss and the stage's headline metrics
-    (named as in metrics.jsonl, less `eval/`), four significant digits."""
-    shown = [f"loss {evaluation['eval/loss']:.4g}"]
-    shown += [f"{key} {evaluation[f'eval/{key}']:.4g}" for key in headline if f"eval/{key}" in evaluation]
+    (named as in metrics.jsonl, less `eval/`), then the eval tasks' metrics, four significant digits."""
+    shown = [f"loss {evaluation['eval/loss']:.4g}"] if "eval/loss" in evaluation else []
+    shown += [f"{key} {evaluation[f'eval/{key}']:.4g}" for key in (*headline, *tasks) if f"eval/{key}" in evaluation]
     return f"eval step {evaluation['step']}/{total_steps}: {', '.join(shown)}"
 
 

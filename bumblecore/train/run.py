@@ -22,6 +22,7 @@ from bumblecore.train.setup import (
     releases_promptly,
     tokenizer_and_vocab,
 )
+from bumblecore.train.task_eval import check_eval_tasks, task_evaluator
 
 
 def train(run: TrainArgs) -> None:
@@ -33,6 +34,7 @@ def train(run: TrainArgs) -> None:
     """
     recipe = recipe_for(run.model.training_stage)
     check_inputs(run)
+    check_eval_tasks(run)
     recipe.check(run)
     check_adapter_and_optimizer(run, recipe)
     fabric, deepspeed, launcher = launch(run)
@@ -92,7 +94,8 @@ def main(fabric, run: TrainArgs, recipe, deepspeed_config: dict | None = None, l
 
     monitor = open_monitor(fabric, run, resume_dir, notes)
     try:
-        settings = loop_settings(run, total_steps, bool(eval_loader), deepspeed_config)
+        task_eval = task_evaluator(fabric, run, tokenizer)
+        settings = loop_settings(run, total_steps, bool(eval_loader) or bool(task_eval), deepspeed_config)
         exporter = Exporter(
             fabric, run, tokenizer, monitor, base_fingerprint=base, chat=recipe.chat, smooth_curves=recipe.smooth_curves
         )
@@ -107,6 +110,7 @@ def main(fabric, run: TrainArgs, recipe, deepspeed_config: dict | None = None, l
             monitor,
             save_fn=lambda step, final: exporter.checkpoint(engine, step, final),
             eval_loader=eval_loader,
+            task_eval=task_eval,
         )
         if resume_dir is not None:
             engine.load_state(resume_dir)

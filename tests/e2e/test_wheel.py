@@ -58,6 +58,10 @@ def test_installed_wheel_runs_the_quick_demo_outside_the_repository(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {f"bumblecore/demo_configs/{stage}.yaml" for stage in ("pretrain", "sft", "dpo")} <= names
     assert "bumblecore/demo_data/tokenizer/tokenizer.json" in names and "bumblecore/inference/web/index.html" in names
+    assert {
+        f"bumblecore/inference/eval_tasks/{name}"
+        for name in ("__init__.py", "demo_qa_choice.yaml", "demo_qa_exact.yaml")
+    } <= names
 
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
