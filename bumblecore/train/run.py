@@ -21,6 +21,7 @@ from bumblecore.train.setup import (
     memory_plan,
     releases_promptly,
     tokenizer_and_vocab,
+    trainable_share,
 )
 
 
@@ -40,7 +41,6 @@ def train(run: TrainArgs) -> None:
 
 def main(fabric, run: TrainArgs, recipe, deepspeed_config: dict | None = None, launcher: str | None = None) -> None:
     """One process's run: tokenizer, output dir, memory plan, model, data, optimizer, stage, fit, export."""
-    from bumblecore.model.lora import trainable_share
     from bumblecore.train.checkpoint import in_place_checkpoint_io
     from bumblecore.train.engine import Engine
     from bumblecore.train.runtime import zero_stage

@@ -134,6 +134,19 @@ def count_parameters(run: TrainArgs) -> tuple[int, int]:
     return total + adapters, adapters
 
 
+def trainable_share(model) -> tuple[int, int]:
+    """(trainable, all) parameters of the live model, each shared tensor once."""
+    seen, trainable, total = set(), 0, 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        count = getattr(p, "ds_numel", p.numel())  # a ZeRO-3 partitioned weight's local tensor is empty
+        total += count
+        trainable += count if p.requires_grad else 0
+    return trainable, total
+
+
 def optimizer_groups(model, weight_decay: float) -> list[dict]:
     """AdamW groups: no weight decay for biases and norm weights (1-D tensors; ZeRO-3 keeps a
     partitioned weight's real shape in ds_shape)."""
