@@ -37,8 +37,6 @@ class RewardRecipe(Recipe):
     scalar_head = True
 
     def check(self, run) -> None:
-        if run.model.finetuning_type == "lora":
-            raise ValueError("training_stage rm: finetuning_type lora is not supported yet; use finetuning_type full")
         if run.model.resize_vocab:
             raise ValueError("training_stage rm: resize_vocab is not supported (a reward model has no LM head to grow)")
         coefficient = run.preference.center_rewards_coefficient

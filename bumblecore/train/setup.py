@@ -206,6 +206,9 @@ def memory_plan(
         head = 0 if raw.get("tie_word_embeddings", True) else workload.vocab_size * workload.hidden_size
         total, trainable = total - head, trainable - (head if trainable == total else 0)
         workload = dataclasses.replace(workload, vocab_size=0, embedding_params=workload.embedding_params - head)
+        # The score head trains in full (LoRA: peft's copy of it, beside the frozen original).
+        lora = run.model.finetuning_type == "lora"
+        total, trainable = total + workload.hidden_size * (2 if lora else 1), trainable + workload.hidden_size
     return plan_memory(
         total,
         trainable,

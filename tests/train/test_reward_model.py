@@ -268,12 +268,6 @@ def test_rm_resume_is_exact(tmp_path, models, data):
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (resumed_dir / "model.safetensors").read_bytes()
 
 
-def test_lora_is_refused_until_reward_adapters_exist(tmp_path, models, data, capsys):
-    with pytest.raises(SystemExit):
-        run(tmp_path / "lora", models / "start", data, finetuning_type="lora")
-    assert "training_stage rm: finetuning_type lora is not supported" in capsys.readouterr().err
-
-
 @pytest.mark.slow
 def test_two_ddp_processes_equal_one_accumulating_two(tmp_path, models, data):
     config = {
