@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 
 from bumblecore.model.hf_config import bumblebee_expresses
-from bumblecore.model.reward import is_reward_model
+from bumblecore.model.reward import is_reward_adapter, is_reward_model
 from bumblecore.model.transformers_family import load_model
 
 
@@ -21,10 +21,16 @@ def resolve_device(device_map: str) -> torch.device:
 
 
 def refuse_reward_model(model_dir, model_path) -> None:
-    """A reward model scores conversations; it has no LM head to generate with."""
-    if is_reward_model(model_dir):
+    """A reward model (or a LoRA reward model's adapter) scores conversations; it has no LM head to generate with."""
+    adapter = is_reward_adapter(model_path)
+    if adapter or is_reward_model(model_dir):
+        why = (
+            "adapter_config.json's task_type SEQ_CLS"
+            if adapter
+            else "config.json's architectures: a ForSequenceClassification"
+        )
         raise ValueError(
-            f"{model_path}: a reward model (config.json's architectures: a ForSequenceClassification); it scores "
+            f"{model_path}: a reward model ({why}); it scores "
             "conversations and does not generate text (score with `bumblecore score`)"
         )
 

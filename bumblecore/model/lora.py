@@ -369,7 +369,7 @@ def merge_lora(
 
     from bumblecore.model.hf_config import dtype_name
     from bumblecore.model.hf_io import replace_directory
-    from bumblecore.model.reward import load_reward_model
+    from bumblecore.model.reward import is_reward_adapter, load_reward_model
     from bumblecore.model.transformers_family import load_model
     from bumblecore.model.vocab import adapter_vocab_size, grow_vocab
     from bumblecore.tokenizer import load_tokenizer
@@ -381,10 +381,10 @@ def merge_lora(
     tokenizer_dir = lora_model_path if (Path(lora_model_path) / "tokenizer_config.json").is_file() else base_model_path
     tokenizer = load_tokenizer(tokenizer_dir, trust_remote_code=trust_remote_code)
     rows = adapter_vocab_size(lora_model_path, tokenizer, base_model_path)
-    adapter_config = json.loads((Path(lora_model_path) / "adapter_config.json").read_text(encoding="utf-8"))
+    reward = is_reward_adapter(lora_model_path)
 
     def load(path, model_dtype):  # a reward model's adapter: its body under a score head the adapter holds
-        if adapter_config.get("task_type") == "SEQ_CLS":
+        if reward:
             model = load_reward_model(path, model_dtype, None, trust_remote_code, tokenizer.pad_token_id)
             return getattr(model, "hf", model)  # transformers' own class: the adapter's names are its names
         return load_model(path, model_dtype, trust_remote_code=trust_remote_code)

@@ -47,6 +47,15 @@ def is_reward_model(model_dir) -> bool:
     return any(str(name).endswith("ForSequenceClassification") for name in architectures)
 
 
+def is_reward_adapter(adapter_dir) -> bool:
+    """Whether adapter_config.json names peft's SEQ_CLS task: a LoRA reward model (the score head beside the adapter)."""
+    file = Path(adapter_dir) / "adapter_config.json"
+    try:
+        return file.is_file() and json.loads(file.read_text(encoding="utf-8")).get("task_type") == "SEQ_CLS"
+    except json.JSONDecodeError:
+        return False
+
+
 def last_token_index(input_ids: torch.Tensor, pad_token_id: Optional[int]) -> torch.Tensor:
     """(batch,) the index where each row's score is read: its rightmost token that is not padding
     (left or right padding alike), as transformers reads it; the last position when there is no pad id."""

@@ -204,7 +204,7 @@ def eval_pairs(inputs, tokenizer):
     return batch["input_ids"], int(batch["num_pairs"])
 
 
-def test_a_lora_run_evaluates_as_peft_scores_its_adapter_and_merges(tmp_path, run_inputs, tokenizer):
+def test_a_lora_run_evaluates_as_peft_scores_its_adapter_and_merges(tmp_path, run_inputs, tokenizer, capsys):
     out = tmp_path / "out"
     history = run(out, run_inputs, eval_dataset_path=str(run_inputs / "eval.jsonl"))
     config = json.loads((out / "adapter_config.json").read_text())
@@ -234,6 +234,10 @@ def test_a_lora_run_evaluates_as_peft_scores_its_adapter_and_merges(tmp_path, ru
     with torch.no_grad():
         got = merged(input_ids=ids, attention_mask=mask).logits[:, 0]
     assert (got - scores).abs().max().item() < MERGED_TOLERANCE * scores.abs().max().item()
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # the adapter scores; it does not generate (one clear line, not a crash)
+        main(["generate", "--model_path", str(out), "--prompt", "hi"])
+    assert "a reward model (adapter_config.json's task_type SEQ_CLS)" in capsys.readouterr().err
 
 
 def test_a_lora_run_resumes_exactly(tmp_path, run_inputs):
