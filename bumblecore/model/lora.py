@@ -429,10 +429,11 @@ def merge_lora(
             expected, getattr(config, "num_hidden_layers", 1), getattr(config, "hidden_size", 1), torch_dtype
         )
         top1 = (got.argmax(-1) == expected.argmax(-1)).sum().item()
+        agrees = "" if reward else f", top-1 token agrees on {top1} of {probe.numel()} probe positions"
         print(
             f"merged {lora_model_path} into {base_model_path} -> {save_path} ({name}): weights within "
             f"{weight_ratio:.2g} of their rounding bound; max logit difference merged vs unmerged {difference:.3g} "
-            f"(bound {bound:.3g}), top-1 token agrees on {top1} of {probe.numel()} probe positions"
+            f"(bound {bound:.3g}){agrees}"
         )
         # A top-1 flip needs a logit difference of at least half the unmerged model's lead, so within the bound
         # only near ties can flip: the bound alone is the check.
