@@ -372,7 +372,7 @@ def test_memory_plan_counts_no_lm_head_and_no_logits(tmp_path):
             training_stage=stage, model_name_or_path=str(tmp_path / "untied"), cutoff_len=64, pref_loss="simpo"
         )
         plans[stage] = memory_plan(fabric, run, None, recipe_for(stage), 1, runtime=0)
-    head = 768 * 64  # the untied LM head's weights
+    head = 768 * 64 - 64  # the untied LM head's weights, less the score head's (1 x hidden)
     dpo, rm = plans["dpo"], plans["rm"]
     assert (dpo.parameters - rm.parameters, dpo.gradients - rm.gradients) == (4 * head, 4 * head)
     assert dpo.optimizer - rm.optimizer == 8 * head
