@@ -13,17 +13,23 @@ from typing import Optional
 
 from torch import nn
 
+# A reward model's (model/reward.py) LoRA is peft's SEQ_CLS task: the adapter on the body and these heads
+# trained in full beside it (modules_to_save), saved as peft saves them (`base_model.model.score.weight`).
+SEQ_CLS_HEADS = ("classifier", "score")
+
 
 def linear_layer_names(model) -> list[str]:
     """peft's "all-linear" for any family: the last name of every linear layer except the output head
-    (Qwen2/Llama: q/k/v/o_proj, gate/up/down_proj; Phi-3: qkv_proj, o_proj, gate_up_proj, down_proj)."""
+    (Qwen2/Llama: q/k/v/o_proj, gate/up/down_proj; Phi-3: qkv_proj, o_proj, gate_up_proj, down_proj)
+    or a reward model's score head."""
     from transformers.pytorch_utils import Conv1D  # GPT-2-style layers are linear too
 
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else getattr(model, "lm_head", None)
     names: dict[str, None] = {}
     for name, module in model.named_modules():
-        if isinstance(module, (nn.Linear, Conv1D)) and module is not head and not name.endswith("lm_head"):
-            names[name.rsplit(".", 1)[-1]] = None
+        last = name.rsplit(".", 1)[-1]
+        if isinstance(module, (nn.Linear, Conv1D)) and module is not head and last not in ("lm_head", *SEQ_CLS_HEADS):
+            names[last] = None
     if not names:
         raise ValueError(f"{type(model).__name__} has no linear layers for LoRA; set lora_target_modules")
     return list(names)
@@ -42,13 +48,17 @@ def apply_lora(
     """The model with LoRA adapters on `target_modules` (default: every linear layer but the output
     head, whatever the family); only the adapters train, and the embedding rows of
     `trainable_token_indices` (tokens added to the vocabulary: model/vocab.py), also under ZeRO-3 (`zero3`).
-    `variants`: LoraConfig arguments of DoRA, rsLoRA, PiSSA / OLoRA, modules_to_save (model/lora_options.py)."""
-    from peft import LoraConfig, get_peft_model
+    `variants`: LoraConfig arguments of DoRA, rsLoRA, PiSSA / OLoRA, modules_to_save (model/lora_options.py).
+    A reward model's score head trains in full beside the adapter, as peft's SEQ_CLS task has it (under
+    ZeRO-3 peft gathers the partitioned head to copy it; DeepSpeed partitions the copy at setup)."""
+    from peft import LoraConfig, PeftModel
 
     from bumblecore.model.lora_options import keep_initial_adapter
     from bumblecore.model.vocab import trainable_tokens_under_zero3, whole_token_weights
 
-    targets = target_modules or linear_layer_names(model)
+    targets, reward = target_modules or linear_layer_names(model), getattr(model, "is_reward_model", False)
+    variants = dict(variants or {})
+    saved = list(variants.pop("modules_to_save", None) or []) + (list(SEQ_CLS_HEADS) if reward else [])
     config = LoraConfig(
         r=rank,
         lora_alpha=alpha,
@@ -56,10 +66,13 @@ def apply_lora(
         target_modules=targets,
         bias="none",
         trainable_token_indices=trainable_token_indices,
-        **(variants or {}),
+        task_type="SEQ_CLS" if reward else None,
+        modules_to_save=saved or None,
+        **variants,
     )
+    # The plain PeftModel (get_peft_model's choice without a task): its forward is the model's own.
     with whole_token_weights(model) if trainable_token_indices else contextlib.nullcontext():
-        peft_model = get_peft_model(model, config)
+        peft_model = PeftModel(model, config)
     if trainable_token_indices and zero3:
         trainable_tokens_under_zero3(peft_model)
     if isinstance(config.init_lora_weights, str) and config.init_lora_weights != "gaussian":  # PiSSA, OLoRA
@@ -243,18 +256,6 @@ def adapter_base_dir(adapter_dir, base_model_path: Optional[str] = None, ignore_
     return Path(base)
 
 
-def trainable_share(model) -> tuple[int, int]:
-    seen, trainable, total = set(), 0, 0
-    for p in model.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        count = getattr(p, "ds_numel", p.numel())  # a ZeRO-3 partitioned weight's local tensor is empty
-        total += count
-        trainable += count if p.requires_grad else 0
-    return trainable, total
-
-
 def save_adapter(
     peft_model, directory, base_model_path: str, state_dict: Optional[dict] = None, fingerprint: Optional[dict] = None
 ) -> None:
@@ -358,10 +359,12 @@ def merge_lora(
 ) -> None:
     """Merge a LoRA adapter into its base and save a full Hugging Face model, then check it.
 
-    Works for any family and any peft task_type. Two checks, and `save_path` appears (or an existing
-    model there is replaced) only when both pass: every merged weight equals W + scale * B @ A up to the
-    rounding of the dtype; the saved model's logits on a few probe tokens equal the unmerged (base +
-    adapter) model's within a bound that scales with the logits, the dtype's epsilon and the depth.
+    Works for any family and any peft task_type; a reward model's adapter (SEQ_CLS) gives a full reward
+    model (model/reward.py), its trained score head included. Two checks, and `save_path` appears (or an
+    existing model there is replaced) only when both pass: every merged weight equals W + scale * B @ A up
+    to the rounding of the dtype; the saved model's logits (a reward model's per-token scores) on a few
+    probe tokens equal the unmerged (base + adapter) model's within a bound that scales with them, the
+    dtype's epsilon and the depth.
 
     Args:
         base_model_path: the base model directory the adapter was trained on.
@@ -378,6 +381,7 @@ def merge_lora(
 
     from bumblecore.model.hf_config import dtype_name
     from bumblecore.model.hf_io import replace_directory
+    from bumblecore.model.reward import is_reward_adapter, load_reward_model
     from bumblecore.model.transformers_family import load_model
     from bumblecore.model.vocab import adapter_vocab_size, grow_vocab
     from bumblecore.tokenizer import load_tokenizer
@@ -389,9 +393,16 @@ def merge_lora(
     tokenizer_dir = lora_model_path if (Path(lora_model_path) / "tokenizer_config.json").is_file() else base_model_path
     tokenizer = load_tokenizer(tokenizer_dir, trust_remote_code=trust_remote_code)
     rows = adapter_vocab_size(lora_model_path, tokenizer, base_model_path)
+    reward = is_reward_adapter(lora_model_path)
+
+    def load(path, model_dtype):  # a reward model's adapter: its body under a score head the adapter holds
+        if reward:
+            model = load_reward_model(path, model_dtype, None, trust_remote_code, tokenizer.pad_token_id)
+            return getattr(model, "hf", model)  # transformers' own class: the adapter's names are its names
+        return load_model(path, model_dtype, trust_remote_code=trust_remote_code)
 
     def base_with_rows(model_dtype):
-        base = load_model(base_model_path, model_dtype, trust_remote_code=trust_remote_code)
+        base = load(base_model_path, model_dtype)
         grow_vocab(base, rows)  # rows for tokens added in training (the adapter holds their values)
         return base
 
@@ -424,16 +435,17 @@ def merge_lora(
             base = base_with_rows(name).float()
             expected = _logits(attach_adapter(base, lora_model_path).float().eval(), probe)
             del base
-            got = _logits(load_model(staging, "float32", trust_remote_code=trust_remote_code).eval(), probe)
+            got = _logits(load(staging, "float32").eval(), probe)
         difference = (got - expected).abs().max().item()
         bound = logit_bound(
             expected, getattr(config, "num_hidden_layers", 1), getattr(config, "hidden_size", 1), torch_dtype
         )
         top1 = (got.argmax(-1) == expected.argmax(-1)).sum().item()
+        agrees = "" if reward else f", top-1 token agrees on {top1} of {probe.numel()} probe positions"
         print(
             f"merged {lora_model_path} into {base_model_path} -> {save_path} ({name}): weights within "
             f"{weight_ratio:.2g} of their rounding bound; max logit difference merged vs unmerged {difference:.3g} "
-            f"(bound {bound:.3g}), top-1 token agrees on {top1} of {probe.numel()} probe positions"
+            f"(bound {bound:.3g}){agrees}"
         )
         # A top-1 flip needs a logit difference of at least half the unmerged model's lead, so within the bound
         # only near ties can flip: the bound alone is the check.

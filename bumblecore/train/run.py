@@ -21,12 +21,13 @@ from bumblecore.train.setup import (
     memory_plan,
     releases_promptly,
     tokenizer_and_vocab,
+    trainable_share,
 )
 from bumblecore.train.task_eval import check_eval_tasks, task_evaluator
 
 
 def train(run: TrainArgs) -> None:
-    """Train a model: pretrain, continue_pretrain, sft, dpo, kto or grpo; full fine-tuning or LoRA.
+    """Train a model: pretrain, continue_pretrain, sft, dpo, kto, grpo or rm; full fine-tuning or LoRA.
 
     Takes the original's flat YAML keys (`--config F` or `--yaml_config F`), each overridable on the
     command line. `devices: N` starts N processes; under a launcher (`fabric run`, `torchrun`,
@@ -56,7 +57,6 @@ def check_adapter_and_optimizer(run: TrainArgs, recipe) -> None:
 
 def main(fabric, run: TrainArgs, recipe, deepspeed_config: dict | None = None, launcher: str | None = None) -> None:
     """One process's run: tokenizer, output dir, memory plan, model, data, optimizer, stage, fit, export."""
-    from bumblecore.model.lora import trainable_share
     from bumblecore.train.checkpoint import in_place_checkpoint_io
     from bumblecore.train.engine import Engine
     from bumblecore.train.runtime import zero_stage
@@ -64,7 +64,9 @@ def main(fabric, run: TrainArgs, recipe, deepspeed_config: dict | None = None, l
     started = time.perf_counter()
     fabric.seed_everything(run.optimization.seed)
     tokenizer, vocab_size = tokenizer_and_vocab(run, recipe.chat)
-    load = functools.partial(load_model, vocab_size=vocab_size, from_scratch=recipe.from_scratch)
+    load = functools.partial(
+        load_model, vocab_size=vocab_size, from_scratch=recipe.from_scratch, scalar_head=recipe.scalar_head
+    )
     resume_dir, notes = agreed_on_rank_zero(fabric, lambda notes: prepare_output_dir(run, notes))
     base = lora_base(fabric, run)
     notes = notes + config_notes(run) + recipe.notes(run)

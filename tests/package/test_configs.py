@@ -13,7 +13,7 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 DEMO_CONFIGS = Path(__file__).resolve().parents[2] / "bumblecore" / "demo_configs"
 TRAIN_YAMLS = sorted(
     [
-        *(p for p in CONFIGS.rglob("*.yaml") if p.parent.name in ("pretrain", "sft", "dpo", "kto", "grpo")),
+        *(p for p in CONFIGS.rglob("*.yaml") if p.parent.name in ("pretrain", "sft", "dpo", "kto", "grpo", "rm")),
         *DEMO_CONFIGS.glob("*.yaml"),
     ]
 )
