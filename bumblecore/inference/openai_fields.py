@@ -99,6 +99,7 @@ def _name(value) -> str:
 
 
 Flag = Annotated[bool, BeforeValidator(_flag)]
+FlagDefaultTrue = Annotated[bool, BeforeValidator(lambda value: True if value is None else _flag(value))]
 OptionalString = Annotated[Optional[str], BeforeValidator(of_type(str, "expected a string", optional=True))]
 Name = Annotated[str, BeforeValidator(_name)]
 REQUIRED = Field(None, validate_default=True)  # checked when absent too: a missing one fails its own check
