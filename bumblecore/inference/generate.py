@@ -13,15 +13,15 @@ others continue exactly as they would have. A server must not be stuck repeating
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional
 
 import torch
 
+from bumblecore.inference.constrained import Grammars
 from bumblecore.inference.decode import DecodingBumblebee
+from bumblecore.inference.loading import default_eos_ids  # here too: its older import path
 from bumblecore.inference.logprobs import TokenLogprob, prompt_logprobs, token_logprobs
 from bumblecore.inference.prefix_cache import DEFAULT_BLOCK_SIZE, PrefixCache
 from bumblecore.inference.sampling import SamplingParams, apply_repetition_penalty, greedy_tokens, warp_logits
@@ -40,6 +40,8 @@ class Event:
     logprobs: Optional[TokenLogprob] = None
     """This token's, when the request asks (SamplingParams.logprobs)."""
     prompt_logprobs: Optional[list[TokenLogprob]] = None
+    matcher: Optional[object] = None
+    """Its response_format's grammar state (inference/constrained.py)."""
     """On a request's first event, when it asks (SamplingParams.prompt_logprobs)."""
 
 
@@ -57,6 +59,8 @@ class _Request:
     cached: int = 0
     """Prompt tokens whose keys and values came from the prefix cache (not prefilled)."""
     prompt_logprobs: Optional[list[TokenLogprob]] = None
+    matcher: Optional[object] = None
+    """Its response_format's grammar state (inference/constrained.py)."""
 
 
 class GenerationEngine:
@@ -99,6 +103,7 @@ class GenerationEngine:
         if prefix_cache_mb and prefix_cache_mb > 0 and not self.recomputes:
             self.prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20), prefix_block_size)
         self._weights = self._weight_versions()
+        self.grammars = Grammars(tokenizer, self.vocab, sorted(self.eos))  # xgrammar loads on first use
 
     def _weight_versions(self) -> tuple:
         """In-place updates of the weights (an optimiser step) bump their version counters: stored
@@ -127,10 +132,12 @@ class GenerationEngine:
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        matcher = self.grammars.matcher(*params.response_format) if params.response_format else None
         self._ids += 1
         self.slots[slot] = _Request(
             self._ids, list(prompt_ids), params, TextStream(self.tokenizer, params.stop, live_text), generator
         )
+        self.slots[slot].matcher = matcher
         self.cache.reset(torch.tensor([slot], device=self.device))
         if self.prefix_cache is not None and params.prompt_logprobs is None:
             if self._weight_versions() != self._weights:
@@ -289,10 +296,13 @@ class GenerationEngine:
             token = picked[slot]
             request = self.slots[slot]
             request.generated.append(token)
+            if request.matcher is not None:
+                request.matcher.accept_token(token)
             if request.params.repetition_penalty != 1.0:  # only penalised rows need the seen-token mask
                 self.seen[slot, token] = True
             reason = None
-            if token in self.eos and not request.params.ignore_eos:
+            ended = request.matcher is not None and request.matcher.is_terminated()  # its JSON is complete
+            if ended or (token in self.eos and not request.params.ignore_eos):
                 text, reason = request.stream.finish(), "stop"
             else:
                 text, hit_stop = request.stream.push(token)
@@ -346,7 +356,10 @@ class GenerationEngine:
         else:
             hidden = self.model(tokens, kv_cache=self.cache, cache_rows=rows, return_hidden_states=True)[:, -1]
             params = [self.slots[s].params for s in slots]
-            if not any(p.do_sample or p.repetition_penalty != 1.0 or p.logprobs is not None for p in params):
+            if not any(
+                p.do_sample or p.repetition_penalty != 1.0 or p.logprobs is not None or p.response_format
+                for p in params
+            ):
                 # Greedy rows only need the argmax: found without the full fp32 logits where the model can.
                 greedy = self.model.greedy(hidden)
                 if greedy is not None:
@@ -371,6 +384,8 @@ class GenerationEngine:
         if any(p.repetition_penalty != 1.0 for p in params):
             penalty = torch.tensor([p.repetition_penalty for p in params], device=self.device)
             logits = apply_repetition_penalty(logits, self.seen[rows], penalty[:, None])
+        if any(r.matcher is not None for r in requests):  # tokens their grammars do not allow: -inf
+            logits = self.grammars.mask(logits, [r.matcher for r in requests])
         greedy = greedy_tokens(logits)
         if screened:
             index = torch.tensor(screened, device=self.device)
@@ -428,22 +443,3 @@ class GenerationEngine:
                         yield event.text
                     if event.finished:
                         return
-
-
-def default_eos_ids(model_path, tokenizer) -> list[int]:
-    """generation_config.json's eos_token_id (int or list), else the tokenizer's eos; plus the chat
-    template's end-of-turn token (Llama-3's <|eot_id|>, ChatML's <|im_end|>), where a reply ends."""
-    from bumblecore.chat.format import ChatFormatError, chat_format
-
-    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    if model_path is not None:
-        file = Path(model_path) / "generation_config.json"
-        if file.is_file():
-            eos = json.loads(file.read_text(encoding="utf-8")).get("eos_token_id")
-            if eos is not None:
-                ids = [eos] if isinstance(eos, int) else list(eos)
-    try:
-        end_of_turn = chat_format(tokenizer).end_of_turn_ids
-    except ChatFormatError:  # no chat template: raw-text models stop on eos only
-        end_of_turn = []
-    return ids + [i for i in end_of_turn if i not in ids]

@@ -8,12 +8,14 @@ from typing import Annotated, Optional, Union
 
 from pydantic import BaseModel, BeforeValidator, Field
 
+from bumblecore.inference.constrained import format_schema
 from bumblecore.inference.openai_fields import (
     REQUIRED,
     Flag,
     FlagDefaultTrue,
     Message,
     OptionalString,
+    ResponseFormat,
     integer,
     invalid,
     messages_list,
@@ -87,6 +89,7 @@ class CompletionBody(StreamedBody):
     top_p: TopP = None
     top_k: TopK = None
     repetition_penalty: RepetitionPenalty = None
+    response_format: Optional[ResponseFormat] = None
     ignore_eos: Flag = False
     stream: Flag = False
     include_usage: Flag = False
@@ -113,6 +116,7 @@ class CompletionRequest:
     echo: bool = False
     logprobs: Optional[int] = None
     """k: each token's log-probability and the k most likely ones (None: no logprobs)."""
+    response_format: Optional[tuple[str, bool]] = None
 
 
 def parse_completion_request(body) -> CompletionRequest:
@@ -133,6 +137,7 @@ def parse_completion_request(body) -> CompletionRequest:
         n=checked.n or 1,
         echo=checked.echo,
         logprobs=checked.logprobs,
+        response_format=format_schema(checked.response_format and checked.response_format.as_dict()),
     )
 
 

@@ -22,6 +22,7 @@ from pydantic import (
     model_validator,
 )
 
+from bumblecore.inference.constrained import format_schema
 from bumblecore.inference.logprobs import MAX_TOP_LOGPROBS
 from bumblecore.inference.openai_fields import (
     INT64,
@@ -29,6 +30,7 @@ from bumblecore.inference.openai_fields import (
     Flag,
     Message,
     OptionalString,
+    ResponseFormat,
     Tool,
     check_integer,
     integer,
@@ -84,6 +86,8 @@ class ChatRequest:
     """Independent samples of the reply, each a choice."""
     logprobs: bool = False
     top_logprobs: int = 0
+    response_format: Optional[tuple[str, bool]] = None
+    """(JSON Schema text, strict), for the engine (inference/constrained.py); None: plain text."""
 
 
 # ---------------------------------------------------------------------------- the request
@@ -159,6 +163,7 @@ class ChatCompletionBody(StreamedBody):
     stream: Flag = False
     logprobs: Flag = False
     top_logprobs: TopLogprobs = None
+    response_format: Optional[ResponseFormat] = None
     include_usage: Flag = False
     """stream_options.include_usage, lifted out: checked last."""
 
@@ -182,6 +187,7 @@ def field_path(loc: tuple) -> str:
     """A pydantic error location as the field's name in the body: ("messages", 2, "role") -> "messages[2].role"."""
     path = ""
     for part in loc:
+        part = part if isinstance(part, int) else part.rstrip("_")  # `schema_`: a field aliased to "schema"
         path += f"[{part}]" if isinstance(part, int) else f".{part}" if path else str(part)
     return path
 
@@ -254,4 +260,5 @@ def parse_chat_request(body) -> ChatRequest:
         n=checked.n or 1,
         logprobs=checked.logprobs,
         top_logprobs=checked.top_logprobs or 0,
+        response_format=format_schema(checked.response_format and checked.response_format.as_dict()),
     )

@@ -59,6 +59,8 @@ class SamplingParams(SamplingArgs):
     """Keep generating past end-of-sequence ids."""
     seed: Optional[int] = None
     """Seeds this request's own generator: the same seed gives the same text whatever else is batched."""
+    response_format: Optional[tuple[str, bool]] = None
+    """(JSON Schema text, strict): the reply is JSON that follows it (inference/constrained.py)."""
     logprobs: Optional[int] = None
     """Each generated token's log-probability and this many most likely ones (inference/logprobs.py)."""
     prompt_logprobs: Optional[int] = None

@@ -391,6 +391,7 @@ def sampling_params(
         seed=seed,
         logprobs=logprobs,
         prompt_logprobs=prompt_logprobs,
+        response_format=chat.response_format,
     )
 
 

@@ -206,12 +206,61 @@ def test_tokenize_and_detokenize(server, tok):
         ("/tokenize", {"prompt": "x", "add_special_tokens": "no"}, "add_special_tokens"),
         ("/detokenize", {"tokens": ["a"]}, "tokens"),
         ("/detokenize", {"tokens": [10**9]}, "tokens"),
+        ("/v1/chat/completions", {"messages": MESSAGES, "response_format": {"type": "xml"}}, "response_format.type"),
+        (
+            "/v1/chat/completions",
+            {"messages": MESSAGES, "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": 1}}}},
+            "response_format.json_schema.schema",
+        ),
+        ("/v1/completions", {"prompt": "x", "response_format": {"type": "json_schema"}}, "response_format.json_schema"),
     ],
 )
 def test_bad_values_are_400_naming_the_field(server, route, body, param):
     reply = requests.post(server + route, json=body)
     assert reply.status_code == 400, reply.text
     assert reply.json()["error"]["param"] == param
+
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "color": {"enum": ["red", "green", "blue"]},
+        "ok": {"type": "boolean"},
+        "size": {"type": "integer", "minimum": 0, "maximum": 99},
+    },
+    "required": ["color", "ok", "size"],
+}
+
+
+def test_response_format_json_schema_validates(client):
+    """Sampled replies of a random model, n of them, through chat and text completions: each one is compact
+    JSON that validates against its schema (jsonschema), batched with an unconstrained request."""
+    pytest.importorskip("xgrammar")
+    jsonschema = pytest.importorskip("jsonschema")
+    import concurrent.futures
+    import json
+
+    response_format = {"type": "json_schema", "json_schema": {"name": "thing", "schema": SCHEMA, "strict": True}}
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        chat = pool.submit(
+            client.chat.completions.create, model=MODEL, messages=MESSAGES, max_tokens=64, temperature=1.0, n=3,
+            seed=4, response_format=response_format,
+        )  # fmt: skip
+        text = pool.submit(
+            client.completions.create, model=MODEL, prompt="A bee:", max_tokens=64, temperature=1.0, n=2, seed=5,
+            extra_body={"response_format": response_format},
+        )  # fmt: skip
+        plain = pool.submit(client.completions.create, model=MODEL, prompt="A bee:", max_tokens=8, temperature=0)
+        replies = [c.message.content for c in chat.result().choices] + [c.text for c in text.result().choices]
+        assert (
+            plain.result().choices[0].text
+            == client.completions.create(model=MODEL, prompt="A bee:", max_tokens=8, temperature=0).choices[0].text
+        )
+    for reply in replies:
+        value = json.loads(reply)
+        jsonschema.validate(value, SCHEMA)
+        assert reply == json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    print("json_schema replies:", replies)
 
 
 def test_lm_eval_local_completions_equals_its_hf_backend(server, model_dir):
