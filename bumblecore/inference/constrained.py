@@ -27,7 +27,9 @@ def xgrammar():
     try:
         import xgrammar
     except ImportError as err:
-        raise ImportError("response_format needs the xgrammar package: pip install xgrammar (or bumblecore[structured])") from err
+        raise ImportError(
+            "response_format needs the xgrammar package: pip install xgrammar (or bumblecore[structured])"
+        ) from err
     return xgrammar
 
 
