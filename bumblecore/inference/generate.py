@@ -40,8 +40,6 @@ class Event:
     logprobs: Optional[TokenLogprob] = None
     """This token's, when the request asks (SamplingParams.logprobs)."""
     prompt_logprobs: Optional[list[TokenLogprob]] = None
-    matcher: Optional[object] = None
-    """Its response_format's grammar state (inference/constrained.py)."""
     """On a request's first event, when it asks (SamplingParams.prompt_logprobs)."""
 
 
@@ -135,9 +133,9 @@ class GenerationEngine:
         matcher = self.grammars.matcher(*params.response_format) if params.response_format else None
         self._ids += 1
         self.slots[slot] = _Request(
-            self._ids, list(prompt_ids), params, TextStream(self.tokenizer, params.stop, live_text), generator
-        )
-        self.slots[slot].matcher = matcher
+            self._ids, list(prompt_ids), params, TextStream(self.tokenizer, params.stop, live_text), generator,
+            matcher=matcher,
+        )  # fmt: skip
         self.cache.reset(torch.tensor([slot], device=self.device))
         if self.prefix_cache is not None and params.prompt_logprobs is None:
             if self._weight_versions() != self._weights:
