@@ -283,9 +283,12 @@ class ChatFormat:
     ) -> tuple[list[int], list[bool]]:
         return self.encode_prepared([self.prepare(messages, tools, train)])[0]
 
-    def prompt_ids(self, messages: list[dict], tools: Optional[list] = None) -> list[int]:
-        """Ids of the prompt for the next assistant reply (what inference feeds the model)."""
-        text = self._render(self._escape(self._standard(messages)), self._escape(tools), add_generation_prompt=True)
+    def prompt_ids(
+        self, messages: list[dict], tools: Optional[list] = None, add_generation_prompt: bool = True
+    ) -> list[int]:
+        """Ids of the prompt for the next assistant reply (what inference feeds the model); without the
+        generation prompt, the conversation alone (the server's /tokenize may ask)."""
+        text = self._render(self._escape(self._standard(messages)), self._escape(tools), add_generation_prompt)
         return self.tokenize([text])[0][0]
 
     # ------------------------------------------------------------------ end of turn
@@ -358,9 +361,11 @@ def encode_preference(
     return chat_format(tokenizer).encode(messages + [reply], tools, train="last")
 
 
-def render_prompt(tokenizer, messages: list[dict], tools: Optional[list] = None) -> list[int]:
+def render_prompt(
+    tokenizer, messages: list[dict], tools: Optional[list] = None, add_generation_prompt: bool = True
+) -> list[int]:
     """Ids of a prompt for generation (ChatML: ending with `<|im_start|>assistant\\n`), shared with inference."""
-    return chat_format(tokenizer).prompt_ids(messages, tools)
+    return chat_format(tokenizer).prompt_ids(messages, tools, add_generation_prompt)
 
 
 def special_tokens_added(tokenizer) -> tuple[list[int], list[int]]:

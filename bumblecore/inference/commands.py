@@ -26,9 +26,10 @@ def build_prompt_ids(
     training_stage: str = "sft",
     system_prompt: Optional[str] = None,
     tools: Optional[list] = None,
+    add_generation_prompt: bool = True,
 ) -> list[int]:
     """Raw text for pretrain models; the chat template (docs/DATA_FORMAT.md) for sft/dpo models, with tool
-    definitions when given."""
+    definitions when given (and the reply's opening, unless add_generation_prompt is false)."""
     from bumblecore.chat.format import encode_raw_prompt, render_prompt
 
     if continues_raw_text(training_stage):
@@ -47,7 +48,7 @@ def build_prompt_ids(
 
         if system_prompt or chat_format(tokenizer).is_chatml:
             messages = [{"role": "system", "content": system_prompt}] + messages
-    return render_prompt(tokenizer, messages, tools)
+    return render_prompt(tokenizer, messages, tools, add_generation_prompt)
 
 
 # Each command's sampling defaults (the flags override them one by one). Python callers pass a whole

@@ -13,44 +13,19 @@ others continue exactly as they would have. A server must not be stuck repeating
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional
 
 import torch
 
+from bumblecore.inference.constrained import Grammars
 from bumblecore.inference.decode import DecodingBumblebee
+from bumblecore.inference.loading import default_eos_ids  # here too: its older import path
+from bumblecore.inference.logprobs import TokenLogprob, prompt_logprobs, token_logprobs
 from bumblecore.inference.prefix_cache import DEFAULT_BLOCK_SIZE, PrefixCache
-from bumblecore.inference.sampling import SamplingArgs, apply_repetition_penalty, greedy_tokens, warp_logits
+from bumblecore.inference.sampling import SamplingParams, apply_repetition_penalty, greedy_tokens, warp_logits
 from bumblecore.inference.text_stream import TextStream
-
-
-@dataclass(frozen=True)
-class SamplingParams(SamplingArgs):
-    """One request's sampling: the options generate, chat and serve share (SamplingArgs, whose
-    defaults are generate's), and the ones that belong to a single request."""
-
-    stop: list[str] = field(default_factory=list)
-    """Stop strings (not included in the text)."""
-    ignore_eos: bool = False
-    """Keep generating past end-of-sequence ids."""
-    seed: Optional[int] = None
-    """Seeds this request's own generator: the same seed gives the same text whatever else is batched."""
-
-    def __post_init__(self) -> None:
-        # Not range-checked: the engine takes any values, and a request whose values break sampling (NaN,
-        # a penalty that overflows the logits) fails alone in step(). Options are checked where users
-        # give them: SamplingArgs (the commands' flags) and the API's request models.
-        pass
-
-    @classmethod
-    def from_group(cls, sampling: SamplingArgs, **per_request) -> SamplingParams:
-        """The group's values, with this request's stop, ignore_eos and seed."""
-        shared = {f.name: getattr(sampling, f.name) for f in dataclasses.fields(SamplingArgs)}
-        return cls(**shared, **per_request)
 
 
 @dataclass
@@ -62,6 +37,10 @@ class Event:
     finish_reason: Optional[str] = None
     """stop, length, or error (then `error` says why and the request's slot is free)."""
     error: Optional[str] = None
+    logprobs: Optional[TokenLogprob] = None
+    """This token's, when the request asks (SamplingParams.logprobs)."""
+    prompt_logprobs: Optional[list[TokenLogprob]] = None
+    """On a request's first event, when it asks (SamplingParams.prompt_logprobs)."""
 
 
 # ---------------------------------------------------------------------------- the engine
@@ -77,6 +56,9 @@ class _Request:
     generated: list[int] = field(default_factory=list)
     cached: int = 0
     """Prompt tokens whose keys and values came from the prefix cache (not prefilled)."""
+    prompt_logprobs: Optional[list[TokenLogprob]] = None
+    matcher: Optional[object] = None
+    """Its response_format's grammar state (inference/constrained.py)."""
 
 
 class GenerationEngine:
@@ -119,6 +101,7 @@ class GenerationEngine:
         if prefix_cache_mb and prefix_cache_mb > 0 and not self.recomputes:
             self.prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20), prefix_block_size)
         self._weights = self._weight_versions()
+        self.grammars = Grammars(tokenizer, self.vocab, sorted(self.eos))  # xgrammar loads on first use
 
     def _weight_versions(self) -> tuple:
         """In-place updates of the weights (an optimiser step) bump their version counters: stored
@@ -147,12 +130,14 @@ class GenerationEngine:
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        matcher = self.grammars.matcher(*params.response_format) if params.response_format else None
         self._ids += 1
         self.slots[slot] = _Request(
-            self._ids, list(prompt_ids), params, TextStream(self.tokenizer, params.stop, live_text), generator
-        )
+            self._ids, list(prompt_ids), params, TextStream(self.tokenizer, params.stop, live_text), generator,
+            matcher=matcher,
+        )  # fmt: skip
         self.cache.reset(torch.tensor([slot], device=self.device))
-        if self.prefix_cache is not None:
+        if self.prefix_cache is not None and params.prompt_logprobs is None:
             if self._weight_versions() != self._weights:
                 self.prefix_cache.clear()
                 self._weights = self._weight_versions()
@@ -250,13 +235,22 @@ class GenerationEngine:
         last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
         pick = torch.arange(len(slots), device=self.device), last
         if self.recomputes:
-            logits = self.model(ids, attention_mask=mask, kv_cache=self.cache, cache_rows=rows)[pick]
+            states, head = self.model(ids, attention_mask=mask, kv_cache=self.cache, cache_rows=rows), None
+            logits = states[pick]
         else:  # the LM head only where the next token is read (a 64-token prompt: 1/64 of its FLOPs)
-            hidden = self.model(
+            states = self.model(
                 ids, attention_mask=mask, kv_cache=self.cache, cache_rows=rows, return_hidden_states=True
             )
-            logits = self.model.logits(hidden[pick])
+            head = self.model.logits
+            logits = head(states[pick])
         self.next_logits[rows] = logits.float()
+        for row, slot in enumerate(slots):
+            request = self.slots[slot]
+            if request.params.prompt_logprobs is not None:  # whole prompt prefilled (add() skips the prefix cache)
+                request.prompt_logprobs = prompt_logprobs(
+                    head or (lambda logits: logits), states[row, : len(prompts[row]) - 1], request.prompt,
+                    request.params.prompt_logprobs,
+                )  # fmt: skip
 
     def _rows(self, slots: list[int]):
         """The cache rows of these slots (in order): a slice when they are a range, which the model
@@ -274,6 +268,7 @@ class GenerationEngine:
             self._screened.difference_update(slots)  # prefill writes their next_logits
             for group in self._prefill_groups(slots):
                 failed += self._isolated(group, self._prefill)
+            failed += [self._score_only(s) for s in slots if self._scores_only(s)]
         active = [i for i, s in enumerate(self.slots) if s is not None]
         if not active:
             return failed
@@ -293,15 +288,19 @@ class GenerationEngine:
 
         failed += self._isolated(active, choose)
         active = [i for i in active if i in picked]
+        logprobs = self._logprobs(active, picked)
         events, continuing = [], []
         for slot in active:
             token = picked[slot]
             request = self.slots[slot]
             request.generated.append(token)
+            if request.matcher is not None:
+                request.matcher.accept_token(token)
             if request.params.repetition_penalty != 1.0:  # only penalised rows need the seen-token mask
                 self.seen[slot, token] = True
             reason = None
-            if token in self.eos and not request.params.ignore_eos:
+            ended = request.matcher is not None and request.matcher.is_terminated()  # its JSON is complete
+            if ended or (token in self.eos and not request.params.ignore_eos):
                 text, reason = request.stream.finish(), "stop"
             else:
                 text, hit_stop = request.stream.push(token)
@@ -314,7 +313,9 @@ class GenerationEngine:
                     request.generated
                 ) >= self.max_len:  # max_new_tokens None: the context's end
                     text, reason = text + request.stream.finish(), "length"
-            events.append(Event(request.request_id, token, text, reason is not None, reason))
+            event = Event(request.request_id, token, text, reason is not None, reason, logprobs=logprobs.get(slot))
+            event.prompt_logprobs, request.prompt_logprobs = request.prompt_logprobs, None  # on the first event
+            events.append(event)
             if reason is None:
                 continuing.append(slot)
             else:
@@ -323,6 +324,26 @@ class GenerationEngine:
         if continuing:
             events += self._isolated(continuing, self._decode)
         return failed + events
+
+    def _scores_only(self, slot: int) -> bool:
+        request = self.slots[slot]
+        return request is not None and request.params.max_new_tokens == 0
+
+    def _score_only(self, slot: int) -> Event:
+        """A request for no new tokens (prompt scoring) ends after its prefill, with its prompt logprobs."""
+        request, self.slots[slot] = self.slots[slot], None
+        return Event(request.request_id, None, "", True, "length", prompt_logprobs=request.prompt_logprobs)
+
+    def _logprobs(self, slots: list[int], picked: dict[int, int]) -> dict[int, TokenLogprob]:
+        """The chosen tokens' log-probabilities, for the slots whose requests ask (their next_logits
+        are the raw logits: _decode never screens them)."""
+        asking = [s for s in slots if self.slots[s].params.logprobs is not None]
+        if not asking:
+            return {}
+        index = torch.tensor(asking, device=self.device)
+        tokens = torch.tensor([picked[s] for s in asking], device=self.device)
+        top = [self.slots[s].params.logprobs for s in asking]
+        return dict(zip(asking, token_logprobs(self.next_logits[index], tokens, top)))
 
     @torch.inference_mode()
     def _decode(self, slots: list[int]) -> None:
@@ -333,7 +354,10 @@ class GenerationEngine:
         else:
             hidden = self.model(tokens, kv_cache=self.cache, cache_rows=rows, return_hidden_states=True)[:, -1]
             params = [self.slots[s].params for s in slots]
-            if not any(p.do_sample or p.repetition_penalty != 1.0 for p in params):
+            if not any(
+                p.do_sample or p.repetition_penalty != 1.0 or p.logprobs is not None or p.response_format
+                for p in params
+            ):
                 # Greedy rows only need the argmax: found without the full fp32 logits where the model can.
                 greedy = self.model.greedy(hidden)
                 if greedy is not None:
@@ -358,6 +382,8 @@ class GenerationEngine:
         if any(p.repetition_penalty != 1.0 for p in params):
             penalty = torch.tensor([p.repetition_penalty for p in params], device=self.device)
             logits = apply_repetition_penalty(logits, self.seen[rows], penalty[:, None])
+        if any(r.matcher is not None for r in requests):  # tokens their grammars do not allow: -inf
+            logits = self.grammars.mask(logits, [r.matcher for r in requests])
         greedy = greedy_tokens(logits)
         if screened:
             index = torch.tensor(screened, device=self.device)
@@ -415,22 +441,3 @@ class GenerationEngine:
                         yield event.text
                     if event.finished:
                         return
-
-
-def default_eos_ids(model_path, tokenizer) -> list[int]:
-    """generation_config.json's eos_token_id (int or list), else the tokenizer's eos; plus the chat
-    template's end-of-turn token (Llama-3's <|eot_id|>, ChatML's <|im_end|>), where a reply ends."""
-    from bumblecore.chat.format import ChatFormatError, chat_format
-
-    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    if model_path is not None:
-        file = Path(model_path) / "generation_config.json"
-        if file.is_file():
-            eos = json.loads(file.read_text(encoding="utf-8")).get("eos_token_id")
-            if eos is not None:
-                ids = [eos] if isinstance(eos, int) else list(eos)
-    try:
-        end_of_turn = chat_format(tokenizer).end_of_turn_ids
-    except ChatFormatError:  # no chat template: raw-text models stop on eos only
-        end_of_turn = []
-    return ids + [i for i in end_of_turn if i not in ids]

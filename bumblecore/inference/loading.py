@@ -4,6 +4,7 @@ through transformers behind the same engine interface (model/transformers_family
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Optional
 
@@ -51,7 +52,6 @@ def load_for_inference(
     the adapter's tokenizer where tokens were added in training, the adapter applied and (by default)
     merged. `chat_template`: a built-in name or .jinja file instead of the tokenizer's own."""
     from bumblecore.chat.templates import use_chat_template
-    from bumblecore.inference.generate import default_eos_ids
     from bumblecore.model.lora import adapter_base_dir, attach_adapter
     from bumblecore.model.transformers_family import TransformersCausalLM
     from bumblecore.model.vocab import adapter_vocab_size, grow_vocab
@@ -79,3 +79,22 @@ def load_for_inference(
         model = TransformersCausalLM(model, for_training=False)
     generation_dir = path if (path / "generation_config.json").is_file() else base_dir
     return model.eval(), tokenizer, default_eos_ids(generation_dir, tokenizer)
+
+
+def default_eos_ids(model_path, tokenizer) -> list[int]:
+    """generation_config.json's eos_token_id (int or list), else the tokenizer's eos; plus the chat
+    template's end-of-turn token (Llama-3's <|eot_id|>, ChatML's <|im_end|>), where a reply ends."""
+    from bumblecore.chat.format import ChatFormatError, chat_format
+
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if model_path is not None:
+        file = Path(model_path) / "generation_config.json"
+        if file.is_file():
+            eos = json.loads(file.read_text(encoding="utf-8")).get("eos_token_id")
+            if eos is not None:
+                ids = [eos] if isinstance(eos, int) else list(eos)
+    try:
+        end_of_turn = chat_format(tokenizer).end_of_turn_ids
+    except ChatFormatError:  # no chat template: raw-text models stop on eos only
+        end_of_turn = []
+    return ids + [i for i in end_of_turn if i not in ids]

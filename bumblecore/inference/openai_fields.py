@@ -5,6 +5,7 @@ Each check takes the value as JSON decoded it (before pydantic converts anything
 in the message) and raises a PydanticCustomError whose type is the OpenAI error code.
 """
 
+import json
 import math
 from typing import Annotated, Optional, Union
 
@@ -99,6 +100,7 @@ def _name(value) -> str:
 
 
 Flag = Annotated[bool, BeforeValidator(_flag)]
+FlagDefaultTrue = Annotated[bool, BeforeValidator(lambda value: True if value is None else _flag(value))]
 OptionalString = Annotated[Optional[str], BeforeValidator(of_type(str, "expected a string", optional=True))]
 Name = Annotated[str, BeforeValidator(_name)]
 REQUIRED = Field(None, validate_default=True)  # checked when absent too: a missing one fails its own check
@@ -224,3 +226,61 @@ class Tool(BaseModel):
     ] = REQUIRED
 
     an_object = object_check('expected {"type": "function", "function": {...}}')
+
+
+# ---------------------------------------------------------------------------- response_format
+
+FORMATS = ("text", "json_object", "json_schema")
+
+
+def _format_type(value) -> str:
+    if value not in FORMATS:
+        raise invalid(f"expected one of {', '.join(FORMATS)}, got {value!r}")
+    return value
+
+
+class JsonSchemaFormat(BaseModel):
+    name: OptionalString = None
+    strict: Optional[Flag] = None
+    schema_: Annotated[dict, BeforeValidator(of_type(dict, "expected a JSON Schema object"))] = Field(
+        None, alias="schema", validate_default=True
+    )
+
+    an_object = object_check('expected {"name": ..., "schema": {...}}')
+
+    @field_validator("schema_", mode="after")
+    @classmethod
+    def grammar_of(cls, schema: dict) -> dict:
+        """Refused here when xgrammar cannot make a grammar of it, before any model work."""
+        from bumblecore.inference.constrained import check_schema
+
+        try:
+            check_schema(json.dumps(schema), strict=True)
+        except ImportError as err:
+            raise invalid(str(err), "unsupported_value") from None
+        except ValueError as err:
+            raise invalid(f"not a schema this server can follow: {err}") from None
+        return schema
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's `response_format`: text, json_object, or json_schema with its schema."""
+
+    type: Annotated[str, BeforeValidator(_format_type)] = REQUIRED
+    json_schema: Optional[JsonSchemaFormat] = Field(None, validate_default=True)
+
+    an_object = object_check('expected {"type": "json_object"} or {"type": "json_schema", "json_schema": {...}}')
+
+    @field_validator("json_schema", mode="before")
+    @classmethod
+    def with_json_schema_type(cls, value, info: ValidationInfo):
+        if info.data.get("type") != "json_schema":
+            return None
+        if value is None:
+            raise invalid("missing json_schema", "missing_field")
+        return value
+
+    def as_dict(self) -> dict:
+        if self.type != "json_schema":
+            return {"type": self.type}
+        return {"type": self.type, "json_schema": {"name": self.json_schema.name, "schema": self.json_schema.schema_}}

@@ -11,8 +11,8 @@ from bumblecore.chat.format import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, parse_tool_c
 # ---------------------------------------------------------------------------- replies
 
 
-def completion_id() -> str:
-    return f"chatcmpl-{uuid.uuid4().hex[:24]}"
+def completion_id(prefix: str = "chatcmpl") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
@@ -23,13 +23,17 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
     }
 
 
-def chat_completion(request_id: str, model: str, message: dict, finish_reason: str, usage_counts: dict) -> dict:
+def chat_choice(index: int, message: dict, finish_reason: Optional[str], logprobs: Optional[dict] = None) -> dict:
+    return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def chat_completion(request_id: str, model: str, choices: list[dict], usage_counts: dict) -> dict:
     return {
         "id": request_id,
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}],
+        "choices": choices,
         "usage": usage_counts,
     }
 
@@ -41,11 +45,12 @@ def chat_chunk(
     finish_reason: Optional[str] = None,
     usage_counts: Optional[dict] = None,
     created: Optional[int] = None,
+    index: int = 0,
 ) -> dict:
     choices = (
         []
         if usage_counts is not None
-        else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
+        else [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
     )
     chunk: dict[str, Any] = {
         "id": request_id,
@@ -57,6 +62,96 @@ def chat_chunk(
     if usage_counts is not None:
         chunk["usage"] = usage_counts
     return chunk
+
+
+def text_completion(
+    request_id: str, model: str, choices: list[dict], usage_counts: Optional[dict], created: Optional[int] = None
+) -> dict:
+    """A text completion, or (one choice, no usage) a chunk of its stream: OpenAI's completions
+    stream sends the same object."""
+    reply = {
+        "id": request_id,
+        "object": "text_completion",
+        "created": created or int(time.time()),
+        "model": model,
+        "choices": choices,
+    }
+    if usage_counts is not None:
+        reply["usage"] = usage_counts
+    return reply
+
+
+def text_choice(index: int, text: str, logprobs: Optional[dict], finish_reason: Optional[str]) -> dict:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+# ---------------------------------------------------------------------------- logprobs
+
+
+class TokenTexts:
+    """Each token id's text (as the tokenizer decodes it alone), and the logprob shapes of OpenAI's
+    chat and text completions built from the engine's `(token_id, logprob, top)` entries."""
+
+    def __init__(self, texts: list[str]):
+        self.texts = texts
+
+    def __getitem__(self, token: int) -> str:
+        # A model's vocabulary may be padded past its tokenizer's (to a multiple of 64): such ids have no text.
+        return self.texts[token] if token < len(self.texts) else ""
+
+    def chat_entry(self, entry) -> dict:
+        """`{"token", "logprob", "bytes", "top_logprobs": [{"token", "logprob", "bytes"}, ...]}`."""
+        token, logprob, top = entry
+        return {
+            **self._named(token, logprob),
+            "top_logprobs": [self._named(other, value) for other, value in top],
+        }
+
+    def _named(self, token: int, logprob: float) -> dict:
+        text = self[token]
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    def completion_logprobs(self) -> "CompletionLogprobs":
+        return CompletionLogprobs(self)
+
+
+class CompletionLogprobs:
+    """A text completion's `logprobs`: `tokens`, `token_logprobs`, `top_logprobs` (`{token: logprob}`
+    dicts) and `text_offset` (each token's start in the choice's text, the token texts joined), built
+    token by token; `take()` hands over what was added since the last take (a stream chunk's part)."""
+
+    def __init__(self, texts: TokenTexts):
+        self.texts, self.offset = texts, 0
+        self.part = self._empty()
+
+    @staticmethod
+    def _empty() -> dict:
+        return {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+
+    def add(self, token: int, logprob: Optional[float], top: Optional[list]) -> None:
+        text = self.texts[token]
+        self.part["tokens"].append(text)
+        self.part["token_logprobs"].append(logprob)
+        self.part["top_logprobs"].append(None if top is None else self._by_text(top))
+        self.part["text_offset"].append(self.offset)
+        self.offset += len(text)
+
+    def _by_text(self, top: list) -> dict:
+        """{text: logprob}, most likely first; of tokens with the same text, the likelier one stays."""
+        named: dict[str, float] = {}
+        for token, logprob in top:
+            named.setdefault(self.texts[token], logprob)
+        return named
+
+    def add_prompt(self, prompt: list[int], entries: list) -> None:
+        """The prompt's tokens: the first has no logprob (nothing before it), the others the engine's."""
+        self.add(prompt[0], None, None)
+        for token, logprob, top in entries:
+            self.add(token, logprob, top)
+
+    def take(self) -> dict:
+        part, self.part = self.part, self._empty()
+        return part
 
 
 def model_list(model: str, created: int) -> dict:
@@ -123,6 +218,50 @@ class ToolCallStream:
                 {"index": self.calls - 1, "id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": call}
             ]
         }
+
+
+class ReplyDeltas:
+    """A reply's text deltas as OpenAI message deltas: plain `content`, or, when the request offered
+    tools, `tool_calls` for the template's `<tool_call>` blocks (finish_reason "tool_calls")."""
+
+    def __init__(self, chat):
+        self.tool_calls = ToolCallStream() if chat.tools else None
+
+    def push(self, text: str) -> list[dict]:
+        if self.tool_calls is None:
+            return [{"content": text}] if text else []
+        return self.tool_calls.push(text)
+
+    def finish(self) -> list[dict]:
+        return self.tool_calls.finish() if self.tool_calls is not None else []
+
+    def finish_reason(self, engine_reason: str) -> str:
+        return (
+            "tool_calls"
+            if self.tool_calls is not None and self.tool_calls.calls and engine_reason == "stop"
+            else engine_reason
+        )
+
+
+class ChatChoice:
+    """One choice of a whole (not streamed) chat reply, from its pieces."""
+
+    def __init__(self, chat):
+        self.replies, self.asks_logprobs = ReplyDeltas(chat), chat.logprobs
+        self.deltas, self.logprobs, self.finish_reason, self.tokens = [], [], None, 0
+
+    def push(self, piece: dict) -> None:
+        self.deltas += self.replies.push(piece["text"])
+        if "logprobs" in piece:
+            self.logprobs.append(piece["logprobs"])
+        if piece["finish_reason"]:
+            self.deltas += self.replies.finish()
+            self.finish_reason = self.replies.finish_reason(piece["finish_reason"])
+        self.tokens = piece["completion_tokens"]
+
+    def reply(self, index: int, texts: Optional[TokenTexts]) -> dict:
+        logprobs = {"content": [texts.chat_entry(e) for e in self.logprobs]} if self.asks_logprobs else None
+        return chat_choice(index, merge_deltas(self.deltas), self.finish_reason, logprobs)
 
 
 def merge_deltas(deltas: list[dict]) -> dict:

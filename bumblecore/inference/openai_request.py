@@ -22,12 +22,15 @@ from pydantic import (
     model_validator,
 )
 
+from bumblecore.inference.constrained import format_schema
+from bumblecore.inference.logprobs import MAX_TOP_LOGPROBS
 from bumblecore.inference.openai_fields import (
     INT64,
     REQUIRED,
     Flag,
     Message,
     OptionalString,
+    ResponseFormat,
     Tool,
     check_integer,
     integer,
@@ -79,16 +82,17 @@ class ChatRequest:
     stream: bool = False
     include_usage: bool = False
     """stream_options.include_usage: a last chunk with the token counts and no choices."""
+    n: int = 1
+    """Independent samples of the reply, each a choice."""
+    logprobs: bool = False
+    top_logprobs: int = 0
+    response_format: Optional[tuple[str, bool]] = None
+    """(JSON Schema text, strict), for the engine (inference/constrained.py); None: plain text."""
 
 
 # ---------------------------------------------------------------------------- the request
 
-
-def _n(value) -> Optional[int]:
-    n = check_integer(value, 1)
-    if n not in (None, 1):
-        raise invalid("only n = 1 is supported")
-    return n
+MAX_CHOICES = 128  # n: each choice holds a slot of the engine while it runs; more is no real client's need
 
 
 def _stop(value) -> list[str]:
@@ -101,39 +105,67 @@ def _stop(value) -> list[str]:
     return value
 
 
-class ChatCompletionBody(BaseModel):
-    """The fields of a chat-completions body this server reads, in the order they are checked (the
-    first failing one is reported); other fields are ignored."""
+# The fields chat and text completions share, each with its check.
+Choices = Annotated[Optional[int], integer(1, MAX_CHOICES)]
+Stop = Annotated[list[str], BeforeValidator(_stop)]
+Seed = Annotated[Optional[int], integer(-INT64)]  # OpenAI's seed is an int64, as torch.Generator takes it
+Penalty = Annotated[Optional[float], number(-2.0, 2.0)]  # presence/frequency: not applied, but a number or refused
+StreamOptions = Annotated[Optional[dict], BeforeValidator(of_type(dict, "expected an object", True))]
+Temperature = Annotated[Optional[float], number(0.0, 2.0)]
+TopP = Annotated[Optional[float], number(0.0, 1.0, low_open=True)]
+TopK = Annotated[Optional[int], integer(0, 2**31 - 1)]
+# Below ~0.01 the penalty turns seen tokens' logits into infinities (1e-300 did).
+RepetitionPenalty = Annotated[Optional[float], number(MIN_REPETITION_PENALTY, 10.0)]
+TopLogprobs = Annotated[Optional[int], integer(0, MAX_TOP_LOGPROBS)]
 
-    model: OptionalString = None
-    n: Annotated[Optional[int], BeforeValidator(_n)] = None
-    max_completion_tokens: Annotated[Optional[int], integer(1)] = None
-    max_tokens: Optional[int] = None
-    stop: Annotated[list[str], BeforeValidator(_stop)] = Field(default_factory=list)
-    seed: Annotated[Optional[int], integer(-INT64)] = None  # OpenAI's seed is an int64, as torch.Generator takes it
-    # Not applied, but still a number or refused.
-    presence_penalty: Annotated[Optional[float], number(-2.0, 2.0)] = None
-    frequency_penalty: Annotated[Optional[float], number(-2.0, 2.0)] = None
-    stream_options: Annotated[Optional[dict], BeforeValidator(of_type(dict, "expected an object", True))] = None
-    messages: Annotated[list[Message], BeforeValidator(messages_list)] = REQUIRED
-    tools: Annotated[
-        Optional[list[Tool]], BeforeValidator(of_type(list, "expected a list of tool definitions", True))
-    ] = None
-    temperature: Annotated[Optional[float], number(0.0, 2.0)] = None
-    top_p: Annotated[Optional[float], number(0.0, 1.0, low_open=True)] = None
-    top_k: Annotated[Optional[int], integer(0, 2**31 - 1)] = None
-    # Below ~0.01 the penalty turns seen tokens' logits into infinities (1e-300 did).
-    repetition_penalty: Annotated[Optional[float], number(MIN_REPETITION_PENALTY, 10.0)] = None
-    ignore_eos: Flag = False
-    stream: Flag = False
-    include_usage: Flag = False
-    """stream_options.include_usage, lifted out (below): checked last and named `include_usage`."""
+
+class StreamedBody(BaseModel):
+    """A body with `stream_options`: its include_usage is lifted out as a field of its own (checked
+    where the body declares it, and named `include_usage`)."""
 
     @model_validator(mode="before")
     @classmethod
     def lift_include_usage(cls, body: dict):
         options = body.get("stream_options")
         return {**body, "include_usage": options.get("include_usage") if isinstance(options, dict) else None}
+
+
+def seeds(seed: Optional[int], n: int) -> list[Optional[int]]:
+    """Each of n samples' own seed: seed, seed + 1, ... (wrapped into int64), so the samples of one
+    request differ and the same request gives the same samples again."""
+    if seed is None:
+        return [None] * n
+    return [(seed + i + INT64) % (2 * INT64) - INT64 for i in range(n)]
+
+
+class ChatCompletionBody(StreamedBody):
+    """The fields of a chat-completions body this server reads, in the order they are checked (the
+    first failing one is reported); other fields are ignored."""
+
+    model: OptionalString = None
+    n: Choices = None
+    max_completion_tokens: Annotated[Optional[int], integer(1)] = None
+    max_tokens: Optional[int] = None
+    stop: Stop = Field(default_factory=list)
+    seed: Seed = None
+    presence_penalty: Penalty = None
+    frequency_penalty: Penalty = None
+    stream_options: StreamOptions = None
+    messages: Annotated[list[Message], BeforeValidator(messages_list)] = REQUIRED
+    tools: Annotated[
+        Optional[list[Tool]], BeforeValidator(of_type(list, "expected a list of tool definitions", True))
+    ] = None
+    temperature: Temperature = None
+    top_p: TopP = None
+    top_k: TopK = None
+    repetition_penalty: RepetitionPenalty = None
+    ignore_eos: Flag = False
+    stream: Flag = False
+    logprobs: Flag = False
+    top_logprobs: TopLogprobs = None
+    response_format: Optional[ResponseFormat] = None
+    include_usage: Flag = False
+    """stream_options.include_usage, lifted out: checked last."""
 
     @field_validator("max_tokens", mode="before")
     @classmethod
@@ -143,11 +175,19 @@ class ChatCompletionBody(BaseModel):
             return None
         return check_integer(value, 1)
 
+    @field_validator("top_logprobs", mode="after")
+    @classmethod
+    def with_logprobs(cls, value, info: ValidationInfo):
+        if value is not None and not info.data.get("logprobs"):
+            raise invalid("needs logprobs: true")
+        return value
+
 
 def field_path(loc: tuple) -> str:
     """A pydantic error location as the field's name in the body: ("messages", 2, "role") -> "messages[2].role"."""
     path = ""
     for part in loc:
+        part = part if isinstance(part, int) else part.rstrip("_")  # `schema_`: a field aliased to "schema"
         path += f"[{part}]" if isinstance(part, int) else f".{part}" if path else str(part)
     return path
 
@@ -189,15 +229,20 @@ def check_json_values(body, limit: int = MAX_NESTING) -> None:
             stack.extend((item, f"{where}[{i}]", depth + 1) for i, item in enumerate(value))
 
 
-def parse_chat_request(body) -> ChatRequest:
-    """Check a decoded JSON body; raise APIError (400) naming the first bad field."""
+def check_body(body, model: type[BaseModel]):
+    """A decoded JSON body checked by `model`; APIError (400) naming the first bad field."""
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object", code="invalid_type")
     check_json_values(body)
     try:
-        checked = ChatCompletionBody.model_validate(body)
+        return model.model_validate(body)
     except ValidationError as err:
         raise api_error(err) from None
+
+
+def parse_chat_request(body) -> ChatRequest:
+    """Check a decoded JSON body; raise APIError (400) naming the first bad field."""
+    checked = check_body(body, ChatCompletionBody)
     return ChatRequest(
         messages=[message.template_form() for message in checked.messages],
         tools=body.get("tools") or None,  # as sent: the template writes the definitions as they are
@@ -212,4 +257,8 @@ def parse_chat_request(body) -> ChatRequest:
         ignore_eos=checked.ignore_eos,
         stream=checked.stream,
         include_usage=checked.include_usage,
+        n=checked.n or 1,
+        logprobs=checked.logprobs,
+        top_logprobs=checked.top_logprobs or 0,
+        response_format=format_schema(checked.response_format and checked.response_format.as_dict()),
     )

@@ -1,12 +1,13 @@
 """Sampling: the options users give for each reply (SamplingArgs, whose field docstrings are the
-`--help` of generate, chat and serve) and the filters that apply them to a batch of logits, each row
+`--help` of generate, chat and serve; SamplingParams adds one request's own for the engine) and the filters that apply them to a batch of logits, each row
 with its own values, in the order and with the semantics of transformers' logits processors:
 repetition penalty (greedy too), then temperature, top-k, top-p.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -45,6 +46,37 @@ class SamplingArgs:
                 f"expected 0 <= temperature <= 100, 0 < top_p <= 1, top_k >= 0 and "
                 f"{MIN_REPETITION_PENALTY} <= repetition_penalty <= 10"
             )
+
+
+@dataclass(frozen=True)
+class SamplingParams(SamplingArgs):
+    """One request's sampling: the options generate, chat and serve share (SamplingArgs, whose
+    defaults are generate's), and the ones that belong to a single request."""
+
+    stop: list[str] = field(default_factory=list)
+    """Stop strings (not included in the text)."""
+    ignore_eos: bool = False
+    """Keep generating past end-of-sequence ids."""
+    seed: Optional[int] = None
+    """Seeds this request's own generator: the same seed gives the same text whatever else is batched."""
+    response_format: Optional[tuple[str, bool]] = None
+    """(JSON Schema text, strict): the reply is JSON that follows it (inference/constrained.py)."""
+    logprobs: Optional[int] = None
+    """Each generated token's log-probability and this many most likely ones (inference/logprobs.py)."""
+    prompt_logprobs: Optional[int] = None
+    """The same for the prompt's tokens after the first (the whole prompt is prefilled: no prefix reuse)."""
+
+    def __post_init__(self) -> None:
+        # Not range-checked: the engine takes any values, and a request whose values break sampling (NaN,
+        # a penalty that overflows the logits) fails alone in step(). Options are checked where users
+        # give them: SamplingArgs (the commands' flags) and the API's request models.
+        pass
+
+    @classmethod
+    def from_group(cls, sampling: SamplingArgs, **per_request) -> SamplingParams:
+        """The group's values, with this request's stop, ignore_eos and seed."""
+        shared = {f.name: getattr(sampling, f.name) for f in dataclasses.fields(SamplingArgs)}
+        return cls(**shared, **per_request)
 
 
 # ---------------------------------------------------------------------------- the filters

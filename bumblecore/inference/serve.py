@@ -31,8 +31,8 @@ from bumblecore.inference.serve_settings import (
     context_length,
     model_dirs,
 )
+from bumblecore.inference.serving_completions import CompletionsSpec
 from bumblecore.inference.serving_http import (
-    ChatCompletionsSpec,
     api_error_response,
     http_error_response,
     server_error_response,
@@ -44,14 +44,14 @@ MAX_HEADER_BYTES = 64 * 1024  # a request line and headers larger than this are 
 
 
 class BumbleServer(InProcessLitServer):
-    """The API (EngineAPI with ChatCompletionsSpec), the page at / and its files under /web,
+    """The API (EngineAPI with CompletionsSpec: chat and text completions), the page at / and its files under /web,
     OpenAI-shaped errors, CORS for --allowed_origins, and the request guard in front of it all."""
 
     def __init__(self, settings: ServeSettings):
         import torch
 
         on_gpu = settings.device_map.startswith("cuda") or (settings.device_map == "auto" and torch.cuda.is_available())
-        api = EngineAPI(settings, ChatCompletionsSpec(settings))
+        api = EngineAPI(settings, CompletionsSpec(settings))
         super().__init__(api, accelerator="cuda" if on_gpu else "cpu", devices=1, timeout=False, fast_queue=True)
         self.settings = settings
         app = self.app

@@ -23,16 +23,17 @@ from starlette.responses import StreamingResponse
 from bumblecore.inference.generate import SamplingParams
 from bumblecore.inference.litserve_adapter import ReplyBuffer, StepFanOut, send_to_worker, worker_error_message
 from bumblecore.inference.openai_reply import (
-    ToolCallStream,
+    ChatChoice,
+    ReplyDeltas,
+    TokenTexts,
     chat_chunk,
     chat_completion,
     completion_id,
-    merge_deltas,
     model_card,
     model_list,
     usage,
 )
-from bumblecore.inference.openai_request import APIError, ChatRequest, parse_chat_request
+from bumblecore.inference.openai_request import APIError, ChatRequest, parse_chat_request, seeds
 from bumblecore.inference.request_guard import read_json
 from bumblecore.inference.serve_settings import ServeSettings, context_length, model_dirs
 from bumblecore.inference.serving_worker import CANCEL
@@ -63,10 +64,11 @@ class ChatCompletionsSpec(LitSpec):
         self.tokenizing = None  # one thread: a fast tokenizer is not safe to call from several at once
         self.max_len = context_length(settings.model_path, settings.max_model_len, settings.base_model_path)
         self.created = int(time.time())
+        self.token_texts: Optional[TokenTexts] = None
 
     def __getstate__(self):
         state = super().__getstate__()
-        state["tokenizer"] = state["tokenizing"] = None  # the worker loads its own
+        state["tokenizer"] = state["tokenizing"] = state["token_texts"] = None  # the worker loads its own
         return state
 
     @property
@@ -129,34 +131,40 @@ class ChatCompletionsSpec(LitSpec):
                 param="messages",
                 code="context_length_exceeded",
             )
-        submission = self.submit(prompt, sampling_params(chat, self.settings, self.max_len))
+        if chat.logprobs:
+            await self.load_token_texts()
+        logprobs = chat.top_logprobs if chat.logprobs else None
+        submissions = [
+            self.submit(prompt, sampling_params(chat, self.settings, self.max_len, seed, logprobs))
+            for seed in seeds(chat.seed, chat.n)
+        ]
         if chat.stream:
-            return CleanupStreamingResponse(
-                self.stream_chunks(chat, submission),
-                on_close=lambda: self.release(submission),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache"},
-            )
+            return self.streaming_response(self.stream_chunks(chat, submissions), submissions)
         try:
-            replies = ReplyDeltas(chat)
-            deltas, finish_reason, tokens = [], None, 0
-            async for piece in self.pieces(submission, request):
-                deltas += replies.push(piece["text"])
-                if piece["finish_reason"]:
-                    deltas += replies.finish()
-                    finish_reason = replies.finish_reason(piece["finish_reason"])
-                tokens = piece["completion_tokens"]
+            choices = [ChatChoice(chat) for _ in submissions]
+            async for index, batch in self.choice_batches(submissions, request):
+                for piece in batch:
+                    choices[index].push(piece)
             return chat_completion(
                 completion_id(),
                 self.settings.model_name,
-                merge_deltas(deltas),
-                finish_reason,
-                usage(submission.prompt_tokens, tokens),
+                [choice.reply(index, self.token_texts) for index, choice in enumerate(choices)],
+                usage(len(prompt), sum(choice.tokens for choice in choices)),
             )
         finally:
-            self.release(submission)
+            self.release_all(submissions)
 
-    def prompt_ids(self, chat: ChatRequest) -> list[int]:
+    async def load_token_texts(self) -> None:
+        """Each token id's text, for logprobs (tokens named by their text), decoded once, on the
+        tokenizer's thread: a server never asked for logprobs never pays for it."""
+        if self.token_texts is None:
+            tokenizer = self.tokenizer
+            texts = await asyncio.get_running_loop().run_in_executor(
+                self.tokenizing, lambda: tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+            )
+            self.token_texts = TokenTexts(texts)
+
+    def prompt_ids(self, chat: ChatRequest, add_generation_prompt: bool = True) -> list[int]:
         """The same prompt `bumblecore generate` and `chat` build."""
         from bumblecore.chat.format import ChatFormatError, chat_format
         from bumblecore.inference.commands import build_prompt_ids, continues_raw_text
@@ -169,7 +177,9 @@ class ChatCompletionsSpec(LitSpec):
                 raise APIError(400, "The prompt is empty.", param="messages", code="invalid_value")
             return build_prompt_ids(self.tokenizer, text, stage)
         try:
-            return build_prompt_ids(self.tokenizer, chat.messages, stage, self.settings.system_prompt, chat.tools)
+            return build_prompt_ids(
+                self.tokenizer, chat.messages, stage, self.settings.system_prompt, chat.tools, add_generation_prompt
+            )
         except ChatFormatError as err:
             # The conversation, not the server: tools the template has no place for, or a role order its
             # raise_exception refuses.
@@ -184,6 +194,18 @@ class ChatCompletionsSpec(LitSpec):
         send_to_worker(self, uid, {"prompt_ids": prompt, "params": params})
         return Submission(uid, replies, len(prompt))
 
+    def release_all(self, submissions: list[Submission]) -> None:
+        for submission in submissions:
+            self.release(submission)
+
+    def streaming_response(self, chunks, submissions: list[Submission]) -> StreamingResponse:
+        return CleanupStreamingResponse(
+            chunks,
+            on_close=lambda: self.release_all(submissions),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache"},
+        )
+
     def release(self, submission: Submission) -> None:
         """However a request ends: forget its buffer, and stop it in the worker if it is still running."""
         submission.replies.close()
@@ -191,12 +213,37 @@ class ChatCompletionsSpec(LitSpec):
             submission.finished = True
             send_to_worker(self, submission.uid, CANCEL)
 
-    async def pieces(self, submission: Submission, request: Optional[Request] = None):
-        """The worker's messages for one request, one at a time: {"text", "finish_reason",
-        "completion_tokens"}."""
-        async for batch in self.piece_batches(submission, request):
-            for piece in batch:
-                yield piece
+    async def choice_batches(self, submissions: list[Submission], request: Optional[Request] = None):
+        """(index, batch) as each submission's batches arrive (piece_batches), until all have ended:
+        the n choices of a request (or of several prompts), interleaved as they come."""
+        if len(submissions) == 1:
+            async for batch in self.piece_batches(submissions[0], request):
+                yield 0, batch
+            return
+        arrived: asyncio.Queue = asyncio.Queue()
+
+        async def forward(index: int, submission: Submission) -> None:
+            try:
+                async for batch in self.piece_batches(submission, request):
+                    arrived.put_nowait((index, batch, None))
+                arrived.put_nowait((index, None, None))
+            except APIError as err:
+                arrived.put_nowait((index, None, err))
+
+        tasks = [asyncio.create_task(forward(i, s)) for i, s in enumerate(submissions)]
+        try:
+            running = len(tasks)
+            while running:
+                index, batch, err = await arrived.get()
+                if err is not None:
+                    raise err
+                if batch is None:
+                    running -= 1
+                else:
+                    yield index, batch
+        finally:
+            for task in tasks:
+                task.cancel()
 
     async def piece_batches(self, submission: Submission, request: Optional[Request] = None):
         """The worker's messages for one request, as lists of those that arrived together (a stream
@@ -229,28 +276,42 @@ class ChatCompletionsSpec(LitSpec):
             if batch:
                 yield batch
 
-    async def stream_chunks(self, chat: ChatRequest, submission: Submission):
+    async def stream_chunks(self, chat: ChatRequest, submissions: list[Submission]):
         request_id, created, model = completion_id(), int(time.time()), self.settings.model_name
-        yield sse(chat_chunk(request_id, model, {"role": "assistant", "content": ""}, created=created))
-        content = ContentFrame(request_id, model, created)
-        replies = ReplyDeltas(chat)
+        n = len(submissions)
+        yield "".join(
+            sse(chat_chunk(request_id, model, {"role": "assistant", "content": ""}, created=created, index=i))
+            for i in range(n)
+        )
+        frames = [ContentFrame(request_id, model, created, i) for i in range(n)]
+        replies = [ReplyDeltas(chat) for _ in range(n)]
+        tokens, running = [0] * n, n
         try:
-            async for batch in self.piece_batches(submission):
+            async for index, batch in self.choice_batches(submissions):
                 # Tokens that waited for this stream go out as one delta (OpenAI's deltas may hold
                 # several tokens): a stream that lags catches up in one chunk, not one per token.
                 piece = batch[-1]  # only a batch's last piece can finish the reply
                 text = piece["text"] if len(batch) == 1 else "".join(p["text"] for p in batch)
-                deltas = replies.push(text) + (replies.finish() if piece["finish_reason"] else [])
-                events = [content(delta) for delta in deltas]
+                deltas = replies[index].push(text) + (replies[index].finish() if piece["finish_reason"] else [])
+                if chat.logprobs:  # the batch's tokens ride on its first chunk
+                    entries = [self.token_texts.chat_entry(p["logprobs"]) for p in batch if "logprobs" in p]
+                    delta = deltas[0] if deltas else {"content": ""}
+                    first = chat_chunk(request_id, model, delta, created=created, index=index)
+                    first["choices"][0]["logprobs"] = {"content": entries}
+                    events = [sse(first)] + [frames[index](d) for d in deltas[1:]]
+                else:
+                    events = [frames[index](delta) for delta in deltas]
                 if piece["finish_reason"]:
-                    reason = replies.finish_reason(piece["finish_reason"])
-                    events.append(sse(chat_chunk(request_id, model, {}, reason, created=created)))
-                    if chat.include_usage:
-                        counts = usage(submission.prompt_tokens, piece["completion_tokens"])
-                        events.append(sse(chat_chunk(request_id, model, {}, usage_counts=counts, created=created)))
-                    events.append(DONE)
-                    yield "".join(events)  # one write for the reply's end
-                    return
+                    reason = replies[index].finish_reason(piece["finish_reason"])
+                    events.append(sse(chat_chunk(request_id, model, {}, reason, created=created, index=index)))
+                    tokens[index], running = piece["completion_tokens"], running - 1
+                    if not running:
+                        if chat.include_usage:
+                            counts = usage(submissions[0].prompt_tokens, sum(tokens))
+                            events.append(sse(chat_chunk(request_id, model, {}, usage_counts=counts, created=created)))
+                        events.append(DONE)
+                        yield "".join(events)  # one write for the reply's end
+                        return
                 if events:
                     yield events[0] if len(events) == 1 else "".join(events)
         except APIError as err:  # the status line is sent already: report in the stream, as OpenAI does
@@ -268,38 +329,15 @@ class ContentFrame:
 
     MARK = "\x00bumblecore\x00"
 
-    def __init__(self, request_id: str, model: str, created: int):
-        self.request_id, self.model, self.created = request_id, model, created
-        whole = sse(chat_chunk(request_id, model, {"content": self.MARK}, created=created))
+    def __init__(self, request_id: str, model: str, created: int, index: int = 0):
+        self.request_id, self.model, self.created, self.index = request_id, model, created, index
+        whole = sse(chat_chunk(request_id, model, {"content": self.MARK}, created=created, index=index))
         self.head, self.tail = whole.split(json.dumps(self.MARK, ensure_ascii=False))
 
     def __call__(self, delta: dict) -> str:
         if len(delta) == 1 and isinstance(delta.get("content"), str):
             return f"{self.head}{json.dumps(delta['content'], ensure_ascii=False)}{self.tail}"
-        return sse(chat_chunk(self.request_id, self.model, delta, created=self.created))
-
-
-class ReplyDeltas:
-    """A reply's text deltas as OpenAI message deltas: plain `content`, or, when the request offered
-    tools, `tool_calls` for the template's `<tool_call>` blocks (finish_reason "tool_calls")."""
-
-    def __init__(self, chat: ChatRequest):
-        self.tool_calls = ToolCallStream() if chat.tools else None
-
-    def push(self, text: str) -> list[dict]:
-        if self.tool_calls is None:
-            return [{"content": text}] if text else []
-        return self.tool_calls.push(text)
-
-    def finish(self) -> list[dict]:
-        return self.tool_calls.finish() if self.tool_calls is not None else []
-
-    def finish_reason(self, engine_reason: str) -> str:
-        return (
-            "tool_calls"
-            if self.tool_calls is not None and self.tool_calls.calls and engine_reason == "stop"
-            else engine_reason
-        )
+        return sse(chat_chunk(self.request_id, self.model, delta, created=self.created, index=self.index))
 
 
 class CleanupStreamingResponse(StreamingResponse):
@@ -321,9 +359,17 @@ def sse(payload: dict) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-def sampling_params(chat: ChatRequest, settings: ServeSettings, max_len: int) -> SamplingParams:
-    """The request's values, else the server's defaults. A request's temperature 0 is greedy; without
-    any max_tokens a reply may run to the end of the context."""
+def sampling_params(
+    chat,
+    settings: ServeSettings,
+    max_len: int,
+    seed: Optional[int] = None,
+    logprobs: Optional[int] = None,
+    prompt_logprobs: Optional[int] = None,
+) -> SamplingParams:
+    """The request's values (a ChatRequest or CompletionRequest), else the server's defaults. A
+    request's temperature 0 is greedy; without any max_tokens a reply may run to the end of the
+    context. `seed` is this sample's (openai_request.seeds)."""
 
     def pick(value, default):
         return default if value is None else value
@@ -334,7 +380,7 @@ def sampling_params(chat: ChatRequest, settings: ServeSettings, max_len: int) ->
     else:
         do_sample, temperature = chat.temperature > 0, chat.temperature
     return SamplingParams(
-        max_new_tokens=chat.max_tokens or defaults.max_new_tokens or max_len,
+        max_new_tokens=(defaults.max_new_tokens or max_len) if chat.max_tokens is None else chat.max_tokens,
         do_sample=do_sample,
         temperature=temperature if temperature > 0 else 1.0,
         top_k=pick(chat.top_k, defaults.top_k),
@@ -342,7 +388,10 @@ def sampling_params(chat: ChatRequest, settings: ServeSettings, max_len: int) ->
         repetition_penalty=pick(chat.repetition_penalty, defaults.repetition_penalty),
         stop=chat.stop,
         ignore_eos=chat.ignore_eos,
-        seed=chat.seed,
+        seed=seed,
+        logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
+        response_format=chat.response_format,
     )
 
 

@@ -237,14 +237,13 @@ class EngineAPI(ls.LitAPI):
                 del self.requests[event.request_id], self.engine_ids[uid]
                 continue
             self.failures_in_a_row = 0
-            state[1] += 1
-            outputs.append(
-                Output(
-                    uid,
-                    {"text": event.text, "finish_reason": event.finish_reason, "completion_tokens": state[1]},
-                    LitAPIStatus.OK,
-                )
-            )
+            state[1] += event.token_id is not None  # a prompt-scoring request ends with no token
+            piece = {"text": event.text, "finish_reason": event.finish_reason, "completion_tokens": state[1]}
+            if event.logprobs is not None:  # only for requests that ask: the others' messages stay small
+                piece["logprobs"] = event.logprobs
+            if event.prompt_logprobs is not None:
+                piece["prompt_logprobs"] = event.prompt_logprobs
+            outputs.append(Output(uid, piece, LitAPIStatus.OK))
             if event.finished:
                 outputs.append(Output(uid, "", LitAPIStatus.FINISH_STREAMING))
                 del self.requests[event.request_id], self.engine_ids[uid]

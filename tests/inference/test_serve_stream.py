@@ -42,7 +42,7 @@ def run_stream(arrivals: list[list], include_usage=True, tools=None):
     async def go():
         replies = ReplyBuffer(server, "uid")
         submission = Submission("uid", replies, prompt_tokens=5)
-        stream = server.stream_chunks(chat, submission)
+        stream = server.stream_chunks(chat, [submission])
 
         async def feed():
             for group in arrivals:
