@@ -40,7 +40,12 @@ DEEPSPEED = {
 }
 # Read on a ZeRO-3 parameter here and in model/ (which may not import train/): pinned, not fenced.
 PARAMETER_ATTRIBUTES = {"ds_shape": "a partitioned weight's real shape", "ds_id": "marks a partitioned weight"}
-PUBLIC = {"optimizer", "module", "zero_optimization_stage"}  # what backend.py's getattr/hasattr read that is public
+PUBLIC = {
+    "optimizer",
+    "module",
+    "zero_optimization_stage",
+    "checkpoint_tensors",
+}  # what backend.py's getattr/hasattr read that is public
 
 
 def moved(library: str, name: str, what: str):
