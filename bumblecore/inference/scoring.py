@@ -10,6 +10,7 @@ scorer, so a policy is judged exactly as `bumblecore score` would judge it.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -76,6 +77,25 @@ class RewardScorer:
     def __call__(self, conversations: list[list[dict]], tools: Optional[list] = None) -> list[float]:
         tools = tools or [None] * len(conversations)
         return self.score_ids([self.encode(c, t) for c, t in zip(conversations, tools)])
+
+
+def reward_model_parameters(model_path: str) -> int:
+    """A reward model's parameters, from its safetensors headers (nothing loaded): a memory plan's count;
+    a LoRA adapter's include its base's."""
+    from safetensors import safe_open
+
+    path = Path(model_path)
+    total = 0
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as tensors:
+            for name in tensors.keys():
+                total += math.prod(tensors.get_slice(name).get_shape())
+    adapter = path / "adapter_config.json"
+    if adapter.is_file():
+        base = json.loads(adapter.read_text(encoding="utf-8")).get("base_model_name_or_path")
+        if base and Path(base).is_dir():
+            total += reward_model_parameters(base)
+    return total
 
 
 # ---------------------------------------------------------------------------- records
