@@ -356,9 +356,7 @@ class Bumblebee(nn.Module):
         super().__init__()
         self.config = config
         self.model = BumblebeeBackbone(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        self.add_head(config)
         self.gradient_checkpointing = False
         self._inv_freq: dict[torch.device, torch.Tensor] = {}
         self.apply(self._init_weights)
@@ -372,6 +370,12 @@ class Bumblebee(nn.Module):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
             if getattr(module, "bias", None) is not None and module.bias.device.type != "meta":
                 nn.init.zeros_(module.bias)
+
+    def add_head(self, config: BumblebeeConfig) -> None:
+        """The LM head, tied to the embedding or not (a reward model, model/reward.py, adds its `score`)."""
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
 
     # What peft reads to adapt embeddings (trainable tokens): the modules and, when tied, the tied head.
     def get_input_embeddings(self) -> nn.Embedding:

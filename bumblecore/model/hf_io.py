@@ -268,8 +268,10 @@ def save_pretrained(
     max_shard_size: Union[int, str] = "5GB",
     state_dict=None,
     stream: Optional[tuple[dict, Iterator]] = None,
+    config_dict: Optional[Callable[[torch.dtype], dict]] = None,
 ) -> None:
     """Write config.json, generation_config.json and safetensors (sharded past `max_shard_size`).
+    `config_dict(dtype)`: config.json's contents, when not the causal LM's (a reward model's, model/reward.py).
 
     The weights are the model's, or `state_dict`'s, or `stream`'s: (layout {name: (shape, dtype)},
     an iterator of (name, tensor)), written one tensor at a time as the iterator makes them (a ZeRO-3
@@ -298,7 +300,8 @@ def save_pretrained(
         writer.abort()
         raise
 
-    _atomic_write_text(path / "config.json", json.dumps(config_to_hf_dict(config, dtype), indent=2) + "\n")
+    hf_config = config_dict(dtype) if config_dict is not None else config_to_hf_dict(config, dtype)
+    _atomic_write_text(path / "config.json", json.dumps(hf_config, indent=2) + "\n")
     write_generation_config(path, config)
 
 
