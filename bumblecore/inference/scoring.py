@@ -36,8 +36,8 @@ class RewardScorer:
 
         if not is_reward_model(model_path):
             raise ValueError(
-                f"{model_path} is not a reward model (a directory saved by training_stage rm: a "
-                "*ForSequenceClassification config with num_labels 1, or its LoRA adapter)"
+                f"{model_path} is not a reward model (a directory saved by training_stage rm: config.json names a "
+                "*ForSequenceClassification; merge a LoRA reward model's adapter first with bumblecore merge_lora)"
             )
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
