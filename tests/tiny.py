@@ -143,9 +143,10 @@ def assert_evaluations_printed(text: str, history: list[dict], headline: tuple) 
             assert value == pytest.approx(record[key], rel=1e-3, abs=1e-4), key
 
 
-def write_tiny_reward_model(out, seed: int = 0):
+def write_tiny_reward_model(out, seed: int = 0, chat_template=None):
     """A random Qwen2ForSequenceClassification (num_labels 1, pad_token_id the tokenizer's) written by
-    transformers with the demo tokenizer: what training_stage rm saves, in miniature."""
+    transformers with the demo tokenizer (and `chat_template` instead of its ChatML when given): what
+    training_stage rm saves, in miniature."""
     import torch
     from transformers import Qwen2Config, Qwen2ForSequenceClassification
 
@@ -165,6 +166,8 @@ def write_tiny_reward_model(out, seed: int = 0):
         pad_token_id=tokenizer.pad_token_id,
     )
     Qwen2ForSequenceClassification(config).save_pretrained(out)
+    if chat_template:
+        tokenizer.chat_template = chat_template
     tokenizer.save_pretrained(str(out))
     return Path(out)
 

@@ -24,6 +24,10 @@ QUESTIONS = [
 ]
 
 
+# A reward model whose template is not the policy's ChatML: it must read its own rendering.
+PLAIN_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("grpo_rm")
@@ -31,6 +35,7 @@ def setup(tmp_path_factory):
     (root / "prompts.jsonl").write_text(lines, encoding="utf-8")
     write_tiny_checkpoint(root / "model")
     write_tiny_reward_model(root / "rm", seed=1)
+    write_tiny_reward_model(root / "plain_rm", seed=2, chat_template=PLAIN_TEMPLATE)
     return root
 
 
@@ -41,9 +46,11 @@ def test_the_rewards_are_the_reward_models_scores_of_the_rendered_completions(se
         seen.update(prompts=prompts, completions=completions)
         return [float(len(c)) for c in completions]
 
-    scorer = RewardScorer(str(setup / "rm"), dtype="float32", device="cpu", batch_size=3)
-    functions = [RewardFunction("length", length, 0.5)] + load_reward_functions([], [2.0], [scorer])
-    assert reward_names(functions) == ["length", "rm"]
+    scorers = [
+        RewardScorer(str(setup / name), dtype="float32", device="cpu", batch_size=3) for name in ("rm", "plain_rm")
+    ]
+    functions = [RewardFunction("length", length, 0.5)] + load_reward_functions([], [2.0, -1.0], scorers)
+    assert reward_names(functions) == ["length", "rm", "plain_rm"]
     prompts, _ = tokenize_prompts(read_prompts(setup / "prompts.jsonl"), demo_tok, 128)
     args = GRPOArgs(num_generations=4, max_completion_length=6, advantage="rloo")
     loader = RolloutLoader(prompts, demo_tok, args, functions, 4, 2, 1, 0, 11, 0, [demo_tok.eos_token_id])
@@ -51,9 +58,11 @@ def test_the_rewards_are_the_reward_models_scores_of_the_rendered_completions(se
     rollouts = loader.roll_out(0)
     conversations = [p + [{"role": "assistant", "content": c}] for p, c in zip(seen["prompts"], seen["completions"])]
     expected = transformers_rewards(setup / "rm", conversations)
+    plain = transformers_rewards(setup / "plain_rm", conversations)  # rendered "user: ...\nassistant: ...\n"
     assert len(expected) == 8 and len(set(seen["completions"])) > 1
     assert rollouts["reward_table"][:, 1].tolist() == pytest.approx(expected, rel=1e-5, abs=1e-5)
-    total = [0.5 * len(c) + 2.0 * e for c, e in zip(seen["completions"], expected)]
+    assert rollouts["reward_table"][:, 2].tolist() == pytest.approx(plain, rel=1e-5, abs=1e-5)
+    total = [0.5 * len(c) + 2.0 * e - p for c, e, p in zip(seen["completions"], expected, plain)]
     assert rollouts["rewards"].tolist() == pytest.approx(total, rel=1e-5, abs=1e-5)
     group = rollouts["rewards"][:4].double()
     assert rollouts["advantages"][0].item() == pytest.approx((group[0] - group[1:].mean()).item(), rel=1e-5)
