@@ -83,7 +83,8 @@ class GRPOStage:
         self.epsilon_high = grpo.epsilon if grpo.epsilon_high is None else grpo.epsilon_high
         self.summary = (
             f"grpo: {grpo.num_generations} completions per prompt (<= {grpo.max_completion_length} tokens, "
-            f"temperature {grpo.temperature}, top_p {grpo.top_p}), rewards {', '.join(names)}, loss {grpo.loss_type}, "
+            f"temperature {grpo.temperature}, top_p {grpo.top_p}), rewards {', '.join(names)}, "
+            f"advantage {grpo.advantage}, loss {grpo.loss_type}, "
             f"clip [{1 - grpo.epsilon:g}, {1 + self.epsilon_high:g}], beta {grpo.beta}, "
             f"{grpo.num_iterations} step(s) per round"
         )
