@@ -155,7 +155,7 @@ class LoraArgs:
 
 @dataclass
 class PreferenceArgs:
-    """Preference training (training_stage dpo or kto): the loss and its reference"""
+    """Preference training (training_stage dpo, kto or rm): the loss and its reference"""
 
     # The original's spellings of our keys (its YAML files say label_smoothing).
     aliases: ClassVar[dict[str, str]] = {"label_smoothing": "dpo_label_smoothing"}
@@ -178,6 +178,8 @@ class PreferenceArgs:
     """KTO: weight of an undesirable example's loss, lambda_U in lambda_U (1 - sigmoid(beta (z - r)))."""
     ref_model_path: Optional[str] = None
     """DPO's and KTO's reference model (default: the starting model)."""
+    center_rewards_coefficient: Optional[float] = None
+    """Reward model (rm): adds coefficient x mean over pairs of (r_chosen + r_rejected)^2, centring the rewards on 0 (TRL's)."""
     precompute_ref_log_probs: Optional[bool] = None
     """Compute reference log-probs once before training and keep them beside the token cache, reused
     across epochs and runs (default: on for full fine-tuning; LoRA uses the base with its adapter disabled)."""
@@ -423,6 +425,7 @@ STAGE_SETTINGS = {
     "dpo": StageSettings(check=TrainArgs._check_dpo),
     "kto": StageSettings(check=TrainArgs._check_kto),
     "grpo": StageSettings(),
+    "rm": StageSettings(),
 }
 STAGES = tuple(STAGE_SETTINGS)  # the registry's stages (bumblecore/recipes/), in the same order
 

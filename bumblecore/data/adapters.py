@@ -39,6 +39,7 @@ class Sample:
     completion: Optional[dict] = None
     desirable: Optional[bool] = None
     kl_completion: Optional[dict] = None
+    margin: object = None  # a preference record's `margin` field as written (the rm stage reads it)
     file_index: int = 0  # which of the dataset's files (data_files order) it comes from
 
 
@@ -74,6 +75,7 @@ def preference_adapter(read_prompt: Callable[[dict, str], Conversation]) -> Adap
             chosen=_preference_reply(record, "chosen", where),
             rejected=_preference_reply(record, "rejected", where),
             where=where,
+            margin=record.get("margin"),
         )
 
     return adapter
@@ -82,7 +84,9 @@ def preference_adapter(read_prompt: Callable[[dict, str], Conversation]) -> Adap
 def trl_preference_sample(record: dict, where: str) -> Sample:
     """TRL's preference records: `prompt` with `chosen` / `rejected` messages, or two whole conversations."""
     prompt, chosen, rejected = trl_preference(record, where)
-    return Sample("preference", conversation=prompt, chosen=chosen, rejected=rejected, where=where)
+    return Sample(
+        "preference", conversation=prompt, chosen=chosen, rejected=rejected, where=where, margin=record.get("margin")
+    )
 
 
 def _preference_reply(record: dict, key: str, where: str) -> dict:

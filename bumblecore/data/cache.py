@@ -9,6 +9,7 @@ Layout of one cache entry `<cache_dir>/<key>/`:
 Preference data stores two entries per pair: 2i = prompt + chosen, 2i + 1 = prompt + rejected.
 KTO data stores two entries per example, 2i = prompt + completion, 2i + 1 = the KL row (prompt + the
 next record's completion), and desirable.bin (uint8, 1 = desirable) with one flag per example.
+Reward-model pairs add margins.bin (float64): each pair's `margin` (0 where the record has none).
 
 The key hashes the data files' bytes, the tokenizer (and the special tokens it adds to a text), the
 chat template, cutoff_len and the stage, so the same inputs reuse the entry at once and any change
@@ -153,6 +154,8 @@ class TokenCache:
         )
         labels = self.directory / "desirable.bin"
         self.desirable = np.fromfile(labels, dtype=np.uint8).astype(bool) if labels.is_file() else None
+        margins = self.directory / "margins.bin"
+        self.margins = np.fromfile(margins, dtype=np.float64) if margins.is_file() else None
         self.file_of_sample = np.fromfile(self.directory / "files.bin", dtype=np.uint32).astype(np.int64)
 
     def __len__(self) -> int:
@@ -178,10 +181,12 @@ def _encode_batch(
     summary: CacheSummary,
     labels: list | None = None,
     split_text: bool = False,
+    margins: list | None = None,
 ) -> Iterator[tuple[list[int], list[bool], int]]:
     """Entries (ids, mask, file index) for a batch of samples of one kind (two per preference pair or KTO
     example), truncated to cutoff_len; a sample or pair left without any target is dropped, counted and
-    (the first few) named with file and line. `labels` receives each kept KTO example's desirable flag.
+    (the first few) named with file and line. `labels` receives each kept KTO example's desirable flag,
+    `margins` each kept pair's margin.
     Text is one entry per document (pretraining cuts blocks later) or, with `split_text` (text in an
     SFT run), one per cutoff_len piece, so nothing is truncated away."""
     if samples[0].kind == "text":
@@ -236,6 +241,8 @@ def _encode_batch(
             continue
         if labels is not None:
             labels.append(samples[start // group].desirable)
+        if margins is not None:
+            margins.append(float(samples[start // group].margin or 0.0))
         yield from entries
 
 
@@ -317,12 +324,15 @@ def build_cache(
             position = 0
             batch: list[Sample] = []
             labels: list | None = [] if reading.labelled else None
+            margins: list | None = [] if reading.margins else None
             split_text = not reading.documents
             file_records = [0] * len(data_files(paths))
 
             def flush():
                 nonlocal position
-                for ids, mask, file_index in _encode_batch(tokenizer, batch, cutoff_len, summary, labels, split_text):
+                for ids, mask, file_index in _encode_batch(
+                    tokenizer, batch, cutoff_len, summary, labels, split_text, margins
+                ):
                     files_file.write(np.array([file_index], np.uint32).tobytes())
                     ids_file.write(np.asarray(ids, dtype=np.uint32).tobytes())
                     mask_file.write(np.asarray(mask, dtype=np.uint8).tobytes())
@@ -346,6 +356,8 @@ def build_cache(
                 flush()
         if labels is not None:
             np.asarray(labels, dtype=np.uint8).tofile(tmp / "desirable.bin")
+        if margins is not None:
+            np.asarray(margins, dtype=np.float64).tofile(tmp / "margins.bin")
         summary.seconds = time.perf_counter() - started
         meta = {
             "format_version": FORMAT_VERSION,

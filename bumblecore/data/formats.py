@@ -37,6 +37,7 @@ class StageReading:
     documents: bool = False  # text as one document stream, cut into blocks (no chat template)
     pairs: bool = False  # a unit is two rows (chosen and rejected, or a completion and its KL row)
     labelled: bool = False  # each unit carries a desirable flag
+    margins: bool = False  # each pair carries its record's margin (a number; 0 when absent)
 
 
 def kto_examples(samples: Iterator[Sample]) -> Iterator[Sample]:

@@ -7,7 +7,7 @@
 - SFT without packing: one sample per row, batches padded to their longest row (not to cutoff_len).
 - preference pairs: one unit = (chosen, rejected); a batch holds all chosen rows then all rejected rows.
 - KTO: one unit = (prompt + completion, KL row) and its desirable flag; rows as for pairs, with
-  `desirable` (n,) bool in the batch.
+  `desirable` (n,) bool in the batch; reward-model pairs add `margin` (n,) float32.
 
 Batches: input_ids (B, T), labels (B, T) unshifted with -100 where not trained, position_ids (B, T),
 segment_ids (B, T) when packed (padding is its own segment), num_tokens (non-padding tokens); a mixture
@@ -56,6 +56,7 @@ class Units:
         self, cache: TokenCache, rows: list[list[Piece]], pairs: bool = False, desirable: Optional[np.ndarray] = None
     ):
         self.cache, self.rows, self.pairs, self.desirable = cache, rows, pairs, desirable
+        self.margins: Optional[np.ndarray] = None  # reward-model pairs: each pair's margin
         self.sources: Optional[UnitSources] = None
 
     def __len__(self) -> int:
@@ -121,12 +122,14 @@ def build_units(cache: TokenCache, reading: StageReading, cutoff_len: int, packi
     if reading.documents:
         return Units(cache, pretraining_blocks(cache, cutoff_len))
     if reading.pairs:
-        return Units(
+        units = Units(
             cache,
             [[sample_pieces(cache, 2 * i), sample_pieces(cache, 2 * i + 1)] for i in range(len(cache) // 2)],
             pairs=True,
             desirable=cache.desirable if reading.labelled else None,
         )
+        units.margins = cache.margins if reading.margins else None
+        return units
     if packing:
         return Units(
             cache, [[sample_pieces(cache, i) for i in row] for row in packed_rows(cache.lengths, cutoff_len, seed)]
@@ -143,6 +146,8 @@ def collate(units: Units, indices: list[int], pad_id: int, packing: bool) -> dic
         batch["unit_indices"] = torch.tensor(indices, dtype=torch.long)  # finds the pairs' cached reference log-probs
         if units.desirable is not None:
             batch["desirable"] = torch.from_numpy(units.desirable[indices])
+        if units.margins is not None:
+            batch["margin"] = torch.from_numpy(units.margins[indices]).float()
         return batch
     batch = _collate_rows(units.cache, [units.rows[i] for i in indices], pad_id, segments=packing)
     if units.sources is not None:

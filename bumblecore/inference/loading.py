@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 
 from bumblecore.model.hf_config import bumblebee_expresses
+from bumblecore.model.reward import is_reward_model
 from bumblecore.model.transformers_family import load_model
 
 
@@ -17,6 +18,15 @@ def resolve_device(device_map: str) -> torch.device:
     if device_map in ("auto", None):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device_map)
+
+
+def refuse_reward_model(model_dir, model_path) -> None:
+    """A reward model scores conversations; it has no LM head to generate with."""
+    if is_reward_model(model_dir):
+        raise ValueError(
+            f"{model_path}: a reward model (config.json's architectures: a ForSequenceClassification); it scores "
+            "conversations and does not generate text (score with `bumblecore score`)"
+        )
 
 
 def load_for_inference(
@@ -45,6 +55,7 @@ def load_for_inference(
     device = resolve_device(device_map)
     adapter = (path / "adapter_config.json").is_file()
     base_dir = adapter_base_dir(path, base_model_path, ignore_base_mismatch) if adapter else path
+    refuse_reward_model(base_dir, model_path)
     tokenizer_dir = path if not adapter or (path / "tokenizer_config.json").is_file() else base_dir
     tokenizer = load_tokenizer(tokenizer_dir, trust_remote_code=trust_remote_code)
     use_chat_template(tokenizer, chat_template, str(path))

@@ -20,6 +20,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.staticfiles import StaticFiles
 
 from bumblecore.inference.litserve_adapter import InProcessLitServer
+from bumblecore.inference.loading import refuse_reward_model
 from bumblecore.inference.openai_request import APIError
 from bumblecore.inference.request_guard import HeadTimeoutH11Protocol, RequestGuard
 from bumblecore.inference.sampling import SamplingArgs
@@ -183,6 +184,7 @@ def serve(
         from bumblecore.model.lora import adapter_base_dir
 
         adapter_base_dir(model_path, base_model_path, ignore_base_mismatch)
+    refuse_reward_model(model_dirs(model_path, base_model_path)[0], model_path)
     context_length(model_path, max_model_len, base_model_path)
     if chat_template:  # likewise a wrong template name or file, or one whose markers the tokenizer lacks
         from bumblecore.chat.templates import use_chat_template

@@ -11,6 +11,7 @@ from bumblecore.recipes.base import Recipe
 from bumblecore.recipes.grpo import GRPORecipe
 from bumblecore.recipes.kto import KTORecipe
 from bumblecore.recipes.preference import PreferenceRecipe
+from bumblecore.recipes.rm import RewardRecipe
 from bumblecore.recipes.sft import SFTRecipe
 from bumblecore.recipes.text import TextRecipe
 
@@ -21,6 +22,7 @@ RECIPES: dict[str, Recipe] = {
     "dpo": PreferenceRecipe(),
     "kto": KTORecipe(),
     "grpo": GRPORecipe(),
+    "rm": RewardRecipe(),
 }
 
 

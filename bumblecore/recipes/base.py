@@ -50,6 +50,7 @@ class Recipe:
     from_scratch = False  # starts from a random init, not the model's weights
     rows_per_unit = 1  # rows one unit puts in a micro-batch (the memory plan's batch)
     plans_padded_rows = False  # unpacked rows: plan memory again at the data's longest row
+    scalar_head = False  # the model is a reward model: the body with a score head (model/reward.py)
 
     @property
     def smooth_curves(self) -> bool:

@@ -256,16 +256,19 @@ def gathered_tensors(model, dtype, is_rank_zero: bool):
     return layout, tensors()
 
 
-def load_into_partitioned(model, path, is_rank_zero: bool) -> None:
+def load_into_partitioned(model, path, is_rank_zero: bool, **options) -> None:
     """Pretrained weights into a ZeRO-3 model built partitioned (under `fabric.init_module`): tensor by
     tensor, shard file by shard file, rank 0 reads each one and DeepSpeed scatters it to the ranks
-    that own its slices, so no rank ever holds the whole model."""
+    that own its slices, so no rank ever holds the whole model. A model that says which tensors its
+    checkpoint gives (a reward model: `checkpoint_tensors(path, **options)`) is loaded with those."""
     import deepspeed
 
     from bumblecore.model.hf_io import expected_tensors, iter_checkpoint
 
     parameters = dict(model.named_parameters())
-    for name, load in iter_checkpoint(path, model.config, expected_tensors(model)):
+    own = getattr(model, "checkpoint_tensors", None)
+    tensors = own(path, **options) if own is not None else iter_checkpoint(path, model.config, expected_tensors(model))
+    for name, load in tensors:
         param = parameters[name]
         with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
             if is_rank_zero:

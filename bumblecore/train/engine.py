@@ -14,6 +14,7 @@ L = sum_t sum_t / units_t (docs/CONFIG.md, "Mixtures and loss weights"). A singl
 A metric is a sum the engine divides by the step's count like the loss, or a (sum, count) pair for a
 mean over units of its own (KTO's rewards of its desirable examples): the sums and the counts are
 added over the step (and ranks) and divided once; a step with none of those units does not log it.
+An optional `finish_record(record)` derives metrics from those means (the reward model's std).
 The engine divides by the count of the whole optimiser step, across accumulation steps and
 devices, so a global batch gives the same update however it is split. With
 average_tokens_across_devices false it is the original's loss instead: the mean over the step's
@@ -205,7 +206,7 @@ class Engine:
                 record[key] = totals["metrics"][key] / global_count
             elif totals["metric_counts"][key] > 0:
                 record[key] = totals["metrics"][key] / totals["metric_counts"][key]
-        return record
+        return finish_record(self.stage, record)
 
     def _divisors(self, counts: list[dict], terms: list[str]):
         """Per micro-batch, each term's gradient scale and the weight its reported sum is added with;
@@ -290,6 +291,7 @@ class Engine:
         if getattr(self.stage, "reports_perplexity", True):
             record["eval/perplexity"] = math.exp(min(record["eval/loss"], 50.0))
         record.update({f"eval/{key}": value for key, value in values.items()})
+        record = finish_record(self.stage, record)
         if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             self.scheduler.step(record["eval/loss"])
         return record
@@ -361,6 +363,12 @@ def in_lockstep(fabric, batches):
         yield last, True
     for _ in range(most - mine):
         yield last, False
+
+
+def finish_record(stage, record: dict) -> dict:
+    """A stage's metrics derived from the step's means (the reward model's standard deviations)."""
+    finish = getattr(stage, "finish_record", None)
+    return finish(record) if finish is not None else record
 
 
 def as_terms(value) -> dict:

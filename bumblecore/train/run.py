@@ -25,7 +25,7 @@ from bumblecore.train.setup import (
 
 
 def train(run: TrainArgs) -> None:
-    """Train a model: pretrain, continue_pretrain, sft, dpo, kto or grpo; full fine-tuning or LoRA.
+    """Train a model: pretrain, continue_pretrain, sft, dpo, kto, grpo or rm; full fine-tuning or LoRA.
 
     Takes the original's flat YAML keys (`--config F` or `--yaml_config F`), each overridable on the
     command line. `devices: N` starts N processes; under a launcher (`fabric run`, `torchrun`,
@@ -48,7 +48,9 @@ def main(fabric, run: TrainArgs, recipe, deepspeed_config: dict | None = None, l
     started = time.perf_counter()
     fabric.seed_everything(run.optimization.seed)
     tokenizer, vocab_size = tokenizer_and_vocab(run, recipe.chat)
-    load = functools.partial(load_model, vocab_size=vocab_size, from_scratch=recipe.from_scratch)
+    load = functools.partial(
+        load_model, vocab_size=vocab_size, from_scratch=recipe.from_scratch, scalar_head=recipe.scalar_head
+    )
     resume_dir, notes = agreed_on_rank_zero(fabric, lambda notes: prepare_output_dir(run, notes))
     base = lora_base(fabric, run)
     notes = notes + config_notes(run) + recipe.notes(run)

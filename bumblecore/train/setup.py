@@ -29,6 +29,7 @@ def load_model(
     partitioned: bool = False,
     vocab_size: int = 0,
     from_scratch: bool = False,
+    scalar_head: bool = False,
 ):
     """Bumblebee for our configs, Qwen2 and Llama; any other causal LM through transformers.
 
@@ -36,12 +37,25 @@ def load_model(
     `partitioned` (ZeRO-3): the model is built under DeepSpeed's ZeRO-3 init, so each rank only ever
     holds its slice of every weight, and the checkpoint is scattered into those slices.
     `vocab_size` (resize_vocab): at least this many embedding rows, new ones the mean of the old.
-    `from_scratch` (pretraining): a random init from the config, seeded."""
+    `from_scratch` (pretraining): a random init from the config, seeded.
+    `scalar_head` (a reward model, model/reward.py): the body with a `score` head, from a reward model
+    or (its head drawn from the run's seed) a causal LM."""
     from bumblecore.model.bumblebee import Bumblebee
     from bumblecore.model.hf_config import read_config
+    from bumblecore.model.reward import RewardBumblebee, TransformersReward, transformers_reward
     from bumblecore.model.vocab import grow_vocab, load_grown_into_partitioned
 
+    seed = run.optimization.seed
+    if scalar_head and not _is_bumblebee(run.model.model_name_or_path):
+        with torch.random.fork_rng():  # transformers draws the new head from the global generator
+            torch.manual_seed(seed)
+            model = TransformersReward(transformers_reward(run.model.model_name_or_path, torch.float32))
+        if run.optimization.enable_gradient_checkpointing:
+            model.set_gradient_checkpointing(True)
+        return model
     if _is_bumblebee(run.model.model_name_or_path):
+        architecture = RewardBumblebee if scalar_head else Bumblebee
+        extra = {"seed": seed} if scalar_head else {}  # the new score head's draw
         model_config = read_config(run.model.model_name_or_path)
         grows = vocab_size > model_config.vocab_size
         built = dataclasses.replace(model_config, vocab_size=vocab_size) if grows else model_config
@@ -50,16 +64,18 @@ def load_model(
                 torch.manual_seed(
                     run.optimization.seed
                 )  # the same random init on every rank (ZeRO-3: DeepSpeed broadcasts rank 0's)
-                model = Bumblebee(built)
+                model = architecture(built)
         elif partitioned:
             from bumblecore.train.backend import load_into_partitioned
 
             with torch.random.fork_rng(), fabric.init_module(empty_init=True):  # draws nothing, like a load
-                model = Bumblebee(built)
+                model = architecture(built)
             load = load_grown_into_partitioned if grows else load_into_partitioned
-            load(model, run.model.model_name_or_path, fabric.is_global_zero)
+            load(model, run.model.model_name_or_path, fabric.is_global_zero, **extra)
         else:
-            model = Bumblebee.from_pretrained(run.model.model_name_or_path, dtype=dtype, device=fabric.device)
+            model = architecture.from_pretrained(
+                run.model.model_name_or_path, dtype=dtype, device=fabric.device, **extra
+            )
             grow_vocab(model, vocab_size)
         if run.optimization.enable_gradient_checkpointing:
             model.set_gradient_checkpointing(True)
@@ -173,6 +189,10 @@ def memory_plan(
         lora_dropout=run.model.finetuning_type == "lora" and bool(run.lora.lora_dropout),
         accumulates=optimization.gradient_accumulation_steps > 1,
     )
+    if recipe.scalar_head:  # a reward model: one score per token, no LM head and no logits
+        head = 0 if raw.get("tie_word_embeddings", True) else workload.vocab_size * workload.hidden_size
+        total, trainable = total - head, trainable - (head if trainable == total else 0)
+        workload = dataclasses.replace(workload, vocab_size=0, embedding_params=workload.embedding_params - head)
     return plan_memory(
         total,
         trainable,
