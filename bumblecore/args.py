@@ -254,16 +254,22 @@ class GRPOArgs:
         if not self.beta >= 0:
             raise ValueError(f"beta must be >= 0, got {self.beta}")
         _one_of("advantage", self.advantage, GRPO_ADVANTAGES)
-        if self.reward_functions is None:  # unset: the reward models alone score, else exact match
-            self.reward_functions = [] if self.reward_models else ["exact_match"]
-        rewards = len(self.reward_functions) + len(self.reward_models)
-        if not rewards:
+        functions = self.reward_function_specs
+        if not functions and not self.reward_models:
             raise ValueError("training_stage grpo needs reward_functions or reward_models; both are empty")
-        if self.reward_weights is not None and len(self.reward_weights) != rewards:
+        if self.reward_weights is not None and len(self.reward_weights) != len(functions) + len(self.reward_models):
             raise ValueError(
-                f"reward_weights has {len(self.reward_weights)} values for {len(self.reward_functions)} "
+                f"reward_weights has {len(self.reward_weights)} values for {len(functions)} "
                 f"reward_functions and {len(self.reward_models)} reward_models (one per function, then one per model)"
             )
+
+    @property
+    def reward_function_specs(self) -> list[str]:
+        """The reward functions in use: unset, the reward models alone score, or else exact match. (Resolved
+        here, not in __post_init__: the parser builds its defaults from an instance without reward_models.)"""
+        if self.reward_functions is not None:
+            return self.reward_functions
+        return [] if self.reward_models else ["exact_match"]
 
 
 @dataclass

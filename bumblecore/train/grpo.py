@@ -416,7 +416,7 @@ def build_grpo(fabric, run, prompts, tokenizer, pad_id: int):
 
     grpo, optimization = run.grpo, run.optimization
     scorers = [reward_scorer(path, run, str(fabric.device)) for path in grpo.reward_models]
-    functions = load_reward_functions(grpo.reward_functions, grpo.reward_weights, scorers)
+    functions = load_reward_functions(grpo.reward_function_specs, grpo.reward_weights, scorers)
     loader = RolloutLoader(
         prompts,
         tokenizer,

@@ -70,7 +70,8 @@ def test_the_rewards_are_the_reward_models_scores_of_the_rendered_completions(se
 
 def test_reward_weights_count_functions_then_models():
     GRPOArgs(reward_models=["rm"], reward_weights=[1.0])  # reward_functions unset: the model alone scores
-    assert GRPOArgs(reward_models=["rm"]).reward_functions == [] and GRPOArgs().reward_functions == ["exact_match"]
+    assert GRPOArgs(reward_models=["rm"]).reward_function_specs == []
+    assert GRPOArgs().reward_function_specs == ["exact_match"]
     with pytest.raises(ValueError, match="reward_weights has 1 values for 1 reward_functions and 1 reward_models"):
         GRPOArgs(reward_functions=["exact_match"], reward_models=["rm"], reward_weights=[1.0])
     with pytest.raises(ValueError, match="advantage 'ppo' is not one of grpo, rloo"):
@@ -107,6 +108,7 @@ def test_the_policy_learns_the_reward_models_preference(setup, tmp_path, advanta
     history = run(setup, tmp_path / "learn", max_steps=20, loss_type="dapo", advantage=advantage)
     rewards = [r["rewards/rm/mean"] for r in history]
     assert [r["reward"] for r in history] == pytest.approx(rewards)  # the model alone scores, weight 1
+    assert not [key for key in history[0] if key.startswith("rewards/") and "/rm/" not in key]
     assert sum(rewards[-4:]) / 4 > sum(rewards[:4]) / 4 + 0.5, rewards
 
 
