@@ -19,7 +19,8 @@ What is measured (demo_report.json), all on held-out data:
   above the rejected one); then GRPO from the SFT model with that reward model as the only reward,
   and, on the dpo_eval instructions, the reward model's mean score of the policy's greedy answers and
   the preferred rate (the share of answers the reward model scores at least as high as the pair's
-  chosen answer) of the SFT model (before) and the GRPO policy (after), and the training reward.
+  chosen answer) and the exact match of the chosen answer (which falls where the policy games the
+  reward model) of the SFT model (before) and the GRPO policy (after), and the training reward.
 """
 
 from __future__ import annotations
@@ -200,7 +201,7 @@ def judged_answers(policy_dir: Path, rm_dir: Path, device: str, limit: Optional[
 
     pairs = load_records("dpo_eval.jsonl", limit)
     questions = [{"instruction": r["instruction"], "output": r["chosen"]} for r in pairs]
-    _, answers = exact_match(policy_dir, questions, device)
+    matched, answers = exact_match(policy_dir, questions, device)
     scorer = RewardScorer(str(rm_dir), "float32", device, batch_size=32)
     prompts = [instruction_messages(r) for r in pairs]
     scores = scorer([p + [{"role": "assistant", "content": a["answer"]}] for p, a in zip(prompts, answers)])
@@ -208,6 +209,7 @@ def judged_answers(policy_dir: Path, rm_dir: Path, device: str, limit: Optional[
     return {
         "reward": sum(scores) / len(scores),
         "preferred_rate": sum(s >= c for s, c in zip(scores, chosen)) / len(scores),
+        "exact_match": matched,  # the chosen answer itself: a policy that games the reward model loses it
     }
 
 
@@ -239,6 +241,8 @@ def rlhf(out: Path, device: str, quick: bool, timed) -> dict:
         "reward_after": after["reward"],
         "preferred_rate_before": before["preferred_rate"],
         "preferred_rate_after": after["preferred_rate"],
+        "exact_match_before": before["exact_match"],
+        "exact_match_after": after["exact_match"],
         "prompts": len(load_records("dpo_eval.jsonl", limit)),
         "training_reward_start": mean_reward(rounds[:fifth]),
         "training_reward_end": mean_reward(rounds[-fifth:]),
@@ -384,7 +388,8 @@ def print_summary(report: dict, out: Path) -> None:
         print(
             f"rlhf      reward model held-out accuracy {r['reward_model_accuracy']:.2f}; policy (sft -> grpo) on "
             f"{r['prompts']} held-out prompts: reward {r['reward_before']:.2f} -> {r['reward_after']:.2f}, preferred "
-            f"rate {r['preferred_rate_before']:.2f} -> {r['preferred_rate_after']:.2f} (scored >= the chosen answer); "
+            f"rate {r['preferred_rate_before']:.2f} -> {r['preferred_rate_after']:.2f} (scored >= the chosen answer), "
+            f"exact match of the chosen answer {r['exact_match_before']:.2f} -> {r['exact_match_after']:.2f}; "
             f"training reward {r['training_reward_start']:.2f} -> {r['training_reward_end']:.2f}"
         )
     for sample in report["samples"][:3]:
