@@ -35,7 +35,7 @@ class ModelArgs:
     """What to train: the stage, the model and how it is tuned"""
 
     training_stage: str = "sft"
-    """pretrain (random init from a model dir holding config.json + tokenizer), continue_pretrain, sft, dpo, kto or grpo."""
+    """pretrain (random init from a model dir holding config.json + tokenizer), continue_pretrain, sft, dpo, kto, grpo or rm (a reward model)."""
     finetuning_type: str = "full"
     """full or lora."""
     model_name_or_path: str = ""

@@ -132,13 +132,17 @@ def decoder(tmp_path_factory, tiny_checkpoint):
         ("dpo", "full", {"pref_loss": "orpo", "pref_beta": 0.2}),
         ("dpo", "full", {"pref_loss": "simpo", "pref_beta": 2.0}),
         ("kto", "full", {}),
+        ("rm", "full", {"center_rewards_coefficient": 0.01}),
     ],
-    ids=["sft-full", "sft-lora", "cpt-full", "dpo-full", "ipo-lora", "orpo", "simpo", "kto-full"],
+    ids=["sft-full", "sft-lora", "cpt-full", "dpo-full", "ipo-lora", "orpo", "simpo", "kto-full", "rm-full"],
 )
 def test_loss_curves(tmp_path, pretrained, data, stage, finetuning_type, keys):
-    dataset = {"dpo": "dpo_train.jsonl", "kto": "dpo_train.jsonl", "continue_pretrain": "pretrain.jsonl"}.get(
-        stage, "sft_train.jsonl"
-    )
+    dataset = {
+        "dpo": "dpo_train.jsonl",
+        "kto": "dpo_train.jsonl",
+        "rm": "dpo_train.jsonl",
+        "continue_pretrain": "pretrain.jsonl",
+    }.get(stage, "sft_train.jsonl")
     name = f"loss/{stage}-{finetuning_type}-{keys.get('pref_loss', '')}"
     check(name, train(tmp_path, pretrained, data / dataset, stage, finetuning_type=finetuning_type, **keys))
 

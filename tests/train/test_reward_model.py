@@ -249,10 +249,11 @@ def test_rm_on_demo_pairs_learns_and_saves_what_transformers_scores(tmp_path, mo
             expected = theirs(input_ids=batch["input_ids"], attention_mask=mask).logits[:, 0]
             torch.testing.assert_close(ours.rewards(batch["input_ids"]), expected, rtol=1e-5, atol=1e-5)
     assert (out / "tokenizer_config.json").is_file()
-    capsys.readouterr()
-    with pytest.raises(SystemExit):  # chat, generate and serve: one clear line, not a crash
-        main(["generate", "--model_path", str(out), "--prompt", "hi"])
-    assert "a reward model" in capsys.readouterr().err
+    for command in (["generate", "--prompt", "hi"], ["serve"]):  # chat loads as generate does
+        capsys.readouterr()
+        with pytest.raises(SystemExit):  # one clear line, not a crash
+            main([*command, "--model_path", str(out)])
+        assert "a reward model" in capsys.readouterr().err
 
 
 def test_rm_resume_is_exact(tmp_path, models, data):
@@ -266,6 +267,30 @@ def test_rm_resume_is_exact(tmp_path, models, data):
     for key in ("loss", "rewards/margins", "rewards/chosen_std"):
         assert [r[key] for r in history] == [r[key] for r in train_records(straight)[3:]], key
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (resumed_dir / "model.safetensors").read_bytes()
+
+
+def test_a_family_bumblebee_does_not_implement_trains_through_transformers(tmp_path, data):
+    import transformers
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    config = transformers.Phi3Config(
+        vocab_size=768, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2, max_position_embeddings=256,
+    )  # fmt: skip
+    transformers.Phi3ForCausalLM(config).save_pretrained(tmp_path / "phi3")
+    tokenizer = load_tokenizer(TOKENIZER)
+    tokenizer.save_pretrained(str(tmp_path / "phi3"))
+    history = run(tmp_path / "out", tmp_path / "phi3", data, max_steps=2, gradient_accumulation_steps=1)
+    assert all(math.isfinite(r["loss"]) for r in history)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == [
+        "Phi3ForSequenceClassification"
+    ]
+    batch, _ = pairs_batch(data / "eval.jsonl", tmp_path)
+    with torch.no_grad():
+        theirs = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out").eval()(batch["input_ids"])
+        ours = load_reward_model(tmp_path / "out").rewards(batch["input_ids"])
+    torch.testing.assert_close(ours, theirs.logits[:, 0], rtol=1e-5, atol=1e-5)
 
 
 def test_lora_is_refused_until_reward_adapters_exist(tmp_path, models, data, capsys):
@@ -333,4 +358,30 @@ def test_zero3_on_two_cpu_ranks_equals_one_process(tmp_path, models, data):
     assert "ZeRO-3" in result.stdout + result.stderr
     assert max_weight_difference(tmp_path / "one", tmp_path / "zero3") < 1e-4
     config_json = json.loads((tmp_path / "zero3" / "config.json").read_text())
-    assert config_json["architectures"] == ["Qwen2ForSequenceClassification"]
+    assert config_json["architectures"] == ["Qwen2ForSequenceClassification"] and config_json["pad_token_id"] == 0
+
+
+def test_memory_plan_counts_no_lm_head_and_no_logits(tmp_path):
+    """The plan of an rm run: dpo's (the same rows) less the LM head's weights, gradients and optimizer
+    states, and less the chunked cross-entropy's logits (a reward model has one score per token)."""
+    from types import SimpleNamespace
+
+    from bumblecore.args import TrainArgs
+    from bumblecore.train.memory import Workload
+    from bumblecore.train.setup import memory_plan
+
+    make_tiny_model(768, 0, tie_word_embeddings=False).save_pretrained(tmp_path / "untied")
+    fabric = SimpleNamespace(device=torch.device("cpu"), world_size=1)
+    plans = {}
+    for stage in ("dpo", "rm"):
+        run = TrainArgs.from_flat(
+            training_stage=stage, model_name_or_path=str(tmp_path / "untied"), cutoff_len=64, pref_loss="simpo"
+        )
+        plans[stage] = memory_plan(fabric, run, None, recipe_for(stage), 1, runtime=0)
+    head = 768 * 64  # the untied LM head's weights
+    dpo, rm = plans["dpo"], plans["rm"]
+    assert (dpo.parameters - rm.parameters, dpo.gradients - rm.gradients) == (4 * head, 4 * head)
+    assert dpo.optimizer - rm.optimizer == 8 * head
+    raw = json.loads((tmp_path / "untied" / "config.json").read_text())
+    logits = Workload.from_config(raw, micro_batch_size=2, sequence_length=64).loss_chunks()
+    assert logits > 0 and sum(dpo.transient.values()) - sum(rm.transient.values()) >= logits
