@@ -213,8 +213,7 @@ class GRPOArgs:
     top_k: int = 0
     """Rollout top-k sampling (0: off)."""
     reward_functions: Optional[list[str]] = None
-    """Built-ins (exact_match against the record's `answer`, single_line) or module:function / file.py:function
-    (unset: [exact_match], or none when reward_models are given)."""
+    """Built-ins (exact_match, single_line) or module:function / file.py:function (unset: [exact_match] without reward_models)."""
     reward_models: list[str] = field(default_factory=list)
     """Reward model directories (training_stage rm); each scores the chat-rendered prompt + completion."""
     reward_weights: Optional[list[float]] = None
@@ -265,8 +264,8 @@ class GRPOArgs:
 
     @property
     def reward_function_specs(self) -> list[str]:
-        """The reward functions in use: unset, the reward models alone score, or else exact match. (Resolved
-        here, not in __post_init__: the parser builds its defaults from an instance without reward_models.)"""
+        """The functions in use; unset: none beside reward models, else exact match (not set in __post_init__:
+        the parser takes its defaults from an instance)."""
         if self.reward_functions is not None:
             return self.reward_functions
         return [] if self.reward_models else ["exact_match"]
