@@ -212,6 +212,7 @@ class PreferenceArgs:
 
 
 GRPO_LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
+GRPO_ADVANTAGES = ("grpo", "rloo")
 
 
 @dataclass
@@ -230,12 +231,16 @@ class GRPOArgs:
     """Rollout nucleus sampling (1: off)."""
     top_k: int = 0
     """Rollout top-k sampling (0: off)."""
-    reward_functions: list[str] = field(default_factory=lambda: ["exact_match"])
-    """Built-ins (exact_match against the record's `answer`, single_line) or module:function / file.py:function."""
+    reward_functions: Optional[list[str]] = None
+    """Built-ins (exact_match, single_line) or module:function / file.py:function (unset: [exact_match] without reward_models)."""
+    reward_models: list[str] = field(default_factory=list)
+    """Reward model directories (training_stage rm); each scores the chat-rendered prompt + completion."""
     reward_weights: Optional[list[float]] = None
-    """One weight per reward function (default: 1 each); the reward is their weighted sum."""
+    """One weight per reward function, then one per reward model (default: 1 each); the reward is their weighted sum."""
+    advantage: str = "grpo"
+    """grpo: the group-normalised reward (scale_rewards); rloo: r minus the mean of the group's other rewards."""
     scale_rewards: bool = True
-    """Advantages (r - mean) / (std + 1e-4) within each group; false: r - mean (Dr. GRPO)."""
+    """Advantages (r - mean) / (std + 1e-4) within each group; false: r - mean (Dr. GRPO). advantage grpo only."""
     epsilon: float = 0.2
     """Clip range of the importance ratio: [1 - epsilon, 1 + epsilon_high]."""
     epsilon_high: Optional[float] = None
@@ -266,10 +271,23 @@ class GRPOArgs:
             )
         if not self.beta >= 0:
             raise ValueError(f"beta must be >= 0, got {self.beta}")
-        if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_functions):
+        _one_of("advantage", self.advantage, GRPO_ADVANTAGES)
+        functions = self.reward_function_specs
+        if not functions and not self.reward_models:
+            raise ValueError("training_stage grpo needs reward_functions or reward_models; both are empty")
+        if self.reward_weights is not None and len(self.reward_weights) != len(functions) + len(self.reward_models):
             raise ValueError(
-                f"reward_weights has {len(self.reward_weights)} values for {len(self.reward_functions)} reward_functions"
+                f"reward_weights has {len(self.reward_weights)} values for {len(functions)} "
+                f"reward_functions and {len(self.reward_models)} reward_models (one per function, then one per model)"
             )
+
+    @property
+    def reward_function_specs(self) -> list[str]:
+        """The functions in use; unset: none beside reward models, else exact match (not set in __post_init__:
+        the parser takes its defaults from an instance)."""
+        if self.reward_functions is not None:
+            return self.reward_functions
+        return [] if self.reward_models else ["exact_match"]
 
 
 @dataclass

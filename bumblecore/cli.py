@@ -42,6 +42,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "bumblecore.model.lora:merge_lora",
         "merge a LoRA adapter into its base and save a full model, checked against the unmerged one",
     ),
+    "score": (
+        "bumblecore.inference.scoring:score",
+        "score conversations (JSONL) with a reward model: each record plus its score",
+    ),
     "convert_gguf": (
         "bumblecore.model.gguf:convert_gguf",
         "convert a GGUF checkpoint (llama.cpp) into a Hugging Face model directory",

@@ -13,7 +13,14 @@ What is measured (demo_report.json), all on held-out data:
   whose chosen answer the model gives a higher log-probability than the rejected one) of the SFT
   model (before) and of the merged DPO model (after);
 - grpo (--with_grpo): exact match on the held-out count questions of sft_eval.jsonl by the merged
-  DPO model (before) and by the GRPO model (after), and the training reward at the start and end.
+  DPO model (before) and by the GRPO model (after), and the training reward at the start and end;
+- rlhf (--with_rlhf): a reward model trained on the preference pairs (training_stage rm, from the
+  SFT model) and its held-out accuracy (the share of dpo_eval pairs whose chosen answer it scores
+  above the rejected one); then GRPO from the SFT model with that reward model as the only reward,
+  and, on the dpo_eval instructions, the reward model's mean score of the policy's greedy answers and
+  the preferred rate (the share of answers the reward model scores at least as high as the pair's
+  chosen answer) and the exact match of the chosen answer (which falls where the policy games the
+  reward model) of the SFT model (before) and the GRPO policy (after), and the training reward.
 """
 
 from __future__ import annotations
@@ -156,6 +163,93 @@ def mean_reward(records: list[dict]) -> float:
     return sum(r["reward"] for r in records) / max(1, len(records))
 
 
+# ---------------------------------------------------------------------------- RLHF: reward model -> GRPO
+
+
+def instruction_messages(record: dict) -> list[dict]:
+    text = record["instruction"] + (f"\n{record['input']}" if record.get("input") else "")
+    return [{"role": "user", "content": text}]
+
+
+def write_rlhf_prompts(out: Path) -> Path:
+    """The preference pairs' instructions as GRPO prompts (the reward model judges the answers)."""
+    path = out / "rlhf_prompts.jsonl"
+    lines = [json.dumps({"messages": instruction_messages(r)}) for r in load_records("dpo_train.jsonl")]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def reward_model_accuracy(rm_dir: Path, device: str) -> float:
+    """Share of the held-out dpo_eval pairs whose chosen answer the reward model scores above the rejected."""
+    from bumblecore.inference.scoring import RewardScorer
+
+    scorer = RewardScorer(str(rm_dir), "float32", device, batch_size=32)
+    pairs = load_records("dpo_eval.jsonl")
+    replies = [
+        instruction_messages(r) + [{"role": "assistant", "content": r[side]}]
+        for side in ("chosen", "rejected")
+        for r in pairs
+    ]
+    scores = scorer(replies)
+    return sum(c > r for c, r in zip(scores[: len(pairs)], scores[len(pairs) :])) / len(pairs)
+
+
+def judged_answers(policy_dir: Path, rm_dir: Path, device: str, limit: Optional[int] = None) -> dict:
+    """The policy's greedy answers to the dpo_eval instructions, scored by the reward model: their mean
+    score, and the preferred rate (the share the reward model scores at least as high as the chosen answer)."""
+    from bumblecore.inference.scoring import RewardScorer
+
+    pairs = load_records("dpo_eval.jsonl", limit)
+    questions = [{"instruction": r["instruction"], "output": r["chosen"]} for r in pairs]
+    matched, answers = exact_match(policy_dir, questions, device)
+    scorer = RewardScorer(str(rm_dir), "float32", device, batch_size=32)
+    prompts = [instruction_messages(r) for r in pairs]
+    scores = scorer([p + [{"role": "assistant", "content": a["answer"]}] for p, a in zip(prompts, answers)])
+    chosen = scorer([p + [{"role": "assistant", "content": r["chosen"]}] for p, r in zip(prompts, pairs)])
+    return {
+        "reward": sum(scores) / len(scores),
+        "preferred_rate": sum(s >= c for s, c in zip(scores, chosen)) / len(scores),
+        "exact_match": matched,  # the chosen answer itself: a policy that games the reward model loses it
+    }
+
+
+def rlhf(out: Path, device: str, quick: bool, timed) -> dict:
+    """rm (from the SFT model) -> its held-out accuracy -> GRPO with it from the SFT model -> the policy judged."""
+    limit = 8 if quick else None
+    timed("rm", run_stage, stage_config("rm", out, out / "sft", device, quick))
+    accuracy = timed("reward model accuracy (held out)", reward_model_accuracy, out / "rm", device)
+    before = timed("policy judged by the reward model (sft)", judged_answers, out / "sft", out / "rm", device, limit)
+    config = stage_config(
+        "grpo_rm",
+        out,
+        out / "sft",
+        device,
+        quick,
+        dataset_path=str(write_rlhf_prompts(out)),
+        reward_models=[str(out / "rm")],
+    )
+    if quick:
+        config.update(train_micro_batch_size_per_gpu=4, gradient_accumulation_steps=2, num_generations=4)
+    rounds = [r for r in timed("grpo with the reward model", run_stage, config) if "reward" in r]
+    after = timed(
+        "policy judged by the reward model (grpo)", judged_answers, out / "grpo_rm", out / "rm", device, limit
+    )
+    fifth = max(1, len(rounds) // 5)
+    return {
+        "reward_model_accuracy": accuracy,
+        "reward_before": before["reward"],
+        "reward_after": after["reward"],
+        "preferred_rate_before": before["preferred_rate"],
+        "preferred_rate_after": after["preferred_rate"],
+        "exact_match_before": before["exact_match"],
+        "exact_match_after": after["exact_match"],
+        "prompts": len(load_records("dpo_eval.jsonl", limit)),
+        "training_reward_start": mean_reward(rounds[:fifth]),
+        "training_reward_end": mean_reward(rounds[-fifth:]),
+        "reward_curve": [[r["step"], round(r["reward"], 4)] for r in rounds],
+    }
+
+
 # ---------------------------------------------------------------------------- the command
 
 
@@ -165,6 +259,7 @@ def demo(
     quick: bool = False,
     eval_questions: int = 200,
     with_grpo: bool = False,
+    with_rlhf: bool = False,
 ) -> dict:
     """Run the whole pipeline on the shipped demo data: init -> pretrain -> SFT -> DPO (LoRA) -> merge -> evaluate.
 
@@ -177,6 +272,7 @@ def demo(
         quick: a few steps per stage and a tiny model (seconds; for tests); the numbers then mean nothing.
         eval_questions: how many held-out SFT questions the exact match is measured on (at most 200).
         with_grpo: a fourth stage: GRPO with the exact-match reward on the count questions (~1 minute on 2 cores).
+        with_rlhf: RLHF from the SFT model: a reward model on the preference pairs (rm/), then GRPO with it (grpo_rm/).
     """
     from bumblecore.model.init import init_model
     from bumblecore.model.lora import merge_lora
@@ -245,6 +341,8 @@ def demo(
             "reward_curve": [[r["step"], round(r["reward"], 4)] for r in rounds],
         }
 
+    rlhf_report = rlhf(out, device, quick, timed) if with_rlhf else None
+
     report = {
         "pretrain": {"eval_loss_start": evals[0], "eval_loss_end": evals[-1]},
         "sft": {"exact_match_before": before_sft, "exact_match_after": after_sft, "questions": len(questions)},
@@ -255,6 +353,7 @@ def demo(
             "exact_match_after": final_match,
         },
         **({"grpo": grpo_report} if grpo_report else {}),
+        **({"rlhf": rlhf_report} if rlhf_report else {}),
         "seconds": round(time.perf_counter() - started, 1),
         "stage_seconds": timings,
         "samples": answers[:5],
@@ -283,6 +382,15 @@ def print_summary(report: dict, out: Path) -> None:
             f"grpo      held-out count questions exact match {g['count_exact_match_before']:.2f} -> "
             f"{g['count_exact_match_after']:.2f} ({g['questions']} questions); training reward "
             f"{g['reward_start']:.2f} -> {g['reward_end']:.2f}"
+        )
+    r = report.get("rlhf")
+    if r:
+        print(
+            f"rlhf      reward model held-out accuracy {r['reward_model_accuracy']:.2f}; policy (sft -> grpo) on "
+            f"{r['prompts']} held-out prompts: reward {r['reward_before']:.2f} -> {r['reward_after']:.2f}, preferred "
+            f"rate {r['preferred_rate_before']:.2f} -> {r['preferred_rate_after']:.2f} (scored >= the chosen answer), "
+            f"exact match of the chosen answer {r['exact_match_before']:.2f} -> {r['exact_match_after']:.2f}; "
+            f"training reward {r['training_reward_start']:.2f} -> {r['training_reward_end']:.2f}"
         )
     for sample in report["samples"][:3]:
         print(f"  Q: {sample['question']}\n  A: {sample['answer']}   (expected: {sample['expected']})")

@@ -141,3 +141,49 @@ def assert_evaluations_printed(text: str, history: list[dict], headline: tuple) 
         assert set(shown) == {"step", "eval/loss", *(f"eval/{key}" for key in headline)}
         for key, value in shown.items():
             assert value == pytest.approx(record[key], rel=1e-3, abs=1e-4), key
+
+
+def write_tiny_reward_model(out, seed: int = 0, chat_template=None):
+    """A random Qwen2ForSequenceClassification (num_labels 1, pad_token_id the tokenizer's) written by
+    transformers with the demo tokenizer (and `chat_template` instead of its ChatML when given): what
+    training_stage rm saves, in miniature."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForSequenceClassification
+
+    from bumblecore.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(DEMO_TOKENIZER)
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=-(-len(tokenizer) // 64) * 64,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        initializer_range=0.2,
+        num_labels=1,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    Qwen2ForSequenceClassification(config).save_pretrained(out)
+    if chat_template:
+        tokenizer.chat_template = chat_template
+    tokenizer.save_pretrained(str(out))
+    return Path(out)
+
+
+def transformers_rewards(model_dir, conversations: list[list[dict]]) -> list[float]:
+    """The oracle: transformers renders each conversation whole with the directory's chat template and
+    AutoModelForSequenceClassification scores it alone (no padding)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), torch_dtype=torch.float32).eval()
+    scores = []
+    with torch.no_grad():
+        for messages in conversations:
+            text = tokenizer.apply_chat_template(messages, tokenize=False)
+            ids = tokenizer(text, return_tensors="pt")["input_ids"]
+            scores.append(model(input_ids=ids).logits[0, 0].item())
+    return scores

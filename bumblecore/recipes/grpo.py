@@ -27,8 +27,12 @@ class GRPORecipe(Recipe):
         return bool(run.grpo.beta)  # the KL reference
 
     def frozen_copy(self, run, total: int, trainable: int) -> int:
-        """The KL reference (beta > 0) of full fine-tuning is a frozen copy; LoRA's is its own base."""
-        return total if run.grpo.beta and run.model.finetuning_type == "full" else 0
+        """The KL reference (beta > 0) of full fine-tuning is a frozen copy (LoRA's is its own base), and
+        each reward model is held beside the policy."""
+        from bumblecore.inference.scoring import reward_model_parameters
+
+        reference = total if run.grpo.beta and run.model.finetuning_type == "full" else 0
+        return reference + sum(reward_model_parameters(path) for path in run.grpo.reward_models)
 
     def data(self, fabric, run, tokenizer, pad_id: int) -> StageData:
         units, lines = read_grpo_prompts(run, tokenizer, run.data.dataset_path)

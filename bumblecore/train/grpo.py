@@ -29,7 +29,7 @@ from bumblecore.args import GRPOArgs
 from bumblecore.data.packing import IGNORE_INDEX
 from bumblecore.train.grpo_loss import aggregate, group_advantages, token_terms, unit_count
 from bumblecore.train.losses import chunked_token_logps, shift_targets
-from bumblecore.train.rewards import RewardFunction, score
+from bumblecore.train.rewards import RewardFunction, reward_names, score
 from bumblecore.train.runtime import evaluating
 
 
@@ -68,15 +68,6 @@ def completion_seed(seed: int, round_index: int, position: int, generation: int)
     return value
 
 
-def reward_names(functions: list[RewardFunction]) -> list[str]:
-    """Short metric names: `exact_match`, `brevity` for rewards.py:brevity (a repeat gets its index)."""
-    names = []
-    for index, function in enumerate(functions):
-        name = function.name.rsplit(":", 1)[-1]
-        names.append(name if name not in names else f"{name}_{index}")
-    return names
-
-
 # ---------------------------------------------------------------------------- the stage
 
 
@@ -92,7 +83,8 @@ class GRPOStage:
         self.epsilon_high = grpo.epsilon if grpo.epsilon_high is None else grpo.epsilon_high
         self.summary = (
             f"grpo: {grpo.num_generations} completions per prompt (<= {grpo.max_completion_length} tokens, "
-            f"temperature {grpo.temperature}, top_p {grpo.top_p}), rewards {', '.join(names)}, loss {grpo.loss_type}, "
+            f"temperature {grpo.temperature}, top_p {grpo.top_p}), rewards {', '.join(names)}, "
+            f"advantage {grpo.advantage}, loss {grpo.loss_type}, "
             f"clip [{1 - grpo.epsilon:g}, {1 + self.epsilon_high:g}], beta {grpo.beta}, "
             f"{grpo.num_iterations} step(s) per round"
         )
@@ -282,7 +274,9 @@ class RolloutLoader:
             "reward_table": table.float(),
             "rewards": total.float(),
             "group_std": spread.repeat_interleave(group, dim=0).float(),
-            "advantages": group_advantages(total, group, self.grpo.scale_rewards).float(),
+            "advantages": group_advantages(
+                total, group, self.grpo.scale_rewards, advantage=self.grpo.advantage
+            ).float(),
         }
 
     def _row_logps(self, rollouts: dict, model) -> list[torch.Tensor]:
@@ -418,10 +412,11 @@ class LiveReference:
 def build_grpo(fabric, run, prompts, tokenizer, pad_id: int):
     """The stage and its loader (bind the policy once Fabric has set it up: loader.bind)."""
     from bumblecore.inference.generate import default_eos_ids
-    from bumblecore.train.rewards import load_reward_functions
+    from bumblecore.train.rewards import load_reward_functions, reward_scorer
 
     grpo, optimization = run.grpo, run.optimization
-    functions = load_reward_functions(grpo.reward_functions, grpo.reward_weights)
+    scorers = [reward_scorer(path, run, str(fabric.device)) for path in grpo.reward_models]
+    functions = load_reward_functions(grpo.reward_function_specs, grpo.reward_weights, scorers)
     loader = RolloutLoader(
         prompts,
         tokenizer,

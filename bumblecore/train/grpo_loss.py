@@ -2,6 +2,7 @@
 
 For completion i of a group of G sampled for one prompt, with reward r_i:
     advantage  A_i = (r_i - mean(r_group)) / (std(r_group) + eps)   (scale_rewards false: r_i - mean)
+    RLOO       A_i = r_i - mean_{j != i} r_j = G / (G - 1) (r_i - mean(r_group))   (advantage rloo)
 For each completion token t, with ratio rho = exp(logp - old_logp) (old: the policy that sampled it):
     token loss = -min(rho * A_i, clip(rho, 1 - epsilon, 1 + epsilon_high) * A_i) + beta * KL_t
     KL_t (k3)  = exp(ref_logp - logp) - (ref_logp - logp) - 1
@@ -22,10 +23,15 @@ from bumblecore.args import GRPO_LOSS_TYPES as LOSS_TYPES
 
 
 def group_advantages(
-    rewards: torch.Tensor, group_size: int, scale_rewards: bool = True, eps: float = 1e-4
+    rewards: torch.Tensor, group_size: int, scale_rewards: bool = True, eps: float = 1e-4, advantage: str = "grpo"
 ) -> torch.Tensor:
     """rewards: (prompts x group_size,), grouped consecutively -> advantages of the same shape."""
     groups = rewards.view(-1, group_size)
+    if advantage == "rloo":  # each completion against the mean of the others (Ahmadian et al. 2024)
+        if group_size == 1:
+            return torch.zeros_like(rewards)
+        others = (groups.sum(dim=1, keepdim=True) - groups) / (group_size - 1)
+        return (groups - others).reshape(-1)
     centred = groups - groups.mean(dim=1, keepdim=True)
     if scale_rewards and group_size > 1:
         centred = centred / (groups.std(dim=1, keepdim=True) + eps)

@@ -5,6 +5,10 @@ and completions (strings), one entry per completion, and, as keyword arguments, 
 each completion's record (`answer=[...]`, ...; None where a record lacks the field), and returns one
 number per completion. `reward_functions: [exact_match, my_rewards.py:brevity]` names them:
 a built-in by name, else `module:function` (an importable module) or `path/to/file.py:function`.
+
+A reward model (`reward_models: [dir, ...]`, trained by training_stage rm) is one more reward beside
+them: it scores each prompt's messages plus an assistant message holding the completion, rendered whole
+with the reward model's own tokenizer and chat template (inference/scoring.py, as `bumblecore score`).
 """
 
 from __future__ import annotations
@@ -57,6 +61,11 @@ class RewardFunction:
     """As the config names it (`exact_match`, `rewards.py:brevity`)."""
     function: Callable
     weight: float = 1.0
+
+    @property
+    def is_model(self) -> bool:
+        """A reward model (its name is its directory)."""
+        return isinstance(self.function, ModelReward)
 
     def __call__(self, prompts: list, completions: list[str], fields: dict[str, list]) -> list[float]:
         try:
@@ -123,15 +132,32 @@ def load_function(spec: str) -> Callable:
     return function
 
 
-def load_reward_functions(specs: list[str], weights: Optional[list[float]] = None) -> list[RewardFunction]:
-    if not specs:
+def load_reward_functions(
+    specs: list[str], weights: Optional[list[float]] = None, models: Optional[list] = None
+) -> list[RewardFunction]:
+    """The functions of `specs`, then the reward models `models` (loaded: RewardScorer), weighted in that
+    order (TRL's: one weight per function, then one per model)."""
+    models = models or []
+    if not specs and not models:
         raise ValueError("training_stage grpo needs reward_functions (e.g. [exact_match] or [my_rewards.py:score])")
-    if weights is not None and len(weights) != len(specs):
-        raise ValueError(f"reward_weights has {len(weights)} values for {len(specs)} reward_functions")
-    return [
-        RewardFunction(spec, load_function(spec), 1.0 if weights is None else float(w))
-        for spec, w in zip(specs, weights or [None] * len(specs))
-    ]
+    if weights is not None and len(weights) != len(specs) + len(models):
+        raise ValueError(
+            f"reward_weights has {len(weights)} values for {len(specs)} reward_functions and {len(models)} reward_models"
+        )
+    weights = [1.0] * (len(specs) + len(models)) if weights is None else [float(w) for w in weights]
+    functions = [RewardFunction(spec, load_function(spec), w) for spec, w in zip(specs, weights)]
+    scored = [RewardFunction(model.path, ModelReward(model), w) for model, w in zip(models, weights[len(specs) :])]
+    return functions + scored
+
+
+class ModelReward:
+    """A reward model as a reward function: the prompt's messages + the completion as the assistant's reply."""
+
+    def __init__(self, scorer):
+        self.scorer = scorer
+
+    def __call__(self, prompts: list, completions: list[str], **fields) -> list[float]:
+        return self.scorer([list(p) + [{"role": "assistant", "content": c}] for p, c in zip(prompts, completions)])
 
 
 def score(functions: list[RewardFunction], prompts: list, completions: list[str], fields: dict[str, list]):
@@ -139,3 +165,26 @@ def score(functions: list[RewardFunction], prompts: list, completions: list[str]
     table = [function(prompts, completions, fields) for function in functions]
     total = [sum(f.weight * column[i] for f, column in zip(functions, table)) for i in range(len(completions))]
     return table, total
+
+
+def reward_scorer(path: str, run, device: str):
+    """A reward model of `reward_models` on this process's device, in the policy's precision, scoring a
+    micro-batch at a time."""
+    from bumblecore.inference.scoring import RewardScorer
+
+    dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(run.optimization.train_model_precision, "float32")
+    batch_size = run.optimization.train_micro_batch_size_per_gpu
+    try:
+        return RewardScorer(path, dtype, device, batch_size, run.model.trust_remote_code)
+    except (ValueError, OSError) as err:
+        raise ValueError(f"reward_models: {err}") from err
+
+
+def reward_names(functions: list[RewardFunction]) -> list[str]:
+    """Short metric names: `exact_match`, `brevity` for rewards.py:brevity, `rm` for a reward model in
+    checkpoints/rm (a repeat gets its index)."""
+    names = []
+    for index, function in enumerate(functions):
+        name = Path(function.name).name if function.is_model else function.name.rsplit(":", 1)[-1]
+        names.append(name if name not in names else f"{name}_{index}")
+    return names

@@ -147,3 +147,19 @@ def test_a_broken_reward_function_is_a_clear_error_naming_it(tmp_path, monkeypat
         functions = load_reward_functions([spec])
         score(functions, ["p"], ["c"], {})
     assert message in str(err.value) and spec.split(":")[0] in str(err.value)
+
+
+def test_rloo_advantages_are_each_reward_minus_the_mean_of_the_others():
+    rewards = torch.tensor([0.0, 1.0, 0.0, 1.0, 2.0, -1.0, 0.5, 3.0])
+    got = group_advantages(rewards, group_size=4, advantage="rloo")
+    expected = [
+        rewards[i] - sum(rewards[j] for j in range(g * 4, g * 4 + 4) if j != i) / 3
+        for g in (0, 1)
+        for i in range(g * 4, g * 4 + 4)
+    ]
+    assert torch.allclose(got, torch.stack(expected), atol=1e-6)
+    assert got[0].item() == pytest.approx(-2 / 3)  # 0 - mean(1, 0, 1)
+    assert torch.allclose(group_advantages(torch.ones(6), 3, advantage="rloo"), torch.zeros(6))  # no spread, no signal
+    assert torch.equal(
+        group_advantages(rewards, 1, advantage="rloo"), torch.zeros(8)
+    )  # greedy evaluation's groups of one
