@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Union
 
 # The chat format (ChatML and its tokens) lives with its renderer, in one module.
-from bumblecore.chat.format import CHAT_TEMPLATE, CHATML_TOKENS, ENDOFTEXT, IM_END  # noqa: E402  (re-exported: the public names of the tokenizer module)
+from bumblecore.chat.chatml import CHAT_TEMPLATE, CHATML_TOKENS, ENDOFTEXT, IM_END  # noqa: E402  (re-exported: the public names of the tokenizer module)
 
 SPECIAL_TOKENS = CHATML_TOKENS
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Union
 
-from bumblecore.chat.format import CHAT_TEMPLATE, DEFAULT_SYSTEM_PROMPT, IM_END, IM_START
+from bumblecore.chat.chatml import CHAT_TEMPLATE, DEFAULT_SYSTEM_PROMPT, IM_END, IM_START
 
 QWEN_SYSTEM_PROMPT = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 

@@ -52,7 +52,8 @@ def load_for_inference(
     the adapter's tokenizer where tokens were added in training, the adapter applied and (by default)
     merged. `chat_template`: a built-in name or .jinja file instead of the tokenizer's own."""
     from bumblecore.chat.templates import use_chat_template
-    from bumblecore.model.lora import adapter_base_dir, attach_adapter
+    from bumblecore.model.adapter_base import adapter_base_dir
+    from bumblecore.model.lora import attach_adapter
     from bumblecore.model.transformers_family import TransformersCausalLM
     from bumblecore.model.vocab import adapter_vocab_size, grow_vocab
     from bumblecore.tokenizer import check_fits_model, load_tokenizer

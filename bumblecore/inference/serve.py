@@ -181,7 +181,7 @@ def serve(
     )
     # A wrong path, or an adapter on another base than its own, fails here, in one line, before any process starts.
     if (Path(model_path) / "adapter_config.json").is_file():
-        from bumblecore.model.lora import adapter_base_dir
+        from bumblecore.model.adapter_base import adapter_base_dir
 
         adapter_base_dir(model_path, base_model_path, ignore_base_mismatch)
     refuse_reward_model(model_dirs(model_path, base_model_path)[0], model_path)

@@ -13,7 +13,7 @@ import torch
 
 from bumblecore.args import TrainArgs, flat_defaults
 from bumblecore.data.dataset_spec import data_sources
-from bumblecore.model.lora import BASE_CONFIG_KEYS  # a checkpoint continues only a model of this config
+from bumblecore.model.adapter_base import BASE_CONFIG_KEYS  # a checkpoint continues only a model of this config
 
 
 def to_yaml(run: TrainArgs) -> str:
@@ -151,7 +151,7 @@ def check_checkpoint_matches(checkpoint_dir: Path, run: TrainArgs) -> None:
             "in another output_dir"
         )
     if run.model.finetuning_type == "lora":  # the adapter goes on model_name_or_path again: the same base?
-        from bumblecore.model.lora import fingerprint_difference, read_base_fingerprint, trained_where
+        from bumblecore.model.adapter_base import fingerprint_difference, read_base_fingerprint, trained_where
 
         base = run.model.model_name_or_path
         recorded = read_base_fingerprint(checkpoint_dir)

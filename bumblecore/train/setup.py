@@ -239,7 +239,7 @@ def tokenizer_and_vocab(run: TrainArgs, chat: bool):
 def lora_base(fabric, run: TrainArgs) -> Optional[dict]:
     """The base as this run reads it, recorded beside every adapter it saves (model/lora.py)."""
     if run.model.finetuning_type == "lora" and fabric.is_global_zero:
-        from bumblecore.model.lora import base_fingerprint
+        from bumblecore.model.adapter_base import base_fingerprint
 
         return base_fingerprint(run.model.model_name_or_path)
     return None

@@ -14,7 +14,7 @@ from tiny import write_tiny_checkpoint
 
 import bumblecore
 from bumblecore.cli import main
-from bumblecore.model.lora import FINGERPRINT_FILE, base_fingerprint, fingerprint_difference
+from bumblecore.model.adapter_base import FINGERPRINT_FILE, base_fingerprint, fingerprint_difference
 
 DEMO = Path(bumblecore.__file__).parent / "demo_data"
 

@@ -346,6 +346,7 @@ def test_train_help_shows_every_key_with_its_docstring():
     import inspect
 
     import bumblecore.args as schema
+    import bumblecore.args.stages as stage_schema
     from bumblecore.args import TrainArgs, flat_defaults, group_types
 
     result = run_cli("train", "--help")
@@ -353,7 +354,7 @@ def test_train_help_shows_every_key_with_its_docstring():
     shown = " ".join(result.stdout.split())
     documented = {}
     train_groups = {group.__name__ for group in group_types(TrainArgs).values()}
-    for node in ast.parse(inspect.getsource(schema)).body:
+    for node in [*ast.parse(inspect.getsource(schema)).body, *ast.parse(inspect.getsource(stage_schema)).body]:
         if isinstance(node, ast.ClassDef) and node.name in train_groups:
             for field, doc in zip(node.body, node.body[1:]):
                 if isinstance(field, ast.AnnAssign) and isinstance(doc, ast.Expr):

@@ -99,3 +99,16 @@ def test_no_import_cycle_among_modules():
                     seen.add(target)
                     stack.append((target, path + [target]))
     assert not cycles, "\n".join(sorted(set(cycles)))
+
+
+def test_no_package_module_outgrows_one_reading():
+    """Issue 30's bound: a module reads in one sitting (450 lines); the model file, which reads top to
+    bottom as a reference, may take 600."""
+    limits = {"model/bumblebee.py": 600}
+    over = [
+        f"{path}: {lines} lines"
+        for file in sorted(PACKAGE.rglob("*.py"))
+        for path, lines in [(file.relative_to(PACKAGE).as_posix(), len(file.read_text(encoding="utf-8").splitlines()))]
+        if lines > limits.get(path, 450)
+    ]
+    assert not over, "\n".join(over)

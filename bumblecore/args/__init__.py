@@ -1,5 +1,6 @@
-"""The training run's settings: eight typed groups and the run that holds them (TrainArgs). (The
-sampling options of generate, chat and serve are bumblecore/inference/sampling.py's SamplingArgs.)
+"""The training run's settings: eight typed groups and the run that holds them (TrainArgs); the groups
+of the preference and RL stages are in args/stages.py. (The sampling options of generate, chat and serve
+are bumblecore/inference/sampling.py's SamplingArgs.)
 
 Each field's attribute docstring is its `--help` line. jsonargparse parses and type-checks them
 (bumblecore/cli.py builds the parser from `train`'s signature); every field keeps the flat name and
@@ -13,23 +14,33 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import dataclass, field
-from typing import ClassVar, Optional, Union
+from typing import Optional, Union
 
+from bumblecore.args.stages import (
+    GRPO_ADVANTAGES,
+    GRPO_LOSS_TYPES,
+    LOSSES_WITH_NLL,
+    PREF_LOSSES,
+    REFERENCE_FREE_LOSSES,
+    GRPOArgs,
+    PreferenceArgs,
+    one_of,
+)
 from bumblecore.data.dataset_spec import MIX_STRATEGIES, DataSource, run_sources
+
+__all__ = [  # the stage groups and their names live in args/stages.py; their users import them from here
+    "GRPO_ADVANTAGES",
+    "GRPO_LOSS_TYPES",
+    "LOSSES_WITH_NLL",
+    "PREF_LOSSES",
+    "REFERENCE_FREE_LOSSES",
+    "GRPOArgs",
+    "PreferenceArgs",
+]
 
 FINETUNING_TYPES = ("full", "lora")
 OPTIMIZERS = ("adamw", "muon", "adafactor", "sgd", "adamw_8bit")  # train/optimizers.py builds each
 LORA_INITS = ("default", "gaussian", "pissa", "pissa_niter_N", "olora")  # checked in model/lora_options.py
-PREF_LOSSES = ("sigmoid", "ipo", "orpo", "simpo")
-# Preference losses of the policy alone: no reference model is built, loaded or cached for them.
-REFERENCE_FREE_LOSSES = ("orpo", "simpo")
-# Preference losses that hold the chosen response's NLL already (an sft_weight would count it twice).
-LOSSES_WITH_NLL = ("orpo",)
-
-
-def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{key} {value!r} is not one of {', '.join(allowed)}")
 
 
 @dataclass
@@ -56,8 +67,8 @@ class ModelArgs:
     chosen built-in template's markers the tokenizer lacks. Under LoRA the new rows train too."""
 
     def __post_init__(self) -> None:
-        _one_of("training_stage", self.training_stage, STAGES)
-        _one_of("finetuning_type", self.finetuning_type, FINETUNING_TYPES)
+        one_of("training_stage", self.training_stage, STAGES)
+        one_of("finetuning_type", self.finetuning_type, FINETUNING_TYPES)
 
 
 @dataclass
@@ -92,7 +103,7 @@ class DataArgs:
     Rust tokenizer) and batches are read in-process from the memory-mapped cache."""
 
     def __post_init__(self) -> None:
-        _one_of("mix_strategy", self.mix_strategy, MIX_STRATEGIES)
+        one_of("mix_strategy", self.mix_strategy, MIX_STRATEGIES)
         if self.dataset_path:
             self.sources()  # the mixture's errors at parse time, naming the key
         if self.eval_dataset_path:
@@ -145,7 +156,7 @@ class OptimizationArgs:
     """Extra settings of the optimizer (sgd: momentum, nesterov; adamw: betas, eps; muon: momentum, ns_steps ...)."""
 
     def __post_init__(self) -> None:
-        _one_of("optim", self.optim, OPTIMIZERS)
+        one_of("optim", self.optim, OPTIMIZERS)
 
 
 @dataclass
@@ -170,124 +181,6 @@ class LoraArgs:
     """LoRA+: the B matrices learn at this many times learning_rate (e.g. 16)."""
     lora_modules_to_save: Optional[list[str]] = None
     """Modules trained in full beside the adapter and saved in it (e.g. [lm_head, embed_tokens])."""
-
-
-@dataclass
-class PreferenceArgs:
-    """Preference training (training_stage dpo, kto or rm): the loss and its reference"""
-
-    # The original's spellings of our keys (its YAML files say label_smoothing).
-    aliases: ClassVar[dict[str, str]] = {"label_smoothing": "dpo_label_smoothing"}
-
-    pref_beta: float = 0.1
-    """DPO's and KTO's beta; ORPO's lambda (weight of the odds-ratio term); SimPO's beta (its papers use ~2.0: set it)."""
-    pref_loss: str = "sigmoid"
-    """sigmoid (DPO), ipo, orpo or simpo (orpo and simpo use no reference model); kto takes sigmoid only."""
-    simpo_gamma: float = 0.5
-    """SimPO's target reward margin gamma (pref_loss simpo only)."""
-    dpo_label_smoothing: float = 0.0
-    """Conservative DPO (also spelled label_smoothing)."""
-    sft_weight: float = 0.0
-    """Weight of an SFT term (mean NLL of the chosen response) added to the DPO loss."""
-    ld_alpha: float = 1.0
-    """LD-DPO: weight of the longer response's tokens beyond the shorter one's length (1.0 = plain DPO)."""
-    kto_desirable_weight: float = 1.0
-    """KTO: weight of a desirable example's loss, lambda_D in lambda_D (1 - sigmoid(beta (r - z)))."""
-    kto_undesirable_weight: float = 1.0
-    """KTO: weight of an undesirable example's loss, lambda_U in lambda_U (1 - sigmoid(beta (z - r)))."""
-    ref_model_path: Optional[str] = None
-    """DPO's and KTO's reference model (default: the starting model)."""
-    center_rewards_coefficient: Optional[float] = None
-    """Reward model (rm): adds coefficient x mean over pairs of (r_chosen + r_rejected)^2, centring the rewards on 0 (TRL's)."""
-    precompute_ref_log_probs: Optional[bool] = None
-    """Compute reference log-probs once before training and keep them beside the token cache, reused
-    across epochs and runs (default: on for full fine-tuning; LoRA uses the base with its adapter disabled)."""
-
-    def __post_init__(self) -> None:
-        _one_of("pref_loss", self.pref_loss, PREF_LOSSES)
-
-    @property
-    def reference_free(self) -> bool:
-        return self.pref_loss in REFERENCE_FREE_LOSSES
-
-
-GRPO_LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
-GRPO_ADVANTAGES = ("grpo", "rloo")
-
-
-@dataclass
-class GRPOArgs:
-    """Reinforcement learning (training_stage grpo): rollouts, rewards and the clipped objective"""
-
-    aliases: ClassVar[dict[str, str]] = {"max_new_tokens": "max_completion_length"}
-
-    num_generations: int = 8
-    """Completions sampled per prompt (the group whose rewards are compared)."""
-    max_completion_length: int = 64
-    """Most tokens a completion may have (also spelled max_new_tokens); dr_grpo divides by it."""
-    temperature: float = 1.0
-    """Rollout sampling temperature; the policy's log-probs use the same temperature."""
-    top_p: float = 1.0
-    """Rollout nucleus sampling (1: off)."""
-    top_k: int = 0
-    """Rollout top-k sampling (0: off)."""
-    reward_functions: Optional[list[str]] = None
-    """Built-ins (exact_match, single_line) or module:function / file.py:function (unset: [exact_match] without reward_models)."""
-    reward_models: list[str] = field(default_factory=list)
-    """Reward model directories (training_stage rm); each scores the chat-rendered prompt + completion."""
-    reward_weights: Optional[list[float]] = None
-    """One weight per reward function, then one per reward model (default: 1 each); the reward is their weighted sum."""
-    advantage: str = "grpo"
-    """grpo: the group-normalised reward (scale_rewards); rloo: r minus the mean of the group's other rewards."""
-    scale_rewards: bool = True
-    """Advantages (r - mean) / (std + 1e-4) within each group; false: r - mean (Dr. GRPO). advantage grpo only."""
-    epsilon: float = 0.2
-    """Clip range of the importance ratio: [1 - epsilon, 1 + epsilon_high]."""
-    epsilon_high: Optional[float] = None
-    """Upper clip (DAPO's clip-higher; default: epsilon)."""
-    beta: float = 0.0
-    """Weight of the k3 KL term against the reference (the starting model; the LoRA base with its adapter
-    disabled); 0: no reference is built."""
-    loss_type: str = "grpo"
-    """grpo (mean per sequence, then over sequences), dapo (mean over the step's tokens) or dr_grpo
-    (sum / (sequences x max_completion_length))."""
-    num_iterations: int = 1
-    """Optimiser steps per generation round, each over the same rollouts (ratios against their old log-probs)."""
-
-    def __post_init__(self) -> None:
-        _one_of("loss_type", self.loss_type, GRPO_LOSS_TYPES)
-        if self.num_generations < 2:
-            raise ValueError(
-                f"num_generations must be >= 2 (a group of one has no advantage), got {self.num_generations}"
-            )
-        for key in ("max_completion_length", "num_iterations"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
-        if not (0 < self.temperature <= 100 and 0 < self.top_p <= 1 and self.top_k >= 0):
-            raise ValueError("expected 0 < temperature <= 100, 0 < top_p <= 1 and top_k >= 0 for the rollouts")
-        if not 0 <= self.epsilon < 1 or (self.epsilon_high is not None and not self.epsilon_high >= 0):
-            raise ValueError(
-                f"expected 0 <= epsilon < 1 and epsilon_high >= 0, got {self.epsilon}, {self.epsilon_high}"
-            )
-        if not self.beta >= 0:
-            raise ValueError(f"beta must be >= 0, got {self.beta}")
-        _one_of("advantage", self.advantage, GRPO_ADVANTAGES)
-        functions = self.reward_function_specs
-        if not functions and not self.reward_models:
-            raise ValueError("training_stage grpo needs reward_functions or reward_models; both are empty")
-        if self.reward_weights is not None and len(self.reward_weights) != len(functions) + len(self.reward_models):
-            raise ValueError(
-                f"reward_weights has {len(self.reward_weights)} values for {len(functions)} "
-                f"reward_functions and {len(self.reward_models)} reward_models (one per function, then one per model)"
-            )
-
-    @property
-    def reward_function_specs(self) -> list[str]:
-        """The functions in use; unset: none beside reward models, else exact match (not set in __post_init__:
-        the parser takes its defaults from an instance)."""
-        if self.reward_functions is not None:
-            return self.reward_functions
-        return [] if self.reward_models else ["exact_match"]
 
 
 @dataclass
@@ -356,7 +249,7 @@ class OutputArgs:
         if "swanlab" in names:  # swanlab 0.10 pins protobuf < 7 (ours is 7): untested here, so not offered
             raise ValueError("report_to swanlab is not supported yet; use tensorboard, wandb, mlflow or csv")
         for name in names:
-            _one_of("report_to", name, ("tensorboard", "wandb", "mlflow", "csv"))  # train/trackers.py opens them
+            one_of("report_to", name, ("tensorboard", "wandb", "mlflow", "csv"))  # train/trackers.py opens them
         if self.use_tensorboard is not None:  # the original's switch
             names = (["tensorboard"] if self.use_tensorboard else []) + [n for n in names if n != "tensorboard"]
         self.report_to = names
