@@ -3,12 +3,11 @@ checked as the chat request is (inference/openai_request.py): each field by its 
 bad one a 400 naming it. Token ids are checked against the tokenizer where it is known (serving_completions).
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Annotated, Optional, Union
 
 from pydantic import BaseModel, BeforeValidator, Field
 
-from bumblecore.inference.constrained import format_schema
 from bumblecore.inference.openai_fields import (
     REQUIRED,
     Flag,
@@ -25,6 +24,7 @@ from bumblecore.inference.openai_request import (
     Choices,
     Penalty,
     RepetitionPenalty,
+    SampledRequest,
     Seed,
     Stop,
     StreamedBody,
@@ -34,6 +34,7 @@ from bumblecore.inference.openai_request import (
     TopLogprobs,
     TopP,
     check_body,
+    sampled_fields,
 )
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's and vLLM's default for text completions
@@ -95,49 +96,26 @@ class CompletionBody(StreamedBody):
     include_usage: Flag = False
 
 
-@dataclass
-class CompletionRequest:
-    """A checked completions request; its sampling fields are named as ChatRequest's (one sampling_params)."""
+@dataclass(kw_only=True)
+class CompletionRequest(SampledRequest):
+    """A checked completions request."""
 
     prompts: list[Prompt]
-    model: Optional[str] = None
     max_tokens: int = DEFAULT_MAX_TOKENS
     """0 with echo: only the prompt, scored (with logprobs)."""
-    temperature: Optional[float] = None
-    top_p: Optional[float] = None
-    top_k: Optional[int] = None
-    repetition_penalty: Optional[float] = None
-    stop: list[str] = field(default_factory=list)
-    seed: Optional[int] = None
-    ignore_eos: bool = False
-    stream: bool = False
-    include_usage: bool = False
-    n: int = 1
     echo: bool = False
     logprobs: Optional[int] = None
     """k: each token's log-probability and the k most likely ones (None: no logprobs)."""
-    response_format: Optional[tuple[str, bool]] = None
 
 
 def parse_completion_request(body) -> CompletionRequest:
     checked = check_body(body, CompletionBody)
     return CompletionRequest(
         prompts=checked.prompt,
-        model=checked.model,
         max_tokens=DEFAULT_MAX_TOKENS if checked.max_tokens is None else checked.max_tokens,
-        temperature=checked.temperature,
-        top_p=checked.top_p,
-        top_k=checked.top_k,
-        repetition_penalty=checked.repetition_penalty,
-        stop=[s for s in checked.stop if s],
-        seed=checked.seed,
-        ignore_eos=checked.ignore_eos,
-        stream=checked.stream,
-        include_usage=checked.include_usage,
-        n=checked.n or 1,
         echo=checked.echo,
         logprobs=checked.logprobs,
-        response_format=format_schema(checked.response_format and checked.response_format.as_dict()),
+        **sampled_fields(checked),
     )
 
 

@@ -27,15 +27,24 @@ def chat_choice(index: int, message: dict, finish_reason: Optional[str], logprob
     return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
-def chat_completion(request_id: str, model: str, choices: list[dict], usage_counts: dict) -> dict:
-    return {
+def reply_object(
+    kind: str, request_id: str, model: str, choices: list[dict], usage_counts: Optional[dict], created: Optional[int]
+) -> dict:
+    """What every reply and chunk of OpenAI's API shares; `usage` only when given (a stream's last chunk)."""
+    reply: dict[str, Any] = {
         "id": request_id,
-        "object": "chat.completion",
-        "created": int(time.time()),
+        "object": kind,
+        "created": created or int(time.time()),
         "model": model,
         "choices": choices,
-        "usage": usage_counts,
     }
+    if usage_counts is not None:
+        reply["usage"] = usage_counts
+    return reply
+
+
+def chat_completion(request_id: str, model: str, choices: list[dict], usage_counts: dict) -> dict:
+    return reply_object("chat.completion", request_id, model, choices, usage_counts, None)
 
 
 def chat_chunk(
@@ -52,16 +61,7 @@ def chat_chunk(
         if usage_counts is not None
         else [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
     )
-    chunk: dict[str, Any] = {
-        "id": request_id,
-        "object": "chat.completion.chunk",
-        "created": created or int(time.time()),
-        "model": model,
-        "choices": choices,
-    }
-    if usage_counts is not None:
-        chunk["usage"] = usage_counts
-    return chunk
+    return reply_object("chat.completion.chunk", request_id, model, choices, usage_counts, created)
 
 
 def text_completion(
@@ -69,16 +69,7 @@ def text_completion(
 ) -> dict:
     """A text completion, or (one choice, no usage) a chunk of its stream: OpenAI's completions
     stream sends the same object."""
-    reply = {
-        "id": request_id,
-        "object": "text_completion",
-        "created": created or int(time.time()),
-        "model": model,
-        "choices": choices,
-    }
-    if usage_counts is not None:
-        reply["usage"] = usage_counts
-    return reply
+    return reply_object("text_completion", request_id, model, choices, usage_counts, created)
 
 
 def text_choice(index: int, text: str, logprobs: Optional[dict], finish_reason: Optional[str]) -> dict:

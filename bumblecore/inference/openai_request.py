@@ -63,11 +63,10 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.error_type, "param": self.param, "code": self.code}}
 
 
-@dataclass
-class ChatRequest:
-    messages: list[dict]
-    """Messages as the chat template reads them: role, content (a string), optional tool_calls."""
-    tools: Optional[list] = None
+@dataclass(kw_only=True)
+class SampledRequest:
+    """The fields a chat and a text completions request share (one sampling_params reads both)."""
+
     model: Optional[str] = None
     # None = not sent: the server's defaults apply (its --max_new_tokens, --temperature ... flags).
     max_tokens: Optional[int] = None
@@ -84,10 +83,17 @@ class ChatRequest:
     """stream_options.include_usage: a last chunk with the token counts and no choices."""
     n: int = 1
     """Independent samples of the reply, each a choice."""
-    logprobs: bool = False
-    top_logprobs: int = 0
     response_format: Optional[tuple[str, bool]] = None
     """(JSON Schema text, strict), for the engine (inference/constrained.py); None: plain text."""
+
+
+@dataclass(kw_only=True)
+class ChatRequest(SampledRequest):
+    messages: list[dict]
+    """Messages as the chat template reads them: role, content (a string), optional tool_calls."""
+    tools: Optional[list] = None
+    logprobs: bool = False
+    top_logprobs: int = 0
 
 
 # ---------------------------------------------------------------------------- the request
@@ -246,8 +252,17 @@ def parse_chat_request(body) -> ChatRequest:
     return ChatRequest(
         messages=[message.template_form() for message in checked.messages],
         tools=body.get("tools") or None,  # as sent: the template writes the definitions as they are
-        model=checked.model,
         max_tokens=checked.max_tokens if checked.max_completion_tokens is None else checked.max_completion_tokens,
+        logprobs=checked.logprobs,
+        top_logprobs=checked.top_logprobs or 0,
+        **sampled_fields(checked),
+    )
+
+
+def sampled_fields(checked) -> dict:
+    """SampledRequest's fields from a checked chat or completions body."""
+    return dict(
+        model=checked.model,
         temperature=checked.temperature,
         top_p=checked.top_p,
         top_k=checked.top_k,
@@ -258,7 +273,5 @@ def parse_chat_request(body) -> ChatRequest:
         stream=checked.stream,
         include_usage=checked.include_usage,
         n=checked.n or 1,
-        logprobs=checked.logprobs,
-        top_logprobs=checked.top_logprobs or 0,
         response_format=format_schema(checked.response_format and checked.response_format.as_dict()),
     )

@@ -156,14 +156,7 @@ class CompletionsSpec(ChatCompletionsSpec):
                 ids, text = prompt, self.tokenizer.decode(prompt)
             if not ids:
                 raise APIError(400, f"{where}: the prompt is empty", param="prompt", code="invalid_value")
-            if len(ids) >= self.max_len:
-                raise APIError(
-                    400,
-                    f"{where} is {len(ids)} tokens; this server's context is {self.max_len} tokens "
-                    f"for prompt and reply together.",
-                    param="prompt",
-                    code="context_length_exceeded",
-                )
+            self.check_context(len(ids), where, "prompt")
             prompts.append(Prompt(ids, text))
         return prompts
 

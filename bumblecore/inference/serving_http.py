@@ -117,20 +117,24 @@ class ChatCompletionsSpec(LitSpec):
 
     # -- a chat completion
 
+    def check_context(self, tokens: int, what: str, param: str) -> None:
+        """A prompt leaves room for at least one generated token in this server's context, else a 400."""
+        if tokens >= self.max_len:
+            raise APIError(
+                400,
+                f"{what} is {tokens} tokens; this server's context is {self.max_len} tokens "
+                f"for prompt and reply together.",
+                param=param,
+                code="context_length_exceeded",
+            )
+
     async def chat_completions(self, request: Request):
         chat = parse_chat_request(await read_json(request, self.settings.max_request_bytes, self.settings.body_timeout))
         if chat.model:
             self.check_model(chat.model)
         # Off the event loop (a 1 MB prompt takes ~1 s): the other clients' streams keep flowing.
         prompt = await asyncio.get_running_loop().run_in_executor(self.tokenizing, self.prompt_ids, chat)
-        if len(prompt) >= self.max_len:
-            raise APIError(
-                400,
-                f"The prompt is {len(prompt)} tokens; this server's context is {self.max_len} tokens "
-                f"for prompt and reply together.",
-                param="messages",
-                code="context_length_exceeded",
-            )
+        self.check_context(len(prompt), "The prompt", "messages")
         if chat.logprobs:
             await self.load_token_texts()
         logprobs = chat.top_logprobs if chat.logprobs else None

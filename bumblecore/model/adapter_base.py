@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from bumblecore.model.hf_config import SHAPE_KEYS
+
 # An adapter only means something on the exact weights it was trained on, but peft records its base as a
 # path, and a path can come to hold another model (a later run writing the same output_dir). Beside the
 # adapter, base_fingerprint.json records what that base was: its architecture and a checksum of its weights.
@@ -16,13 +18,7 @@ FINGERPRINT_FILE = "base_fingerprint.json"
 # The config fields that decide the weights' shapes and what they compute.
 BASE_CONFIG_KEYS = (
     "model_type",
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
+    *SHAPE_KEYS,
     "hidden_act",
     "tie_word_embeddings",
     "rope_theta",

@@ -374,7 +374,11 @@ class Bumblebee(nn.Module):
     def add_head(self, config: BumblebeeConfig) -> None:
         """The LM head, tied to the embedding or not (a reward model, model/reward.py, adds its `score`)."""
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
+        self.tie_head()
+
+    def tie_head(self) -> None:
+        """The tied LM head shares the embedding's weight (again after a load assigns new tensors)."""
+        if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
     # What peft reads to adapt embeddings (trainable tokens): the modules and, when tied, the tied head.
@@ -393,22 +397,26 @@ class Bumblebee(nn.Module):
         self.gradient_checkpointing = enabled
 
     @classmethod
-    def from_pretrained(cls, path, dtype=None, device=None) -> Bumblebee:
+    def from_pretrained(cls, path, dtype=None, device=None, seed: Optional[int] = None) -> Bumblebee:
         """Load a HF-layout directory of a Bumblebee, Qwen2, Qwen3, Llama or Mistral model, tensor by
-        tensor straight into `dtype` on `device` (the host never holds a second copy)."""
+        tensor straight into `dtype` on `device` (the host never holds a second copy). `seed`: what a
+        new head is drawn from when the checkpoint lacks it (a reward model's, model/reward.py)."""
         config = read_config(path)
         target_dtype = resolve_dtype(dtype, config)
         with torch.device("meta"):
             model = cls(config)
         state = {
             name: load().to(device=device or "cpu", dtype=target_dtype)
-            for name, load in iter_checkpoint(path, config, expected_tensors(model))
+            for name, load in model.checkpoint_tensors(path, seed)
         }
-        model.load_state_dict(state, strict=False, assign=True)
-        if config.tie_word_embeddings:
-            model.lm_head.weight = model.model.embed_tokens.weight
+        model.load_state_dict(state, strict=False, assign=True)  # iter_checkpoint said what is missing
+        model.tie_head()
         config.torch_dtype = dtype_name(target_dtype)
         return model
+
+    def checkpoint_tensors(self, path, seed: Optional[int] = None):
+        """(name, load) of every weight this model reads from `path`, checked against its names and shapes."""
+        return iter_checkpoint(path, self.config, expected_tensors(self))
 
     def save_pretrained(self, path, max_shard_size="5GB", state_dict=None, stream=None) -> None:
         """Write the Hugging Face layout; `state_dict` (e.g. gathered or cast for export) or `stream`

@@ -23,8 +23,8 @@ ARCHITECTURES = {
 }
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
-# config.json keys that map 1:1 onto BumblebeeConfig fields.
-_SHARED_KEYS = (
+# config.json keys that give the weights' shapes (model/adapter_base.py fingerprints a base by them too).
+SHAPE_KEYS = (
     "vocab_size",
     "hidden_size",
     "intermediate_size",
@@ -32,6 +32,10 @@ _SHARED_KEYS = (
     "num_attention_heads",
     "num_key_value_heads",
     "head_dim",
+)
+# config.json keys that map 1:1 onto BumblebeeConfig fields.
+_SHARED_KEYS = (
+    *SHAPE_KEYS,
     "rms_norm_eps",
     "max_position_embeddings",
     "tie_word_embeddings",

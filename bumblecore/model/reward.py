@@ -25,11 +25,11 @@ from bumblecore.model.hf_config import (
     DTYPES,
     bumblebee_expresses,
     config_to_hf_dict,
-    dtype_name,
     read_config,
     resolve_dtype,
 )
 from bumblecore.model.hf_io import expected_tensors, iter_checkpoint, save_pretrained
+from bumblecore.model.transformers_family import TransformersWrapper
 
 # transformers' label names for one label (what its configs write with num_labels 1).
 ONE_LABEL = {"id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}}
@@ -80,6 +80,9 @@ class RewardBumblebee(Bumblebee):
     def add_head(self, config: BumblebeeConfig) -> None:
         self.score = nn.Linear(config.hidden_size, 1, bias=False)
 
+    def tie_head(self) -> None:
+        """No LM head to tie."""
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.score(hidden)
 
@@ -114,21 +117,6 @@ class RewardBumblebee(Bumblebee):
         if from_lm:
             yield "score.weight", lambda: new_score(self.config, seed)
 
-    @classmethod
-    def from_pretrained(cls, path, dtype=None, device=None, seed: Optional[int] = None) -> RewardBumblebee:
-        """A reward model directory, or a causal LM's (Bumblebee's families) with a new score head."""
-        config = read_config(path)
-        target_dtype = resolve_dtype(dtype, config)
-        with torch.device("meta"):
-            model = cls(config)
-        state = {
-            name: load().to(device=device or "cpu", dtype=target_dtype)
-            for name, load in model.checkpoint_tensors(path, seed)
-        }
-        model.load_state_dict(state, strict=True, assign=True)
-        config.torch_dtype = dtype_name(target_dtype)
-        return model
-
     def save_pretrained(self, path, max_shard_size="5GB", state_dict=None, stream=None) -> None:
         """The Hugging Face layout of a `*ForSequenceClassification` with num_labels 1."""
         save_pretrained(
@@ -151,17 +139,14 @@ def reward_config(config: BumblebeeConfig, dtype: Optional[torch.dtype] = None) 
     return out
 
 
-class TransformersReward(nn.Module):
+class TransformersReward(TransformersWrapper):
     """A transformers `*ForSequenceClassification` (num_labels 1) with the reward interface; forward
     gives per-token scores (batch, seq, 1) like RewardBumblebee's (packed rows are not supported)."""
 
-    is_transformers_fallback = True
     is_reward_model = True
 
     def __init__(self, model):
-        super().__init__()
-        self.hf = model
-        self.config = model.config
+        super().__init__(model)
         if getattr(model, "score", None) is None:
             raise ValueError(f"{type(model).__name__}: no `score` head; not a reward model BumbleCore can train")
 
@@ -180,18 +165,6 @@ class TransformersReward(nn.Module):
 
     def rewards(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         return self.hf(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, 0].float()
-
-    def get_input_embeddings(self) -> nn.Module:
-        return self.hf.get_input_embeddings()
-
-    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
-        if enabled:
-            self.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-    def save_pretrained(self, directory, state_dict=None, **kwargs) -> None:
-        if state_dict is not None:
-            state_dict = {k.removeprefix("hf."): v for k, v in state_dict.items()}
-        self.hf.save_pretrained(str(directory), state_dict=state_dict, safe_serialization=True, max_shard_size="5GB")
 
 
 def load_reward_model(

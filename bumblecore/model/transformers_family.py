@@ -101,7 +101,32 @@ class TokenHistory:
             self.rows[row] = []
 
 
-class TransformersCausalLM(nn.Module):
+class TransformersWrapper(nn.Module):
+    """A transformers model under `hf.`, as our wrappers hold one (the causal LM below, a reward model in
+    model/reward.py): its config, its embeddings for peft, checkpointing and saving in its own layout."""
+
+    is_transformers_fallback = True
+
+    def __init__(self, model):
+        super().__init__()
+        self.hf = model
+        self.config = model.config
+
+    # What peft reads to adapt embeddings (trainable tokens): the family's modules, named under `hf.`.
+    def get_input_embeddings(self) -> nn.Module:
+        return self.hf.get_input_embeddings()
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        if enabled:
+            self.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def save_pretrained(self, directory, state_dict=None, **kwargs) -> None:
+        if state_dict is not None:
+            state_dict = {k.removeprefix("hf."): v for k, v in state_dict.items()}
+        self.hf.save_pretrained(str(directory), state_dict=state_dict, safe_serialization=True, max_shard_size="5GB")
+
+
+class TransformersCausalLM(TransformersWrapper):
     """A transformers model with Bumblebee's interface. For training: forward(input_ids, position_ids,
     segment_ids, return_hidden_states) and `lm_head`; packed rows are not supported (the stages train
     these models unpacked). For generation: `new_cache` and forward(..., kv_cache, cache_rows).
@@ -109,12 +134,8 @@ class TransformersCausalLM(nn.Module):
     for_training=False (generation only) skips reproducing the family's post-head logic for the chunked
     loss, and so refuses no family for it: generation runs the family's own whole forward."""
 
-    is_transformers_fallback = True
-
     def __init__(self, model, for_training: bool = True):
-        super().__init__()
-        self.hf = model
-        self.config = model.config
+        super().__init__(model)
         self.transform = logit_transform(model.config) if for_training else None
         self.router_aux = for_training and bool(getattr(_text_config(model.config), "output_router_logits", False))
         if self.router_aux:
@@ -135,10 +156,6 @@ class TransformersCausalLM(nn.Module):
         if self.transform is None and not self.router_aux:
             return head
         return FamilyHead(head, self.transform, self.take_extra_loss)
-
-    # What peft reads to adapt embeddings (trainable tokens): the family's modules, named under `hf.`.
-    def get_input_embeddings(self) -> nn.Module:
-        return self.hf.get_input_embeddings()
 
     def get_output_embeddings(self) -> Optional[nn.Module]:
         return self.hf.get_output_embeddings()
@@ -207,17 +224,6 @@ class TransformersCausalLM(nn.Module):
         for i, (s, n) in enumerate(zip(sequences, counts)):
             out[i, :n] = logits[i, len(s) - n : len(s)]
         return out
-
-    # -- training and export
-
-    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
-        if enabled:
-            self.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-    def save_pretrained(self, directory, state_dict=None, **kwargs) -> None:
-        if state_dict is not None:
-            state_dict = {k.removeprefix("hf."): v for k, v in state_dict.items()}
-        self.hf.save_pretrained(str(directory), state_dict=state_dict, safe_serialization=True, max_shard_size="5GB")
 
 
 def load_model(model_dir, dtype: str = "auto", device=None, trust_remote_code: bool = False):

@@ -6,6 +6,7 @@ import concurrent.futures
 import json
 import shutil
 import time
+from pathlib import Path
 
 import pytest
 import requests
@@ -305,6 +306,7 @@ def test_server_flags_are_defaults_for_fields_a_request_leaves_out(monkeypatch):
     started = []
     monkeypatch.setattr(serve, "context_length", lambda *args: CONTEXT)
     monkeypatch.setattr(serve, "check_tokenizer_fits", lambda *args: None)
+    monkeypatch.setattr(serve, "model_dirs", lambda *args: (Path("unused"), Path("unused")))  # no model there
     monkeypatch.setattr(
         serve,
         "BumbleServer",
