@@ -31,19 +31,22 @@ class RewardScorer:
         batch_size: int = 16,
         trust_remote_code: bool = False,
     ):
-        from bumblecore.model.reward import is_reward_model, load_reward_model
+        from bumblecore.inference.serve_settings import model_dirs
+        from bumblecore.model.reward import is_reward_adapter, is_reward_model
         from bumblecore.tokenizer import load_tokenizer
 
-        if not is_reward_model(model_path):
+        adapter = is_reward_adapter(model_path)
+        if not (adapter or is_reward_model(model_path)):
             raise ValueError(
                 f"{model_path} is not a reward model (a directory saved by training_stage rm: config.json names a "
-                "*ForSequenceClassification; merge a LoRA reward model's adapter first with bumblecore merge_lora)"
+                "*ForSequenceClassification, or a LoRA reward model's adapter_config.json says task_type SEQ_CLS)"
             )
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.path, self.batch_size = str(model_path), batch_size
-        self.tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
-        self.model = load_reward_model(model_path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        base, tokenizer_dir = model_dirs(model_path)  # an adapter: its base, and its own tokenizer if it saved one
+        self.tokenizer = load_tokenizer(tokenizer_dir, trust_remote_code=trust_remote_code)
+        self.model = reward_model(model_path, base, adapter, self.tokenizer, dtype, device, trust_remote_code)
         self.pad_id = self.model.pad_token_id
         self.device = next(self.model.parameters()).device
 
@@ -77,6 +80,23 @@ class RewardScorer:
     def __call__(self, conversations: list[list[dict]], tools: Optional[list] = None) -> list[float]:
         tools = tools or [None] * len(conversations)
         return self.score_ids([self.encode(c, t) for c, t in zip(conversations, tools)])
+
+
+def reward_model(model_path, base, adapter: bool, tokenizer, dtype, device, trust_remote_code: bool):
+    """A full reward model, or a LoRA reward model: its base's body with the adapter and the score head
+    the adapter holds (peft's SEQ_CLS), padded with the tokenizer's pad id as in training."""
+    from bumblecore.model.adapter_base import adapter_base_dir
+    from bumblecore.model.lora import attach_adapter
+    from bumblecore.model.reward import TransformersReward, load_reward_model
+
+    if not adapter:
+        return load_reward_model(model_path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    adapter_base_dir(model_path)  # refuses an adapter whose base changed since it was trained
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    model = load_reward_model(base, dtype, device, trust_remote_code, pad)
+    if isinstance(model, TransformersReward):  # the adapter's names are transformers' own class's
+        return TransformersReward(attach_adapter(model.hf, model_path)).eval()
+    return attach_adapter(model, model_path).eval()
 
 
 def reward_model_parameters(model_path: str) -> int:

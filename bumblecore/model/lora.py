@@ -92,8 +92,9 @@ def attach_adapter(base, adapter_dir):
     return PeftModel.from_pretrained(base, str(adapter_dir), config=adapter_config)
 
 
-# ---------------------------------------------------------------------------- the base an adapter was trained on
-#
+# ---------------------------------------------------------------------------- saving and merging
+
+
 def save_adapter(
     peft_model, directory, base_model_path: str, state_dict: Optional[dict] = None, fingerprint: Optional[dict] = None
 ) -> None:

@@ -46,11 +46,14 @@ class RewardRecipe(Recipe):
     def notes(self, run) -> list[str]:
         """The preference keys of dpo and kto, set but meaningless for a reward model."""
         defaults = PreferenceArgs()
-        return [
+        notes = [
             f"{f.name} {getattr(run.preference, f.name)} is ignored: training_stage rm uses only center_rewards_coefficient"
             for f in dataclasses.fields(PreferenceArgs)
             if f.name != "center_rewards_coefficient" and getattr(run.preference, f.name) != getattr(defaults, f.name)
         ]
+        if run.data.packing:  # each side's score is read at its row's last token: one sequence per row
+            notes.append("packing true is ignored: training_stage rm puts each side of a pair in its own padded row")
+        return notes
 
     def stage(self, fabric, run, model, data: StageData, load_model, resuming: bool):
         # The rows are padded with pad_id: the saved model reads its score where training did.

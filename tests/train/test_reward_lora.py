@@ -294,3 +294,22 @@ def test_the_memory_plan_counts_the_reward_model_it_trains(run_inputs, finetunin
     trainable, total = trainable_share(build_model(fabric, run, load, tokenizer, None))
     plan = memory_plan(fabric, run, None, recipe, 1, runtime=0)
     assert (plan.parameters, plan.optimizer) == (4 * total, 8 * trainable)
+
+
+def test_score_reads_a_lora_reward_adapter_as_peft_scores_it(base, tokenizer, tmp_path):
+    """`bumblecore score` (and GRPO's reward_models) on the adapter directory: the base's body, the adapter
+    and its trained head, rendered with the adapter's own tokenizer; the oracle is peft's own loading."""
+    from bumblecore.inference.scoring import RewardScorer
+
+    trained_reward_adapter(base, tokenizer, tmp_path / "adapter")
+    scorer = RewardScorer(str(tmp_path / "adapter"), dtype="float32", device="cpu", batch_size=2)
+    conversations = [
+        [{"role": "user", "content": "How many legs has a cat?"}, {"role": "assistant", "content": "Four."}],
+        [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue, the sky's."}],
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there, how can I help?"}],
+    ]
+    got = scorer(conversations)
+    oracle = peft_over_transformers(base, tmp_path / "adapter", tokenizer.pad_token_id)
+    with torch.no_grad():
+        expected = [oracle(input_ids=torch.tensor([scorer.encode(c)])).logits[0, 0].item() for c in conversations]
+    assert max(abs(a - b) for a, b in zip(got, expected)) < TOLERANCE

@@ -379,3 +379,16 @@ def test_memory_plan_counts_no_lm_head_and_no_logits(tmp_path):
     raw = json.loads((tmp_path / "untied" / "config.json").read_text())
     logits = Workload.from_config(raw, micro_batch_size=2, sequence_length=64).loss_chunks()
     assert logits > 0 and sum(dpo.transient.values()) - sum(rm.transient.values()) >= logits
+
+
+def test_packing_is_said_to_be_ignored_for_reward_models():
+    """Each side's score is read at its own row's last token: a run asking for packing is told it is off."""
+    from types import SimpleNamespace
+
+    from bumblecore.args import PreferenceArgs
+    from bumblecore.recipes import recipe_for
+
+    rm = recipe_for("rm")
+    packed = SimpleNamespace(preference=PreferenceArgs(), data=SimpleNamespace(packing=True))
+    assert any("packing true is ignored" in note for note in rm.notes(packed))
+    assert rm.notes(SimpleNamespace(preference=PreferenceArgs(), data=SimpleNamespace(packing=False))) == []
