@@ -259,16 +259,12 @@ def gathered_tensors(model, dtype, is_rank_zero: bool):
 def load_into_partitioned(model, path, is_rank_zero: bool, **options) -> None:
     """Pretrained weights into a ZeRO-3 model built partitioned (under `fabric.init_module`): tensor by
     tensor, shard file by shard file, rank 0 reads each one and DeepSpeed scatters it to the ranks
-    that own its slices, so no rank ever holds the whole model. A model that says which tensors its
-    checkpoint gives (a reward model: `checkpoint_tensors(path, **options)`) is loaded with those."""
+    that own its slices, so no rank ever holds the whole model. The model says which tensors its
+    checkpoint gives (`Bumblebee.checkpoint_tensors`; a reward model's adds its new head, `options`: its seed)."""
     import deepspeed
 
-    from bumblecore.model.hf_io import expected_tensors, iter_checkpoint
-
     parameters = dict(model.named_parameters())
-    own = getattr(model, "checkpoint_tensors", None)
-    tensors = own(path, **options) if own is not None else iter_checkpoint(path, model.config, expected_tensors(model))
-    for name, load in tensors:
+    for name, load in model.checkpoint_tensors(path, **options):
         param = parameters[name]
         with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
             if is_rank_zero:

@@ -44,7 +44,6 @@ PUBLIC = {
     "optimizer",
     "module",
     "zero_optimization_stage",
-    "checkpoint_tensors",
 }  # what backend.py's getattr/hasattr read that is public
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from test_dpo import train_records
 from tiny import make_tiny_model, max_weight_difference, one_process_and_two
 
 import bumblecore
@@ -202,10 +203,6 @@ def run(output_dir, model, data, **keys):
     file.write_text(yaml.safe_dump(config))
     main(["train", "--config", str(file)])
     return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
-
-
-def train_records(history):
-    return [r for r in history if "loss" in r]
 
 
 def test_rm_on_demo_pairs_learns_and_saves_what_transformers_scores(tmp_path, models, data, capsys):
