@@ -195,6 +195,9 @@ class RuntimeArgs:
     """Nodes of the job (a launcher's own count wins)."""
     accelerator: str = "auto"
     """auto, cpu or cuda."""
+    sequence_parallel_size: int = 1
+    """Split each sample's sequence over this many ranks (DeepSpeed's Ulysses; needs deepspeed_config_path,
+    heads divisible by it; sft and pretraining): longer samples per rank; data-parallel size = processes / N."""
     local_rank: int = -1
     """Set by launchers; accepted for compatibility."""
     release_freed_memory: Optional[bool] = None

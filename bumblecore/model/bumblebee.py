@@ -245,6 +245,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=config.attention_bias)
         self.v_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=config.attention_bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=False)
+        self.ulysses = None  # sequence parallel: the heads exchange (model/sequence_parallel.py), None without
         self.qk_norm = config.qk_norm
         if config.qk_norm:  # Qwen3: per-head RMSNorm of q and k, before RoPE
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -282,7 +283,12 @@ class Attention(nn.Module):
     def attend(self, q, k, v, mask: AttentionMask) -> torch.Tensor:
         """q: (b, q_len, heads, d), k/v: (b, k_len, kv_heads, d) -> (b, q_len, heads * d)."""
         b, s = q.shape[:2]
-        heads, kv_heads = self.num_heads, self.num_kv_heads
+        out = (self.ulysses or self.attention_kernel)(q, k, v, mask)
+        return out.reshape(b, s, self.num_heads * self.head_dim)
+
+    def attention_kernel(self, q, k, v, mask: AttentionMask) -> torch.Tensor:
+        """The kernel on whatever heads q, k, v hold (all, or a sequence-parallel rank's share) -> (b, q_len, heads, d)."""
+        b, s, heads, kv_heads = *q.shape[:3], k.shape[2]
         every_key = not mask.causal and mask.dense is None
         if every_key and s == 1 and heads != kv_heads and self.attn_implementation != "eager":
             # One query per row that sees every key (a decode step): the query heads sharing a kv head
@@ -296,7 +302,7 @@ class Attention(nn.Module):
         else:  # eager and SDPA take (b, heads, seq, d)
             kernel = eager_attention if self.attn_implementation == "eager" else sdpa_attention
             out = kernel(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, self.scale).transpose(1, 2)
-        return out.reshape(b, s, heads * self.head_dim)
+        return out.reshape(b, s, heads, self.head_dim)
 
 
 class MLP(nn.Module):
@@ -509,7 +515,9 @@ class Bumblebee(nn.Module):
             positions, masks = cache_write.positions, cache_write.masks
         else:
             positions = torch.arange(seq, device=device)[None].expand(batch, seq)
-            masks = {w: self._build_mask(seq, device, attention_mask, segment_ids, w) for w in self.windows()}
+            # Sequence parallel: segment_ids are the full row's, as the attention sees it (model/sequence_parallel.py).
+            mask_len = seq if segment_ids is None else segment_ids.shape[1]
+            masks = {w: self._build_mask(mask_len, device, attention_mask, segment_ids, w) for w in self.windows()}
         if position_ids is None:
             position_ids = positions
 

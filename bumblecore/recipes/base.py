@@ -22,6 +22,7 @@ from bumblecore.data.formats import StageReading
 from bumblecore.data.loader import BatchLoader, eval_batches
 from bumblecore.data.mixture import source_records, source_report
 from bumblecore.train.launch import build_once
+from bumblecore.train.sequence_parallel import ShardedLoader, data_parallel, sharded_batches
 from bumblecore.train.sft import LanguageModelingStage
 
 
@@ -51,6 +52,9 @@ class Recipe:
     rows_per_unit = 1  # rows one unit puts in a micro-batch (the memory plan's batch)
     plans_padded_rows = False  # unpacked rows: plan memory again at the data's longest row
     scalar_head = False  # the model is a reward model: the body with a score head (model/reward.py)
+    sequence_parallel = (
+        False  # trains with sequence_parallel_size > 1 (train/sequence_parallel.py): checked equal to one process
+    )
 
     @property
     def smooth_curves(self) -> bool:
@@ -82,13 +86,15 @@ class Recipe:
 
 
 def step_loader(fabric, run, units, pad_id: int, packing: bool, group_by_length: bool = False) -> BatchLoader:
-    """This rank's share of each step."""
+    """This rank's share of each step: its data-parallel rank's, sliced when the sequence is split over ranks."""
     optimization = run.optimization
     micro, accumulation = optimization.train_micro_batch_size_per_gpu, optimization.gradient_accumulation_steps
-    return BatchLoader(
-        units, micro, accumulation, fabric.world_size, fabric.global_rank, optimization.seed, pad_id, packing,
-        group_by_length,
+    sp = run.runtime.sequence_parallel_size
+    size, rank = data_parallel(fabric.world_size, fabric.global_rank, sp)
+    loader = BatchLoader(
+        units, micro, accumulation, size, rank, optimization.seed, pad_id, packing, group_by_length,
     )  # fmt: skip
+    return loader if sp == 1 else ShardedLoader(loader, sp, fabric.global_rank % sp, pad_id)
 
 
 def token_data(
@@ -127,9 +133,11 @@ def token_data(
         return train_data, held_out, sft
 
     (train_cache, units), (eval_cache, eval_units), beside = build_once(fabric, tokenized)
-    if eval_units is not None and len(eval_units) < fabric.world_size:  # every rank evaluates a share
+    sp = run.runtime.sequence_parallel_size
+    readers, reader = data_parallel(fabric.world_size, fabric.global_rank, sp)  # an SP group reads as one
+    if eval_units is not None and len(eval_units) < readers:  # every rank evaluates a share
         raise ValueError(
-            f"eval_dataset_path: {len(eval_units)} eval units for {fabric.world_size} processes; "
+            f"eval_dataset_path: {len(eval_units)} eval units for {readers} data-parallel processes; "
             "give at least one per process"
         )
     lengths = getattr(train_cache, "lengths", None)
@@ -145,12 +153,14 @@ def token_data(
             optimization.train_micro_batch_size_per_gpu,
             pad_id,
             bool(run.data.packing),
-            fabric.world_size,
-            fabric.global_rank,
+            readers,
+            reader,
         )
         if eval_units is not None
         else None
     )
+    if eval_loader is not None and sp > 1:
+        eval_loader = sharded_batches(eval_loader, sp, fabric.global_rank % sp, pad_id)
     lines = [
         f"  data: {len(units)} training units ({'packed' if run.data.packing else 'padded'} rows of <= {run.data.cutoff_len} tokens)"
         + (f", {len(eval_units)} eval units" if eval_units is not None else ""),

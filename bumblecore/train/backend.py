@@ -301,19 +301,79 @@ def cpu_deepspeed_strategy(config: dict):
 
         def _initialize_engine(self, model, optimizer=None, scheduler=None):
             # Fabric's, with the local rank as DeepSpeed's device rank (a CPU device has no index).
-            import argparse
-
-            import deepspeed
-
-            engine, ds_optimizer, _, ds_scheduler = deepspeed.initialize(
-                args=argparse.Namespace(device_rank=self.local_rank),
-                config=self.config,
-                model=model,
-                model_parameters=[p for p in model.parameters() if p.requires_grad],
-                optimizer=optimizer,
-                lr_scheduler=scheduler,
-                dist_init_required=False,
-            )
-            return engine, ds_optimizer, ds_scheduler
+            return _initialize_engine(self.config, self.local_rank, model, optimizer, scheduler)
 
     return CPUDeepSpeedStrategy(config=config, process_group_backend="gloo")
+
+
+def cuda_deepspeed_strategy(config: dict):
+    """Fabric's DeepSpeedStrategy; with sequence parallelism, its engine made with DeepSpeed's SP groups
+    (Fabric's `_initialize_engine` passes no `mpu`)."""
+    from lightning.fabric.strategies import DeepSpeedStrategy
+
+    if sequence_parallel_size(config) == 1:
+        return DeepSpeedStrategy(config=config)
+
+    class SequenceParallelDeepSpeedStrategy(DeepSpeedStrategy):
+        def _initialize_engine(self, model, optimizer=None, scheduler=None):
+            return _initialize_engine(self.config, self.root_device.index, model, optimizer, scheduler)
+
+    return SequenceParallelDeepSpeedStrategy(config=config)
+
+
+def _initialize_engine(config: dict, device_rank, model, optimizer, scheduler):
+    """deepspeed.initialize as Fabric calls it, plus DeepSpeed's SP state (`mpu`) under sequence parallelism:
+    the engine then partitions ZeRO over every rank and divides the summed gradients by the data-parallel size."""
+    import argparse
+
+    import deepspeed
+
+    size = sequence_parallel_size(config)
+    engine, ds_optimizer, _, ds_scheduler = deepspeed.initialize(
+        args=argparse.Namespace(device_rank=device_rank),
+        config=config,
+        model=model,
+        model_parameters=[p for p in model.parameters() if p.requires_grad],
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        dist_init_required=False,
+        mpu=sequence_parallel_state(size) if size > 1 else None,
+    )
+    return engine, ds_optimizer, ds_scheduler
+
+
+# ---------------------------------------------------------------------------- sequence parallelism
+
+
+def sequence_parallel_size(config: Optional[dict]) -> int:
+    """The SP size a filled DeepSpeed config carries (train/launch.py writes it; DeepSpeed reads it too)."""
+    return int((config or {}).get("sequence_parallel_size", 1))
+
+
+def sequence_parallel_state(size: int):
+    """DeepSpeed's SP state module (its Ulysses groups of `size` consecutive ranks and the data-parallel
+    group across them), initialised once per process after the processes are connected."""
+    from deepspeed.runtime.sequence_parallel import parallel_state_sp as state
+
+    try:
+        made = state.get_sequence_parallel_world_size()
+    except AssertionError:  # not made yet in this process
+        state.initialize_sequence_parallel(sequence_parallel_size=size)
+        made = size
+    if made != size:
+        raise ValueError(f"sequence_parallel_size {size}: this process already has SP groups of {made}")
+    return state
+
+
+def sequence_parallel_group(size: int):
+    """This rank's Ulysses group (the ranks that share each sample's sequence)."""
+    return sequence_parallel_state(size).get_sequence_parallel_group()
+
+
+def gradient_averaging_size(fabric, model) -> int:
+    """Over how many ranks the backend averages gradients: the world, or under sequence parallelism the
+    data-parallel size (DeepSpeed sums over the SP ranks, each holding a slice's gradient, then divides by
+    world / SP)."""
+    engine = deepspeed_engine(model)
+    size = engine.sequence_parallel_size if engine is not None else 1
+    return fabric.world_size // max(1, int(size))

@@ -34,7 +34,7 @@ from typing import Optional, Protocol
 
 import torch
 
-from bumblecore.train.backend import stepper_for
+from bumblecore.train.backend import gradient_averaging_size, stepper_for
 from bumblecore.train.checkpoint import STATE_DIR, restore_rng_state, rng_state
 from bumblecore.train.schedulers import resume_schedule
 
@@ -98,6 +98,7 @@ class Engine:
         self.task_metric_names: tuple = ()  # the last task evaluation's, for the terminal line
         self.evaluates = eval_loader is not None or task_eval is not None
         self.stepper = stepper_for(fabric, model, optimizer, settings)  # backward to update, per backend
+        self.averaged_over = gradient_averaging_size(fabric, model)  # the world, or its data-parallel size under SP
         self.step = 0
         self.tokens_seen = 0
 
@@ -219,17 +220,19 @@ class Engine:
         and each term's units over the whole step (every micro-batch of every rank, all-reduced in one
         go), or None for the original's loss (average_tokens_across_devices false): the mean over the
         step's micro-batches (of every rank) of each one's own mean over its units."""
-        n, world = len(counts), self.fabric.world_size
+        n = len(counts)
         if not self.settings.average_tokens_across_devices:
             # DDP's gradient average over ranks supplies the 1/world_size; the report is divided by the count below.
             scales = [{t: 1.0 / (max(1, c[t]) * n) for t in terms} for c in counts]
             return scales, [{t: 1.0 / max(1, c[t]) for t in terms} for c in counts], None
         local = torch.tensor([float(sum(c[t] for c in counts)) for t in terms], dtype=torch.float64)
-        if world > 1:
+        if self.fabric.world_size > 1:
             local = self.fabric.all_reduce(local.to(self.fabric.device), reduce_op="sum").cpu()
         units = {t: max(1.0, float(u)) for t, u in zip(terms, local.tolist())}
-        # DDP averages gradients over ranks; multiplying back makes each term a global sum / its global units.
-        return [{t: world / units[t] for t in terms}] * n, [dict.fromkeys(terms, 1.0)] * n, units
+        # DDP averages gradients over ranks (DeepSpeed under SP: over the data-parallel ones); multiplying
+        # back makes each term a global sum / its global units.
+        averaged = self.averaged_over
+        return [{t: averaged / units[t] for t in terms}] * n, [dict.fromkeys(terms, 1.0)] * n, units
 
     def _step_totals(
         self, count: int, tokens: int, loss_sums: dict, metric_totals: dict, metric_counts: dict, grads_finite: bool

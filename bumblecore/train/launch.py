@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from bumblecore.args import TrainArgs
+from bumblecore.train.sequence_parallel import check_world
 from bumblecore.train.trackers import check_installed
 
 
@@ -25,6 +26,8 @@ def launch(run: TrainArgs):
     scale, optimization = run.runtime, run.optimization
     launch = detect_launch(scale.devices, scale.num_nodes, scale.accelerator)
     deepspeed = None
+    sequence_parallel = scale.sequence_parallel_size
+    check_world(launch.world_size, sequence_parallel)
     if scale.deepspeed_config_path:
         from bumblecore.train.memory import Workload
         from bumblecore.train.optimizers import deepspeed_client_optimizer
@@ -35,13 +38,15 @@ def launch(run: TrainArgs):
             load_deepspeed_config(scale.deepspeed_config_path),
             micro_batch_size=optimization.train_micro_batch_size_per_gpu,
             gradient_accumulation_steps=optimization.gradient_accumulation_steps,
-            world_size=launch.world_size,
+            world_size=launch.world_size // sequence_parallel,  # the data-parallel size: an SP group reads as one
             precision=optimization.train_model_precision,
             max_grad_norm=optimization.max_grad_norm,
             hidden_size=hidden,
             layer_params=Workload.from_config(raw, 1, 1).layer_params or None,
         )
         deepspeed = deepspeed_client_optimizer(deepspeed, optimization.optim)
+        if sequence_parallel > 1:  # read by DeepSpeed and by our strategy (train/backend.py)
+            deepspeed["sequence_parallel_size"] = sequence_parallel
     fabric = build_fabric(
         scale.accelerator, scale.devices, scale.num_nodes, optimization.train_model_precision, deepspeed, launch=launch
     )

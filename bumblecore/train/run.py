@@ -11,6 +11,7 @@ import torch
 from bumblecore.args import TrainArgs
 from bumblecore.recipes import recipe_for
 from bumblecore.train.launch import agreed_on_rank_zero, check_inputs, config_notes, launch, processes_per_node
+from bumblecore.train.sequence_parallel import check_sequence_parallel
 from bumblecore.train.outputs import Exporter, open_monitor, prepare_output_dir, report_peak_memory, write_run_record
 from bumblecore.train.setup import (
     build_model,
@@ -37,6 +38,7 @@ def train(run: TrainArgs) -> None:
     check_inputs(run)
     check_eval_tasks(run)
     recipe.check(run)
+    check_sequence_parallel(run, recipe)
     check_adapter_and_optimizer(run, recipe)
     fabric, deepspeed, launcher = launch(run)
     main(fabric, run, recipe, deepspeed_config=deepspeed, launcher=launcher)

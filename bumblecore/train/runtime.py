@@ -395,10 +395,10 @@ def build_fabric(
 
             strategy = cpu_deepspeed_strategy(deepspeed_config)
         else:
-            from lightning.fabric.strategies import DeepSpeedStrategy
+            from bumblecore.train.backend import cuda_deepspeed_strategy
 
             # DeepSpeed keeps fp32 master weights itself; its bf16/fp16 sections (filled above) set the compute dtype.
-            strategy = DeepSpeedStrategy(config=deepspeed_config)
+            strategy = cuda_deepspeed_strategy(deepspeed_config)
     elif launch.world_size > 1:
         strategy = "ddp"
     else:

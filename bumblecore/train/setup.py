@@ -286,6 +286,14 @@ def build_model(fabric, run: TrainArgs, load, tokenizer, stage_of_zero: Optional
             zero3=stage_of_zero == 3,
             variants=lora_config_options(run.lora),
         )
+    if (
+        run.runtime.sequence_parallel_size > 1
+    ):  # attention exchanges heads for the sequence (model/sequence_parallel.py)
+        from bumblecore.model.sequence_parallel import use_sequence_parallel
+        from bumblecore.train.backend import sequence_parallel_group
+
+        size = run.runtime.sequence_parallel_size
+        use_sequence_parallel(model, sequence_parallel_group(size), size)
     return model
 
 

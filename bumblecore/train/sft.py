@@ -22,7 +22,7 @@ class LanguageModelingStage:
 
     def count(self, batch: dict):
         """Target tokens; with loss weights, per source ({name: its target tokens}: each term's own units)."""
-        targets = shift_targets(batch["labels"], batch.get("segment_ids"))
+        targets = _targets(batch)
         if not _weighted(batch):
             return int((targets != IGNORE_INDEX).sum())
         sources = _target_sources(batch)[targets != IGNORE_INDEX]
@@ -36,7 +36,7 @@ class LanguageModelingStage:
             segment_ids=batch.get("segment_ids"),
             return_hidden_states=True,
         )
-        targets = shift_targets(batch["labels"], batch.get("segment_ids"))
+        targets = _targets(batch)
         head = model.lm_head
         if "source_ids" not in batch:
             total, _ = chunked_cross_entropy(hidden, head, targets)
@@ -51,12 +51,22 @@ class LanguageModelingStage:
         return {name: weights[i] * terms[i] for i, name in enumerate(names)}, metrics
 
 
+def _targets(batch: dict) -> torch.Tensor:
+    """What each position predicts; a sequence-parallel slice carries them shifted on the full row
+    (train/sequence_parallel.py), so the token after the slice's end is still predicted."""
+    if "shift_labels" in batch:
+        return batch["shift_labels"]
+    return shift_targets(batch["labels"], batch.get("segment_ids"))
+
+
 def _weighted(batch: dict) -> bool:
     return "source_loss_weights" in batch and bool((batch["source_loss_weights"] != 1.0).any())
 
 
 def _target_sources(batch: dict) -> torch.Tensor:
     """Each target position's source: that of the token it predicts (-1 where nothing is predicted)."""
+    if "shift_source_ids" in batch:  # a sequence-parallel slice: shifted on the full row
+        return batch["shift_source_ids"]
     sources = torch.full_like(batch["source_ids"], -1)
     sources[:, :-1] = batch["source_ids"][:, 1:]
     return sources
