@@ -11,8 +11,8 @@ import torch
 from bumblecore.args import TrainArgs
 from bumblecore.recipes import recipe_for
 from bumblecore.train.launch import agreed_on_rank_zero, check_inputs, config_notes, launch, processes_per_node
-from bumblecore.train.sequence_parallel import check_sequence_parallel
 from bumblecore.train.outputs import Exporter, open_monitor, prepare_output_dir, report_peak_memory, write_run_record
+from bumblecore.train.sequence_parallel import check_sequence_parallel
 from bumblecore.train.setup import (
     build_model,
     build_optimizer,
