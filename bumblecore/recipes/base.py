@@ -94,7 +94,7 @@ def step_loader(fabric, run, units, pad_id: int, packing: bool, group_by_length:
     loader = BatchLoader(
         units, micro, accumulation, size, rank, optimization.seed, pad_id, packing, group_by_length,
     )  # fmt: skip
-    return loader if sp == 1 else ShardedLoader(loader, sp, fabric.global_rank % sp, pad_id)
+    return loader if sp == 1 else ShardedLoader(loader, sp, fabric.global_rank % sp, pad_id, run.data.cutoff_len)
 
 
 def token_data(
@@ -160,7 +160,7 @@ def token_data(
         else None
     )
     if eval_loader is not None and sp > 1:
-        eval_loader = sharded_batches(eval_loader, sp, fabric.global_rank % sp, pad_id)
+        eval_loader = sharded_batches(eval_loader, sp, fabric.global_rank % sp, pad_id, run.data.cutoff_len)
     lines = [
         f"  data: {len(units)} training units ({'packed' if run.data.packing else 'padded'} rows of <= {run.data.cutoff_len} tokens)"
         + (f", {len(eval_units)} eval units" if eval_units is not None else ""),

@@ -371,9 +371,13 @@ def sequence_parallel_group(size: int):
 
 
 def gradient_averaging_size(fabric, model) -> int:
-    """Over how many ranks the backend averages gradients: the world, or under sequence parallelism the
-    data-parallel size (DeepSpeed sums over the SP ranks, each holding a slice's gradient, then divides by
-    world / SP)."""
+    """Over how many ranks the backend averages gradients: the world, or under sequence parallelism what
+    DeepSpeed 0.19 divides the summed gradients by. ZeRO-0/1/2 divide by the data-parallel size (world /
+    SP: the SP ranks each hold a slice's gradient, their sum is the sample's). ZeRO-3's reduce-scatter path
+    divides by the whole world, SP or not (its contiguous path by world / SP), so launch.py turns
+    `reduce_scatter` on under SP for one known divisor (tests/train/test_sequence_parallel.py pins both)."""
     engine = deepspeed_engine(model)
     size = engine.sequence_parallel_size if engine is not None else 1
+    if size > 1 and engine.zero_optimization_stage() == 3:
+        return fabric.world_size
     return fabric.world_size // max(1, int(size))

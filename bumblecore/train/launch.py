@@ -47,6 +47,8 @@ def launch(run: TrainArgs):
         deepspeed = deepspeed_client_optimizer(deepspeed, optimization.optim)
         if sequence_parallel > 1:  # read by DeepSpeed and by our strategy (train/backend.py)
             deepspeed["sequence_parallel_size"] = sequence_parallel
+            if (deepspeed.get("zero_optimization") or {}).get("stage") == 3:  # one gradient divisor (backend.py)
+                deepspeed["zero_optimization"]["reduce_scatter"] = True
     fabric = build_fabric(
         scale.accelerator, scale.devices, scale.num_nodes, optimization.train_model_precision, deepspeed, launch=launch
     )

@@ -41,7 +41,8 @@ def head_weight(lm_head) -> torch.Tensor | None:
 def tokens_per_chunk(lm_head) -> int:
     """Target positions per LM-head chunk: as many as LOGITS_BUDGET_BYTES of fp32 logits hold."""
     weight = head_weight(lm_head)
-    vocab = weight.shape[0] if weight is not None and weight.ndim == 2 else 32768
+    shape = tuple(getattr(weight, "ds_shape", None) or getattr(weight, "shape", ()))  # ZeRO-3: the real shape
+    vocab = shape[0] if len(shape) == 2 else 32768
     return max(64, LOGITS_BUDGET_BYTES // (4 * max(1, vocab)))
 
 
@@ -96,7 +97,11 @@ def summed_cross_entropy(hidden: torch.Tensor, lm_head: Callable, targets: torch
 
 
 def chunked_cross_entropy(
-    hidden: torch.Tensor, lm_head: Callable, targets: torch.Tensor, chunk_tokens: int | None = None
+    hidden: torch.Tensor,
+    lm_head: Callable,
+    targets: torch.Tensor,
+    chunk_tokens: int | None = None,
+    head_calls: int | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Sum of next-token cross-entropy over target positions, and their count.
 
@@ -108,6 +113,9 @@ def chunked_cross_entropy(
     A head with `take_extra_loss` (transformers_family.FamilyHead: a MoE family's router aux loss) adds that
     term once per target token, so after the engine's division by the target count the loss is the
     family's own: mean CE + router_aux_loss_coef * aux.
+
+    `head_calls`: call the head exactly this many times (chunks split evenly, some possibly empty), for
+    ranks whose target counts differ but whose ZeRO-3 head gathers must pair up (sequence parallelism).
     """
     take_extra = getattr(lm_head, "take_extra_loss", None)
     extra = take_extra() if take_extra is not None else None
@@ -116,12 +124,16 @@ def chunked_cross_entropy(
     keep = targets != IGNORE_INDEX
     hidden, targets = hidden[keep], targets[keep]
     count = int(targets.numel())
-    if count == 0:
+    if count == 0 and head_calls is None:
         zero = hidden.sum() * 0.0  # keeps the graph connected for backward on every rank
         return (zero + extra * 0.0 if extra is not None else zero), 0
     chunk_tokens = chunk_tokens or tokens_per_chunk(lm_head)
+    starts = range(0, count, chunk_tokens)
+    if head_calls is not None:
+        chunk_tokens = max(1, -(-count // head_calls))
+        starts = range(0, head_calls * chunk_tokens, chunk_tokens)
     total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, count, chunk_tokens):
+    for start in starts:
         h, t = hidden[start : start + chunk_tokens], targets[start : start + chunk_tokens]
         if _recompute_in_backward(h, lm_head):
             total = total + checkpoint(summed_cross_entropy, h, lm_head, t, use_reentrant=False)

@@ -90,9 +90,11 @@ def padded_length(length: int, size: int) -> int:
     return -(-length // size) * size
 
 
-def shard(batch: dict, size: int, rank: int, pad_id: int = 0) -> dict:
+def shard(batch: dict, size: int, rank: int, pad_id: int = 0, longest_row: int = 0) -> dict:
     """This rank's slice of an LM batch (see the module docstring): input_ids, position_ids and
-    `shift_labels` (targets, already shifted) sliced; segment_ids whole; num_tokens on the group's first rank."""
+    `shift_labels` (targets, already shifted) sliced; segment_ids whole; num_tokens on the group's first
+    rank; `slice_positions`: the most positions any rank's slice of the run holds (rows of at most
+    `longest_row` tokens), so every rank calls the LM head equally often (train/sft.py)."""
     length = batch["input_ids"].shape[1]
     width = padded_length(length, size)
     extra = width - length
@@ -112,6 +114,7 @@ def shard(batch: dict, size: int, rank: int, pad_id: int = 0) -> dict:
         "shift_labels": pad(targets, IGNORE_INDEX)[:, part],
         "position_ids": positions[:, part],
         "num_tokens": batch.get("num_tokens", batch["input_ids"].numel()) if rank == 0 else 0,
+        "slice_positions": batch["input_ids"].shape[0] * padded_length(max(longest_row, length), size) // size,
     }
     if segments is not None:
         out["segment_ids"] = pad(segments, PAD_SEGMENT)
@@ -126,16 +129,16 @@ def shard(batch: dict, size: int, rank: int, pad_id: int = 0) -> dict:
 class ShardedLoader:
     """A step loader whose micro-batches are this rank's slices of its SP group's micro-batches."""
 
-    def __init__(self, loader, size: int, rank: int, pad_id: int):
-        self.loader, self.size, self.rank, self.pad_id = loader, size, rank, pad_id
+    def __init__(self, loader, size: int, rank: int, pad_id: int, longest_row: int):
+        self.loader, self.size, self.rank, self.pad_id, self.longest_row = loader, size, rank, pad_id, longest_row
 
     def __getattr__(self, name):  # steps_per_epoch, global_size, total_steps: the group's loader's
         return getattr(self.loader, name)
 
     def micro_batches(self, step: int) -> list[dict]:
-        return [shard(b, self.size, self.rank, self.pad_id) for b in self.loader.micro_batches(step)]
+        return [shard(b, self.size, self.rank, self.pad_id, self.longest_row) for b in self.loader.micro_batches(step)]
 
 
-def sharded_batches(batches: list[dict], size: int, rank: int, pad_id: int) -> list[dict]:
+def sharded_batches(batches: list[dict], size: int, rank: int, pad_id: int, longest_row: int) -> list[dict]:
     """Eval batches: this rank's slice of each."""
-    return [shard(b, size, rank, pad_id) for b in batches]
+    return [shard(b, size, rank, pad_id, longest_row) for b in batches]

@@ -12,7 +12,12 @@ from __future__ import annotations
 import torch
 
 from bumblecore.data.packing import IGNORE_INDEX
-from bumblecore.train.losses import chunked_cross_entropy, chunked_cross_entropy_by_source, shift_targets
+from bumblecore.train.losses import (
+    chunked_cross_entropy,
+    chunked_cross_entropy_by_source,
+    shift_targets,
+    tokens_per_chunk,
+)
 
 
 class LanguageModelingStage:
@@ -39,7 +44,7 @@ class LanguageModelingStage:
         targets = _targets(batch)
         head = model.lm_head
         if "source_ids" not in batch:
-            total, _ = chunked_cross_entropy(hidden, head, targets)
+            total, _ = chunked_cross_entropy(hidden, head, targets, head_calls=_head_calls(batch, head))
             return total, {}
         names, weights = batch["source_names"], batch["source_loss_weights"]
         terms, sums, counts = chunked_cross_entropy_by_source(
@@ -57,6 +62,14 @@ def _targets(batch: dict) -> torch.Tensor:
     if "shift_labels" in batch:
         return batch["shift_labels"]
     return shift_targets(batch["labels"], batch.get("segment_ids"))
+
+
+def _head_calls(batch: dict, head):
+    """Sequence parallel: the LM head called equally often on every rank (its ZeRO-3 gathers must pair up,
+    while each slice holds its own number of targets): as often as the run's longest slice needs."""
+    if "slice_positions" not in batch:
+        return None
+    return -(-int(batch["slice_positions"]) // tokens_per_chunk(head))
 
 
 def _weighted(batch: dict) -> bool:
