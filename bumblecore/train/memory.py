@@ -33,7 +33,7 @@ gradients summed so far, so the plan counts both.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 from bumblecore.train.losses import LOGITS_BUDGET_BYTES  # the chunked cross-entropy's logits per chunk
@@ -130,6 +130,15 @@ class Workload:
             return 0
         chunk = min(self.tokens, max(64, LOGITS_BUDGET_BYTES // (4 * self.vocab_size)))
         return chunk * self.vocab_size * (4 if compute == "fp32" else 6)
+
+
+def sequence_parallel_share(work: Workload, size: int) -> Workload:
+    """One rank's workload under Ulysses sequence parallelism over `size` ranks (train/sequence_parallel.py):
+    its slice, ceil(sequence / size) tokens of each row, for everything but the attention core, which sees
+    the whole sequence for heads / size: as many elements as all heads over the slice. The exchanged q, k,
+    v and output replace the slice's own in what autograd keeps, so the per-token closed form holds
+    (measured with saved-tensor hooks, tests/train/sequence_parallel_ranks.py)."""
+    return replace(work, sequence_length=-(-work.sequence_length // size))
 
 
 @dataclass

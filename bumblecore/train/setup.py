@@ -181,7 +181,13 @@ def memory_plan(
     """The per-rank memory plan, the recipe's extra models and rows per unit in it. `sequence_length`: the rows' length where the data is known (default
     cutoff_len, the bound); `runtime`: the process's own RSS as measured before the model was built;
     `prompt_release`: freed blocks go back to the OS at once (RuntimeArgs.release_freed_memory)."""
-    from bumblecore.train.memory import Workload, available_memory, plan_memory, runtime_rss
+    from bumblecore.train.memory import (
+        Workload,
+        available_memory,
+        plan_memory,
+        runtime_rss,
+        sequence_parallel_share,
+    )
 
     total, trainable = count_parameters(run)
     frozen_copy = recipe.frozen_copy(run, total, trainable)
@@ -197,6 +203,8 @@ def memory_plan(
         lora_dropout=run.model.finetuning_type == "lora" and bool(run.lora.lora_dropout),
         accumulates=optimization.gradient_accumulation_steps > 1,
     )
+    if run.runtime.sequence_parallel_size > 1:  # each rank holds a slice of every row
+        workload = sequence_parallel_share(workload, run.runtime.sequence_parallel_size)
     if recipe.scalar_head:  # a reward model: one score per token, no LM head and no logits
         head = 0 if raw.get("tie_word_embeddings", True) else workload.vocab_size * workload.hidden_size
         total, trainable = total - head, trainable - (head if trainable == total else 0)

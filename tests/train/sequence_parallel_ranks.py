@@ -126,6 +126,39 @@ def sequence_parallel(fabric, model, batches, stage: int, rank: int) -> tuple[fl
     return record["loss"], grads
 
 
+def saved_bytes(model, batch: dict) -> int:
+    """Bytes of the tensors autograd keeps for backward in one forward, weights excluded, each storage once."""
+    storages = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = max(storages.get(storage.data_ptr(), 0), storage.nbytes())
+        return tensor
+
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(batch["input_ids"], position_ids=batch["position_ids"], segment_ids=batch["segment_ids"])
+    return sum(size for pointer, size in storages.items() if pointer not in weights)
+
+
+def activations(rank: int) -> dict:
+    """What one process and one SP rank keep for backward on a packed row of 4,096 tokens, beside the
+    plan's closed form for each (train/memory.py)."""
+    from bumblecore.train.memory import Workload, sequence_parallel_share
+
+    batch = packed_row([1500, 2596], torch.Generator().manual_seed(2))
+    model = make_tiny_model(VOCAB, seed=0).train()
+    one = saved_bytes(model, batch)
+    use_sequence_parallel(model, sequence_parallel_group(SP), SP)
+    per_rank = saved_bytes(model, shard(batch, SP, rank))
+    work = Workload.from_config(json.loads(json.dumps(vars(model.config), default=str)), 1, 4096)
+    planned = {
+        "planned_one": work.activations("fp32"),
+        "planned_rank": sequence_parallel_share(work, SP).activations("fp32"),
+    }
+    return {"one": one, "rank": per_rank, **planned}
+
+
 def main() -> None:
     launch = detect_launch(2, 1, "cpu")
     raw = json.loads((ZERO / "ds_z2_config.json").read_text())
@@ -159,9 +192,11 @@ def main() -> None:
         result["params"] = len(expected)
         if fabric.is_global_zero:
             print("RESULT " + json.dumps(result), flush=True)
-    if (
-        len(sys.argv) > 1
-    ):  # then `bumblecore train` itself in these processes: a run, and one resumed from its checkpoint
+    measured = activations(rank)
+    if fabric.is_global_zero:
+        print("ACTIVATIONS " + json.dumps(measured), flush=True)
+    # Then `bumblecore train` itself in these processes: a run, and one resumed from its checkpoint.
+    if len(sys.argv) > 1:
         from bumblecore.cli import main as cli
 
         config, root = sys.argv[1], Path(sys.argv[2])

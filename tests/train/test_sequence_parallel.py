@@ -34,6 +34,7 @@ def metrics(output: Path) -> list[dict]:
 @pytest.mark.slow
 def test_two_ranks_equal_one_process_and_resume_exactly(tmp_path):
     """One launch of 2 ranks: the gradient cases (ZeRO-2/3 x full/LoRA x packed/padded x pretraining/SFT),
+    the activations each rank keeps (saved-tensor hooks) against one process and the memory plan,
     then `bumblecore train` with sequence_parallel_size 2 under ZeRO-3 on real data (4 steps, packed rows
     of 1,024 tokens) and a run resumed from its step-2 checkpoint; one process trains the same run here."""
     init_tiny_model_dir(tmp_path / "init")
@@ -75,6 +76,13 @@ def test_two_ranks_equal_one_process_and_resume_exactly(tmp_path):
     for case in cases:
         assert abs(case["loss"] - case["expected_loss"]) <= 1e-5 * case["expected_loss"], case
         assert case["worst_grad"] < 1e-5 and case["smallest"] > 1e-3, case  # every gradient nonzero and equal
+
+    # What autograd keeps per rank: about half of one process (the issue's goal: at most 0.6), as planned.
+    (line,) = [line for line in result.stdout.splitlines() if line.startswith("ACTIVATIONS ")]
+    kept = json.loads(line[len("ACTIVATIONS ") :])
+    assert kept["rank"] <= 0.6 * kept["one"]
+    assert kept["planned_rank"] == pytest.approx(kept["rank"], rel=0.15)
+    assert kept["planned_one"] == pytest.approx(kept["one"], rel=0.15)
 
     plain = tmp_path / "one.yaml"
     plain.write_text(yaml.safe_dump(run))
