@@ -12,7 +12,7 @@ from bumblecore.args import TrainArgs
 from bumblecore.recipes import recipe_for
 from bumblecore.train.launch import agreed_on_rank_zero, check_inputs, config_notes, launch, processes_per_node
 from bumblecore.train.outputs import Exporter, open_monitor, prepare_output_dir, report_peak_memory, write_run_record
-from bumblecore.train.sequence_parallel import check_sequence_parallel
+from bumblecore.train.sequence_parallel import check_sequence_parallel, data_parallel_line
 from bumblecore.train.setup import (
     build_model,
     build_optimizer,
@@ -147,7 +147,7 @@ def banner(fabric, run: TrainArgs, launcher, data_lines, loader, steps, paramete
         f"  processes: {fabric.world_size} ({per_node} per node x {fabric.world_size // per_node} node(s), "
         f"started by {launcher or ('bumblecore' if fabric.world_size > 1 else 'this command')}), {fabric.device.type}, "
         f"{torch.get_num_threads()} intra-op thread(s) each",
-        f"  batch: {optimization.train_micro_batch_size_per_gpu} micro x {fabric.world_size} device(s) x {optimization.gradient_accumulation_steps} "
+        f"  batch: {optimization.train_micro_batch_size_per_gpu} micro x {data_parallel_line(fabric.world_size, run.runtime.sequence_parallel_size)} x {optimization.gradient_accumulation_steps} "
         f"accumulation = {loader.global_size} per step; {loader.steps_per_epoch} steps/epoch, {total_steps} steps, {warmup_steps} warmup",
         f"  parameters: {total:,} ({trainable:,} trainable, {trainable / max(1, total):.2%})",
         f"  features: precision {optimization.train_model_precision}, scheduler {optimization.lr_scheduler_type}, lr {optimization.learning_rate}, "

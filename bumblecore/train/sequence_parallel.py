@@ -86,6 +86,13 @@ def data_parallel(world_size: int, global_rank: int, size: int) -> tuple[int, in
     return world_size // size, global_rank // size
 
 
+def data_parallel_line(world_size: int, size: int) -> str:
+    """The banner's batch factor: devices, or data-parallel groups of `size` ranks sharing each sample."""
+    if size == 1:
+        return f"{world_size} device(s)"
+    return f"{world_size // size} data-parallel group(s) of {size} sequence-parallel ranks"
+
+
 def padded_length(length: int, size: int) -> int:
     return -(-length // size) * size
 
