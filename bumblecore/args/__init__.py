@@ -139,6 +139,9 @@ class OptimizationArgs:
     """Gradient clipping norm (0 disables)."""
     enable_gradient_checkpointing: bool = False
     """Recompute activations in backward (less memory, ~30% more compute)."""
+    enable_liger_kernel: bool = False
+    """liger-kernel's Triton kernels (RMSNorm, SwiGLU, RoPE, fused linear cross-entropy) for a Bumblebee
+    model on CUDA; needs `pip install 'bumblecore[gpu]'`."""
     train_micro_batch_size_per_gpu: int = 4
     """Samples (or packed rows) per forward on each device."""
     gradient_accumulation_steps: int = 8

@@ -277,19 +277,24 @@ class Attention(nn.Module):
                 return qk[:, :, :heads], qk[:, :, heads:], v
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+        return (*self.rope(q, k, cos, sin), v)
+
+    def rope(self, q, k, cos, sin):
+        """RoPE on queries and keys (model/liger.py swaps in liger's kernel)."""
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
     def attend(self, q, k, v, mask: AttentionMask) -> torch.Tensor:
         """q: (b, q_len, heads, d), k/v: (b, k_len, kv_heads, d) -> (b, q_len, heads * d)."""
         b, s = q.shape[:2]
         heads, kv_heads = self.num_heads, self.num_kv_heads
         every_key = not mask.causal and mask.dense is None
+        flash = self.attn_implementation == "flash_attn" and q.is_cuda and flash_available()  # else SDPA
         if every_key and s == 1 and heads != kv_heads and self.attn_implementation != "eager":
             # One query per row that sees every key (a decode step): the query heads sharing a kv head
             # are, to the kernel, that head's queries: a plain (non-GQA) call, ~2x faster on CPU.
             q = q.reshape(b, kv_heads, heads // kv_heads, self.head_dim)
             out = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), scale=self.scale)
-        elif self.attn_implementation == "flash_attn" and mask.dense is None and mask.causal and q.is_cuda:
+        elif flash and mask.dense is None and mask.causal:
             out = flash_attention(q, k, v, mask, self.scale)
         elif mask.cu_seqlens is not None:
             out = per_document_attention(q, k, v, mask, self.scale)
@@ -455,9 +460,9 @@ class Bumblebee(nn.Module):
                 return AttentionMask(window=window)
             steps = torch.arange(seq, device=device)
             return AttentionMask(dense=window_band(steps, steps, window)[None, None], window=window)
-        # Packed documents without padding go to a varlen kernel: FlashAttention's on CUDA, SDPA per
-        # document on CPU (measured there; on CUDA without flash-attn the dense mask is kept).
-        per_document = self.config.attn_implementation != "eager" and device.type == "cpu"
+        # Packed documents without padding go to a varlen kernel: FlashAttention's when installed (CUDA),
+        # else SDPA per document (each document's causal triangle, not every query against the row).
+        per_document = self.config.attn_implementation != "eager"
         if attention_mask is None and (flash or per_document):
             mask = packed_document_boundaries(segment_ids)
             mask.window = window

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from bumblecore.args import TrainArgs
 from bumblecore.train.trackers import check_installed
 
@@ -60,12 +62,31 @@ def check_inputs(run: TrainArgs) -> None:
     if not run.data.dataset_path:
         raise ValueError("dataset_path is required")
     check_installed(run.output.report_to)  # a tracker's missing package, named with its extra
+    if run.optimization.enable_liger_kernel:
+        check_liger(run)
     if run.optimization.lr_scheduler_type == "reduce_on_plateau" and not run.data.eval_dataset_path:
         # It steps on the eval loss only: without an eval set the lr would silently stay constant.
         raise ValueError(
             "lr_scheduler_type reduce_on_plateau lowers the lr when the eval loss stops improving, "
             "so it needs eval_dataset_path; give one, or choose another schedule (e.g. cosine)"
         )
+
+
+def check_liger(run: TrainArgs) -> None:
+    """enable_liger_kernel's refusals: liger's kernels are Triton (CUDA) and swap Bumblebee's modules."""
+    from bumblecore.model.hf_config import bumblebee_expresses
+    from bumblecore.model.liger import liger_refusal
+
+    if not bumblebee_expresses(run.model.model_name_or_path):
+        raise ValueError(
+            f"enable_liger_kernel: model_name_or_path {run.model.model_name_or_path} trains through transformers, "
+            "and liger's kernels are wired into Bumblebee models only (ours, Qwen2, Qwen3, Llama, Mistral); "
+            "set enable_liger_kernel: false"
+        )
+    cuda = run.runtime.accelerator in ("auto", "cuda") and torch.cuda.is_available()
+    refusal = liger_refusal("cuda" if cuda else "cpu")
+    if refusal:
+        raise ValueError(f"enable_liger_kernel: {refusal}; or set enable_liger_kernel: false")
 
 
 def load_zero_stage(path) -> int:

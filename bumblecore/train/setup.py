@@ -79,6 +79,10 @@ def load_model(
             grow_vocab(model, vocab_size)
         if run.optimization.enable_gradient_checkpointing:
             model.set_gradient_checkpointing(True)
+        if run.optimization.enable_liger_kernel:  # refused before the run where liger cannot run (launch.py)
+            from bumblecore.model.liger import use_liger_kernels
+
+            fabric.print(f"liger kernels: {', '.join(use_liger_kernels(model))}")
         return model
     model = load_transformers_model(
         run.model.model_name_or_path,
