@@ -15,8 +15,8 @@ flash-attn. This writes into .whl/ (git-ignored; the device tool's `carry`):
     python bench/gpu_wheels.py --check    # then install it into a throwaway Python 3.12 venv whose
                                           # torch/transformers/... are stand-ins at the machine's versions
 
-Then, as one device call (docs/BENCHMARKS.md, "GPU checks"): carry [".whl"] and run
-    pip install -q --no-index --find-links .whl bumblecore liger-kernel && python bench/gpu.py --json $OUT/gpu.json
+Then, as one device call (docs/BENCHMARKS.md, "GPU checks"): carry [".whl"] and run DEVICE_COMMAND,
+    PIP_BREAK_SYSTEM_PACKAGES=1 python -m pip install -q --no-index --find-links .whl bumblecore liger-kernel && PYTHONPATH=$PWD python bench/gpu.py --json $OUT/gpu.json
 """
 
 from __future__ import annotations
@@ -43,6 +43,10 @@ PRESENT = {"torch": "2.11.0", "transformers": "5.17.0", "lightning": None, "peft
            "tensorboard": None}  # fmt: skip
 # Installed beside torch's CUDA wheels there, never carried: they are GBs.
 NEVER = ("torch", "triton", "nvidia-")
+DEVICE_COMMAND = (
+    "PIP_BREAK_SYSTEM_PACKAGES=1 python -m pip install -q --no-index --find-links .whl bumblecore liger-kernel"
+    " && PYTHONPATH=$PWD python bench/gpu.py --json $OUT/gpu.json"  # the tree's code; the wheels bring what it needs
+)
 EXTRA = ["liger-kernel==0.8.5"]  # the gpu extra's wheel that fits (flash-attn-4 does not, see above)
 TARGET = {"python_version": "3.12", "python_full_version": "3.12.3", "sys_platform": "linux",
           "platform_system": "Linux", "platform_machine": "x86_64", "os_name": "posix",
@@ -206,6 +210,7 @@ def main() -> None:
     status = report()
     if args.check:
         check(args.python)
+    print(f"the device call: carry ['.whl'], run: {DEVICE_COMMAND}")
     sys.exit(status)
 
 
