@@ -33,10 +33,12 @@ def xgrammar():
     return xgrammar
 
 
-def check_schema(schema: str, strict: bool) -> None:
-    """Raise ValueError when xgrammar cannot turn the schema into a grammar (before any model work)."""
+def check_schema(schema: str, strict: bool, separators: tuple[str, str] = COMPACT):
+    """The schema's xgrammar Grammar; ValueError when xgrammar cannot make one (before any model work)."""
     try:
-        xgrammar().Grammar.from_json_schema(schema, any_whitespace=False, separators=COMPACT, strict_mode=strict)
+        return xgrammar().Grammar.from_json_schema(
+            schema, any_whitespace=False, separators=separators, strict_mode=strict
+        )
     except ImportError:
         raise
     except Exception as err:

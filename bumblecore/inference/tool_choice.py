@@ -105,21 +105,15 @@ def call_schema(tool: dict) -> dict:
 
 def structural_tag(tools: list[tuple[int, dict]], markup: ToolCallMarkup, one_call: bool) -> str:
     """The xgrammar structural tag (JSON text) of a reply that is one or more calls of `tools` ((index
-    in the request, definition) pairs), each
-    in the template's markup, the calls separated as the template separates them; raises
-    ToolChoiceError naming a tool whose parameters xgrammar cannot follow."""
+    in the request, definition) pairs), each in the template's markup, the calls separated as the
+    template separates them; raises ToolChoiceError naming a tool whose parameters xgrammar cannot follow."""
     grammars = []
     for index, tool in tools:
-        schema = json.dumps(call_schema(tool))
         try:
-            check_schema(schema, strict=True)
+            grammars.append(check_schema(json.dumps(call_schema(tool)), strict=True, separators=markup.separators))
         except ValueError as err:
             param = f"tools[{index}].function.parameters"
             raise ToolChoiceError(f"{param}: not a schema this server can follow: {err}", param) from None
-        grammar = xgrammar().Grammar.from_json_schema(
-            schema, any_whitespace=False, separators=markup.separators, strict_mode=True
-        )
-        grammars.append(grammar)
     calls = grammars[0] if len(grammars) == 1 else xgrammar().Grammar.union(*grammars)
     tag = {
         "type": "tag",
