@@ -122,7 +122,7 @@ def check_forced_replies(engine, tok, seeds: tuple) -> list[str]:
 def test_forced_calls_follow_the_template_and_the_parameters(tmp_path, tiny_checkpoint):
     model, tok, eos = load_for_inference(str(tiny_checkpoint(tmp_path / "m")), device_map="cpu")
     engine = GenerationEngine(model, tok, max_batch_size=8, max_len=1024, eos_token_ids=eos)
-    print("ChatML replies:", check_forced_replies(engine, tok, (1, 2)))
+    print("ChatML replies:", check_forced_replies(engine, tok, (2,)))
     tok.chat_template = OTHER_MARKERS  # the same engine, another template: its markers, its compact JSON
     print("[CALL] replies:", check_forced_replies(engine, tok, (3,)))
 
