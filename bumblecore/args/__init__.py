@@ -236,23 +236,22 @@ class OutputArgs:
     """Also write the log to output_dir/logs/train.log (it starts with the resolved configuration)."""
     report_to: Optional[Union[list[str], str]] = field(default_factory=lambda: ["tensorboard"])
     """Trackers of the resolved configuration and every logged metric: tensorboard (output_dir/runs), wandb, mlflow,
-    csv (output_dir/csv): a list, names joined by commas, or none. wandb, mlflow: pip install 'bumblecore[wandb]'."""
+    swanlab, csv (output_dir/csv): a list, names joined by commas, or none. wandb, mlflow, swanlab: pip install
+    'bumblecore[wandb]' (and so on)."""
     use_tensorboard: Optional[bool] = None
     """The original's switch: true adds tensorboard to report_to, false removes it; unset leaves report_to as is."""
     run_name: Optional[str] = None
     """The run's name in the trackers (W&B run, MLflow run); default: output_dir's folder name."""
     tracker_project: str = "bumblecore"
-    """The W&B project / MLflow experiment the run is logged under."""
+    """The W&B project / MLflow experiment / SwanLab project the run is logged under."""
 
     def __post_init__(self) -> None:  # report_to resolved: training_args.yaml shows the run's trackers
         entries = [self.report_to] if isinstance(self.report_to, str) else self.report_to or []  # `wandb,mlflow` too
         names = [
             n for n in dict.fromkeys(n.strip().lower() for e in entries for n in e.split(",")) if n != "none" and n
         ]
-        if "swanlab" in names:  # swanlab 0.10 pins protobuf < 7 (ours is 7): untested here, so not offered
-            raise ValueError("report_to swanlab is not supported yet; use tensorboard, wandb, mlflow or csv")
-        for name in names:
-            one_of("report_to", name, ("tensorboard", "wandb", "mlflow", "csv"))  # train/trackers.py opens them
+        for name in names:  # train/trackers.py opens them
+            one_of("report_to", name, ("tensorboard", "wandb", "mlflow", "swanlab", "csv"))
         if self.use_tensorboard is not None:  # the original's switch
             names = (["tensorboard"] if self.use_tensorboard else []) + [n for n in names if n != "tensorboard"]
         self.report_to = names

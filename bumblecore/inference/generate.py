@@ -58,7 +58,7 @@ class _Request:
     """Prompt tokens whose keys and values came from the prefix cache (not prefilled)."""
     prompt_logprobs: Optional[list[TokenLogprob]] = None
     matcher: Optional[object] = None
-    """Its response_format's grammar state (inference/constrained.py)."""
+    """Its response_format's or forced tool call's grammar state (inference/constrained.py)."""
 
 
 class GenerationEngine:
@@ -130,7 +130,7 @@ class GenerationEngine:
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
-        matcher = self.grammars.matcher(*params.response_format) if params.response_format else None
+        matcher = self.grammars.for_request(params)
         self._ids += 1
         self.slots[slot] = _Request(
             self._ids, list(prompt_ids), params, TextStream(self.tokenizer, params.stop, live_text), generator,
@@ -355,7 +355,11 @@ class GenerationEngine:
             hidden = self.model(tokens, kv_cache=self.cache, cache_rows=rows, return_hidden_states=True)[:, -1]
             params = [self.slots[s].params for s in slots]
             if not any(
-                p.do_sample or p.repetition_penalty != 1.0 or p.logprobs is not None or p.response_format
+                p.do_sample
+                or p.repetition_penalty != 1.0
+                or p.logprobs is not None
+                or p.response_format
+                or p.tool_calls
                 for p in params
             ):
                 # Greedy rows only need the argmax: found without the full fp32 logits where the model can.
