@@ -39,6 +39,26 @@ def test_tiled_mlp_equals_untiled_loss_and_every_gradient(tiles, checkpointing):
         torch.testing.assert_close(model(ids), make_untiled(model)(ids))
 
 
+def test_tiled_mlp_under_lora_equals_untiled():
+    """peft's LoRA layers inside the tiled MLP: the same loss and adapter gradients."""
+    from bumblecore.model.lora import apply_lora
+
+    model = make_tiny_model(vocab_size=128).train()
+    model = apply_lora(model, rank=4, alpha=8, dropout=0.0)
+    with torch.no_grad():  # B starts at zero: make the adapters count
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    ids = torch.randint(0, 128, (2, 29), generator=torch.Generator().manual_seed(1))
+    expected_loss, expected = loss_and_grads(model, ids)
+    enable_long_context(model.get_base_model(), 4)
+    loss, grads = loss_and_grads(model, ids)
+    torch.testing.assert_close(loss, expected_loss)
+    assert grads.keys() == expected.keys() and any("lora_A" in name for name in grads)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected[name], msg=name)
+
+
 def make_untiled(model):
     enable_long_context(model, 0)
     return model
