@@ -65,6 +65,10 @@ class ModelArgs:
     resize_vocab: bool = False
     """Grow the embedding (and an untied head) for added tokens, new rows = the mean of the old ones; also adds the
     chosen built-in template's markers the tokenizer lacks. Under LoRA the new rows train too."""
+    rope_scaling: Optional[Union[str, dict]] = None
+    """Extend the context (continued pretraining at a longer cutoff_len): {rope_type: linear, dynamic, yarn or
+    llama3, factor: F, ...}, or a bare type (factor = ceil(cutoff_len / max_position_embeddings)); positions
+    grow to max_position_embeddings x F, saved in config.json's rope_parameters. Full fine-tuning, Bumblebee families."""
 
     def __post_init__(self) -> None:
         one_of("training_stage", self.training_stage, STAGES)
@@ -142,6 +146,10 @@ class OptimizationArgs:
     enable_liger_kernel: bool = False
     """liger-kernel's Triton kernels (RMSNorm, SwiGLU, RoPE, fused linear cross-entropy) for a Bumblebee
     model on CUDA; needs `pip install 'bumblecore[gpu]'`."""
+    activation_offload: bool = False
+    """With gradient checkpointing on CUDA: the checkpointed layers' inputs wait in host memory until backward."""
+    tiled_mlp: int = 0
+    """Long samples: the MLP over the tokens in this many chunks, one chunk's intermediates alive at a time (0: off)."""
     train_micro_batch_size_per_gpu: int = 4
     """Samples (or packed rows) per forward on each device."""
     gradient_accumulation_steps: int = 8
