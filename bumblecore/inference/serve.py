@@ -52,7 +52,7 @@ class BumbleServer(InProcessLitServer):
 
         on_gpu = settings.device_map.startswith("cuda") or (settings.device_map == "auto" and torch.cuda.is_available())
         api = EngineAPI(settings, CompletionsSpec(settings))
-        super().__init__(api, accelerator="cuda" if on_gpu else "cpu", devices=1, timeout=False, fast_queue=True)
+        super().__init__(api, accelerator="cuda" if on_gpu else "cpu", devices=1, timeout=False)
         self.settings = settings
         app = self.app
         self.replace_get_route("/", self.page)
