@@ -63,9 +63,12 @@ class ReplyBuffer:
         self.item = ResponseBufferItem(event=asyncio.Event(), response_queue=deque())
         spec.response_buffer[uid] = self.item
 
-    async def wait(self, timeout: float) -> None:
-        """Until a message arrives or `timeout` seconds pass."""
+    async def wait(self, timeout: Optional[float]) -> None:
+        """Until a message arrives or `timeout` seconds pass (None: until a message arrives)."""
         if self.item.event.is_set():
+            return
+        if timeout is None:
+            await self.item.event.wait()
             return
         try:
             if _timeout is None:  # Python 3.10
@@ -256,7 +259,14 @@ class InProcessLitServer(ls.LitServer):
 
     def _init_manager(self, num_api_servers: int):
         # LitServe's hook that makes its queues and its reply transport, before it starts the worker.
+        # Its request queues are queues of its manager process: a put blocks the HTTP event loop for a
+        # round trip to that process (long when the machine is busy). A multiprocessing queue's put
+        # returns at once (a thread of this process writes it to a pipe) and the worker reads it directly.
         manager = super()._init_manager(num_api_servers)
+        for path in self.litapi_request_queues:
+            requests = multiprocessing.get_context("spawn").Queue()
+            requests.cancel_join_thread()  # at exit, do not wait for a worker that is gone to read it
+            self.litapi_request_queues[path] = requests
         self._transport = PipeTransport()
         return manager
 

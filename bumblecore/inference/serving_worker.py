@@ -181,7 +181,8 @@ class EngineAPI(ls.LitAPI):
         """LitServe's hook for /health (in the HTTP process): 503 while the engine cannot serve."""
         return bool(self.engine_serving.value)
 
-    def authorize(self, request: Request) -> None:
+    async def authorize(self, request: Request) -> None:
+        # async: FastAPI runs a plain function dependency in its thread pool, a thread hop per request
         if request.url.path not in PUBLIC_PATHS:
             check_key(self.settings.api_key, request.headers.get("authorization", ""))
 

@@ -177,6 +177,12 @@ def test_the_server_methods_the_adapter_overrides():
     for method in (server_class.launch_inference_worker, server_class.lifespan):
         if "self._transport" not in source(method):
             moved("LitServer._transport", f"{method.__name__} no longer hands it over")
+    if "self._get_request_queue(" not in source(server_class.launch_inference_worker):
+        moved("LitServer.litapi_request_queues", "launch_inference_worker no longer hands the worker its queue")
+    if "server._get_request_queue(" not in source(ls.specs.base.LitSpec.setup):
+        moved("LitServer.litapi_request_queues", "LitSpec.setup no longer takes its queue from there")
+    if "self.litapi_request_queues[" not in init_manager:
+        moved("LitServer.litapi_request_queues", "_init_manager no longer fills it")
     if "self.inference_workers" not in run:
         moved("LitServer.inference_workers", "run() no longer sets it")
     if "self.monitor_internal" not in source(server_class._start_worker_monitoring):
