@@ -12,7 +12,8 @@ Efficiency: a tiny model (hidden 64, 2 layers), so the per-token cost of serving
 behind the model's: the same prompts go through GenerationEngine.generate in this process (the
 baseline) and through the API as concurrent streaming and non-streaming clients. Each repeat runs
 all three back to back and takes their ratios; the medians are reported (other load on the machine
-moves all three of one repeat alike). Goal: >= 0.5 for both.
+moves all three of one repeat alike). Goal: >= 0.5 for both. The server runs with its defaults
+(`--stream_interval 0.02`); `efficiency(..., options=("--stream_interval", "0"))` tries others.
 """
 
 from __future__ import annotations

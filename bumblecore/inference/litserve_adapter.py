@@ -79,6 +79,17 @@ class ReplyBuffer:
         except asyncio.TimeoutError:
             pass
 
+    async def pause(self, seconds: float) -> None:
+        """Sleep `seconds`, or less: StepFanOut ends the pause when the request's last message arrives."""
+        loop = asyncio.get_running_loop()
+        self.item.ending = ending = loop.create_future()  # an attribute of ours on LitServe's buffer item
+        timer = loop.call_later(seconds, _resolve, ending)
+        try:
+            await ending
+        finally:
+            timer.cancel()
+            self.item.ending = None
+
     def next(self) -> Optional[tuple[Any, str]]:
         return self.item.response_queue.popleft() if self.item.response_queue else None
 
@@ -115,6 +126,14 @@ class _FanOutQueue:
             if item is not None:  # else its client is gone (its buffer closed): dropped, as LitServe does
                 item.response_queue.append((data, status))
                 item.event.set()
+                ending = getattr(item, "ending", None)
+                if ending is not None and status != LitAPIStatus.OK:  # its end: a paused reply goes out now
+                    _resolve(ending)
+
+
+def _resolve(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 class _NoEvent:

@@ -253,8 +253,8 @@ class ChatCompletionsSpec(LitSpec):
     async def piece_batches(self, submission: Submission, request: Optional[Request] = None):
         """The worker's messages for one request, as lists of those that arrived together (a stream
         sends each list as one chunk). A list follows the one before it after at least
-        `stream_interval` seconds: the tokens of decode steps faster than that go out together, one
-        write and one wake-up instead of one per step. With `request` (non-streaming replies), a
+        `stream_interval` seconds (the last at once): the tokens of decode steps faster than that go
+        out together, one write and one wake-up instead of one per step. With `request` (non-streaming replies), a
         client that hangs up is noticed within a second; a stream notices through Starlette, which
         cancels it."""
         replies, last_check = submission.replies, time.monotonic()
@@ -266,8 +266,8 @@ class ChatCompletionsSpec(LitSpec):
                 if await request.is_disconnected():
                     return
             pause = last_batch + interval - time.monotonic()
-            if pause > 0:
-                await asyncio.sleep(pause)
+            if pause > 0:  # cut short by the reply's end: its last tokens never wait
+                await replies.pause(pause)
             batch = []
             while (message := replies.next()) is not None:
                 data, status = message

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 from litserve.utils import LitAPIStatus
 
-from bumblecore.inference.litserve_adapter import ReplyBuffer
+from bumblecore.inference.litserve_adapter import STEP_UID, ReplyBuffer, StepFanOut
 from bumblecore.inference.openai_reply import chat_chunk
 from bumblecore.inference.openai_request import parse_chat_request
 from bumblecore.inference.serving_http import ChatCompletionsSpec, ContentFrame, Submission, sse
@@ -41,16 +41,15 @@ def run_stream(arrivals: list[list], include_usage=True, tools=None, gap=0.02, i
     chat = parse_chat_request(request)
 
     async def go():
+        StepFanOut.install(server)
         replies = ReplyBuffer(server, "uid")
         submission = Submission("uid", replies, prompt_tokens=5)
         stream = server.stream_chunks(chat, [submission])
 
-        async def feed():
+        async def feed():  # as the worker's step messages reach the buffers: through StepFanOut
             for group in arrivals:
                 await asyncio.sleep(gap)  # the stream takes each group on its own
-                for message in group:
-                    replies.item.response_queue.append(message)
-                replies.item.event.set()
+                server.response_buffer[STEP_UID].response_queue.append(([("uid", *m) for m in group], None))
 
         feeding = asyncio.ensure_future(feed())
         writes = []
@@ -87,7 +86,11 @@ def test_decode_steps_faster_than_the_stream_interval_go_out_together():
 
     assert text(together) == text(apart) == "abcdefghijklmnop"
     assert len(together) < 8  # the role chunk, then ~80 ms of tokens, at most one chunk per 60 ms
-    assert all(later - earlier >= 0.06 - 1e-3 for earlier, later in zip(times[1:], times[2:]))
+    assert all(later - earlier >= 0.06 - 1e-3 for earlier, later in zip(times[1:], times[2:-1]))
+    # The reply's end does not wait for the interval: its last chunk goes out as it arrives.
+    times, ended = [], pieces[:3] + [[piece("d", "length", tokens=4), ("", LitAPIStatus.FINISH_STREAMING)]]
+    assert text(run_stream(ended, gap=0.005, interval=5.0, times=times)) == "abcd"
+    assert times[-1] - times[1] < 1.0
 
 
 def test_the_end_of_a_reply_keeps_finish_usage_done():
