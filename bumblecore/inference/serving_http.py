@@ -7,6 +7,7 @@ out as one JSON reply or as server-sent events. Errors answer in OpenAI's shape.
 import asyncio
 import json
 import logging
+import math
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -259,15 +260,22 @@ class ChatCompletionsSpec(LitSpec):
 
     async def piece_batches(self, submission: Submission, request: Optional[Request] = None):
         """The worker's messages for one request, as lists of those that arrived together (a stream
-        sends each list as one chunk). With `request` (non-streaming replies), a client that hangs
-        up is noticed within a second; a stream notices through Starlette, which cancels it."""
+        sends each list as one chunk). A list follows the one before it after at least
+        `stream_interval` seconds (the last at once): the tokens of decode steps faster than that go
+        out together, one write and one wake-up instead of one per step. With `request` (non-streaming replies), a
+        client that hangs up is noticed within a second; a stream notices through Starlette, which
+        cancels it."""
         replies, last_check = submission.replies, time.monotonic()
+        interval, last_batch = self.settings.stream_interval, -math.inf
         while True:
-            await replies.wait(timeout=1.0)
+            await replies.wait(timeout=None if request is None else 1.0)
             if request is not None and time.monotonic() - last_check >= 1.0:
                 last_check = time.monotonic()
                 if await request.is_disconnected():
                     return
+            pause = last_batch + interval - time.monotonic()
+            if pause > 0:  # cut short by the reply's end: its last tokens never wait
+                await replies.pause(pause)
             batch = []
             while (message := replies.next()) is not None:
                 data, status = message
@@ -286,6 +294,7 @@ class ChatCompletionsSpec(LitSpec):
                 batch.append(data)
             replies.clear()
             if batch:
+                last_batch = time.monotonic()
                 yield batch
 
     async def stream_chunks(self, chat: ChatRequest, submissions: list[Submission]):

@@ -2,6 +2,7 @@
 (and the engine's, for sampled and multi-turn requests), OpenAI-style errors for bad requests and keys,
 concurrent and disconnecting clients, a 64-stream load, and the chat page in a headless Chromium."""
 
+import asyncio
 import concurrent.futures
 import json
 import shutil
@@ -335,11 +336,11 @@ def test_without_a_key_any_key_is_accepted():
     open_api = EngineAPI.__new__(EngineAPI)
     open_api.settings = ServeSettings("unused")
     for headers in ({}, {"authorization": "Bearer dummy"}, {"authorization": "whatever"}):
-        open_api.authorize(FakeRequest("/v1/chat/completions", headers))
+        asyncio.run(open_api.authorize(FakeRequest("/v1/chat/completions", headers)))
     keyed = EngineAPI.__new__(EngineAPI)
     keyed.settings = ServeSettings("unused", api_key="k")
-    keyed.authorize(FakeRequest("/v1/models", {"authorization": "Bearer k"}))
-    keyed.authorize(FakeRequest("/health", {}))
+    asyncio.run(keyed.authorize(FakeRequest("/v1/models", {"authorization": "Bearer k"})))
+    asyncio.run(keyed.authorize(FakeRequest("/health", {})))
 
 
 MESSAGES = user("hi")
