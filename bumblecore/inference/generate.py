@@ -25,6 +25,7 @@ from bumblecore.inference.loading import default_eos_ids  # here too: its older 
 from bumblecore.inference.logprobs import TokenLogprob, prompt_logprobs, token_logprobs
 from bumblecore.inference.prefix_cache import DEFAULT_BLOCK_SIZE, PrefixCache
 from bumblecore.inference.sampling import SamplingParams, apply_repetition_penalty, greedy_tokens, warp_logits
+from bumblecore.inference.static_decode import static_decode_step
 from bumblecore.inference.text_stream import TextStream
 
 
@@ -71,10 +72,13 @@ class GenerationEngine:
         eos_token_ids: Optional[list[int]] = None,
         prefix_cache_mb: float = 0,
         prefix_block_size: int = DEFAULT_BLOCK_SIZE,
+        static_cache: bool = False,
+        compile_step: bool = True,
     ):
         """prefix_cache_mb: MiB of KV blocks that finished requests leave for later requests starting
         with the same tokens (inference/prefix_cache.py); 0 (the default) keeps none. Only for models
-        with a slot cache (Bumblebee); a model that recomputes its sequences ignores it."""
+        with a slot cache (Bumblebee); a model that recomputes its sequences ignores it.
+        static_cache: decode all slots in one fixed-shape step, compiled if compile_step (static_decode.py)."""
         # A Bumblebee (or a peft model over one) decodes over a KV cache with slots; a model that brings
         # its own cache (model/transformers_family.py) recomputes the whole sequence every step.
         self.recomputes = hasattr(model, "new_cache")
@@ -86,14 +90,14 @@ class GenerationEngine:
         parameter = next(self.model.parameters())
         self.device, self.dtype = parameter.device, parameter.dtype
         self.cache = self.model.new_cache(max_batch_size, self.max_len)
+        self.static = static_decode_step(self.model, self.cache, compile_step) if static_cache else None
         self.vocab = config.vocab_size
         self.eos = set(eos_token_ids if eos_token_ids is not None else default_eos_ids(None, tokenizer))
         self.slots: list[Optional[_Request]] = [None] * max_batch_size
         self.pending: list[int] = []  # slots added since the last step: prefill them next
         self.seen = torch.zeros(max_batch_size, self.vocab, dtype=torch.bool, device=self.device)
         self.next_logits = torch.zeros(max_batch_size, self.vocab, dtype=torch.float32, device=self.device)
-        # Slots whose next token the last decode already picked (greedy, DecodingBumblebee.greedy): their
-        # next_logits are stale; the token is in next_tokens until the next step chooses it.
+        # Slots whose next token the last decode picked (DecodingBumblebee.greedy): in next_tokens, next_logits stale.
         self.next_tokens = torch.zeros(max_batch_size, dtype=torch.long, device=self.device)
         self._screened: set[int] = set()
         self._ids = 0
@@ -352,7 +356,10 @@ class GenerationEngine:
         if self.recomputes:
             logits = self.model(tokens, kv_cache=self.cache, cache_rows=rows)[:, -1]
         else:
-            hidden = self.model(tokens, kv_cache=self.cache, cache_rows=rows, return_hidden_states=True)[:, -1]
+            if self.static is None or not self.static.usable():
+                hidden = self.model(tokens, kv_cache=self.cache, cache_rows=rows, return_hidden_states=True)[:, -1]
+            else:  # every slot in the fixed-shape step: these slots' rows
+                hidden = self.static.decode(tokens[:, 0], slots)[rows]
             params = [self.slots[s].params for s in slots]
             if not any(
                 p.do_sample or p.repetition_penalty != 1.0 or p.logprobs is not None or p.response_format
