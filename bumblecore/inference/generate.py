@@ -20,12 +20,11 @@ from typing import Optional
 import torch
 
 from bumblecore.inference.constrained import Grammars
-from bumblecore.inference.decode import DecodingBumblebee
+from bumblecore.inference.decode import decoding_model
 from bumblecore.inference.loading import default_eos_ids  # here too: its older import path
 from bumblecore.inference.logprobs import TokenLogprob, prompt_logprobs, token_logprobs
 from bumblecore.inference.prefix_cache import DEFAULT_BLOCK_SIZE, PrefixCache
 from bumblecore.inference.sampling import SamplingParams, apply_repetition_penalty, greedy_tokens, warp_logits
-from bumblecore.inference.static_decode import static_decode_step
 from bumblecore.inference.text_stream import TextStream
 
 
@@ -59,7 +58,7 @@ class _Request:
     """Prompt tokens whose keys and values came from the prefix cache (not prefilled)."""
     prompt_logprobs: Optional[list[TokenLogprob]] = None
     matcher: Optional[object] = None
-    """Its response_format's grammar state (inference/constrained.py)."""
+    """Its response_format's or forced tool call's grammar state (inference/constrained.py)."""
 
 
 class GenerationEngine:
@@ -73,16 +72,15 @@ class GenerationEngine:
         prefix_cache_mb: float = 0,
         prefix_block_size: int = DEFAULT_BLOCK_SIZE,
         static_cache: bool = False,
-        compile_step: bool = True,
     ):
         """prefix_cache_mb: MiB of KV blocks that finished requests leave for later requests starting
         with the same tokens (inference/prefix_cache.py); 0 (the default) keeps none. Only for models
         with a slot cache (Bumblebee); a model that recomputes its sequences ignores it.
-        static_cache: decode all slots in one fixed-shape step, compiled if compile_step (static_decode.py)."""
+        static_cache: decode all slots in one fixed-shape compiled step (inference/static_decode.py)."""
         # A Bumblebee (or a peft model over one) decodes over a KV cache with slots; a model that brings
         # its own cache (model/transformers_family.py) recomputes the whole sequence every step.
         self.recomputes = hasattr(model, "new_cache")
-        self.model = (model if self.recomputes else DecodingBumblebee(model, max_batch_size)).eval()
+        self.model = decoding_model(model, max_batch_size, static_cache).eval()
         self.tokenizer = tokenizer
         config = self.model.config
         context = getattr(config, "max_position_embeddings", 4096)  # custom code may not say
@@ -90,14 +88,14 @@ class GenerationEngine:
         parameter = next(self.model.parameters())
         self.device, self.dtype = parameter.device, parameter.dtype
         self.cache = self.model.new_cache(max_batch_size, self.max_len)
-        self.static = static_decode_step(self.model, self.cache, compile_step) if static_cache else None
         self.vocab = config.vocab_size
         self.eos = set(eos_token_ids if eos_token_ids is not None else default_eos_ids(None, tokenizer))
         self.slots: list[Optional[_Request]] = [None] * max_batch_size
         self.pending: list[int] = []  # slots added since the last step: prefill them next
         self.seen = torch.zeros(max_batch_size, self.vocab, dtype=torch.bool, device=self.device)
         self.next_logits = torch.zeros(max_batch_size, self.vocab, dtype=torch.float32, device=self.device)
-        # Slots whose next token the last decode picked (DecodingBumblebee.greedy): in next_tokens, next_logits stale.
+        # Slots whose next token the last decode already picked (greedy, DecodingBumblebee.greedy): their
+        # next_logits are stale; the token is in next_tokens until the next step chooses it.
         self.next_tokens = torch.zeros(max_batch_size, dtype=torch.long, device=self.device)
         self._screened: set[int] = set()
         self._ids = 0
@@ -134,7 +132,7 @@ class GenerationEngine:
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
-        matcher = self.grammars.matcher(*params.response_format) if params.response_format else None
+        matcher = self.grammars.for_request(params)
         self._ids += 1
         self.slots[slot] = _Request(
             self._ids, list(prompt_ids), params, TextStream(self.tokenizer, params.stop, live_text), generator,
@@ -356,13 +354,14 @@ class GenerationEngine:
         if self.recomputes:
             logits = self.model(tokens, kv_cache=self.cache, cache_rows=rows)[:, -1]
         else:
-            if self.static is None or not self.static.usable():
-                hidden = self.model(tokens, kv_cache=self.cache, cache_rows=rows, return_hidden_states=True)[:, -1]
-            else:  # every slot in the fixed-shape step: these slots' rows
-                hidden = self.static.decode(tokens[:, 0], slots)[rows]
+            hidden = self.model(tokens, kv_cache=self.cache, cache_rows=rows, return_hidden_states=True)[:, -1]
             params = [self.slots[s].params for s in slots]
             if not any(
-                p.do_sample or p.repetition_penalty != 1.0 or p.logprobs is not None or p.response_format
+                p.do_sample
+                or p.repetition_penalty != 1.0
+                or p.logprobs is not None
+                or p.response_format
+                or p.tool_calls
                 for p in params
             ):
                 # Greedy rows only need the argmax: found without the full fp32 logits where the model can.

@@ -172,18 +172,26 @@ class ChatCompletionsSpec(LitSpec):
         """The same prompt `bumblecore generate` and `chat` build."""
         from bumblecore.chat.format import ChatFormatError, chat_format
         from bumblecore.inference.commands import build_prompt_ids, continues_raw_text
+        from bumblecore.inference.tool_choice import ToolChoiceError, constrain_tool_calls
 
         stage = self.settings.training_stage
         if continues_raw_text(stage):
+            if chat.tool_choice is not None and chat.tool_choice.forces_a_call:
+                raise APIError(
+                    400, "tool_choice: a base model continues raw text, it has no tools", param="tool_choice"
+                )
             # A base model continues raw text: the messages' contents, one after another.
             text = "\n".join(m["content"] for m in chat.messages if m["content"])
             if not text:  # checked on the text: the tokenizer's BOS alone is no prompt either
                 raise APIError(400, "The prompt is empty.", param="messages", code="invalid_value")
             return build_prompt_ids(self.tokenizer, text, stage)
         try:
+            constrain_tool_calls(chat, self.tokenizer)
             return build_prompt_ids(
                 self.tokenizer, chat.messages, stage, self.settings.system_prompt, chat.tools, add_generation_prompt
             )
+        except ToolChoiceError as err:
+            raise APIError(400, str(err), param=err.param, code="invalid_value") from None
         except ChatFormatError as err:
             # The conversation, not the server: tools the template has no place for, or a role order its
             # raise_exception refuses.
@@ -396,6 +404,7 @@ def sampling_params(
         logprobs=logprobs,
         prompt_logprobs=prompt_logprobs,
         response_format=chat.response_format,
+        tool_calls=chat.tool_calls,
     )
 
 

@@ -146,14 +146,13 @@ class StaticDecodeStep:
             prepared=self.prepared,
         )[:, 0]
 
-    def decode(self, tokens: torch.Tensor, slots: list[int]) -> torch.Tensor:
-        """The hidden states of every slot after its token in `tokens` (one per slot of `slots`, in
-        order); only those slots advance."""
+    def decode(self, tokens: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """The hidden states of every row after its token: `tokens` for the cache rows `rows` (in
+        order), which alone advance; any token for the others."""
         decoding = torch.zeros(self.cache.batch_size, dtype=torch.bool, device=tokens.device)
-        index = torch.tensor(slots, device=tokens.device)
-        decoding[index] = True
+        decoding[rows] = True
         every = torch.zeros(self.cache.batch_size, dtype=tokens.dtype, device=tokens.device)
-        every[index] = tokens
+        every[rows] = tokens
         return self(every, decoding)
 
     def __call__(self, tokens: torch.Tensor, decoding: torch.Tensor) -> torch.Tensor:
@@ -177,18 +176,3 @@ RECOMPILES = 64
 def _versions(model: nn.Module) -> tuple:
     """In-place updates (an optimiser step, a load) bump a tensor's version: frozen weights are then stale."""
     return tuple(p._version for p in model.parameters())
-
-
-def static_decode_step(model, cache: KVCache, compile: bool = True) -> StaticDecodeStep:
-    """The GenerationEngine's static step for its DecodingBumblebee `model` (`static_cache: true`)."""
-    if not hasattr(model, "bumblebee"):
-        raise ValueError(
-            "static_cache: true decodes Bumblebee models (Qwen2, Llama, Qwen3, Mistral layouts); this "
-            f"model ({type(model).__name__}) runs through transformers: set static_cache: false"
-        )
-    if model.model is not model.bumblebee:
-        raise ValueError(
-            "static_cache: true needs the model's own weights: merge the LoRA adapter first (bumblecore "
-            "merge_lora) or set static_cache: false"
-        )
-    return StaticDecodeStep(model.bumblebee, cache, compile, prepared=model.prepared)
