@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from bumblecore.inference.constrained import Grammars
-from bumblecore.inference.decode import DecodingBumblebee
+from bumblecore.inference.decode import decoding_model
 from bumblecore.inference.loading import default_eos_ids  # here too: its older import path
 from bumblecore.inference.logprobs import TokenLogprob, prompt_logprobs, token_logprobs
 from bumblecore.inference.prefix_cache import DEFAULT_BLOCK_SIZE, PrefixCache
@@ -71,14 +71,16 @@ class GenerationEngine:
         eos_token_ids: Optional[list[int]] = None,
         prefix_cache_mb: float = 0,
         prefix_block_size: int = DEFAULT_BLOCK_SIZE,
+        static_cache: bool = False,
     ):
         """prefix_cache_mb: MiB of KV blocks that finished requests leave for later requests starting
         with the same tokens (inference/prefix_cache.py); 0 (the default) keeps none. Only for models
-        with a slot cache (Bumblebee); a model that recomputes its sequences ignores it."""
+        with a slot cache (Bumblebee); a model that recomputes its sequences ignores it.
+        static_cache: decode all slots in one fixed-shape compiled step (inference/static_decode.py)."""
         # A Bumblebee (or a peft model over one) decodes over a KV cache with slots; a model that brings
         # its own cache (model/transformers_family.py) recomputes the whole sequence every step.
         self.recomputes = hasattr(model, "new_cache")
-        self.model = (model if self.recomputes else DecodingBumblebee(model, max_batch_size)).eval()
+        self.model = decoding_model(model, max_batch_size, static_cache).eval()
         self.tokenizer = tokenizer
         config = self.model.config
         context = getattr(config, "max_position_embeddings", 4096)  # custom code may not say

@@ -105,6 +105,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     by -angle, and keeps only cos and sin)."""
     half = x.shape[-1] // 2
     cos, sin = cos[..., :half].unsqueeze(2), sin[..., :half].unsqueeze(2)
+    if torch.compiler.is_compiling():  # the plain formula: inductor fuses it, and traces no out= writes
+        first, second = x.chunk(2, dim=-1)
+        return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
     if torch.is_grad_enabled() and x.requires_grad:
         return _Rotation.apply(x, cos, sin)
     return _rotate(x, cos, sin)
