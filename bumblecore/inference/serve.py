@@ -117,6 +117,7 @@ def serve(
     chat_template: Optional[str] = None,
     base_model_path: Optional[str] = None,
     ignore_base_mismatch: bool = False,
+    static_cache: bool = False,
 ) -> None:
     """Serve a model: OpenAI-compatible /v1/chat/completions (streaming too), /v1/models, /health, and a web chat page at /.
 
@@ -146,6 +147,7 @@ def serve(
         chat_template: a built-in template (chatml, qwen2.5, llama3, mistral, gemma, phi3) or a .jinja file; default: the model's own (the one it was trained with). A conversation it cannot render is answered 400.
         base_model_path: for a LoRA adapter: the base to apply it to (default: the one the adapter names); it must be the base the adapter was trained on.
         ignore_base_mismatch: apply a LoRA adapter to a base other than the one it was trained on (its base_fingerprint.json says which) instead of refusing.
+        static_cache: decode every slot in one fixed-shape step compiled for the batch (inductor on CPU, CUDA graphs on CUDA): the server compiles a few minutes before its first replies on a CPU, then steps faster; not for an unmerged LoRA adapter (merge it first).
     """
     if training_stage not in SERVED_STAGES:
         raise ValueError(f"training_stage {training_stage!r}: expected pretrain, continue_pretrain, sft or dpo")
@@ -181,6 +183,7 @@ def serve(
         chat_template=chat_template,
         base_model_path=base_model_path,
         ignore_base_mismatch=ignore_base_mismatch,
+        static_cache=static_cache,
         host=host,
         allowed_hosts=tuple(allowed_hosts or ()),
         allowed_origins=tuple(allowed_origins or ()),

@@ -55,6 +55,8 @@ class ServeSettings:
     """A LoRA adapter's base, instead of the one the adapter names."""
     ignore_base_mismatch: bool = False
     """Apply a LoRA adapter to a base other than the one it was trained on instead of refusing."""
+    static_cache: bool = False
+    """Decode every slot in one fixed-shape compiled step (inference/static_decode.py)."""
 
 
 def model_dirs(model_path: str, base_model_path: Optional[str] = None) -> tuple[Path, Path]:

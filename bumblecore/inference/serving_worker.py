@@ -159,6 +159,7 @@ class EngineAPI(ls.LitAPI):
             max_len,
             eos_token_ids=eos,
             prefix_cache_mb=settings.prefix_cache_mb,
+            static_cache=settings.static_cache,
         )
         # add_request runs on the loop's event-loop thread, step() on another: hand over through deques.
         self.arrivals: deque = deque()
