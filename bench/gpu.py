@@ -11,6 +11,11 @@ Checks (each reports its figures; a check whose package is missing says so and t
               parameters, L layers, h hidden, s sequence: the causal attention term).
 - flash:      logits of flash attention (flash-attn 2 or flash-attn-4) vs SDPA in bf16, dense
               and packed (varlen) rows.
+- varlen:     packed rows' attention (fwd + bwd): SDPA with the dense per-document mask, SDPA per
+              document (the default without flash-attn) and flash-attn's varlen kernel, each
+              against an fp32 masked reference, and their times.
+- liger:      enable_liger_kernel (RMSNorm, SwiGLU, RoPE, fused linear cross-entropy) vs our
+              kernels on 4 layers of the 0.5B preset: loss, gradients, step time, peak memory.
 - fused_ce:   liger-kernel's fused linear cross-entropy vs our chunked cross-entropy: loss,
               gradient, time and peak memory at vocabulary 151,936.
 - compile:    torch.compile of the model: training step time vs eager.
@@ -24,6 +29,7 @@ Peak FLOP/s: dense bf16 of the detected GPU (H100/H200 SXM 989 TFLOP/s, A100 312
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import subprocess
 import sys
@@ -239,6 +245,121 @@ def check_fused_ce(args, device, dtype) -> list[dict]:
     return [row]
 
 
+def timed(fn, repeats: int) -> float:
+    """Median seconds of fn() after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        started = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - started)
+    return sorted(times)[len(times) // 2]
+
+
+def check_varlen(args, device, dtype) -> list[dict]:
+    """Packed rows' attention, forward + backward on (batch, seq, 14 heads, 2 kv heads, 64): the dense
+    per-document mask through SDPA, SDPA per document (the default without flash-attn) and, when
+    installed, flash-attn's varlen kernel; each against an fp32 masked reference (max |diff| of the
+    output and of dq), and its time."""
+    from bumblecore.model.attention import (
+        AttentionMask,
+        eager_attention,
+        flash_attention,
+        flash_available,
+        packed_document_boundaries,
+        per_document_attention,
+        sdpa_attention,
+    )
+
+    batch, seq, reps = (2, 4096, 10) if not args.dry_run else (1, 256, 2)
+    data = packed_batch(batch, seq, 2, device)
+    segments = data["segment_ids"]
+    generator = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(batch, seq, 14, 64, device=device, generator=generator)
+    k, v = (torch.randn(batch, seq, 2, 64, device=device, generator=generator) for _ in range(2))
+    grad_out = torch.randn(batch, seq, 14, 64, device=device, generator=generator)
+    scale = 64**-0.5
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=device).tril()
+    dense = AttentionMask(dense=(causal[None] & (segments[:, :, None] == segments[:, None, :]))[:, None])
+    varlen = packed_document_boundaries(segments)
+
+    def heads_first(kernel):  # eager/SDPA take (b, heads, s, d)
+        return lambda q, k, v, mask, scale: kernel(*(t.transpose(1, 2) for t in (q, k, v)), mask, scale).transpose(1, 2)
+
+    def run(kernel, mask, precision):
+        leaves = [t.detach().to(precision).requires_grad_() for t in (q, k, v)]
+        out = kernel(*leaves, mask, scale)
+        out.backward(grad_out.to(precision))
+        return out.detach().float(), leaves[0].grad.float()
+
+    reference = run(heads_first(eager_attention), dense, torch.float32)
+    kernels = {
+        "sdpa_dense_mask": (heads_first(sdpa_attention), dense),
+        "sdpa_per_document": (per_document_attention, varlen),
+    }
+    if device.type == "cuda" and flash_available():
+        kernels["flash_varlen"] = (flash_attention, varlen)
+    rows = []
+    for name, (kernel, mask) in kernels.items():
+        out, dq = run(kernel, mask, dtype)
+        row = {
+            "check": "varlen",
+            "kernel": name,
+            "documents": len(varlen.cu_seqlens) - 1,
+            "max_abs_out_diff": float((out - reference[0]).abs().max()),
+            "max_abs_dq_diff": float((dq - reference[1]).abs().max()),
+            "fwd_bwd_ms": round(timed(functools.partial(run, kernel, mask, dtype), reps) * 1000, 2),
+        }
+        rows.append(row)
+        print(row, flush=True)
+    return rows
+
+
+def check_liger(args, device, dtype) -> list[dict]:
+    """enable_liger_kernel (model/liger.py) on the 0.5B preset (4 layers), packed rows of 2048 tokens:
+    the loss, every gradient and the step time and peak memory against the same model without liger."""
+    import copy
+
+    from bumblecore.model.liger import liger_refusal, use_liger_kernels
+    from bumblecore.train.sft import LanguageModelingStage
+
+    refusal = liger_refusal(device.type)
+    if refusal:
+        return [{"check": "liger", "skipped": refusal}]
+    ours = model_for("0.5B", "sdpa", device, layers=4)
+    theirs = copy.deepcopy(ours)
+    swapped = use_liger_kernels(theirs)
+    data = packed_batch(2, 2048, ours.config.vocab_size, device)
+    stage, results = LanguageModelingStage(), {}
+    for name, model in (("ours", ours), ("liger", theirs)):
+        torch.cuda.reset_peak_memory_stats()
+        with torch.autocast("cuda", dtype=dtype):
+            loss, _ = stage.loss(model, data)
+        loss.backward()
+        results[name] = {"loss": float(loss), "peak_gb": torch.cuda.max_memory_allocated() / 1e9}
+    worst = max(
+        float((p.grad - q.grad).abs().max() / p.grad.abs().max().clamp(min=1e-12))
+        for p, q in zip(ours.parameters(), theirs.parameters())
+    )
+    for name, model in (("ours", ours), ("liger", theirs)):
+        results[name]["step_ms"] = training_steps(model, data, args.steps, dtype) * 1000
+    row = {
+        "check": "liger",
+        "kernels": swapped,
+        "loss_ours": results["ours"]["loss"],
+        "loss_liger": results["liger"]["loss"],
+        "worst_relative_grad_diff": worst,
+        "step_ms_ours": round(results["ours"]["step_ms"], 1),
+        "step_ms_liger": round(results["liger"]["step_ms"], 1),
+        "peak_gb_ours": round(results["ours"]["peak_gb"], 2),
+        "peak_gb_liger": round(results["liger"]["peak_gb"], 2),
+    }
+    print(row, flush=True)
+    return [row]
+
+
 def check_compile(args, device, dtype) -> list[dict]:
     seq, batch = (2048, 4) if not args.dry_run else (128, 1)
     rows = []
@@ -401,9 +522,24 @@ def check_decode(args, device, dtype) -> list[dict]:
     return [row]
 
 
+def installed_versions() -> dict:
+    """The optional packages a check depends on, as this machine has them (None: not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ("transformers", "deepspeed", "triton", "liger-kernel", "flash-attn", "flash-attn-4"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
+
+
 CHECKS = {
     "mfu": check_mfu,
     "flash": check_flash,
+    "varlen": check_varlen,
+    "liger": check_liger,
     "fused_ce": check_fused_ce,
     "compile": check_compile,
     "deepspeed": check_deepspeed,
@@ -432,13 +568,14 @@ def main() -> None:
     names = args.only or list(CHECKS)
     if args.dry_run:
         names = [
-            n for n in names if n in ("mfu", "compile", "flash", "fused_ce", "deepspeed")
+            n for n in names if n in ("mfu", "compile", "flash", "varlen", "liger", "fused_ce", "deepspeed")
         ]  # decode has its own CPU bench
     header = {
         "device": torch.cuda.get_device_name() if cuda else "cpu (dry run)",
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d"),
         "peak_tflops": peak_flops(args.peak_tflops) / 1e12,
+        **installed_versions(),
     }
     print(header, flush=True)
     results = [header]

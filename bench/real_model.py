@@ -1,13 +1,17 @@
 """Real-model figures: SmolLM2-135M-Instruct (Llama architecture, 30 layers, hidden 576, 9 heads / 3 KV
 heads, vocabulary 49,152), bumblecore vs transformers, fp32 on this machine's CPU.
 
-    python bench/real_model.py [--quick] [--data DIR] [--only decode|sft] [--threads N]
+    python bench/real_model.py [--quick] [--data DIR] [--only decode|sft] [--threads N] [--batches 1 8]
+                               [--static_cache]
 
 1. Greedy decode, batch 1, 8 and 16 vs transformers `generate`: the same prompts (chat-rendered
    instructions of alpaca_zh_demo cut to one length, so no side pads), the same number of new tokens
    (end-of-sequence ignored), greedy; the generated ids must be equal (a row that differs is
    reported). Each decode step is timed (transformers' through a streamer); contenders alternate in
-   rounds and a ratio is the median of per-round ratios. Goal: batch 8 >= 1.3x.
+   rounds and a ratio is the median of per-round ratios. Goal: batch 8 >= 1.3x. With --static_cache
+   the static-cache engine (inference/static_decode.py) runs paired in the same rounds (goals: batch 1
+   >= 2x, batch 8 >= 1.8x); every contender's first run (the compile, transformers' warm-up) is
+   timed apart (`warmup_s`).
 2. SFT tokens/s and peak RSS vs the transformers Trainer (padded batches, pad to the longest in the
    batch) on the original project's `alpaca_zh_demo.json` (short samples) and `duolun_train.json`
    (long multi-turn conversations), read from --data (default ../shared/original-demo-data; never
@@ -59,7 +63,9 @@ def decode_prompts(tokenizer, data_dir: Path, count: int, length: int) -> list[l
     raise ValueError(f"{data_dir / 'alpaca_zh_demo.json'}: fewer than {count} prompts of {length} tokens")
 
 
-def run_decode(data_dir: Path, quick: bool = False, budget: float | None = None, batches=(1, 8, 16)) -> dict:
+def run_decode(
+    data_dir: Path, quick: bool = False, budget: float | None = None, batches=(1, 8, 16), static: bool = False
+) -> dict:
     import torch
     from generate import StepClock
     from transformers import AutoModelForCausalLM
@@ -76,14 +82,17 @@ def run_decode(data_dir: Path, quick: bool = False, budget: float | None = None,
     budget = budget if budget is not None else (40.0 if quick else 150.0)
     prompts = decode_prompts(tokenizer, data_dir, max(batches), prompt_len)
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
-    engines = {
-        n: GenerationEngine(ours, tokenizer, max_batch_size=n, max_len=prompt_len + new_tokens + 1, eos_token_ids=[])
-        for n in batches
-    }
+
+    def engine(n, static):
+        return GenerationEngine(ours, tokenizer, n, prompt_len + new_tokens + 1, eos_token_ids=[], static_cache=static)
+
+    engines = {("bumblecore", n): engine(n, False) for n in batches}
+    if static:  # the static-cache step (inference/static_decode.py), compiled in its warm-up run
+        engines.update({("static", n): engine(n, True) for n in batches})
     outputs: dict = {}
 
-    def ours_run(n):
-        engine = engines[n]
+    def ours_run(n, side="bumblecore"):
+        engine = engines[(side, n)]
         started = time.perf_counter()
         ids = [engine.add(p, params, live_text=False) for p in prompts[:n]]
         tokens = {i: [] for i in ids}
@@ -93,7 +102,7 @@ def run_decode(data_dir: Path, quick: bool = False, budget: float | None = None,
                 if event.token_id is not None:
                     tokens[event.request_id].append(event.token_id)
             stamps.append((time.perf_counter(), time.process_time()))
-        outputs[("bumblecore", n)] = [tokens[i] for i in ids]
+        outputs[(side, n)] = [tokens[i] for i in ids]
         return stamps[-1][0] - started, stamps[1:], stamps[2:]
 
     def hf_run(n):
@@ -118,8 +127,13 @@ def run_decode(data_dir: Path, quick: bool = False, budget: float | None = None,
     for n in batches:
         contenders[f"transformers_b{n}"] = (lambda n=n: hf_run(n), n)
         contenders[f"bumblecore_b{n}"] = (lambda n=n: ours_run(n), n)
-    for fn, _ in contenders.values():  # warm-up
+        if static:
+            contenders[f"static_b{n}"] = (lambda n=n: ours_run(n, "static"), n)
+    warmup = {}
+    for name, (fn, _) in contenders.items():  # warm-up: the static step compiles here, generate warms up
+        began = time.perf_counter()
         fn()
+        warmup[name] = time.perf_counter() - began
     rounds: list[dict] = []
     started = time.perf_counter()
     while len(rounds) < 3 or time.perf_counter() - started < budget:
@@ -141,17 +155,23 @@ def run_decode(data_dir: Path, quick: bool = False, budget: float | None = None,
         "rounds": len(rounds),
         "new_tokens": new_tokens,
         "prompt_tokens": prompt_len,
+        "warmup_s": warmup,
     }
+    sides = ["bumblecore", "transformers"] + (["static"] if static else [])
     for n in batches:
-        ours_ids, theirs_ids = outputs[("bumblecore", n)], outputs[("transformers", n)]
-        results[f"b{n}_rows_equal"] = sum(a == b for a, b in zip(ours_ids, theirs_ids))
-        results[f"b{n}_rows"] = n
-        for key in ("step_tok_s", "cpu_tok_s", "e2e_tok_s"):
-            for side in ("bumblecore", "transformers"):
+        theirs_ids = outputs[("transformers", n)]
+        for side in sides:
+            for key in ("step_tok_s", "cpu_tok_s", "e2e_tok_s"):
                 results[f"{side}_b{n}_{key}"] = statistics.median(r[f"{side}_b{n}"][key] for r in rounds)
-            ratios = [r[f"bumblecore_b{n}"][key] / r[f"transformers_b{n}"][key] for r in rounds]
-            results[f"b{n}_ratio_{key}"] = statistics.median(ratios)
-            results[f"b{n}_ratio_{key}_range"] = (min(ratios), max(ratios))
+            if side == "transformers":
+                continue
+            prefix = "" if side == "bumblecore" else f"{side}_"  # bumblecore's keys as before
+            equal = sum(a == b for a, b in zip(outputs[(side, n)], theirs_ids))
+            results[f"{prefix}b{n}_rows_equal"], results[f"{prefix}b{n}_rows"] = equal, n
+            for key in ("step_tok_s", "cpu_tok_s", "e2e_tok_s"):
+                ratios = [r[f"{side}_b{n}"][key] / r[f"transformers_b{n}"][key] for r in rounds]
+                results[f"{prefix}b{n}_ratio_{key}"] = statistics.median(ratios)
+                results[f"{prefix}b{n}_ratio_{key}_range"] = (min(ratios), max(ratios))
     return results
 
 
@@ -197,20 +217,25 @@ def rows(decode: dict | None, sft: dict | None) -> list[tuple]:
     """(measure, bumblecore, peer, ratio, goal) per figure."""
     out = []
     if decode:
+        static_goals = {1: ">= 2x", 8: ">= 1.8x"}
         for n in (1, 8, 16):
-            if f"b{n}_ratio_step_tok_s" not in decode:
-                continue
-            lo, hi = decode[f"b{n}_ratio_step_tok_s_range"]
-            equal = f"{decode[f'b{n}_rows_equal']}/{decode[f'b{n}_rows']} rows equal"
-            out.append(
-                (
-                    f"greedy decode batch {n}, tok/s (vs transformers generate; {equal})",
-                    f"{decode[f'bumblecore_b{n}_step_tok_s']:.1f}",
-                    f"{decode[f'transformers_b{n}_step_tok_s']:.1f}",
-                    f"{decode[f'b{n}_ratio_step_tok_s']:.2f}x [{lo:.2f}-{hi:.2f}]",
-                    ">= 1.3x" if n == 8 else "",
+            for side, prefix, label, goal in (
+                ("bumblecore", "", "greedy decode", ">= 1.3x" if n == 8 else ""),
+                ("static", "static_", "greedy decode, static_cache", static_goals.get(n, "")),
+            ):
+                if f"{prefix}b{n}_ratio_step_tok_s" not in decode:
+                    continue
+                lo, hi = decode[f"{prefix}b{n}_ratio_step_tok_s_range"]
+                equal = f"{decode[f'{prefix}b{n}_rows_equal']}/{decode[f'{prefix}b{n}_rows']} rows equal"
+                out.append(
+                    (
+                        f"{label} batch {n}, tok/s (vs transformers generate; {equal})",
+                        f"{decode[f'{side}_b{n}_step_tok_s']:.1f}",
+                        f"{decode[f'transformers_b{n}_step_tok_s']:.1f}",
+                        f"{decode[f'{prefix}b{n}_ratio_step_tok_s']:.2f}x [{lo:.2f}-{hi:.2f}]",
+                        goal,
+                    )
                 )
-            )
     if sft:
         for name, goal in (("alpaca", ">= 1.3x"), ("duolun", ">= 1x")):
             r = sft.get(name, {})
@@ -248,16 +273,23 @@ def table(decode: dict | None, sft: dict | None) -> str:
     return "\n".join(lines)
 
 
-def run(quick: bool = False, data_dir: Path = DEFAULT_DATA, only: str | None = None) -> dict:
+def run(
+    quick: bool = False,
+    data_dir: Path = DEFAULT_DATA,
+    only: str | None = None,
+    batches=(1, 8, 16),
+    static: bool = False,
+    threads: int = 1,
+) -> dict:
     import torch
 
     results = {}
     if only in (None, "decode"):
         # One thread (as bench/generate.py): on a shared box a two-thread team stalls on a busy core.
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        results["decode"] = run_decode(Path(data_dir), quick)
-        torch.set_num_threads(threads)
+        default = torch.get_num_threads()
+        torch.set_num_threads(threads or default)
+        results["decode"] = run_decode(Path(data_dir), quick, batches=tuple(batches), static=static)
+        torch.set_num_threads(default)
     if only in (None, "sft"):
         results["sft"] = run_sft(Path(data_dir), quick)
     return results
@@ -268,8 +300,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer tokens, samples and rounds (a few minutes)")
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="folder with alpaca_zh_demo.json, duolun_train.json")
     parser.add_argument("--only", choices=["decode", "sft"], default=None)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 16], help="decode batch sizes")
+    parser.add_argument("--static_cache", action="store_true", help="also the static_cache engine, paired")
+    parser.add_argument("--threads", type=int, default=1, help="decode's torch threads (0: torch's default)")
     args = parser.parse_args()
-    results = run(args.quick, Path(args.data), args.only)
+    results = run(args.quick, Path(args.data), args.only, args.batches, args.static_cache, args.threads)
     print(json.dumps(results, default=str))
     print(table(results.get("decode"), results.get("sft")))
 

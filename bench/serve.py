@@ -12,7 +12,8 @@ Efficiency: a tiny model (hidden 64, 2 layers), so the per-token cost of serving
 behind the model's: the same prompts go through GenerationEngine.generate in this process (the
 baseline) and through the API as concurrent streaming and non-streaming clients. Each repeat runs
 all three back to back and takes their ratios; the medians are reported (other load on the machine
-moves all three of one repeat alike). Goal: >= 0.5 for both.
+moves all three of one repeat alike). Goal: >= 0.5 for both. The server runs with its defaults
+(`--stream_interval 0.02`); `efficiency(..., options=("--stream_interval", "0"))` tries others.
 """
 
 from __future__ import annotations
@@ -127,7 +128,10 @@ def served(port: int, clients: int, max_tokens: int, stream: bool) -> float:
     return sum(counts) / seconds
 
 
-def start_server(model_dir: Path, port: int, clients: int, threads: int | None = None) -> subprocess.Popen:
+def start_server(
+    model_dir: Path, port: int, clients: int, threads: int | None = None, options: tuple = ()
+) -> subprocess.Popen:
+    """`options`: more `bumblecore serve` flags (e.g. ("--stream_interval", "0"))."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)  # torch's intra-op threads in the worker
@@ -145,6 +149,7 @@ def start_server(model_dir: Path, port: int, clients: int, threads: int | None =
             str(clients),
             "--log_level",
             "warning",
+            *options,
         ],
         cwd=ROOT,
         env=env,
@@ -178,7 +183,7 @@ def tree_cpu_seconds(pid: int) -> float:
     return total
 
 
-def efficiency(clients: int, max_tokens: int, repeats: int) -> dict:
+def efficiency(clients: int, max_tokens: int, repeats: int, options: tuple = ()) -> dict:
     """Served tok/s (streaming, non-streaming) over the engine's own tok/s for the same prompts."""
     import torch
 
@@ -192,7 +197,7 @@ def efficiency(clients: int, max_tokens: int, repeats: int) -> dict:
         port = free_port()
         # One torch thread on both sides (bench/run_all.py's choice for generate): a tiny model runs
         # fastest so on a shared 2-core box, and the comparison is of like with like.
-        process = start_server(model_dir, port, clients, threads=1)
+        process = start_server(model_dir, port, clients, threads=1, options=options)
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:

@@ -65,6 +65,10 @@ class ModelArgs:
     resize_vocab: bool = False
     """Grow the embedding (and an untied head) for added tokens, new rows = the mean of the old ones; also adds the
     chosen built-in template's markers the tokenizer lacks. Under LoRA the new rows train too."""
+    rope_scaling: Optional[Union[str, dict]] = None
+    """Extend the context (continued pretraining at a longer cutoff_len): {rope_type: linear, dynamic, yarn or
+    llama3, factor: F, ...}, or a bare type (factor = ceil(cutoff_len / max_position_embeddings)); positions
+    grow to max_position_embeddings x F, saved in config.json's rope_parameters. Full fine-tuning, Bumblebee families."""
 
     def __post_init__(self) -> None:
         one_of("training_stage", self.training_stage, STAGES)
@@ -139,6 +143,13 @@ class OptimizationArgs:
     """Gradient clipping norm (0 disables)."""
     enable_gradient_checkpointing: bool = False
     """Recompute activations in backward (less memory, ~30% more compute)."""
+    enable_liger_kernel: bool = False
+    """liger-kernel's Triton kernels (RMSNorm, SwiGLU, RoPE, fused linear cross-entropy) for a Bumblebee
+    model on CUDA; needs `pip install 'bumblecore[gpu]'`."""
+    activation_offload: bool = False
+    """With gradient checkpointing on CUDA: the checkpointed layers' inputs wait in host memory until backward."""
+    tiled_mlp: int = 0
+    """Long samples: the MLP over the tokens in this many chunks, one chunk's intermediates alive at a time (0: off)."""
     train_micro_batch_size_per_gpu: int = 4
     """Samples (or packed rows) per forward on each device."""
     gradient_accumulation_steps: int = 8
@@ -236,23 +247,22 @@ class OutputArgs:
     """Also write the log to output_dir/logs/train.log (it starts with the resolved configuration)."""
     report_to: Optional[Union[list[str], str]] = field(default_factory=lambda: ["tensorboard"])
     """Trackers of the resolved configuration and every logged metric: tensorboard (output_dir/runs), wandb, mlflow,
-    csv (output_dir/csv): a list, names joined by commas, or none. wandb, mlflow: pip install 'bumblecore[wandb]'."""
+    swanlab, csv (output_dir/csv): a list, names joined by commas, or none. wandb, mlflow, swanlab: pip install
+    'bumblecore[wandb]' (and so on)."""
     use_tensorboard: Optional[bool] = None
     """The original's switch: true adds tensorboard to report_to, false removes it; unset leaves report_to as is."""
     run_name: Optional[str] = None
     """The run's name in the trackers (W&B run, MLflow run); default: output_dir's folder name."""
     tracker_project: str = "bumblecore"
-    """The W&B project / MLflow experiment the run is logged under."""
+    """The W&B project / MLflow experiment / SwanLab project the run is logged under."""
 
     def __post_init__(self) -> None:  # report_to resolved: training_args.yaml shows the run's trackers
         entries = [self.report_to] if isinstance(self.report_to, str) else self.report_to or []  # `wandb,mlflow` too
         names = [
             n for n in dict.fromkeys(n.strip().lower() for e in entries for n in e.split(",")) if n != "none" and n
         ]
-        if "swanlab" in names:  # swanlab 0.10 pins protobuf < 7 (ours is 7): untested here, so not offered
-            raise ValueError("report_to swanlab is not supported yet; use tensorboard, wandb, mlflow or csv")
-        for name in names:
-            one_of("report_to", name, ("tensorboard", "wandb", "mlflow", "csv"))  # train/trackers.py opens them
+        for name in names:  # train/trackers.py opens them
+            one_of("report_to", name, ("tensorboard", "wandb", "mlflow", "swanlab", "csv"))
         if self.use_tensorboard is not None:  # the original's switch
             names = (["tensorboard"] if self.use_tensorboard else []) + [n for n in names if n != "tensorboard"]
         self.report_to = names

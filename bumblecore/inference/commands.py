@@ -93,6 +93,7 @@ def generate(
     chat_template: Optional[str] = None,
     base_model_path: Optional[str] = None,
     ignore_base_mismatch: bool = False,
+    static_cache: bool = False,
 ) -> None:
     """Generate text: only the generated text goes to stdout, the timing to stderr.
 
@@ -114,6 +115,7 @@ def generate(
         chat_template: a built-in template (chatml, qwen2.5, llama3, mistral, gemma, phi3) or a .jinja file; default: the model's own (the one it was trained with).
         base_model_path: for a LoRA adapter: the base to apply it to (default: the one the adapter names); it must be the base the adapter was trained on.
         ignore_base_mismatch: apply a LoRA adapter to a base other than the one it was trained on (its base_fingerprint.json says which) instead of refusing.
+        static_cache: decode with one fixed-shape step compiled for the batch (inductor on CPU, CUDA graphs on CUDA): compiles for a minute or so first, then faster steps; not for an unmerged LoRA adapter.
     """
     if (prompt is None) == (prompts_file is None):
         raise ValueError("give exactly one of --prompt or --prompts_file")
@@ -132,7 +134,12 @@ def generate(
     # max_new_tokens None: the model's context, as the engine takes no max_len
     max_len = None if sampling.max_new_tokens is None else max(len(i) for i in ids) + sampling.max_new_tokens
     engine = GenerationEngine(
-        model, tokenizer, max_batch_size=min(batch_size, len(ids)), max_len=max_len, eos_token_ids=eos
+        model,
+        tokenizer,
+        max_batch_size=min(batch_size, len(ids)),
+        max_len=max_len,
+        eos_token_ids=eos,
+        static_cache=static_cache,
     )
     started = time.perf_counter()
     results = engine.generate(ids, params)
@@ -175,6 +182,7 @@ def chat(
     chat_template: Optional[str] = None,
     base_model_path: Optional[str] = None,
     ignore_base_mismatch: bool = False,
+    static_cache: bool = False,
 ) -> None:
     """Terminal chat that streams each reply; /clear resets the history, /exit or end of input quits.
 
@@ -192,6 +200,7 @@ def chat(
         chat_template: a built-in template (chatml, qwen2.5, llama3, mistral, gemma, phi3) or a .jinja file; default: the model's own (the one it was trained with).
         base_model_path: for a LoRA adapter: the base to apply it to (default: the one the adapter names); it must be the base the adapter was trained on.
         ignore_base_mismatch: apply a LoRA adapter to a base other than the one it was trained on (its base_fingerprint.json says which) instead of refusing.
+        static_cache: decode with one fixed-shape step compiled for the batch (inductor on CPU, CUDA graphs on CUDA): compiles for a minute or so first, then faster steps; not for an unmerged LoRA adapter.
     """
     model, tokenizer, eos = load_for_inference(
         model_path,
@@ -202,7 +211,14 @@ def chat(
         base_model_path=base_model_path,
         ignore_base_mismatch=ignore_base_mismatch,
     )
-    engine = GenerationEngine(model, tokenizer, max_batch_size=1, eos_token_ids=eos, prefix_cache_mb=prefix_cache_mb)
+    engine = GenerationEngine(
+        model,
+        tokenizer,
+        max_batch_size=1,
+        eos_token_ids=eos,
+        prefix_cache_mb=prefix_cache_mb,
+        static_cache=static_cache,
+    )
     params = SamplingParams.from_group(sampling, seed=seed)
     interactive = sys.stdin.isatty()
     history: list[dict] = []

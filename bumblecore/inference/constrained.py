@@ -1,6 +1,6 @@
 """Structured output: a request's `response_format` (a JSON object, or JSON that follows a JSON Schema)
-enforced while decoding, with xgrammar (a maintained grammar engine that runs on CPU too). Each
-constrained request has its own grammar matcher; before its next token is chosen, the tokens the
+or forced tool call (inference/tool_choice.py) enforced while decoding, with xgrammar (a maintained
+grammar engine that runs on CPU too). Each constrained request has its own grammar matcher; before its next token is chosen, the tokens the
 grammar does not allow get -inf, and the chosen token advances the matcher. Requests without a
 format are batched with them untouched.
 
@@ -33,10 +33,12 @@ def xgrammar():
     return xgrammar
 
 
-def check_schema(schema: str, strict: bool) -> None:
-    """Raise ValueError when xgrammar cannot turn the schema into a grammar (before any model work)."""
+def check_schema(schema: str, strict: bool, separators: tuple[str, str] = COMPACT):
+    """The schema's xgrammar Grammar; ValueError when xgrammar cannot make one (before any model work)."""
     try:
-        xgrammar().Grammar.from_json_schema(schema, any_whitespace=False, separators=COMPACT, strict_mode=strict)
+        return xgrammar().Grammar.from_json_schema(
+            schema, any_whitespace=False, separators=separators, strict_mode=strict
+        )
     except ImportError:
         raise
     except Exception as err:
@@ -52,19 +54,33 @@ class Grammars:
         self.info = self.compiler = None  # made for the first request with a format
         self.compiled: OrderedDict = OrderedDict()
 
+    def for_request(self, params) -> Optional[object]:
+        """A fresh matcher for a request's SamplingParams: its forced tool call's structural tag
+        (inference/tool_choice.py) or its response_format; None when it has neither."""
+        if params.tool_calls:
+            return self._matcher(
+                ("structural_tag", params.tool_calls), lambda c: c.compile_structural_tag(params.tool_calls)
+            )
+        if params.response_format:
+            return self.matcher(*params.response_format)
+        return None
+
     def matcher(self, schema: str, strict: bool):
+        return self._matcher(
+            (schema, strict),
+            lambda c: c.compile_json_schema(schema, any_whitespace=False, separators=COMPACT, strict_mode=strict),
+        )
+
+    def _matcher(self, key, compile_grammar):
         if self.compiler is None:
             xgr = xgrammar()
             self.info = xgr.TokenizerInfo.from_huggingface(
                 self.tokenizer, vocab_size=self.vocab_size, stop_token_ids=self.stop_ids
             )
             self.compiler = xgr.GrammarCompiler(self.info, max_threads=1)
-        key = (schema, strict)
         grammar = self.compiled.pop(key, None)
         if grammar is None:
-            grammar = self.compiler.compile_json_schema(
-                schema, any_whitespace=False, separators=COMPACT, strict_mode=strict
-            )
+            grammar = compile_grammar(self.compiler)
         self.compiled[key] = grammar
         while len(self.compiled) > CACHED_GRAMMARS:
             self.compiled.popitem(last=False)

@@ -30,6 +30,7 @@ from bumblecore.inference.prepared import (
     prepare_screens,
     usable,
 )
+from bumblecore.inference.static_decode import StaticDecodeStep
 from bumblecore.model.attention import AttentionMask, window_band
 from bumblecore.model.bumblebee import Bumblebee, KVCache
 
@@ -140,12 +141,20 @@ class DecodingBumblebee(nn.Module):
     SlotCache with prepared weights, and `logits` / `greedy` for its LM head. The prepared weights are
     made here (on CPU a second copy of the layer weights and the LM head)."""
 
-    def __init__(self, model: nn.Module, max_rows: int = 1):
+    def __init__(self, model: nn.Module, max_rows: int = 1, static_cache: bool = False):
         """max_rows: the most rows a decode step runs (the engine's slots): above one, the layer
-        weights are kept in MKL's packed layout where this CPU build has it (see _in_out)."""
+        weights are kept in MKL's packed layout where this CPU build has it (see _in_out).
+        static_cache: one-token steps over the cache of `new_cache` run as a StaticDecodeStep."""
         super().__init__()
         self.model = model
         self.bumblebee: Bumblebee = model.get_base_model() if hasattr(model, "get_base_model") else model
+        if static_cache and model is not self.bumblebee:
+            raise ValueError(
+                "static_cache: true needs the model's own weights: merge the LoRA adapter first (bumblecore "
+                "merge_lora) or set static_cache: false"
+            )
+        self.static_cache = static_cache
+        self.static: Optional[StaticDecodeStep] = None
         self.config = self.bumblebee.config
         with torch.no_grad():
             packed = max_rows > 1
@@ -163,7 +172,10 @@ class DecodingBumblebee(nn.Module):
 
     def new_cache(self, batch_size: int, max_len: int) -> SlotCache:
         parameter = next(self.bumblebee.parameters())
-        return SlotCache(self.config, batch_size, max_len, dtype=parameter.dtype, device=parameter.device)
+        cache = SlotCache(self.config, batch_size, max_len, dtype=parameter.dtype, device=parameter.device)
+        if self.static_cache:
+            self.static = StaticDecodeStep(self.bumblebee, cache, prepared=self.prepared)
+        return cache
 
     def forward(
         self,
@@ -175,6 +187,13 @@ class DecodingBumblebee(nn.Module):
     ) -> torch.Tensor:
         """Logits (or final-norm hidden states) of the new tokens, which are appended to the cache rows
         `cache_rows`. attention_mask marks the right-padding of the new tokens, as in Bumblebee.forward."""
+        static = self.static
+        if static is not None and static.cache is kv_cache and input_ids.shape[1] == 1 and static.usable():
+            # One token per row: every slot in the fixed-shape step, and these rows of its result.
+            every_row = torch.arange(kv_cache.batch_size, device=input_ids.device)
+            rows = every_row if cache_rows is None else every_row[cache_rows]
+            hidden = static.decode(input_ids[:, 0], rows)[rows, None]
+            return hidden if return_hidden_states else self.logits(hidden).contiguous()
         hidden = self.bumblebee(
             input_ids,
             attention_mask=attention_mask,
@@ -304,6 +323,19 @@ class DecodingBumblebee(nn.Module):
             columns = torch.cat([columns, torch.arange(32, device=columns.device)]).unique()
         exact = F.linear(hidden, lm_head.weight[columns])
         return columns[exact.argmax(dim=-1)]
+
+
+def decoding_model(model: nn.Module, max_rows: int, static_cache: bool = False) -> nn.Module:
+    """What the GenerationEngine decodes with: a model that brings its own cache (a transformers family,
+    model/transformers_family.py) as it is, else a DecodingBumblebee."""
+    if not hasattr(model, "new_cache"):
+        return DecodingBumblebee(model, max_rows, static_cache)
+    if static_cache:
+        raise ValueError(
+            f"static_cache: true decodes Bumblebee models (Qwen2, Llama, Qwen3, Mistral layouts); this model "
+            f"({type(model).__name__}) runs through transformers: set static_cache: false"
+        )
+    return model
 
 
 def _fits(out: Optional[torch.Tensor], rows: int, weight_t: torch.Tensor) -> bool:

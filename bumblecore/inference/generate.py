@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from bumblecore.inference.constrained import Grammars
-from bumblecore.inference.decode import DecodingBumblebee
+from bumblecore.inference.decode import decoding_model
 from bumblecore.inference.loading import default_eos_ids  # here too: its older import path
 from bumblecore.inference.logprobs import TokenLogprob, prompt_logprobs, token_logprobs
 from bumblecore.inference.prefix_cache import DEFAULT_BLOCK_SIZE, PrefixCache
@@ -58,7 +58,7 @@ class _Request:
     """Prompt tokens whose keys and values came from the prefix cache (not prefilled)."""
     prompt_logprobs: Optional[list[TokenLogprob]] = None
     matcher: Optional[object] = None
-    """Its response_format's grammar state (inference/constrained.py)."""
+    """Its response_format's or forced tool call's grammar state (inference/constrained.py)."""
 
 
 class GenerationEngine:
@@ -71,14 +71,16 @@ class GenerationEngine:
         eos_token_ids: Optional[list[int]] = None,
         prefix_cache_mb: float = 0,
         prefix_block_size: int = DEFAULT_BLOCK_SIZE,
+        static_cache: bool = False,
     ):
         """prefix_cache_mb: MiB of KV blocks that finished requests leave for later requests starting
         with the same tokens (inference/prefix_cache.py); 0 (the default) keeps none. Only for models
-        with a slot cache (Bumblebee); a model that recomputes its sequences ignores it."""
+        with a slot cache (Bumblebee); a model that recomputes its sequences ignores it.
+        static_cache: decode all slots in one fixed-shape compiled step (inference/static_decode.py)."""
         # A Bumblebee (or a peft model over one) decodes over a KV cache with slots; a model that brings
         # its own cache (model/transformers_family.py) recomputes the whole sequence every step.
         self.recomputes = hasattr(model, "new_cache")
-        self.model = (model if self.recomputes else DecodingBumblebee(model, max_batch_size)).eval()
+        self.model = decoding_model(model, max_batch_size, static_cache).eval()
         self.tokenizer = tokenizer
         config = self.model.config
         context = getattr(config, "max_position_embeddings", 4096)  # custom code may not say
@@ -130,7 +132,7 @@ class GenerationEngine:
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
-        matcher = self.grammars.matcher(*params.response_format) if params.response_format else None
+        matcher = self.grammars.for_request(params)
         self._ids += 1
         self.slots[slot] = _Request(
             self._ids, list(prompt_ids), params, TextStream(self.tokenizer, params.stop, live_text), generator,
@@ -355,7 +357,11 @@ class GenerationEngine:
             hidden = self.model(tokens, kv_cache=self.cache, cache_rows=rows, return_hidden_states=True)[:, -1]
             params = [self.slots[s].params for s in slots]
             if not any(
-                p.do_sample or p.repetition_penalty != 1.0 or p.logprobs is not None or p.response_format
+                p.do_sample
+                or p.repetition_penalty != 1.0
+                or p.logprobs is not None
+                or p.response_format
+                or p.tool_calls
                 for p in params
             ):
                 # Greedy rows only need the argmax: found without the full fp32 logits where the model can.

@@ -3,15 +3,19 @@ callbacks), in this one module, each with the reason it is needed. tests/inferen
 checks that every name used here still exists with the shape relied on, so a LitServe upgrade that
 moves one fails there, naming it, rather than in a running server.
 
-Three kinds of use. The request queue and the reply buffers are how a LitSpec's own endpoint talks
+Four kinds of use. The request queue and the reply buffers are how a LitSpec's own endpoint talks
 to the inference worker (LitServe's OpenAISpec does the same), for which LitServe has no public
 method. A decode step's replies travel as one transport message (`send_step`, `StepFanOut`):
-LitServe sends one per request per step, each a round trip through its manager process. And `InProcessLitServer` runs the HTTP server in a thread of this process and can be
-stopped from another thread, which LitServer's public `run()` cannot do.
+LitServe sends one per request per step. The replies travel through an OS pipe (`PipeTransport`)
+instead of LitServe's default transport, a queue of its manager process. And `InProcessLitServer`
+runs the HTTP server in a thread of this process and can be stopped from another thread, which
+LitServer's public `run()` cannot do.
 """
 
 import asyncio
 import json
+import multiprocessing
+import os
 import pickle
 import threading
 import time
@@ -22,6 +26,7 @@ import litserve as ls
 import uvicorn
 from litserve.loops.base import _SENTINEL_VALUE
 from litserve.specs.base import LitSpec
+from litserve.transport.base import MessageTransport
 from litserve.utils import LitAPIStatus, LoopResponseType, ResponseBufferItem, WorkerSetupStatus
 
 _timeout = getattr(asyncio, "timeout", None)  # Python 3.11+
@@ -58,9 +63,12 @@ class ReplyBuffer:
         self.item = ResponseBufferItem(event=asyncio.Event(), response_queue=deque())
         spec.response_buffer[uid] = self.item
 
-    async def wait(self, timeout: float) -> None:
-        """Until a message arrives or `timeout` seconds pass."""
+    async def wait(self, timeout: Optional[float]) -> None:
+        """Until a message arrives or `timeout` seconds pass (None: until a message arrives)."""
         if self.item.event.is_set():
+            return
+        if timeout is None:
+            await self.item.event.wait()
             return
         try:
             if _timeout is None:  # Python 3.10
@@ -70,6 +78,17 @@ class ReplyBuffer:
                     await self.item.event.wait()
         except asyncio.TimeoutError:
             pass
+
+    async def pause(self, seconds: float) -> None:
+        """Sleep `seconds`, or less: StepFanOut ends the pause when the request's last message arrives."""
+        loop = asyncio.get_running_loop()
+        self.item.ending = ending = loop.create_future()  # an attribute of ours on LitServe's buffer item
+        timer = loop.call_later(seconds, _resolve, ending)
+        try:
+            await ending
+        finally:
+            timer.cancel()
+            self.item.ending = None
 
     def next(self) -> Optional[tuple[Any, str]]:
         return self.item.response_queue.popleft() if self.item.response_queue else None
@@ -107,6 +126,14 @@ class _FanOutQueue:
             if item is not None:  # else its client is gone (its buffer closed): dropped, as LitServe does
                 item.response_queue.append((data, status))
                 item.event.set()
+                ending = getattr(item, "ending", None)
+                if ending is not None and status != LitAPIStatus.OK:  # its end: a paused reply goes out now
+                    _resolve(ending)
+
+
+def _resolve(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 class _NoEvent:
@@ -139,6 +166,90 @@ def worker_error_message(data) -> str:
         return "see the server log"
 
 
+# ---------------------------------------------------------------------------- the reply transport
+
+FRAME_HEADER = 4  # bytes: each message on the pipe is its pickle's length (little-endian), then the pickle
+
+
+class PipeTransport(MessageTransport):
+    """The worker's replies to the HTTP process through one OS pipe, read on the HTTP server's event
+    loop as they arrive. LitServe's default transport is a queue of its manager process: each message
+    a round trip from the worker to that process and another from a thread of the HTTP process (per
+    decode step, more than a small model's step). Its `fast_queue=True` (ZeroMQ) is not selected by
+    LitServe 0.2.19 (a misnamed field), and its PUB/SUB sockets drop messages past their high-water
+    mark; a full pipe makes the worker wait instead. One reader: the one HTTP server
+    InProcessLitServer starts (LitServe's consumer 0)."""
+
+    def __init__(self, writer=None):
+        self._reader = None
+        if writer is None:  # in the HTTP process; the worker gets the writing end only (__reduce__)
+            self._reader, writer = multiprocessing.get_context("spawn").Pipe(duplex=False)
+        self._writer = writer
+        self._sending = threading.Lock()  # the worker sends from its decode thread and its event loop
+        self._arrived: Optional[asyncio.Queue] = None
+        self._pipe: Optional[asyncio.ReadTransport] = None
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._closed = False
+
+    def __reduce__(self):
+        return PipeTransport, (self._writer,)
+
+    def send(self, item: Any, consumer_id: int) -> None:
+        payload = pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL)
+        frame = memoryview(len(payload).to_bytes(FRAME_HEADER, "little") + payload)
+        with self._sending:
+            while frame:
+                frame = frame[os.write(self._writer.fileno(), frame) :]
+
+    async def areceive(self, consumer_id: Optional[int] = None, timeout: Optional[float] = None):
+        if self._arrived is None:  # first call, on the HTTP server's event loop: start reading there
+            self._arrived, self._loop = asyncio.Queue(), asyncio.get_running_loop()
+            self._pipe, _ = await self._loop.connect_read_pipe(lambda: _FrameReader(self._arrived), self._reader)
+        if self._closed and self._arrived.empty():
+            raise asyncio.CancelledError("transport closed")
+        try:
+            item = await asyncio.wait_for(self._arrived.get(), timeout) if timeout else await self._arrived.get()
+        except asyncio.TimeoutError:
+            return None  # as LitServe's own transport answers a timeout
+        if item is _FrameReader.CLOSED:
+            self._closed = True
+            raise asyncio.CancelledError("transport closed")
+        return item
+
+    def close(self, send_sentinel: bool = True) -> None:
+        # From LitServe's shutdown, on another thread: the read end closes on its own event loop.
+        self._closed = True
+        if self._pipe is not None:
+            try:
+                self._loop.call_soon_threadsafe(self._pipe.close)
+            except RuntimeError:  # its loop is closed already
+                pass
+
+
+class _FrameReader(asyncio.Protocol):
+    """Cuts the pipe's bytes into messages, unpickles each and queues it for areceive()."""
+
+    CLOSED = object()
+
+    def __init__(self, arrived: asyncio.Queue):
+        self.arrived, self.buffer = arrived, bytearray()
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self.buffer
+        buffer += data
+        start = 0
+        while len(buffer) - start >= FRAME_HEADER:
+            end = start + FRAME_HEADER + int.from_bytes(buffer[start : start + FRAME_HEADER], "little")
+            if end > len(buffer):
+                break
+            self.arrived.put_nowait(pickle.loads(buffer[start + FRAME_HEADER : end]))
+            start = end
+        del buffer[:start]
+
+    def connection_lost(self, exc) -> None:
+        self.arrived.put_nowait(self.CLOSED)
+
+
 # ---------------------------------------------------------------------------- the server
 
 
@@ -164,6 +275,19 @@ class InProcessLitServer(ls.LitServer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.monitor_internal = MONITOR_INTERVAL  # sic: LitServe's name for it
+
+    def _init_manager(self, num_api_servers: int):
+        # LitServe's hook that makes its queues and its reply transport, before it starts the worker.
+        # Its request queues are queues of its manager process: a put blocks the HTTP event loop for a
+        # round trip to that process (long when the machine is busy). A multiprocessing queue's put
+        # returns at once (a thread of this process writes it to a pipe) and the worker reads it directly.
+        manager = super()._init_manager(num_api_servers)
+        for path in self.litapi_request_queues:
+            requests = multiprocessing.get_context("spawn").Queue()
+            requests.cancel_join_thread()  # at exit, do not wait for a worker that is gone to read it
+            self.litapi_request_queues[path] = requests
+        self._transport = PipeTransport()
+        return manager
 
     def replace_get_route(self, path: str, endpoint) -> None:
         """Serve GET `path` with `endpoint` instead of LitServe's own route there ("/" answers "litserve running")."""

@@ -162,7 +162,8 @@ class ToolCallStream:
     docs/DATA_FORMAT.md) as a `tool_calls` entry. Text that may be the start of a block is held back until
     the block closes; a block that is not valid JSON stays text."""
 
-    def __init__(self):
+    def __init__(self, open_marker: str = TOOL_CALL_OPEN, close_marker: str = TOOL_CALL_CLOSE):
+        self.open, self.close = open_marker, close_marker  # the template's own (chat/tool_markup.py)
         self.pending = ""
         self.calls = 0
 
@@ -170,13 +171,13 @@ class ToolCallStream:
         self.pending += text
         deltas = []
         while True:
-            start = self.pending.find(TOOL_CALL_OPEN)
+            start = self.pending.find(self.open)
             if start == -1:
                 keep = next(
                     (
                         n
-                        for n in range(min(len(TOOL_CALL_OPEN) - 1, len(self.pending)), 0, -1)
-                        if TOOL_CALL_OPEN.startswith(self.pending[-n:])
+                        for n in range(min(len(self.open) - 1, len(self.pending)), 0, -1)
+                        if self.open.startswith(self.pending[-n:])
                     ),
                     0,
                 )
@@ -185,10 +186,10 @@ class ToolCallStream:
                 return deltas
             deltas += self._content(self.pending[:start])
             self.pending = self.pending[start:]
-            end = self.pending.find(TOOL_CALL_CLOSE)
+            end = self.pending.find(self.close)
             if end == -1:
                 return deltas  # the block is still arriving
-            block, self.pending = self.pending[: end + len(TOOL_CALL_CLOSE)], self.pending[end + len(TOOL_CALL_CLOSE) :]
+            block, self.pending = self.pending[: end + len(self.close)], self.pending[end + len(self.close) :]
             deltas.append(self._tool_call(block) or {"content": block})
 
     def finish(self) -> list[dict]:
@@ -200,7 +201,7 @@ class ToolCallStream:
         return [{"content": text}] if text else []
 
     def _tool_call(self, block: str) -> Optional[dict]:
-        call = parse_tool_call(block[len(TOOL_CALL_OPEN) : -len(TOOL_CALL_CLOSE)])
+        call = parse_tool_call(block[len(self.open) : -len(self.close)])
         if call is None:
             return None
         self.calls += 1
@@ -216,7 +217,7 @@ class ReplyDeltas:
     tools, `tool_calls` for the template's `<tool_call>` blocks (finish_reason "tool_calls")."""
 
     def __init__(self, chat):
-        self.tool_calls = ToolCallStream() if chat.tools else None
+        self.tool_calls = ToolCallStream(*chat.tool_call_markers) if chat.tools else None
 
     def push(self, text: str) -> list[dict]:
         if self.tool_calls is None:

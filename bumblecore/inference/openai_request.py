@@ -22,12 +22,14 @@ from pydantic import (
     model_validator,
 )
 
+from bumblecore.chat.format import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 from bumblecore.inference.constrained import format_schema
 from bumblecore.inference.logprobs import MAX_TOP_LOGPROBS
 from bumblecore.inference.openai_fields import (
     INT64,
     REQUIRED,
     Flag,
+    FlagDefaultTrue,
     Message,
     OptionalString,
     ResponseFormat,
@@ -40,6 +42,7 @@ from bumblecore.inference.openai_fields import (
     of_type,
 )
 from bumblecore.inference.sampling import MIN_REPETITION_PENALTY  # the server's flags and the requests share the range
+from bumblecore.inference.tool_choice import ToolChoice, ToolChoiceField, check_against_tools
 
 MAX_NESTING = 64  # deeper than any real request; a 100k-deep body must not exhaust the stack
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")
@@ -85,6 +88,8 @@ class SampledRequest:
     """Independent samples of the reply, each a choice."""
     response_format: Optional[tuple[str, bool]] = None
     """(JSON Schema text, strict), for the engine (inference/constrained.py); None: plain text."""
+    tool_calls: Optional[str] = None
+    """A forced tool call's structural tag, for the engine (inference/tool_choice.py); None: free text."""
 
 
 @dataclass(kw_only=True)
@@ -92,6 +97,10 @@ class ChatRequest(SampledRequest):
     messages: list[dict]
     """Messages as the chat template reads them: role, content (a string), optional tool_calls."""
     tools: Optional[list] = None
+    tool_choice: Optional[ToolChoice] = None
+    parallel_tool_calls: bool = True
+    tool_call_markers: tuple[str, str] = (TOOL_CALL_OPEN, TOOL_CALL_CLOSE)
+    """What opens and closes a call in the reply: the template's own (chat/tool_markup.py) once known."""
     logprobs: bool = False
     top_logprobs: int = 0
 
@@ -161,6 +170,8 @@ class ChatCompletionBody(StreamedBody):
     tools: Annotated[
         Optional[list[Tool]], BeforeValidator(of_type(list, "expected a list of tool definitions", True))
     ] = None
+    tool_choice: Annotated[Optional[ToolChoice], ToolChoiceField] = Field(None, validate_default=True)
+    parallel_tool_calls: FlagDefaultTrue = True
     temperature: Temperature = None
     top_p: TopP = None
     top_k: TopK = None
@@ -180,6 +191,11 @@ class ChatCompletionBody(StreamedBody):
         if info.data.get("max_completion_tokens") is not None:
             return None
         return check_integer(value, 1)
+
+    @field_validator("tool_choice", mode="after")
+    @classmethod
+    def among_tools(cls, choice, info: ValidationInfo):
+        return check_against_tools(choice, info.data.get("tools"))
 
     @field_validator("top_logprobs", mode="after")
     @classmethod
@@ -251,7 +267,11 @@ def parse_chat_request(body) -> ChatRequest:
     checked = check_body(body, ChatCompletionBody)
     return ChatRequest(
         messages=[message.template_form() for message in checked.messages],
-        tools=body.get("tools") or None,  # as sent: the template writes the definitions as they are
+        # As sent: the template writes the definitions as they are. tool_choice none: no tools in the
+        # prompt (the model is not invited to call) and none parsed from the reply.
+        tools=(body.get("tools") or None) if checked.tool_choice.mode != "none" else None,
+        tool_choice=checked.tool_choice,
+        parallel_tool_calls=checked.parallel_tool_calls,
         max_tokens=checked.max_tokens if checked.max_completion_tokens is None else checked.max_completion_tokens,
         logprobs=checked.logprobs,
         top_logprobs=checked.top_logprobs or 0,

@@ -61,6 +61,8 @@ class SamplingParams(SamplingArgs):
     """Seeds this request's own generator: the same seed gives the same text whatever else is batched."""
     response_format: Optional[tuple[str, bool]] = None
     """(JSON Schema text, strict): the reply is JSON that follows it (inference/constrained.py)."""
+    tool_calls: Optional[str] = None
+    """A structural tag (JSON text): the reply is tool calls in the chat template's markup (inference/tool_choice.py)."""
     logprobs: Optional[int] = None
     """Each generated token's log-probability and this many most likely ones (inference/logprobs.py)."""
     prompt_logprobs: Optional[int] = None

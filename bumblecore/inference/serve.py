@@ -26,6 +26,7 @@ from bumblecore.inference.request_guard import HeadTimeoutH11Protocol, RequestGu
 from bumblecore.inference.sampling import SamplingArgs
 from bumblecore.inference.serve_settings import (
     DEFAULT_PREFIX_CACHE_MB,
+    DEFAULT_STREAM_INTERVAL,
     SERVE_SAMPLING,
     ServeSettings,
     context_length,
@@ -52,7 +53,7 @@ class BumbleServer(InProcessLitServer):
 
         on_gpu = settings.device_map.startswith("cuda") or (settings.device_map == "auto" and torch.cuda.is_available())
         api = EngineAPI(settings, CompletionsSpec(settings))
-        super().__init__(api, accelerator="cuda" if on_gpu else "cpu", devices=1, timeout=False, fast_queue=True)
+        super().__init__(api, accelerator="cuda" if on_gpu else "cpu", devices=1, timeout=False)
         self.settings = settings
         app = self.app
         self.replace_get_route("/", self.page)
@@ -111,10 +112,12 @@ def serve(
     trust_remote_code: bool = False,
     sampling: SamplingArgs = SERVE_SAMPLING,
     prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB,
+    stream_interval: float = DEFAULT_STREAM_INTERVAL,
     log_level: str = "info",
     chat_template: Optional[str] = None,
     base_model_path: Optional[str] = None,
     ignore_base_mismatch: bool = False,
+    static_cache: bool = False,
 ) -> None:
     """Serve a model: OpenAI-compatible /v1/chat/completions (streaming too), /v1/models, /health, and a web chat page at /.
 
@@ -139,10 +142,12 @@ def serve(
         trust_remote_code: allow a model or tokenizer that ships its own Python code (only for directories you trust).
         sampling: defaults for requests that leave a field out.
         prefix_cache_mb: MiB of KV cache kept from finished requests, so a conversation's next turn prefills only its new tokens (its history's are reused); 0 disables.
+        stream_interval: seconds at least between two chunks of a reply; tokens generated meanwhile go out together in one chunk (a model faster than that sends several tokens a chunk); 0: a chunk per decode step.
         log_level: uvicorn/LitServe log level (debug, info, warning, error).
         chat_template: a built-in template (chatml, qwen2.5, llama3, mistral, gemma, phi3) or a .jinja file; default: the model's own (the one it was trained with). A conversation it cannot render is answered 400.
         base_model_path: for a LoRA adapter: the base to apply it to (default: the one the adapter names); it must be the base the adapter was trained on.
         ignore_base_mismatch: apply a LoRA adapter to a base other than the one it was trained on (its base_fingerprint.json says which) instead of refusing.
+        static_cache: decode every slot in one fixed-shape step compiled for the batch (inductor on CPU, CUDA graphs on CUDA): the server compiles a few minutes before its first replies on a CPU, then steps faster; not for an unmerged LoRA adapter (merge it first).
     """
     if training_stage not in SERVED_STAGES:
         raise ValueError(f"training_stage {training_stage!r}: expected pretrain, continue_pretrain, sft or dpo")
@@ -150,6 +155,8 @@ def serve(
         raise ValueError("max_batch_size must be at least 1")
     if prefix_cache_mb < 0:
         raise ValueError("prefix_cache_mb must be at least 0 (0 disables the prefix cache)")
+    if not 0 <= stream_interval <= 1:
+        raise ValueError("stream_interval must be between 0 and 1 second (0: a chunk per decode step)")
     if api_key and any(arg == "--api_key" or arg.startswith("--api_key=") for arg in sys.argv):
         print(
             "bumblecore serve: note: --api_key is visible to every user of this machine (ps, /proc); "
@@ -172,9 +179,11 @@ def serve(
         trust_remote_code=trust_remote_code,
         sampling=sampling,
         prefix_cache_mb=prefix_cache_mb,
+        stream_interval=stream_interval,
         chat_template=chat_template,
         base_model_path=base_model_path,
         ignore_base_mismatch=ignore_base_mismatch,
+        static_cache=static_cache,
         host=host,
         allowed_hosts=tuple(allowed_hosts or ()),
         allowed_origins=tuple(allowed_origins or ()),

@@ -15,6 +15,10 @@ SERVE_SAMPLING = SamplingArgs(max_new_tokens=None, do_sample=True)
 # A chat's next turn reuses its history's keys and values (inference/prefix_cache.py). 256 MiB holds
 # ~20k tokens of a 0.5B Qwen2 in bfloat16 (12 KiB a token), ~128k of the benchmark's small model.
 DEFAULT_PREFIX_CACHE_MB = 256.0
+# A reply's tokens go out at most every 20 ms (50 chunks a second, as smooth as a page can show):
+# a model that decodes faster sends several tokens a chunk instead of one socket write per token,
+# which at many streams costs the server more than the decode; a slower one sends each as it comes.
+DEFAULT_STREAM_INTERVAL = 0.02
 
 
 @dataclass
@@ -39,6 +43,8 @@ class ServeSettings:
     """Seconds a connection may take to send a request's line and headers (or stay idle between requests)."""
     body_timeout: float = 30.0
     """Seconds a client may take to send a request's body."""
+    stream_interval: float = DEFAULT_STREAM_INTERVAL
+    """Seconds at least between two chunks of a reply: tokens generated meanwhile go out together."""
     sampling: SamplingArgs = SERVE_SAMPLING
     """Defaults for requests that leave a field out (the original's generation flags)."""
     prefix_cache_mb: float = DEFAULT_PREFIX_CACHE_MB
@@ -49,6 +55,8 @@ class ServeSettings:
     """A LoRA adapter's base, instead of the one the adapter names."""
     ignore_base_mismatch: bool = False
     """Apply a LoRA adapter to a base other than the one it was trained on instead of refusing."""
+    static_cache: bool = False
+    """Decode every slot in one fixed-shape compiled step (inference/static_decode.py)."""
 
 
 def model_dirs(model_path: str, base_model_path: Optional[str] = None) -> tuple[Path, Path]:

@@ -7,6 +7,7 @@ out as one JSON reply or as server-sent events. Errors answer in OpenAI's shape.
 import asyncio
 import json
 import logging
+import math
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -172,18 +173,26 @@ class ChatCompletionsSpec(LitSpec):
         """The same prompt `bumblecore generate` and `chat` build."""
         from bumblecore.chat.format import ChatFormatError, chat_format
         from bumblecore.inference.commands import build_prompt_ids, continues_raw_text
+        from bumblecore.inference.tool_choice import ToolChoiceError, constrain_tool_calls
 
         stage = self.settings.training_stage
         if continues_raw_text(stage):
+            if chat.tool_choice is not None and chat.tool_choice.forces_a_call:
+                raise APIError(
+                    400, "tool_choice: a base model continues raw text, it has no tools", param="tool_choice"
+                )
             # A base model continues raw text: the messages' contents, one after another.
             text = "\n".join(m["content"] for m in chat.messages if m["content"])
             if not text:  # checked on the text: the tokenizer's BOS alone is no prompt either
                 raise APIError(400, "The prompt is empty.", param="messages", code="invalid_value")
             return build_prompt_ids(self.tokenizer, text, stage)
         try:
+            constrain_tool_calls(chat, self.tokenizer)
             return build_prompt_ids(
                 self.tokenizer, chat.messages, stage, self.settings.system_prompt, chat.tools, add_generation_prompt
             )
+        except ToolChoiceError as err:
+            raise APIError(400, str(err), param=err.param, code="invalid_value") from None
         except ChatFormatError as err:
             # The conversation, not the server: tools the template has no place for, or a role order its
             # raise_exception refuses.
@@ -251,15 +260,22 @@ class ChatCompletionsSpec(LitSpec):
 
     async def piece_batches(self, submission: Submission, request: Optional[Request] = None):
         """The worker's messages for one request, as lists of those that arrived together (a stream
-        sends each list as one chunk). With `request` (non-streaming replies), a client that hangs
-        up is noticed within a second; a stream notices through Starlette, which cancels it."""
+        sends each list as one chunk). A list follows the one before it after at least
+        `stream_interval` seconds (the last at once): the tokens of decode steps faster than that go
+        out together, one write and one wake-up instead of one per step. With `request` (non-streaming replies), a
+        client that hangs up is noticed within a second; a stream notices through Starlette, which
+        cancels it."""
         replies, last_check = submission.replies, time.monotonic()
+        interval, last_batch = self.settings.stream_interval, -math.inf
         while True:
-            await replies.wait(timeout=1.0)
+            await replies.wait(timeout=None if request is None else 1.0)
             if request is not None and time.monotonic() - last_check >= 1.0:
                 last_check = time.monotonic()
                 if await request.is_disconnected():
                     return
+            pause = last_batch + interval - time.monotonic()
+            if pause > 0:  # cut short by the reply's end: its last tokens never wait
+                await replies.pause(pause)
             batch = []
             while (message := replies.next()) is not None:
                 data, status = message
@@ -278,6 +294,7 @@ class ChatCompletionsSpec(LitSpec):
                 batch.append(data)
             replies.clear()
             if batch:
+                last_batch = time.monotonic()
                 yield batch
 
     async def stream_chunks(self, chat: ChatRequest, submissions: list[Submission]):
@@ -396,6 +413,7 @@ def sampling_params(
         logprobs=logprobs,
         prompt_logprobs=prompt_logprobs,
         response_format=chat.response_format,
+        tool_calls=chat.tool_calls,
     )
 
 

@@ -16,6 +16,7 @@ import asyncio
 import logging
 import multiprocessing
 import os
+import time
 from collections import deque
 from typing import Optional
 
@@ -91,16 +92,18 @@ class EngineLoop(ContinuousBatchingLoop):
                 pass
             self.work_arrived.clear()
             return
-        await self.run_steps(lit_api, transport)
+        # The decode steps run in one thread while requests are active (not a thread hop per step);
+        # this event loop meanwhile takes new requests and cancellations (prefill).
+        await asyncio.to_thread(self.decode_while_active, lit_api, transport)
         lit_api.publish_health()
 
-    async def run_steps(self, lit_api, transport) -> None:
+    def decode_while_active(self, lit_api, transport) -> None:
         """Decode steps while any request is active (LitServe's run(), with one message per step)."""
         try:
             while lit_api.has_active_requests():
-                outputs = await asyncio.to_thread(lit_api.step, None)
+                outputs = lit_api.step(None)
                 if not outputs:
-                    await asyncio.sleep(0.001)
+                    time.sleep(0.001)
                     continue
                 replies: dict[int, list] = {}
                 done = []
@@ -116,7 +119,7 @@ class EngineLoop(ContinuousBatchingLoop):
                     self.mark_completed(uid)
         except Exception as err:  # as LitServe's loop does: every request it tracks gets the error
             log.exception("error in the serving loop")
-            for uid, response_queue_id in self.response_queue_ids.items():
+            for uid, response_queue_id in list(self.response_queue_ids.items()):
                 self.put_error_response(transport, response_queue_id, uid, err, LoopResponseType.STREAMING)
             self.response_queue_ids.clear()
             self.active_sequences.clear()
@@ -156,6 +159,7 @@ class EngineAPI(ls.LitAPI):
             max_len,
             eos_token_ids=eos,
             prefix_cache_mb=settings.prefix_cache_mb,
+            static_cache=settings.static_cache,
         )
         # add_request runs on the loop's event-loop thread, step() on another: hand over through deques.
         self.arrivals: deque = deque()
@@ -178,7 +182,8 @@ class EngineAPI(ls.LitAPI):
         """LitServe's hook for /health (in the HTTP process): 503 while the engine cannot serve."""
         return bool(self.engine_serving.value)
 
-    def authorize(self, request: Request) -> None:
+    async def authorize(self, request: Request) -> None:
+        # async: FastAPI runs a plain function dependency in its thread pool, a thread hop per request
         if request.url.path not in PUBLIC_PATHS:
             check_key(self.settings.api_key, request.headers.get("authorization", ""))
 

@@ -7,6 +7,7 @@ layouts and speed (tests/model/test_model.py compares them).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -117,6 +118,7 @@ def per_document_attention(q, k, v, mask: AttentionMask, scale: float) -> torch.
     return torch.cat(outputs, dim=1).transpose(0, 1).reshape(b, s, heads, dim)
 
 
+@functools.cache  # asked by every layer's forward: the imports are tried once
 def _flash_kernels():
     """(dense, varlen) FlashAttention functions: flash-attn 2 if installed, else flash-attn-4, else None."""
     try:

@@ -14,7 +14,6 @@ projections laid out for one new token per row). The attention kernels are in mo
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -35,6 +34,8 @@ from bumblecore.model.attention import (
 from bumblecore.model.config import BumblebeeConfig
 from bumblecore.model.hf_config import dtype_name, read_config, resolve_dtype
 from bumblecore.model.hf_io import expected_tensors, iter_checkpoint, save_pretrained
+from bumblecore.model.rope import rotary_cos_sin
+from bumblecore.model.tiling import checkpointed_layer, tiled_mlp
 
 ACT_FNS = {
     "silu": F.silu,
@@ -91,28 +92,6 @@ def make_norm(config: BumblebeeConfig) -> nn.Module:
 # ---------------------------------------------------------------------------- RoPE
 
 
-def rope_inverse_frequencies(config: BumblebeeConfig, device=None) -> torch.Tensor:
-    """Inverse frequencies of the rotary embedding (fp32), with linear or Llama 3 scaling."""
-    dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
-    scaling = config.rope_scaling or {}
-    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-    if rope_type == "linear":
-        inv_freq = inv_freq / scaling["factor"]
-    elif rope_type == "llama3":
-        # Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, the band between interpolated.
-        factor = scaling["factor"]
-        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
-        old_len = scaling["original_max_position_embeddings"]
-        wavelen = 2 * math.pi / inv_freq
-        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
-        smooth = (old_len / wavelen - low) / (high - low)
-        blended = (1 - smooth) * scaled / factor + smooth * scaled
-        in_band = (wavelen >= old_len / high) & (wavelen <= old_len / low)
-        inv_freq = torch.where(in_band, blended, scaled)
-    return inv_freq
-
-
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     first, second = x.chunk(2, dim=-1)
     return torch.cat((-second, first), dim=-1)
@@ -126,6 +105,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     by -angle, and keeps only cos and sin)."""
     half = x.shape[-1] // 2
     cos, sin = cos[..., :half].unsqueeze(2), sin[..., :half].unsqueeze(2)
+    if torch.compiler.is_compiling():  # the plain formula: inductor fuses it, and traces no out= writes
+        first, second = x.chunk(2, dim=-1)
+        return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
     if torch.is_grad_enabled() and x.requires_grad:
         return _Rotation.apply(x, cos, sin)
     return _rotate(x, cos, sin)
@@ -278,7 +260,11 @@ class Attention(nn.Module):
                 return qk[:, :, :heads], qk[:, :, heads:], v
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+        return (*self.rope(q, k, cos, sin), v)
+
+    def rope(self, q, k, cos, sin):
+        """RoPE on queries and keys (model/liger.py swaps in liger's kernel)."""
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
     def attend(self, q, k, v, mask: AttentionMask) -> torch.Tensor:
         """q: (b, q_len, heads, d), k/v: (b, k_len, kv_heads, d) -> (b, q_len, heads * d)."""
@@ -290,12 +276,13 @@ class Attention(nn.Module):
         """The kernel on whatever heads q, k, v hold (all, or a sequence-parallel rank's share) -> (b, q_len, heads, d)."""
         b, s, heads, kv_heads = *q.shape[:3], k.shape[2]
         every_key = not mask.causal and mask.dense is None
+        flash = self.attn_implementation == "flash_attn" and q.is_cuda and flash_available()  # else SDPA
         if every_key and s == 1 and heads != kv_heads and self.attn_implementation != "eager":
             # One query per row that sees every key (a decode step): the query heads sharing a kv head
             # are, to the kernel, that head's queries: a plain (non-GQA) call, ~2x faster on CPU.
             q = q.reshape(b, kv_heads, heads // kv_heads, self.head_dim)
             out = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), scale=self.scale)
-        elif self.attn_implementation == "flash_attn" and mask.dense is None and mask.causal and q.is_cuda:
+        elif flash and mask.dense is None and mask.causal:
             out = flash_attention(q, k, v, mask, self.scale)
         elif mask.cu_seqlens is not None:
             out = per_document_attention(q, k, v, mask, self.scale)
@@ -314,12 +301,16 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
         self.act = ACT_FNS[config.hidden_act]
+        self.tiles = 1  # tiled_mlp: the tokens in this many chunks (model/tiling.py)
 
     def forward(self, x: torch.Tensor, prepared=None) -> torch.Tensor:
         """prepared: decoding's weights (inference/decode.py PreparedMLP: gate and up as one matmul)."""
         if prepared is not None and prepared.matches(self):
             gate, up = prepared.gate_up(x).chunk(2, dim=-1)
             return prepared.down(self._gated(gate, up))
+        return tiled_mlp(self, x, self.tiles) if self.tiles > 1 else self.untiled(x)
+
+    def untiled(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_proj(x), self.up_proj(x)
         if _recompute_in_backward(gate):  # keep gate and up for backward, not act(gate) as well
             return self.down_proj(checkpoint(self._gated, gate, up, use_reentrant=False))
@@ -364,7 +355,8 @@ class Bumblebee(nn.Module):
         self.model = BumblebeeBackbone(config)
         self.add_head(config)
         self.gradient_checkpointing = False
-        self._inv_freq: dict[torch.device, torch.Tensor] = {}
+        self.activation_offload = False  # checkpointed layers' inputs in host memory (model/tiling.py)
+        self._inv_freq: dict = {}  # RoPE frequencies per device and settings (model/rope.py)
         self.apply(self._init_weights)
 
     # -- construction
@@ -441,12 +433,8 @@ class Bumblebee(nn.Module):
     # -- forward
 
     def rope_cos_sin(self, position_ids: torch.Tensor, dtype: torch.dtype):
-        device = position_ids.device
-        if device not in self._inv_freq:
-            self._inv_freq[device] = rope_inverse_frequencies(self.config, device=device)
-        freqs = position_ids[..., None].float() * self._inv_freq[device]
-        angles = torch.cat((freqs, freqs), dim=-1)
-        return angles.cos().to(dtype), angles.sin().to(dtype)
+        """cos and sin of the positions, with the config's RoPE scaling (model/rope.py)."""
+        return rotary_cos_sin(self.config, position_ids, dtype, self._inv_freq)
 
     def windows(self) -> set:
         """The distinct sliding windows of the layers (None = full attention): one mask each per forward."""
@@ -461,9 +449,9 @@ class Bumblebee(nn.Module):
                 return AttentionMask(window=window)
             steps = torch.arange(seq, device=device)
             return AttentionMask(dense=window_band(steps, steps, window)[None, None], window=window)
-        # Packed documents without padding go to a varlen kernel: FlashAttention's on CUDA, SDPA per
-        # document on CPU (measured there; on CUDA without flash-attn the dense mask is kept).
-        per_document = self.config.attn_implementation != "eager" and device.type == "cpu"
+        # Packed documents without padding go to a varlen kernel: FlashAttention's when installed (CUDA),
+        # else SDPA per document (each document's causal triangle, not every query against the row).
+        per_document = self.config.attn_implementation != "eager"
         if attention_mask is None and (flash or per_document):
             mask = packed_document_boundaries(segment_ids)
             mask.window = window
@@ -525,7 +513,7 @@ class Bumblebee(nn.Module):
         for i, layer in enumerate(self.model.layers):
             mask = masks[layer.self_attn.window]
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+                x = checkpointed_layer(layer, x, cos, sin, mask, offload=self.activation_offload)
             else:
                 x = layer(x, cos, sin, mask, kv_cache, cache_write, None if prepared is None else prepared[i])
         if kv_cache is not None:

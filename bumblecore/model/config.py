@@ -6,10 +6,11 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
+from bumblecore.model.rope import normalize_rope_scaling
+
 ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "relu")
 NORMS = ("rmsnorm", "layernorm")
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "flash_attn", "eager")
-ROPE_TYPES = ("default", "linear", "llama3")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
 # Qwen2.5 shapes (their config.json files). Common to all: silu, RMSNorm 1e-6, rope_theta 1e6,
@@ -95,7 +96,7 @@ class BumblebeeConfig:
     """Per-head width; None means hidden_size // num_attention_heads."""
     rope_theta: float = 1_000_000.0
     rope_scaling: Optional[dict] = None
-    """None (plain RoPE), {"rope_type": "linear", "factor": f} or Llama 3's {"rope_type": "llama3", ...}."""
+    """None (plain RoPE), or {"rope_type": linear, dynamic, yarn or llama3, "factor": f, ...} (model/rope.py)."""
     rms_norm_eps: float = 1e-6
     max_position_embeddings: int = 32768
     tie_word_embeddings: bool = True
@@ -147,9 +148,7 @@ class BumblebeeConfig:
                 _check_choice("layer_types entry", kind, LAYER_TYPES)
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ValueError(f"sliding_window must be >= 1 (or None), got {self.sliding_window}")
-        if self.rope_scaling is not None:
-            rope_type = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
-            _check_choice("rope_scaling.rope_type", rope_type, ROPE_TYPES)
+        self.rope_scaling = normalize_rope_scaling(self.rope_scaling, self.max_position_embeddings)
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> BumblebeeConfig:

@@ -11,7 +11,8 @@ from typing import Optional, Union
 
 import torch
 
-from bumblecore.model.config import ACTIVATIONS, ROPE_TYPES, BumblebeeConfig
+from bumblecore.model.config import ACTIVATIONS, BumblebeeConfig
+from bumblecore.model.rope import normalize_rope_scaling, rope_parameters
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama", "mistral", "bumblebee")
 ARCHITECTURES = {
@@ -124,10 +125,12 @@ def unsupported_features(raw: dict) -> list[str]:
         found.append("mlp_bias=true is not supported")
     if model_type in ("llama", "qwen3", "mistral") and raw.get("attention_bias"):
         found.append(f"{model_type} attention_bias=true (bias on o_proj too) is not supported")
-    scaling = raw.get("rope_scaling") or raw.get("rope_parameters") or {}
-    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-    if rope_type not in ROPE_TYPES:
-        found.append(f"rope_type {rope_type!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
+    key = "rope_scaling" if raw.get("rope_scaling") else "rope_parameters"
+    scaling = {k: v for k, v in (raw.get(key) or {}).items() if k != "rope_theta"}
+    try:
+        normalize_rope_scaling(scaling, raw.get("max_position_embeddings", 0), key=key)
+    except ValueError as err:
+        found.append(str(err))
     if raw.get("hidden_act", "silu") not in ACTIVATIONS:
         found.append(f"hidden_act {raw['hidden_act']!r} is not supported")
     return found
@@ -203,7 +206,9 @@ def config_to_hf_dict(config: BumblebeeConfig, dtype: Optional[torch.dtype] = No
     model_type = hf_model_type(config)
     out = {"architectures": [ARCHITECTURES[model_type]], "model_type": model_type}
     out.update({k: getattr(config, k) for k in _SHARED_KEYS})
-    # transformers 4 layout (top-level rope_theta / rope_scaling); transformers 5 reads it too.
+    # transformers 5's rope_parameters, and beside it the transformers 4 layout (top-level rope_theta /
+    # rope_scaling) that older readers (transformers 4, vLLM's older releases) look for.
+    out["rope_parameters"] = rope_parameters(config)
     out["rope_theta"] = config.rope_theta
     out["rope_scaling"] = config.rope_scaling
     out["attention_dropout"] = 0.0

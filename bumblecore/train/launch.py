@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from bumblecore.args import TrainArgs
 from bumblecore.train.sequence_parallel import check_world
 from bumblecore.train.trackers import check_installed
@@ -67,12 +69,70 @@ def check_inputs(run: TrainArgs) -> None:
     if not run.data.dataset_path:
         raise ValueError("dataset_path is required")
     check_installed(run.output.report_to)  # a tracker's missing package, named with its extra
+    if run.optimization.enable_liger_kernel:
+        check_liger(run)
+    check_long_context(run)
     if run.optimization.lr_scheduler_type == "reduce_on_plateau" and not run.data.eval_dataset_path:
         # It steps on the eval loss only: without an eval set the lr would silently stay constant.
         raise ValueError(
             "lr_scheduler_type reduce_on_plateau lowers the lr when the eval loss stops improving, "
             "so it needs eval_dataset_path; give one, or choose another schedule (e.g. cosine)"
         )
+
+
+def check_liger(run: TrainArgs) -> None:
+    """enable_liger_kernel's refusals: liger's kernels are Triton (CUDA) and swap Bumblebee's modules."""
+    from bumblecore.model.hf_config import bumblebee_expresses
+    from bumblecore.model.liger import liger_refusal
+
+    if not bumblebee_expresses(run.model.model_name_or_path):
+        raise ValueError(
+            f"enable_liger_kernel: model_name_or_path {run.model.model_name_or_path} trains through transformers, "
+            "and liger's kernels are wired into Bumblebee models only (ours, Qwen2, Qwen3, Llama, Mistral); "
+            "set enable_liger_kernel: false"
+        )
+    cuda = run.runtime.accelerator in ("auto", "cuda") and torch.cuda.is_available()
+    refusal = liger_refusal("cuda" if cuda else "cpu")
+    if refusal:
+        raise ValueError(f"enable_liger_kernel: {refusal}; or set enable_liger_kernel: false")
+
+
+def check_long_context(run: TrainArgs) -> None:
+    """tiled_mlp, activation_offload and rope_scaling refused where they cannot work (model/tiling.py,
+    model/rope.py), naming the key."""
+    import torch
+
+    from bumblecore.model.hf_config import bumblebee_expresses, read_config
+    from bumblecore.model.rope import context_scaling
+    from bumblecore.model.tiling import check_long_context as check_tiling
+
+    optimization, model_dir = run.optimization, run.model.model_name_or_path
+    on_cuda = run.runtime.accelerator != "cpu" and torch.cuda.is_available()
+    check_tiling(
+        optimization.tiled_mlp,
+        optimization.activation_offload,
+        optimization.enable_gradient_checkpointing,
+        "cuda" if on_cuda else "cpu",
+    )
+    asked = {
+        "tiled_mlp": optimization.tiled_mlp > 1,
+        "activation_offload": optimization.activation_offload,
+        "rope_scaling": run.model.rope_scaling is not None,
+    }
+    asked = [key for key, on in asked.items() if on]
+    if asked and not bumblebee_expresses(model_dir):
+        raise ValueError(
+            f"{', '.join(asked)}: implemented in Bumblebee (qwen2, qwen3, llama, mistral families); "
+            f"{model_dir} trains through transformers"
+        )
+    if run.model.rope_scaling is None:
+        return
+    if run.model.finetuning_type == "lora":
+        raise ValueError(
+            "rope_scaling changes the base model's config.json, which a LoRA adapter does not carry: "
+            "extend the context with finetuning_type full, or write rope_parameters into the base's config.json"
+        )
+    context_scaling(run.model.rope_scaling, read_config(model_dir), run.data.cutoff_len)
 
 
 def load_zero_stage(path) -> int:

@@ -127,6 +127,10 @@ def chunked_cross_entropy(
     if count == 0 and head_calls is None:
         zero = hidden.sum() * 0.0  # keeps the graph connected for backward on every rank
         return (zero + extra * 0.0 if extra is not None else zero), 0
+    fused = getattr(lm_head, "fused_cross_entropy", None)  # liger's head (model/liger.py): no logits stored
+    total = fused(hidden, targets) if fused is not None else None
+    if total is not None:  # (a Bumblebee's head: no family's extra loss)
+        return total, count
     chunk_tokens = chunk_tokens or tokens_per_chunk(lm_head)
     starts = range(0, count, chunk_tokens)
     if head_calls is not None:

@@ -62,6 +62,8 @@ class Workload:
     lora_dropout: bool = False  # LoRA with dropout > 0: each adapted input is copied by its dropout
     embedding_params: int = 0  # the (tied) embedding and LM head: gradients made at backward's ends
     accumulates: bool = False  # gradient accumulation: every micro batch after the first runs beside the gradients
+    mlp_tiles: int = 0  # tiled_mlp: the MLP's intermediates of one of this many chunks alive at a time
+    activation_offload: bool = False  # the checkpointed layers' inputs wait in host memory (CUDA)
 
     @classmethod
     def from_config(cls, raw: dict, micro_batch_size: int, sequence_length: int, **kwargs) -> Workload:
@@ -118,9 +120,10 @@ class Workload:
         width = 4 if compute == "fp32" else 2
         outside = (10 if compute == "fp32" else 7) * self.hidden_size * self.tokens  # embedding output, final norm
         one_layer = self.layer_bytes_per_token(compute) * self.tokens
+        long_context = tiled_and_offloaded(self, compute)  # what tiled_mlp and activation_offload take off
         if self.gradient_checkpointing:  # each layer's input kept; one layer recomputed in backward
-            return self.num_layers * width * self.hidden_size * self.tokens + one_layer + outside
-        return self.num_layers * one_layer + outside
+            return self.num_layers * width * self.hidden_size * self.tokens + one_layer + outside - long_context
+        return self.num_layers * one_layer + outside - long_context
 
     def loss_chunks(self, compute: str = "fp32") -> int:
         """The chunked cross-entropy's largest live tensor: one chunk's logits, recomputed in backward
@@ -130,6 +133,27 @@ class Workload:
             return 0
         chunk = min(self.tokens, max(64, LOGITS_BUDGET_BYTES // (4 * self.vocab_size)))
         return chunk * self.vocab_size * (4 if compute == "fp32" else 6)
+
+
+def tiled_and_offloaded(work: Workload, compute: str) -> int:
+    """Activation bytes tiled_mlp and activation_offload keep off the device (model/tiling.py). Tiled, a
+    layer keeps only its MLP chunks' inputs (views of what the projections keep anyway), not the 3
+    intermediate-wide tensors per token, and one chunk's are recomputed at a time in backward; offloaded,
+    the checkpointed layers' inputs are in host memory (`offloaded_activations`)."""
+    saved = offloaded_activations(work, compute)
+    if work.mlp_tiles > 1:
+        width = 4 if compute == "fp32" else 2
+        chunk = -(-work.tokens // work.mlp_tiles)
+        stored_layers = 1 if work.gradient_checkpointing else work.num_layers  # the recomputed one, or all
+        saved += 3 * work.intermediate_size * width * (stored_layers * work.tokens - chunk)
+    return saved
+
+
+def offloaded_activations(work: Workload, compute: str) -> int:
+    """The checkpointed layers' inputs that activation_offload keeps in host memory."""
+    if not (work.activation_offload and work.gradient_checkpointing):
+        return 0
+    return work.num_layers * (4 if compute == "fp32" else 2) * work.hidden_size * work.tokens
 
 
 def sequence_parallel_share(work: Workload, size: int) -> Workload:
@@ -264,6 +288,7 @@ def _transient(plan, work: Workload, precision, stage, n, zero, total, trainable
     width = 2 if compute == "half" else 4
     embedding_gradient = work.embedding_params * width // (n if stage == 3 else 1) if trainable == total else 0
     start = work.activations(compute) + work.loss_chunks(compute)
+    plan.host_offload += offloaded_activations(work, compute)
     end = plan.gradients + embedding_gradient
     if work.accumulates:
         # The gradients summed so far stay alive through the next micro batch's forward: its activations

@@ -79,6 +79,10 @@ def load_model(
             grow_vocab(model, vocab_size)
         if run.optimization.enable_gradient_checkpointing:
             model.set_gradient_checkpointing(True)
+        if run.optimization.enable_liger_kernel:  # refused before the run where liger cannot run (launch.py)
+            from bumblecore.model.liger import use_liger_kernels
+
+            fabric.print(f"liger kernels: {', '.join(use_liger_kernels(model))}")
         return model
     model = load_transformers_model(
         run.model.model_name_or_path,
@@ -202,6 +206,8 @@ def memory_plan(
         gradient_checkpointing=bool(optimization.enable_gradient_checkpointing),
         lora_dropout=run.model.finetuning_type == "lora" and bool(run.lora.lora_dropout),
         accumulates=optimization.gradient_accumulation_steps > 1,
+        mlp_tiles=optimization.tiled_mlp,
+        activation_offload=optimization.activation_offload,
     )
     if run.runtime.sequence_parallel_size > 1:  # each rank holds a slice of every row
         workload = sequence_parallel_share(workload, run.runtime.sequence_parallel_size)
@@ -275,6 +281,7 @@ def build_model(fabric, run: TrainArgs, load, tokenizer, stage_of_zero: Optional
         weights_dtype = torch.bfloat16 if optimization.train_model_precision == "bf16" else torch.float16
     model = load(run, fabric, dtype=weights_dtype, partitioned=stage_of_zero == 3)
     release_freed_host_memory()
+    extend_context(model, run, tokenizer)
     if getattr(model, "is_transformers_fallback", False) and run.data.packing:
         fabric.print("note: packing is off for transformers models (their CPU attention would cross documents)")
         run.data = dataclasses.replace(run.data, packing=False)
@@ -303,6 +310,21 @@ def build_model(fabric, run: TrainArgs, load, tokenizer, stage_of_zero: Optional
         size = run.runtime.sequence_parallel_size
         use_sequence_parallel(model, sequence_parallel_group(size), size)
     return model
+
+
+def extend_context(model, run: TrainArgs, tokenizer) -> None:
+    """rope_scaling, tiled_mlp and activation_offload on the loaded Bumblebee (train/launch.py checked them):
+    the config (and so config.json) takes the scaling and its longer context, the tokenizer its length."""
+    from bumblecore.model.rope import context_scaling
+    from bumblecore.model.tiling import enable_long_context
+
+    if run.model.rope_scaling is not None:
+        scaling, positions = context_scaling(run.model.rope_scaling, model.config, run.data.cutoff_len)
+        model.config = dataclasses.replace(model.config, rope_scaling=scaling, max_position_embeddings=positions)
+        tokenizer.model_max_length = max(tokenizer.model_max_length, positions)
+    optimization = run.optimization
+    if optimization.tiled_mlp > 1 or optimization.activation_offload:
+        enable_long_context(model, optimization.tiled_mlp, optimization.activation_offload)
 
 
 def build_optimizer(fabric, run: TrainArgs, model, total_steps: int):

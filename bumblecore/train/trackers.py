@@ -3,7 +3,9 @@ interface the monitor (train/monitor.py) drives on rank 0: open with the resolve
 log each metrics.jsonl record at its step, close with the run's outcome.
 
 tensorboard and csv are lightning.fabric's loggers; wandb and mlflow are Lightning's WandbLogger and
-MLFlowLogger, which need only their `log_*` calls (no Trainer) and so work under Fabric too.
+MLFlowLogger, which need only their `log_*` calls (no Trainer) and so work under Fabric too; swanlab
+is SwanLab's own Lightning logger (swanlab 0.5.x: its later releases pin protobuf < 7, which the
+other trackers' packages outgrew).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ PACKAGES = {
     "tensorboard": ("tensorboard", "pip install tensorboard"),
     "wandb": ("wandb", "pip install 'bumblecore[wandb]'"),
     "mlflow": ("mlflow", "pip install 'bumblecore[mlflow]'"),
+    "swanlab": ("swanlab", "pip install 'bumblecore[swanlab]'"),
 }
 # The scalars the TensorBoard HParams table shows beside the configuration.
 HPARAMS_METRICS = ("train/loss", "eval/loss")
@@ -82,7 +85,15 @@ def _mlflow(output_dir: Path, run_name: str, project: str, resume_step: Optional
     return MLFlowLogger(experiment_name=project, run_name=run_name, tracking_uri=tracking_uri)
 
 
-OPEN = {"tensorboard": _tensorboard, "csv": _csv, "wandb": _wandb, "mlflow": _mlflow}
+def _swanlab(output_dir: Path, run_name: str, project: str, resume_step: Optional[int]):
+    from swanlab.integration.pytorch_lightning import SwanLabLogger
+
+    # SWANLAB_MODE (cloud, local, disabled) is swanlab's own. A local run's files go to output_dir/swanlog
+    # (not SWANLAB_LOG_DIR: swanlab sets it to the first run's directory for the rest of the process).
+    return SwanLabLogger(project=project, experiment_name=run_name, logdir=str(output_dir / "swanlog"))
+
+
+OPEN = {"tensorboard": _tensorboard, "csv": _csv, "wandb": _wandb, "mlflow": _mlflow, "swanlab": _swanlab}
 
 
 class Trackers:
@@ -135,5 +146,11 @@ class Trackers:
                 logger.experiment.finish(exit_code=0 if status == "success" else 1)
             elif name == "mlflow":
                 logger.finalize({"success": "success", "failed": "failed", "killed": "KILLED"}[status])
+            elif name == "swanlab":  # SwanLabLogger.finalize leaves the run open, as W&B's does
+                import swanlab
+
+                if swanlab.get_run() is not None:
+                    crashed = (swanlab.State.CRASHED, f"the run {status}")
+                    swanlab.finish(*((swanlab.State.SUCCESS, None) if status == "success" else crashed))
             else:
                 logger.finalize(status)

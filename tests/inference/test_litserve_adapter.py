@@ -150,6 +150,7 @@ def test_the_server_methods_the_adapter_overrides():
         "_start_server": ["port", "num_uvicorn_servers", "log_level", "sockets", "uvicorn_worker_type", "kwargs"],
         "_perform_graceful_shutdown": ["manager", "uvicorn_workers", "shutdown_reason"],
         "verify_worker_status": [],
+        "_init_manager": ["num_api_servers"],
     }
     for name, params in expected.items():
         method = getattr(server_class, name, None)
@@ -171,6 +172,17 @@ def test_the_server_methods_the_adapter_overrides():
     for name in ("self.workers_setup_status", "self._shutdown_event", "self.transport_config.manager"):
         if name not in init_manager:
             moved(f"LitServer.{name.split('.', 1)[1]}", "_init_manager no longer sets it")
+    if run.index("self._init_manager(") > run.index("self.launch_inference_worker("):
+        moved("LitServer._init_manager", "run() starts the workers before it makes the transport")
+    for method in (server_class.launch_inference_worker, server_class.lifespan):
+        if "self._transport" not in source(method):
+            moved("LitServer._transport", f"{method.__name__} no longer hands it over")
+    if "self._get_request_queue(" not in source(server_class.launch_inference_worker):
+        moved("LitServer.litapi_request_queues", "launch_inference_worker no longer hands the worker its queue")
+    if "server._get_request_queue(" not in source(ls.specs.base.LitSpec.setup):
+        moved("LitServer.litapi_request_queues", "LitSpec.setup no longer takes its queue from there")
+    if "self.litapi_request_queues[" not in init_manager:
+        moved("LitServer.litapi_request_queues", "_init_manager no longer fills it")
     if "self.inference_workers" not in run:
         moved("LitServer.inference_workers", "run() no longer sets it")
     if "self.monitor_internal" not in source(server_class._start_worker_monitoring):
@@ -273,3 +285,42 @@ def test_a_steps_one_message_reaches_each_requests_buffer():
     if got != [[({"text": "a"}, status.OK), ("", status.FINISH_STREAMING)], [({"text": "b"}, status.OK)]]:
         moved("litserve.server.response_queue_to_buffer", f"a step's message reached the buffers as {got!r}")
     assert adapter.worker_error_message({"error": "ValueError: boom"}) == "ValueError: boom"
+
+
+def send_from_worker(transport, items):
+    for item in items:
+        transport.send(item, consumer_id=0)
+
+
+@pytest.mark.slow
+def test_the_pipe_transport_carries_a_workers_messages_whole_and_in_order():
+    """What a spawned worker sends through PipeTransport reaches LitServe's own reply reader in the
+    HTTP process's event loop, as sent and in order: many small messages, and one larger than the
+    pipe's buffer (it arrives in pieces); close() ends the reader, as LitServe's shutdown expects."""
+    import multiprocessing
+
+    reader = private("litserve.server", "response_queue_to_buffer")
+    status = private("litserve.utils", "LitAPIStatus")
+    kind = private("litserve.utils", "LoopResponseType")
+    transport = adapter.PipeTransport()
+    items = [(f"uid-{i}", ({"text": "bee" * (i % 5)}, status.OK, kind.STREAMING, 0)) for i in range(200)]
+    items[50] = ("uid-50", ({"text": "蜜" * 300_000}, status.OK, kind.STREAMING, 0))
+    worker = multiprocessing.get_context("spawn").Process(target=send_from_worker, args=(transport, items))
+    worker.start()
+
+    async def receive():
+        spec = SimpleNamespace(response_buffer={})
+        buffers = [adapter.ReplyBuffer(spec, uid) for uid, _ in items]
+        reading = asyncio.ensure_future(
+            reader(transport, spec.response_buffer, 0, SimpleNamespace(lit_apis=[object()], any_stream=lambda: True))
+        )
+        await asyncio.wait_for(buffers[-1].item.event.wait(), timeout=60)
+        transport.close()
+        await asyncio.wait_for(reading, timeout=10)
+        return [tuple(b.next()) for b in buffers]
+
+    try:
+        got = asyncio.run(receive())
+    finally:
+        worker.join(timeout=30)
+    assert got == [(data, state) for _, (data, state, _, _) in items]

@@ -2,6 +2,7 @@
 (and the engine's, for sampled and multi-turn requests), OpenAI-style errors for bad requests and keys,
 concurrent and disconnecting clients, a 64-stream load, and the chat page in a headless Chromium."""
 
+import asyncio
 import concurrent.futures
 import json
 import shutil
@@ -198,6 +199,67 @@ def test_tool_call_blocks_become_tool_calls_however_the_text_is_split():
     assert reply(["no tools <tool_ here"]) == {"role": "assistant", "content": "no tools <tool_ here"}
 
 
+WEATHER = {
+    "type": "object",
+    "properties": {"city": {"enum": ["Paris", "Rome"]}, "days": {"type": "integer", "minimum": 1, "maximum": 9}},
+    "required": ["city", "days"],
+}
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}},
+    {"type": "function", "function": {"name": "now"}},
+]
+
+
+def test_tool_choice_forces_valid_calls(server, client):
+    """tool_choice required and a named function on a random model, through the openai client, whole and
+    streamed: every choice is one call of an offered function whose arguments validate against its
+    parameters (jsonschema), finish_reason tool_calls, within max_tokens. tool_choice none answers as
+    the same request without tools; bad values are 400s naming the field."""
+    pytest.importorskip("xgrammar")
+    jsonschema = pytest.importorskip("jsonschema")
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    body = dict(model="bumblebee", messages=user("weather in Rome?"), tools=TOOLS, max_tokens=120, temperature=1.0)
+    replies = [
+        client.chat.completions.create(**body, tool_choice=named, n=2, seed=3),
+        client.chat.completions.create(**body, tool_choice="required", parallel_tool_calls=False, n=2, seed=5),
+    ]
+    for reply in replies:
+        assert reply.usage.completion_tokens <= 2 * 120
+        for choice in reply.choices:
+            assert choice.finish_reason == "tool_calls" and choice.message.content is None, choice
+            (call,) = choice.message.tool_calls
+            assert call.type == "function" and call.id.startswith("call_")
+            assert call.function.name == "get_weather" or reply is replies[1] and call.function.name == "now"
+            jsonschema.validate(
+                json.loads(call.function.arguments),
+                WEATHER if call.function.name == "get_weather" else {"maxProperties": 0},
+            )
+    chunks = list(client.chat.completions.create(**body, tool_choice=named, seed=3, stream=True))
+    streamed = [call for c in chunks if c.choices for call in c.choices[0].delta.tool_calls or []]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+    first = replies[0].choices[0].message.tool_calls[0].function
+    assert [(c.function.name, c.function.arguments) for c in streamed] == [(first.name, first.arguments)]  # same seed
+
+    greedy = dict(model="bumblebee", messages=user("weather in Rome?"), max_tokens=8, temperature=0)
+    none = client.chat.completions.create(**greedy, tools=TOOLS, tool_choice="none")
+    assert none.choices[0].message.tool_calls is None
+    assert none.choices[0].message.content == client.chat.completions.create(**greedy).choices[0].message.content
+    headers = {"Authorization": f"Bearer {KEY}"}
+    for tool_choice, param in [
+        ({"type": "function", "function": {"name": "nowhere"}}, "tool_choice"),
+        ("always", "tool_choice"),
+        ({"type": "function"}, "tool_choice"),
+    ]:
+        bad = requests.post(
+            server + "/v1/chat/completions",
+            json={**greedy, "tools": TOOLS, "tool_choice": tool_choice},
+            headers=headers,
+        )
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == param, bad.text
+    bad = requests.post(server + "/v1/chat/completions", json={**greedy, "tool_choice": "required"}, headers=headers)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tool_choice", bad.text
+
+
 def test_extras_and_limits_reach_the_engine(client, reference):
     sampled = dict(temperature=0.8, top_p=0.9, seed=5, extra_body={"top_k": 20, "repetition_penalty": 1.3})
     reply = client.chat.completions.create(model="bumblebee", messages=user("蜜蜂"), max_tokens=16, **sampled)
@@ -274,11 +336,11 @@ def test_without_a_key_any_key_is_accepted():
     open_api = EngineAPI.__new__(EngineAPI)
     open_api.settings = ServeSettings("unused")
     for headers in ({}, {"authorization": "Bearer dummy"}, {"authorization": "whatever"}):
-        open_api.authorize(FakeRequest("/v1/chat/completions", headers))
+        asyncio.run(open_api.authorize(FakeRequest("/v1/chat/completions", headers)))
     keyed = EngineAPI.__new__(EngineAPI)
     keyed.settings = ServeSettings("unused", api_key="k")
-    keyed.authorize(FakeRequest("/v1/models", {"authorization": "Bearer k"}))
-    keyed.authorize(FakeRequest("/health", {}))
+    asyncio.run(keyed.authorize(FakeRequest("/v1/models", {"authorization": "Bearer k"})))
+    asyncio.run(keyed.authorize(FakeRequest("/health", {})))
 
 
 MESSAGES = user("hi")

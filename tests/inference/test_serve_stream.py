@@ -8,15 +8,15 @@ from types import SimpleNamespace
 
 from litserve.utils import LitAPIStatus
 
-from bumblecore.inference.litserve_adapter import ReplyBuffer
+from bumblecore.inference.litserve_adapter import STEP_UID, ReplyBuffer, StepFanOut
 from bumblecore.inference.openai_reply import chat_chunk
 from bumblecore.inference.openai_request import parse_chat_request
 from bumblecore.inference.serving_http import ChatCompletionsSpec, ContentFrame, Submission, sse
 
 
-def spec():
+def spec(stream_interval=0.0):
     it = ChatCompletionsSpec.__new__(ChatCompletionsSpec)  # no model directory: only the stream's parts
-    it.settings = SimpleNamespace(model_name="bumblebee")
+    it.settings = SimpleNamespace(model_name="bumblebee", stream_interval=stream_interval)
     it.response_buffer = {}
     return it
 
@@ -29,9 +29,10 @@ def events(body: str) -> list:
     return [json.loads(e[6:]) if e != "data: [DONE]" else e for e in body.split("\n\n") if e]
 
 
-def run_stream(arrivals: list[list], include_usage=True, tools=None):
-    """The stream's writes when the worker's messages arrive in these groups (one group per wait)."""
-    server = spec()
+def run_stream(arrivals: list[list], include_usage=True, tools=None, gap=0.02, interval=0.0, times=None):
+    """The stream's writes when the worker's messages arrive in these groups, `gap` seconds apart
+    (one group per wait when the stream interval is 0); `times` gets the time of each write."""
+    server = spec(interval)
     request = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
     if include_usage:
         request["stream_options"] = {"include_usage": True}
@@ -40,19 +41,22 @@ def run_stream(arrivals: list[list], include_usage=True, tools=None):
     chat = parse_chat_request(request)
 
     async def go():
+        StepFanOut.install(server)
         replies = ReplyBuffer(server, "uid")
         submission = Submission("uid", replies, prompt_tokens=5)
         stream = server.stream_chunks(chat, [submission])
 
-        async def feed():
+        async def feed():  # as the worker's step messages reach the buffers: through StepFanOut
             for group in arrivals:
-                await asyncio.sleep(0.02)  # the stream takes each group on its own
-                for message in group:
-                    replies.item.response_queue.append(message)
-                replies.item.event.set()
+                await asyncio.sleep(gap)  # the stream takes each group on its own
+                server.response_buffer[STEP_UID].response_queue.append(([("uid", *m) for m in group], None))
 
         feeding = asyncio.ensure_future(feed())
-        writes = [write async for write in stream]
+        writes = []
+        async for write in stream:
+            writes.append(write)
+            if times is not None:
+                times.append(asyncio.get_running_loop().time())
         await feeding
         return writes
 
@@ -66,6 +70,27 @@ def test_pieces_that_arrived_together_go_out_as_one_chunk():
     assert [e["choices"][0]["delta"] for e in events(writes[1])] == [{"content": "Hello b"}]
     assert events(writes[2])[0]["choices"][0]["delta"] == {"content": "ee"}
     assert events(writes[2])[1]["choices"][0]["finish_reason"] == "length" and len(writes) == 3
+
+
+def test_decode_steps_faster_than_the_stream_interval_go_out_together():
+    """Tokens arriving every 5 ms on a stream with a 60 ms interval: the first goes out at once, the
+    others at most once per interval, together; the text is the same as one chunk per arrival."""
+    pieces = [[piece(c, tokens=i + 1)] for i, c in enumerate("abcdefghijklmnop")]
+    pieces[-1] = [piece("p", "length", tokens=16)]
+    times = []
+    together = run_stream(pieces, gap=0.005, interval=0.06, times=times)
+    apart = run_stream(pieces, gap=0.005)
+
+    def text(writes):
+        return "".join(e["choices"][0]["delta"].get("content", "") for w in writes[1:] for e in events(w)[:1])
+
+    assert text(together) == text(apart) == "abcdefghijklmnop"
+    assert len(together) < 8  # the role chunk, then ~80 ms of tokens, at most one chunk per 60 ms
+    assert all(later - earlier >= 0.06 - 1e-3 for earlier, later in zip(times[1:], times[2:-1]))
+    # The reply's end does not wait for the interval: its last chunk goes out as it arrives.
+    times, ended = [], pieces[:3] + [[piece("d", "length", tokens=4), ("", LitAPIStatus.FINISH_STREAMING)]]
+    assert text(run_stream(ended, gap=0.005, interval=5.0, times=times)) == "abcd"
+    assert times[-1] - times[1] < 1.0
 
 
 def test_the_end_of_a_reply_keeps_finish_usage_done():

@@ -275,21 +275,37 @@ def test_packed_rows_train_like_separate_documents(window):
         assert torch.allclose(p.grad, packed_grads[name], atol=1e-4, rtol=1e-4), name
 
 
-def test_llama3_rope_scaling_matches_transformers(tmp_path):
-    scaling = {
+ROPE_SCALINGS = {
+    "llama3": {
         "rope_type": "llama3",
         "factor": 8.0,
         "low_freq_factor": 1.0,
         "high_freq_factor": 4.0,
         "original_max_position_embeddings": 32,
-    }
-    hf = tiny_hf("llama", rope_scaling=scaling)
+    },
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
+    "dynamic": {"rope_type": "dynamic", "factor": 2.0},
+    "linear": {"rope_type": "linear", "factor": 2.0},
+}
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("rope_type", list(ROPE_SCALINGS))
+def test_rope_scaling_matches_transformers(tmp_path, rope_type, family):
+    """Each RoPE scaling (model/rope.py) gives transformers' logits, past max_position_embeddings (256)
+    where dynamic NTK grows its base; and the model we save reads back into transformers alike."""
+    hf = tiny_hf(family, rope_scaling=dict(ROPE_SCALINGS[rope_type]))
     hf.save_pretrained(tmp_path)
     ours = Bumblebee.from_pretrained(tmp_path).eval()
-    assert ours.config.rope_scaling["rope_type"] == "llama3"
-    x = ids(1, 120)
+    assert ours.config.rope_scaling["rope_type"] == rope_type
+    x = ids(1, 300 if rope_type == "dynamic" else 120)
     with torch.no_grad():
         assert (ours(x) - hf(x).logits).abs().max().item() < TOL
+    ours.save_pretrained(tmp_path / "ours")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "ours").eval()
+    assert again.config.rope_parameters == hf.config.rope_parameters
+    with torch.no_grad():
+        assert (again(x).logits - hf(x).logits).abs().max().item() < TOL
 
 
 @pytest.mark.parametrize("family", ["qwen2", "llama"])
@@ -678,15 +694,15 @@ def test_kv_cache_rows_as_a_slice_equal_rows_as_a_tensor(tmp_path):
 
 
 def test_supported_family_with_a_feature_bumblebee_lacks_is_refused_and_not_native(tmp_path):
-    """A Qwen2 with YaRN RoPE or a Llama with mlp_bias: Bumblebee refuses it by name, and
+    """A Qwen2 with LongRoPE or a Llama with mlp_bias: Bumblebee refuses it by name, and
     bumblebee_expresses sends it to the transformers fallback instead."""
     from bumblecore.model.hf_config import bumblebee_expresses
 
     cases = [
         (
             "qwen2",
-            dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}),
-            "yarn",
+            dict(rope_scaling={"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8}),
+            "longrope",
         ),
         ("llama", dict(mlp_bias=True), "mlp_bias"),
     ]

@@ -21,9 +21,10 @@ DEMO = ROOT / "bumblecore" / "demo_data"
 FINAL_LINE = re.compile(r"^peak memory per rank: host RSS ([\d,]+) MB(?:, ([\d,]+) MB)* \(planned ([\d,]+) MB\)$")
 
 
-def saved_activation_bytes(model, ids, compute: str) -> int:
+def saved_activation_bytes(model, ids, compute: str, forward=None) -> int:
     """Bytes of every tensor autograd keeps for backward in one forward, weights excluded (each storage
-    counted once): what the plan's activation closed form predicts."""
+    counted once): what the plan's activation closed form predicts. `forward(ids)`: another function
+    of the model's weights (default: the model on packed rows)."""
     storages = {}
 
     def pack(tensor):
@@ -36,7 +37,10 @@ def saved_activation_bytes(model, ids, compute: str) -> int:
     segments[:, ids.shape[1] // 2 :] = 1  # packed rows: two documents each
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=compute == "autocast"):
-            model(ids, segment_ids=segments, return_hidden_states=True)
+            if forward is not None:
+                forward(ids)
+            else:
+                model(ids, segment_ids=segments, return_hidden_states=True)
     return sum(size for pointer, size in storages.items() if pointer not in weights)
 
 
@@ -77,6 +81,51 @@ def test_activation_closed_form_matches_what_autograd_keeps(compute, checkpointi
         linear = sum(m.weight.numel() for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear))
         predicted += 2 * linear // (layers if checkpointing else 1)
     assert predicted == pytest.approx(measured, rel=0.15)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_tiled_mlp_closed_form_matches_what_autograd_keeps(checkpointing):
+    """tiled_mlp: 4 x 3 x intermediate bytes per token no longer kept per layer, one chunk's recomputed in
+    backward instead. Measured: what autograd keeps for the tiled model (every layer, or with
+    checkpointing the inputs plus one layer), plus what it keeps for one chunk through the untiled MLP."""
+    from bumblecore.model.tiling import enable_long_context
+
+    layers, batch, seq, tiles = 3, 2, 64, 4
+    config = BumblebeeConfig(vocab_size=500, hidden_size=256, intermediate_size=704, num_hidden_layers=layers,
+                             num_attention_heads=8, num_key_value_heads=2)  # fmt: skip
+    torch.manual_seed(0)
+    model = Bumblebee(config).train()
+    enable_long_context(model, tiles)
+    ids = torch.randint(0, 500, (batch, seq))
+    work = Workload.from_config(json.loads(json.dumps(vars(config), default=str)), batch, seq,
+                                gradient_checkpointing=checkpointing, mlp_tiles=tiles)  # fmt: skip
+    model.set_gradient_checkpointing(checkpointing)
+    measured = saved_activation_bytes(model, ids, "fp32")
+    if checkpointing:
+        model.set_gradient_checkpointing(False)
+        measured += saved_activation_bytes(model, ids, "fp32") // layers
+    chunk = torch.randn(batch * seq // tiles, 256, requires_grad=True)
+    mlp = model.model.layers[0].mlp
+    measured += saved_activation_bytes(mlp, chunk, "fp32", mlp.untiled)
+    measured -= chunk.numel() * 4  # the chunk's input: a view of the layer's, counted above
+    assert work.activations("fp32") == pytest.approx(measured, rel=0.15)
+    untiled = Workload.from_config(json.loads(json.dumps(vars(config), default=str)), batch, seq,
+                                   gradient_checkpointing=checkpointing)  # fmt: skip
+    assert work.activations("fp32") < untiled.activations("fp32")
+
+
+def test_activation_offload_moves_the_checkpointed_inputs_to_host():
+    """activation_offload: every layer's checkpointed input (hidden wide, per token) leaves the device's
+    activations and shows as host memory."""
+    shape = dict(hidden_size=256, intermediate_size=704, num_layers=6, kv_width=64, q_width=256, vocab_size=500,
+                 micro_batch_size=1, sequence_length=4096, gradient_checkpointing=True)  # fmt: skip
+    kept, offloaded = Workload(**shape), Workload(**shape, activation_offload=True)
+    moved = 6 * 2 * 256 * 4096  # layers x 16-bit x hidden x tokens
+    assert kept.activations("half") - offloaded.activations("half") == moved
+    plans = [plan_memory(10**6, 10**6, "bf16", 1, {"zero_optimization": {"stage": 0}}, "cuda:0", None,
+                         workload=w, prompt_release=True) for w in (kept, offloaded)]  # fmt: skip
+    assert plans[1].host_offload - plans[0].host_offload == moved
+    assert plans[0].peak - plans[1].peak == moved
 
 
 def test_loss_chunk_is_the_losses_chunk():

@@ -115,7 +115,7 @@ def test_report_to_resolves_the_original_switch_and_other_spellings():
     assert resolved(use_tensorboard=False) == [] and resolved(["csv"], use_tensorboard=True) == ["tensorboard", "csv"]
     assert resolved("wandb, mlflow") == ["wandb", "mlflow"] and resolved("none") == resolved(None) == []
     assert resolved(["CSV", "csv", "wandb"]) == ["csv", "wandb"]
-    with pytest.raises(ValueError, match="report_to 'neptune' is not one of tensorboard, wandb, mlflow, csv"):
+    with pytest.raises(ValueError, match="report_to 'neptune' is not one of tensorboard, wandb, mlflow, swanlab, csv"):
         resolved(["neptune"])
 
 
@@ -265,3 +265,47 @@ def test_a_missing_tracker_package_is_refused_before_anything_is_written(
         capsys.readouterr().err
     )
     assert not (tmp_path / "out").exists()
+
+
+def swanlab_run(logdir: Path) -> tuple[dict, dict, dict]:
+    """A local SwanLab run read back from its own files: (experiment row of runs.swanlab, the config of
+    files/config.yaml, {metric: [(step, value), ...]} from logs/<tag folder>/*.log)."""
+    import sqlite3
+
+    with sqlite3.connect(logdir / "runs.swanlab") as db:  # swanboard's store: experiments, their tags
+        db.row_factory = sqlite3.Row
+        (experiment,) = [dict(row) for row in db.execute("SELECT * FROM experiment")]
+        project = db.execute("SELECT name FROM project WHERE id = ?", (experiment["project_id"],)).fetchone()[0]
+        tags = db.execute("SELECT name, folder FROM tag WHERE experiment_id = ?", (experiment["id"],)).fetchall()
+    run_dir = logdir / experiment["run_id"]
+    config = {k: v["value"] for k, v in yaml.safe_load((run_dir / "files" / "config.yaml").read_text()).items()}
+    metrics = {}
+    for name, folder in tags:
+        lines = [json.loads(line) for log in sorted((run_dir / "logs" / folder).glob("*.log")) for line in log.open()]
+        metrics[name] = [(line["index"], line["data"]) for line in lines]
+    return {**experiment, "project": project}, config, metrics
+
+
+def test_swanlab_reads_back_the_runs_config_and_metrics(tmp_path, model_and_data, monkeypatch):
+    pytest.importorskip("swanlab")
+    monkeypatch.setenv("SWANLAB_MODE", "local")  # no upload: the run's files and swanboard's database
+    monkeypatch.delenv("SWANLAB_LOG_DIR", raising=False)  # swanlab sets it in-process: gone after the test
+    out = tmp_path / "run"
+    train(out, model_and_data, eval_dataset_path=str(model_and_data[1]), eval_steps=2, report_to="swanlab",
+          run_name="tracked", tracker_project="trackers-test")  # fmt: skip
+    expected = series_of(read_history(out / "metrics.jsonl"))
+    resolved = yaml.safe_load((out / "training_args.yaml").read_text(encoding="utf-8"))
+    experiment, config, metrics = swanlab_run(out / "swanlog")
+    assert (experiment["name"], experiment["project"], experiment["status"]) == ("tracked", "trackers-test", 1)
+    assert {k: config[k] for k in resolved} == resolved
+    assert metrics == expected
+
+    # An interrupted run is finished as crashed, with its reason. (swanlab 0.5.9's local mode hands swanboard
+    # no error, so its database says 1 (success) either way; the reason is in the run's console/error.log.)
+    monitor = Monitor(tmp_path / "interrupted", ["swanlab"], hyperparameters={"seed": 1}, tracker_project="killed")
+    monitor.log({"step": 1, "loss": 2.5})
+    monitor.close(error=KeyboardInterrupt())
+    experiment, config, metrics = swanlab_run(tmp_path / "interrupted" / "swanlog")
+    assert config["seed"] == 1 and metrics == {"train/loss": [(1, 2.5)]}
+    errors = tmp_path / "interrupted" / "swanlog" / experiment["run_id"] / "console" / "error.log"
+    assert "the run killed" in errors.read_text() and "error.log" not in {p.name for p in (out / "swanlog").rglob("*")}
