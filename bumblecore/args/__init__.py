@@ -139,6 +139,9 @@ class OptimizationArgs:
     """Gradient clipping norm (0 disables)."""
     enable_gradient_checkpointing: bool = False
     """Recompute activations in backward (less memory, ~30% more compute)."""
+    compile: bool = False
+    """torch.compile each decoder layer for training (regional: compiled once, reused by every layer) and the
+    loss chunks; equal to eager. pretrain, continue_pretrain, sft; DDP and ZeRO-0/1/2, not ZeRO-3."""
     train_micro_batch_size_per_gpu: int = 4
     """Samples (or packed rows) per forward on each device."""
     gradient_accumulation_steps: int = 8

@@ -87,10 +87,12 @@ def sdpa_attention(q, k, v, mask: AttentionMask, scale: float) -> torch.Tensor:
     )
 
 
+@torch.compiler.disable  # its loop is over this batch's documents: traced, each new split would recompile
 def per_document_attention(q, k, v, mask: AttentionMask, scale: float) -> torch.Tensor:
     """SDPA over each packed document on its own: q (b, s, heads, d), k/v (b, s, kv_heads, d) ->
     (b, s, heads, d). The CPU's answer to a varlen kernel: a dense (s, s) mask would compute every
-    query against every key of the row, while each document only needs its own causal triangle."""
+    query against every key of the row, while each document only needs its own causal triangle.
+    Compiled layers (compile: true) run it eagerly between their two graphs."""
     b, s = q.shape[:2]
     # (tokens, heads, d) -> (heads, tokens, d): each document is then a contiguous slice of dim 1.
     q, k, v = (t.reshape(b * s, *t.shape[2:]).transpose(0, 1) for t in (q, k, v))

@@ -77,8 +77,8 @@ def _recompute_in_backward(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     training's saved activations. The recompute runs the very same ops, so gradients are bit-identical.
     Not under ZeRO-3: a partitioned weight is only gathered around its module's own call. (Inside a
     checkpointed layer it nests: the layer's recompute then keeps less too.)"""
-    if not (torch.is_grad_enabled() and x.requires_grad):
-        return False
+    if not (torch.is_grad_enabled() and x.requires_grad) or torch.compiler.is_compiling():
+        return False  # compiled (compile: true), the partitioner decides what backward recomputes
     return not any(hasattr(w, "ds_id") for w in weights)
 
 
@@ -126,6 +126,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     by -angle, and keeps only cos and sin)."""
     half = x.shape[-1] // 2
     cos, sin = cos[..., :half].unsqueeze(2), sin[..., :half].unsqueeze(2)
+    if torch.compiler.is_compiling():  # the plain formula: inductor fuses it, and traces no out= writes
+        first, second = x.chunk(2, dim=-1)
+        return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
     if torch.is_grad_enabled() and x.requires_grad:
         return _Rotation.apply(x, cos, sin)
     return _rotate(x, cos, sin)

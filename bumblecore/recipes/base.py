@@ -51,6 +51,7 @@ class Recipe:
     rows_per_unit = 1  # rows one unit puts in a micro-batch (the memory plan's batch)
     plans_padded_rows = False  # unpacked rows: plan memory again at the data's longest row
     scalar_head = False  # the model is a reward model: the body with a score head (model/reward.py)
+    compiles = False  # compile: true is checked equal to eager for this stage (model/regional_compile.py)
 
     @property
     def smooth_curves(self) -> bool:

@@ -11,3 +11,4 @@ class SFTRecipe(Recipe):
     name = "sft"
     reading = StageReading(name, ("alpaca", "sharegpt", "messages", "text"))
     plans_padded_rows = True
+    compiles = True

@@ -286,6 +286,11 @@ def build_model(fabric, run: TrainArgs, load, tokenizer, stage_of_zero: Optional
             zero3=stage_of_zero == 3,
             variants=lora_config_options(run.lora),
         )
+    if optimization.compile:
+        from bumblecore.model.regional_compile import compile_for_training
+
+        for note in compile_for_training(model, getattr(model, "lm_head", None)):
+            fabric.print(f"note: {note}")
     return model
 
 
