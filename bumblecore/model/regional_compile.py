@@ -56,9 +56,13 @@ def compile_for_training(model: nn.Module, lm_head: Optional[nn.Module] = None) 
     blocks = repeated_blocks(model)
     for block in blocks:
         block.forward = functools.partial(_training_forward, block, block.forward, torch.compile(block.forward))
-    if lm_head is not None and type(lm_head) is nn.Linear:
+    loss = lm_head is not None and type(lm_head) is nn.Linear  # not a family's head with its own transform
+    if loss:
         lm_head.compiled_loss = True
-    return [f"compile: {len(blocks)} decoder layers compiled (one graph, reused), the loss chunks too"]
+    return [
+        f"compile: {len(blocks)} decoder layers compiled (one graph, reused)"
+        + (", the loss chunks too" if loss else "")
+    ]
 
 
 def _training_forward(block: nn.Module, eager, compiled, *args, **kwargs):
