@@ -141,7 +141,7 @@ class OptimizationArgs:
     """Recompute activations in backward (less memory, ~30% more compute)."""
     compile: bool = False
     """torch.compile each decoder layer for training (regional: compiled once, reused by every layer) and the
-    loss chunks; equal to eager. pretrain, continue_pretrain, sft; DDP and ZeRO-0/1/2, not ZeRO-3."""
+    loss chunks; equal to eager. pretrain, continue_pretrain, sft; DDP and ZeRO-0..3 (LoRA not under ZeRO-3)."""
     train_micro_batch_size_per_gpu: int = 4
     """Samples (or packed rows) per forward on each device."""
     gradient_accumulation_steps: int = 8

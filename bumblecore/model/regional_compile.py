@@ -69,15 +69,15 @@ def _training_forward(block: nn.Module, eager, compiled, *args, **kwargs):
     return compiled(*args, **kwargs) if block.training else eager(*args, **kwargs)
 
 
-def check_compile(stage: str, stage_compiles: bool, zero_stage: Optional[int]) -> None:
+def check_compile(stage: str, stage_compiles: bool, zero_stage: Optional[int], lora: bool) -> None:
     """`compile: true` refusals, before anything is written."""
     if not stage_compiles:
         raise ValueError(
             f"compile: true is not supported for training_stage {stage} yet (checked: pretrain, continue_pretrain, "
             "sft); set compile: false"
         )
-    if zero_stage == 3:
+    if zero_stage == 3 and lora:  # full fine-tuning under ZeRO-3 is checked (2 ranks = eager); LoRA is not
         raise ValueError(
-            "compile: true is not supported with DeepSpeed ZeRO-3 (its hooks gather each layer's weights inside "
-            "the compiled region); use ZeRO-2 or DDP, or set compile: false"
+            "compile: true with LoRA under DeepSpeed ZeRO-3 is not supported yet (checked: full fine-tuning under "
+            "ZeRO-3, LoRA under DDP); use ZeRO-2 or DDP, or set compile: false"
         )

@@ -56,7 +56,7 @@ def check_adapter_and_optimizer(run: TrainArgs, recipe) -> None:
     if compiles:
         from bumblecore.model.regional_compile import check_compile
 
-        check_compile(run.model.training_stage, recipe.compiles, zero)
+        check_compile(run.model.training_stage, recipe.compiles, zero, lora)
     check_optimizer(run.optimization, ds_path, run.runtime.accelerator)
 
 

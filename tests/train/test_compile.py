@@ -109,14 +109,15 @@ def test_lora_with_dropout_on_padded_rows_equals_eager(tmp_path, base):
 
 
 @pytest.mark.slow
-def test_ddp_and_zero2_compiled_equal_one_eager_process(tmp_path, base):
-    """2 gloo ranks with compile: true, under DDP and DeepSpeed ZeRO-2, end with the weights of one eager
-    process accumulating the same 2 micro-batches."""
+def test_ddp_and_zero_compiled_equal_one_eager_process(tmp_path, base):
+    """2 gloo ranks with compile: true, under DDP, DeepSpeed ZeRO-2 and ZeRO-3 (its hooks gather each
+    layer's partitioned weights around the compiled forward), end with the weights of one eager process
+    accumulating the same 2 micro-batches."""
     config = write_config(tmp_path / "ddp.yaml", base, gradient_accumulation_steps=1, max_steps=3, save_steps=100)
     main(
         ["train", "--config", str(config), "--output_dir", str(tmp_path / "one"), "--gradient_accumulation_steps", "2"]
     )
-    for name, extra in {"ddp": [], "zero2": ["--deepspeed_config_path", ZERO[2]]}.items():
+    for name, extra in {"ddp": [], **{f"zero{s}": ["--deepspeed_config_path", ZERO[s]] for s in (2, 3)}}.items():
         train_on_two_processes(config, tmp_path / name, "--compile", "true", *extra, cwd=tmp_path, timeout=600)
         assert yaml.safe_load((tmp_path / name / "training_args.yaml").read_text())["compile"] is True
         worst = max_weight_difference(tmp_path / "one", tmp_path / name)
@@ -155,7 +156,7 @@ def test_transformers_family_layers_compile_and_equal_eager(tmp_path):
 
 
 def test_compile_refusals_come_before_anything_is_written(tmp_path):
-    """A stage not checked compiled (DPO) and ZeRO-3 are refused by name before the output dir exists."""
+    """A stage not checked compiled (DPO) and LoRA under ZeRO-3 are refused by name before the output dir exists."""
     from bumblecore.train.run import train as train_run
 
     model = init_tiny_model_dir(tmp_path / "model")
@@ -165,7 +166,7 @@ def test_compile_refusals_come_before_anything_is_written(tmp_path):
     )
     with pytest.raises(ValueError, match="compile: true is not supported for training_stage dpo"):
         train_run(TrainArgs.from_flat(**dpo))
-    zero3 = run_keys(model, output_dir=str(out), compile=True, deepspeed_config_path=ZERO[3])
-    with pytest.raises(ValueError, match="compile: true is not supported with DeepSpeed ZeRO-3"):
+    zero3 = run_keys(model, output_dir=str(out), compile=True, deepspeed_config_path=ZERO[3], finetuning_type="lora")
+    with pytest.raises(ValueError, match="compile: true with LoRA under DeepSpeed ZeRO-3 is not supported"):
         train_run(TrainArgs.from_flat(**zero3))
     assert not out.exists()
