@@ -9,7 +9,7 @@ What stays eager, and why:
 - everything outside the layers (embedding, RoPE tables, masks, the loop over layers, the optimizer);
 - a layer that is not training (evaluation, generation with a KV cache): the compiled graph is the
   training one, and decoding has its own fast path (inference/decode.py);
-- packed rows' per-document attention (model/attention.py, `torch.compiler.disable`): its loop is over
+- packed rows' per-document attention (model/attention.py, `keep_per_document_attention_eager`): its loop is over
   this batch's documents, so the layer runs as two graphs around it and new document boundaries
   never recompile; RoPE positions and masks are tensors made outside the layers;
 - a transformers family that transformers does not mark compilable (`_can_compile_fullgraph`).
@@ -49,6 +49,9 @@ def compile_for_training(model: nn.Module, lm_head: Optional[nn.Module] = None) 
     returns the banner's notes. Call before the model is wrapped for DDP/DeepSpeed."""
     import torch._inductor.config as inductor_config
 
+    from bumblecore.model.attention import keep_per_document_attention_eager
+
+    keep_per_document_attention_eager()
     inductor_config.fallback_random = True  # dropout from PyTorch's generator: eager's numbers, resumable
     refusal = family_refusal(model)
     if refusal is not None:
