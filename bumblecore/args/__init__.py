@@ -150,6 +150,9 @@ class OptimizationArgs:
     """With gradient checkpointing on CUDA: the checkpointed layers' inputs wait in host memory until backward."""
     tiled_mlp: int = 0
     """Long samples: the MLP over the tokens in this many chunks, one chunk's intermediates alive at a time (0: off)."""
+    compile: bool = False
+    """torch.compile each decoder layer for training (regional: compiled once, reused by every layer) and the
+    loss chunks; equal to eager. pretrain, continue_pretrain, sft; DDP and ZeRO-0..3 (LoRA not under ZeRO-3)."""
     train_micro_batch_size_per_gpu: int = 4
     """Samples (or packed rows) per forward on each device."""
     gradient_accumulation_steps: int = 8

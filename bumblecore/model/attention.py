@@ -88,10 +88,25 @@ def sdpa_attention(q, k, v, mask: AttentionMask, scale: float) -> torch.Tensor:
     )
 
 
+_per_document_untraced = None
+"""per_document_attention behind torch.compiler.disable, made by `keep_per_document_attention_eager`."""
+
+
+def keep_per_document_attention_eager() -> None:
+    """compile: true: compiled layers run per_document_attention eagerly between their two graphs. Its
+    loop is over this batch's documents, so traced, each new set of document lengths would recompile.
+    (Made on demand, not as a decorator: torch.compiler.disable imports Dynamo, seconds at startup.)"""
+    global _per_document_untraced
+    if _per_document_untraced is None:
+        _per_document_untraced = torch.compiler.disable(per_document_attention)
+
+
 def per_document_attention(q, k, v, mask: AttentionMask, scale: float) -> torch.Tensor:
     """SDPA over each packed document on its own: q (b, s, heads, d), k/v (b, s, kv_heads, d) ->
     (b, s, heads, d). The CPU's answer to a varlen kernel: a dense (s, s) mask would compute every
     query against every key of the row, while each document only needs its own causal triangle."""
+    if _per_document_untraced is not None and torch.compiler.is_compiling():
+        return _per_document_untraced(q, k, v, mask, scale)
     b, s = q.shape[:2]
     # (tokens, heads, d) -> (heads, tokens, d): each document is then a contiguous slice of dim 1.
     q, k, v = (t.reshape(b * s, *t.shape[2:]).transpose(0, 1) for t in (q, k, v))

@@ -78,8 +78,8 @@ def _recompute_in_backward(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     training's saved activations. The recompute runs the very same ops, so gradients are bit-identical.
     Not under ZeRO-3: a partitioned weight is only gathered around its module's own call. (Inside a
     checkpointed layer it nests: the layer's recompute then keeps less too.)"""
-    if not (torch.is_grad_enabled() and x.requires_grad):
-        return False
+    if not (torch.is_grad_enabled() and x.requires_grad) or torch.compiler.is_compiling():
+        return False  # compiled (compile: true), the partitioner decides what backward recomputes
     return not any(hasattr(w, "ds_id") for w in weights)
 
 

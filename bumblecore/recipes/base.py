@@ -52,9 +52,9 @@ class Recipe:
     rows_per_unit = 1  # rows one unit puts in a micro-batch (the memory plan's batch)
     plans_padded_rows = False  # unpacked rows: plan memory again at the data's longest row
     scalar_head = False  # the model is a reward model: the body with a score head (model/reward.py)
-    sequence_parallel = (
-        False  # trains with sequence_parallel_size > 1 (train/sequence_parallel.py): checked equal to one process
-    )
+    # trains with sequence_parallel_size > 1 (train/sequence_parallel.py): checked equal to one process
+    sequence_parallel = False
+    compiles = False  # compile: true is checked equal to eager for this stage (model/regional_compile.py)
 
     @property
     def smooth_curves(self) -> bool:

@@ -12,3 +12,4 @@ class SFTRecipe(Recipe):
     reading = StageReading(name, ("alpaca", "sharegpt", "messages", "text"))
     plans_padded_rows = True
     sequence_parallel = True
+    compiles = True

@@ -10,6 +10,7 @@ from bumblecore.recipes.base import Recipe
 class TextRecipe(Recipe):
     chat = False  # raw documents: no chat template
     sequence_parallel = True
+    compiles = True
 
     def __init__(self, name: str, from_scratch: bool):
         self.name, self.from_scratch = name, from_scratch

@@ -3,6 +3,7 @@ exist all at once: with a 151,936-token vocabulary they would dominate training 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -96,6 +97,16 @@ def summed_cross_entropy(hidden: torch.Tensor, lm_head: Callable, targets: torch
     return SummedCrossEntropy.apply(_head(lm_head, hidden).float(), targets, overwrite)
 
 
+@functools.cache
+def _compiled_summed_cross_entropy():
+    return torch.compile(summed_cross_entropy)
+
+
+def chunk_loss(lm_head) -> Callable:
+    """summed_cross_entropy, compiled for a head that compile: true marked (model/regional_compile.py)."""
+    return _compiled_summed_cross_entropy() if getattr(lm_head, "compiled_loss", False) else summed_cross_entropy
+
+
 def chunked_cross_entropy(
     hidden: torch.Tensor,
     lm_head: Callable,
@@ -137,12 +148,13 @@ def chunked_cross_entropy(
         chunk_tokens = max(1, -(-count // head_calls))
         starts = range(0, head_calls * chunk_tokens, chunk_tokens)
     total = hidden.new_zeros((), dtype=torch.float32)
+    summed = chunk_loss(lm_head)
     for start in starts:
         h, t = hidden[start : start + chunk_tokens], targets[start : start + chunk_tokens]
         if _recompute_in_backward(h, lm_head):
-            total = total + checkpoint(summed_cross_entropy, h, lm_head, t, use_reentrant=False)
+            total = total + checkpoint(summed, h, lm_head, t, use_reentrant=False)
         else:
-            total = total + summed_cross_entropy(h, lm_head, t)
+            total = total + summed(h, lm_head, t)
     if extra is not None:
         total = total + extra.float() * count
     return total, count

@@ -45,15 +45,27 @@ def train(run: TrainArgs) -> None:
 
 
 def check_adapter_and_optimizer(run: TrainArgs, recipe) -> None:
-    """The LoRA variants' and the optimizer's refusals, before anything starts."""
+    """The LoRA variants', compile's and the optimizer's refusals, before anything starts."""
     from bumblecore.model.lora_options import check_lora_options
     from bumblecore.train.launch import load_zero_stage
     from bumblecore.train.optimizers import check_optimizer
 
     ds_path = run.runtime.deepspeed_config_path
-    if run.model.finetuning_type == "lora":
-        zero = load_zero_stage(ds_path) if ds_path else None
+    lora, compiles = run.model.finetuning_type == "lora", run.optimization.compile
+    zero = load_zero_stage(ds_path) if ds_path and (lora or compiles) else None
+    if lora:
         check_lora_options(run.lora, zero, recipe.adapter_off_reference(run))
+    if compiles:
+        from bumblecore.model.regional_compile import check_compile
+
+        optimization = run.optimization
+        asked = {
+            "sequence_parallel_size": run.runtime.sequence_parallel_size > 1,
+            "tiled_mlp": optimization.tiled_mlp > 1,
+            "activation_offload": optimization.activation_offload,
+        }
+        long_context = tuple(key for key, on in asked.items() if on)
+        check_compile(run.model.training_stage, recipe.compiles, zero, lora, long_context)
     check_optimizer(run.optimization, ds_path, run.runtime.accelerator)
 
 

@@ -309,6 +309,11 @@ def build_model(fabric, run: TrainArgs, load, tokenizer, stage_of_zero: Optional
 
         size = run.runtime.sequence_parallel_size
         use_sequence_parallel(model, sequence_parallel_group(size), size)
+    if optimization.compile:
+        from bumblecore.model.regional_compile import compile_for_training
+
+        for note in compile_for_training(model, getattr(model, "lm_head", None)):
+            fabric.print(f"note: {note}")
     return model
 
 
