@@ -103,7 +103,7 @@ def check_long_context(run: TrainArgs) -> None:
     import torch
 
     from bumblecore.model.hf_config import bumblebee_expresses, read_config
-    from bumblecore.model.rope import context_scaling
+    from bumblecore.model.rope import context_scaling, rope_type_of
     from bumblecore.model.tiling import check_long_context as check_tiling
 
     optimization, model_dir = run.optimization, run.model.model_name_or_path
@@ -125,6 +125,17 @@ def check_long_context(run: TrainArgs) -> None:
             f"{', '.join(asked)}: implemented in Bumblebee (qwen2, qwen3, llama, mistral families); "
             f"{model_dir} trains through transformers"
         )
+    if run.runtime.sequence_parallel_size > 1 and bumblebee_expresses(model_dir):
+        # dynamic RoPE scales by the longest position a forward sees: each rank would see only its slice's.
+        requested = run.model.rope_scaling
+        kind = (
+            requested if isinstance(requested, str) else rope_type_of(requested or read_config(model_dir).rope_scaling)
+        )
+        if kind == "dynamic":
+            raise ValueError(
+                "sequence_parallel_size > 1 with dynamic RoPE scaling (rope_scaling, or the model's config.json): "
+                "each rank would scale by its own slice's positions; use yarn or linear, or sequence_parallel_size 1"
+            )
     if run.model.rope_scaling is None:
         return
     if run.model.finetuning_type == "lora":

@@ -87,6 +87,10 @@ def test_tiled_mlp_trains_the_same_losses(tmp_path, short_model):
         ({"rope_scaling": {"rope_type": "linear", "factor": 2}}, "cutoff_len 128 is beyond the 64 positions"),
         ({"rope_scaling": {"rope_type": "ntk", "factor": 2}}, "rope_scaling.rope_type='ntk' is not supported"),
         ({"tiled_mlp": -2}, "tiled_mlp must be >= 0"),
+        (
+            {"rope_scaling": {"rope_type": "dynamic", "factor": 2}, "sequence_parallel_size": 2},
+            "each rank would scale by its own slice",
+        ),
     ],
 )
 def test_refused_before_anything_is_written(tmp_path, short_model, keys, message):
