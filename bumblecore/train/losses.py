@@ -47,6 +47,33 @@ def tokens_per_chunk(lm_head) -> int:
     return max(64, LOGITS_BUDGET_BYTES // (4 * max(1, vocab)))
 
 
+def chunk_starts(
+    hidden: torch.Tensor, lm_head, count: int, chunk_tokens: int | None = None, head_calls: int | None = None
+) -> tuple[int, range]:
+    """(tokens per chunk, chunk starts) for `count` target positions, one LM-head call per start.
+
+    `head_calls` splits them evenly over exactly that many calls (some chunks possibly empty). Without it,
+    a ZeRO-3 partitioned head with more than one rank gets it agreed: each call all-gathers the weight, so
+    every rank calls the head as often as the rank with the most targets needs (one all-reduce here), or
+    the ranks' gathers no longer pair up (gloo: "Received data size doesn't match expected size")."""
+    chunk_tokens = chunk_tokens or tokens_per_chunk(lm_head)
+    if head_calls is None and _gathered_per_call(lm_head):
+        most = torch.tensor(count, device=hidden.device)
+        torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
+        head_calls = -(-int(most) // chunk_tokens)
+    if head_calls is None:
+        return chunk_tokens, range(0, count, chunk_tokens)
+    chunk_tokens = max(1, -(-count // max(1, head_calls)))
+    return chunk_tokens, range(0, head_calls * chunk_tokens, chunk_tokens)
+
+
+def _gathered_per_call(lm_head) -> bool:
+    """A ZeRO-3 partitioned head shared by several ranks: gathered by a collective around each call."""
+    weight = head_weight(lm_head)
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return hasattr(weight, "ds_id") and distributed and torch.distributed.get_world_size() > 1
+
+
 def _recompute_in_backward(h: torch.Tensor, lm_head) -> bool:
     """Recompute a chunk's logits in backward rather than keep them, except for a ZeRO-3 partitioned
     LM head: DeepSpeed does not gather a frozen partitioned weight again inside a checkpoint's recompute."""
@@ -125,8 +152,8 @@ def chunked_cross_entropy(
     term once per target token, so after the engine's division by the target count the loss is the
     family's own: mean CE + router_aux_loss_coef * aux.
 
-    `head_calls`: call the head exactly this many times (chunks split evenly, some possibly empty), for
-    ranks whose target counts differ but whose ZeRO-3 head gathers must pair up (sequence parallelism).
+    `head_calls`: call the head exactly this many times (see chunk_starts; sequence parallelism knows it
+    without a collective).
     """
     take_extra = getattr(lm_head, "take_extra_loss", None)
     extra = take_extra() if take_extra is not None else None
@@ -135,18 +162,14 @@ def chunked_cross_entropy(
     keep = targets != IGNORE_INDEX
     hidden, targets = hidden[keep], targets[keep]
     count = int(targets.numel())
-    if count == 0 and head_calls is None:
+    chunk_tokens, starts = chunk_starts(hidden, lm_head, count, chunk_tokens, head_calls)
+    if not starts:
         zero = hidden.sum() * 0.0  # keeps the graph connected for backward on every rank
         return (zero + extra * 0.0 if extra is not None else zero), 0
     fused = getattr(lm_head, "fused_cross_entropy", None)  # liger's head (model/liger.py): no logits stored
     total = fused(hidden, targets) if fused is not None else None
     if total is not None:  # (a Bumblebee's head: no family's extra loss)
         return total, count
-    chunk_tokens = chunk_tokens or tokens_per_chunk(lm_head)
-    starts = range(0, count, chunk_tokens)
-    if head_calls is not None:
-        chunk_tokens = max(1, -(-count // head_calls))
-        starts = range(0, head_calls * chunk_tokens, chunk_tokens)
     total = hidden.new_zeros((), dtype=torch.float32)
     summed = chunk_loss(lm_head)
     for start in starts:
@@ -201,11 +224,11 @@ def chunked_cross_entropy_by_source(
     count = int(targets.numel())
     sums = hidden.new_zeros(num_sources, dtype=torch.float32)
     total = hidden.new_zeros(num_sources if per_source else (), dtype=torch.float32)
-    if count == 0:
+    chunk_tokens, starts = chunk_starts(hidden, lm_head, count, chunk_tokens)
+    if not starts:
         zero = total + hidden.sum() * 0.0
         return (zero + extra * 0.0 if extra is not None else zero), sums, counts
-    chunk_tokens = chunk_tokens or tokens_per_chunk(lm_head)
-    for start in range(0, count, chunk_tokens):
+    for start in starts:
         piece = slice(start, start + chunk_tokens)
         args = (hidden[piece], lm_head, targets[piece], sources[piece], per_source, num_sources)
         if _recompute_in_backward(hidden[piece], lm_head):
@@ -234,11 +257,11 @@ def chunked_token_logps(
     flat_targets = targets.reshape(-1)
     keep = (flat_targets != IGNORE_INDEX).nonzero().squeeze(-1)
     out = flat_hidden.new_zeros(flat_targets.shape, dtype=torch.float32)
-    if keep.numel() == 0:
+    chunk_tokens, starts = chunk_starts(hidden, lm_head, keep.numel(), chunk_tokens)
+    if not starts:
         return (out + flat_hidden.sum() * 0.0).reshape(targets.shape)
-    chunk_tokens = chunk_tokens or tokens_per_chunk(lm_head)
     pieces = []
-    for start in range(0, keep.numel(), chunk_tokens):
+    for start in starts:
         index = keep[start : start + chunk_tokens]
         h, t = flat_hidden[index], flat_targets[index]
         if _recompute_in_backward(h, lm_head):
