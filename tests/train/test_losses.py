@@ -88,3 +88,54 @@ def test_kto_loss_equals_its_closed_form():
     # The first step, policy == reference: r = 0 and z = 0, so every loss is half its weight.
     first = kto_loss(policy, policy, desirable, kto_reference_point(policy, policy), beta, wd, wu)
     assert torch.allclose(first, torch.where(desirable, 0.5 * wd, 0.5 * wu).double())
+
+
+def _rank_calls_the_head_as_often(rank: int, port: int, queue) -> None:
+    """One of 2 gloo ranks: a head whose weight carries ZeRO-3's partition marker (ds_id) and whose every
+    call all-gathers, as DeepSpeed's pre-forward hook does; rank 0 holds 9 targets, rank 1 none."""
+    import torch.distributed as dist
+
+    from bumblecore.train.losses import chunked_cross_entropy_by_source, chunked_token_logps
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False)
+    hidden = torch.randn(1, 12, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (1, 12))
+    targets[0, 9 if rank == 0 else 0 :] = IGNORE_INDEX
+    sources = torch.arange(12)[None] % 2
+    plain = [
+        chunked_cross_entropy(hidden, head, targets, chunk_tokens=4)[0],
+        chunked_cross_entropy_by_source(hidden, head, targets, sources, 2, per_source=True, chunk_tokens=4)[0],
+        chunked_token_logps(hidden, head, targets, chunk_tokens=4),
+    ]
+    head.weight.ds_id = 0  # from here on the loss must agree its head calls with the other rank
+    calls = []
+    head.register_forward_pre_hook(lambda *_: calls.append(dist.all_gather([torch.empty(1)] * 2, torch.ones(1))))
+    agreed = [
+        chunked_cross_entropy(hidden, head, targets, chunk_tokens=4)[0],
+        chunked_cross_entropy_by_source(hidden, head, targets, sources, 2, per_source=True, chunk_tokens=4)[0],
+        chunked_token_logps(hidden, head, targets, chunk_tokens=4),
+    ]
+    sum(value.sum() for value in agreed).backward()  # every rank's graph reaches its hidden states
+    same = all(torch.allclose(a, b, rtol=1e-6) for a, b in zip(agreed, plain))
+    queue.put((rank, len(calls), same, hidden.grad is not None))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow  # starts 2 processes
+def test_ranks_call_a_zero3_head_equally_often_and_the_losses_do_not_change():
+    """9 targets in chunks of 4 need 3 head calls per loss; the rank with no targets calls it 3 times too
+    (3 losses: 9 calls, and 9 more recomputing the chunks in backward), else the all-gathers would not pair up."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    mp.start_processes(_rank_calls_the_head_as_often, args=(port, queue), nprocs=2, start_method="spawn")
+    results = sorted(queue.get(timeout=60) for _ in range(2))
+    assert results == [(0, 18, True, True), (1, 18, True, True)]
