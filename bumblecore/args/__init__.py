@@ -217,7 +217,8 @@ class RuntimeArgs:
     release_freed_memory: Optional[bool] = None
     """Hand freed blocks of 128 KiB or more straight back to the OS (fixed glibc malloc thresholds on
     Linux): a lower host RSS, a few page faults more per step. Default (null): on under DeepSpeed
-    ZeRO-3, whose ranks gather and free every weight each step; off otherwise."""
+    ZeRO-3, whose ranks gather and free every weight each step, and under sequence_parallel_size > 1,
+    whose ranks' smaller tensors glibc would otherwise keep; off otherwise."""
 
 
 @dataclass

@@ -22,7 +22,7 @@ Beside the states, the plan counts (see `Workload` and `plan_memory`):
                  state, and under ZeRO-3 the gathered parameters (its live-parameter limit and the embedding)
     allocator    what glibc keeps of the memory each step frees and makes again (activations, gradients,
                  ZeRO-3's gathered weights): about 0.6 of the largest, measured; none where freed blocks
-                 go back to the OS at once (RuntimeArgs.release_freed_memory, the default under ZeRO-3)
+                 go back to the OS at once (RuntimeArgs.release_freed_memory, the default under ZeRO-3 and SP)
 
 Gradients and activations are not all alive at once: backward frees a layer's activations as it makes
 that layer's gradients, so the plan counts the larger of the two (plus the embedding/head gradient).

@@ -265,7 +265,11 @@ def releases_promptly(run: TrainArgs, stage_of_zero: Optional[int]) -> bool:
 
     prompt_release = run.runtime.release_freed_memory
     if prompt_release is None:
-        prompt_release = stage_of_zero == 3  # its ranks gather and free every weight each step
+        # ZeRO-3 ranks gather and free every weight each step. Sequence-parallel ranks free each layer's
+        # activations and all-to-all buffers, 1/N the one-process size, mostly under the mmap threshold
+        # glibc raises itself (to 32 MiB): it kept them, and a rank's RSS grew ~0.7-0.8x a process's per
+        # token where its tensors grow 0.5x (docs/BENCHMARKS.md, long context).
+        prompt_release = stage_of_zero == 3 or run.runtime.sequence_parallel_size > 1
     return prompt_release and release_freed_memory_promptly()
 
 

@@ -179,3 +179,15 @@ def test_what_sequence_parallelism_does_not_cover_is_refused_before_anything_is_
     family.mkdir()
     (family / "config.json").write_text(json.dumps({**raw, "model_type": "phi3", "architectures": ["Phi3ForCausalLM"]}))
     assert "model/transformers_family.py" in refusal(tmp_path, capsys, model_name_or_path=str(family))
+
+
+@pytest.mark.parametrize("size, zero, expected", [(2, 2, True), (1, 2, False), (1, 3, True)])
+def test_sequence_parallel_ranks_release_freed_memory_by_default(size, zero, expected):
+    """Left to glibc, an SP rank kept its freed activations (RSS 0.7-0.8x a process's per token where its
+    tensors are 0.5x, docs/BENCHMARKS.md): prompt release is the default under SP, as under ZeRO-3."""
+    from types import SimpleNamespace
+
+    from bumblecore.train.setup import releases_promptly
+
+    run = SimpleNamespace(runtime=SimpleNamespace(release_freed_memory=None, sequence_parallel_size=size))
+    assert releases_promptly(run, zero) is expected
