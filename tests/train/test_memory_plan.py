@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import DEMO_TOKENIZER, TINY_INIT_ARGS
+from tiny import DEMO_TOKENIZER, TINY_INIT_ARGS, saved_tensor_bytes
 
 from bumblecore.model.bumblebee import Bumblebee
 from bumblecore.model.config import BumblebeeConfig
@@ -25,23 +25,17 @@ def saved_activation_bytes(model, ids, compute: str, forward=None) -> int:
     """Bytes of every tensor autograd keeps for backward in one forward, weights excluded (each storage
     counted once): what the plan's activation closed form predicts. `forward(ids)`: another function
     of the model's weights (default: the model on packed rows)."""
-    storages = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        storages[storage.data_ptr()] = max(storages.get(storage.data_ptr(), 0), storage.nbytes())
-        return tensor
-
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     segments = torch.zeros_like(ids)
     segments[:, ids.shape[1] // 2 :] = 1  # packed rows: two documents each
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+
+    def run():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=compute == "autocast"):
             if forward is not None:
                 forward(ids)
             else:
                 model(ids, segment_ids=segments, return_hidden_states=True)
-    return sum(size for pointer, size in storages.items() if pointer not in weights)
+
+    return saved_tensor_bytes(model, run)
 
 
 @pytest.mark.parametrize("compute", ["fp32", "autocast", "half"])

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 from safetensors.torch import load_file
-from tiny import init_tiny_model_dir, max_weight_difference, train_on_two_processes
+from tiny import init_tiny_model_dir, max_weight_difference, tiny_run_keys, train_on_two_processes
 
 from bumblecore.cli import main
 
@@ -113,21 +113,14 @@ def test_dpo_ddp_equals_one_process_and_shares_the_reference_table(tmp_path, pre
     config = tmp_path / "dpo.yaml"
     config.write_text(
         yaml.safe_dump(
-            {
-                "training_stage": "dpo",
-                "model_name_or_path": str(model),
-                "dataset_path": str(DEMO / "dpo_eval.jsonl"),
-                "cutoff_len": 128,
-                "max_steps": 3,
-                "learning_rate": 5e-3,
-                "train_micro_batch_size_per_gpu": 2,
-                "gradient_accumulation_steps": 1,
-                "train_model_precision": "fp32",
-                "accelerator": "cpu",
-                "save_steps": 100,
-                "pref_beta": 0.5,
-                "pref_loss": pref_loss,
-            }
+            tiny_run_keys(
+                training_stage="dpo",
+                model_name_or_path=str(model),
+                dataset_path=str(DEMO / "dpo_eval.jsonl"),
+                accelerator="cpu",
+                pref_beta=0.5,
+                pref_loss=pref_loss,
+            )
         )
     )
     main(
