@@ -21,7 +21,7 @@ ZERO = {stage: str(REPO / "configs" / "deepspeed" / f"ds_z{stage}_config.json") 
 
 
 def run_keys(model, **keys) -> dict:
-    return tiny_run_keys(
+    pretraining = dict(
         training_stage="pretrain",
         model_name_or_path=str(model),
         dataset_path=str(DEMO / "pretrain.jsonl"),
@@ -31,8 +31,8 @@ def run_keys(model, **keys) -> dict:
         save_steps=2,
         save_total_limit=5,
         report_to="none",
-        **keys,
     )
+    return tiny_run_keys(**{**pretraining, **keys})
 
 
 def write_config(path: Path, model, **keys) -> Path:

@@ -169,7 +169,7 @@ def run_inputs(tmp_path_factory, tokenizer):
 
 
 def run(output_dir, inputs, **keys):
-    config = tiny_run_keys(
+    lora_rm = dict(
         training_stage="rm",
         finetuning_type="lora",
         lora_rank=4,
@@ -184,8 +184,8 @@ def run(output_dir, inputs, **keys):
         max_steps=4,
         gradient_accumulation_steps=2,
         save_steps=2,
-        **keys,
     )
+    config = tiny_run_keys(**{**lora_rm, **keys})
     file = Path(output_dir).parent / f"{Path(output_dir).name}.yaml"
     file.write_text(yaml.safe_dump(config))
     main(["train", "--config", str(file)])
