@@ -322,7 +322,7 @@ def test_fabric_run_with_two_devices_shares_the_cores_and_equals_one_process(job
     )
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-4000:]
-    assert "2 per node x 1 node(s), started by fabric run" in log
+    assert "2 per node x 1 node(s), started by fabric run" in log and "DDPStrategy" in log
     assert f"{max(1, available_cores() // 2)} intra-op thread(s) each" in log
     assert worst_difference(root / "one", out) < 1e-5
 
