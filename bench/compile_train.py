@@ -33,20 +33,13 @@ def build_model(name: str):
     import torch
 
     from bumblecore.model.bumblebee import Bumblebee
-    from bumblecore.model.config import BumblebeeConfig
 
     if name == "smollm2":
         return Bumblebee.from_pretrained(SMOLLM2, dtype=torch.float32)
-    torch.manual_seed(0)
-    config = BumblebeeConfig(
-        vocab_size=768,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    return Bumblebee(config)
+    sys.path.insert(0, str(ROOT / "tests"))  # the tests' tiny shape lives with them
+    from tiny import make_tiny_model
+
+    return make_tiny_model(768, initializer_range=0.02)  # a real model's init std
 
 
 def packed_batch(step: int, vocab: int, seq: int, rows: int):

@@ -263,15 +263,7 @@ def check_varlen(args, device, dtype) -> list[dict]:
     per-document mask through SDPA, SDPA per document (the default without flash-attn) and, when
     installed, flash-attn's varlen kernel; each against an fp32 masked reference (max |diff| of the
     output and of dq), and its time."""
-    from bumblecore.model.attention import (
-        AttentionMask,
-        eager_attention,
-        flash_attention,
-        flash_available,
-        packed_document_boundaries,
-        per_document_attention,
-        sdpa_attention,
-    )
+    from bumblecore.model import attention
 
     batch, seq, reps = (2, 4096, 10) if not args.dry_run else (1, 256, 2)
     data = packed_batch(batch, seq, 2, device)
@@ -282,8 +274,8 @@ def check_varlen(args, device, dtype) -> list[dict]:
     grad_out = torch.randn(batch, seq, 14, 64, device=device, generator=generator)
     scale = 64**-0.5
     causal = torch.ones(seq, seq, dtype=torch.bool, device=device).tril()
-    dense = AttentionMask(dense=(causal[None] & (segments[:, :, None] == segments[:, None, :]))[:, None])
-    varlen = packed_document_boundaries(segments)
+    dense = attention.AttentionMask(dense=(causal[None] & (segments[:, :, None] == segments[:, None, :]))[:, None])
+    varlen = attention.packed_document_boundaries(segments)
 
     def heads_first(kernel):  # eager/SDPA take (b, heads, s, d)
         return lambda q, k, v, mask, scale: kernel(*(t.transpose(1, 2) for t in (q, k, v)), mask, scale).transpose(1, 2)
@@ -294,13 +286,13 @@ def check_varlen(args, device, dtype) -> list[dict]:
         out.backward(grad_out.to(precision))
         return out.detach().float(), leaves[0].grad.float()
 
-    reference = run(heads_first(eager_attention), dense, torch.float32)
+    reference = run(heads_first(attention.eager_attention), dense, torch.float32)
     kernels = {
-        "sdpa_dense_mask": (heads_first(sdpa_attention), dense),
-        "sdpa_per_document": (per_document_attention, varlen),
+        "sdpa_dense_mask": (heads_first(attention.sdpa_attention), dense),
+        "sdpa_per_document": (attention.per_document_attention, varlen),
     }
-    if device.type == "cuda" and flash_available():
-        kernels["flash_varlen"] = (flash_attention, varlen)
+    if device.type == "cuda" and attention.flash_available():
+        kernels["flash_varlen"] = (attention.flash_attention, varlen)
     rows = []
     for name, (kernel, mask) in kernels.items():
         out, dq = run(kernel, mask, dtype)

@@ -58,3 +58,12 @@ def wait_until_healthy(url: str, alive, timeout: float) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(f"the server did not become healthy within {timeout} s")
         time.sleep(0.2)
+
+
+def xgrammar_or_skip():
+    """jsonschema (the validator of every constrained reply), after skipping the calling test (or module)
+    when xgrammar, the `structured` extra's grammar engine, is not installed."""
+    import pytest
+
+    pytest.importorskip("xgrammar")
+    return pytest.importorskip("jsonschema")

@@ -69,6 +69,39 @@ def init_tiny_model_dir(out) -> Path:
     return Path(out)
 
 
+def tiny_run_keys(**keys) -> dict:
+    """The training keys the short CPU runs share (3 fp32 steps of 2 rows of up to 128 tokens, lr 5e-3, no
+    checkpoint before the end); `keys` add to or override them."""
+    return {
+        "cutoff_len": 128,
+        "max_steps": 3,
+        "learning_rate": 5e-3,
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": 1,
+        "train_model_precision": "fp32",
+        "save_steps": 100,
+        **keys,
+    }
+
+
+def saved_tensor_bytes(model, forward) -> int:
+    """Bytes of the tensors autograd keeps for backward while `forward()` runs, the model's weights
+    excluded, each storage counted once (what an activation-memory closed form predicts)."""
+    import torch
+
+    storages = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = max(storages.get(storage.data_ptr(), 0), storage.nbytes())
+        return tensor
+
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward()
+    return sum(size for pointer, size in storages.items() if pointer not in weights)
+
+
 def train_on_two_processes(config, output_dir, *options, cwd, timeout: int = 240) -> str:
     """`bumblecore train --config F --devices 2` (2 gloo ranks) in a child process; its stderr on success,
     its stderr's tail as the failure otherwise."""

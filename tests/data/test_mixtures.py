@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from tiny import init_tiny_model_dir, make_tiny_model, one_process_and_two, write_tiny_checkpoint
+from tiny import init_tiny_model_dir, make_tiny_model, one_process_and_two, tiny_run_keys, write_tiny_checkpoint
 
 import bumblecore
 from bumblecore.args import DataArgs, TrainArgs
@@ -437,22 +437,15 @@ def test_resume_mid_mixture_is_exact_and_eval_logs_each_source(tmp_path, data, s
 
 @pytest.mark.slow
 def test_weighted_mixture_over_two_processes_equals_one_process_accumulating_two(tmp_path, data, sft_base):
-    keys = {
-        "training_stage": "sft",
-        "model_name_or_path": str(sft_base),
-        "dataset_path": {
+    keys = tiny_run_keys(
+        training_stage="sft",
+        model_name_or_path=str(sft_base),
+        dataset_path={
             "tasks": {"path": str(data / "tasks.jsonl"), "weight": 2},
             "replay": {"path": str(data / "text.jsonl"), "weight": 1, "loss_weight": 0.1},
         },
-        "mix_strategy": "interleave_over",
-        "cutoff_len": 128,
-        "max_steps": 3,
-        "learning_rate": 5e-3,
-        "train_micro_batch_size_per_gpu": 2,
-        "gradient_accumulation_steps": 1,
-        "train_model_precision": "fp32",
-        "save_steps": 100,
-    }
+        mix_strategy="interleave_over",
+    )
     records = one_process_and_two(keys, tmp_path)
     for one, two in zip(*records, strict=True):
         for key in ("loss", "loss/tasks", "loss/replay"):

@@ -3,7 +3,9 @@ pages print it, in one fresh working directory (the repository's bumblecore/ and
 through links, nothing written into the repository).
 
 The commands are read from the pages, never retyped here. The only change made to them: each training
-run (`bumblecore train`, under any launcher) gets `--max_steps 2` appended, a documented key. A YAML
+run (`bumblecore train`, under any launcher) gets `--max_steps 2 --eval_at_end false` appended, documented
+keys (a run with eval data still evaluates, once, at its first step: a second evaluation of the same
+held-out set two steps later proves nothing more and cost a real model's run tens of seconds). A YAML
 block whose previous line names a file (`pretrain.yaml`:) is written to that file first. A block the
 page marks with `<!-- tutorial-test: skip (why) -->` on the line before it is left out (GPU clusters,
 servers that run until stopped, package installs); the reason is part of the page. Section 10 (a real
@@ -27,7 +29,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 TUTORIAL = ROOT / "docs" / "TUTORIAL.md"
 INFERENCE = ROOT / "docs" / "INFERENCE.md"
-SHORTEN = ["--max_steps", "2"]  # appended to every training run
+SHORTEN = ["--max_steps", "2", "--eval_at_end", "false"]  # appended to every training run
 SKIP_MARK = re.compile(r"<!--\s*tutorial-test:\s*skip\s*\((.+)\)\s*-->")
 FILE_NAME = re.compile(r"^`([\w./-]+\.ya?ml)`:\s*$")
 # A training command under any launcher: `bumblecore train`, `python -m bumblecore train`,
@@ -175,10 +177,10 @@ def test_the_pages_mark_what_they_leave_out():
         assert [b for b in blocks if b.section.startswith(f"{number}.") and b.language == "bash" and not b.skip], number
     assert (
         shorten("bumblecore train --config a.yaml --devices 2 &", SHORTEN)
-        == "bumblecore train --config a.yaml --devices 2 --max_steps 2 &"
+        == "bumblecore train --config a.yaml --devices 2 --max_steps 2 --eval_at_end false &"
     )
     assert shorten("fabric run x bumblecore/__main__.py train --config a.yaml  # note", SHORTEN) == (
-        "fabric run x bumblecore/__main__.py train --config a.yaml --max_steps 2  # note"
+        "fabric run x bumblecore/__main__.py train --config a.yaml --max_steps 2 --eval_at_end false  # note"
     )
     assert shorten("bumblecore merge_lora --save_path x", SHORTEN) == "bumblecore merge_lora --save_path x"
 

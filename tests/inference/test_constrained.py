@@ -4,14 +4,13 @@ decodes exactly as it does alone."""
 
 import json
 
-import pytest
+from serving import xgrammar_or_skip
 
 from bumblecore.inference.constrained import ANY_OBJECT, format_schema
 from bumblecore.inference.generate import GenerationEngine, SamplingParams
 from bumblecore.inference.loading import load_for_inference
 
-pytest.importorskip("xgrammar")
-jsonschema = pytest.importorskip("jsonschema")
+jsonschema = xgrammar_or_skip()
 
 SCHEMA = {
     "type": "object",

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from serving import running_server
+from serving import running_server, xgrammar_or_skip
 
 from bumblecore.inference.commands import build_prompt_ids, generate
 from bumblecore.inference.generate import GenerationEngine, SamplingParams
@@ -215,8 +215,7 @@ def test_tool_choice_forces_valid_calls(server, client):
     streamed: every choice is one call of an offered function whose arguments validate against its
     parameters (jsonschema), finish_reason tool_calls, within max_tokens. tool_choice none answers as
     the same request without tools; bad values are 400s naming the field."""
-    pytest.importorskip("xgrammar")
-    jsonschema = pytest.importorskip("jsonschema")
+    jsonschema = xgrammar_or_skip()
     named = {"type": "function", "function": {"name": "get_weather"}}
     body = dict(model="bumblebee", messages=user("weather in Rome?"), tools=TOOLS, max_tokens=120, temperature=1.0)
     replies = [

@@ -5,7 +5,7 @@ log_softmax of the same checkpoint, and lm-eval's loglikelihoods through the ser
 import pytest
 import requests
 import torch
-from serving import running_server
+from serving import running_server, xgrammar_or_skip
 from transformers import AutoModelForCausalLM
 
 from bumblecore.chat.format import encode_raw_prompt, render_prompt
@@ -235,8 +235,7 @@ SCHEMA = {
 def test_response_format_json_schema_validates(client):
     """Sampled replies of a random model, n of them, through chat and text completions: each one is compact
     JSON that validates against its schema (jsonschema), batched with an unconstrained request."""
-    pytest.importorskip("xgrammar")
-    jsonschema = pytest.importorskip("jsonschema")
+    jsonschema = xgrammar_or_skip()
     import concurrent.futures
     import json
 

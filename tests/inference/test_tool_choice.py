@@ -7,6 +7,7 @@ parameters (jsonschema), and a request without a constraint batched with them de
 import json
 
 import pytest
+from serving import xgrammar_or_skip
 
 from bumblecore.chat.templates import BUILT_IN
 from bumblecore.chat.tool_markup import ToolCallMarkup, tool_call_markup
@@ -16,8 +17,7 @@ from bumblecore.inference.openai_reply import ToolCallStream, merge_deltas
 from bumblecore.inference.openai_request import APIError, parse_chat_request
 from bumblecore.inference.tool_choice import ToolChoiceError, constrain_tool_calls
 
-pytest.importorskip("xgrammar")
-jsonschema = pytest.importorskip("jsonschema")
+jsonschema = xgrammar_or_skip()
 
 WEATHER = {
     "type": "object",

@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for tiny.py
 
-from tiny import make_tiny_model  # noqa: E402
+from tiny import make_tiny_model, saved_tensor_bytes  # noqa: E402
 
 from bumblecore.model.lora import apply_lora  # noqa: E402
 from bumblecore.model.sequence_parallel import use_sequence_parallel  # noqa: E402
@@ -128,17 +128,10 @@ def sequence_parallel(fabric, model, batches, stage: int, rank: int) -> tuple[fl
 
 def saved_bytes(model, batch: dict) -> int:
     """Bytes of the tensors autograd keeps for backward in one forward, weights excluded, each storage once."""
-    storages = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        storages[storage.data_ptr()] = max(storages.get(storage.data_ptr(), 0), storage.nbytes())
-        return tensor
-
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(batch["input_ids"], position_ids=batch["position_ids"], segment_ids=batch["segment_ids"])
-    return sum(size for pointer, size in storages.items() if pointer not in weights)
+    return saved_tensor_bytes(
+        model,
+        lambda: model(batch["input_ids"], position_ids=batch["position_ids"], segment_ids=batch["segment_ids"]),
+    )
 
 
 def activations(rank: int) -> dict:

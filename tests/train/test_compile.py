@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tiny import init_tiny_model_dir, max_weight_difference, train_on_two_processes
+from tiny import init_tiny_model_dir, max_weight_difference, tiny_run_keys, train_on_two_processes
 
 import bumblecore
 from bumblecore.args import TrainArgs
@@ -21,22 +21,18 @@ ZERO = {stage: str(REPO / "configs" / "deepspeed" / f"ds_z{stage}_config.json") 
 
 
 def run_keys(model, **keys) -> dict:
-    return {
-        "training_stage": "pretrain",
-        "model_name_or_path": str(model),
-        "dataset_path": str(DEMO / "pretrain.jsonl"),
-        "cutoff_len": 128,
-        "max_steps": 4,
-        "learning_rate": 5e-3,
-        "train_micro_batch_size_per_gpu": 2,
-        "gradient_accumulation_steps": 2,
-        "train_model_precision": "fp32",
-        "accelerator": "cpu",
-        "save_steps": 2,
-        "save_total_limit": 5,
-        "report_to": "none",
-        **keys,
-    }
+    pretraining = dict(
+        training_stage="pretrain",
+        model_name_or_path=str(model),
+        dataset_path=str(DEMO / "pretrain.jsonl"),
+        max_steps=4,
+        gradient_accumulation_steps=2,
+        accelerator="cpu",
+        save_steps=2,
+        save_total_limit=5,
+        report_to="none",
+    )
+    return tiny_run_keys(**{**pretraining, **keys})
 
 
 def write_config(path: Path, model, **keys) -> Path:

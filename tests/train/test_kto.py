@@ -12,7 +12,13 @@ import torch
 import yaml
 from test_dpo import run as dpo_run
 from test_dpo import train_records, transformers_logps
-from tiny import assert_evaluations_printed, make_tiny_model, max_weight_difference, train_on_two_processes
+from tiny import (
+    assert_evaluations_printed,
+    make_tiny_model,
+    max_weight_difference,
+    tiny_run_keys,
+    train_on_two_processes,
+)
 
 import bumblecore
 from bumblecore.args import DataArgs, TrainArgs
@@ -320,21 +326,14 @@ def test_kto_learns_on_pairs_and_evaluates(tmp_path, models, data, capsys):
 def test_kto_ddp_equals_one_process_accumulating(tmp_path, models, data):
     """2 gloo processes, one micro-batch each, end with the weights of 1 process accumulating 2: z is per
     micro-batch and the loss is normalised by the examples of the whole step."""
-    config = {
-        "training_stage": "kto",
-        "model_name_or_path": str(models / "start"),
-        "dataset_path": str(data / "unpaired.jsonl"),
-        "cutoff_len": 128,
-        "max_steps": 3,
-        "learning_rate": 5e-3,
-        "train_micro_batch_size_per_gpu": 2,
-        "gradient_accumulation_steps": 1,
-        "train_model_precision": "fp32",
-        "accelerator": "cpu",
-        "save_steps": 100,
-        "pref_beta": 0.5,
-        "kto_undesirable_weight": 1.5,
-    }
+    config = tiny_run_keys(
+        training_stage="kto",
+        model_name_or_path=str(models / "start"),
+        dataset_path=str(data / "unpaired.jsonl"),
+        accelerator="cpu",
+        pref_beta=0.5,
+        kto_undesirable_weight=1.5,
+    )
     file = tmp_path / "kto.yaml"
     file.write_text(yaml.safe_dump(config))
     one = ["--output_dir", str(tmp_path / "one"), "--gradient_accumulation_steps", "2"]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from tiny import DEMO_TOKENIZER, TINY_INIT_ARGS
+from tiny import DEMO_TOKENIZER, TINY_INIT_ARGS, tiny_run_keys
 
 from bumblecore.args import TrainArgs
 from bumblecore.cli import main
@@ -29,21 +29,14 @@ def short_model(tmp_path_factory):
 
 
 def train(output_dir, model, stage, **keys):
-    config = {
-        "training_stage": stage,
-        "model_name_or_path": str(model),
-        "dataset_path": str(DEMO / "pretrain.jsonl"),
-        "output_dir": str(output_dir),
-        "cutoff_len": 128,
-        "max_steps": 3,
-        "learning_rate": 5e-3,
-        "train_micro_batch_size_per_gpu": 2,
-        "gradient_accumulation_steps": 1,
-        "train_model_precision": "fp32",
-        "save_steps": 100,
-        "report_to": "none",
+    config = tiny_run_keys(
+        training_stage=stage,
+        model_name_or_path=str(model),
+        dataset_path=str(DEMO / "pretrain.jsonl"),
+        output_dir=str(output_dir),
+        report_to="none",
         **keys,
-    }
+    )
     file = Path(output_dir).parent / f"{Path(output_dir).name}.yaml"
     file.write_text(yaml.safe_dump(config))
     main(["train", "--config", str(file)])

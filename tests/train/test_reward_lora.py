@@ -17,7 +17,7 @@ import transformers
 import yaml
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
-from tiny import DEMO_TOKENIZER, make_tiny_model, write_tiny_checkpoint
+from tiny import DEMO_TOKENIZER, make_tiny_model, tiny_run_keys, write_tiny_checkpoint
 from transformers import AutoModelForSequenceClassification
 
 import bumblecore
@@ -169,27 +169,23 @@ def run_inputs(tmp_path_factory, tokenizer):
 
 
 def run(output_dir, inputs, **keys):
-    config = {
-        "training_stage": "rm",
-        "finetuning_type": "lora",
-        "model_name_or_path": str(inputs / "start"),
-        "dataset_path": str(inputs / "train.jsonl"),
-        "output_dir": str(output_dir),
-        "cutoff_len": 128,
-        "max_steps": 4,
-        "learning_rate": 5e-3,
-        "train_micro_batch_size_per_gpu": 2,
-        "gradient_accumulation_steps": 2,
-        "train_model_precision": "fp32",
-        "accelerator": "cpu",
-        "save_steps": 2,
-        "warmup_ratio": 0.0,
-        "lora_rank": 4,
-        "lora_alpha": 8,
-        "lora_dropout": 0.0,
-        "cache_dir": str(inputs / "cache"),
-        **keys,
-    }
+    lora_rm = dict(
+        training_stage="rm",
+        finetuning_type="lora",
+        lora_rank=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        model_name_or_path=str(inputs / "start"),
+        dataset_path=str(inputs / "train.jsonl"),
+        cache_dir=str(inputs / "cache"),
+        output_dir=str(output_dir),
+        accelerator="cpu",
+        warmup_ratio=0.0,
+        max_steps=4,
+        gradient_accumulation_steps=2,
+        save_steps=2,
+    )
+    config = tiny_run_keys(**{**lora_rm, **keys})
     file = Path(output_dir).parent / f"{Path(output_dir).name}.yaml"
     file.write_text(yaml.safe_dump(config))
     main(["train", "--config", str(file)])

@@ -20,7 +20,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from tiny import init_tiny_model_dir
+from tiny import init_tiny_model_dir, tiny_run_keys
 
 from bumblecore.cli import main
 
@@ -69,21 +69,18 @@ def job(tmp_path_factory):
     config = root / "run.yaml"
     config.write_text(
         yaml.safe_dump(
-            {
-                "training_stage": "continue_pretrain",
-                "model_name_or_path": str(root / "base"),
-                "dataset_path": str(DEMO / "pretrain_eval.jsonl"),
-                "cutoff_len": 64,
-                "max_steps": STEPS,
-                "learning_rate": 5e-3,
-                "train_micro_batch_size_per_gpu": 2,
-                "gradient_accumulation_steps": 2,
-                "train_model_precision": "fp32",
-                "accelerator": "cpu",
-                "save_steps": 2,
-                "save_total_limit": 5,
-                "cache_dir": str(root / "cache"),
-            }
+            tiny_run_keys(
+                training_stage="continue_pretrain",
+                model_name_or_path=str(root / "base"),
+                dataset_path=str(DEMO / "pretrain_eval.jsonl"),
+                cutoff_len=64,
+                max_steps=STEPS,
+                gradient_accumulation_steps=2,
+                accelerator="cpu",
+                save_steps=2,
+                save_total_limit=5,
+                cache_dir=str(root / "cache"),
+            )
         )
     )
     main(
@@ -325,7 +322,7 @@ def test_fabric_run_with_two_devices_shares_the_cores_and_equals_one_process(job
     )
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-4000:]
-    assert "2 per node x 1 node(s), started by fabric run" in log
+    assert "2 per node x 1 node(s), started by fabric run" in log and "DDPStrategy" in log
     assert f"{max(1, available_cores() // 2)} intra-op thread(s) each" in log
     assert worst_difference(root / "one", out) < 1e-5
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 from safetensors.torch import load_file
-from tiny import init_tiny_model_dir, max_weight_difference, train_on_two_processes
+from tiny import init_tiny_model_dir, max_weight_difference, tiny_run_keys, train_on_two_processes
 
 from bumblecore.cli import main
 
@@ -42,42 +42,18 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
     main(
         ["train", "--config", str(config), "--output_dir", str(tmp_path / "one"), "--gradient_accumulation_steps", "2"]
     )
-    launches = {
-        "devices": [
-            sys.executable,
-            "-m",
-            "bumblecore",
-            "train",
-            "--config",
-            str(config),
-            "--devices",
-            "2",
-            "--output_dir",
-            str(tmp_path / "devices"),
-        ],
-        "fabric_run": [
-            str(Path(sys.executable).parent / "fabric"),
-            "run",
-            "--accelerator",
-            "cpu",
-            "--devices",
-            "2",
-            str(REPO / "bumblecore" / "__main__.py"),
-            "train",
-            "--config",
-            str(config),
-            "--output_dir",
-            str(tmp_path / "fabric_run"),
-        ],
-    }
+    # `fabric run --devices 2` (the same DDP run under Fabric's launcher) is test_scale_out.py's
+    # test_fabric_run_with_two_devices_shares_the_cores_and_equals_one_process.
+    command = [sys.executable, "-m", "bumblecore", "train", "--config", str(config), "--devices", "2"]
+    result = subprocess.run(
+        [*command, "--output_dir", str(tmp_path / "devices")], capture_output=True, text=True, timeout=240, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "DDPStrategy" in result.stdout + result.stderr
     expected = load_file(tmp_path / "one" / "model.safetensors")
-    for name, command in launches.items():
-        result = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=tmp_path)
-        assert result.returncode == 0, f"{name}: {result.stderr[-3000:]}"
-        assert "DDPStrategy" in result.stdout + result.stderr
-        got = load_file(tmp_path / name / "model.safetensors")
-        worst = max((got[k] - expected[k]).abs().max().item() for k in expected)
-        assert worst < 1e-5, f"{name}: max weight difference {worst}"
+    got = load_file(tmp_path / "devices" / "model.safetensors")
+    worst = max((got[k] - expected[k]).abs().max().item() for k in expected)
+    assert worst < 1e-5, f"max weight difference {worst}"
 
 
 @pytest.mark.parametrize("pref_loss", ["sigmoid", "orpo", "simpo"])
@@ -113,21 +89,14 @@ def test_dpo_ddp_equals_one_process_and_shares_the_reference_table(tmp_path, pre
     config = tmp_path / "dpo.yaml"
     config.write_text(
         yaml.safe_dump(
-            {
-                "training_stage": "dpo",
-                "model_name_or_path": str(model),
-                "dataset_path": str(DEMO / "dpo_eval.jsonl"),
-                "cutoff_len": 128,
-                "max_steps": 3,
-                "learning_rate": 5e-3,
-                "train_micro_batch_size_per_gpu": 2,
-                "gradient_accumulation_steps": 1,
-                "train_model_precision": "fp32",
-                "accelerator": "cpu",
-                "save_steps": 100,
-                "pref_beta": 0.5,
-                "pref_loss": pref_loss,
-            }
+            tiny_run_keys(
+                training_stage="dpo",
+                model_name_or_path=str(model),
+                dataset_path=str(DEMO / "dpo_eval.jsonl"),
+                accelerator="cpu",
+                pref_beta=0.5,
+                pref_loss=pref_loss,
+            )
         )
     )
     main(
