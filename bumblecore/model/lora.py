@@ -16,7 +16,10 @@ from bumblecore.model.adapter_base import FINGERPRINT_FILE, adapter_base_dir, ba
 
 # A reward model's (model/reward.py) LoRA is peft's SEQ_CLS task: the adapter on the body and these heads
 # trained in full beside it (modules_to_save), saved as peft saves them (`base_model.model.score.weight`).
-SEQ_CLS_HEADS = ("classifier", "score")
+try:  # the heads peft itself trains in full beside a SEQ_CLS adapter: ours must write the same list
+    from peft.peft_model import CLASSIFIER_MODULE_NAMES as SEQ_CLS_HEADS  # peft >= 0.22 adds "pre_classifier"
+except ImportError:
+    SEQ_CLS_HEADS = ("classifier", "score")
 
 
 def linear_layer_names(model) -> list[str]:
